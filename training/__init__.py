@@ -1,0 +1,1 @@
+"""Training of prototype networks (PrototypeDL; ProtoPNet in a later step)."""

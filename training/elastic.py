@@ -1,0 +1,54 @@
+"""Elastic deformation (Simard, Steinkraus, Platt 2003), batched in torch on the training device.
+
+Each image gets its own displacement field: uniform noise in [-1, 1] per pixel and axis, smoothed
+by a Gaussian of standard deviation sigma (zero outside the image, kernel cut at 4 sigma, as
+scipy.ndimage.gaussian_filter does), scaled by alpha. The image is then resampled bilinearly at
+the displaced positions; positions outside the image read 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_kernel(sigma: float, truncate: float = 4.0, device=None) -> torch.Tensor:
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def displacement_field(noise: torch.Tensor, sigma: float, alpha: float) -> torch.Tensor:
+    """Smooth noise [B, 2, H, W] into a field [B, 2, H, W] of (dy, dx) in pixels."""
+    b, two, h, w = noise.shape
+    kernel = gaussian_kernel(sigma, device=noise.device)
+    r = (len(kernel) - 1) // 2
+    flat = noise.reshape(b * two, 1, h, w)
+    flat = F.conv2d(flat, kernel.view(1, 1, -1, 1), padding=(r, 0))  # along y
+    flat = F.conv2d(flat, kernel.view(1, 1, 1, -1), padding=(0, r))  # along x
+    return alpha * flat.reshape(b, two, h, w)
+
+
+def warp(images: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """Sample images [B, C, H, W] at (y + dy, x + dx), bilinear, 0 outside the image."""
+    b, _, h, w = images.shape
+    ys = torch.arange(h, dtype=images.dtype, device=images.device).view(1, h, 1)
+    xs = torch.arange(w, dtype=images.dtype, device=images.device).view(1, 1, w)
+    y = ys + field[:, 0]
+    x = xs + field[:, 1]
+    # grid_sample wants (x, y) in [-1, 1] with align_corners=True mapping -1 -> 0 and 1 -> size-1.
+    grid = torch.stack((2 * x / (w - 1) - 1, 2 * y / (h - 1) - 1), dim=-1)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    # Like scipy's map_coordinates(mode="constant"): no blending with the outside, a position
+    # beyond the first or last pixel centre reads 0.
+    inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    return out * inside.unsqueeze(1).to(out.dtype)
+
+
+def elastic_deform(images: torch.Tensor, sigma: float = 4.0, alpha: float = 20.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh random elastic deformation of every image of the batch."""
+    b, _, h, w = images.shape
+    noise = torch.rand((b, 2, h, w), generator=generator, device=images.device) * 2 - 1
+    return warp(images, displacement_field(noise, sigma, alpha))

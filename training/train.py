@@ -1,0 +1,207 @@
+"""The PrototypeDL training loop: a plain loop, one epoch at a time, resumable exactly.
+
+A run directory holds:
+    config.yaml            the run's full config
+    metrics.jsonl          one line per epoch (loss terms, accuracies, learning rate, wall time)
+    last.pt                model + optimizer + scheduler + RNG state after the latest epoch
+    best.pt                the epoch with the best validation accuracy (never the test set)
+    checkpoints/epoch_NNNN.pt  every train.checkpoint_every epochs
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from training.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from training.config import Config
+from training.data import Split, load_dataset, resolve_data_root
+from training.elastic import elastic_deform
+from training.prototypedl import PrototypeDL, prototypedl_loss
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_lambda(cfg, steps_per_epoch: int):
+    """Learning-rate factor per optimizer step: constant, or linear warm-up then cosine."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if cfg.schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate_split(model: PrototypeDL, split: Split, batch_size: int, device, loss_cfg=None) -> dict:
+    """Accuracy, and the mean loss terms on undeformed images (reconstruction error included)."""
+    model.eval()
+    correct, sums, n = 0, {}, len(split)
+    for start in range(0, n, batch_size):
+        x = split.images[start:start + batch_size].to(device)
+        y = split.labels[start:start + batch_size].to(device)
+        if loss_cfg is None:
+            correct += int((model.classify(x).argmax(1) == y).sum())
+            continue
+        out = model(x)
+        correct += int((out.logits.argmax(1) == y).sum())
+        for k, v in prototypedl_loss(out, x, y, loss_cfg).as_floats().items():
+            sums[k] = sums.get(k, 0.0) + v * len(y)
+    return {"accuracy": correct / n, **{k: v / n for k, v in sums.items()}}
+
+
+class Trainer:
+    def __init__(self, config: Config, out_dir: Path, data_root: Path | None = None, log=print):
+        self.config, self.out_dir, self.log = config, Path(out_dir), log
+        t = config.train
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        self.device = resolve_device(t.device)
+        root = data_root or resolve_data_root(None, config.data.root)
+        d = config.data
+        self.data = load_dataset(root, d.dataset, d.val_size, d.split_seed, d.train_subset)
+        torch.manual_seed(t.seed)
+        self.model = build_model(config).to(self.device)
+        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=t.lr)
+        self.steps_per_epoch = math.ceil(len(self.data["train"]) / t.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, self.steps_per_epoch))
+        self.shuffle_rng = torch.Generator().manual_seed(t.seed + 1)
+        self.augment_rng = torch.Generator(device=self.device).manual_seed(t.seed + 2)
+        self.epoch = 0
+        self.best_val_accuracy = -1.0
+        self.wall_seconds = 0.0
+
+    # -- state for exact resume ------------------------------------------------------------
+    def training_state(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "shuffle_rng": self.shuffle_rng.get_state(),
+            "augment_rng": self.augment_rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "best_val_accuracy": self.best_val_accuracy,
+            "wall_seconds": self.wall_seconds,
+        }
+
+    def resume(self) -> None:
+        path = self.out_dir / "last.pt"
+        model, config, payload = load_checkpoint(path, expect_config=self.config)
+        if config.to_dict() != self.config.to_dict():
+            raise CheckpointError(f"{path}: the run was started with a different config; "
+                                  f"resume with {self.out_dir / 'config.yaml'}")
+        state = payload["training_state"]
+        if state is None:
+            raise CheckpointError(f"{path}: holds no optimizer/RNG state, cannot resume from it")
+        self.model.load_state_dict(model.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.shuffle_rng.set_state(state["shuffle_rng"])
+        self.augment_rng.set_state(state["augment_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.best_val_accuracy = state["best_val_accuracy"]
+        self.wall_seconds = state["wall_seconds"]
+        self.epoch = payload["epoch"]
+        self._truncate_metrics(self.epoch)
+        self.log(f"resumed {path} at epoch {self.epoch}")
+
+    def _truncate_metrics(self, epoch: int) -> None:
+        """Drop metric lines of epochs after the checkpoint (written before a crash)."""
+        path = self.out_dir / "metrics.jsonl"
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln)["epoch"] <= epoch]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    # -- the loop --------------------------------------------------------------------------
+    def train_epoch(self) -> dict:
+        t, loss_cfg = self.config.train, self.config.loss
+        train = self.data["train"]
+        self.model.train()
+        order = torch.randperm(len(train), generator=self.shuffle_rng)
+        sums = {"total": 0.0, "E": 0.0, "R": 0.0, "R1": 0.0, "R2": 0.0}
+        correct = 0
+        bar = tqdm(range(0, len(train), t.batch_size), desc=f"epoch {self.epoch + 1}/{t.epochs}",
+                   leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
+        for start in bar:
+            idx = order[start:start + t.batch_size]
+            x = train.images[idx].to(self.device)
+            y = train.labels[idx].to(self.device)
+            if t.elastic:
+                x = elastic_deform(x, t.elastic_sigma, t.elastic_alpha, generator=self.augment_rng)
+            out = self.model(x)
+            terms = prototypedl_loss(out, x, y, loss_cfg)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            for k, v in terms.as_floats().items():
+                sums[k] += v * len(y)
+            correct += int((out.logits.argmax(1) == y).sum())
+            bar.set_postfix(loss=f"{float(terms.total):.3f}")
+        n = len(train)
+        return {**{f"train_{k}": v / n for k, v in sums.items()}, "train_accuracy": correct / n}
+
+    def fit(self) -> dict:
+        t = self.config.train
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        metrics = {}
+        while self.epoch < t.epochs:
+            started = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            metrics = self.train_epoch()
+            val = evaluate_split(self.model, self.data["val"], t.eval_batch_size, self.device, self.config.loss)
+            self.epoch += 1
+            seconds = time.perf_counter() - started
+            self.wall_seconds += seconds
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+            metrics.update(epoch=self.epoch, lr=lr, epoch_seconds=seconds, wall_seconds=self.wall_seconds)
+            is_best = metrics["val_accuracy"] > self.best_val_accuracy
+            if is_best:
+                self.best_val_accuracy = metrics["val_accuracy"]
+            self._log_epoch(metrics, is_best)
+            self._write(metrics, is_best)
+        return metrics
+
+    def _write(self, metrics: dict, is_best: bool) -> None:
+        # Metrics first: on resume, lines past the checkpoint's epoch are dropped, so a crash
+        # between the two writes neither loses nor duplicates an epoch.
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        state = self.training_state()
+        save_checkpoint(self.out_dir / "last.pt", self.model, self.config, self.epoch, metrics, state)
+        if is_best:
+            save_checkpoint(self.out_dir / "best.pt", self.model, self.config, self.epoch, metrics, state)
+        if self.epoch % self.config.train.checkpoint_every == 0 or self.epoch == self.config.train.epochs:
+            save_checkpoint(self.out_dir / "checkpoints" / f"epoch_{self.epoch:04d}.pt", self.model,
+                            self.config, self.epoch, metrics, state)
+
+    def _log_epoch(self, m: dict, is_best: bool) -> None:
+        eta = (self.config.train.epochs - self.epoch) * m["epoch_seconds"]
+        self.log(f"epoch {self.epoch}/{self.config.train.epochs}  loss {m['train_total']:.4f} "
+                 f"(E {m['train_E']:.4f} R {m['train_R']:.2f} R1 {m['train_R1']:.4f} R2 {m['train_R2']:.4f})  "
+                 f"train acc {m['train_accuracy']:.4f}  val acc {m['val_accuracy']:.4f}"
+                 f"{' *' if is_best else ''}  lr {m['lr']:.2e}  {m['epoch_seconds']:.1f}s/epoch  "
+                 f"ETA {_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
