@@ -1,0 +1,44 @@
+"""Fixtures shared by every part's tests: the MNIST data root and a tiny PrototypeDL."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """The official MNIST IDX files: $PROTOSERVE_DATA_ROOT, else ../shared/data/mnist."""
+    root = Path(os.environ.get("PROTOSERVE_DATA_ROOT") or SHARED_MNIST)
+    if not (root / "train-images-idx3-ubyte.gz").exists() and not (root / "train-images-idx3-ubyte").exists():
+        pytest.skip(f"MNIST IDX files not found under {root}")
+    return root
+
+
+def tiny_config_dict(**train_overrides) -> dict:
+    """A small PrototypeDL config (full architecture, few images, no augmentation by default)."""
+    train = {"epochs": 1, "batch_size": 50, "lr": 0.002, "elastic": False, "checkpoint_every": 1,
+             "eval_batch_size": 500, "seed": 0, "num_threads": 1}
+    train.update(train_overrides)
+    return {
+        "data": {"dataset": "mnist", "val_size": 500, "split_seed": 0, "train_subset": 300},
+        "model": {"hidden_activation": "relu"},
+        "train": train,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, mnist_root) -> Path:
+    """A PrototypeDL trained for one short epoch on 300 MNIST images (seconds)."""
+    from training.config import Config
+    from training.train import Trainer
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    trainer = Trainer(Config.from_dict(tiny_config_dict()), out, data_root=mnist_root, log=lambda s: None)
+    trainer.fit()
+    return out / "best.pt"
