@@ -1,0 +1,317 @@
+"""Model bundles: the manifest schema, and the one reader and writer of a bundle directory.
+
+Pure Python (pydantic, hashlib, json): no torch, no onnx, so the service imports it freely.
+
+Public API (kept small; the service depends on it):
+    SCHEMA_VERSION, MANIFEST_FILE, FAMILY_OUTPUTS
+    BundleError(ProtoserveError)     one line: "<file>: <problem>"
+    Manifest and its parts            InputSpec, TensorSpec, GraphSpec, PrototypeRow, Metrics,
+                                      ParityFigures, ProbeSpec, TrainingInfo
+    Bundle                            a read and checked bundle: .path, .manifest, .model_path,
+                                      .decoder_path (None when the family has no decoder),
+                                      .probe_path, .file(name), .prototype(id), .output_names
+    read_bundle(path) -> Bundle       checks schema version, schema, manifest digest and the
+                                      sha256 of every file; raises BundleError on the first problem
+    write_manifest(dir, manifest)     fills in files + digest, writes manifest.json, re-reads it
+    sha256_file(path) -> str
+
+Running the graphs (ONNX Runtime provider choice, the golden probe) lives in export/runtime.py,
+which has no torch import either.
+
+A bundle is one immutable model version:
+    manifest.json   this schema; lists every other file with its sha256
+    model.onnx      image -> the family's outputs (names and shapes listed in the manifest)
+    decoder.onnx    PrototypeDL: latent -> image (absent for families without a decoder)
+    probe.npz       the golden probe: a few inputs with their expected outputs
+    prototypes/     one PNG per prototype
+A later family (ProtoPNet) adds outputs (`similarity_maps`) and provenance, not a new format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from protoserve.errors import ProtoserveError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+# Outputs every model.onnx of a family must have (it may have more); all have a leading batch axis N.
+FAMILY_OUTPUTS = {
+    "prototypedl": ["logits", "probabilities", "distances", "latent", "reconstruction"],
+    "protopnet": ["logits", "probabilities", "distances", "similarity_maps"],
+}
+FAMILY_HAS_DECODER = {"prototypedl": True, "protopnet": False}
+
+
+class BundleError(ProtoserveError):
+    """A bundle that is missing, damaged, edited or not of this schema: "<file>: <problem>"."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """What `image` must hold: pixels scaled to value_range, then (x - mean) / std per channel."""
+
+    name: str = "image"
+    dtype: Literal["float32"] = "float32"
+    layout: Literal["NCHW"] = "NCHW"
+    channels: int = Field(gt=0)
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    value_range: tuple[float, float] = (0.0, 1.0)
+    mean: list[float]
+    std: list[float]
+    description: str = ""
+
+
+class TensorSpec(_Strict):
+    """One graph input or output; symbolic axes are strings (the batch axis is "N")."""
+
+    name: str
+    dtype: Literal["float32", "int64"] = "float32"
+    shape: list[int | str]
+
+
+class GraphSpec(_Strict):
+    file: str
+    opset: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+class PrototypeRow(_Strict):
+    id: int = Field(ge=0)  # stable across revisions
+    class_identity: int = Field(ge=0)
+    weights: list[float]  # its column of the last layer: K floats
+    status: Literal["active", "masked"] = "active"
+    provenance: dict | None = None  # ProtoPNet: training image index, patch and receptive-field boxes
+    image: str | None = None  # path inside the bundle
+
+
+class ParityFigures(_Strict):
+    """ONNX Runtime (CPU) against PyTorch eval mode on the same images, and the limits they met."""
+
+    images: int
+    max_abs_probability_diff: float
+    max_rel_distance_diff: float
+    argmax_mismatches: int
+    top3_mismatches: int  # nearest-prototype id sets that differ other than by an exact tie
+    top3_ties: int  # images whose top-3 differed only at an exact tie
+    probability_atol: float
+    distance_rtol: float
+
+
+class Metrics(_Strict):
+    test_accuracy: float | None = None  # PyTorch eval mode on the test set
+    onnx_test_accuracy: float | None = None
+    test_images: int | None = None
+    parity: ParityFigures | None = None
+
+
+class ProbeSpec(_Strict):
+    """The golden probe: inputs and expected outputs in `file` (npz), compared with these limits."""
+
+    file: str = "probe.npz"
+    images: int
+    atol: float
+    rtol: float
+
+
+class TrainingInfo(_Strict):
+    config: dict
+    source_commit: str | None = None
+    source_dirty: bool | None = None
+    checkpoint_sha256: str | None = None
+    epoch: int | None = None
+
+
+class Manifest(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")  # a valid BentoML tag name
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    family: Literal["prototypedl", "protopnet"]
+    created_at: datetime
+    class_names: list[str]
+    input: InputSpec
+    model: GraphSpec
+    decoder: GraphSpec | None = None
+    prototypes: list[PrototypeRow]
+    metrics: Metrics
+    probe: ProbeSpec
+    training: TrainingInfo
+    files: dict[str, str] = {}  # relative path -> sha256, every file but manifest.json
+    manifest_sha256: str | None = None  # digest of this manifest's other fields (catches edits)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle that passed read_bundle's checks."""
+
+    path: Path
+    manifest: Manifest
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def model_path(self) -> Path:
+        return self.file(self.manifest.model.file)
+
+    @property
+    def decoder_path(self) -> Path | None:
+        return self.file(self.manifest.decoder.file) if self.manifest.decoder else None
+
+    @property
+    def probe_path(self) -> Path:
+        return self.file(self.manifest.probe.file)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.manifest.model.outputs]
+
+    def prototype(self, prototype_id: int) -> PrototypeRow:
+        for row in self.manifest.prototypes:
+            if row.id == prototype_id:
+                return row
+        raise BundleError(f"{self.path / MANIFEST_FILE}: no prototype with id {prototype_id}")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_digest(raw: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest field."""
+    body = {k: v for k, v in raw.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_bundle(path: str | Path) -> Bundle:
+    """Read and check a bundle directory; BundleError names the first file with a problem."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not path.is_dir():
+        raise BundleError(f"{path}: not a bundle directory (no such directory)")
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: missing")
+    raw = _load_json(manifest_path)
+    manifest = _parse_manifest(raw, manifest_path)
+    _check_files(path, manifest)
+    return Bundle(path=path, manifest=manifest)
+
+
+def write_manifest(directory: str | Path, manifest: Manifest) -> Manifest:
+    """Hash every file in `directory`, write the completed manifest.json, and read the bundle back."""
+    directory = Path(directory)
+    files = {name: sha256_file(directory / name) for name in _bundle_files(directory)}
+    raw = manifest.model_copy(update={"files": files, "manifest_sha256": None}).model_dump(mode="json")
+    raw["manifest_sha256"] = manifest_digest(raw)
+    (directory / MANIFEST_FILE).write_text(json.dumps(raw, indent=2) + "\n")
+    return read_bundle(directory).manifest
+
+
+def _load_json(manifest_path: Path) -> dict:
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{manifest_path}: not readable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{manifest_path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _parse_manifest(raw: dict, manifest_path: Path) -> Manifest:
+    found = raw.get("schema_version")
+    if found != SCHEMA_VERSION:
+        raise BundleError(f"{manifest_path}: schema version {found!r}, this protoserve reads {SCHEMA_VERSION}")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise BundleError(f"{manifest_path}: field {where}: {err['msg']}") from None
+    _check_consistency(manifest, manifest_path)
+    if raw.get("manifest_sha256") != manifest_digest(raw):
+        raise BundleError(f"{manifest_path}: content does not match its manifest_sha256 (edited after export)")
+    return manifest
+
+
+def _check_consistency(m: Manifest, manifest_path: Path) -> None:
+    """What the schema alone can't say: sizes agree, the family's outputs and files are there."""
+    K = len(m.class_names)
+    problems = []
+    missing = [n for n in FAMILY_OUTPUTS[m.family] if m.model.output(n) is None]
+    if missing:
+        problems.append(f"model outputs lack {missing} required for family {m.family!r}")
+    if [t.name for t in m.model.inputs] != [m.input.name]:
+        problems.append(f"model inputs {[t.name for t in m.model.inputs]} are not [{m.input.name!r}]")
+    if FAMILY_HAS_DECODER[m.family] and m.decoder is None:
+        problems.append(f"family {m.family!r} needs a decoder")
+    if len(m.input.mean) != m.input.channels or len(m.input.std) != m.input.channels:
+        problems.append(f"input mean/std need {m.input.channels} values (one per channel)")
+    if any(s <= 0 for s in m.input.std):
+        problems.append("input std must be positive")
+    ids = [p.id for p in m.prototypes]
+    if len(set(ids)) != len(ids):
+        problems.append("prototype ids are not unique")
+    for p in m.prototypes:
+        if len(p.weights) != K:
+            problems.append(f"prototype {p.id} has {len(p.weights)} weights, expected {K} (one per class)")
+        if p.class_identity >= K:
+            problems.append(f"prototype {p.id} has class_identity {p.class_identity}, only {K} classes")
+    for name, count in (("logits", K), ("probabilities", K), ("distances", len(m.prototypes))):
+        spec = m.model.output(name)
+        if spec is not None and spec.shape[1:] != [count]:
+            problems.append(f"output {name} has shape {spec.shape}, expected ['N', {count}]")
+    if problems:
+        raise BundleError(f"{manifest_path}: {problems[0]}")
+
+
+def _check_files(path: Path, m: Manifest) -> None:
+    referenced = [m.model.file, m.probe.file] + ([m.decoder.file] if m.decoder else [])
+    referenced += [p.image for p in m.prototypes if p.image]
+    for name in referenced:
+        if name not in m.files:
+            raise BundleError(f"{path / MANIFEST_FILE}: {name} is referenced but not listed in files")
+    for name, expected in m.files.items():
+        if not _is_inside(name) or name == MANIFEST_FILE:
+            raise BundleError(f"{path / MANIFEST_FILE}: file entry {name!r} is not a path inside the bundle")
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"{file}: missing")
+        if sha256_file(file) != expected:
+            raise BundleError(f"{file}: sha256 does not match the manifest (damaged or edited)")
+    unlisted = sorted(set(_bundle_files(path)) - set(m.files))
+    if unlisted:
+        raise BundleError(f"{path / unlisted[0]}: not listed in the manifest (added after export)")
+
+
+def _bundle_files(directory: Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST_FILE)
+
+
+def _is_inside(name: str) -> bool:
+    p = PurePosixPath(name)
+    return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name

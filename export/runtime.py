@@ -1,0 +1,185 @@
+"""Running a bundle's graphs with ONNX Runtime: provider choice, session options, the golden probe.
+
+No torch import: the service and `protoserve verify` use this module as they are.
+
+Public API:
+    CUDA, CPU                                   provider names
+    requested_providers(device) -> list[str]    what to ask a session for: "auto" | "cuda" | "cpu"
+    active_provider(session_providers) -> str   what the session really runs on (from get_providers())
+    session_options(threads, optimization)      the SessionOptions chosen by benchmarks/inference.py
+    open_session(path, device, ...) -> (InferenceSession, provider)
+    run_probe(bundle, device) -> ProbeResult    the golden probe through model.onnx (and decoder.onnx)
+    verify_bundle(path, device) -> (Bundle, ProbeResult)   read_bundle + probe; BundleError on a miss
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.bundle import Bundle, BundleError, read_bundle
+from protoserve.errors import ProtoserveError
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEVICES = ("auto", "cuda", "cpu")
+
+# Chosen by measurement (benchmarks/inference.py, README "Inference speed"): on the 2-core CPU the
+# full graph optimisation and one intra-op thread per core were fastest at every batch size.
+DEFAULT_THREADS = 0  # 0: ONNX Runtime uses one thread per physical core
+DEFAULT_OPTIMIZATION = "all"
+
+
+class RuntimeProviderError(ProtoserveError):
+    pass
+
+
+def requested_providers(device: str) -> list[str]:
+    """Providers to ask a session for, best first; CPU is always the fallback."""
+    if device not in DEVICES:
+        raise RuntimeProviderError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
+    return [CPU] if device == "cpu" else [CUDA, CPU]
+
+
+def active_provider(session_providers: list[str]) -> str:
+    """The provider a created session runs on: CUDA only if the session itself kept it.
+
+    Decide from `session.get_providers()`, never from `onnxruntime.get_available_providers()`:
+    onnxruntime-gpu lists CUDA as available on a machine without a GPU or driver, and a session
+    asked for CUDA there silently falls back to CPU.
+    """
+    if CUDA in session_providers:
+        return CUDA
+    if CPU in session_providers:
+        return CPU
+    raise RuntimeProviderError(f"session runs on none of {CUDA}, {CPU} (got {session_providers})")
+
+
+def session_options(threads: int = DEFAULT_THREADS, optimization: str = DEFAULT_OPTIMIZATION):
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization not in levels:
+        raise RuntimeProviderError(f"optimization {optimization!r}: expected one of {', '.join(levels)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[optimization]
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1  # the graphs are a single chain; parallel branches buy nothing
+    return options
+
+
+def open_session(path: str | Path, device: str = "auto", threads: int = DEFAULT_THREADS,
+                 optimization: str = DEFAULT_OPTIMIZATION):
+    """An InferenceSession on the best usable provider; returns (session, provider it runs on)."""
+    import onnxruntime as ort
+
+    providers = requested_providers(device)
+    if CUDA in providers:
+        _preload_cuda_libraries(ort)
+    if device == "auto":
+        # A CPU-only machine is a normal place to run "auto"; ONNX Runtime's error log about the
+        # missing CUDA driver is noise there. The outcome is still read from get_providers().
+        ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=session_options(threads, optimization),
+                                       providers=providers)
+    except Exception as e:  # ORT raises its own exception types for a bad file; all mean "not loadable"
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise BundleError(f"{path}: ONNX Runtime cannot load it ({first})") from None
+    finally:
+        ort.set_default_logger_severity(2)
+    provider = active_provider(session.get_providers())
+    if device == "cuda" and provider != CUDA:
+        raise RuntimeProviderError(f"{path}: device 'cuda' asked for, but the session runs on {provider} "
+                                   "(no usable GPU, driver, CUDA 13 or cuDNN 9)")
+    return session, provider
+
+
+def _preload_cuda_libraries(ort) -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels (the [cuda,cudnn] extras) before creating a session."""
+    try:
+        ort.preload_dlls()
+    except Exception:  # missing libraries only mean CUDA won't be usable; get_providers() tells
+        pass
+
+
+@dataclass
+class ProbeResult:
+    images: int
+    provider: str
+    max_abs_diff: dict[str, float]  # output name -> largest |onnx - expected|
+    failures: list[str]  # "<output>: <problem>", empty when the probe passed
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def load_probe(bundle: Bundle) -> dict[str, np.ndarray]:
+    """The probe arrays: "input.<name>" and "output.<name>" (decoder: "decoder.<name>")."""
+    try:
+        with np.load(bundle.probe_path, allow_pickle=False) as probe:
+            return {k: probe[k] for k in probe.files}
+    except Exception as e:  # zipfile/numpy raise many types for a damaged file
+        raise BundleError(f"{bundle.probe_path}: not a readable probe ({e})") from None
+
+
+def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> str | None:
+    """None if actual matches expected within |a - e| <= atol + rtol * |e|, else the problem."""
+    if actual.shape != expected.shape:
+        return f"{name}: shape {actual.shape}, expected {expected.shape}"
+    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    limit = atol + rtol * np.abs(expected.astype(np.float64))
+    if not np.all(diff <= limit):
+        return f"{name}: differs from the stored output by up to {diff.max():.3g} (limit {atol:g} + {rtol:g}*|x|)"
+    return None
+
+
+def run_probe(bundle: Bundle, device: str = "cpu") -> ProbeResult:
+    """Run the golden probe's inputs through the bundle's graphs and compare with its outputs."""
+    probe = load_probe(bundle)
+    spec = bundle.manifest.probe
+    session, provider = open_session(bundle.model_path, device)
+    feeds = {t.name: probe.get(f"input.{t.name}") for t in bundle.manifest.model.inputs}
+    if any(v is None for v in feeds.values()):
+        raise BundleError(f"{bundle.probe_path}: lacks inputs {[k for k, v in feeds.items() if v is None]}")
+    names = bundle.output_names
+    actual = dict(zip(names, session.run(names, feeds), strict=True))
+    expected = {n: probe.get(f"output.{n}") for n in names}
+    if bundle.manifest.decoder is not None:
+        decoder, _ = open_session(bundle.decoder_path, device)
+        d_in = [t.name for t in bundle.manifest.decoder.inputs]
+        d_out = [t.name for t in bundle.manifest.decoder.outputs]
+        d_feeds = {n: probe.get(f"decoder.input.{n}") for n in d_in}
+        if any(v is None for v in d_feeds.values()):
+            raise BundleError(f"{bundle.probe_path}: lacks decoder inputs")
+        for n, value in zip(d_out, decoder.run(d_out, d_feeds), strict=True):
+            actual[f"decoder.{n}"] = value
+            expected[f"decoder.{n}"] = probe.get(f"decoder.output.{n}")
+    failures, diffs = [], {}
+    for name, value in actual.items():
+        if expected[name] is None:
+            failures.append(f"{name}: no expected output stored in the probe")
+            continue
+        problem = compare(name, value, expected[name], spec.atol, spec.rtol)
+        if problem:
+            failures.append(problem)
+        if value.shape == expected[name].shape:
+            diffs[name] = float(np.abs(value.astype(np.float64) - expected[name]).max(initial=0.0))
+    return ProbeResult(images=spec.images, provider=provider, max_abs_diff=diffs, failures=failures)
+
+
+def verify_bundle(path: str | Path, device: str = "cpu") -> tuple[Bundle, ProbeResult]:
+    """Schema, checksums and the golden probe; BundleError naming the file and problem on a miss."""
+    bundle = read_bundle(path)
+    result = run_probe(bundle, device)
+    if not result.passed:
+        raise BundleError(f"{bundle.model_path}: golden probe failed: {result.failures[0]}")
+    return bundle, result
