@@ -87,6 +87,7 @@ class GraphSpec(_Strict):
     opset: int
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    prototype_initializer: str | None = None  # the graph initializer holding the prototype vectors
 
     def output(self, name: str) -> TensorSpec | None:
         return next((t for t in self.outputs if t.name == name), None)
@@ -136,6 +137,7 @@ class TrainingInfo(_Strict):
     source_dirty: bool | None = None
     checkpoint_sha256: str | None = None
     epoch: int | None = None
+    metrics: dict = {}  # the checkpoint's own figures (validation accuracy, losses)
 
 
 class Manifest(_Strict):

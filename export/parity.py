@@ -1,0 +1,75 @@
+"""Parity: ONNX Runtime against PyTorch eval mode on the same images, and the limits export demands.
+
+Limits (issue 3): probabilities within 1e-5 absolute, distances within 1e-4 relative, the same
+argmax for every image, the same top-3 nearest prototype ids except where an exact tie makes
+the order ambiguous. Numpy only; the callers produce the two sets of outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from export.bundle import ParityFigures
+
+PROBABILITY_ATOL = 1e-5
+DISTANCE_RTOL = 1e-4
+TOP_K = 3
+
+
+def top_k_nearest(distances: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """Ids of the k nearest prototypes per row, nearest first (stable: lower id first on a tie)."""
+    return np.argsort(distances, axis=1, kind="stable")[:, :k]
+
+
+def top_k_disagreements(reference: np.ndarray, candidate: np.ndarray, k: int = TOP_K) -> tuple[int, int]:
+    """(mismatches, ties): rows whose top-k ids differ, and those among them excused by an exact tie.
+
+    A difference is a tie when, by the reference's own distances, the candidate's ids are exactly
+    as near as the reference's at every rank: then either order is a correct answer.
+    """
+    ref_ids, cand_ids = top_k_nearest(reference, k), top_k_nearest(candidate, k)
+    differ = np.any(ref_ids != cand_ids, axis=1)
+    rows = np.arange(len(reference))[:, None]
+    tied = np.all(reference[rows, ref_ids] == reference[rows, cand_ids], axis=1)
+    ties = int(np.sum(differ & tied))
+    return int(np.sum(differ)) - ties, ties
+
+
+def parity_figures(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndarray]) -> ParityFigures:
+    """Compare `probabilities` and `distances` of both runtimes over the same images."""
+    p_ref, p = torch_out["probabilities"].astype(np.float64), onnx_out["probabilities"].astype(np.float64)
+    d_ref, d = torch_out["distances"].astype(np.float64), onnx_out["distances"].astype(np.float64)
+    rel = np.abs(d - d_ref) / np.maximum(np.abs(d_ref), np.finfo(np.float32).tiny)
+    mismatches, ties = top_k_disagreements(torch_out["distances"], onnx_out["distances"])
+    return ParityFigures(
+        images=len(p_ref),
+        max_abs_probability_diff=float(np.abs(p - p_ref).max(initial=0.0)),
+        max_rel_distance_diff=float(rel.max(initial=0.0)),
+        argmax_mismatches=int(np.sum(p_ref.argmax(1) != p.argmax(1))),
+        top3_mismatches=mismatches,
+        top3_ties=ties,
+        probability_atol=PROBABILITY_ATOL,
+        distance_rtol=DISTANCE_RTOL,
+    )
+
+
+def parity_failures(f: ParityFigures) -> list[str]:
+    """The limits `f` misses, as readable phrases; empty when parity holds."""
+    failures = []
+    if not f.max_abs_probability_diff <= f.probability_atol:
+        failures.append(f"probabilities differ by up to {f.max_abs_probability_diff:.3g} "
+                        f"(limit {f.probability_atol:g})")
+    if not f.max_rel_distance_diff <= f.distance_rtol:
+        failures.append(f"distances differ by up to {f.max_rel_distance_diff:.3g} relative (limit {f.distance_rtol:g})")
+    if f.argmax_mismatches:
+        failures.append(f"{f.argmax_mismatches} of {f.images} images get a different predicted class")
+    if f.top3_mismatches:
+        failures.append(f"{f.top3_mismatches} of {f.images} images get different top-{TOP_K} nearest prototypes")
+    return failures
+
+
+def describe(f: ParityFigures) -> str:
+    return (f"parity on {f.images} images: max |dp| {f.max_abs_probability_diff:.2e} (limit {f.probability_atol:g}), "
+            f"max rel dd {f.max_rel_distance_diff:.2e} (limit {f.distance_rtol:g}), "
+            f"argmax mismatches {f.argmax_mismatches}, top-{TOP_K} mismatches {f.top3_mismatches} "
+            f"(exact ties excused: {f.top3_ties})")
