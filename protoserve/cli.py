@@ -60,6 +60,42 @@ def _download(args) -> None:
     print(f"{args.dataset} written under {args.data_root}")
 
 
+def _export(args) -> None:
+    from export.build import export_bundle
+
+    result = export_bundle(Path(args.checkpoint), Path(args.out), args.name, args.version, args.data_root,
+                           force=args.force)
+    m = result.bundle.manifest
+    print(f"bundle {m.tag} written to {args.out} (test accuracy {m.metrics.test_accuracy:.4f})")
+
+
+def _verify(args) -> None:
+    from export.runtime import verify_bundle
+
+    bundle, probe = verify_bundle(Path(args.bundle), device=args.device)
+    worst = max(probe.max_abs_diff.values(), default=0.0)
+    print(f"{args.bundle}: ok ({bundle.manifest.tag}, {len(bundle.manifest.files)} files checked, golden probe "
+          f"of {probe.images} images on {probe.provider}, max |diff| {worst:.2e})")
+
+
+def _import(args) -> None:
+    from export.store import import_bundle
+
+    stored = import_bundle(Path(args.bundle), force=args.force)
+    print(f"imported {stored.tag} into the BentoML model store ({stored.path})")
+
+
+def _models(args) -> None:
+    from export.store import bentoml_home, list_models
+
+    rows = list_models()
+    if not rows:
+        print(f"no protoserve models in {bentoml_home() / 'models'}")
+    for r in rows:
+        accuracy = f"{r.test_accuracy:.4f}" if r.test_accuracy is not None else "-"
+        print(f"{r.tag:40s} {r.family:12s} test accuracy {accuracy}  created {r.created_at}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="protoserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -91,6 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True)
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
     p.set_defaults(func=_download)
+
+    p = sub.add_parser("export", help="checkpoint -> model bundle (ONNX graphs, manifest, prototype pictures)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="bundle folder to create")
+    p.add_argument("--name", default="prototypedl-mnist", help="model name (lowercase, digits, - _ .)")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--data-root", help="IDX files for the parity check (default: $PROTOSERVE_DATA_ROOT)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("verify", help="check a bundle: schema, checksums, golden probe through ONNX Runtime")
+    p.add_argument("bundle")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("import", help="verify a bundle and add it to the BentoML model store as name:version")
+    p.add_argument("bundle")
+    p.add_argument("--force", action="store_true", help="replace the same name:version if present")
+    p.set_defaults(func=_import)
+
+    p = sub.add_parser("models", help="list the bundles in the BentoML model store ($BENTOML_HOME)")
+    p.set_defaults(func=_models)
 
     return parser
 
