@@ -1,0 +1,1 @@
+"""The predict-and-explain service (BentoML, ONNX Runtime); imports no torch."""

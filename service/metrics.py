@@ -1,0 +1,74 @@
+"""protoserve's Prometheus metrics (ARCHITECTURE.md "Metrics"), correct with several workers.
+
+BentoML starts every worker with PROMETHEUS_MULTIPROC_DIR set and serves /metrics through a
+MultiProcessCollector over that directory, so each worker's counters are summed at scrape time.
+prometheus_client picks its storage when a metric is first built, so the metrics are built on
+first use inside the worker (never at import time, which may run before the variable is set).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+DISTANCE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    predictions: object
+    nearest_prototype: object
+    nearest_distance: object
+    confidence: object
+    inference_seconds: object
+    rejected_inputs: object
+    model_info: object
+    reference_nearest_distance: object
+    batch_images: object
+
+
+@functools.cache
+def metrics() -> Metrics:
+    """The process's metric objects, built on first call (after the worker set up multiprocess mode)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    model = ["model", "version"]
+    return Metrics(
+        predictions=Counter("protoserve_predictions", "Images classified, by predicted class",
+                            [*model, "class"]),
+        nearest_prototype=Counter("protoserve_nearest_prototype", "Images whose nearest active prototype "
+                                  "was this one", [*model, "prototype"]),
+        nearest_distance=Histogram("protoserve_nearest_distance", "Squared L2 distance from an input to "
+                                   "its nearest active prototype", model, buckets=DISTANCE_BUCKETS),
+        confidence=Histogram("protoserve_confidence", "Probability of the predicted class", model,
+                             buckets=CONFIDENCE_BUCKETS),
+        inference_seconds=Histogram("protoserve_inference_seconds", "Time in the model per request "
+                                    "(preprocessing to answer)", [*model, "api"], buckets=SECONDS_BUCKETS),
+        rejected_inputs=Counter("protoserve_rejected_inputs", "Requests refused with a 4xx, by reason",
+                                ["reason"]),
+        # livemax: one series per label set (no pid label), gone when the process that set it is.
+        model_info=Gauge("protoserve_model_info", "The model being served (always 1)",
+                         [*model, "family", "provider"], multiprocess_mode="livemax"),
+        reference_nearest_distance=Gauge("protoserve_reference_nearest_distance", "Nearest-prototype "
+                                         "distance of the bundle's held-out probe images, by quantile",
+                                         [*model, "quantile"], multiprocess_mode="livemax"),
+        batch_images=Counter("protoserve_batch_images", "Images scored by batch jobs, by outcome", ["status"]),
+    )
+
+
+def record_answers(model: tuple[str, str], class_names: list[str], prototype_ids: list[int],
+                   probabilities, nearest_index, nearest_distance) -> None:
+    """Count one batch of answers: predicted class, confidence, nearest prototype and its distance."""
+    m = metrics()
+    labels = probabilities.argmax(axis=1)
+    for label, probs, j, d in zip(labels, probabilities, nearest_index, nearest_distance, strict=True):
+        m.predictions.labels(*model, class_names[int(label)]).inc()
+        m.confidence.labels(*model).observe(float(probs[label]))
+        m.nearest_prototype.labels(*model, str(prototype_ids[int(j)])).inc()
+        m.nearest_distance.labels(*model).observe(float(d))
+
+
+def count_rejection(reason: str) -> None:
+    metrics().rejected_inputs.labels(reason).inc()

@@ -1,0 +1,148 @@
+"""ASGI middleware in front of BentoML's app: body-size cap, JSON check, multipart uploads, GET aliases.
+
+BentoML reads request bodies without a size limit; this middleware reads them first, answers 413
+past `max_body_bytes` (from Content-Length at once, else while streaming), and hands the app a body
+it has already checked. On the image routes it turns multipart/form-data uploads into the JSON
+body the API takes (files become base64 strings), so one API function serves both, and it refuses
+bodies that are not a JSON object with a 400 that names the problem. Every refusal is counted in
+protoserve_rejected_inputs_total{reason}.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from service.errors import InputError
+from service.metrics import count_rejection
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class RequestGate:
+    def __init__(self, app, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 image_routes: tuple[str, ...] = ("/predict", "/explain"),
+                 get_routes: tuple[str, ...] = ("/metadata", "/prototypes"), max_files: int = 64):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.image_routes = image_routes
+        self.get_routes = get_routes
+        self.max_files = max_files
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"].rstrip("/") or "/"
+        if scope["method"] == "GET" and path in self.get_routes:
+            # The read-only catalogue: BentoML APIs are POST, so a GET is served as a POST with {}.
+            return await self.app(_as_json_post(scope, b"{}"), _replay(b"{}", receive), send)
+        if scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        try:
+            body = await self._read_body(scope, receive)
+            if path in self.image_routes:
+                body = await self._to_json(scope, body)
+                scope = _as_json_post(scope, body)
+        except InputError as e:
+            count_rejection(e.reason)
+            return await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
+        return await self.app(scope, _replay(body, receive), send)
+
+    async def _read_body(self, scope, receive) -> bytes:
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise InputError("body_too_large", f"body of {int(declared)} bytes is over the "
+                             f"{self.max_body_bytes} byte limit", status=413)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise InputError("body_too_large", f"body is over the {self.max_body_bytes} byte limit",
+                                 status=413)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    async def _to_json(self, scope, body: bytes) -> bytes:
+        media_type = (_header(scope, b"content-type") or "application/json").split(";")[0].strip().lower()
+        if media_type == "multipart/form-data":
+            fields = await self._form_fields(scope, body)
+            return json.dumps(_form_to_request(fields, scope["path"].rstrip("/"))).encode()
+        if media_type != "application/json":
+            raise InputError("unsupported_media_type", f"content type {media_type!r}: send application/json "
+                             "or multipart/form-data", status=415)
+        try:
+            parsed = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError("invalid_json", f"body is not valid JSON ({e})") from None
+        if not isinstance(parsed, dict):
+            raise InputError("wrong_type", f"body must be a JSON object, not {type(parsed).__name__}")
+        return body
+
+    async def _form_fields(self, scope, body: bytes) -> list[tuple[str, object]]:
+        request = Request(scope, _replay(body))
+        try:
+            form = await request.form(max_files=self.max_files, max_fields=16)
+        except Exception as e:  # starlette raises several types for a malformed multipart body
+            detail = getattr(e, "detail", None) or str(e) or type(e).__name__
+            raise InputError("invalid_json", f"multipart body is malformed ({detail})") from None
+        fields = []
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                value = base64.b64encode(await value.read()).decode("ascii")
+            fields.append((key, value))
+        await form.close()
+        return fields
+
+
+def _form_to_request(fields: list[tuple[str, object]], path: str) -> dict:
+    """Multipart fields -> the JSON request: every file or "images"/"image" field is an image, in order."""
+    images = [v for k, v in fields if k in ("images", "image", "file", "files")]
+    if path == "/predict":
+        return {"images": images}
+    request: dict = {}
+    if images:
+        request["image"] = images[0]
+    top_k = next((v for k, v in fields if k == "top_k"), None)
+    if top_k is not None:
+        try:
+            request["top_k"] = int(top_k)
+        except ValueError:
+            raise InputError("wrong_type", f'"top_k" must be an integer, not {top_k!r}') from None
+    return request
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _as_json_post(scope, body: bytes) -> dict:
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return {**scope, "method": "POST", "headers": headers}
+
+
+def _replay(body: bytes, then=None):
+    """A receive() that hands over `body` once, then waits on the real one (for the disconnect)."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            return await then() if then is not None else {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive

@@ -1,0 +1,110 @@
+"""One loaded bundle: its verified manifest and ONNX Runtime sessions on the best usable provider.
+
+Where the bundle comes from (first that is set):
+    PROTOSERVE_BUNDLE      a bundle directory
+    PROTOSERVE_MODEL_TAG   a tag (name:version) in the BentoML model store (`protoserve import`)
+    the shipped default    models/prototypedl_mnist/bundle
+PROTOSERVE_DEVICE (auto | cuda | cpu, default auto) and PROTOSERVE_THREADS (ONNX Runtime intra-op
+threads, default 0 = one per core) tune the sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export.bundle import MANIFEST_FILE, Bundle, BundleError, read_bundle
+from export.runtime import load_probe, open_session, run_probe
+from service.explain import active_mask, nearest_distance
+
+log = logging.getLogger("protoserve.service")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = REPO / "models" / "prototypedl_mnist" / "bundle"
+
+
+def bundle_location() -> Path:
+    """The bundle directory the environment asks for (see the module docstring)."""
+    if os.environ.get("PROTOSERVE_BUNDLE"):
+        return Path(os.environ["PROTOSERVE_BUNDLE"])
+    if os.environ.get("PROTOSERVE_MODEL_TAG"):
+        return bundle_in_model_store(os.environ["PROTOSERVE_MODEL_TAG"])
+    return DEFAULT_BUNDLE
+
+
+def bundle_in_model_store(tag: str) -> Path:
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        path = Path(bentoml.models.get(tag).path)
+    except NotFound:
+        raise BundleError(f"{tag}: no such model in the BentoML model store (see `protoserve models`)") from None
+    for candidate in (path, path / "bundle"):
+        if (candidate / MANIFEST_FILE).is_file():
+            return candidate
+    raise BundleError(f"{path}: model {tag} in the BentoML store holds no {MANIFEST_FILE}")
+
+
+@dataclass
+class LoadedModel:
+    bundle: Bundle
+    session: object
+    decoder: object | None
+    provider: str
+    active: np.ndarray  # [M] bool, False for masked prototypes
+    reference_distance: dict[str, float] = field(default_factory=dict)  # quantile -> value on the probe
+
+    @property
+    def name(self) -> str:
+        return self.bundle.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.bundle.manifest.version
+
+    def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[N, C, H, W] -> probabilities [N, K], distances [N, M]."""
+        probabilities, distances = self.session.run(["probabilities", "distances"], {"image": images})
+        return probabilities, distances
+
+    def outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of model.onnx for [N, C, H, W] images, by name."""
+        names = self.bundle.output_names
+        return dict(zip(names, self.session.run(names, {"image": images}), strict=True))
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        name_in = self.bundle.manifest.decoder.inputs[0].name
+        return self.decoder.run(None, {name_in: latent.astype(np.float32)})[0]
+
+
+def load_model(path: Path | None = None, device: str | None = None, threads: int | None = None) -> LoadedModel:
+    """Read and verify the bundle (checksums and golden probe), open sessions and warm them up."""
+    path = Path(path) if path else bundle_location()
+    device = device or os.environ.get("PROTOSERVE_DEVICE", "auto")
+    threads = int(os.environ.get("PROTOSERVE_THREADS", "0")) if threads is None else threads
+    bundle = read_bundle(path)
+    probe = run_probe(bundle, device)
+    if not probe.passed:
+        raise BundleError(f"{bundle.model_path}: golden probe failed: {probe.failures[0]}")
+    session, provider = open_session(bundle.model_path, device, threads=threads)
+    decoder = open_session(bundle.decoder_path, device, threads=threads)[0] if bundle.decoder_path else None
+    model = LoadedModel(bundle, session, decoder, provider, active_mask(bundle.manifest))
+    model.reference_distance = warm_up(model)
+    log.info("protoserve: serving %s (%s) from %s on %s", bundle.manifest.tag, bundle.manifest.family,
+             path, provider)
+    return model
+
+
+def warm_up(model: LoadedModel) -> dict[str, float]:
+    """Run the probe images through the sessions once; their nearest distances are the drift reference."""
+    images = load_probe(model.bundle)["input.image"].astype(np.float32)
+    outputs = model.outputs(images)
+    if model.decoder is not None:
+        model.decode(outputs["latent"][:1])
+    nearest = nearest_distance(outputs["distances"], model.active)
+    return {q: float(np.quantile(nearest, float(q))) for q in ("0.5", "0.95", "1.0")}

@@ -1,0 +1,193 @@
+"""Turn what a client sends (PNG/JPEG bytes, base64 text, nested numeric arrays) into the model's input.
+
+The model's input is what the bundle's manifest says (`InputSpec`): `channels` x `height` x
+`width`, pixel values scaled into `value_range`, then `(x - mean) / std` per channel. Pictures are
+converted to the spec's mode and size; arrays must already have the spec's shape and range. Anything
+else is refused with an InputError naming the problem, before any pixel is decoded where possible.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from export.bundle import InputSpec
+from service.errors import InputError
+
+FORMATS = ("PNG", "JPEG")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold; the defaults suit 28x28 digits with a wide margin."""
+
+    max_batch: int = 64
+    max_image_bytes: int = 4 * 1024 * 1024
+    max_side: int = 4096  # pixels along either axis, checked from the header before decoding
+    max_pixels: int = 4096 * 4096
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def decode_base64(text: str, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """Base64 text (optionally a data: URL) -> bytes."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    if len(text) > limits.max_image_bytes * 4 // 3 + 4:
+        raise InputError("image_too_large", f"base64 image of {len(text)} characters is over the "
+                         f"{limits.max_image_bytes} byte limit")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("bad_base64", "image string is not valid base64") from None
+
+
+def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
+    """PNG/JPEG bytes -> a decoded picture; refuses other formats, damage and oversized dimensions."""
+    if len(data) == 0:
+        raise InputError("not_an_image", "image is empty (0 bytes)")
+    if len(data) > limits.max_image_bytes:
+        raise InputError("image_too_large", f"image of {len(data)} bytes is over the "
+                         f"{limits.max_image_bytes} byte limit")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise InputError("not_an_image", "not a PNG or JPEG image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError("image_too_large", "image dimensions are too large (decompression bomb guard)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError("corrupt_image", f"image header is damaged ({e})") from None
+    width, height = img.size
+    # Only the header has been read so far: refuse big pictures before their pixels are decoded.
+    if width > limits.max_side or height > limits.max_side or width * height > limits.max_pixels:
+        raise InputError("image_too_large", f"image is {width}x{height} pixels; the limit is "
+                         f"{limits.max_side} per side and {limits.max_pixels} in all")
+    if width == 0 or height == 0:
+        raise InputError("corrupt_image", f"image is {width}x{height} pixels")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError("corrupt_image", f"image is truncated or damaged ({e})") from None
+    return img
+
+
+def picture_to_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """A picture -> float32 [C, H, W] in [0, 1]: the spec's mode (L or RGB) and size."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: to 8 bits first, as convert("L") would clip it.
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels become black, the background of the digits the models know.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    img = img.convert("L" if spec.channels == 1 else "RGB")
+    if img.size != (spec.width, spec.height):
+        img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(img, dtype=np.float32) / 255.0
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def normalize(values: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """[C, H, W] in value_range -> the model's input: (x - mean) / std per channel, float32."""
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    return ((values.astype(np.float32) - mean) / std).astype(np.float32)
+
+
+def denormalize(x: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """The model's input space [C, H, W] -> pixels in [0, 1] (the inverse of scaling and normalize)."""
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    low, high = spec.value_range
+    return ((x * std + mean - low) / (high - low)).clip(0.0, 1.0)
+
+
+def picture_to_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    low, high = spec.value_range
+    return normalize(picture_to_pixels(img, spec) * (high - low) + low, spec)
+
+
+def array_to_input(value: list, spec: InputSpec) -> np.ndarray:
+    """A nested numeric list [H][W] (one channel) or [C][H][W], values in value_range -> model input."""
+    try:
+        raw = np.asarray(value)
+    except (ValueError, TypeError):
+        raise InputError("wrong_shape", "array is ragged: rows of different lengths") from None
+    if raw.dtype == object:
+        raise InputError("wrong_shape", "array is ragged or mixes numbers with lists")
+    if raw.size and raw.dtype.kind not in "iuf":
+        raise InputError("wrong_type", f"array holds {raw.dtype.kind!r} values; expected numbers")
+    expected = (spec.channels, spec.height, spec.width)
+    if raw.ndim == 2 and spec.channels == 1:
+        raw = raw[None]
+    if raw.shape != expected:
+        want = f"[{spec.height}][{spec.width}] or " if spec.channels == 1 else ""
+        raise InputError("wrong_shape", f"array has shape {list(raw.shape)}; expected {want}"
+                         f"[{spec.channels}][{spec.height}][{spec.width}]")
+    values = raw.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise InputError("non_finite", "array holds NaN or infinity")
+    low, high = spec.value_range
+    tolerance = 1e-6 * (high - low)
+    if values.min() < low - tolerance or values.max() > high + tolerance:
+        raise InputError("out_of_range", f"array values span [{values.min():g}, {values.max():g}]; "
+                         f"the model takes [{low:g}, {high:g}]")
+    return normalize(values, spec)
+
+
+def to_input(value: object, spec: InputSpec, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """One IMAGE as the API takes it (base64 string, raw bytes or nested list) -> float32 [C, H, W]."""
+    if isinstance(value, (bytes, bytearray)):
+        return picture_to_input(open_image(bytes(value), limits), spec)
+    if isinstance(value, str):
+        return picture_to_input(open_image(decode_base64(value, limits), limits), spec)
+    if isinstance(value, list):
+        return array_to_input(value, spec)
+    raise InputError("wrong_type", f"an image must be a base64 PNG/JPEG string or a numeric array, "
+                     f"not {_json_type(value)}")
+
+
+def to_batch(images: object, spec: InputSpec, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """The "images" field of /predict -> float32 [N, C, H, W]; the first bad image names its index."""
+    if images is None:
+        raise InputError("missing_field", 'body needs "images": a list of images')
+    if not isinstance(images, list):
+        raise InputError("wrong_type", f'"images" must be a list of images, not {_json_type(images)}')
+    if not images:
+        raise InputError("empty_batch", '"images" is empty')
+    if len(images) > limits.max_batch:
+        raise InputError("batch_too_large", f'"images" holds {len(images)} images; at most {limits.max_batch} '
+                         "per request")
+    batch = []
+    for i, image in enumerate(images):
+        try:
+            batch.append(to_input(image, spec, limits))
+        except InputError as e:
+            raise InputError(e.reason, f"images[{i}]: {e}", e.status) from None
+    return np.stack(batch)
+
+
+def parse_top_k(value: object, n_prototypes: int) -> int:
+    if value is None:
+        return 3 if n_prototypes >= 3 else n_prototypes
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError("wrong_type", f'"top_k" must be an integer, not {_json_type(value)}')
+    if not 1 <= value <= n_prototypes:
+        raise InputError("top_k_out_of_range", f'"top_k" is {value}; it must be between 1 and {n_prototypes}')
+    return value
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
