@@ -286,19 +286,17 @@ def _check_consistency(m: Manifest, manifest_path: Path) -> None:
         spec = m.model.output(name)
         if spec is not None and spec.shape[1:] != [count]:
             problems.append(f"output {name} has shape {spec.shape}, expected ['N', {count}]")
+    referenced = [m.model.file, m.probe.file] + ([m.decoder.file] if m.decoder else [])
+    referenced += [p.image for p in m.prototypes if p.image]
+    problems += [f"{name} is referenced but not listed in files" for name in referenced if name not in m.files]
+    problems += [f"file entry {name!r} is not a path inside the bundle" for name in m.files
+                 if not _is_inside(name) or name == MANIFEST_FILE]
     if problems:
         raise BundleError(f"{manifest_path}: {problems[0]}")
 
 
 def _check_files(path: Path, m: Manifest) -> None:
-    referenced = [m.model.file, m.probe.file] + ([m.decoder.file] if m.decoder else [])
-    referenced += [p.image for p in m.prototypes if p.image]
-    for name in referenced:
-        if name not in m.files:
-            raise BundleError(f"{path / MANIFEST_FILE}: {name} is referenced but not listed in files")
     for name, expected in m.files.items():
-        if not _is_inside(name) or name == MANIFEST_FILE:
-            raise BundleError(f"{path / MANIFEST_FILE}: file entry {name!r} is not a path inside the bundle")
         file = path / name
         if not file.is_file():
             raise BundleError(f"{file}: missing")

@@ -34,11 +34,24 @@ def tiny_config_dict(**train_overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, mnist_root) -> Path:
-    """A PrototypeDL trained for one short epoch on 300 MNIST images (seconds)."""
+    """A PrototypeDL trained for two short epochs on 1,000 MNIST images (seconds)."""
     from training.config import Config
     from training.train import Trainer
 
     out = tmp_path_factory.mktemp("tiny_run")
-    trainer = Trainer(Config.from_dict(tiny_config_dict()), out, data_root=mnist_root, log=lambda s: None)
+    config = tiny_config_dict(epochs=2)
+    config["data"]["train_subset"] = 1000
+    trainer = Trainer(Config.from_dict(config), out, data_root=mnist_root, log=lambda s: None)
     trainer.fit()
     return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_checkpoint, mnist_root) -> Path:
+    """The bundle of tiny_checkpoint, written by `protoserve export` (parity on 1,000 test images)."""
+    from export.build import export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
+    export_bundle(tiny_checkpoint, out, "tiny-prototypedl", "0.1.0", data_root=str(mnist_root),
+                  test_images=1000, log=lambda s: None)
+    return out
