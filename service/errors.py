@@ -6,7 +6,8 @@ from protoserve.errors import ProtoserveError
 
 # Every reason a request can be refused for: the values of protoserve_rejected_inputs_total{reason}.
 REASONS = (
-    "invalid_json",  # the body does not parse as JSON (or as a multipart form)
+    "invalid_json",  # the body does not parse as JSON
+    "malformed_multipart",  # a multipart/form-data body that does not parse
     "unsupported_media_type",  # neither application/json nor multipart/form-data
     "wrong_type",  # a JSON field of the wrong type (images not a list, top_k a string, ...)
     "missing_field",  # no "images" / "image"

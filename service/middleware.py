@@ -94,7 +94,7 @@ class RequestGate:
             form = await request.form(max_files=self.max_files, max_fields=16)
         except Exception as e:  # starlette raises several types for a malformed multipart body
             detail = getattr(e, "detail", None) or str(e) or type(e).__name__
-            raise InputError("invalid_json", f"multipart body is malformed ({detail})") from None
+            raise InputError("malformed_multipart", f"multipart body is malformed ({detail})") from None
         fields = []
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.bundle import MANIFEST_FILE, Bundle, BundleError, read_bundle
+from export.bundle import Bundle, BundleError, read_bundle
 from export.runtime import load_probe, open_session, run_probe
+from export.store import bundle_dir
 from service.explain import active_mask, nearest_distance
 
 log = logging.getLogger("protoserve.service")
@@ -32,22 +33,8 @@ def bundle_location() -> Path:
     if os.environ.get("PROTOSERVE_BUNDLE"):
         return Path(os.environ["PROTOSERVE_BUNDLE"])
     if os.environ.get("PROTOSERVE_MODEL_TAG"):
-        return bundle_in_model_store(os.environ["PROTOSERVE_MODEL_TAG"])
+        return bundle_dir(os.environ["PROTOSERVE_MODEL_TAG"])
     return DEFAULT_BUNDLE
-
-
-def bundle_in_model_store(tag: str) -> Path:
-    import bentoml
-    from bentoml.exceptions import NotFound
-
-    try:
-        path = Path(bentoml.models.get(tag).path)
-    except NotFound:
-        raise BundleError(f"{tag}: no such model in the BentoML model store (see `protoserve models`)") from None
-    for candidate in (path, path / "bundle"):
-        if (candidate / MANIFEST_FILE).is_file():
-            return candidate
-    raise BundleError(f"{path}: model {tag} in the BentoML store holds no {MANIFEST_FILE}")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from export.bundle import InputSpec
 from service.errors import InputError
 
 FORMATS = ("PNG", "JPEG")
+SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # how PNG and JPEG files begin
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
+        if data.startswith(SIGNATURES):
+            raise InputError("corrupt_image", "PNG/JPEG header is damaged") from None
         raise InputError("not_an_image", "not a PNG or JPEG image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError("image_too_large", "image dimensions are too large (decompression bomb guard)") from None

@@ -1,0 +1,108 @@
+"""The request gate as an ASGI app with a test client: 413, JSON checks, multipart, GET aliases."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from service.metrics import metrics
+from service.middleware import RequestGate
+
+
+async def echo(request: Request) -> JSONResponse:
+    body = await request.body()
+    return JSONResponse({"method": request.method, "type": request.headers.get("content-type"),
+                         "body": body.decode("latin-1")})
+
+
+def client(max_body_bytes: int = 1000) -> TestClient:
+    app = Starlette(routes=[Route(p, echo, methods=["GET", "POST"]) for p in ("/predict", "/explain", "/metadata",
+                                                                             "/other")])
+    return TestClient(RequestGate(app, max_body_bytes=max_body_bytes))
+
+
+def rejected(reason: str) -> float:
+    return metrics().rejected_inputs.labels(reason)._value.get()
+
+
+def expect_refusal(response, status: int, reason: str, before: float) -> None:
+    assert response.status_code == status, response.text
+    assert response.json()["reason"] == reason and response.json()["error"]
+    assert rejected(reason) == before + 1
+
+
+def test_json_passes_through_unchanged():
+    r = client().post("/predict", json={"images": [1]})
+    assert r.status_code == 200 and json.loads(r.json()["body"]) == {"images": [1]}
+
+
+@pytest.mark.parametrize("path", ["/predict", "/other"])
+def test_declared_oversized_body_is_413(path):
+    before = rejected("body_too_large")
+    r = client().post(path, content=b"x" * 1001, headers={"content-type": "application/json"})
+    expect_refusal(r, 413, "body_too_large", before)
+
+
+def test_streamed_oversized_body_is_413():
+    def chunks():
+        for _ in range(5):
+            yield b"x" * 300
+
+    before = rejected("body_too_large")
+    r = client().post("/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in {k.lower() for k in r.request.headers}
+    expect_refusal(r, 413, "body_too_large", before)
+
+
+def test_a_body_at_the_limit_passes():
+    body = json.dumps({"images": ["a" * 970]}).encode()
+    assert len(body) <= 1000
+    assert client().post("/predict", content=body, headers={"content-type": "application/json"}).status_code == 200
+
+
+@pytest.mark.parametrize("body, reason", [(b"{bad", "invalid_json"), (b"", "invalid_json"),
+                                          (b"\xff\xfe", "invalid_json"), (b"[1, 2]", "wrong_type"),
+                                          (b'"text"', "wrong_type")])
+def test_bodies_that_are_not_a_json_object(body, reason):
+    before = rejected(reason)
+    r = client().post("/explain", content=body, headers={"content-type": "application/json"})
+    expect_refusal(r, 400, reason, before)
+
+
+def test_unsupported_media_type():
+    before = rejected("unsupported_media_type")
+    r = client().post("/predict", content=b"abc", headers={"content-type": "text/plain"})
+    expect_refusal(r, 415, "unsupported_media_type", before)
+
+
+def test_multipart_uploads_become_json():
+    files = [("images", ("a.png", b"PNG-A", "image/png")), ("images", ("b.png", b"PNG-B", "image/png"))]
+    r = client().post("/predict", files=files)
+    assert r.json()["type"] == "application/json"
+    assert json.loads(r.json()["body"]) == {"images": [base64.b64encode(b"PNG-A").decode(),
+                                                       base64.b64encode(b"PNG-B").decode()]}
+    r = client().post("/explain", files=[("image", ("a.png", b"PNG-A", "image/png"))], data={"top_k": "2"})
+    assert json.loads(r.json()["body"]) == {"image": base64.b64encode(b"PNG-A").decode(), "top_k": 2}
+
+
+def test_multipart_bad_top_k_and_malformed_body():
+    before = rejected("wrong_type")
+    r = client().post("/explain", files=[("image", ("a.png", b"A", "image/png"))], data={"top_k": "three"})
+    expect_refusal(r, 400, "wrong_type", before)
+    for content_type in ("multipart/form-data; boundary=x", "multipart/form-data"):
+        before = rejected("malformed_multipart")
+        r = client().post("/explain", content=b"--nope\r\n", headers={"content-type": content_type})
+        expect_refusal(r, 400, "malformed_multipart", before)
+
+
+def test_get_on_catalogue_routes_is_a_post_with_an_empty_object():
+    r = client().get("/metadata")
+    assert r.json() == {"method": "POST", "type": "application/json", "body": "{}"}
+    assert client().get("/other").json()["method"] == "GET"

@@ -1,0 +1,186 @@
+"""Input conversion and refusals, without a server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export.bundle import InputSpec
+from service.errors import InputError
+from service.preprocess import (
+    Limits,
+    decode_base64,
+    denormalize,
+    open_image,
+    parse_top_k,
+    to_batch,
+    to_input,
+)
+
+MNIST = InputSpec(channels=1, height=28, width=28, mean=[0.0], std=[1.0])
+NORMALISED = InputSpec(channels=1, height=28, width=28, mean=[0.1307], std=[0.3081])
+RGB = InputSpec(channels=3, height=4, width=4, value_range=(0.0, 255.0), mean=[0, 0, 0], std=[255, 255, 255])
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def digit(value: int = 200) -> Image.Image:
+    pixels = np.zeros((28, 28), dtype=np.uint8)
+    pixels[5:20, 12:15] = value
+    return Image.fromarray(pixels, mode="L")
+
+
+def refused(reason: str, fn, *args):
+    with pytest.raises(InputError) as e:
+        fn(*args)
+    assert e.value.reason == reason, str(e.value)
+    return str(e.value)
+
+
+def test_png_becomes_the_models_input():
+    x = to_input(encode(digit(255)), MNIST)
+    assert x.shape == (1, 28, 28) and x.dtype == np.float32
+    assert x[0, 10, 13] == 1.0 and x[0, 0, 0] == 0.0
+
+
+def test_base64_and_data_url_give_the_same_input():
+    data = encode(digit())
+    plain = to_input(base64.b64encode(data).decode(), MNIST)
+    url = to_input("data:image/png;base64," + base64.b64encode(data).decode(), MNIST)
+    np.testing.assert_array_equal(plain, url)
+
+
+def test_jpeg_rgb_and_other_sizes_are_converted_to_the_spec():
+    img = digit(255).convert("RGB").resize((56, 56), Image.Resampling.NEAREST)
+    x = to_input(encode(img, "JPEG"), MNIST)
+    assert x.shape == (1, 28, 28)
+    assert x[0, 10, 13] > 0.8 and abs(x[0, 0, 0]) < 0.05
+
+
+def test_transparent_pixels_become_black():
+    rgba = Image.new("RGBA", (28, 28), (255, 255, 255, 0))
+    rgba.putpixel((3, 3), (255, 255, 255, 255))
+    x = to_input(encode(rgba), MNIST)
+    assert x[0, 3, 3] == 1.0 and x[0, 0, 0] == 0.0
+
+
+def test_normalisation_follows_the_manifest_and_inverts():
+    x = to_input(encode(digit(255)), NORMALISED)
+    assert x[0, 0, 0] == pytest.approx(-0.1307 / 0.3081, abs=1e-6)
+    pixels = denormalize(x, NORMALISED)
+    assert pixels[0, 10, 13] == pytest.approx(1.0, abs=1e-6) and pixels[0, 0, 0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rgb_spec_with_a_0_255_range():
+    x = to_input(encode(Image.new("RGB", (4, 4), (255, 0, 51))), RGB)
+    assert x.shape == (3, 4, 4)
+    np.testing.assert_allclose(x[:, 0, 0], [1.0, 0.0, 0.2], atol=1e-6)
+
+
+def test_arrays_hw_and_chw():
+    a = np.random.default_rng(0).random((28, 28))
+    np.testing.assert_allclose(to_input(a.tolist(), MNIST)[0], a, atol=1e-6)
+    np.testing.assert_allclose(to_input([a.tolist()], MNIST)[0], a, atol=1e-6)
+
+
+@pytest.mark.parametrize("value, reason", [
+    ([[0.5] * 27] * 28, "wrong_shape"),
+    ([[[0.5] * 28] * 28] * 2, "wrong_shape"),
+    ([[0.5] * 28] * 27 + [[0.5] * 5], "wrong_shape"),  # ragged
+    ([[0.5] * 28] * 27 + [[float("nan")] * 28], "non_finite"),
+    ([[0.5] * 28] * 27 + [[float("inf")] * 28], "non_finite"),
+    ([[0.5] * 28] * 27 + [[1.5] * 28], "out_of_range"),
+    ([[0.5] * 28] * 27 + [[-0.1] * 28], "out_of_range"),
+    ([["a"] * 28] * 28, "wrong_type"),
+    ([[True] * 28] * 28, "wrong_type"),
+    ({"a": 1}, "wrong_type"),
+    (3, "wrong_type"),
+    (None, "wrong_type"),
+])
+def test_bad_arrays_and_types(value, reason):
+    refused(reason, to_input, value, MNIST)
+
+
+def test_not_an_image_and_bad_base64():
+    refused("not_an_image", to_input, b"hello, world", MNIST)
+    refused("not_an_image", to_input, b"", MNIST)
+    refused("not_an_image", to_input, encode(digit(), "GIF"), MNIST)  # only PNG and JPEG
+    refused("bad_base64", to_input, "not base64 at all!", MNIST)
+    refused("bad_base64", decode_base64, "abc")
+
+
+def test_truncated_and_damaged_files():
+    data = encode(digit())
+    refused("corrupt_image", to_input, data[: len(data) // 2], MNIST)
+    jpeg = encode(digit().convert("RGB"), "JPEG")
+    refused("corrupt_image", to_input, jpeg[:200], MNIST)
+    damaged = bytearray(data)
+    damaged[40:60] = b"\xff" * 20
+    refused("corrupt_image", to_input, bytes(damaged), MNIST)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels and holds one tiny IDAT: a decompression bomb's header."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+def test_huge_dimensions_are_refused_from_the_header():
+    # 100000 x 100000 would be 10 GB decoded; the refusal must come before any decoding.
+    message = refused("image_too_large", open_image, png_header_only(100_000, 100_000))
+    assert "100000x100000" in message or "decompression" in message
+    refused("image_too_large", open_image, png_header_only(5000, 10))  # one side over the limit
+    refused("image_too_large", open_image, png_header_only(60, 60), Limits(max_pixels=3000))
+
+
+def test_a_real_decompression_bomb_is_refused_quickly():
+    bomb = encode(Image.new("L", (6000, 6000)))  # 36 Mpixels of zeros: ~35 KB of PNG
+    assert len(bomb) < 100_000
+    refused("image_too_large", open_image, bomb)
+
+
+def test_oversized_file_and_base64():
+    limits = Limits(max_image_bytes=1000)
+    refused("image_too_large", open_image, b"\x89PNG" + b"\0" * 2000, limits)
+    refused("image_too_large", decode_base64, "A" * 4000, limits)
+
+
+def test_batches():
+    good = [[0.0] * 28] * 28
+    assert to_batch([good, good], MNIST).shape == (2, 1, 28, 28)
+    refused("missing_field", to_batch, None, MNIST)
+    refused("wrong_type", to_batch, "abc", MNIST)
+    refused("wrong_type", to_batch, {"x": 1}, MNIST)
+    refused("empty_batch", to_batch, [], MNIST)
+    refused("batch_too_large", to_batch, [good] * 3, MNIST, Limits(max_batch=2))
+    message = refused("wrong_shape", to_batch, [good, [[0.0]]], MNIST)
+    assert message.startswith("images[1]:")
+
+
+def test_top_k():
+    assert parse_top_k(None, 15) == 3
+    assert parse_top_k(None, 2) == 2
+    assert parse_top_k(15, 15) == 15
+    refused("top_k_out_of_range", parse_top_k, 0, 15)
+    refused("top_k_out_of_range", parse_top_k, 16, 15)
+    refused("top_k_out_of_range", parse_top_k, -1, 15)
+    refused("wrong_type", parse_top_k, "3", 15)
+    refused("wrong_type", parse_top_k, 2.5, 15)
+    refused("wrong_type", parse_top_k, True, 15)
+
+
+def test_unknown_reason_is_a_bug():
+    with pytest.raises(ValueError):
+        InputError("no_such_reason", "x")
