@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 
-def gaussian_kernel(sigma: float, truncate: float = 4.0, device=None) -> torch.Tensor:
+def gaussian_kernel(sigma: float, truncate: float = 4.0, device=None, dtype=torch.float32) -> torch.Tensor:
     radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     return kernel / kernel.sum()
 
@@ -22,7 +22,7 @@ def gaussian_kernel(sigma: float, truncate: float = 4.0, device=None) -> torch.T
 def displacement_field(noise: torch.Tensor, sigma: float, alpha: float) -> torch.Tensor:
     """Smooth noise [B, 2, H, W] into a field [B, 2, H, W] of (dy, dx) in pixels."""
     b, two, h, w = noise.shape
-    kernel = gaussian_kernel(sigma, device=noise.device)
+    kernel = gaussian_kernel(sigma, device=noise.device, dtype=noise.dtype)
     r = (len(kernel) - 1) // 2
     flat = noise.reshape(b * two, 1, h, w)
     flat = F.conv2d(flat, kernel.view(1, 1, -1, 1), padding=(r, 0))  # along y

@@ -103,7 +103,7 @@ class Trainer:
     def resume(self) -> None:
         path = self.out_dir / "last.pt"
         model, config, payload = load_checkpoint(path, expect_config=self.config)
-        if config.to_dict() != self.config.to_dict():
+        if _semantic(config) != _semantic(self.config):
             raise CheckpointError(f"{path}: the run was started with a different config; "
                                   f"resume with {self.out_dir / 'config.yaml'}")
         state = payload["training_state"]
@@ -154,16 +154,18 @@ class Trainer:
             for k, v in terms.as_floats().items():
                 sums[k] += v * len(y)
             correct += int((out.logits.argmax(1) == y).sum())
-            bar.set_postfix(loss=f"{float(terms.total):.3f}")
+            bar.set_postfix(loss=f"{float(terms.total.detach()):.3f}")
         n = len(train)
         return {**{f"train_{k}": v / n for k, v in sums.items()}, "train_accuracy": correct / n}
 
-    def fit(self) -> dict:
+    def fit(self, stop_after: int | None = None) -> dict:
+        """Train to train.epochs (or only up to epoch stop_after, as an interruption would)."""
         t = self.config.train
+        last = min(t.epochs, stop_after or t.epochs)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         metrics = {}
-        while self.epoch < t.epochs:
+        while self.epoch < last:
             started = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             metrics = self.train_epoch()
@@ -200,6 +202,14 @@ class Trainer:
                  f"train acc {m['train_accuracy']:.4f}  val acc {m['val_accuracy']:.4f}"
                  f"{' *' if is_best else ''}  lr {m['lr']:.2e}  {m['epoch_seconds']:.1f}s/epoch  "
                  f"ETA {_duration(eta)}")
+
+
+def _semantic(config: Config) -> dict:
+    """The config without the settings that only say where and how fast to run."""
+    d = config.to_dict()
+    for key in ("device", "num_threads", "eval_batch_size"):
+        d["train"].pop(key)
+    return d
 
 
 def _duration(seconds: float) -> str:

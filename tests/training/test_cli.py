@@ -1,0 +1,78 @@
+"""The training verbs as a user runs them: real processes, one-line errors, non-zero exits."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+
+def run(*args, env_root=None, cwd=None):
+    env = {k: v for k, v in os.environ.items() if k != "PROTOSERVE_DATA_ROOT"}
+    if env_root:
+        env["PROTOSERVE_DATA_ROOT"] = str(env_root)
+    return subprocess.run([sys.executable, "-m", "protoserve.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0]
+
+
+def test_missing_data_root_is_one_line(tmp_path):
+    result = run("train", "--config", "configs/prototypedl_mnist_demo.yaml", "--out", str(tmp_path / "r"))
+    assert_one_line_error(result, "no data root")
+    result = run("train", "--config", "configs/prototypedl_mnist_demo.yaml", "--data-root", str(tmp_path / "x"))
+    assert_one_line_error(result, "no such directory")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("train: [1, 2\n", "not valid YAML"),
+    ("model:\n  widths: 3\n", "model.widths: expected list[int]"),
+    ("train:\n  lr: fast\n", "train.lr: expected float"),
+    ("trian:\n  lr: 0.1\n", "unknown section(s) ['trian']"),
+    ("model:\n  hidden_activation: tanh\n", "hidden_activation must be"),
+    ("data:\n  val_sise: 5\n", "unknown key(s) ['val_sise']"),
+])
+def test_bad_config_is_one_line(tmp_path, mnist_root, text, fragment):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    result = run("train", "--config", str(config), "--out", str(tmp_path / "r"), env_root=mnist_root)
+    assert_one_line_error(result, fragment)
+
+
+def test_bad_checkpoint_is_one_line(tmp_path, mnist_root):
+    bad = tmp_path / "c.pt"
+    bad.write_bytes(b"\x00" * 64)
+    assert_one_line_error(run("evaluate", "--checkpoint", str(bad), env_root=mnist_root), "not a readable checkpoint")
+
+
+def test_evaluate_and_visualize_a_checkpoint(tiny_checkpoint, tmp_path, mnist_root):
+    result = run("evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "e.json"),
+                 env_root=mnist_root)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((tmp_path / "e.json").read_text())
+    assert 0.3 < figures["test_accuracy"] <= 1.0  # chance is 0.1
+    assert figures["train_reconstruction_error"] > 0
+    assert len(figures["class_identities"]) == 15
+
+    result = run("visualize", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "pics"),
+                 env_root=mnist_root)
+    assert result.returncode == 0, result.stderr
+    names = {"fig2_reconstructions.png", "fig3_prototypes.png", "table1_weights.png", "table2_distances.png",
+             "curves.png"}
+    assert {p.name for p in (tmp_path / "pics").iterdir()} == names
+    for name in names:
+        with Image.open(tmp_path / "pics" / name) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_train_refuses_to_overwrite_a_run(tmp_path, tiny_checkpoint, mnist_root):
+    out = tiny_checkpoint.parent
+    result = run("train", "--config", str(out / "config.yaml"), "--out", str(out), env_root=mnist_root)
+    assert_one_line_error(result, "pass --resume")
