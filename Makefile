@@ -8,7 +8,7 @@ PROTOSERVE := $(VENV)/bin/protoserve
 SHARED_MNIST := $(wildcard $(CURDIR)/../shared/data/mnist)
 export PROTOSERVE_DATA_ROOT := $(if $(SHARED_MNIST),$(abspath $(SHARED_MNIST)),$(PROTOSERVE_DATA_ROOT))
 
-.PHONY: setup demo test lint train-default evaluate-default visualize-default clean
+.PHONY: setup demo test lint train-default evaluate-default visualize-default bundle-default bench-inference clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,19 @@ lint: setup
 # The shipped default model (models/prototypedl_mnist): about an hour on 2 CPU cores.
 train-default: setup
 	$(PROTOSERVE) train --config configs/prototypedl_mnist_fast.yaml --out runs/prototypedl_mnist_fast $$(test -f runs/prototypedl_mnist_fast/last.pt && echo --resume)
+
+# The shipped bundle (served without training): ONNX graphs, manifest, prototype pictures, from
+# the shipped checkpoint; export checks parity on the whole test set and refuses on a miss.
+DEFAULT_MODEL := models/prototypedl_mnist
+bundle-default: setup
+	$(PROTOSERVE) export --checkpoint $(DEFAULT_MODEL)/checkpoint.pt --out $(DEFAULT_MODEL)/bundle \
+		--name prototypedl-mnist --version 1.0.0 $$(test -d $(DEFAULT_MODEL)/bundle && echo --force)
+	$(PROTOSERVE) verify $(DEFAULT_MODEL)/bundle
+
+# ONNX Runtime CPU against PyTorch eager on the shipped model (figures in the README).
+bench-inference: setup
+	$(PY) benchmarks/inference.py --checkpoint $(DEFAULT_MODEL)/checkpoint.pt --bundle $(DEFAULT_MODEL)/bundle \
+		--out runs/inference_benchmark.json
 
 clean:
 	rm -rf runs/demo .pytest_cache
