@@ -136,3 +136,63 @@ def test_verify_command(tiny_bundle, bundle_copy):
     assert bad.stderr.strip().splitlines() == [
         f"protoserve verify: error: {bundle_copy / 'decoder.onnx'}: sha256 does not match the manifest "
         "(damaged or edited)"]
+
+
+def test_protopnet_adds_outputs_not_a_new_format(tiny_bundle, tmp_path):
+    """A ProtoPNet bundle is the same schema: one more output, provenance rows, no decoder."""
+    from export.bundle import TensorSpec
+
+    m = read_bundle(tiny_bundle).manifest
+    outputs = [t for t in m.model.outputs if t.name not in ("latent", "reconstruction")]
+    outputs.append(TensorSpec(name="similarity_maps", shape=["N", 15, 7, 7]))
+    rows = [p.model_copy(update={"provenance": {"image_index": 3, "patch_box": [0, 0, 1, 1]}, "image": None})
+            for p in m.prototypes]
+    protopnet = m.model_copy(update={"family": "protopnet", "decoder": None, "prototypes": rows,
+                                     "model": m.model.model_copy(update={"outputs": outputs})})
+    folder = tmp_path / "protopnet"
+    folder.mkdir()
+    for name in ("model.onnx", "probe.npz"):
+        shutil.copy(tiny_bundle / name, folder / name)
+    written = write_manifest(folder, protopnet)
+    bundle = read_bundle(folder)
+    assert bundle.decoder_path is None and "similarity_maps" in bundle.output_names
+    assert written.prototypes[0].provenance["image_index"] == 3
+
+    without = protopnet.model_copy(update={"model": m.model.model_copy(update={"outputs": outputs[:-1]})})
+    with pytest.raises(BundleError, match=r"model outputs lack \['similarity_maps'\]"):
+        write_manifest(folder, without)
+
+
+def test_prototypedl_needs_its_decoder(tiny_bundle, bundle_copy):
+    m = read_bundle(tiny_bundle).manifest
+    (bundle_copy / "decoder.onnx").unlink()
+    with pytest.raises(BundleError, match="family 'prototypedl' needs a decoder"):
+        write_manifest(bundle_copy, m.model_copy(update={"decoder": None}))
+
+
+def test_export_command_errors_are_one_line(tiny_bundle, tiny_checkpoint, tmp_path, capsys):
+    from protoserve.cli import main
+
+    def error_of(*argv) -> str:
+        assert main(list(argv)) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1
+        return lines[0]
+
+    assert "checkpoint not found" in error_of("export", "--checkpoint", str(tmp_path / "nope.pt"),
+                                              "--out", str(tmp_path / "b"))
+    assert "bundles are immutable" in error_of("export", "--checkpoint", str(tiny_checkpoint),
+                                               "--out", str(tiny_bundle))
+    assert error_of("verify", str(tmp_path / "nothing")) == (
+        f"protoserve verify: error: {tmp_path / 'nothing'}: not a bundle directory (no such directory)")
+
+
+@pytest.mark.slow
+def test_export_command_on_the_whole_test_set(tiny_checkpoint, mnist_root, tmp_path):
+    out = tmp_path / "bundle"
+    result = run_cli("export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--name", "tiny",
+                     "--version", "2.0.0", "--data-root", str(mnist_root))
+    assert result.returncode == 0, result.stderr
+    assert "parity on 10000 images" in result.stdout and "argmax mismatches 0, top-3 mismatches 0" in result.stdout
+    assert "bundle tiny:2.0.0 written" in result.stdout
+    assert run_cli("verify", str(out)).returncode == 0
