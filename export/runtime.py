@@ -26,9 +26,11 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cuda", "cpu")
 
-# Chosen by measurement (benchmarks/inference.py, README "Inference speed"): on the 2-core CPU the
-# full graph optimisation and one intra-op thread per core were fastest at every batch size.
-DEFAULT_THREADS = 0  # 0: ONNX Runtime uses one thread per physical core
+# Chosen by measurement (benchmarks/inference.py, README "Inference speed"): on the 2-core CPU,
+# shared with other work as a server's CPU is, full graph optimisation with one intra-op thread
+# was fastest at every batch size (1-256), 1.3-4x ahead of two threads, which stall each other
+# when the other core is busy. One thread per session also leaves cores to other workers.
+DEFAULT_THREADS = 1
 DEFAULT_OPTIMIZATION = "all"
 
 
