@@ -245,7 +245,7 @@ def _load_json(manifest_path: Path) -> dict:
 
 def _parse_manifest(raw: dict, manifest_path: Path) -> Manifest:
     found = raw.get("schema_version")
-    if found != SCHEMA_VERSION:
+    if type(found) is not int or found != SCHEMA_VERSION:  # true and 1.0 equal 1 in Python; not here
         raise BundleError(f"{manifest_path}: schema version {found!r}, this protoserve reads {SCHEMA_VERSION}")
     try:
         manifest = Manifest.model_validate(raw)

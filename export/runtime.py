@@ -28,7 +28,7 @@ DEVICES = ("auto", "cuda", "cpu")
 
 # Chosen by measurement (benchmarks/inference.py, README "Inference speed"): on the 2-core CPU,
 # shared with other work as a server's CPU is, full graph optimisation with one intra-op thread
-# was fastest at every batch size (1-256), 1.3-4x ahead of two threads, which stall each other
+# was fastest at every batch size (1-256), 1.1-5x ahead of two threads, which stall each other
 # when the other core is busy. One thread per session also leaves cores to other workers.
 DEFAULT_THREADS = 1
 DEFAULT_OPTIMIZATION = "all"

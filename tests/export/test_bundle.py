@@ -97,7 +97,7 @@ def test_wrong_manifest_field(bundle_copy, change, fragment):
     expect_error(bundle_copy, MANIFEST_FILE, fragment)
 
 
-@pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 0, "1", None])
+@pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 0, "1", 1.0, True, None])
 def test_wrong_schema_version(bundle_copy, version):
     edit_manifest(bundle_copy, lambda m: m.__setitem__("schema_version", version))
     expect_error(bundle_copy, MANIFEST_FILE, f"schema version {version!r}, this protoserve reads {SCHEMA_VERSION}")
