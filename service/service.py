@@ -37,9 +37,11 @@ from service.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batc
 log = logging.getLogger("protoserve.service")
 
 # Adaptive batching, chosen with benchmarks/serve.py (README "Serving speed"): batches of up to 64
-# images (the per-request limit too), waiting at most 20 ms for a batch to fill.
+# images (the per-request limit too). BentoML's dispatcher decides how long to wait for a batch to
+# fill from its own latency model; max_latency_ms is the cap past which it answers 503, so it is
+# set well above what a loaded 2-core machine needs rather than as a wait time.
 MAX_BATCH_SIZE = DEFAULT_LIMITS.max_batch
-MAX_LATENCY_MS = int(os.environ.get("PROTOSERVE_MAX_LATENCY_MS", "20"))
+MAX_LATENCY_MS = int(os.environ.get("PROTOSERVE_MAX_LATENCY_MS", "2000"))
 WORKERS = int(os.environ.get("PROTOSERVE_WORKERS", "2"))
 
 INPUT_DOC = """IMAGE is a base64 PNG/JPEG string (a data: URL is fine) or a nested numeric array.
@@ -103,14 +105,18 @@ class Protoserve:
 
     async def __is_ready__(self) -> bool:
         """Ready once PrototypeModel answers (it loads, verifies and warms up before it does)."""
+        return await self._provider() is not None
+
+    async def _provider(self) -> str | None:
+        """The provider PrototypeModel's session runs on; None while it is not up yet."""
         if self.provider is None:
             try:
                 info = await self.model.to_async.info()
             except Exception as e:  # not up yet: BentoML's client raises several types while it starts
-                log.warning("protoserve: model service not ready yet (%r)", e)
-                return False
+                log.info("protoserve: model service not ready yet (%r)", e)
+                return None
             self.provider = info["provider"]
-        return True
+        return self.provider
 
     @bentoml.api(route="/predict")
     async def predict(self, ctx: bentoml.Context, images: Any = None) -> dict:
@@ -163,7 +169,7 @@ class Protoserve:
                 "class_names": m.class_names, "input": m.input.model_dump(mode="json"),
                 "outputs": [t.model_dump(mode="json") for t in m.model.outputs],
                 "metrics": m.metrics.model_dump(mode="json"), "prototypes": len(m.prototypes),
-                "active_prototypes": int(self.active.sum()), "provider": self.provider,
+                "active_prototypes": int(self.active.sum()), "provider": await self._provider(),
                 "source_commit": m.training.source_commit,
                 "limits": {"max_images_per_request": DEFAULT_LIMITS.max_batch,
                            "max_body_bytes": DEFAULT_MAX_BODY_BYTES,
@@ -197,5 +203,9 @@ def png_base64_file(path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+# A missing or damaged bundle must stop `bentoml serve` itself (which imports this module before it
+# starts any worker), not leave workers that fail and get restarted forever.
+read_bundle(bundle_location())
 Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)
-Protoserve.inner.__doc__ = (Protoserve.inner.__doc__ or "") + "\n\n" + INPUT_DOC
+for _api in ("predict", "explain"):  # the OpenAPI description of the image routes
+    Protoserve.apis[_api].doc = f"{Protoserve.apis[_api].doc}\n\n{INPUT_DOC}"
