@@ -96,6 +96,31 @@ def _models(args) -> None:
         print(f"{r.tag:40s} {r.family:12s} test accuracy {accuracy}  created {r.created_at}")
 
 
+def _score(args) -> None:
+    import time
+
+    from service.batch_job import JobSpec, run_job
+    from service.batch_metrics import publish
+
+    spec = JobSpec(model=args.model, inputs=args.input, output=Path(args.output), top_k=args.top_k,
+                   chunk_size=args.chunk_size, workers=args.workers, device=args.device,
+                   image_column=args.image_column)
+    started = time.time()
+    try:
+        summary = run_job(spec, engine=args.engine, restart=args.restart, progress=not args.quiet,
+                          ray_address=args.ray_address)
+    except ProtoserveError:
+        if args.pushgateway or args.metrics_file:
+            publish(None, None, time.time() - started, succeeded=False, pushgateway=args.pushgateway,
+                    metrics_file=args.metrics_file, grouping_key={"output": Path(args.output).name})
+        raise
+    if args.pushgateway or args.metrics_file:
+        publish(summary.images - summary.failed, summary.failed, summary.seconds, succeeded=True,
+                pushgateway=args.pushgateway, metrics_file=args.metrics_file,
+                grouping_key={"output": Path(args.output).name})
+    print(summary.line())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="protoserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -149,6 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the bundles in the BentoML model store ($BENTOML_HOME)")
     p.set_defaults(func=_models)
+
+    p = sub.add_parser("score", help="batch scoring: one row per input (prediction, nearest prototypes, error), "
+                       "resumable")
+    p.add_argument("--model", required=True, help="a bundle directory or a BentoML store tag (name:version)")
+    p.add_argument("--input", required=True, nargs="+", help="folders of image files (recursive), IDX files, "
+                   ".npy/.npz arrays, Parquet files with an image-bytes column")
+    p.add_argument("--output", required=True, help="out.parquet or out.jsonl (chunks kept in <output>.job/)")
+    p.add_argument("--workers", type=int, default=0, help="parallel ONNX Runtime sessions (local engine) or "
+                   "Ray actors (default: one per core)")
+    p.add_argument("--engine", default="local", choices=["local", "ray"])
+    p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--top-k", type=int, default=3, help="nearest prototypes per row")
+    p.add_argument("--chunk-size", type=int, default=4096, help="inputs per committed chunk")
+    p.add_argument("--image-column", help="Parquet column of image bytes (default: the first binary column)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--restart", action="store_true", help="discard an earlier job's chunks and output, start over")
+    p.add_argument("--pushgateway", help="push job metrics to this Prometheus Pushgateway (host:port or URL)")
+    p.add_argument("--metrics-file", help="write job metrics here for the node exporter's textfile collector "
+                   "(*.prom)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_score)
 
     return parser
 

@@ -1,0 +1,205 @@
+"""The batch scoring core: inputs -> one output row each, shared by `protoserve score` (local and Ray
+engines) and the service's `/score_batch` task. No torch, no pyarrow: numpy in, plain columns out.
+
+Inputs are converted exactly as the service converts them (service/preprocess.py): picture bytes are
+decoded to the manifest's mode and size, arrays must have its shape and range, uint8 arrays are
+grey levels (0-255) as the IDX files store them. A bad input does not stop the batch: its row
+carries the reason in `error` and empty prediction fields.
+
+Row fields (`ROW_FIELDS`, one row per input, in input order):
+    index                the input's ordinal in the job (0, 1, 2, ...)
+    input_id             stable id: a file path, or "<file>#<record>" inside an array/Parquet file
+    label, class_name    the predicted class
+    probabilities        K floats
+    prototype_ids        the top_k nearest active prototypes, nearest first (ids from the manifest)
+    prototype_distances  their squared L2 distances
+    model_name, model_version
+    error                null when scored; else "<reason>: <message>"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from export.bundle import InputSpec, Manifest
+from service.errors import InputError
+from service.explain import active_mask
+from service.preprocess import DEFAULT_LIMITS, Limits, array_to_input, normalize, to_input
+
+ROW_FIELDS = ("index", "input_id", "label", "class_name", "probabilities", "prototype_ids",
+              "prototype_distances", "model_name", "model_version", "error")
+RUN_BATCH = 256  # images per session.run: past this the graph's rate is flat (benchmarks/score.py)
+
+# [N, C, H, W] model input -> (probabilities [N, K], distances [N, M])
+Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Columns:
+    """Rows of one batch, column by column (ROW_FIELDS). Prediction columns hold the scored rows only
+    (where `ok`, in order); the other rows have nulls there and their reason in `error`."""
+
+    index: np.ndarray  # int64 [n]
+    input_id: list[str]
+    ok: np.ndarray  # bool [n]
+    label: np.ndarray  # int64 [n_ok]
+    probabilities: np.ndarray  # float32 [n_ok, K]
+    prototype_ids: np.ndarray  # int32 [n_ok, top_k]
+    prototype_distances: np.ndarray  # float32 [n_ok, top_k]
+    class_names: list[str]
+    model_name: str
+    model_version: str
+    error: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.input_id)
+
+    @property
+    def failed(self) -> int:
+        return int(len(self) - self.ok.sum())
+
+    def records(self) -> list[dict]:
+        """The rows as JSON-ready dicts (the HTTP task's answer; JSON Lines lines hold the same)."""
+        rows, j = [], 0
+        for i in range(len(self)):
+            row = {"index": int(self.index[i]), "input_id": self.input_id[i], "label": None, "class_name": None,
+                   "probabilities": None, "prototype_ids": None, "prototype_distances": None,
+                   "model_name": self.model_name, "model_version": self.model_version, "error": self.error[i]}
+            if self.ok[i]:
+                label = int(self.label[j])
+                row.update(label=label, class_name=self.class_names[label],
+                           probabilities=[float(v) for v in self.probabilities[j]],
+                           prototype_ids=[int(v) for v in self.prototype_ids[j]],
+                           prototype_distances=[float(v) for v in self.prototype_distances[j]])
+                j += 1
+            rows.append(row)
+        return rows
+
+
+def nearest_prototypes_batch(distances: np.ndarray, k: int, active: np.ndarray) -> np.ndarray:
+    """[N, M] distances -> [N, k] indices of the nearest active prototypes, nearest first.
+
+    The batch form of service.explain.nearest_prototypes (same stable tie order, tested equal).
+    """
+    candidates = np.flatnonzero(active)
+    order = np.argsort(distances[:, candidates], axis=1, kind="stable")[:, :k]
+    return candidates[order]
+
+
+def records_to_input(records: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, list[InputError | None]]:
+    """A stack of array records [n, H, W] or [n, C, H, W] -> (model input [n, C, H, W], errors).
+
+    uint8 records are grey levels 0-255 (scaled like a decoded picture); other numbers must already
+    be in the value range. Rows that fail get the service's own InputError (from array_to_input) and
+    zeros in the returned input.
+    """
+    n = len(records)
+    expected = (spec.channels, spec.height, spec.width)
+    if records.ndim == 3 and spec.channels == 1:
+        records = records[:, None]
+    if records.shape[1:] != expected or records.dtype.kind not in "iuf":
+        # Every row has the same problem; array_to_input words it as the service does.
+        error = _array_error(records[0] if n else records, spec)
+        return np.zeros((n, *expected), np.float32), [error] * n
+    low, high = spec.value_range
+    if records.dtype == np.uint8:
+        values = records.astype(np.float32) / 255.0 * (high - low) + low
+        return normalize(values, spec), [None] * n
+    values = records.astype(np.float64)
+    flat = values.reshape(n, -1)
+    tolerance = 1e-6 * (high - low)
+    bad = ~np.isfinite(flat).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        bad |= (np.nanmin(flat, axis=1, initial=np.inf) < low - tolerance) | \
+               (np.nanmax(flat, axis=1, initial=-np.inf) > high + tolerance)
+    errors: list[InputError | None] = [None] * n
+    for i in np.flatnonzero(bad):
+        errors[i] = _array_error(values[i], spec)
+        values[i] = low
+    return normalize(values, spec), errors
+
+
+def _array_error(value: np.ndarray, spec: InputSpec) -> InputError:
+    try:
+        array_to_input(value, spec)
+    except InputError as e:
+        return e
+    return InputError("wrong_shape", f"array of shape {list(value.shape)} and type {value.dtype} is not an image")
+
+
+class BatchScorer:
+    """Turns inputs into rows for one model; the caller supplies the inference (a session or a service)."""
+
+    def __init__(self, manifest: Manifest, top_k: int = 3, limits: Limits = DEFAULT_LIMITS):
+        self.manifest = manifest
+        self.spec = manifest.input
+        self.active = active_mask(manifest)
+        if not 1 <= top_k <= int(self.active.sum()):
+            raise InputError("top_k_out_of_range", f"top_k is {top_k}; it must be between 1 and "
+                             f"{int(self.active.sum())} (the active prototypes)")
+        self.top_k = top_k
+        self.limits = limits
+        self.prototype_ids = np.array([row.id for row in manifest.prototypes], dtype=np.int64)
+
+    def prepare(self, inputs: Sequence[object]) -> tuple[np.ndarray, list[InputError | None]]:
+        """Inputs -> (model input [n, C, H, W], per-input error or None).
+
+        An input is picture bytes, a base64 string or nested list (as the service takes them), a
+        numpy record (see records_to_input), or an InputError found while reading it.
+        """
+        n = len(inputs)
+        x = np.zeros((n, self.spec.channels, self.spec.height, self.spec.width), np.float32)
+        errors: list[InputError | None] = [None] * n
+        arrays = [i for i, v in enumerate(inputs) if isinstance(v, np.ndarray)]
+        for group in _same_shape_runs(inputs, arrays):
+            x[group], group_errors = records_to_input(np.stack([inputs[i] for i in group]), self.spec)
+            for i, e in zip(group, group_errors, strict=True):
+                errors[i] = e
+        for i, value in enumerate(inputs):
+            if isinstance(value, np.ndarray):
+                continue
+            if isinstance(value, InputError):
+                errors[i] = value
+                continue
+            try:
+                x[i] = to_input(value, self.spec, self.limits)
+            except InputError as e:
+                errors[i] = e
+        return x, errors
+
+    def score(self, start: int, input_ids: Sequence[str], inputs: Sequence[object], infer: Infer) -> Columns:
+        """Prepare, run the good inputs through `infer` in RUN_BATCH slices, and shape the rows."""
+        x, errors = self.prepare(inputs)
+        ok = np.array([e is None for e in errors], dtype=bool)
+        good = x[ok]
+        K, M = len(self.manifest.class_names), len(self.manifest.prototypes)
+        probabilities = np.empty((len(good), K), np.float32)
+        distances = np.empty((len(good), M), np.float32)
+        for lo in range(0, len(good), RUN_BATCH):
+            p, d = infer(good[lo:lo + RUN_BATCH])
+            probabilities[lo:lo + RUN_BATCH], distances[lo:lo + RUN_BATCH] = p, d
+        return self.rows(start, input_ids, ok, errors, probabilities, distances)
+
+    def rows(self, start: int, input_ids: Sequence[str], ok: np.ndarray, errors: Sequence[InputError | None],
+             probabilities: np.ndarray, distances: np.ndarray) -> Columns:
+        """Outputs of the good inputs (in order) + the errors of the others -> one row per input."""
+        nearest = nearest_prototypes_batch(distances, self.top_k, self.active)
+        return Columns(index=np.arange(start, start + len(input_ids), dtype=np.int64), input_id=list(input_ids),
+                       ok=ok, label=probabilities.argmax(axis=1).astype(np.int64),
+                       probabilities=probabilities.astype(np.float32, copy=False),
+                       prototype_ids=self.prototype_ids[nearest].astype(np.int32),
+                       prototype_distances=np.take_along_axis(distances, nearest, axis=1).astype(np.float32),
+                       class_names=list(self.manifest.class_names), model_name=self.manifest.name,
+                       model_version=self.manifest.version,
+                       error=[None if e is None else f"{e.reason}: {e}" for e in errors])
+
+
+def _same_shape_runs(inputs: Sequence[object], indices: list[int]) -> list[list[int]]:
+    """Indices of array inputs grouped by (shape, dtype), so each group stacks into one array."""
+    groups: dict[tuple, list[int]] = {}
+    for i in indices:
+        groups.setdefault((inputs[i].shape, inputs[i].dtype.str), []).append(i)
+    return list(groups.values())

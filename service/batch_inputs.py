@@ -1,0 +1,331 @@
+"""What a batch job reads: folders of image files, IDX files, .npy/.npz arrays, Parquet image columns.
+
+Every input becomes a source of `n` items, read by range without loading the whole file: records
+are read with a seek (IDX and .npy, gzip or npz members included: forward seeks stream), Parquet one
+row group at a time, folders one file at a time. The sources of a job are laid end to end; item
+`i` of the job is the same input on every run, so a job is cut into fixed ranges (chunks) that can
+be scored in any order and resumed.
+
+An item is (input_id, value): value is picture bytes, one numpy record, or an InputError saying why
+it could not be read (the job goes on; the row records it).
+
+fingerprint() identifies the inputs as they are now (names, sizes, modification times, and a hash of
+each file's first and last 64 KiB) so a resumed job notices a changed input.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from protoserve.errors import ProtoserveError
+from service.errors import InputError
+
+IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+             0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+ARRAY_SUFFIXES = (".npy", ".npz", ".parquet", ".pq")
+SAMPLE_BYTES = 64 * 1024
+MAX_FILE_BYTES = 64 * 1024 * 1024  # an image file past this is refused unread (recorded as an error)
+
+
+class InputsError(ProtoserveError):
+    """An --input that cannot be read at all (missing, unknown format, no image column)."""
+
+
+class RecordSource:
+    """Fixed-size records after a header: IDX files and .npy arrays (plain, gzip, or inside an .npz)."""
+
+    def __init__(self, name: str, opener, offset: int, shape: tuple[int, ...], dtype: np.dtype, n: int,
+                 files: list[Path]):
+        self.name, self.opener, self.offset = name, opener, offset
+        self.shape, self.dtype, self.n, self.files = shape, dtype, n, files
+        self.record_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self._file = None
+
+    def read(self, lo: int, hi: int) -> list[tuple[str, object]]:
+        if self._file is None:
+            self._file = self.opener()
+        self._file.seek(self.offset + lo * self.record_bytes)
+        data = self._file.read((hi - lo) * self.record_bytes)
+        whole = len(data) // self.record_bytes if self.record_bytes else hi - lo
+        block = np.frombuffer(data[:whole * self.record_bytes], self.dtype).reshape(whole, *self.shape)
+        block = block.astype(self.dtype.newbyteorder("="), copy=False)
+        items: list[tuple[str, object]] = [(f"{self.name}#{lo + i}", block[i]) for i in range(whole)]
+        items += [(f"{self.name}#{i}", InputError("corrupt_image", "file is truncated: record missing"))
+                  for i in range(lo + whole, hi)]
+        return items
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class FolderSource:
+    """Every file under a folder (recursively, hidden ones left out), in sorted path order."""
+
+    def __init__(self, root: Path, name: str, exclude: Path | None = None):
+        self.root, self.name = root, name
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
+        if exclude is not None:
+            files = [p for p in files if not p.resolve().is_relative_to(exclude.resolve())]
+        self.paths = files
+        self.n = len(files)
+        self.files = files
+
+    def read(self, lo: int, hi: int) -> list[tuple[str, object]]:
+        items: list[tuple[str, object]] = []
+        for p in self.paths[lo:hi]:
+            input_id = os.path.join(self.name, p.relative_to(self.root).as_posix())
+            try:
+                if p.stat().st_size > MAX_FILE_BYTES:
+                    raise InputError("image_too_large", f"file of {p.stat().st_size} bytes is over the "
+                                     f"{MAX_FILE_BYTES} byte limit")
+                items.append((input_id, p.read_bytes()))
+            except OSError as e:
+                items.append((input_id, InputError("not_an_image", f"cannot read the file ({e.strerror})")))
+            except InputError as e:
+                items.append((input_id, e))
+        return items
+
+    def close(self) -> None:
+        pass
+
+
+class ParquetSource:
+    """One column of picture bytes in a Parquet file (binary, or a struct with a "bytes" field)."""
+
+    def __init__(self, path: Path, name: str, column: str | None):
+        import pyarrow.parquet as pq
+
+        self.path, self.name, self.files = path, name, [path]
+        self.file = pq.ParquetFile(path)
+        self.column, self.struct = _image_column(self.file.schema_arrow, column, name)
+        meta = self.file.metadata
+        self.n = meta.num_rows
+        self.group_starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self._cached: tuple[int, list] | None = None
+
+    def read(self, lo: int, hi: int) -> list[tuple[str, object]]:
+        items: list[tuple[str, object]] = []
+        i = lo
+        while i < hi:
+            g = int(np.searchsorted(self.group_starts, i, side="right") - 1)
+            values = self._group(g)
+            end = min(hi, int(self.group_starts[g + 1]))
+            for j in range(i, end):
+                value = values[j - int(self.group_starts[g])]
+                if isinstance(value, dict):
+                    value = value.get("bytes")
+                input_id = f"{self.name}#{j}"
+                if value is None:
+                    items.append((input_id, InputError("not_an_image", "no image bytes in this row (null)")))
+                else:
+                    items.append((input_id, value))
+            i = end
+        return items
+
+    def _group(self, g: int) -> list:
+        if self._cached is None or self._cached[0] != g:
+            table = self.file.read_row_group(g, columns=[self.column])
+            self._cached = (g, table.column(0).to_pylist())
+        return self._cached[1]
+
+    def close(self) -> None:
+        self._cached = None
+        self.file.close()
+
+
+def _image_column(schema, wanted: str | None, name: str) -> tuple[str, bool]:
+    import pyarrow as pa
+
+    def is_bytes(t):
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+    def is_struct_image(t):
+        return pa.types.is_struct(t) and any(f.name == "bytes" and is_bytes(f.type) for f in t)
+
+    if wanted is not None:
+        if wanted not in schema.names:
+            raise InputsError(f"{name}: no column {wanted!r} (columns: {', '.join(schema.names)})")
+        t = schema.field(wanted).type
+        if not (is_bytes(t) or is_struct_image(t)):
+            raise InputsError(f"{name}: column {wanted!r} holds {t}, not image bytes")
+        return wanted, is_struct_image(t)
+    for f in schema:
+        if is_bytes(f.type) or is_struct_image(f.type):
+            return f.name, is_struct_image(f.type)
+    raise InputsError(f"{name}: no column of image bytes (binary, or a struct with a 'bytes' field); "
+                      f"columns: {', '.join(schema.names)}")
+
+
+@dataclass
+class Inputs:
+    """The sources of a job laid end to end: item i of the job, whatever file it is in."""
+
+    sources: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.starts = np.cumsum([0] + [s.n for s in self.sources])
+
+    @property
+    def n(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, lo: int, hi: int) -> list[tuple[str, object]]:
+        """Items lo..hi-1 of the job, in order."""
+        items: list[tuple[str, object]] = []
+        for k, source in enumerate(self.sources):
+            s_lo, s_hi = max(lo, int(self.starts[k])), min(hi, int(self.starts[k + 1]))
+            if s_lo < s_hi:
+                items += source.read(s_lo - int(self.starts[k]), s_hi - int(self.starts[k]))
+        return items
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for source in self.sources:
+            digest.update(f"{type(source).__name__}:{source.name}:{source.n}\n".encode())
+            # Folders: names, sizes and times (reading every picture twice would cost a second pass).
+            sample = not isinstance(source, FolderSource)
+            for path in source.files:
+                digest.update(_file_fingerprint(path, sample).encode())
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+
+def open_inputs(paths: list[str], image_column: str | None = None, exclude: Path | None = None) -> Inputs:
+    """--input values -> Inputs; InputsError names an input that cannot be read at all."""
+    sources = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            sources.append(FolderSource(path, name, exclude))
+        elif not path.is_file():
+            raise InputsError(f"{name}: no such file or folder")
+        elif _suffix(path) == ".npy":
+            sources.append(_npy_source(path, name))
+        elif _suffix(path) == ".npz":
+            sources += _npz_sources(path, name)
+        elif _suffix(path) in (".parquet", ".pq"):
+            sources.append(ParquetSource(path, name, image_column))
+        elif _is_idx(path):
+            sources.append(_idx_source(path, name))
+        else:
+            raise InputsError(f"{name}: not a folder, IDX file, .npy/.npz array or Parquet file")
+    return Inputs(sources)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    name = name[:-3] if name.endswith(".gz") else name
+    return os.path.splitext(name)[1]
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _open_maybe_gzip(path: Path):
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _is_idx(path: Path) -> bool:
+    try:
+        with _open_maybe_gzip(path) as f:
+            head = f.read(4)
+    except (OSError, EOFError):
+        return False
+    return len(head) == 4 and head[:2] == b"\0\0" and head[2] in IDX_TYPES and 1 <= head[3] <= 4
+
+
+def _idx_source(path: Path, name: str) -> RecordSource:
+    with _open_maybe_gzip(path) as f:
+        head = f.read(4)
+        ndim = head[3]
+        dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+    return RecordSource(name, lambda: _open_maybe_gzip(path), 4 + 4 * ndim, tuple(dims[1:]), IDX_TYPES[head[2]],
+                        dims[0], [path])
+
+
+def _npy_header(f, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f"format version {version} (protoserve reads 1.0 and 2.0)")
+        shape, fortran, dtype = read_header[version](f)
+    except ValueError as e:
+        raise InputsError(f"{name}: not a readable .npy array ({e})") from None
+    if fortran and len(shape) > 1:
+        raise InputsError(f"{name}: Fortran-ordered array; save it in C order (np.ascontiguousarray)")
+    if dtype.hasobject:
+        raise InputsError(f"{name}: holds Python objects; protoserve reads numeric arrays only")
+    if len(shape) < 2:
+        raise InputsError(f"{name}: array of shape {shape} is not a stack of images")
+    return shape, dtype
+
+
+def _npy_source(path: Path, name: str) -> RecordSource:
+    with open(path, "rb") as f:
+        shape, dtype = _npy_header(f, name)
+        offset = f.tell()
+    return RecordSource(name, lambda: open(path, "rb"), offset, tuple(shape[1:]), dtype, shape[0], [path])
+
+
+def _npz_sources(path: Path, name: str) -> list[RecordSource]:
+    """One source per array of 3 or more dimensions in the archive (labels and the like are skipped)."""
+    sources = []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.namelist() if m.endswith(".npy")]
+            for member in members:
+                with archive.open(member) as f:
+                    shape, dtype = _npy_header(f, f"{name}:{member}")
+                    offset = f.tell()
+                if len(shape) >= 3:
+                    sources.append(RecordSource(f"{name}:{member[:-4]}", _member_opener(path, member), offset,
+                                                tuple(shape[1:]), dtype, shape[0], [path]))
+    except zipfile.BadZipFile as e:
+        raise InputsError(f"{name}: not a readable .npz archive ({e})") from None
+    if not sources:
+        raise InputsError(f"{name}: holds no array of images (3 or more dimensions)")
+    return sources
+
+
+def _member_opener(path: Path, member: str):
+    def opener():
+        archive = zipfile.ZipFile(path)
+        f = archive.open(member)
+        closing = f.close
+
+        def close():
+            closing()
+            archive.close()
+        f.close = close
+        return f
+    return opener
+
+
+def _file_fingerprint(path: Path, sample: bool = True) -> str:
+    stat = path.stat()
+    digest = hashlib.sha256()
+    if not sample:
+        return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n"
+    with open(path, "rb") as f:
+        digest.update(f.read(SAMPLE_BYTES))
+        if stat.st_size > SAMPLE_BYTES:
+            f.seek(max(SAMPLE_BYTES, stat.st_size - SAMPLE_BYTES))
+            digest.update(f.read(SAMPLE_BYTES))
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{digest.hexdigest()}\n"

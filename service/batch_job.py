@@ -1,0 +1,399 @@
+"""A batch scoring job (`protoserve score`): chunks scored in parallel, committed atomically, resumable.
+
+A job writes into `<output>.job/` beside the output:
+    job.json           the plan: model digest, input fingerprint, top_k, chunk size, item count
+                       (written once, atomically; a later run with other inputs or model is refused)
+    chunk-000123.parquet   the rows of items [123 * chunk_size, 124 * chunk_size): written to a
+                       temporary name, fsynced, then renamed, so a chunk file that exists is complete
+    complete.json      written after the output: the job's totals
+The output is assembled from the chunk files in order at the end (again through a temporary file
+and a rename), so a reader never sees a partial output. A run killed at any moment, SIGKILL
+included, loses at most the chunks in flight; the next run with the same arguments scores only
+the missing chunks, and every input appears exactly once in the output.
+
+Engines: "local" (threads, each with its own ONNX Runtime session) and "ray" (service/batch_ray.py).
+Both call BatchScorer.score on the same chunks and commit through the same Job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.bundle import Bundle, BundleError, read_bundle
+from protoserve.errors import ProtoserveError
+from service.batch import BatchScorer, Columns
+from service.batch_inputs import Inputs, open_inputs
+
+CHUNK_SIZE = 4096
+PLAN_VERSION = 1
+JOB_FILE, DONE_FILE = "job.json", "complete.json"
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+CHUNK_METADATA = b"protoserve.chunk"
+
+
+class JobError(ProtoserveError):
+    """A job that cannot start or go on: changed input or model, an output that is not ours."""
+
+
+@dataclass
+class JobSpec:
+    model: str  # a bundle directory or a BentoML store tag
+    inputs: list[str]
+    output: Path
+    top_k: int = 3
+    chunk_size: int = CHUNK_SIZE
+    workers: int = 0  # 0: one ONNX Runtime session per core
+    device: str = "auto"
+    image_column: str | None = None
+
+
+@dataclass
+class Summary:
+    images: int  # rows in the output
+    failed: int  # rows with an error
+    scored_now: int  # rows scored by this run (the rest came from an earlier, interrupted run)
+    seconds: float  # wall time of this run
+    output: Path
+    already_complete: bool = False
+
+    @property
+    def rate(self) -> float:
+        return self.scored_now / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        if self.already_complete:
+            return f"{self.output}: already complete ({self.images} images, {self.failed} failed); nothing to do"
+        return (f"{self.images} images in {self.output} ({self.failed} failed); scored {self.scored_now} in "
+                f"{self.seconds:.1f} s wall time, {self.rate:.0f} images/s")
+
+
+def resolve_bundle(model: str) -> Bundle:
+    """--model: a bundle directory if one exists at that path, else a tag in the BentoML model store."""
+    if Path(model).is_dir():
+        return read_bundle(model)
+    if "/" in model or model.startswith("."):
+        raise BundleError(f"{model}: no such bundle directory")
+    from export.store import load_stored_bundle
+
+    return load_stored_bundle(model)
+
+
+def output_format(output: Path) -> str:
+    fmt = FORMATS.get(output.suffix.lower())
+    if fmt is None:
+        raise JobError(f"{output}: output must end in .parquet or .jsonl")
+    return fmt
+
+
+class Job:
+    """The plan and the on-disk state of one job; engines call read_chunk, commit and finish."""
+
+    def __init__(self, spec: JobSpec, bundle: Bundle | None = None):
+        self.spec = spec
+        self.output = Path(spec.output)
+        self.format = output_format(self.output)
+        if spec.chunk_size < 1:
+            raise JobError(f"chunk size {spec.chunk_size}: must be at least 1")
+        self.bundle = bundle or resolve_bundle(spec.model)
+        self.scorer = BatchScorer(self.bundle.manifest, spec.top_k)
+        self.dir = self.output.with_name(self.output.name + ".job")
+        self.inputs: Inputs = open_inputs(spec.inputs, spec.image_column, exclude=self.dir)
+        self.n = self.inputs.n
+        self.chunks = -(-self.n // spec.chunk_size)
+        m = self.bundle.manifest
+        self.plan = {"plan_version": PLAN_VERSION, "model": {"tag": m.tag, "manifest_sha256": m.manifest_sha256},
+                     "inputs": {"names": list(spec.inputs), "items": self.n,
+                                "fingerprint": self.inputs.fingerprint(), "image_column": spec.image_column},
+                     "top_k": spec.top_k, "chunk_size": spec.chunk_size, "chunks": self.chunks}
+
+    # -- state on disk --------------------------------------------------------------------------
+    def start(self, restart: bool = False) -> bool:
+        """Check or write the plan; True if the job is already complete (output in place)."""
+        if restart:
+            self._remove_all()
+        saved = _read_json(self.dir / JOB_FILE)
+        if saved is None:
+            if self.output.exists():
+                raise JobError(f"{self.output}: exists and is not the output of this job; pass --restart to "
+                               "replace it, or choose another --output")
+            if self.dir.exists():
+                self._remove_all()  # a job directory without a plan: killed before the plan was written
+            self.dir.mkdir(parents=True)
+            atomic_write_text(self.dir / JOB_FILE, json.dumps(self.plan, indent=2) + "\n")
+            return False
+        changed = _what_changed(saved, self.plan)
+        if changed:
+            raise JobError(f"{self.output}: {changed} since this job started ({self.dir / JOB_FILE}); "
+                           "pass --restart to score from scratch")
+        for leftover in self.dir.glob("*.tmp*"):
+            leftover.unlink()  # partial files of a run that was killed; never results
+        return (self.dir / DONE_FILE).exists() and self.output.exists()
+
+    def chunk_path(self, k: int) -> Path:
+        return self.dir / f"chunk-{k:06d}.parquet"
+
+    def chunk_range(self, k: int) -> tuple[int, int]:
+        lo = k * self.spec.chunk_size
+        return lo, min(self.n, lo + self.spec.chunk_size)
+
+    def pending(self) -> list[int]:
+        """Chunks without a complete file; a chunk file of the wrong length is removed and redone."""
+        todo = []
+        for k in range(self.chunks):
+            rows = self.committed_rows(k)
+            lo, hi = self.chunk_range(k)
+            if rows != hi - lo:
+                self.chunk_path(k).unlink(missing_ok=True)
+                todo.append(k)
+        return todo
+
+    def committed_rows(self, k: int) -> int | None:
+        import pyarrow.parquet as pq
+
+        path = self.chunk_path(k)
+        if not path.exists():
+            return None
+        try:
+            return pq.read_metadata(path).num_rows
+        except (OSError, ValueError):  # pyarrow raises ArrowInvalid (a ValueError) for a damaged footer
+            return None
+
+    def read_chunk(self, k: int) -> tuple[int, list[str], list[object]]:
+        lo, hi = self.chunk_range(k)
+        items = self.inputs.read(lo, hi)
+        return lo, [i for i, _ in items], [v for _, v in items]
+
+    def commit(self, k: int, columns: Columns) -> None:
+        """Write chunk k atomically: a temporary file, fsync, rename."""
+        import pyarrow.parquet as pq
+
+        table = to_table(columns, {CHUNK_METADATA: json.dumps({"rows": len(columns), "failed": columns.failed})})
+        tmp = self.chunk_path(k).with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.chunk_path(k))
+
+    def failed_in_chunks(self) -> int:
+        import pyarrow.parquet as pq
+
+        total = 0
+        for k in range(self.chunks):
+            meta = pq.read_metadata(self.chunk_path(k)).metadata or {}
+            total += json.loads(meta.get(CHUNK_METADATA, b'{"failed": 0}'))["failed"]
+        return total
+
+    def finish(self) -> tuple[int, int]:
+        """Assemble the output from every chunk (atomically), record completion, drop the chunks."""
+        failed = self.failed_in_chunks()
+        tmp = self.dir / f"output.tmp{os.getpid()}"
+        if self.format == "parquet":
+            self._assemble_parquet(tmp)
+        else:
+            self._assemble_jsonl(tmp)
+        os.replace(tmp, self.output)
+        _fsync_dir(self.output.parent)
+        atomic_write_text(self.dir / DONE_FILE, json.dumps({"images": self.n, "failed": failed,
+                                                           "finished_at": time.time()}) + "\n")
+        for k in range(self.chunks):
+            self.chunk_path(k).unlink(missing_ok=True)
+        return self.n, failed
+
+    def totals(self) -> tuple[int, int]:
+        done = _read_json(self.dir / DONE_FILE) or {}
+        return int(done.get("images", self.n)), int(done.get("failed", 0))
+
+    def _assemble_parquet(self, tmp: Path) -> None:
+        import pyarrow.parquet as pq
+
+        schema = row_schema(self.plan)
+        with open(tmp, "wb") as f:
+            with pq.ParquetWriter(f, schema) as writer:
+                for k in range(self.chunks):
+                    writer.write_table(pq.read_table(self.chunk_path(k)).replace_schema_metadata(schema.metadata))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _assemble_jsonl(self, tmp: Path) -> None:
+        import pyarrow.parquet as pq
+
+        with open(tmp, "w") as f:
+            for k in range(self.chunks):
+                for row in pq.read_table(self.chunk_path(k)).to_pylist():
+                    f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _remove_all(self) -> None:
+        import shutil
+
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.output.unlink(missing_ok=True)
+
+
+def run_job(spec: JobSpec, engine: str = "local", restart: bool = False, progress: bool = True,
+            ray_address: str | None = None, log=None) -> Summary:
+    """Score every input of `spec` into its output; resumes a killed job with the same arguments."""
+    started = time.perf_counter()
+    job = Job(spec)
+    if job.start(restart):
+        images, failed = job.totals()
+        return Summary(images, failed, 0, time.perf_counter() - started, job.output, already_complete=True)
+    pending = job.pending()
+    done_before = job.n - sum(job.chunk_range(k)[1] - job.chunk_range(k)[0] for k in pending)
+    bar = _progress_bar(job.n, done_before, progress)
+    try:
+        if engine == "local":
+            run_local(job, pending, bar.update)
+        elif engine == "ray":
+            from service.batch_ray import run_ray
+
+            run_ray(job, pending, bar.update, address=ray_address)
+        else:
+            raise JobError(f"engine {engine!r}: expected local or ray")
+    finally:
+        bar.close()
+        job.inputs.close()
+    images, failed = job.finish()
+    return Summary(images, failed, job.n - done_before, time.perf_counter() - started, job.output)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def run_local(job: Job, pending: list[int], advance) -> None:
+    """Score the pending chunks with `workers` threads, each holding its own ONNX Runtime session.
+
+    The main thread reads inputs (files are read in order, so gzip and npz members stream); at most
+    two chunks per worker are in memory at once, whatever the input size.
+    """
+    from export.runtime import open_session, run_probe
+
+    workers = job.spec.workers or default_workers()
+    threads = max(1, default_workers() // workers)  # intra-op threads per session: the cores, shared out
+    probe = run_probe(job.bundle, job.spec.device)
+    if not probe.passed:
+        raise BundleError(f"{job.bundle.model_path}: golden probe failed: {probe.failures[0]}")
+    local = threading.local()
+
+    def infer(x: np.ndarray):
+        if not hasattr(local, "session"):
+            local.session = open_session(job.bundle.model_path, job.spec.device, threads=threads)[0]
+        p, d = local.session.run(["probabilities", "distances"], {"image": x})
+        return p, d
+
+    def score(k: int, start: int, ids: list[str], values: list[object]) -> int:
+        job.commit(k, job.scorer.score(start, ids, values, infer))
+        return len(ids)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="protoserve-score") as pool:
+        inflight: set = set()
+        for k in pending:
+            inflight.add(pool.submit(score, k, *job.read_chunk(k)))
+            while len(inflight) >= 2 * workers:
+                done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    advance(future.result())
+        for future in as_completed(inflight):
+            advance(future.result())
+
+
+# -- rows as Arrow -----------------------------------------------------------------------------------
+def row_schema(plan: dict | None = None):
+    import pyarrow as pa
+
+    metadata = {b"protoserve.job": json.dumps(plan).encode()} if plan else None
+    return pa.schema([
+        ("index", pa.int64()), ("input_id", pa.string()), ("label", pa.int32()), ("class_name", pa.string()),
+        ("probabilities", pa.list_(pa.float32())), ("prototype_ids", pa.list_(pa.int32())),
+        ("prototype_distances", pa.list_(pa.float32())), ("model_name", pa.string()),
+        ("model_version", pa.string()), ("error", pa.string()),
+    ], metadata=metadata)
+
+
+def to_table(c: Columns, metadata: dict | None = None):
+    """Columns -> an Arrow table of row_schema (null prediction fields where a row has an error)."""
+    import pyarrow as pa
+
+    n, ok = len(c), c.ok
+    null = pa.array(~ok)
+
+    def full(values: np.ndarray, dtype) -> np.ndarray:
+        out = np.zeros(n, dtype)
+        out[ok] = values
+        return out
+
+    def lists(values: np.ndarray, value_type):
+        width = values.shape[1] if values.ndim == 2 else 0
+        offsets = np.concatenate([[0], np.cumsum(np.where(ok, width, 0))]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), value_type), mask=null)
+
+    labels = full(c.label, np.int32)
+    names = [c.class_names[int(label)] if good else None for label, good in zip(labels, ok, strict=True)]
+    columns = [pa.array(c.index, pa.int64()), pa.array(c.input_id, pa.string()),
+               pa.array(labels, pa.int32(), mask=~ok), pa.array(names, pa.string()),
+               lists(c.probabilities, pa.float32()), lists(c.prototype_ids, pa.int32()),
+               lists(c.prototype_distances, pa.float32()), pa.array([c.model_name] * n, pa.string()),
+               pa.array([c.model_version] * n, pa.string()), pa.array(c.error, pa.string())]
+    schema = row_schema().with_metadata(metadata) if metadata else row_schema()
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+# -- small file helpers -------------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise JobError(f"{path}: unreadable job file ({e}); pass --restart to start over") from None
+
+
+def _what_changed(saved: dict, plan: dict) -> str | None:
+    if saved.get("plan_version") != plan["plan_version"]:
+        return "the job format changed"
+    if saved["model"] != plan["model"]:
+        return f"the model changed (was {saved['model']['tag']}, now {plan['model']['tag']})"
+    if saved["inputs"] != plan["inputs"]:
+        return "the input changed (files added, removed or modified)"
+    for key in ("top_k", "chunk_size"):
+        if saved.get(key) != plan[key]:
+            return f"{key} changed (was {saved.get(key)}, now {plan[key]})"
+    return None
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", unit_scale=True, smoothing=0.1, mininterval=0.5,
+                file=sys.stderr, disable=not enabled, desc="scoring")
