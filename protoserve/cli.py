@@ -121,6 +121,35 @@ def _score(args) -> None:
     print(summary.line())
 
 
+def _serve(args) -> None:
+    import os
+
+    from export.bundle import read_bundle
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    if args.bundle:
+        env["PROTOSERVE_BUNDLE"] = str(Path(args.bundle).resolve())
+    if args.model:
+        env["PROTOSERVE_MODEL_TAG"] = args.model
+    env.update({"PROTOSERVE_DEVICE": args.device, "PROTOSERVE_WORKERS": str(args.workers),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))})
+    if not args.model:
+        from service.model import DEFAULT_BUNDLE
+
+        read_bundle(env.get("PROTOSERVE_BUNDLE") or DEFAULT_BUNDLE)  # one readable line before BentoML starts
+    os.chdir(repo)
+    command = [sys.executable, "-m", "bentoml", "serve", "service.service:Protoserve", "--host", args.host,
+               "--port", str(args.port)]
+    os.execve(sys.executable, command, env)
+
+
+def _demo(args) -> None:
+    from service.demo import run_demo
+
+    run_demo(Path(args.out), Path(args.bundle) if args.bundle else None, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="protoserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -195,6 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "(*.prom)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("serve", help="serve a bundle over HTTP with BentoML (predict, explain, metadata, /metrics)")
+    p.add_argument("--bundle", help="bundle folder (default: $PROTOSERVE_BUNDLE, else the shipped model)")
+    p.add_argument("--model", help="name:version in the BentoML model store instead of a folder")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--workers", type=int, default=2, help="API worker processes")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("demo", help="start the service, predict and explain test digits, write the picture, stop")
+    p.add_argument("--bundle", help="bundle folder (default: the shipped model)")
+    p.add_argument("--out", default="runs/demo/explanation.png")
+    p.add_argument("--port", type=int, help="default: a free port")
+    p.set_defaults(func=_demo)
 
     return parser
 

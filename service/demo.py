@@ -1,0 +1,124 @@
+"""`protoserve demo`: start the service, predict and explain a few test digits, save the picture, stop.
+
+The digits are the bundle's golden-probe images (one test image per class), sent as PNG files
+the way a client would send them. Needs nothing but the bundle: no data set, no torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from export.bundle import read_bundle
+from export.runtime import load_probe
+from protoserve.errors import ProtoserveError
+from service.explain import pixels_to_picture, png_bytes
+from service.figure import explanation_figure
+from service.model import REPO, bundle_location
+from service.preprocess import denormalize
+
+
+class DemoError(ProtoserveError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_service(bundle: Path, port: int, log: Path, timeout: float = 180.0):
+    """`bentoml serve` on `bundle` until the block ends; yields the base URL once /readyz says 200."""
+    import httpx
+
+    env = {**os.environ, "PROTOSERVE_BUNDLE": str(bundle.resolve()), "BENTOML_DO_NOT_TRACK": "True",
+           "PYTHONPATH": str(REPO)}
+    env.pop("PROTOSERVE_MODEL_TAG", None)
+    url = f"http://127.0.0.1:{port}"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service.service:Protoserve",
+                                    "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise DemoError(f"the service exited with code {process.returncode}; see {log}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise DemoError(f"the service was not ready after {timeout:.0f} s; see {log}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def run_demo(out: Path, bundle: Path | None = None, port: int | None = None, index: int = 7) -> dict:
+    """Serve `bundle`, call /predict on every probe digit and /explain on one; write the figure to `out`."""
+    import httpx
+
+    bundle = Path(bundle) if bundle else bundle_location()
+    manifest = read_bundle(bundle).manifest
+    loaded = read_bundle(bundle)
+    images = load_probe(loaded)["input.image"]
+    pictures = [pixels_to_picture(denormalize(x, manifest.input)) for x in images]
+    encoded = [base64.b64encode(png_bytes(p)).decode() for p in pictures]
+    index = index % len(encoded)
+    out = Path(out)
+    print(f"starting the service on {bundle} ...", flush=True)
+    started = time.monotonic()
+    with running_service(bundle, port or free_port(), out.with_suffix(".serve.log")) as url:
+        print(f"ready at {url} after {time.monotonic() - started:.1f} s", flush=True)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            predicted = client.post("/predict", json={"images": encoded}).raise_for_status().json()
+            explained = client.post("/explain", json={"image": encoded[index], "top_k": 3}).raise_for_status().json()
+            provider = client.get("/metadata").raise_for_status().json()["provider"]
+    print(f"model {predicted['model']['name']}:{predicted['model']['version']} on {provider}")
+    print("POST /predict (10 test digits, one per class): predicted",
+          " ".join(p["class_name"] for p in predicted["predictions"]))
+    prediction = explained["prediction"]
+    print(f"POST /explain (test digit #{index}): predicted {prediction['class_name']} "
+          f"(p = {prediction['probabilities'][prediction['label']]:.3f}); nearest prototypes:")
+    for row in explained["prototypes"]:
+        picture = {k: v for k, v in row.items() if k != "image"}
+        print("  " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in picture.items()}))
+    figure = explanation_figure(explained, pictures[index])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.save(out)
+    print(f"explanation written to {out}")
+    return explained
+
+
+def _main() -> int:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/demo/explanation.png")
+    try:
+        run_demo(out)
+    except ProtoserveError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

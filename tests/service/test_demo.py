@@ -1,0 +1,68 @@
+"""`protoserve demo` and `protoserve serve` from the command line; the explanation figure."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from service.explain import png_base64
+from service.figure import MARGIN, SCALE, explanation_figure
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BENTOML_DO_NOT_TRACK": "True"}
+    env.pop("PROTOSERVE_BUNDLE", None)
+    return subprocess.run([sys.executable, "-m", "protoserve.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_figure_has_input_reconstruction_and_each_prototype():
+    tile = png_base64(Image.new("L", (28, 28), 255))
+    answer = {"model": {"name": "m", "version": "1"},
+              "prediction": {"label": 1, "class_name": "one", "probabilities": [0.1, 0.9]},
+              "reconstruction": tile,
+              "prototypes": [{"id": i, "class_identity": 1, "class_name": "one", "distance": 0.5 * i, "image": tile}
+                             for i in range(3)]}
+    figure = explanation_figure(answer, Image.new("L", (28, 28)))
+    side = 28 * SCALE
+    assert figure.size[0] == MARGIN + 5 * (side + MARGIN)
+    # Tile 0 is the (black) input, tiles 1-4 the (white) reconstruction and prototypes.
+    assert figure.getpixel((MARGIN + side // 2, MARGIN + side // 2)) == (0, 0, 0)
+    for i in range(1, 5):
+        assert figure.getpixel((MARGIN + i * (side + MARGIN) + side // 2, MARGIN + side // 2)) == (255, 255, 255)
+    del answer["reconstruction"]
+    assert explanation_figure(answer, Image.new("L", (28, 28))).size[0] == MARGIN + 4 * (side + MARGIN)
+    assert base64.b64decode(tile)[:4] == b"\x89PNG"
+
+
+def test_serve_refuses_a_missing_bundle_in_one_line(tmp_path):
+    result = cli("serve", "--bundle", str(tmp_path / "nothing"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"protoserve serve: error: {tmp_path / 'nothing'}: not a bundle directory (no such directory)"]
+
+
+@pytest.mark.slow
+def test_demo_serves_predicts_explains_and_writes_the_picture(tiny_bundle, tmp_path):
+    out = tmp_path / "explanation.png"
+    result = cli("demo", "--bundle", str(tiny_bundle), "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "POST /predict" in result.stdout and "POST /explain" in result.stdout
+    assert result.stdout.count('"distance"') == 3
+    figure = Image.open(out)
+    assert figure.format == "PNG" and figure.size[0] == MARGIN + 5 * (28 * SCALE + MARGIN)
+    assert "Starting production HTTP BentoServer" in out.with_suffix(".serve.log").read_text()
+    # The service was stopped: nothing listens on its port any more.
+    url = re.search(r"ready at (http://\S+)", result.stdout).group(1)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/livez", timeout=5)
