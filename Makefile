@@ -8,7 +8,7 @@ PROTOSERVE := $(VENV)/bin/protoserve
 SHARED_MNIST := $(wildcard $(CURDIR)/../shared/data/mnist)
 export PROTOSERVE_DATA_ROOT := $(if $(SHARED_MNIST),$(abspath $(SHARED_MNIST)),$(PROTOSERVE_DATA_ROOT))
 
-.PHONY: setup demo test lint train-default evaluate-default visualize-default bundle-default bench-inference clean
+.PHONY: setup demo test lint train-default evaluate-default visualize-default bundle-default bench-inference clean demo-train serve prometheus bench-serve
 
 setup: $(VENV)/.installed
 
@@ -18,14 +18,30 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[train,dev,batch]"
 	touch $@
 
-# Main job (until the service lands): a short PrototypeDL run and its pictures.
+# Main job: start the service on the shipped bundle, POST /predict and /explain, print the answer,
+# write the explanation (input, reconstruction, top-3 prototypes) to runs/demo/explanation.png, stop.
 demo: setup
+	test -f $(DEFAULT_MODEL)/bundle/manifest.json || $(MAKE) bundle-default
+	$(PROTOSERVE) demo --bundle $(DEFAULT_MODEL)/bundle --out runs/demo/explanation.png
+
+# A short PrototypeDL training run and its pictures (the main job before the service).
+demo-train: setup
 	$(PROTOSERVE) train --config configs/prototypedl_mnist_demo.yaml --out runs/demo $$(test -f runs/demo/last.pt && echo --resume)
 	$(PROTOSERVE) evaluate --checkpoint runs/demo/best.pt
 	$(PROTOSERVE) visualize --checkpoint runs/demo/best.pt --out runs/demo/pictures
 
-test: setup lint
+# Serve the shipped bundle on port 3000 until Ctrl+C (`protoserve serve --help` for options).
+serve: setup
+	$(PROTOSERVE) serve --bundle $(DEFAULT_MODEL)/bundle
+
+test: setup lint prometheus
 	$(VENV)/bin/pytest
+
+# Prometheus and promtool for the monitoring tests (Debian package), installed only when missing.
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q prometheus; }
 
 lint: setup
 	$(VENV)/bin/ruff check .
