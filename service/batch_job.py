@@ -173,10 +173,18 @@ class Job:
         return lo, [i for i, _ in items], [v for _, v in items]
 
     def commit(self, k: int, columns: Columns) -> None:
-        """Write chunk k atomically: a temporary file, fsync, rename."""
+        self.commit_table(k, to_table(columns))
+
+    def commit_table(self, k: int, table) -> None:
+        """Write chunk k (an Arrow table of row_schema) atomically: a temporary file, fsync, rename."""
         import pyarrow.parquet as pq
 
-        table = to_table(columns, {CHUNK_METADATA: json.dumps({"rows": len(columns), "failed": columns.failed})})
+        lo, hi = self.chunk_range(k)
+        if table.num_rows != hi - lo:
+            raise JobError(f"chunk {k}: {table.num_rows} rows scored for {hi - lo} inputs")
+        failed = table.num_rows - table.column("error").null_count  # rows with an error message
+        stats = json.dumps({"rows": table.num_rows, "failed": failed})
+        table = table.replace_schema_metadata({CHUNK_METADATA: stats})
         tmp = self.chunk_path(k).with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         with open(tmp, "wb") as f:
             pq.write_table(table, f)

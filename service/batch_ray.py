@@ -1,0 +1,107 @@
+"""`protoserve score --engine ray`: the same job on Ray Data, for more than one machine.
+
+The dataset is the job's pending chunk numbers; `map_batches` sends them to an actor pool whose
+actors each hold an ONNX Runtime session (one GPU per actor where the cluster has GPUs). An actor
+reads its chunk's inputs itself and scores them with the same BatchScorer as the local engine; the
+driver commits the rows it gets back through the same Job, so the chunk files, resume, refusal of
+changed inputs and the assembled output are exactly those of the local engine.
+
+On a cluster, every node must see the bundle and the inputs at the same paths (a shared or network
+filesystem) and have protoserve installed; the output and its chunks are written by the driver only.
+Which cluster: `--ray-address` (e.g. ray://head:10001 or auto), else $RAY_ADDRESS, else a local Ray
+started for the job. A Ray already initialised in the process (a test, a notebook) is used as it is.
+"""
+
+from __future__ import annotations
+
+import os
+
+from service.batch_job import Job, JobError
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401  (ray without the [data] extra lacks pandas/pyarrow pieces)
+    except ImportError:
+        raise JobError("--engine ray needs Ray Data: pip install 'protoserve[batch]' (ray[data])") from None
+    return ray
+
+
+class ChunkScorer:
+    """A Ray Data actor: one ONNX Runtime session; a batch of chunk numbers -> their rows (Arrow)."""
+
+    def __init__(self, bundle_path: str, spec: dict, plan: dict, use_gpu: bool, cwd: str):
+        from export.bundle import read_bundle
+        from export.runtime import open_session
+        from service.batch_job import JobSpec
+
+        if os.path.isdir(cwd):
+            os.chdir(cwd)  # relative --input paths mean what they meant to the driver
+        self.job = Job(JobSpec(**spec), bundle=read_bundle(bundle_path))
+        for part in ("model", "inputs"):
+            if self.job.plan[part] != plan[part]:
+                raise JobError(f"Ray worker on {os.uname().nodename}: its view of the {part} differs from the "
+                               "driver's (every node must see the same bundle and inputs at the same paths)")
+        self.session = open_session(self.job.bundle.model_path, "cuda" if use_gpu else "cpu", threads=1)[0]
+
+    def __call__(self, batch: dict) -> object:
+        import pyarrow as pa
+
+        from service.batch_job import to_table
+
+        tables = []
+        for k in batch["chunk"]:
+            start, ids, values = self.job.read_chunk(int(k))
+            table = to_table(self.job.scorer.score(start, ids, values, self._infer))
+            tables.append(table.add_column(0, "chunk", pa.array([int(k)] * table.num_rows, pa.int64())))
+        return pa.concat_tables(tables)
+
+    def _infer(self, x):
+        p, d = self.session.run(["probabilities", "distances"], {"image": x})
+        return p, d
+
+
+def run_ray(job: Job, pending: list[int], advance, address: str | None = None) -> None:
+    """Score the pending chunks on Ray Data; the driver commits each chunk as its rows arrive."""
+    import dataclasses
+
+    ray = _import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        if pending:
+            _run(ray, job, pending, advance, dataclasses.asdict(job.spec))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _run(ray, job: Job, pending: list[int], advance, spec: dict) -> None:
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the job has its own progress bar
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    actors = job.spec.workers or (gpus or max(1, int(resources.get("CPU", 1))))
+    spec = {**spec, "output": str(spec["output"])}
+    chunks = ray.data.from_items([{"chunk": k} for k in pending], override_num_blocks=len(pending))
+    scored = chunks.map_batches(
+        ChunkScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1, num_gpus=1 if gpus else 0,
+        fn_constructor_kwargs={"bundle_path": str(job.bundle.path.resolve()), "spec": spec, "plan": job.plan,
+                               "use_gpu": bool(gpus), "cwd": os.getcwd()})
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    # Ray Data may merge or split the actors' outputs into blocks; rows are regrouped by chunk.
+    parts: dict[int, list] = {}
+    for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for k in sorted(set(batch.column("chunk").to_pylist())):
+            parts.setdefault(k, []).append(batch.filter(pc.equal(batch.column("chunk"), k)).drop_columns(["chunk"]))
+            lo, hi = job.chunk_range(k)
+            if sum(t.num_rows for t in parts[k]) == hi - lo:
+                job.commit_table(k, pa.concat_tables(parts.pop(k)))
+                advance(hi - lo)
+    if parts:
+        raise JobError(f"Ray returned incomplete rows for chunks {sorted(parts)}")
