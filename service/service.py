@@ -19,6 +19,7 @@ import bentoml
 import numpy as np
 
 from export.bundle import read_bundle
+from service.batch_http import ScoreGate, score_images
 from service.errors import InputError
 from service.explain import (
     active_mask,
@@ -184,6 +185,16 @@ class Protoserve:
                 for row in self.manifest.prototypes]
         return {"model": self._model_ref(), "prototypes": rows}
 
+    @bentoml.task(route="/score_batch")
+    async def score_batch(self, ctx: bentoml.Context, images: Any = None, top_k: Any = None) -> dict:
+        """Batch scoring as an async task (service/batch_http.py): POST /score_batch/submit {"images":
+        [IMAGE, ...], "top_k": 3} -> {"task_id"}; GET /score_batch/status and /score_batch/get?task_id=
+        -> one row per image, as `protoserve score` writes them (a bad image is a row with an error)."""
+        try:
+            return await score_images(self.manifest, images, top_k, self.model.to_async.classify)
+        except InputError as e:
+            return self._refuse(ctx, e)
+
     def _model_ref(self) -> dict:
         return {"name": self.manifest.name, "version": self.manifest.version}
 
@@ -207,5 +218,6 @@ def png_base64_file(path) -> str:
 # starts any worker), not leave workers that fail and get restarted forever.
 read_bundle(bundle_location())
 Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)
+Protoserve.add_asgi_middleware(ScoreGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)  # /score_batch submissions
 for _api in ("predict", "explain"):  # the OpenAPI description of the image routes
     Protoserve.apis[_api].doc = f"{Protoserve.apis[_api].doc}\n\n{INPUT_DOC}"

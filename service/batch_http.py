@@ -1,0 +1,154 @@
+"""Batch scoring over HTTP: the `/score_batch` async task of the service, with the batch core's rows.
+
+    POST /score_batch/submit   {"images": [IMAGE, ...], "top_k": 3}, or multipart/form-data with
+                               files in "images" (and "top_k" as a form field) -> {"task_id", "status"}
+    GET  /score_batch/status?task_id=...   -> {"task_id", "status", ...}
+    GET  /score_batch/get?task_id=...      -> {"model", "images", "failed", "rows": [...]}
+
+Rows are those of `protoserve score` (service/batch.py ROW_FIELDS); input_id is "images[<i>]".
+IMAGE is what /predict takes: a base64 PNG/JPEG string or a numeric array; a string is never
+taken as a path or URL, so a caller cannot make the server read its own files. A bad image is a
+row with an error, as in the CLI. BentoML queues a task before running its function, so the
+request's shape and size are checked at submission by ScoreGate (ASGI): over MAX_TASK_IMAGES
+images, an empty or malformed list, or a bad top_k are refused there with a JSON 4xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import numpy as np
+
+from export.bundle import Manifest
+from service.batch import BatchScorer
+from service.errors import InputError
+from service.explain import active_mask
+from service.metrics import count_rejection, metrics
+from service.middleware import DEFAULT_MAX_BODY_BYTES, _as_json_post, _header, _replay
+from service.preprocess import DEFAULT_LIMITS, parse_top_k
+
+MAX_TASK_IMAGES = 1024
+ROUTE = "/score_batch"
+
+
+def check_request(images: object, top_k: object, n_active: int) -> int:
+    """The task's arguments as the gate and the task check them; returns top_k."""
+    if images is None:
+        raise InputError("missing_field", 'body needs "images": a list of images')
+    if not isinstance(images, list):
+        raise InputError("wrong_type", '"images" must be a list of images')
+    if not images:
+        raise InputError("empty_batch", '"images" is empty')
+    if len(images) > MAX_TASK_IMAGES:
+        raise InputError("batch_too_large", f'"images" holds {len(images)} images; at most {MAX_TASK_IMAGES} '
+                         "per batch task (use `protoserve score` for more)", status=413)
+    return parse_top_k(top_k, n_active)
+
+
+async def score_images(manifest: Manifest, images: object, top_k: object, classify) -> dict:
+    """Score a list of images with the batch core; `classify` is the model service's batchable API
+    ([N, C, H, W] -> [N, K + M]: probabilities, then distances)."""
+    k = check_request(images, top_k, int(active_mask(manifest).sum()))
+    scorer = BatchScorer(manifest, k)
+    x, errors = await asyncio.to_thread(scorer.prepare, images)
+    ok = np.array([e is None for e in errors], dtype=bool)
+    good = x[ok]
+    K = len(manifest.class_names)
+    outputs = [np.asarray(await classify(good[lo:lo + DEFAULT_LIMITS.max_batch]))
+               for lo in range(0, len(good), DEFAULT_LIMITS.max_batch)]
+    both = np.concatenate(outputs) if outputs else np.zeros((0, K + len(manifest.prototypes)), np.float32)
+    ids = [f"images[{i}]" for i in range(len(images))]
+    columns = scorer.rows(0, ids, ok, errors, both[:, :K], both[:, K:])
+    counter = metrics().batch_images
+    counter.labels("scored").inc(int(ok.sum()))
+    counter.labels("failed").inc(columns.failed)
+    return {"model": {"name": manifest.name, "version": manifest.version}, "images": len(columns),
+            "failed": columns.failed, "rows": columns.records()}
+
+
+class ScoreGate:
+    """ASGI: checks a /score_batch submission before BentoML queues it; multipart files -> base64 JSON."""
+
+    def __init__(self, app, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self._n_active: int | None = None
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "").rstrip("/")
+        if scope["type"] != "http" or scope["method"] != "POST" or path not in (ROUTE, f"{ROUTE}/submit"):
+            return await self.app(scope, receive, send)
+        from starlette.responses import JSONResponse
+
+        try:
+            body = await self._read(receive)
+            request = await self._parse(scope, body)
+            check_request(request.get("images"), request.get("top_k"), self.n_active())
+        except InputError as e:
+            count_rejection(e.reason)
+            return await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
+        body = json.dumps(request).encode()
+        return await self.app(_as_json_post(scope, body), _replay(body, receive), send)
+
+    def n_active(self) -> int:
+        if self._n_active is None:
+            from export.bundle import read_bundle
+            from service.model import bundle_location
+
+            self._n_active = int(active_mask(read_bundle(bundle_location()).manifest).sum())
+        return self._n_active
+
+    async def _read(self, receive) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                raise InputError("body_too_large", f"body is over the {self.max_body_bytes} byte limit", status=413)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    async def _parse(self, scope, body: bytes) -> dict:
+        media_type = (_header(scope, b"content-type") or "application/json").split(";")[0].strip().lower()
+        if media_type == "multipart/form-data":
+            return await self._form(scope, body)
+        if media_type != "application/json":
+            raise InputError("unsupported_media_type", f"content type {media_type!r}: send application/json "
+                             "or multipart/form-data", status=415)
+        try:
+            request = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError("invalid_json", f"body is not valid JSON ({e})") from None
+        if not isinstance(request, dict):
+            raise InputError("wrong_type", f"body must be a JSON object, not {type(request).__name__}")
+        return request
+
+    async def _form(self, scope, body: bytes) -> dict:
+        from starlette.datastructures import UploadFile
+        from starlette.requests import Request
+
+        try:
+            form = await Request(scope, _replay(body)).form(max_files=MAX_TASK_IMAGES + 1, max_fields=16)
+        except Exception as e:  # starlette raises several types for a malformed or oversized multipart body
+            detail = getattr(e, "detail", None) or str(e) or type(e).__name__
+            if "too many files" in detail.lower():
+                raise InputError("batch_too_large", f"more than {MAX_TASK_IMAGES} files; at most {MAX_TASK_IMAGES} "
+                                 "per batch task", status=413) from None
+            raise InputError("malformed_multipart", f"multipart body is malformed ({detail})") from None
+        request: dict = {"images": []}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                request["images"].append(base64.b64encode(await value.read()).decode("ascii"))
+            elif key == "top_k":
+                try:
+                    request["top_k"] = int(value)
+                except ValueError:
+                    raise InputError("wrong_type", f'"top_k" must be an integer, not {value!r}') from None
+        await form.close()
+        return request
