@@ -1,4 +1,8 @@
-"""Run configuration: one YAML file, four sections, checked on load."""
+"""Run configuration: one YAML file, five sections, checked on load.
+
+`model.family` chooses the model: "prototypedl" (PrototypeDL) or "protopnet" (ProtoPNet). Each
+family reads its own fields and ignores the other's; the `schedule` section is ProtoPNet's.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +21,12 @@ class ConfigError(ProtoserveError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # "mnist" | "fashion_mnist"
+    dataset: str = "mnist"  # "mnist" | "fashion_mnist" | "cub" (any folder in the CUB-200-2011 layout)
     root: str | None = None  # None: --data-root, then $PROTOSERVE_DATA_ROOT
-    val_size: int = 5000  # taken from the 60,000 training images (the paper: 55,000 / 5,000)
+    val_size: int = 5000  # taken from the training images (MNIST: 55,000 / 5,000, as the paper)
     split_seed: int = 0
     train_subset: int | None = None  # use only the first N training images (tests, demos)
+    crop_to_bbox: bool = True  # cub: crop each image to its bounding box (bounding_boxes.txt), as the paper
 
 
 @dataclass
@@ -35,6 +40,10 @@ class ModelConfig:
     n_prototypes: int = 15
     n_classes: int = 10
     fixed_identity_weights: bool = False  # the paper's special case m = K, W = -I (not learned)
+    # ProtoPNet (n_prototypes, n_classes, in_channels and input_size are shared with PrototypeDL)
+    backbone: str = "small_cnn"  # training/backbones.py: resnet18/34/50, vgg11/16/19, densenet121, small_cnn
+    backbone_weights: str | None = None  # None: random initialisation; e.g. "IMAGENET1K_V1" if cached
+    prototype_dim: int = 64  # D: channels of the add-on layers' output and of each (D, 1, 1) prototype
 
 
 @dataclass
@@ -42,6 +51,10 @@ class LossConfig:
     lambda_R: float = 0.05  # reconstruction
     lambda_R1: float = 0.05  # every prototype near some encoded input
     lambda_R2: float = 0.05  # every encoded input near some prototype
+    # ProtoPNet: CE + lambda_cluster * cluster - lambda_separation * separation + lambda_l1 * L1
+    lambda_cluster: float = 0.8
+    lambda_separation: float = 0.08
+    lambda_l1: float = 1e-4  # on the last-layer weights connecting a prototype to the other classes
 
 
 @dataclass
@@ -63,11 +76,29 @@ class TrainConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """ProtoPNet's stages. train.epochs counts warm-up plus joint epochs; push and last-layer
+    optimisation run after the epochs they are scheduled at."""
+
+    warm_epochs: int = 5  # add-on layers and prototypes only (backbone frozen)
+    push_start: int = 10  # first push after this epoch
+    push_every: int = 10  # then every N epochs; the last epoch always ends with a push
+    last_layer_epochs: int = 20  # passes over the push set's similarities after each push
+    lr_features: float = 1e-4
+    lr_add_on: float = 3e-3
+    lr_prototypes: float = 3e-3
+    lr_last_layer: float = 1e-4
+    lr_step_epochs: int = 5  # joint learning rates times lr_gamma every N joint epochs
+    lr_gamma: float = 0.1
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,14 +106,15 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> Config:
         if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected a mapping with sections data, model, loss, train")
+            raise ConfigError(f"{source}: expected a mapping with sections data, model, loss, train, schedule")
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(raw) - set(sections)
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(sections)}")
         parts = {}
         for f in dataclasses.fields(cls):
-            section_cls = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig}[f.name]
+            section_cls = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig,
+                           "schedule": ScheduleConfig}[f.name]
             parts[f.name] = _section(section_cls, raw.get(f.name) or {}, f"{source}: {f.name}")
         config = cls(**parts)
         config.validate(source)
@@ -91,9 +123,10 @@ class Config:
     def validate(self, source: str = "config") -> None:
         m, t = self.model, self.train
         checks = [
-            (self.data.dataset in ("mnist", "fashion_mnist"), "data.dataset must be 'mnist' or 'fashion_mnist'"),
+            (self.data.dataset in ("mnist", "fashion_mnist", "cub"),
+             "data.dataset must be 'mnist', 'fashion_mnist' or 'cub'"),
             (0 < self.data.val_size < 60000, "data.val_size must be between 1 and 59,999"),
-            (m.family == "prototypedl", "model.family must be 'prototypedl'"),
+            (m.family in ("prototypedl", "protopnet"), "model.family must be 'prototypedl' or 'protopnet'"),
             (m.hidden_activation in ("relu", "sigmoid"), "model.hidden_activation must be 'relu' or 'sigmoid'"),
             (m.n_prototypes > 0 and m.n_classes > 1, "model.n_prototypes must be > 0 and n_classes > 1"),
             (not m.fixed_identity_weights or m.n_prototypes == m.n_classes,
@@ -103,9 +136,24 @@ class Config:
             (t.schedule in ("constant", "cosine"), "train.schedule must be 'constant' or 'cosine'"),
             (t.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
         ]
+        if m.family == "protopnet":
+            checks += self._protopnet_checks()
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"{source}: {message}")
+
+    def _protopnet_checks(self) -> list[tuple[bool, str]]:
+        from training.backbones import BACKBONES
+
+        m, s = self.model, self.schedule
+        return [
+            (m.backbone in BACKBONES, f"model.backbone must be one of {', '.join(BACKBONES)}"),
+            (m.n_prototypes % m.n_classes == 0, "model.n_prototypes must be a multiple of n_classes (ProtoPNet)"),
+            (m.prototype_dim > 0, "model.prototype_dim must be > 0"),
+            (s.warm_epochs >= 0 and s.push_start > 0 and s.push_every > 0 and s.last_layer_epochs >= 0,
+             "schedule: warm_epochs and last_layer_epochs must be >= 0, push_start and push_every > 0"),
+            (s.lr_step_epochs > 0 and 0 < s.lr_gamma <= 1, "schedule.lr_step_epochs must be > 0, lr_gamma in (0, 1]"),
+        ]
 
 
 def _section(section_cls, raw, where: str):

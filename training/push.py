@@ -1,0 +1,217 @@
+"""Push (prototype projection): each prototype becomes the nearest latent patch of its own class.
+
+For prototype j of class c, over every image of class c in the push set (the unaugmented
+training images) and every position (row, col) of its latent map z, find the patch z[:, row, col]
+nearest to p_j, and set p_j to it. The model records, per prototype, the source image index in
+the push set, the patch position, its receptive-field box in the source image, and the
+high-activation box: the smallest box holding the pixels where the similarity map, upsampled to
+the image, reaches its 95th percentile.
+
+Under torch.distributed each rank searches its shard of the push set (global indices) and the
+candidates are gathered: the winner is the smallest (distance, image index, row, col), the same
+rule a single process applies, so both pick the same patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from training.protopnet import ProtoPNet, similarity, squared_distance_maps
+
+ACTIVATION_PERCENTILE = 95
+
+
+@dataclass
+class PushResult:
+    distances: torch.Tensor  # [M] distance from the old prototype to the chosen patch
+    source: torch.Tensor  # [M, 3] push-set index, row, col
+    vectors: torch.Tensor  # [M, D] the chosen patches
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@torch.no_grad()
+def nearest_own_class_patches(model: ProtoPNet, images, labels: torch.Tensor, indices: torch.Tensor,
+                              batch_size: int = 500) -> PushResult:
+    """Search images (a tensor or any indexable of [B, C, H, W] batches) with their push-set indices."""
+    M, D = model.prototypes.shape[:2]
+    device = model.prototypes.device
+    identity = model.prototype_class_identity.argmax(dim=1)  # [M]
+    best_d = torch.full((M,), torch.inf, device=device)
+    best_src = torch.full((M, 3), -1, dtype=torch.long, device=device)
+    best_vec = model.prototypes.detach().view(M, D).clone()
+    h = w = model.map_size
+    for start in range(0, len(labels), batch_size):
+        x = images[start:start + batch_size].to(device)
+        y = labels[start:start + batch_size].to(device)
+        z = model.latent(x)  # [B, D, h, w]
+        maps = squared_distance_maps(z, model.prototypes)  # [B, M, h, w]
+        own = (y[:, None] == identity[None, :])[:, :, None, None]  # [B, M, 1, 1]
+        maps = torch.where(own, maps, torch.full_like(maps, torch.inf))
+        flat = maps.permute(1, 0, 2, 3).reshape(M, -1)  # [M, B*h*w], image-major then row-major
+        d, where = flat.min(dim=1)  # the first minimum: lowest image, then row, then col
+        better = d < best_d
+        if better.any():
+            b, pos = where // (h * w), where % (h * w)
+            row, col = pos // w, pos % w
+            src = torch.stack([indices[start:start + batch_size].to(device)[b], row, col], dim=1)
+            vec = z[b, :, row, col]  # [M, D]
+            best_d = torch.where(better, d, best_d)
+            best_src = torch.where(better[:, None], src, best_src)
+            best_vec = torch.where(better[:, None], vec, best_vec)
+    if _distributed():
+        best_d, best_src, best_vec = _gather_best(best_d, best_src, best_vec)
+    return PushResult(distances=best_d, source=best_src, vectors=best_vec)
+
+
+def _gather_best(d: torch.Tensor, src: torch.Tensor, vec: torch.Tensor):
+    """Every rank's candidates -> the smallest (distance, index, row, col) per prototype."""
+    world = dist.get_world_size()
+    all_d = [torch.empty_like(d) for _ in range(world)]
+    all_src = [torch.empty_like(src) for _ in range(world)]
+    all_vec = [torch.empty_like(vec) for _ in range(world)]
+    dist.all_gather(all_d, d)
+    dist.all_gather(all_src, src)
+    dist.all_gather(all_vec, vec)
+    d, src, vec = torch.stack(all_d), torch.stack(all_src), torch.stack(all_vec)  # [R, M, ...]
+    M = d.shape[1]
+    choice = []
+    for j in range(M):
+        keys = [(float(d[r, j]), *src[r, j].tolist()) for r in range(world)
+                if src[r, j, 0] >= 0]
+        ranks = [r for r in range(world) if src[r, j, 0] >= 0]
+        choice.append(ranks[min(range(len(keys)), key=keys.__getitem__)] if keys else 0)
+    rows = torch.arange(M)
+    choice = torch.tensor(choice)
+    return d[choice, rows], src[choice, rows], vec[choice, rows]
+
+
+def activation_box(similarity_map: torch.Tensor, image_size: int,
+                   percentile: float = ACTIVATION_PERCENTILE) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1), end-exclusive: the box around the upsampled map's top (100 - percentile)%."""
+    up = upsample(similarity_map, image_size)
+    threshold = np.percentile(up, percentile)
+    ys, xs = np.nonzero(up >= threshold)
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def upsample(similarity_map: torch.Tensor, image_size: int) -> np.ndarray:
+    """[h, w] -> [image_size, image_size] by bicubic interpolation (as the paper's code)."""
+    up = F.interpolate(similarity_map[None, None].float(), size=(image_size, image_size), mode="bicubic",
+                       align_corners=False)
+    return up[0, 0].cpu().numpy()
+
+
+@torch.no_grad()
+def push_prototypes(model: ProtoPNet, images, labels: torch.Tensor, indices: torch.Tensor | None = None,
+                    batch_size: int = 500, source_images=None) -> PushResult:
+    """Project every prototype onto its nearest own-class patch and record where it came from.
+
+    `images`/`labels` are this process's part of the push set and `indices` their positions in the
+    whole push set (default 0..n-1). `source_images(index)` returns one push-set image [C, H, W]
+    by global index (default: images[index], right when this process holds the whole set).
+    """
+    was_training = model.training
+    model.eval()
+    if indices is None:
+        indices = torch.arange(len(labels))
+    result = nearest_own_class_patches(model, images, labels, indices, batch_size)
+    missing = (result.source[:, 0] < 0).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(f"push: no image of the class of prototype(s) {missing[:5]} in the push set")
+    M, D = model.prototypes.shape[:2]
+    model.prototypes.copy_(result.vectors.view(M, D, 1, 1))
+    model.push_source.copy_(result.source)
+    fetch = source_images or (lambda i: images[i:i + 1][0])
+    for j in range(M):
+        index, row, col = result.source[j].tolist()
+        model.push_rf_box[j] = torch.tensor(model.rf.box(row, col))
+        x = fetch(index)[None].to(model.prototypes.device)
+        sim = similarity(squared_distance_maps(model.latent(x), model.prototypes[j:j + 1]))[0, 0]
+        model.push_activation_box[j] = torch.tensor(activation_box(sim, model.cfg.input_size))
+    model.train(was_training)
+    return result
+
+
+# -- pictures ------------------------------------------------------------------------------------
+
+def to_rgb_array(image: torch.Tensor, mean=None, std=None) -> np.ndarray:
+    """A model input [C, H, W] (normalised with mean/std if given) -> uint8 [H, W, 3]."""
+    x = image.detach().cpu().float()
+    if mean is not None:
+        x = x * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    x = x.clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    return np.repeat(x[0][..., None], 3, axis=2) if x.shape[0] == 1 else x.transpose(1, 2, 0)
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB along a blue-cyan-yellow-red ramp (a jet-like map)."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    stops = np.array([[0, 0, 128], [0, 128, 255], [0, 255, 255], [255, 255, 0], [255, 64, 0], [160, 0, 0]],
+                     dtype=np.float64)
+    pos = v[..., 0] * (len(stops) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
+    frac = (pos - lo)[..., None]
+    return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).round().astype(np.uint8)
+
+
+def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend an upsampled map [H, W] (any range; scaled to [0, 1]) over an image [H, W, 3]."""
+    span = heat.max() - heat.min()
+    scaled = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+    return (rgb * (1 - alpha) + heat_colours(scaled) * alpha).round().astype(np.uint8)
+
+
+def enlarge(rgb: np.ndarray, target: int = 112) -> tuple[Image.Image, int]:
+    """Small images (MNIST) scaled up by a whole factor, nearest neighbour, so boxes stay on pixels."""
+    scale = max(1, target // max(rgb.shape[:2]))
+    img = Image.fromarray(rgb)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST), scale
+
+
+def draw_box(img: Image.Image, box: tuple[int, int, int, int], scale: int, colour=(255, 255, 0)) -> Image.Image:
+    y0, y1, x0, x1 = box
+    ImageDraw.Draw(img).rectangle([x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1], outline=colour,
+                                  width=max(1, scale // 2))
+    return img
+
+
+@torch.no_grad()
+def prototype_pictures(model: ProtoPNet, j: int, source: torch.Tensor, mean=None, std=None) -> dict[str, Image.Image]:
+    """Prototype j's pictures from its source image [C, H, W]: the receptive-field patch, the source
+    image with the patch box (yellow) and high-activation box (red), and the activation overlay."""
+    rgb = to_rgb_array(source, mean, std)
+    y0, y1, x0, x1 = model.push_rf_box[j].tolist()
+    patch, _ = enlarge(np.ascontiguousarray(rgb[y0:y1, x0:x1]), target=56)
+    boxed, scale = enlarge(rgb)
+    draw_box(boxed, tuple(model.push_rf_box[j].tolist()), scale)
+    draw_box(boxed, tuple(model.push_activation_box[j].tolist()), scale, colour=(255, 0, 0))
+    x = source[None].to(model.prototypes.device)
+    sim = similarity(squared_distance_maps(model.latent(x), model.prototypes[j:j + 1]))[0, 0]
+    heat, _ = enlarge(overlay(rgb, upsample(sim, rgb.shape[0])))
+    return {"patch": patch, "source": boxed, "activation": heat}
+
+
+def write_push_pictures(model: ProtoPNet, source_images, out_dir: Path, mean=None, std=None) -> list[Path]:
+    """<out_dir>/<j>_patch.png, <j>_source.png, <j>_activation.png for every pushed prototype."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for j in range(model.prototypes.shape[0]):
+        index = int(model.push_source[j, 0])
+        if index < 0:
+            continue
+        for kind, img in prototype_pictures(model, j, source_images(index), mean, std).items():
+            path = out_dir / f"{j:03d}_{kind}.png"
+            img.save(path)
+            written.append(path)
+    return written
