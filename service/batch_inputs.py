@@ -272,8 +272,6 @@ def _npy_header(f, name: str) -> tuple[tuple[int, ...], np.dtype]:
         raise InputsError(f"{name}: Fortran-ordered array; save it in C order (np.ascontiguousarray)")
     if dtype.hasobject:
         raise InputsError(f"{name}: holds Python objects; protoserve reads numeric arrays only")
-    if len(shape) < 2:
-        raise InputsError(f"{name}: array of shape {shape} is not a stack of images")
     return shape, dtype
 
 
@@ -281,6 +279,8 @@ def _npy_source(path: Path, name: str) -> RecordSource:
     with open(path, "rb") as f:
         shape, dtype = _npy_header(f, name)
         offset = f.tell()
+    if len(shape) < 2:
+        raise InputsError(f"{name}: array of shape {shape} is not a stack of images")
     return RecordSource(name, lambda: open(path, "rb"), offset, tuple(shape[1:]), dtype, shape[0], [path])
 
 

@@ -1,0 +1,75 @@
+"""The batch core without files: conversion as the service does it, top-k as the service does it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scoring_helpers import png_bytes
+
+from export.bundle import InputSpec, read_bundle
+from export.runtime import open_session
+from service.batch import BatchScorer, nearest_prototypes_batch, records_to_input
+from service.explain import nearest_prototypes
+from service.preprocess import to_input
+
+MNIST = InputSpec(channels=1, height=28, width=28, mean=[0.0], std=[1.0])
+
+
+def test_nearest_prototypes_batch_is_the_service_top_k_row_by_row():
+    rng = np.random.default_rng(0)
+    distances = rng.integers(0, 4, size=(200, 9)).astype(np.float32)  # many exact ties
+    active = np.array([True, False, True, True, True, False, True, True, True])
+    got = nearest_prototypes_batch(distances, 4, active)
+    for row, ids in zip(distances, got, strict=True):
+        np.testing.assert_array_equal(ids, nearest_prototypes(row, 4, active))
+    assert not np.isin(got, np.flatnonzero(~active)).any()
+
+
+def test_uint8_records_convert_like_a_decoded_png(digits):
+    x, errors = records_to_input(digits[:5], MNIST)
+    assert errors == [None] * 5
+    for i in range(5):
+        np.testing.assert_array_equal(x[i], to_input(png_bytes(digits[i]), MNIST))
+
+
+def test_float_records_out_of_range_or_nan_get_the_service_reasons(digits):
+    values = digits[:4].astype(np.float32) / 255.0
+    values[1, 3, 3] = np.nan
+    values[2, 0, 0] = 1.5
+    x, errors = records_to_input(values, MNIST)
+    assert errors[0] is None and errors[3] is None
+    assert errors[1].reason == "non_finite" and errors[2].reason == "out_of_range"
+    np.testing.assert_allclose(x[3], values[3][None], atol=1e-7)
+
+
+def test_wrong_size_records_are_errors_not_crashes():
+    x, errors = records_to_input(np.zeros((3, 32, 32), np.uint8), MNIST)
+    assert x.shape == (3, 1, 28, 28)
+    assert all(e.reason == "wrong_shape" and "[1, 32, 32]" in str(e) for e in errors)
+
+
+def test_scorer_rows_match_the_graph_and_keep_bad_inputs(tiny_bundle, digits):
+    bundle = read_bundle(tiny_bundle)
+    session, _ = open_session(bundle.model_path, "cpu")
+    scorer = BatchScorer(bundle.manifest, top_k=2)
+
+    def infer(x):
+        return tuple(session.run(["probabilities", "distances"], {"image": x}))
+
+    inputs = [png_bytes(digits[0]), b"not a picture", digits[1], png_bytes(digits[2], "JPEG"), [[0.5] * 3]]
+    cols = scorer.score(10, [f"i{j}" for j in range(5)], inputs, infer)
+    rows = cols.records()
+    assert [r["index"] for r in rows] == [10, 11, 12, 13, 14]
+    assert [r["error"] is None for r in rows] == [True, False, True, True, False]
+    assert rows[1]["error"].startswith("not_an_image:") and rows[4]["error"].startswith("wrong_shape:")
+    p, d = infer(np.stack([to_input(png_bytes(digits[0]), bundle.manifest.input)]))
+    assert rows[0]["probabilities"] == pytest.approx(p[0].tolist(), abs=1e-6)
+    assert rows[0]["label"] == int(p[0].argmax())
+    assert rows[0]["class_name"] == bundle.manifest.class_names[rows[0]["label"]]
+    active = np.array([r.status == "active" for r in bundle.manifest.prototypes])
+    nearest = nearest_prototypes(d[0], 2, active)
+    assert rows[0]["prototype_ids"] == [bundle.manifest.prototypes[j].id for j in nearest]
+    assert rows[0]["prototype_distances"] == pytest.approx(d[0][nearest].tolist(), rel=1e-6)
+    p2, _ = infer(np.stack([to_input(png_bytes(digits[1]), bundle.manifest.input)]))
+    assert rows[2]["probabilities"] == pytest.approx(p2[0].tolist(), abs=1e-6)  # a uint8 record = its PNG
+    assert {r["model_name"] for r in rows} == {bundle.manifest.name}

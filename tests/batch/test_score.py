@@ -1,0 +1,224 @@
+"""`protoserve score` on every input format, with bad inputs mixed in; JSON Lines; refusals; metrics."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scoring_helpers import png_bytes, read_rows, run_cli, write_idx, write_parquet
+
+from export.bundle import read_bundle, write_manifest
+from service.batch_job import JobError, JobSpec, run_job
+
+
+def score(tmp_path: Path, bundle: Path, inputs: list, name: str = "out.parquet", **kw) -> list[dict]:
+    out = tmp_path / name
+    run_job(JobSpec(str(bundle), [str(i) for i in inputs], out, **kw), progress=False)
+    return read_rows(out)
+
+
+def by_pixels(rows: list[dict]) -> list[tuple]:
+    return [(r["label"], tuple(r["prototype_ids"])) for r in rows]
+
+
+def test_every_format_gives_the_same_rows_for_the_same_digits(tiny_bundle, digits, tmp_path):
+    n = 40
+    images = digits[:n]
+    folder = tmp_path / "pictures"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(n):
+        (folder / ("sub" if i % 2 else "") / f"{i:03d}.png").write_bytes(png_bytes(images[i]))
+    idx = write_idx(tmp_path / "images-idx3-ubyte", images)
+    idx_gz = write_idx(tmp_path / "images-idx3-ubyte.gz", images, compress=True)
+    npy = tmp_path / "images.npy"
+    np.save(npy, images)
+    npz = tmp_path / "images.npz"
+    np.savez_compressed(npz, images=images, labels=np.arange(n))  # labels (1-D) are not inputs
+    parquet = write_parquet(tmp_path / "images.parquet", [png_bytes(im) for im in images])
+
+    reference = score(tmp_path, tiny_bundle, [idx], "idx.parquet")
+    assert [r["input_id"] for r in reference] == [f"{idx}#{i}" for i in range(n)]
+    assert all(r["error"] is None for r in reference)
+    for source in (idx_gz, npy, npz, parquet):
+        rows = score(tmp_path, tiny_bundle, [source], f"{source.name}.out.parquet")
+        assert len(rows) == n and all(r["error"] is None for r in rows)
+        assert by_pixels(rows) == by_pixels(reference)
+        np.testing.assert_allclose([r["probabilities"] for r in rows], [r["probabilities"] for r in reference],
+                                   atol=1e-6)
+    assert score(tmp_path, tiny_bundle, [npz], "npz.parquet")[3]["input_id"] == f"{npz}:images#3"
+    # A folder is read in sorted path order: 000.png, 002.png, ..., then sub/001.png, ...
+    rows = score(tmp_path, tiny_bundle, [folder], "folder.parquet")
+    order = sorted(range(n), key=lambda i: ("sub/" if i % 2 else "") + f"{i:03d}.png")
+    assert [r["input_id"] for r in rows] == [f"{folder}/{('sub/' if i % 2 else '')}{i:03d}.png" for i in order]
+    assert by_pixels(rows) == [by_pixels(reference)[i] for i in order]
+
+
+def test_bad_inputs_are_rows_with_errors_and_the_job_goes_on(tiny_bundle, digits, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a_good.png").write_bytes(png_bytes(digits[0]))
+    (folder / "b_truncated.png").write_bytes(png_bytes(digits[1])[:60])
+    (folder / "c_text.png").write_text("hello")
+    (folder / "d_empty.jpg").write_bytes(b"")
+    (folder / "e_good.jpg").write_bytes(png_bytes(digits[2], "JPEG"))
+    (folder / ".hidden.png").write_bytes(b"skipped")
+    wrong_size = tmp_path / "wrong_size.npy"
+    np.save(wrong_size, np.zeros((3, 32, 32), np.uint8))
+    parquet = write_parquet(tmp_path / "with_nulls.parquet", [png_bytes(digits[3]), None, b"\x89PNG\r\n\x1a\nxx"])
+    truncated_idx = tmp_path / "truncated-idx3-ubyte"
+    truncated_idx.write_bytes(write_idx(tmp_path / "full", digits[:4]).read_bytes()[:16 + 28 * 28 * 3 + 100])
+
+    rows = score(tmp_path, tiny_bundle, [folder, wrong_size, parquet, truncated_idx], "mixed.jsonl")
+    errors = {r["input_id"].split("/")[-1]: r["error"] for r in rows}
+    assert len(rows) == 5 + 3 + 3 + 4 and [r["index"] for r in rows] == list(range(15))
+    assert errors["a_good.png"] is None and errors["e_good.jpg"] is None
+    assert errors["b_truncated.png"].startswith("corrupt_image")
+    assert errors["c_text.png"].startswith("not_an_image") and errors["d_empty.jpg"].startswith("not_an_image")
+    assert all(errors[f"wrong_size.npy#{i}"].startswith("wrong_shape") for i in range(3))
+    assert errors["with_nulls.parquet#0"] is None and errors["with_nulls.parquet#1"].startswith("not_an_image")
+    assert errors["with_nulls.parquet#2"].startswith("corrupt_image")
+    assert [errors[f"truncated-idx3-ubyte#{i}"] is None for i in range(4)] == [True, True, True, False]
+    for r in rows:
+        assert (r["label"] is None) == (r["error"] is not None) == (r["probabilities"] is None)
+
+
+def test_jsonl_and_parquet_hold_the_same_rows(tiny_bundle, digits, tmp_path):
+    idx = write_idx(tmp_path / "images-idx3-ubyte", digits[:30])
+    as_parquet = score(tmp_path, tiny_bundle, [idx], "o.parquet", chunk_size=7, top_k=4)
+    as_jsonl = score(tmp_path, tiny_bundle, [idx], "o.jsonl", chunk_size=7, top_k=4)
+    assert as_parquet == as_jsonl
+    assert all(len(r["prototype_ids"]) == 4 for r in as_jsonl)
+
+
+def test_changed_input_or_model_is_refused_unless_restart(tiny_bundle, digits, tmp_path):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.png").write_bytes(png_bytes(digits[i]))
+    out = tmp_path / "out.parquet"
+    args = ["score", "--model", str(tiny_bundle), "--input", str(folder), "--output", str(out), "--quiet"]
+    assert run_cli(*args).returncode == 0
+    again = run_cli(*args)
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+    (folder / "5.png").write_bytes(png_bytes(digits[5]))
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and "the input changed" in refused.stderr and "--restart" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert len(read_rows(out)) == 5  # the earlier output is left as it was
+    restarted = run_cli(*args, "--restart")
+    assert restarted.returncode == 0, restarted.stderr
+    assert len(read_rows(out)) == 6
+
+    other = tmp_path / "other_bundle"
+    shutil.copytree(tiny_bundle, other)
+    manifest = read_bundle(other).manifest
+    write_manifest(other, manifest.model_copy(update={"version": "0.1.1"}))
+    with pytest.raises(JobError, match="the model changed"):
+        run_job(JobSpec(str(other), [str(folder)], out), progress=False)
+
+    theirs = tmp_path / "someone_elses.parquet"
+    theirs.write_text("not ours")
+    foreign = run_cli("score", "--model", str(tiny_bundle), "--input", str(folder), "--output", str(theirs))
+    assert foreign.returncode == 2 and "not the output of this job" in foreign.stderr
+    assert theirs.read_text() == "not ours"
+
+
+def test_cli_errors_are_one_line(tiny_bundle, tmp_path):
+    cases = [(["--input", str(tmp_path / "missing")], "no such file or folder"),
+             (["--input", str(tiny_bundle / "manifest.json")], "not a folder, IDX file"),
+             (["--input", str(tmp_path), "--output", str(tmp_path / "o.csv")], "must end in .parquet or .jsonl"),
+             (["--input", str(tmp_path), "--top-k", "99"], "top_k is 99")]
+    for extra, fragment in cases:
+        args = ["score", "--model", str(tiny_bundle), "--output", str(tmp_path / "o.parquet"), *extra]
+        result = run_cli(*args)
+        assert result.returncode == 2, result.stderr
+        assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    missing_model = run_cli("score", "--model", "nosuch:1.0", "--input", str(tmp_path), "--output",
+                            str(tmp_path / "o.parquet"))
+    assert missing_model.returncode == 2 and "nosuch:1.0" in missing_model.stderr
+
+
+def test_ray_missing_is_one_clear_line(tiny_bundle, digits, tmp_path):
+    import subprocess
+    import sys
+
+    idx = write_idx(tmp_path / "images-idx3-ubyte", digits[:3])
+    code = ("import sys; sys.modules['ray'] = None; from protoserve.cli import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", code, "score", "--model", str(tiny_bundle), "--input", str(idx),
+                             "--output", str(tmp_path / "o.parquet"), "--engine", "ray", "--quiet"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("protoserve score: error: --engine ray needs Ray Data: "
+                                     "pip install 'protoserve[batch]' (ray[data])")
+
+
+class Pushgateway(http.server.BaseHTTPRequestHandler):
+    """Records what a real HTTP client pushes (the Pushgateway's API: PUT replaces a group, POST adds)."""
+
+    received: list[tuple[str, str, str]] = []
+
+    def _record(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        Pushgateway.received.append((self.command, self.path, body))
+        self.send_response(200)
+        self.end_headers()
+
+    do_PUT = do_POST = _record
+
+    def log_message(self, *args):
+        pass
+
+
+def sample(text: str, name: str) -> float:
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_job_metrics_textfile_and_pushgateway(tiny_bundle, digits, tmp_path):
+    server = http.server.HTTPServer(("127.0.0.1", 0), Pushgateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    gateway = f"127.0.0.1:{server.server_port}"
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes(png_bytes(digits[i]))
+    (folder / "bad.png").write_text("nope")
+    prom = tmp_path / "protoserve_score.prom"
+    args = ["score", "--model", str(tiny_bundle), "--input", str(folder), "--output", str(tmp_path / "o.parquet"),
+            "--metrics-file", str(prom), "--pushgateway", gateway, "--quiet"]
+    try:
+        ok = run_cli(*args)
+        assert ok.returncode == 0, ok.stderr
+        text = prom.read_text()
+        assert 'protoserve_batch_images_total{status="scored"} 6.0' in text
+        assert 'protoserve_batch_images_total{status="failed"} 1.0' in text
+        assert "protoserve_batch_duration_seconds " in text
+        last_success = sample(text, "protoserve_batch_last_success_timestamp_seconds")
+        method, path, body = Pushgateway.received[-1]
+        assert method == "PUT" and path == "/metrics/job/protoserve_score/output/o.parquet"
+        assert 'protoserve_batch_images_total{status="failed"} 1.0' in body
+        assert "protoserve_batch_last_success_timestamp_seconds" in body
+
+        (folder / "new.png").write_bytes(png_bytes(digits[7]))  # a changed input: this run fails
+        failed = run_cli(*args)
+        assert failed.returncode == 2
+        method, _, body = Pushgateway.received[-1]
+        assert method == "POST" and "last_success" not in body and "images_total" not in body
+        assert "protoserve_batch_duration_seconds" in body
+        assert sample(prom.read_text(), "protoserve_batch_last_success_timestamp_seconds") == last_success
+    finally:
+        server.shutdown()
+
+
+def test_job_plan_is_atomic_json(tiny_bundle, digits, tmp_path):
+    idx = write_idx(tmp_path / "images-idx3-ubyte", digits[:10])
+    out = tmp_path / "o.parquet"
+    run_job(JobSpec(str(tiny_bundle), [str(idx)], out, chunk_size=4), progress=False)
+    plan = json.loads((tmp_path / "o.parquet.job" / "job.json").read_text())
+    assert plan["chunks"] == 3 and plan["inputs"]["items"] == 10
+    assert sorted(p.name for p in (tmp_path / "o.parquet.job").iterdir()) == ["complete.json", "job.json"]
