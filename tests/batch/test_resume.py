@@ -1,0 +1,132 @@
+"""Resume after SIGKILL: a job killed at any moment and run again holds every input exactly once."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scoring_helpers import REPO, png_bytes, read_rows, write_idx
+
+from service.batch_job import JobSpec, run_job
+
+CHUNK = 100
+
+
+@pytest.fixture(scope="module")
+def job_inputs(digits, tmp_path_factory) -> list[str]:
+    """3,000 IDX records and 150 picture files with two bad ones: 31 chunks of 100."""
+    root = tmp_path_factory.mktemp("resume_inputs")
+    idx = write_idx(root / "images-idx3-ubyte.gz", np.concatenate([digits] * 10), compress=True)
+    folder = root / "pictures"
+    folder.mkdir()
+    for i in range(148):
+        (folder / f"{i:03d}.png").write_bytes(png_bytes(digits[i]))
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (folder / "notes.txt").write_text("not a picture")
+    return [str(idx), str(folder)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bundle, job_inputs, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("reference") / "reference.parquet"
+    run_job(JobSpec(str(tiny_bundle), job_inputs, out, chunk_size=CHUNK, workers=2), progress=False)
+    return read_rows(out)
+
+
+def start(bundle: Path, inputs: list[str], out: Path) -> subprocess.Popen:
+    args = [sys.executable, "-m", "protoserve.cli", "score", "--model", str(bundle), "--input", *inputs,
+            "--output", str(out), "--chunk-size", str(CHUNK), "--workers", "2", "--quiet"]
+    return subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+
+
+def finish(bundle: Path, inputs: list[str], out: Path) -> None:
+    process = start(bundle, inputs, out)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+
+
+def check_output_after_kill(out: Path, reference: list[dict]) -> None:
+    """Whatever the moment of the kill, an output file that exists is the whole, final output."""
+    if out.exists():
+        assert read_rows(out) == reference
+
+
+def check_exactly_once(out: Path, reference: list[dict], note: str) -> None:
+    rows = read_rows(out)
+    assert [r["index"] for r in rows] == list(range(len(reference))), note
+    assert [r["input_id"] for r in rows] == [r["input_id"] for r in reference], note
+    assert len({r["input_id"] for r in rows}) == len(rows), note
+    assert rows == reference, note
+    job_dir = out.with_name(out.name + ".job")
+    assert sorted(p.name for p in job_dir.iterdir()) == ["complete.json", "job.json"], note
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_killed_after_some_chunks_resumes_the_rest(tiny_bundle, job_inputs, reference, tmp_path):
+    out = tmp_path / "out.parquet"
+    job_dir = tmp_path / "out.parquet.job"
+    process = start(tiny_bundle, job_inputs, out)
+    wait_for(lambda: len(list(job_dir.glob("chunk-*.parquet"))) >= 3 or process.poll() is not None)
+    kill(process)
+    committed = {p.name for p in job_dir.glob("chunk-*.parquet")}
+    assert 3 <= len(committed) < 32 and not out.exists()
+    finish(tiny_bundle, job_inputs, out)
+    check_exactly_once(out, reference, "killed after 3 chunks")
+    assert sum(r["error"] is not None for r in read_rows(out)) == 2
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments(tiny_bundle, job_inputs, reference, tmp_path):
+    """Several trials, each killed once or twice at random times over a whole run (start-up, scoring,
+    committing a chunk, assembling the output), then run to completion."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    timed = tmp_path / "timed.parquet"
+    started = time.monotonic()
+    finish(tiny_bundle, job_inputs, timed)
+    full_run = time.monotonic() - started
+    for trial in range(4):
+        out = tmp_path / f"trial{trial}.parquet"
+        kills = []
+        for _ in range(rng.choice([1, 2])):
+            delay = rng.uniform(0.0, full_run * 1.1)
+            process = start(tiny_bundle, job_inputs, out)
+            time.sleep(delay)
+            kill(process)
+            kills.append(round(delay, 2))
+            check_output_after_kill(out, reference)
+        finish(tiny_bundle, job_inputs, out)
+        check_exactly_once(out, reference, f"seed {seed}, trial {trial}, killed after {kills} s of {full_run:.1f} s")
+
+
+@pytest.mark.slow
+def test_killed_while_assembling_the_output(tiny_bundle, job_inputs, reference, tmp_path):
+    """Kill once every chunk is committed (the output being assembled or renamed), then resume."""
+    out = tmp_path / "out.jsonl"
+    job_dir = tmp_path / "out.jsonl.job"
+    process = start(tiny_bundle, job_inputs, out)
+    wait_for(lambda: len(list(job_dir.glob("chunk-*.parquet"))) == 32 or process.poll() is not None)
+    kill(process)
+    check_output_after_kill(out, [dict(r) for r in reference])
+    finish(tiny_bundle, job_inputs, out)
+    check_exactly_once(out, reference, "killed while assembling")
