@@ -1,0 +1,68 @@
+"""`--engine ray` on a local Ray started here: the same output as the local engine, row for row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scoring_helpers import png_bytes, read_rows, write_idx, write_parquet
+
+from service.batch_job import Job, JobSpec, run_job
+
+ray = pytest.importorskip("ray", reason="protoserve[batch] (ray[data]) is not installed")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_engine_equals_the_local_engine(local_ray, tiny_bundle, digits, tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"{i:02d}.png").write_bytes(png_bytes(digits[i]))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    idx = write_idx(tmp_path / "images-idx3-ubyte.gz", digits, compress=True)
+    parquet = write_parquet(tmp_path / "images.parquet", [png_bytes(d) for d in digits[:30]] + [None])
+    inputs = [str(folder), str(idx), str(parquet)]
+
+    local = tmp_path / "local.parquet"
+    run_job(JobSpec(str(tiny_bundle), inputs, local, chunk_size=64), progress=False)
+    on_ray = tmp_path / "ray.parquet"
+    summary = run_job(JobSpec(str(tiny_bundle), inputs, on_ray, chunk_size=64, workers=2), engine="ray",
+                      progress=False)
+    assert summary.images == 21 + 300 + 31 and summary.failed == 2
+    expected, got = read_rows(local), read_rows(on_ray)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert {k: v for k, v in a.items() if k != "probabilities"} == \
+            {k: v for k, v in b.items() if k != "probabilities"}
+        if b["probabilities"] is not None:
+            np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-6)
+
+
+def test_ray_engine_resumes_a_job_the_local_engine_started(local_ray, tiny_bundle, digits, tmp_path):
+    idx = write_idx(tmp_path / "images-idx3-ubyte", digits)
+    spec = JobSpec(str(tiny_bundle), [str(idx)], tmp_path / "out.jsonl", chunk_size=50)
+    job = Job(spec)
+    job.start()
+    for k in (0, 3):  # two chunks committed by a local run that was then killed
+        job.commit(k, job.scorer.score(*job.read_chunk(k), infer=_session(tiny_bundle)))
+    summary = run_job(spec, engine="ray", progress=False)
+    assert summary.scored_now == 200
+    reference = tmp_path / "reference.jsonl"
+    run_job(JobSpec(str(tiny_bundle), [str(idx)], reference, chunk_size=50), progress=False)
+    rows = read_rows(tmp_path / "out.jsonl")
+    assert [r["index"] for r in rows] == list(range(300))
+    assert [r["prototype_ids"] for r in rows] == [r["prototype_ids"] for r in read_rows(reference)]
+
+
+def _session(bundle):
+    from export.runtime import open_session
+
+    session, _ = open_session(bundle / "model.onnx", "cpu")
+    return lambda x: tuple(session.run(["probabilities", "distances"], {"image": x}))
