@@ -48,7 +48,7 @@ def check_request(images: object, top_k: object, n_active: int) -> int:
 
 
 async def score_images(manifest: Manifest, images: object, top_k: object, classify) -> dict:
-    """Score a list of images with the batch core; `classify` is the model service's batchable API
+    """Score a list of images with the batch core; `classify` is the service's adaptive batcher
     ([N, C, H, W] -> [N, K + M]: probabilities, then distances)."""
     k = check_request(images, top_k, int(active_mask(manifest).sum()))
     scorer = BatchScorer(manifest, k)

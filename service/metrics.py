@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 DISTANCE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -27,6 +28,7 @@ class Metrics:
     model_info: object
     reference_nearest_distance: object
     batch_images: object
+    batch_size: object
 
 
 @functools.cache
@@ -55,6 +57,8 @@ def metrics() -> Metrics:
                                          "distance of the bundle's held-out probe images, by quantile",
                                          [*model, "quantile"], multiprocess_mode="livemax"),
         batch_images=Counter("protoserve_batch_images", "Images scored by batch jobs, by outcome", ["status"]),
+        batch_size=Histogram("protoserve_adaptive_batch_size", "Images per session run of /predict's adaptive "
+                             "batching", model, buckets=BATCH_BUCKETS),
     )
 
 

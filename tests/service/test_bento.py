@@ -26,8 +26,8 @@ def test_bentoml_build(tiny_bundle, tmp_path):
     bento = tmp_path / "home" / "bentos" / name / version
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     services = {s["name"]: s for s in info["services"]}
-    assert set(services) == {"protoserve", "protoserve_model"}
-    assert services["protoserve_model"]["config"]["resources"] == {"gpu": 1}
+    assert set(services) == {"protoserve"}
+    assert services["protoserve"]["config"]["resources"] == {"gpu": 1}
     assert services["protoserve"]["config"]["workers"] == 2
     routes = {r["route"] for r in info["schema"]["routes"]}
     assert {"/predict", "/explain", "/metadata", "/prototypes"} <= routes
