@@ -63,5 +63,11 @@ bench-inference: setup
 	$(PY) benchmarks/inference.py --checkpoint $(DEFAULT_MODEL)/checkpoint.pt --bundle $(DEFAULT_MODEL)/bundle \
 		--out runs/inference_benchmark.json
 
+# Serving latency and throughput: protoserve against the raw ORT session and a naive FastAPI +
+# PyTorch server, concurrency 1, 8, 64 (figures in the README).
+bench-serve: setup
+	$(PY) benchmarks/serve.py --bundle $(DEFAULT_MODEL)/bundle --checkpoint $(DEFAULT_MODEL)/checkpoint.pt \
+		--out runs/serve_benchmark.json --sweep
+
 clean:
 	rm -rf runs/demo .pytest_cache

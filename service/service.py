@@ -35,6 +35,7 @@ from service.model import bundle_location, load_model
 from service.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
 
 log = logging.getLogger("protoserve.service")
+log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from loggers not its own
 
 # Adaptive batching, chosen with benchmarks/serve.py (README "Serving speed"): batches of up to 64
 # images (the per-request limit too). BentoML's dispatcher decides how long to wait for a batch to

@@ -1,0 +1,292 @@
+"""Serving speed: protoserve (BentoML) against the raw ONNX Runtime session and a naive FastAPI server.
+
+    python benchmarks/serve.py --bundle models/prototypedl_mnist/bundle \
+        --checkpoint models/prototypedl_mnist/checkpoint.pt --out runs/serve_benchmark.json
+
+Three systems in one run, on the same test digit (a 28x28 PNG, base64 in JSON, one image per call):
+  raw ORT       the bundle's model.onnx in this process, session.run on one image (the limit)
+  protoserve    `bentoml serve service.service:Protoserve` (2 API workers, adaptive batching)
+  naive         FastAPI + PyTorch eager, one image per call, one uvicorn worker: what a user might
+                write instead (the shape of the public ProtoPNet HTTP API)
+For each server: latency p50/p95/p99 and throughput of /predict (and protoserve's /explain) with 1,
+8 and 64 clients in a closed loop (each sends its next request when the last one is answered).
+The load generator runs on the same machine and shares its cores with the servers.
+This file may import torch (the naive baseline); the service never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONCURRENCY = (1, 8, 64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1000.0
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+
+
+def test_digit(bundle: Path) -> tuple[np.ndarray, str]:
+    """The bundle's first probe image as the model input [1, C, H, W] and as a base64 PNG."""
+    from export.bundle import read_bundle
+    from export.runtime import load_probe
+    from service.explain import pixels_to_picture, png_bytes
+    from service.preprocess import denormalize
+
+    loaded = read_bundle(bundle)
+    x = load_probe(loaded)["input.image"][:1].astype(np.float32)
+    picture = pixels_to_picture(denormalize(x[0], loaded.manifest.input))
+    return x, base64.b64encode(png_bytes(picture)).decode()
+
+
+def bench_raw(bundle: Path, x: np.ndarray, seconds: float) -> dict:
+    """session.run on one image in a loop, with the service's session options."""
+    from export.bundle import read_bundle
+    from export.runtime import open_session
+
+    session, provider = open_session(read_bundle(bundle).model_path, "auto")
+    for _ in range(50):
+        session.run(["probabilities", "distances"], {"image": x})
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        session.run(["probabilities", "distances"], {"image": x})
+        times.append(time.perf_counter() - t)
+    batch = np.repeat(x, 64, axis=0)
+    t = time.perf_counter()
+    runs = 0
+    while time.perf_counter() - t < seconds / 2:
+        session.run(["probabilities", "distances"], {"image": batch})
+        runs += 1
+    return {"provider": provider, "batch_1": {**percentiles(times), "images_per_s": len(times) / sum(times)},
+            "batch_64_images_per_s": runs * 64 / (time.perf_counter() - t)}
+
+
+async def closed_loop(url: str, body: dict, clients: int, requests: int) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    remaining = requests
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        for _ in range(min(20, requests)):  # warm-up, not counted
+            (await client.post(url, json=body)).raise_for_status()
+
+        async def worker():
+            nonlocal remaining, errors
+            while remaining > 0:
+                remaining -= 1
+                t = time.perf_counter()
+                r = await client.post(url, json=body)
+                latencies.append(time.perf_counter() - t)
+                errors += r.status_code != 200
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - started
+    return {"clients": clients, "requests": len(latencies), "errors": errors, **percentiles(latencies),
+            "requests_per_s": len(latencies) / wall}
+
+
+def requests_for(clients: int, scale: float) -> int:
+    return int(max(200, 12 * clients) * scale)
+
+
+def run_levels(url: str, body: dict, scale: float, label: str) -> list[dict]:
+    rows = []
+    for c in CONCURRENCY:
+        row = asyncio.run(closed_loop(url, body, c, requests_for(c, scale)))
+        print(f"  {label:24s} c={c:<3d} p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f}  "
+              f"p99 {row['p99_ms']:7.2f}  {row['requests_per_s']:7.1f} req/s  errors {row['errors']}", flush=True)
+        rows.append(row)
+    return rows
+
+
+class Server:
+    """A server subprocess in its own process group, stopped on exit."""
+
+    def __init__(self, command: list[str], env: dict, ready_url: str, log: Path):
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        self.wait_ready(ready_url)
+
+    def wait_ready(self, url: str, timeout: float = 240) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"server exited: see {self.log}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise SystemExit(f"server not ready after {timeout} s: see {self.log}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start_protoserve(bundle: Path, log: Path, **env_extra: str) -> tuple[Server, str]:
+    port = free_port()
+    env = {**os.environ, "PROTOSERVE_BUNDLE": str(bundle.resolve()), "PYTHONPATH": str(REPO),
+           "BENTOML_DO_NOT_TRACK": "True", **env_extra}
+    command = [sys.executable, "-m", "bentoml", "serve", "service.service:Protoserve", "--host", "127.0.0.1",
+               "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    return Server(command, env, f"{url}/readyz", log), url
+
+
+def start_naive(checkpoint: Path, log: Path) -> tuple[Server, str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NAIVE_CHECKPOINT": str(checkpoint.resolve())}
+    command = [sys.executable, "-m", "uvicorn", "benchmarks.serve:naive_app", "--factory", "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "warning"]
+    url = f"http://127.0.0.1:{port}"
+    return Server(command, env, f"{url}/health", log), url
+
+
+class NaiveRequest(BaseModel):
+    image: str
+
+
+def naive_app():
+    """The naive baseline: FastAPI + PyTorch eager, one base64 PNG per call, no batching."""
+    import io
+
+    import torch
+    from fastapi import FastAPI
+    from PIL import Image
+
+    from training.checkpoint import load_checkpoint
+
+    model, config, _ = load_checkpoint(Path(os.environ["NAIVE_CHECKPOINT"]))
+    model.eval()
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"ok": True}
+
+    @app.post("/predict")
+    def predict(request: NaiveRequest):
+        img = Image.open(io.BytesIO(base64.b64decode(request.image))).convert("L").resize((28, 28))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None, None]
+        with torch.no_grad():
+            out = model(x)
+            probabilities = torch.softmax(out.logits, dim=1)[0]
+        label = int(probabilities.argmax())
+        return {"label": label, "probabilities": probabilities.tolist(),
+                "distances": out.distances[0].tolist()}
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", default=str(REPO / "models/prototypedl_mnist/bundle"))
+    parser.add_argument("--checkpoint", default=str(REPO / "models/prototypedl_mnist/checkpoint.pt"),
+                        help="the checkpoint the bundle was exported from (for the naive PyTorch server)")
+    parser.add_argument("--out", default=str(REPO / "runs/serve_benchmark.json"))
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of requests per level")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also measure /predict at c=64 for adaptive max batch sizes 1, 16 and 64")
+    args = parser.parse_args()
+    bundle, checkpoint, out = Path(args.bundle), Path(args.checkpoint), Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    x, image = test_digit(bundle)
+    load = os.getloadavg()
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_before": load},
+              "bundle": str(bundle)}
+    print(f"{os.cpu_count()} CPUs, load average before the run {load[0]:.2f}", flush=True)
+
+    print("raw ONNX Runtime session, in process:", flush=True)
+    result["raw"] = bench_raw(bundle, x, seconds=5 * args.scale)
+    raw = result["raw"]["batch_1"]
+    print(f"  batch 1: p50 {raw['p50_ms']:.3f} ms  p95 {raw['p95_ms']:.3f}  p99 {raw['p99_ms']:.3f}  "
+          f"{raw['images_per_s']:.0f} img/s; batch 64: {result['raw']['batch_64_images_per_s']:.0f} img/s")
+
+    print("protoserve (bentoml serve, 2 API workers, adaptive batching):", flush=True)
+    server, url = start_protoserve(bundle, out.with_suffix(".protoserve.log"))
+    try:
+        result["protoserve_predict"] = run_levels(f"{url}/predict", {"images": [image]}, args.scale, "/predict")
+        result["protoserve_explain"] = run_levels(f"{url}/explain", {"image": image, "top_k": 3}, args.scale,
+                                                  "/explain")
+    finally:
+        server.stop()
+
+    if args.sweep:
+        result["batch_size_sweep"] = []
+        for size in (1, 16, 64):
+            server, url = start_protoserve(bundle, out.with_suffix(f".sweep{size}.log"),
+                                           PROTOSERVE_MAX_BATCH_SIZE=str(size))
+            try:
+                row = asyncio.run(closed_loop(f"{url}/predict", {"images": [image]}, 64, requests_for(64, args.scale)))
+            finally:
+                server.stop()
+            print(f"  max_batch_size {size:3d}: c=64 p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
+                  f"{row['requests_per_s']:.1f} req/s", flush=True)
+            result["batch_size_sweep"].append({"max_batch_size": size, **row})
+
+    print("naive FastAPI + PyTorch eager (one image per call, 1 uvicorn worker):", flush=True)
+    server, url = start_naive(checkpoint, out.with_suffix(".naive.log"))
+    try:
+        result["naive_predict"] = run_levels(f"{url}/predict", {"image": image}, args.scale, "naive /predict")
+    finally:
+        server.stop()
+
+    c1, c64 = result["protoserve_predict"][0], result["protoserve_predict"][-1]
+    naive64 = result["naive_predict"][-1]
+    result["targets"] = {
+        "predict_c1_p50_minus_raw_ms": c1["p50_ms"] - raw["p50_ms"],
+        "predict_c64_throughput_vs_naive": c64["requests_per_s"] / naive64["requests_per_s"],
+        "explain_c1_p50_ms": result["protoserve_explain"][0]["p50_ms"],
+    }
+    result["machine"]["loadavg_after"] = os.getloadavg()
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    t = result["targets"]
+    print(f"targets: /predict c=1 p50 is raw + {t['predict_c1_p50_minus_raw_ms']:.2f} ms (target <= 3 ms); "
+          f"c=64 throughput {t['predict_c64_throughput_vs_naive']:.2f}x naive (target >= 5x); "
+          f"/explain c=1 p50 {t['explain_c1_p50_ms']:.2f} ms (target < 15 ms)")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
