@@ -25,6 +25,8 @@ def _train(args) -> None:
         config.train.device = args.device
     root = resolve_data_root(args.data_root, config.data.root)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
+    if config.model.family == "protopnet":
+        from training.train_protopnet import ProtoPNetTrainer as Trainer  # noqa: N814
     trainer = Trainer(config, out, data_root=root)
     if args.resume:
         trainer.resume()
@@ -215,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="local", choices=["local", "ray"])
     p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--top-k", type=int, default=3, help="nearest prototypes per row")
-    p.add_argument("--chunk-size", type=int, default=4096, help="inputs per committed chunk")
+    p.add_argument("--chunk-size", type=int, default=1024, help="inputs per committed chunk")
     p.add_argument("--image-column", help="Parquet column of image bytes (default: the first binary column)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--restart", action="store_true", help="discard an earlier job's chunks and output, start over")

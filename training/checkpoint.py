@@ -14,6 +14,7 @@ import torch
 
 from protoserve.errors import ProtoserveError
 from training.config import Config, ConfigError
+from training.protopnet import ProtoPNet
 from training.prototypedl import PrototypeDL
 
 FORMAT = "protoserve-checkpoint"
@@ -24,10 +25,14 @@ class CheckpointError(ProtoserveError):
     pass
 
 
-def build_model(config: Config) -> PrototypeDL:
-    if config.model.family != "prototypedl":
-        raise CheckpointError(f"unknown model family {config.model.family!r}")
-    return PrototypeDL(config.model)
+def build_model(config: Config, initial_weights: bool = True) -> PrototypeDL | ProtoPNet:
+    """The model of config.model.family; initial_weights=False skips pretrained backbone weights
+    (a checkpoint's state dict replaces them anyway, and loading must never download)."""
+    if config.model.family == "prototypedl":
+        return PrototypeDL(config.model)
+    if config.model.family == "protopnet":
+        return ProtoPNet(config.model, backbone_weights=config.model.backbone_weights if initial_weights else None)
+    raise CheckpointError(f"unknown model family {config.model.family!r}")
 
 
 def save_checkpoint(path: Path, model, config: Config, epoch: int, metrics: dict,
@@ -67,7 +72,7 @@ def read_checkpoint(path: Path) -> dict:
     return payload
 
 
-def load_checkpoint(path: Path, expect_config: Config | None = None) -> tuple[PrototypeDL, Config, dict]:
+def load_checkpoint(path: Path, expect_config: Config | None = None) -> tuple[PrototypeDL | ProtoPNet, Config, dict]:
     """Rebuild the model from a checkpoint; returns (model in eval mode, config, payload)."""
     payload = read_checkpoint(path)
     try:
@@ -80,7 +85,7 @@ def load_checkpoint(path: Path, expect_config: Config | None = None) -> tuple[Pr
     if expect_config is not None and expect_config.model != config.model:
         raise CheckpointError(f"{path}: model config differs from the run's config "
                               f"(stored {config.model}, expected {expect_config.model})")
-    model = build_model(config)
+    model = build_model(config, initial_weights=False)
     check_state_dict(model.state_dict(), payload["model"], str(path))
     model.load_state_dict(payload["model"])
     model.eval()

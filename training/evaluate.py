@@ -33,6 +33,10 @@ def accuracy(model: PrototypeDL, images: torch.Tensor, labels: torch.Tensor, bat
 def evaluate_checkpoint(path: Path, data_root: str | None = None, batch_size: int = 1000) -> dict:
     """Test accuracy (reporting only) and the undeformed training-set reconstruction error."""
     model, config, payload = load_checkpoint(path)
+    if config.model.family == "protopnet":
+        from training.train_protopnet import evaluate_protopnet
+
+        return evaluate_protopnet(model, config, payload, path, data_root, batch_size)
     d = config.data
     data = load_dataset(resolve_data_root(data_root, d.root), d.dataset, d.val_size, d.split_seed)
     return {

@@ -54,10 +54,11 @@ class Output:
 
 
 class ProtoPNet(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, backbone_weights: str | None = None):
+        """`backbone_weights` (e.g. cfg.backbone_weights) loads pretrained backbone weights; None: random."""
         super().__init__()
         self.cfg = cfg
-        backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.in_channels)
+        backbone = build_backbone(cfg.backbone, backbone_weights, cfg.in_channels)
         self.features = backbone.module
         self.rf: ReceptiveField = backbone.receptive_field(cfg.input_size)
         D, M, K = cfg.prototype_dim, cfg.n_prototypes, cfg.n_classes

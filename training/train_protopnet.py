@@ -1,0 +1,338 @@
+"""The ProtoPNet training loop: warm-up, joint training, push every N epochs, last-layer optimisation.
+
+    epoch 1 .. warm_epochs     add-on layers and prototypes (backbone and last layer frozen)
+    later epochs               joint: backbone, add-on layers, prototypes (last layer frozen);
+                               learning rates times lr_gamma every lr_step_epochs joint epochs
+    after epoch push_start, every push_every epochs after it, and after the last epoch:
+        push                   each prototype onto its nearest own-class patch of the push set
+                               (the unaugmented training images), pictures to push/epoch_NNNN/
+        last layer             last_layer_epochs passes of CE + lambda_l1 * L1 over the push
+                               set's similarities (features are frozen, so they are computed once)
+
+Model selection: best.pt is the pushed model (after its last-layer optimisation) with the best
+validation accuracy; the test set is never looked at. The run directory is the PrototypeDL one
+(config.yaml, metrics.jsonl, last.pt, best.pt, checkpoints/) plus push/.
+
+Under `torchrun` (torch.distributed initialised by the caller, see training/distributed.py) every
+rank holds the data, trains on its share of each minibatch through DistributedDataParallel,
+searches its shard of the push set (push gathers the candidates across ranks), and only rank 0
+writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from training.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from training.config import Config
+from training.cub import IMAGENET_MEAN, IMAGENET_STD, load_cub
+from training.data import Split, load_dataset, resolve_data_root
+from training.elastic import elastic_deform
+from training.protopnet import ProtoPNet, l1_wrong_class, protopnet_loss
+from training.push import push_prototypes, write_push_pictures
+from training.train import _duration, _semantic, resolve_device
+
+
+def load_run_data(config: Config, root: Path) -> dict[str, Split]:
+    d = config.data
+    if d.dataset == "cub":
+        return load_cub(root, config.model.input_size, d.val_size, d.split_seed, d.train_subset, d.crop_to_bbox)
+    return load_dataset(root, d.dataset, d.val_size, d.split_seed, d.train_subset)
+
+
+def input_normalization(dataset: str) -> tuple[list[float] | None, list[float] | None]:
+    """(mean, std) the data loader applied, or (None, None) for raw [0, 1] pixels."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if dataset == "cub" else (None, None)
+
+
+@torch.no_grad()
+def evaluate_split(model: ProtoPNet, split: Split, batch_size: int, device) -> dict:
+    model.eval()
+    correct = 0
+    for start in range(0, len(split), batch_size):
+        x = split.images[start:start + batch_size].to(device)
+        correct += int((model.classify(x).argmax(1) == split.labels[start:start + batch_size].to(device)).sum())
+    return {"accuracy": correct / max(1, len(split))}
+
+
+@torch.no_grad()
+def push_purity(model: ProtoPNet, labels: torch.Tensor) -> float:
+    """Fraction of prototypes whose source patch comes from an image of the prototype's own class."""
+    src = model.push_source[:, 0].cpu()
+    if (src < 0).any():
+        return 0.0
+    return float((labels[src] == torch.tensor(model.class_identities())).float().mean())
+
+
+class ProtoPNetTrainer:
+    def __init__(self, config: Config, out_dir: Path, data_root: Path | None = None, log=print):
+        self.config, self.out_dir = config, Path(out_dir)
+        t, s = config.train, config.schedule
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.log = log if self.rank == 0 else (lambda message: None)
+        self.device = resolve_device(t.device)
+        root = data_root or resolve_data_root(None, config.data.root)
+        self.data = load_run_data(config, root)
+        self.mean, self.std = input_normalization(config.data.dataset)
+        torch.manual_seed(t.seed)
+        self.model: ProtoPNet = build_model(config).to(self.device)
+        m = self.model
+        self.warm_optimizer = torch.optim.Adam([
+            {"params": m.add_on.parameters(), "lr": s.lr_add_on},
+            {"params": [m.prototypes], "lr": s.lr_prototypes}])
+        self.joint_optimizer = torch.optim.Adam([
+            {"params": m.features.parameters(), "lr": s.lr_features},
+            {"params": m.add_on.parameters(), "lr": s.lr_add_on},
+            {"params": [m.prototypes], "lr": s.lr_prototypes}])
+        self.joint_scheduler = torch.optim.lr_scheduler.StepLR(self.joint_optimizer, s.lr_step_epochs, s.lr_gamma)
+        self.last_layer_optimizer = torch.optim.Adam(m.last_layer.parameters(), lr=s.lr_last_layer)
+        self.shuffle_rng = torch.Generator().manual_seed(t.seed + 1)
+        self.augment_rng = torch.Generator(device=self.device).manual_seed(t.seed + 2)
+        self.epoch = 0
+        self.best_val_accuracy = -1.0
+        self.wall_seconds = 0.0
+        self._ddp: DistributedDataParallel | None = None
+
+    # -- state for exact resume ------------------------------------------------------------
+    def training_state(self) -> dict:
+        return {
+            "warm_optimizer": self.warm_optimizer.state_dict(),
+            "joint_optimizer": self.joint_optimizer.state_dict(),
+            "joint_scheduler": self.joint_scheduler.state_dict(),
+            "last_layer_optimizer": self.last_layer_optimizer.state_dict(),
+            "shuffle_rng": self.shuffle_rng.get_state(),
+            "augment_rng": self.augment_rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "best_val_accuracy": self.best_val_accuracy,
+            "wall_seconds": self.wall_seconds,
+        }
+
+    def resume(self) -> None:
+        path = self.out_dir / "last.pt"
+        model, config, payload = load_checkpoint(path, expect_config=self.config)
+        if _semantic(config) != _semantic(self.config):
+            raise CheckpointError(f"{path}: the run was started with a different config; "
+                                  f"resume with {self.out_dir / 'config.yaml'}")
+        state = payload["training_state"]
+        if state is None:
+            raise CheckpointError(f"{path}: holds no optimizer/RNG state, cannot resume from it")
+        self.model.load_state_dict(model.state_dict())
+        self.warm_optimizer.load_state_dict(state["warm_optimizer"])
+        self.joint_optimizer.load_state_dict(state["joint_optimizer"])
+        self.joint_scheduler.load_state_dict(state["joint_scheduler"])
+        self.last_layer_optimizer.load_state_dict(state["last_layer_optimizer"])
+        self.shuffle_rng.set_state(state["shuffle_rng"])
+        self.augment_rng.set_state(state["augment_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.best_val_accuracy = state["best_val_accuracy"]
+        self.wall_seconds = state["wall_seconds"]
+        self.epoch = payload["epoch"]
+        if self.rank == 0:
+            self._truncate_metrics(self.epoch)
+        self.log(f"resumed {path} at epoch {self.epoch}")
+
+    def _truncate_metrics(self, epoch: int) -> None:
+        path = self.out_dir / "metrics.jsonl"
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            path.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["epoch"] <= epoch))
+
+    # -- stages ----------------------------------------------------------------------------
+    def is_push_epoch(self, epoch: int) -> bool:
+        s = self.config.schedule
+        regular = epoch >= s.push_start and (epoch - s.push_start) % s.push_every == 0
+        return regular or epoch == self.config.train.epochs
+
+    def _set_trainable(self, phase: str) -> None:
+        m = self.model
+        # Under DDP the backbone keeps its gradients in warm-up too (one wrapper serves both phases,
+        # and DDP waits for every parameter it was built with); the warm optimizer never steps it.
+        for p in m.features.parameters():
+            p.requires_grad_(phase == "joint" or (phase == "warm" and self.world > 1))
+        for p in m.add_on.parameters():
+            p.requires_grad_(phase in ("warm", "joint"))
+        m.prototypes.requires_grad_(phase in ("warm", "joint"))
+        m.last_layer.weight.requires_grad_(phase == "last_layer")
+
+    def _forward_module(self):
+        """The model, or under torch.distributed its DDP wrapper (backbone, add-on, prototypes)."""
+        if self.world == 1:
+            return self.model
+        if self._ddp is None:
+            self._ddp = DistributedDataParallel(self.model)
+        return self._ddp
+
+    def _local(self, idx: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a minibatch (all of it when it is smaller than the world)."""
+        return idx[self.rank::self.world] if len(idx) >= self.world else idx
+
+    def train_epoch(self, phase: str) -> dict:
+        t = self.config.train
+        train = self.data["train"]
+        self._set_trainable(phase)
+        optimizer = self.warm_optimizer if phase == "warm" else self.joint_optimizer
+        module = self._forward_module()
+        self.model.train()
+        order = torch.randperm(len(train), generator=self.shuffle_rng)
+        sums, correct, seen = {}, 0, 0
+        for start in range(0, len(train), t.batch_size):
+            idx = self._local(order[start:start + t.batch_size])
+            x = train.images[idx].to(self.device)
+            y = train.labels[idx].to(self.device)
+            if t.elastic and self.config.data.dataset != "cub":
+                x = elastic_deform(x, t.elastic_sigma, t.elastic_alpha, generator=self.augment_rng)
+            out = module(x)
+            terms = protopnet_loss(out, y, self.model, self.config.loss)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            optimizer.step()
+            for k, v in terms.as_floats().items():
+                sums[k] = sums.get(k, 0.0) + v * len(y)
+            correct += int((out.logits.argmax(1) == y).sum())
+            seen += len(y)
+        return {**{f"train_{k}": v / seen for k, v in sums.items()}, "train_accuracy": correct / seen}
+
+    def push(self, epoch: int) -> dict:
+        train = self.data["train"]
+        shard = torch.arange(len(train))[self.rank::self.world]
+        result = push_prototypes(self.model, _Subset(train.images, shard), train.labels[shard], shard,
+                                 batch_size=self.config.train.eval_batch_size,
+                                 source_images=lambda i: train.images[i])
+        if self.rank == 0:
+            write_push_pictures(self.model, lambda i: train.images[i], self.out_dir / "push" / f"epoch_{epoch:04d}",
+                                self.mean, self.std)
+        return {"push_purity": push_purity(self.model, train.labels),
+                "push_mean_distance": float(result.distances.mean())}
+
+    @torch.no_grad()
+    def _similarities(self, split: Split, shard: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        bs = self.config.train.eval_batch_size
+        parts = [self.model(split.images[shard[i:i + bs]].to(self.device)).similarities
+                 for i in range(0, len(shard), bs)]
+        return torch.cat(parts) if parts else torch.empty(0, self.model.prototypes.shape[0])
+
+    def last_layer(self) -> dict:
+        """Optimise the last layer alone on the push set's similarities (computed once: nothing before
+        the last layer changes). Gradients are summed over ranks, each rank holding a shard."""
+        s, t = self.config.schedule, self.config.train
+        train = self.data["train"]
+        self._set_trainable("last_layer")
+        shard = torch.arange(len(train))[self.rank::self.world]
+        sims, labels = self._similarities(train, shard), train.labels[shard].to(self.device)
+        W = self.model.last_layer.weight
+        local_batch = max(1, t.batch_size // self.world)
+        steps = math.ceil(len(train) / t.batch_size)
+        for _ in range(s.last_layer_epochs):
+            order = torch.randperm(len(shard), generator=self.shuffle_rng)
+            for step in range(steps):
+                idx = order[step * local_batch:(step + 1) * local_batch]
+                ce = F.cross_entropy(sims[idx] @ W.T, labels[idx], reduction="sum") / max(1, len(idx) * self.world)
+                loss = ce + self.config.loss.lambda_l1 * l1_wrong_class(self.model) / self.world
+                self.last_layer_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.world > 1:
+                    dist.all_reduce(W.grad)
+                self.last_layer_optimizer.step()
+        self._set_trainable("none")
+        return {"last_layer_l1": float(l1_wrong_class(self.model).detach())}
+
+    # -- the loop --------------------------------------------------------------------------
+    def fit(self, stop_after: int | None = None) -> dict:
+        t, s = self.config.train, self.config.schedule
+        last = min(t.epochs, stop_after or t.epochs)
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        metrics = {}
+        while self.epoch < last:
+            started = time.perf_counter()
+            epoch = self.epoch + 1
+            phase = "warm" if epoch <= s.warm_epochs else "joint"
+            lrs = [g["lr"] for g in (self.warm_optimizer if phase == "warm" else self.joint_optimizer).param_groups]
+            metrics = {"epoch": epoch, "phase": phase, "lr": lrs[0], **self.train_epoch(phase)}
+            if phase == "joint":
+                self.joint_scheduler.step()
+            val_batch = t.eval_batch_size
+            metrics["val_accuracy_before_push"] = evaluate_split(self.model, self.data["val"], val_batch,
+                                                                 self.device)["accuracy"]
+            pushed = self.is_push_epoch(epoch)
+            if pushed:
+                metrics.update(self.push(epoch))
+                metrics["val_accuracy_after_push"] = evaluate_split(self.model, self.data["val"], val_batch,
+                                                                    self.device)["accuracy"]
+                metrics.update(self.last_layer())
+            metrics["val_accuracy"] = evaluate_split(self.model, self.data["val"], val_batch, self.device)["accuracy"]
+            metrics["pushed"] = pushed
+            self.epoch = epoch
+            seconds = time.perf_counter() - started
+            self.wall_seconds += seconds
+            metrics.update(epoch_seconds=seconds, wall_seconds=self.wall_seconds)
+            is_best = pushed and metrics["val_accuracy"] > self.best_val_accuracy
+            if is_best:
+                self.best_val_accuracy = metrics["val_accuracy"]
+            self._log_epoch(metrics, is_best)
+            if self.rank == 0:
+                self._write(metrics, is_best)
+        return metrics
+
+    def _write(self, metrics: dict, is_best: bool) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        state = self.training_state()
+        save_checkpoint(self.out_dir / "last.pt", self.model, self.config, self.epoch, metrics, state)
+        if is_best:
+            save_checkpoint(self.out_dir / "best.pt", self.model, self.config, self.epoch, metrics, state)
+        if self.epoch % self.config.train.checkpoint_every == 0 or self.epoch == self.config.train.epochs:
+            save_checkpoint(self.out_dir / "checkpoints" / f"epoch_{self.epoch:04d}.pt", self.model,
+                            self.config, self.epoch, metrics, state)
+
+    def _log_epoch(self, m: dict, is_best: bool) -> None:
+        eta = (self.config.train.epochs - self.epoch) * m["epoch_seconds"]
+        push = (f"  push: purity {m['push_purity']:.2f}, val acc {m['val_accuracy_after_push']:.4f} "
+                f"-> last layer {m['val_accuracy']:.4f}" if m["pushed"] else "")
+        self.log(f"epoch {self.epoch}/{self.config.train.epochs} ({m['phase']})  loss {m['train_total']:.4f} "
+                 f"(CE {m['train_cross_entropy']:.4f} clst {m['train_cluster_cost']:.4f} "
+                 f"sep {m['train_separation_cost']:.4f})  train acc {m['train_accuracy']:.4f}  "
+                 f"val acc {m['val_accuracy_before_push']:.4f}{push}{' *' if is_best else ''}  "
+                 f"{m['epoch_seconds']:.1f}s/epoch  ETA {_duration(eta)}")
+
+
+class _Subset:
+    """images[shard] without materialising it (CUB images load from disk on indexing)."""
+
+    def __init__(self, images, shard: torch.Tensor):
+        self.images, self.shard = images, shard
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __getitem__(self, index):
+        return self.images[self.shard[index]]
+
+
+@torch.no_grad()
+def evaluate_protopnet(model: ProtoPNet, config: Config, payload: dict, path: Path, data_root: str | None = None,
+                       batch_size: int = 1000) -> dict:
+    """Test accuracy (reporting only), validation and training accuracy, and push purity."""
+    data = load_run_data(config, resolve_data_root(data_root, config.data.root))
+    return {
+        "checkpoint": str(path),
+        "epoch": payload["epoch"],
+        **{f"{name}_accuracy": evaluate_split(model, data[name], batch_size, "cpu")["accuracy"]
+           for name in ("test", "val", "train")},
+        "push_purity": push_purity(model, data["train"].labels),
+        "pushed_prototypes": int((model.push_source[:, 0] >= 0).sum()),
+        "class_identities": model.class_identities(),
+    }
