@@ -279,3 +279,29 @@ def test_a_damaged_bundle_stops_start_up_with_a_clear_message(tiny_bundle, tmp_p
         pass
     assert "exited" in str(e.value)
     assert "model.onnx: sha256 does not match the manifest" in log.read_text()
+
+
+def test_random_garbage_never_gets_a_5xx(server, digits):
+    """Random bodies, content types and JSON shapes: every answer is a 2xx or a counted 4xx."""
+    images, _ = digits
+    rng = np.random.default_rng(7)
+    good_png = png(images[0])
+    values = [None, True, 3, -1.5, "x", "", [], {}, [[]], [[[]]], [None], ["", ""], {"a": [1]},
+              b64(good_png[:40]), b64(bytes(rng.integers(0, 256, 300, dtype=np.uint8))),
+              rng.random((28, 29)).tolist(), rng.random((2, 28, 28)).tolist(), [[1e308] * 28] * 28]
+    bodies = [(route, {"images": [v]}) for route in ("/predict",) for v in values]
+    bodies += [(route, {"images": v}) for route in ("/predict",) for v in values]
+    bodies += [("/explain", {"image": v, "top_k": k}) for v in values for k in (None, 1, "1", 2.0, [3])]
+    with httpx.Client(base_url=server, timeout=60) as client:
+        for route, body in bodies:
+            r = client.post(route, json=body)
+            assert r.status_code < 500, f"{route} {str(body)[:200]}: {r.status_code} {r.text[:200]}"
+            if r.status_code >= 400:
+                assert r.json()["reason"] and r.json()["error"]
+        for _ in range(30):
+            raw = bytes(rng.integers(0, 256, int(rng.integers(0, 2000)), dtype=np.uint8))
+            content_type = str(rng.choice(["application/json", "multipart/form-data; boundary=zz", "image/png", ""]))
+            r = client.post(str(rng.choice(["/predict", "/explain"])), content=raw,
+                            headers={"content-type": content_type} if content_type else {})
+            assert 400 <= r.status_code < 500, f"{content_type}: {r.status_code} {r.text[:200]}"
+        assert client.get("/readyz").status_code == 200
