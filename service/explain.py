@@ -69,6 +69,15 @@ def prototype_rows(manifest: Manifest, distances: np.ndarray, indices: np.ndarra
     return rows
 
 
+def heatmap_picture(similarity_map: np.ndarray, height: int, width: int) -> Image.Image:
+    """ProtoPNet: one prototype's [h, w] similarity map -> an L picture of the input's size, brightest
+    where the prototype was found (scaled to the map's own min..max, bilinear upsampling)."""
+    low, high = float(similarity_map.min()), float(similarity_map.max())
+    scaled = (similarity_map - low) / (high - low) if high > low else np.zeros_like(similarity_map)
+    small = Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8), mode="L")
+    return small.resize((width, height), Image.Resampling.BILINEAR)
+
+
 def pixels_to_picture(pixels: np.ndarray) -> Image.Image:
     """[C, H, W] in [0, 1] (C = 1 or 3) -> an 8-bit L or RGB picture."""
     array = (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

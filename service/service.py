@@ -22,6 +22,7 @@ from service.batch_http import ScoreGate, score_images
 from service.batching import AdaptiveBatcher, Overloaded
 from service.errors import InputError
 from service.explain import (
+    heatmap_picture,
     nearest_distance,
     nearest_prototypes,
     pixels_to_picture,
@@ -126,11 +127,15 @@ class Protoserve:
         probabilities, distances = outputs["probabilities"][None], outputs["distances"][None]
         self._record(probabilities, distances, "explain", started)
         prediction = predictions(probabilities, self.manifest.class_names)[0]
-        rows = prototype_rows(self.manifest, distances[0], nearest_prototypes(distances[0], k, self.active),
-                              prediction["label"])
+        nearest = nearest_prototypes(distances[0], k, self.active)
+        rows = prototype_rows(self.manifest, distances[0], nearest, prediction["label"])
         for row in rows:
             row["image"] = self.pictures[row["id"]]
         answer = {"model": self._model_ref(), "prediction": prediction, "prototypes": rows}
+        if "similarity_maps" in outputs:  # ProtoPNet: where in the input each prototype was found
+            spec = self.manifest.input
+            for row, j in zip(rows, nearest, strict=True):
+                row["heatmap"] = png_base64(heatmap_picture(outputs["similarity_maps"][j], spec.height, spec.width))
         if "reconstruction" in outputs:
             answer["reconstruction"] = png_base64(pixels_to_picture(denormalize(outputs["reconstruction"],
                                                                                 self.manifest.input)))

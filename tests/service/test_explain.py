@@ -74,3 +74,17 @@ def test_png_round_trip():
     np.testing.assert_allclose(np.asarray(img) / 255.0, pixels[0], atol=1 / 255)
     rgb = pixels_to_picture(np.stack([pixels[0]] * 3))
     assert rgb.mode == "RGB"
+
+
+def test_heatmap_is_brightest_where_the_prototype_was_found():
+    from service.explain import heatmap_picture
+
+    similarity_map = np.zeros((7, 7), dtype=np.float32)
+    similarity_map[1, 5] = 3.0
+    img = heatmap_picture(similarity_map, 28, 28)
+    assert img.size == (28, 28) and img.mode == "L"
+    pixels = np.asarray(img)
+    y, x = np.unravel_index(pixels.argmax(), pixels.shape)
+    assert 4 <= y <= 8 and 20 <= x <= 24  # cell (1, 5) of a 7x7 grid over 28x28 pixels
+    assert pixels.max() == 255 and pixels.min() == 0
+    assert np.asarray(heatmap_picture(np.ones((7, 7)), 28, 28)).max() == 0  # a flat map shows nothing
