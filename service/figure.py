@@ -8,7 +8,7 @@ import io
 from PIL import Image, ImageDraw, ImageFont
 
 SCALE = 4  # 28x28 digits become 112x112 tiles
-CAPTION_HEIGHT = 46
+CAPTION_HEIGHT = 52
 MARGIN = 8
 
 
