@@ -1,0 +1,32 @@
+"""benchmarks/serve.py runs end to end on the tiny model and reports every figure the README needs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_serve_benchmark_reports_all_systems_and_levels(tiny_checkpoint, tiny_bundle, tmp_path):
+    out = tmp_path / "serve.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve.py"), "--bundle", str(tiny_bundle),
+                             "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--scale", "0.05"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["raw"]["batch_1"]["p50_ms"] > 0 and figures["raw"]["batch_64_images_per_s"] > 0
+    for system in ("protoserve_predict", "protoserve_explain", "naive_predict"):
+        rows = figures[system]
+        assert [r["clients"] for r in rows] == [1, 8, 64]
+        for r in rows:
+            assert r["errors"] == 0 and r["requests"] >= 10
+            assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["requests_per_s"] > 0
+    assert set(figures["targets"]) == {"predict_c1_p50_minus_raw_ms", "predict_c64_throughput_vs_naive",
+                                       "explain_c1_p50_ms"}
+    assert "targets:" in result.stdout
