@@ -98,13 +98,13 @@ class Protoserve:
         try:
             batch = to_batch(images, self.manifest.input)
         except InputError as e:
-            return self._refuse(ctx, e)
+            return JSONResponse(self._refuse(ctx, e))
         K = len(self.manifest.class_names)
         try:
             output = await self.classify(batch)
         except Overloaded as e:
             ctx.response.status_code = 503
-            return {"error": str(e), "reason": "overloaded"}
+            return JSONResponse({"error": str(e), "reason": "overloaded"})
         probabilities, distances = output[:, :K], output[:, K:]
         self._record(probabilities, distances, "predict", started)
         return JSONResponse({"model": self._model_ref(),
