@@ -76,9 +76,19 @@ def start_service():
     return start
 
 
+SERVER_LOGS: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def server(tiny_bundle, tmp_path_factory) -> str:
     """The URL of a running service (two API workers) on the tiny bundle."""
     home = tmp_path_factory.mktemp("bentoml_home")
     with bentoml_serve(serve_env(tiny_bundle, home, PROTOSERVE_WORKERS="2"), home / "serve.log") as url:
+        SERVER_LOGS[url] = home / "serve.log"
         yield url
+
+
+@pytest.fixture(scope="session")
+def server_log(server) -> Path:
+    """The combined log of the `server` process and its workers."""
+    return SERVER_LOGS[server]

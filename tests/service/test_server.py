@@ -55,9 +55,12 @@ def total(samples: dict[str, float], name: str, **labels: str) -> float:
                if re.match(rf"{name}(\{{|$)", k) and all(w in k for w in wanted))
 
 
-def test_health(server):
+def test_health_and_the_provider_in_the_log(server, server_log, tiny_bundle):
     assert httpx.get(f"{server}/livez").status_code == 200
     assert httpx.get(f"{server}/readyz").status_code == 200
+    tag = read_bundle(tiny_bundle).manifest.tag
+    lines = [line for line in server_log.read_text().splitlines() if f"protoserve: serving {tag}" in line]
+    assert len(lines) == 2 and all(line.endswith("on CPUExecutionProvider") for line in lines), lines
 
 
 def test_predict_png_jpeg_and_arrays_in_order(server, digits, tiny_bundle):
