@@ -50,6 +50,13 @@ class RecordSource:
         self._file = None
 
     def read(self, lo: int, hi: int) -> list[tuple[str, object]]:
+        ids, block, missing = self.read_block(lo, hi)
+        items: list[tuple[str, object]] = list(zip(ids[:len(block)], block, strict=True))
+        return items + [(ids[i], InputError("corrupt_image", "file is truncated: record missing"))
+                        for i in range(len(block), len(block) + missing)]
+
+    def read_block(self, lo: int, hi: int) -> tuple[list[str], np.ndarray, int]:
+        """Records lo..hi-1 as one array: (ids, records [m, ...], how many are missing past the end)."""
         if self._file is None:
             self._file = self.opener()
         self._file.seek(self.offset + lo * self.record_bytes)
@@ -57,10 +64,7 @@ class RecordSource:
         whole = len(data) // self.record_bytes if self.record_bytes else hi - lo
         block = np.frombuffer(data[:whole * self.record_bytes], self.dtype).reshape(whole, *self.shape)
         block = block.astype(self.dtype.newbyteorder("="), copy=False)
-        items: list[tuple[str, object]] = [(f"{self.name}#{lo + i}", block[i]) for i in range(whole)]
-        items += [(f"{self.name}#{i}", InputError("corrupt_image", "file is truncated: record missing"))
-                  for i in range(lo + whole, hi)]
-        return items
+        return [f"{self.name}#{i}" for i in range(lo, hi)], block, hi - lo - whole
 
     def close(self) -> None:
         if self._file is not None:
@@ -178,6 +182,17 @@ class Inputs:
     @property
     def n(self) -> int:
         return int(self.starts[-1])
+
+    def read_values(self, lo: int, hi: int) -> tuple[list[str], list[object] | np.ndarray]:
+        """(ids, values) of items lo..hi-1: values is one array when they are whole records of one file."""
+        k = int(np.searchsorted(self.starts, lo, side="right") - 1)
+        source = self.sources[k] if k < len(self.sources) else None
+        if isinstance(source, RecordSource) and hi <= int(self.starts[k + 1]):
+            ids, block, missing = source.read_block(lo - int(self.starts[k]), hi - int(self.starts[k]))
+            if not missing:
+                return ids, block
+        items = self.read(lo, hi)
+        return [i for i, _ in items], [v for _, v in items]
 
     def read(self, lo: int, hi: int) -> list[tuple[str, object]]:
         """Items lo..hi-1 of the job, in order."""

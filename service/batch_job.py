@@ -3,8 +3,9 @@
 A job writes into `<output>.job/` beside the output:
     job.json           the plan: model digest, input fingerprint, top_k, chunk size, item count
                        (written once, atomically; a later run with other inputs or model is refused)
-    chunk-000123.parquet   the rows of items [123 * chunk_size, 124 * chunk_size): written to a
-                       temporary name, fsynced, then renamed, so a chunk file that exists is complete
+    chunk-000123.arrow the rows of items [123 * chunk_size, 124 * chunk_size) (Arrow IPC: cheap to
+                       write and to read back): written to a temporary name, fsynced, then renamed,
+                       so a chunk file that exists is complete
     complete.json      written after the output: the job's totals
 The output is assembled from the chunk files in order at the end (again through a temporary file
 and a rename), so a reader never sees a partial output. A run killed at any moment, SIGKILL
@@ -22,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from protoserve.errors import ProtoserveError
 from service.batch import BatchScorer, Columns
 from service.batch_inputs import Inputs, open_inputs
 
-CHUNK_SIZE = 4096
+CHUNK_SIZE = 1024  # ~0.3 s of one core: little left idle at the end, little lost to a kill
 PLAN_VERSION = 1
 JOB_FILE, DONE_FILE = "job.json", "complete.json"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -139,7 +140,7 @@ class Job:
         return (self.dir / DONE_FILE).exists() and self.output.exists()
 
     def chunk_path(self, k: int) -> Path:
-        return self.dir / f"chunk-{k:06d}.parquet"
+        return self.dir / f"chunk-{k:06d}.arrow"
 
     def chunk_range(self, k: int) -> tuple[int, int]:
         lo = k * self.spec.chunk_size
@@ -157,27 +158,32 @@ class Job:
         return todo
 
     def committed_rows(self, k: int) -> int | None:
-        import pyarrow.parquet as pq
-
         path = self.chunk_path(k)
         if not path.exists():
             return None
         try:
-            return pq.read_metadata(path).num_rows
-        except (OSError, ValueError):  # pyarrow raises ArrowInvalid (a ValueError) for a damaged footer
+            return self.read_committed(k).num_rows
+        except (OSError, ValueError):  # pyarrow raises ArrowInvalid (a ValueError) for a damaged file
             return None
 
-    def read_chunk(self, k: int) -> tuple[int, list[str], list[object]]:
+    def read_committed(self, k: int):
+        """Chunk k's rows (an Arrow table, memory-mapped)."""
+        import pyarrow as pa
+
+        with pa.memory_map(str(self.chunk_path(k))) as source:
+            return pa.ipc.open_file(source).read_all()
+
+    def read_chunk(self, k: int) -> tuple[int, list[str], list[object] | np.ndarray]:
+        """(first item's ordinal, ids, values) of chunk k, ready for BatchScorer.score."""
         lo, hi = self.chunk_range(k)
-        items = self.inputs.read(lo, hi)
-        return lo, [i for i, _ in items], [v for _, v in items]
+        return (lo, *self.inputs.read_values(lo, hi))
 
     def commit(self, k: int, columns: Columns) -> None:
         self.commit_table(k, to_table(columns))
 
     def commit_table(self, k: int, table) -> None:
         """Write chunk k (an Arrow table of row_schema) atomically: a temporary file, fsync, rename."""
-        import pyarrow.parquet as pq
+        import pyarrow as pa
 
         lo, hi = self.chunk_range(k)
         if table.num_rows != hi - lo:
@@ -187,17 +193,16 @@ class Job:
         table = table.replace_schema_metadata({CHUNK_METADATA: stats})
         tmp = self.chunk_path(k).with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         with open(tmp, "wb") as f:
-            pq.write_table(table, f)
+            with pa.ipc.new_file(f, table.schema) as writer:
+                writer.write_table(table)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.chunk_path(k))
 
     def failed_in_chunks(self) -> int:
-        import pyarrow.parquet as pq
-
         total = 0
         for k in range(self.chunks):
-            meta = pq.read_metadata(self.chunk_path(k)).metadata or {}
+            meta = self.read_committed(k).schema.metadata or {}
             total += json.loads(meta.get(CHUNK_METADATA, b'{"failed": 0}'))["failed"]
         return total
 
@@ -228,16 +233,14 @@ class Job:
         with open(tmp, "wb") as f:
             with pq.ParquetWriter(f, schema) as writer:
                 for k in range(self.chunks):
-                    writer.write_table(pq.read_table(self.chunk_path(k)).replace_schema_metadata(schema.metadata))
+                    writer.write_table(self.read_committed(k).replace_schema_metadata(schema.metadata))
             f.flush()
             os.fsync(f.fileno())
 
     def _assemble_jsonl(self, tmp: Path) -> None:
-        import pyarrow.parquet as pq
-
         with open(tmp, "w") as f:
             for k in range(self.chunks):
-                for row in pq.read_table(self.chunk_path(k)).to_pylist():
+                for row in self.read_committed(k).to_pylist():
                     f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -284,8 +287,9 @@ def default_workers() -> int:
 def run_local(job: Job, pending: list[int], advance) -> None:
     """Score the pending chunks with `workers` threads, each holding its own ONNX Runtime session.
 
-    The main thread reads inputs (files are read in order, so gzip and npz members stream); at most
-    two chunks per worker are in memory at once, whatever the input size.
+    The main thread reads inputs (files are read in order, so gzip and npz members stream); one
+    thread writes the committed chunks; at most 2 x workers + 1 chunks are in memory at once,
+    whatever the input size.
     """
     from export.runtime import open_session, run_probe
 
@@ -294,28 +298,44 @@ def run_local(job: Job, pending: list[int], advance) -> None:
     probe = run_probe(job.bundle, job.spec.device)
     if not probe.passed:
         raise BundleError(f"{job.bundle.model_path}: golden probe failed: {probe.failures[0]}")
+    # Sessions are opened here, one per worker thread, not inside the threads: opening one sets
+    # ONNX Runtime's process-wide log level for a moment (export/runtime.py).
+    sessions = [open_session(job.bundle.model_path, job.spec.device, threads=threads)[0] for _ in range(workers)]
     local = threading.local()
 
     def infer(x: np.ndarray):
         if not hasattr(local, "session"):
-            local.session = open_session(job.bundle.model_path, job.spec.device, threads=threads)[0]
+            local.session = sessions.pop()  # list.pop is atomic: each thread takes its own
         p, d = local.session.run(["probabilities", "distances"], {"image": x})
         return p, d
 
-    def score(k: int, start: int, ids: list[str], values: list[object]) -> int:
-        job.commit(k, job.scorer.score(start, ids, values, infer))
-        return len(ids)
+    def score(k: int, start: int, ids: list[str], values) -> Future:
+        # Writing and fsyncing a chunk happens on its own thread, so the sessions never wait on the disk.
+        return committer.submit(commit, k, job.scorer.score(start, ids, values, infer))
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="protoserve-score") as pool:
-        inflight: set = set()
+    def commit(k: int, columns: Columns) -> int:
+        job.commit(k, columns)
+        return len(columns)
+
+    def collect(limit: int) -> None:
+        """Wait until fewer than `limit` chunks are being scored or committed; count committed ones."""
+        while len(inflight) >= limit:
+            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            for future in done:
+                inflight.discard(future)
+                result = future.result()
+                if isinstance(result, Future):
+                    inflight.add(result)  # scored; now being committed
+                else:
+                    advance(result)
+
+    inflight: set[Future] = set()
+    with ThreadPoolExecutor(workers, thread_name_prefix="protoserve-score") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="protoserve-commit") as committer:
         for k in pending:
             inflight.add(pool.submit(score, k, *job.read_chunk(k)))
-            while len(inflight) >= 2 * workers:
-                done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    advance(future.result())
-        for future in as_completed(inflight):
-            advance(future.result())
+            collect(2 * workers + 1)
+        collect(1)
 
 
 # -- rows as Arrow -----------------------------------------------------------------------------------
@@ -349,12 +369,12 @@ def to_table(c: Columns, metadata: dict | None = None):
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), value_type), mask=null)
 
     labels = full(c.label, np.int32)
-    names = [c.class_names[int(label)] if good else None for label, good in zip(labels, ok, strict=True)]
+    names = pa.array(np.array(c.class_names, dtype=object)[labels], pa.string(), mask=~ok)
     columns = [pa.array(c.index, pa.int64()), pa.array(c.input_id, pa.string()),
-               pa.array(labels, pa.int32(), mask=~ok), pa.array(names, pa.string()),
+               pa.array(labels, pa.int32(), mask=~ok), names,
                lists(c.probabilities, pa.float32()), lists(c.prototype_ids, pa.int32()),
-               lists(c.prototype_distances, pa.float32()), pa.array([c.model_name] * n, pa.string()),
-               pa.array([c.model_version] * n, pa.string()), pa.array(c.error, pa.string())]
+               lists(c.prototype_distances, pa.float32()), pa.repeat(pa.scalar(c.model_name), n),
+               pa.repeat(pa.scalar(c.model_version), n), pa.array(c.error, pa.string())]
     schema = row_schema().with_metadata(metadata) if metadata else row_schema()
     return pa.Table.from_arrays(columns, schema=schema)
 

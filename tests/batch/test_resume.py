@@ -86,9 +86,9 @@ def test_killed_after_some_chunks_resumes_the_rest(tiny_bundle, job_inputs, refe
     out = tmp_path / "out.parquet"
     job_dir = tmp_path / "out.parquet.job"
     process = start(tiny_bundle, job_inputs, out)
-    wait_for(lambda: len(list(job_dir.glob("chunk-*.parquet"))) >= 3 or process.poll() is not None)
+    wait_for(lambda: len(list(job_dir.glob("chunk-*.arrow"))) >= 3 or process.poll() is not None)
     kill(process)
-    committed = {p.name for p in job_dir.glob("chunk-*.parquet")}
+    committed = {p.name for p in job_dir.glob("chunk-*.arrow")}
     assert 3 <= len(committed) < 32 and not out.exists()
     finish(tiny_bundle, job_inputs, out)
     check_exactly_once(out, reference, "killed after 3 chunks")
@@ -125,7 +125,7 @@ def test_killed_while_assembling_the_output(tiny_bundle, job_inputs, reference, 
     out = tmp_path / "out.jsonl"
     job_dir = tmp_path / "out.jsonl.job"
     process = start(tiny_bundle, job_inputs, out)
-    wait_for(lambda: len(list(job_dir.glob("chunk-*.parquet"))) == 32 or process.poll() is not None)
+    wait_for(lambda: len(list(job_dir.glob("chunk-*.arrow"))) == 32 or process.poll() is not None)
     kill(process)
     check_output_after_kill(out, [dict(r) for r in reference])
     finish(tiny_bundle, job_inputs, out)

@@ -1,0 +1,181 @@
+"""Batch scoring speed and memory (issue 5; figures in the README).
+
+1. Throughput: `protoserve score`'s job (local engine) on the 70,000 MNIST images read from the IDX
+   files, against the raw ONNX Runtime session in the same run, with the same cores: the raw rate is
+   the best of one session with every core and one single-thread session per core, on images already
+   in memory, fetching only the two outputs the job needs. Rounds alternate job and raw so that load
+   from other processes falls on both; the medians are reported.
+2. Memory: peak RSS of `protoserve score` (a subprocess each, read with wait4) on 10k, 100k and 1M
+   generated images, written on the fly to IDX files in a temporary folder (MNIST digits with noise).
+
+    python benchmarks/score.py --bundle models/prototypedl_mnist/bundle --out runs/score_benchmark.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from export.runtime import open_session  # noqa: E402
+from service.batch import RUN_BATCH  # noqa: E402
+from service.batch_job import JobSpec, default_workers, run_job  # noqa: E402
+
+MNIST_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    n, h, w = struct.unpack(">III", data[4:16])
+    return np.frombuffer(data, np.uint8, offset=16).reshape(n, h, w)
+
+
+def raw_rate(model: Path, images: np.ndarray, cores: int) -> dict[str, tuple[float, float]]:
+    """(images/s, CPU seconds per 1,000 images) of bare session.run over in-memory model input, two
+    ways of using the cores."""
+    x = (images.astype(np.float32) / 255.0)[:, None]
+    batches = [x[i:i + RUN_BATCH] for i in range(0, len(x), RUN_BATCH)]
+    outputs = ["probabilities", "distances"]
+
+    one, _ = open_session(model, "cpu", threads=cores)
+    one.run(outputs, {"image": batches[0]})
+    started, cpu = time.perf_counter(), time.process_time()
+    for b in batches:
+        one.run(outputs, {"image": b})
+    rates = {"one_session_all_cores": _rate(len(x), started, cpu)}
+
+    sessions = [open_session(model, "cpu", threads=1)[0] for _ in range(cores)]
+    for s in sessions:
+        s.run(outputs, {"image": batches[0]})
+    started, cpu = time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(cores) as pool:
+        list(pool.map(lambda ib: sessions[ib[0] % cores].run(outputs, {"image": ib[1]}), enumerate(batches)))
+    rates["one_session_per_core"] = _rate(len(x), started, cpu)
+    return rates
+
+
+def _rate(images: int, started: float, cpu: float) -> tuple[float, float]:
+    return images / (time.perf_counter() - started), (time.process_time() - cpu) / images * 1000
+
+
+def job_rate(bundle: Path, inputs: list[Path], work: Path, workers: int) -> tuple[float, float]:
+    """(images/s, CPU seconds per 1,000 images) of the whole job: reading the gzipped IDX files,
+    converting, scoring, committing chunks, assembling the Parquet output."""
+    out = work / "mnist70k.parquet"
+    started, cpu = time.perf_counter(), time.process_time()
+    summary = run_job(JobSpec(str(bundle), [str(p) for p in inputs], out, workers=workers), restart=True,
+                      progress=False)
+    assert summary.images == 70_000, summary
+    return _rate(summary.images, started, cpu)
+
+
+def throughput(bundle: Path, data_root: Path, rounds: int, workers: int) -> dict:
+    inputs = [data_root / name for name in MNIST_FILES]
+    images = np.concatenate([read_idx_images(p) for p in inputs])
+    cores = default_workers()
+    job, raw, job_cpu, raw_cpu = [], [], [], []
+    with tempfile.TemporaryDirectory() as work:
+        for r in range(rounds):
+            rate, cpu = job_rate(bundle, inputs, Path(work), workers)
+            job.append(rate)
+            job_cpu.append(cpu)
+            rates = raw_rate(bundle / "model.onnx", images, cores)
+            best = max(rates.values())  # the faster way of using the cores, by wall rate
+            raw.append(best[0])
+            raw_cpu.append(best[1])
+            print(f"round {r + 1}: job {rate:.0f} images/s ({cpu:.3f} CPU s per 1k), raw "
+                  + ", ".join(f"{k} {v[0]:.0f} images/s ({v[1]:.3f})" for k, v in rates.items()), flush=True)
+    med = statistics.median
+    return {"images": len(images), "cores": cores, "workers": workers or cores, "rounds": rounds,
+            "job_images_per_s": job, "raw_images_per_s": raw, "job_cpu_s_per_1k": job_cpu,
+            "raw_cpu_s_per_1k": raw_cpu, "job_median": med(job), "raw_median": med(raw),
+            "job_over_raw": med(job) / med(raw),
+            "best_round_job_over_raw": max(j / r for j, r in zip(job, raw, strict=True)),
+            "cpu_efficiency": med(raw_cpu) / med(job_cpu)}
+
+
+def write_generated_idx(path: Path, n: int, digits: np.ndarray, seed: int = 0) -> None:
+    """n noisy MNIST digits as an IDX file, written in blocks (this process stays small too)."""
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBBIII", 0, 0, 0x08, 3, n, 28, 28))
+        for lo in range(0, n, 50_000):
+            k = min(50_000, n - lo)
+            block = digits[rng.integers(0, len(digits), k)].astype(np.int16)
+            block += rng.integers(-20, 21, block.shape, dtype=np.int16)
+            f.write(block.clip(0, 255).astype(np.uint8).tobytes())
+
+
+def peak_rss(bundle: Path, idx: Path, out: Path, workers: int) -> tuple[float, float]:
+    """(peak RSS in MiB, wall seconds) of one `protoserve score` subprocess."""
+    args = [sys.executable, "-m", "protoserve.cli", "score", "--model", str(bundle), "--input", str(idx),
+            "--output", str(out), "--quiet", "--restart"] + (["--workers", str(workers)] if workers else [])
+    started = time.perf_counter()
+    process = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"protoserve score failed on {idx}")
+    return usage.ru_maxrss / 1024, seconds  # Linux: ru_maxrss is in KiB
+
+
+def memory(bundle: Path, data_root: Path, sizes: list[int], workers: int) -> list[dict]:
+    digits = read_idx_images(data_root / MNIST_FILES[1])
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for n in sizes:
+            idx = Path(work) / f"generated-{n}-idx3-ubyte"
+            write_generated_idx(idx, n, digits)
+            rss, seconds = peak_rss(bundle, idx, Path(work) / f"out-{n}.parquet", workers)
+            rows.append({"images": n, "peak_rss_mib": round(rss, 1), "seconds": round(seconds, 1),
+                         "input_mib": round(idx.stat().st_size / 2**20, 1)})
+            print(f"{n} images: peak RSS {rss:.0f} MiB, {seconds:.0f} s", flush=True)
+            idx.unlink()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", default=str(REPO / "models" / "prototypedl_mnist" / "bundle"))
+    parser.add_argument("--data-root", default=os.environ.get("PROTOSERVE_DATA_ROOT",
+                                                              str(REPO.parent / "shared" / "data" / "mnist")))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=0, help="job sessions (default: one per core)")
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--out", help="write the figures here as JSON")
+    args = parser.parse_args()
+    bundle, data_root = Path(args.bundle), Path(args.data_root)
+    result: dict = {"bundle": str(bundle), "machine": {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0]}}
+    if not args.skip_throughput:
+        result["throughput"] = throughput(bundle, data_root, args.rounds, args.workers)
+        t = result["throughput"]
+        print(f"job {t['job_median']:.0f} images/s = {100 * t['job_over_raw']:.1f}% of raw {t['raw_median']:.0f} "
+              f"(medians); CPU per image: raw = {100 * t['cpu_efficiency']:.1f}% of the job's")
+    if not args.skip_memory:
+        result["memory"] = memory(bundle, data_root, [int(s) for s in args.sizes.split(",")], args.workers)
+    result["machine"]["load_1min_after"] = os.getloadavg()[0]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
