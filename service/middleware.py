@@ -26,8 +26,10 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 class RequestGate:
     def __init__(self, app, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  image_routes: tuple[str, ...] = ("/predict", "/explain"),
-                 get_routes: tuple[str, ...] = ("/metadata", "/prototypes"), max_files: int = 64):
+                 get_routes: tuple[str, ...] = ("/metadata", "/prototypes"), max_files: int = 64,
+                 model: dict | None = None):
         self.app = app
+        self.model = model  # {"name", "version"}: named in refusals too, like every other answer
         self.max_body_bytes = max_body_bytes
         self.image_routes = image_routes
         self.get_routes = get_routes
@@ -49,7 +51,8 @@ class RequestGate:
                 scope = _as_json_post(scope, body)
         except InputError as e:
             count_rejection(e.reason)
-            return await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
+            body = {**e.body(), "model": self.model} if self.model else e.body()
+            return await JSONResponse(body, status_code=e.status)(scope, receive, send)
         return await self.app(scope, _replay(body, receive), send)
 
     async def _read_body(self, scope, receive) -> bytes:

@@ -183,7 +183,7 @@ class Protoserve:
     def _refuse(self, ctx: bentoml.Context, error: InputError) -> dict:
         count_rejection(error.reason)
         ctx.response.status_code = error.status
-        return error.body()
+        return {**error.body(), "model": self._model_ref()}
 
     def _record(self, probabilities: np.ndarray, distances: np.ndarray, api: str, started: float) -> None:
         nearest = np.array([nearest_prototypes(row, 1, self.active)[0] for row in distances])
@@ -198,8 +198,9 @@ def png_base64_file(path) -> str:
 
 # A missing or damaged bundle must stop `bentoml serve` itself (which imports this module before it
 # starts any worker), not leave workers that fail and get restarted forever.
-read_bundle(bundle_location())
-Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)
+_manifest = read_bundle(bundle_location()).manifest
+Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
+                               model={"name": _manifest.name, "version": _manifest.version})
 Protoserve.add_asgi_middleware(ScoreGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)  # /score_batch submissions
 for _api in ("predict", "explain"):  # the OpenAPI description of the image routes
     Protoserve.apis[_api].doc = f"{Protoserve.apis[_api].doc}\n\n{INPUT_DOC}"

@@ -214,6 +214,7 @@ def test_every_bad_input_is_a_counted_4xx_and_the_service_stays_healthy(server, 
             assert r.status_code == status, f"{name}: {r.status_code} {r.text[:300]}"
             body = r.json()
             assert body["reason"] == reason and isinstance(body["error"], str) and body["error"], name
+            assert body["model"]["name"] == "tiny-prototypedl", name
         assert client.get("/readyz").status_code == 200
         assert client.post("/predict", json={"images": [images[0].tolist()]}).status_code == 200
     after = scrape(server)
@@ -229,7 +230,8 @@ def test_bad_input_through_bentoml_client_names_the_problem(server):
 
     with bentoml.SyncHTTPClient(server) as client, pytest.raises(InvalidArgument) as e:
         client.predict(images=[])
-    assert json.loads(str(e.value)) == {"error": '"images" is empty', "reason": "empty_batch"}
+    assert json.loads(str(e.value)) == {"error": '"images" is empty', "reason": "empty_batch",
+                                        "model": {"name": "tiny-prototypedl", "version": "0.1.0"}}
 
 
 def test_streamed_oversized_body_is_413(server):
