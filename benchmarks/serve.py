@@ -118,16 +118,6 @@ def requests_for(clients: int, scale: float) -> int:
     return int(max(200, 12 * clients) * scale)
 
 
-def run_levels(url: str, body: dict, scale: float, label: str) -> list[dict]:
-    rows = []
-    for c in CONCURRENCY:
-        row = asyncio.run(closed_loop(url, body, c, requests_for(c, scale)))
-        print(f"  {label:24s} c={c:<3d} p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f}  "
-              f"p99 {row['p99_ms']:7.2f}  {row['requests_per_s']:7.1f} req/s  errors {row['errors']}", flush=True)
-        rows.append(row)
-    return rows
-
-
 class Server:
     """A server subprocess in its own process group, stopped on exit."""
 
@@ -243,16 +233,30 @@ def main() -> None:
     print(f"  batch 1: p50 {raw['p50_ms']:.3f} ms  p95 {raw['p95_ms']:.3f}  p99 {raw['p99_ms']:.3f}  "
           f"{raw['images_per_s']:.0f} img/s; batch 64: {result['raw']['batch_64_images_per_s']:.0f} img/s")
 
-    print("protoserve (bentoml serve, 2 API workers, adaptive batching):", flush=True)
+    # Both servers run side by side and the levels alternate between them, so a change in the
+    # machine's load during the run (the cores are shared) falls on both alike.
+    print("protoserve (bentoml serve, 2 API workers, adaptive batching) and the naive FastAPI + PyTorch "
+          "eager server (one image per call, 1 uvicorn worker), alternating:", flush=True)
     server, url = start_protoserve(bundle, out.with_suffix(".protoserve.log"))
+    naive, naive_url = start_naive(checkpoint, out.with_suffix(".naive.log"))
+    result["protoserve_predict"], result["naive_predict"], result["protoserve_explain"] = [], [], []
     try:
-        result["protoserve_predict"] = run_levels(f"{url}/predict", {"images": [image]}, args.scale, "/predict")
-        result["protoserve_explain"] = run_levels(f"{url}/explain", {"image": image, "top_k": 3}, args.scale,
-                                                  "/explain")
+        for c in CONCURRENCY:
+            n = requests_for(c, args.scale)
+            for key, target, body in (("protoserve_predict", f"{url}/predict", {"images": [image]}),
+                                      ("naive_predict", f"{naive_url}/predict", {"image": image}),
+                                      ("protoserve_explain", f"{url}/explain", {"image": image, "top_k": 3})):
+                row = asyncio.run(closed_loop(target, body, c, n))
+                print(f"  {key:20s} c={c:<3d} p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f}  "
+                      f"p99 {row['p99_ms']:7.2f}  {row['requests_per_s']:7.1f} req/s  errors {row['errors']}",
+                      flush=True)
+                result[key].append(row)
     finally:
         server.stop()
+        naive.stop()
 
     if args.sweep:
+        print("adaptive batching: /predict at c=64 by max batch size", flush=True)
         result["batch_size_sweep"] = []
         for size in (1, 16, 64):
             server, url = start_protoserve(bundle, out.with_suffix(f".sweep{size}.log"),
@@ -264,13 +268,6 @@ def main() -> None:
             print(f"  max_batch_size {size:3d}: c=64 p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
                   f"{row['requests_per_s']:.1f} req/s", flush=True)
             result["batch_size_sweep"].append({"max_batch_size": size, **row})
-
-    print("naive FastAPI + PyTorch eager (one image per call, 1 uvicorn worker):", flush=True)
-    server, url = start_naive(checkpoint, out.with_suffix(".naive.log"))
-    try:
-        result["naive_predict"] = run_levels(f"{url}/predict", {"image": image}, args.scale, "naive /predict")
-    finally:
-        server.stop()
 
     c1, c64 = result["protoserve_predict"][0], result["protoserve_predict"][-1]
     naive64 = result["naive_predict"][-1]
