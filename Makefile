@@ -69,5 +69,11 @@ bench-serve: setup
 	$(PY) benchmarks/serve.py --bundle $(DEFAULT_MODEL)/bundle --checkpoint $(DEFAULT_MODEL)/checkpoint.pt \
 		--out runs/serve_benchmark.json --sweep
 
+# Batch scoring: `protoserve score` against the raw ONNX Runtime session on the 70,000 MNIST images,
+# and peak memory at 10k, 100k and 1M generated images (figures in the README; ~10 min on 2 cores).
+.PHONY: bench-score
+bench-score: setup
+	$(PY) benchmarks/score.py --bundle $(DEFAULT_MODEL)/bundle --out runs/score_benchmark.json
+
 clean:
 	rm -rf runs/demo .pytest_cache
