@@ -291,7 +291,7 @@ def run_local(job: Job, pending: list[int], advance) -> None:
     thread writes the committed chunks; at most 2 x workers + 1 chunks are in memory at once,
     whatever the input size.
     """
-    from export.runtime import open_session, run_probe
+    from export.runtime import CUDA, open_session, run_probe
 
     workers = job.spec.workers or default_workers()
     threads = max(1, default_workers() // workers)  # intra-op threads per session: the cores, shared out
@@ -300,7 +300,11 @@ def run_local(job: Job, pending: list[int], advance) -> None:
         raise BundleError(f"{job.bundle.model_path}: golden probe failed: {probe.failures[0]}")
     # Sessions are opened here, one per worker thread, not inside the threads: opening one sets
     # ONNX Runtime's process-wide log level for a moment (export/runtime.py).
-    sessions = [open_session(job.bundle.model_path, job.spec.device, threads=threads)[0] for _ in range(workers)]
+    first, provider = open_session(job.bundle.model_path, job.spec.device, threads=threads)
+    if provider == CUDA and not job.spec.workers:
+        workers = 1  # one session keeps a GPU busy; more would only take turns on it
+    sessions = [first] + [open_session(job.bundle.model_path, job.spec.device, threads=threads)[0]
+                          for _ in range(workers - 1)]
     local = threading.local()
 
     def infer(x: np.ndarray):

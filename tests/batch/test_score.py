@@ -222,3 +222,20 @@ def test_job_plan_is_atomic_json(tiny_bundle, digits, tmp_path):
     plan = json.loads((tmp_path / "o.parquet.job" / "job.json").read_text())
     assert plan["chunks"] == 3 and plan["inputs"]["items"] == 10
     assert sorted(p.name for p in (tmp_path / "o.parquet.job").iterdir()) == ["complete.json", "job.json"]
+
+
+def test_parquet_struct_column_chosen_by_name(tiny_bundle, digits, tmp_path):
+    """A Hugging Face-style image column (struct of bytes and path), picked with image_column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pictures = [{"bytes": png_bytes(d), "path": f"{i}.png"} for i, d in enumerate(digits[:5])]
+    table = pa.table({"thumb": pa.array([b"x"] * 5, pa.binary()), "img": pictures})
+    path = tmp_path / "hf.parquet"
+    pq.write_table(table, path)
+    rows = score(tmp_path, tiny_bundle, [path], "hf_out.parquet", image_column="img")
+    assert all(r["error"] is None for r in rows)
+    first_binary = score(tmp_path, tiny_bundle, [path], "thumb_out.parquet")
+    assert all(r["error"].startswith("not_an_image") for r in first_binary)
+    with pytest.raises(Exception, match="no column 'nope'"):
+        score(tmp_path, tiny_bundle, [path], "x.parquet", image_column="nope")
