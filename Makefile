@@ -8,7 +8,7 @@ PROTOSERVE := $(VENV)/bin/protoserve
 SHARED_MNIST := $(wildcard $(CURDIR)/../shared/data/mnist)
 export PROTOSERVE_DATA_ROOT := $(if $(SHARED_MNIST),$(abspath $(SHARED_MNIST)),$(PROTOSERVE_DATA_ROOT))
 
-.PHONY: setup demo test lint train-default evaluate-default visualize-default bundle-default bench-inference clean demo-train serve prometheus bench-serve
+.PHONY: setup demo test lint train-default evaluate-default visualize-default bundle-default bench-inference clean demo-train serve prometheus bench-serve train-protopnet evaluate-protopnet bundle-protopnet
 
 setup: $(VENV)/.installed
 
@@ -77,3 +77,21 @@ bench-score: setup
 
 clean:
 	rm -rf runs/demo .pytest_cache
+
+# The shipped ProtoPNet (models/protopnet_mnist): about 25 minutes on 2 CPU cores, resumable
+# (run again after an interruption); then the checkpoint, config, metrics and push pictures are
+# copied into models/protopnet_mnist/.
+PROTOPNET_RUN := runs/protopnet_mnist
+PROTOPNET_MODEL := models/protopnet_mnist
+train-protopnet: setup
+	$(PROTOSERVE) train --config configs/protopnet_mnist.yaml --out $(PROTOPNET_RUN) $$(test -f $(PROTOPNET_RUN)/last.pt && echo --resume)
+	$(PY) -m training.ship_protopnet --run $(PROTOPNET_RUN) --out $(PROTOPNET_MODEL)
+
+evaluate-protopnet: setup
+	$(PROTOSERVE) evaluate --checkpoint $(PROTOPNET_MODEL)/checkpoint.pt --out $(PROTOPNET_MODEL)/evaluation.json
+
+# Its bundle, beside the PrototypeDL one: serve it with PROTOSERVE_BUNDLE=models/protopnet_mnist/bundle.
+bundle-protopnet: setup
+	$(PROTOSERVE) export --checkpoint $(PROTOPNET_MODEL)/checkpoint.pt --out $(PROTOPNET_MODEL)/bundle \
+		--name protopnet-mnist --version 1.0.0 $$(test -d $(PROTOPNET_MODEL)/bundle && echo --force)
+	$(PROTOSERVE) verify $(PROTOPNET_MODEL)/bundle

@@ -1,6 +1,8 @@
 """Checkpoint -> bundle: `protoserve export`.
 
-Steps: rebuild the model, export model.onnx and decoder.onnx, decode the prototypes to PNGs,
+Steps: rebuild the model, export model.onnx (and PrototypeDL's decoder.onnx), write the prototype
+PNGs (PrototypeDL: decoded prototypes; ProtoPNet: each pushed patch, its source image with boxes and
+its activation map, redrawn from the push provenance the checkpoint holds),
 run the whole test set through PyTorch (eval) and ONNX Runtime (CPU), refuse to continue if
 parity misses its limits, store a golden probe, write and re-read the manifest, and only then
 move the finished directory to its place (a bundle is never half written).
@@ -31,13 +33,24 @@ from export.bundle import (
     sha256_file,
     write_manifest,
 )
-from export.onnx_export import DecoderGraph, PrototypeDLGraph, classifier_spec, decoder_spec, export_graph
+from export.onnx_export import (
+    DecoderGraph,
+    classifier_graph,
+    classifier_outputs,
+    classifier_spec,
+    decoder_spec,
+    export_graph,
+)
 from export.parity import describe, parity_failures, parity_figures
 from export.runtime import open_session, verify_bundle
 from protoserve.errors import ProtoserveError
 from training.checkpoint import load_checkpoint
-from training.data import CLASS_NAMES, Split, load_dataset, resolve_data_root
+from training.cub import class_names as cub_class_names
+from training.data import CLASS_NAMES, Split, resolve_data_root
+from training.protopnet import ProtoPNet
 from training.prototypedl import PrototypeDL, class_identities
+from training.push import prototype_pictures
+from training.train_protopnet import input_normalization, load_run_data
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE_ATOL, PROBE_RTOL = 1e-5, 1e-4
@@ -65,16 +78,20 @@ def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_roo
     if out.exists() and not force:
         raise ExportError(f"{out}: exists; bundles are immutable, choose a new --out or pass --force")
     model, config, payload = load_checkpoint(checkpoint)
-    test = load_dataset(resolve_data_root(data_root, config.data.root), config.data.dataset,
-                        config.data.val_size, config.data.split_seed)["test"]
+    root = resolve_data_root(data_root, config.data.root)
+    data = load_run_data(config, root)
+    test = data["test"]
     if test_images is not None:
         test = Split(test.images[:test_images], test.labels[:test_images])
+    if not isinstance(test.images, torch.Tensor):  # image folders load lazily; parity needs the arrays
+        test = Split(test.images[torch.arange(len(test))], test.labels)
 
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        manifest, parity = _build(model, config, payload, checkpoint, test, staging, name, version, log)
+        manifest, parity = _build(model, config, payload, checkpoint, test, staging, name, version, log,
+                                  push_set=data["train"], root=root)
         write_manifest(staging, manifest)
         verify_bundle(staging)
         _move_into_place(staging, out)
@@ -83,11 +100,14 @@ def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_roo
     return ExportResult(bundle=read_bundle(out), parity=parity)
 
 
-def _build(model: PrototypeDL, config, payload: dict, checkpoint: Path, test: Split, staging: Path,
-           name: str, version: str, log) -> tuple[Manifest, ParityFigures]:
-    model_spec, dec_spec = classifier_spec(model), decoder_spec(model)
-    export_graph(PrototypeDLGraph(model), model_spec, staging / model_spec.file)
-    export_graph(DecoderGraph(model), dec_spec, staging / dec_spec.file)
+def _build(model: PrototypeDL | ProtoPNet, config, payload: dict, checkpoint: Path, test: Split, staging: Path,
+           name: str, version: str, log, push_set: Split | None = None,
+           root: Path | None = None) -> tuple[Manifest, ParityFigures]:
+    model_spec = classifier_spec(model)
+    export_graph(classifier_graph(model), model_spec, staging / model_spec.file)
+    dec_spec = decoder_spec(model) if isinstance(model, PrototypeDL) else None
+    if dec_spec is not None:
+        export_graph(DecoderGraph(model), dec_spec, staging / dec_spec.file)
 
     torch_out = run_torch(model, test.images)
     session, _ = open_session(staging / model_spec.file, device="cpu")
@@ -105,15 +125,16 @@ def _build(model: PrototypeDL, config, payload: dict, checkpoint: Path, test: Sp
     log(f"test accuracy {metrics.test_accuracy:.4f} (PyTorch), {metrics.onnx_test_accuracy:.4f} (ONNX Runtime)")
     probe_images = write_probe(model, test, staging / "probe.npz")
     c = model.cfg
+    if isinstance(model, ProtoPNet):
+        prototypes = write_protopnet_prototypes(model, push_set, staging, *input_normalization(config.data.dataset))
+    else:
+        prototypes = write_prototypes(model, staging)
     manifest = Manifest(
-        name=name, version=version, family="prototypedl", created_at=datetime.now(UTC),
-        class_names=CLASS_NAMES[config.data.dataset][:c.n_classes],
-        input=InputSpec(channels=c.in_channels, height=c.input_size, width=c.input_size, value_range=(0.0, 1.0),
-                        mean=[0.0] * c.in_channels, std=[1.0] * c.in_channels,
-                        description="grey levels divided by 255 (0 = black background, 1 = white ink), "
-                                    "as the IDX files store them; no normalisation"),
+        name=name, version=version, family=c.family, created_at=datetime.now(UTC),
+        class_names=_class_names(config, root),
+        input=input_spec(config),
         model=model_spec, decoder=dec_spec,
-        prototypes=write_prototypes(model, staging),
+        prototypes=prototypes,
         metrics=metrics,
         probe=ProbeSpec(file="probe.npz", images=probe_images, atol=PROBE_ATOL, rtol=PROBE_RTOL),
         training=TrainingInfo(config=payload["config"], epoch=payload.get("epoch"),
@@ -123,13 +144,33 @@ def _build(model: PrototypeDL, config, payload: dict, checkpoint: Path, test: Sp
     return manifest, parity
 
 
+def input_spec(config) -> InputSpec:
+    c = config.model
+    if config.data.dataset == "cub":
+        mean, std = input_normalization("cub")
+        return InputSpec(channels=c.in_channels, height=c.input_size, width=c.input_size, value_range=(0.0, 1.0),
+                         mean=mean, std=std,
+                         description="RGB divided by 255, resized to the input size (cropped to the bird's "
+                                     "bounding box in training), then normalised with the ImageNet mean and std")
+    return InputSpec(channels=c.in_channels, height=c.input_size, width=c.input_size, value_range=(0.0, 1.0),
+                     mean=[0.0] * c.in_channels, std=[1.0] * c.in_channels,
+                     description="grey levels divided by 255 (0 = black background, 1 = white ink), "
+                                 "as the IDX files store them; no normalisation")
+
+
+def _class_names(config, root: Path | None) -> list[str]:
+    K = config.model.n_classes
+    if config.data.dataset == "cub":
+        return (cub_class_names(root) if root else None) or [str(k) for k in range(K)]
+    return CLASS_NAMES[config.data.dataset][:K]
+
+
 @torch.no_grad()
-def run_torch(model: PrototypeDL, images: torch.Tensor) -> dict[str, np.ndarray]:
+def run_torch(model: PrototypeDL | ProtoPNet, images: torch.Tensor) -> dict[str, np.ndarray]:
     """PyTorch eval-mode outputs (the names of model.onnx) for all `images`, batch by batch."""
-    graph = PrototypeDLGraph(model).eval()
+    graph = classifier_graph(model).eval()
     parts = [graph(images[i:i + BATCH_SIZE]) for i in range(0, len(images), BATCH_SIZE)]
-    return {name: torch.cat([p[j] for p in parts]).numpy()
-            for j, name in enumerate(("logits", "probabilities", "distances", "latent", "reconstruction"))}
+    return {name: torch.cat([p[j] for p in parts]).numpy() for j, name in enumerate(classifier_outputs(model))}
 
 
 def run_onnx(session, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -145,10 +186,11 @@ def write_probe(model: PrototypeDL, test: Split, path: Path) -> int:
     index = [int(np.flatnonzero(labels == k)[0]) for k in np.unique(labels)]
     images = test.images[index]
     out = run_torch(model, images)
-    decoded = DecoderGraph(model).eval()(torch.from_numpy(out["latent"])).numpy()
     arrays = {"input.image": images.numpy(), "test_index": np.array(index, dtype=np.int64)}
     arrays |= {f"output.{k}": v for k, v in out.items()}
-    arrays |= {"decoder.input.latent": out["latent"], "decoder.output.reconstruction": decoded}
+    if isinstance(model, PrototypeDL):
+        decoded = DecoderGraph(model).eval()(torch.from_numpy(out["latent"])).numpy()
+        arrays |= {"decoder.input.latent": out["latent"], "decoder.output.reconstruction": decoded}
     np.savez(path, **arrays)
     return len(index)
 
@@ -165,6 +207,37 @@ def write_prototypes(model: PrototypeDL, staging: Path) -> list[PrototypeRow]:
         image = f"prototypes/{j:03d}.png"
         Image.fromarray(picture[0] if picture.shape[0] == 1 else picture.transpose(1, 2, 0)).save(staging / image)
         rows.append(PrototypeRow(id=j, class_identity=identities[j], weights=W[:, j].tolist(), image=image))
+    return rows
+
+
+@torch.no_grad()
+def write_protopnet_prototypes(model: ProtoPNet, push_set: Split, staging: Path, mean=None,
+                               std=None) -> list[PrototypeRow]:
+    """Per pushed prototype: prototypes/<id>.png (the patch), <id>_source.png (its source image with the
+    receptive-field box in yellow and the high-activation box in red), <id>_activation.png."""
+    unpushed = (model.push_source[:, 0] < 0).nonzero().flatten().tolist()
+    if unpushed:
+        raise ExportError(f"prototypes {unpushed[:5]} were never pushed; export a checkpoint written after a push")
+    (staging / "prototypes").mkdir()
+    W = model.last_layer.weight.detach()  # [K, M]
+    identities = model.class_identities()
+    rows = []
+    for j in range(model.prototypes.shape[0]):
+        index, row, col = model.push_source[j].tolist()
+        pictures = prototype_pictures(model, j, push_set.images[index], mean, std)
+        files = {"patch": f"prototypes/{j:03d}.png", "source": f"prototypes/{j:03d}_source.png",
+                 "activation": f"prototypes/{j:03d}_activation.png"}
+        for kind, file in files.items():
+            pictures[kind].save(staging / file)
+        provenance = {"push_set": "train split (unaugmented)", "source_index": index,
+                      "source_label": int(push_set.labels[index]), "patch": {"row": row, "col": col},
+                      "receptive_field_box": dict(zip(("y0", "y1", "x0", "x1"), model.push_rf_box[j].tolist(),
+                                                      strict=True)),
+                      "activation_box": dict(zip(("y0", "y1", "x0", "x1"), model.push_activation_box[j].tolist(),
+                                                 strict=True)),
+                      "source_image": files["source"], "activation_image": files["activation"]}
+        rows.append(PrototypeRow(id=j, class_identity=identities[j], weights=W[:, j].tolist(),
+                                 provenance=provenance, image=files["patch"]))
     return rows
 
 

@@ -1,8 +1,13 @@
-"""PyTorch -> ONNX: the PrototypeDL classifier graph (prototype layer inside) and its decoder.
+"""PyTorch -> ONNX: the classifier graph of each family (prototype layer inside) and PrototypeDL's decoder.
 
+PrototypeDL
 model.onnx   image [N, C, H, W] -> logits [N, K], probabilities [N, K], distances [N, m],
              latent [N, q], reconstruction [N, C, H, W]
 decoder.onnx latent [N, q] -> reconstruction [N, C, H, W]
+ProtoPNet
+model.onnx   image [N, C, H, W] -> logits [N, K], probabilities [N, K], distances [N, M] (minimum over
+             positions), similarity_maps [N, M, h, w]; the minimum is a max-pool with a fixed kernel,
+             so the batch axis stays dynamic
 
 The prototype vectors stay one initializer of model.onnx (PROTOTYPE_INITIALIZER), and the
 squared distances are computed from it inside the graph: nothing is precomputed outside.
@@ -17,7 +22,8 @@ import onnx
 import torch
 import torch.nn as nn
 
-from export.bundle import GraphSpec, TensorSpec
+from export.bundle import FAMILY_OUTPUTS, GraphSpec, TensorSpec
+from training.protopnet import ProtoPNet
 from training.prototypedl import PrototypeDL
 
 OPSET = 17
@@ -38,6 +44,28 @@ class PrototypeDLGraph(nn.Module):
         return out.logits, torch.softmax(out.logits, dim=1), out.distances, out.latent, out.reconstruction
 
 
+class ProtoPNetGraph(nn.Module):
+    """ProtoPNet as the ONNX graph sees it: the model's own forward, softmax added."""
+
+    def __init__(self, model: ProtoPNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):  # [N, C, H, W]
+        # Distances by subtraction: the expanded square of training loses small distances to
+        # float32 cancellation, and with it the parity of the similarities (log(1/d) near 0).
+        out = self.model(image, exact=True)
+        return out.logits, torch.softmax(out.logits, dim=1), out.distances, out.similarity_maps
+
+
+def classifier_graph(model: PrototypeDL | ProtoPNet) -> nn.Module:
+    return ProtoPNetGraph(model) if isinstance(model, ProtoPNet) else PrototypeDLGraph(model)
+
+
+def classifier_outputs(model: PrototypeDL | ProtoPNet) -> list[str]:
+    return FAMILY_OUTPUTS[model.cfg.family]
+
+
 class DecoderGraph(nn.Module):
     def __init__(self, model: PrototypeDL):
         super().__init__()
@@ -47,7 +75,9 @@ class DecoderGraph(nn.Module):
         return self.model.decode(latent)
 
 
-def classifier_spec(model: PrototypeDL, file: str = "model.onnx") -> GraphSpec:
+def classifier_spec(model: PrototypeDL | ProtoPNet, file: str = "model.onnx") -> GraphSpec:
+    if isinstance(model, ProtoPNet):
+        return protopnet_spec(model, file)
     c = model.cfg
     image = [BATCH, c.in_channels, c.input_size, c.input_size]
     shapes = {
@@ -59,6 +89,20 @@ def classifier_spec(model: PrototypeDL, file: str = "model.onnx") -> GraphSpec:
     }
     return GraphSpec(file=file, opset=OPSET, inputs=[TensorSpec(name="image", shape=image)],
                      outputs=[TensorSpec(name=n, shape=shapes[n]) for n in CLASSIFIER_OUTPUTS],
+                     prototype_initializer=PROTOTYPE_INITIALIZER)
+
+
+def protopnet_spec(model: ProtoPNet, file: str = "model.onnx") -> GraphSpec:
+    c, h = model.cfg, model.map_size
+    shapes = {
+        "logits": [BATCH, c.n_classes],
+        "probabilities": [BATCH, c.n_classes],
+        "distances": [BATCH, c.n_prototypes],
+        "similarity_maps": [BATCH, c.n_prototypes, h, h],
+    }
+    image = [BATCH, c.in_channels, c.input_size, c.input_size]
+    return GraphSpec(file=file, opset=OPSET, inputs=[TensorSpec(name="image", shape=image)],
+                     outputs=[TensorSpec(name=n, shape=shapes[n]) for n in FAMILY_OUTPUTS["protopnet"]],
                      prototype_initializer=PROTOTYPE_INITIALIZER)
 
 

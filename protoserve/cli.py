@@ -26,13 +26,18 @@ def _train(args) -> None:
     root = resolve_data_root(args.data_root, config.data.root)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     if config.model.family == "protopnet":
+        from training.distributed import init_distributed, shutdown_distributed
         from training.train_protopnet import ProtoPNetTrainer as Trainer  # noqa: N814
+
+        init_distributed(config.train.device)  # under torchrun: DistributedDataParallel, push across ranks
     trainer = Trainer(config, out, data_root=root)
     if args.resume:
         trainer.resume()
     elif (out / "last.pt").exists():
         raise ProtoserveError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
     trainer.fit()
+    if config.model.family == "protopnet":
+        shutdown_distributed()
     print(f"run written to {out} (best.pt: best validation accuracy {trainer.best_val_accuracy:.4f})")
 
 

@@ -55,3 +55,40 @@ def tiny_bundle(tmp_path_factory, tiny_checkpoint, mnist_root) -> Path:
     export_bundle(tiny_checkpoint, out, "tiny-prototypedl", "0.1.0", data_root=str(mnist_root),
                   test_images=1000, log=lambda s: None)
     return out
+
+
+def tiny_protopnet_dict(**schedule) -> dict:
+    """A small ProtoPNet config (small CNN, 20 prototypes of 16 channels, 300 images, 3 epochs)."""
+    return {
+        "data": {"dataset": "mnist", "val_size": 200, "split_seed": 0, "train_subset": 300},
+        "model": {"family": "protopnet", "backbone": "small_cnn", "n_prototypes": 20, "prototype_dim": 16},
+        "train": {"epochs": 3, "batch_size": 50, "eval_batch_size": 300, "elastic": False, "seed": 0,
+                  "checkpoint_every": 1, "num_threads": 1},
+        "schedule": {"warm_epochs": 1, "push_start": 2, "push_every": 1, "last_layer_epochs": 2,
+                     "lr_features": 1e-3, **schedule},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_protopnet_checkpoint(tmp_path_factory, mnist_root) -> Path:
+    """A ProtoPNet trained for two short epochs on 500 MNIST images, pushed after the second (seconds)."""
+    from training.config import Config
+    from training.train_protopnet import ProtoPNetTrainer
+
+    out = tmp_path_factory.mktemp("tiny_protopnet_run")
+    config = tiny_protopnet_dict()
+    config["data"]["train_subset"] = 500
+    config["train"]["epochs"] = 2
+    ProtoPNetTrainer(Config.from_dict(config), out, data_root=mnist_root, log=lambda s: None).fit()
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_protopnet_bundle(tmp_path_factory, tiny_protopnet_checkpoint, mnist_root) -> Path:
+    """The bundle of tiny_protopnet_checkpoint (parity on 1,000 test images)."""
+    from export.build import export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_protopnet_bundle") / "bundle"
+    export_bundle(tiny_protopnet_checkpoint, out, "tiny-protopnet", "0.1.0", data_root=str(mnist_root),
+                  test_images=1000, log=lambda s: None)
+    return out

@@ -40,6 +40,15 @@ def squared_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Te
     return F.relu(z2 - 2 * zp + p2)
 
 
+def subtracted_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """The same [N, M, h, w] without cancellation: (z_c - p_jc)^2 first, then the sum over channels
+    as a grouped 1x1 convolution of ones. M times the memory of z, so it is the exported graph's
+    form (ONNX parity needs small distances exact to float32), not the training form."""
+    M = prototypes.shape[0]
+    diff = z.repeat(1, M, 1, 1) - prototypes.reshape(1, -1, 1, 1)  # [N, M*D, h, w]
+    return F.conv2d(diff ** 2, torch.ones_like(prototypes), groups=M)
+
+
 def similarity(distances: torch.Tensor) -> torch.Tensor:
     return torch.log((distances + 1) / (distances + EPSILON))
 
@@ -90,8 +99,10 @@ class ProtoPNet(nn.Module):
     def latent(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, D, h, w]
         return self.add_on(self.features(x))
 
-    def forward(self, x: torch.Tensor) -> Output:
-        maps = squared_distance_maps(self.latent(x), self.prototypes)  # [N, M, h, w]
+    def forward(self, x: torch.Tensor, exact: bool = False) -> Output:
+        """exact=True computes the distances by subtraction (export); the default expands the square."""
+        distance_maps = subtracted_distance_maps if exact else squared_distance_maps
+        maps = distance_maps(self.latent(x), self.prototypes)  # [N, M, h, w]
         # The minimum over positions as a max-pool whose kernel is fixed at construction (the map
         # size for this input size), so an exported graph keeps its batch axis dynamic.
         distances = -F.max_pool2d(-maps, kernel_size=self.map_size).flatten(1)  # [N, M]

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_protopnet_dict
 from PIL import Image
 
 from protoserve.cli import main
@@ -15,17 +16,6 @@ from training.config import Config
 from training.cub import class_names, load_cub, segmentation_mask
 from training.data import DataError
 from training.train_protopnet import ProtoPNetTrainer
-
-
-def tiny_protopnet_dict(**schedule) -> dict:
-    return {
-        "data": {"dataset": "mnist", "val_size": 200, "split_seed": 0, "train_subset": 300},
-        "model": {"family": "protopnet", "backbone": "small_cnn", "n_prototypes": 20, "prototype_dim": 16},
-        "train": {"epochs": 3, "batch_size": 50, "eval_batch_size": 300, "elastic": False, "seed": 0,
-                  "checkpoint_every": 1, "num_threads": 1},
-        "schedule": {"warm_epochs": 1, "push_start": 2, "push_every": 1, "last_layer_epochs": 2,
-                     "lr_features": 1e-3, **schedule},
-    }
 
 
 def _trainer(cfg: dict, out, mnist_root) -> ProtoPNetTrainer:
