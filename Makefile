@@ -34,7 +34,7 @@ demo-train: setup
 serve: setup
 	$(PROTOSERVE) serve --bundle $(DEFAULT_MODEL)/bundle
 
-test: setup lint prometheus
+test: setup lint prometheus pushgateway
 	$(VENV)/bin/pytest
 
 # Prometheus and promtool for the monitoring tests (Debian package), installed only when missing.
@@ -42,6 +42,12 @@ SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q prometheus; }
+
+# The Prometheus Pushgateway for the batch-job metrics test (protoserve score --pushgateway).
+.PHONY: pushgateway
+pushgateway:
+	@command -v prometheus-pushgateway >/dev/null || \
+		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q prometheus-pushgateway; }
 
 lint: setup
 	$(VENV)/bin/ruff check .

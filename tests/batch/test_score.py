@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import shutil
-import threading
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -158,31 +160,40 @@ def test_ray_missing_is_one_clear_line(tiny_bundle, digits, tmp_path):
                                      "pip install 'protoserve[batch]' (ray[data])")
 
 
-class Pushgateway(http.server.BaseHTTPRequestHandler):
-    """Records what a real HTTP client pushes (the Pushgateway's API: PUT replaces a group, POST adds)."""
+@pytest.fixture
+def pushgateway(tmp_path):
+    """A real Prometheus Pushgateway (Debian prometheus-pushgateway; `make test` installs it)."""
+    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
+    if binary is None:
+        pytest.skip("prometheus-pushgateway not installed (make pushgateway)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/-/ready", timeout=1)
+            break
+        except OSError:
+            assert time.monotonic() < deadline and process.poll() is None, "pushgateway did not start"
+            time.sleep(0.1)
+    yield url
+    process.terminate()
+    process.wait(10)
 
-    received: list[tuple[str, str, str]] = []
 
-    def _record(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
-        Pushgateway.received.append((self.command, self.path, body))
-        self.send_response(200)
-        self.end_headers()
-
-    do_PUT = do_POST = _record
-
-    def log_message(self, *args):
-        pass
+def sample(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample in Prometheus text: `name{...labels...} value` (labels: a substring)."""
+    for line in text.splitlines():
+        if line.startswith(name + " ") or (line.startswith(name + "{") and labels in line):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {labels} not in:\n{text}")
 
 
-def sample(text: str, name: str) -> float:
-    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
-
-
-def test_job_metrics_textfile_and_pushgateway(tiny_bundle, digits, tmp_path):
-    server = http.server.HTTPServer(("127.0.0.1", 0), Pushgateway)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    gateway = f"127.0.0.1:{server.server_port}"
+def test_job_metrics_textfile_and_pushgateway(tiny_bundle, digits, tmp_path, pushgateway):
     folder = tmp_path / "pics"
     folder.mkdir()
     for i in range(6):
@@ -190,29 +201,34 @@ def test_job_metrics_textfile_and_pushgateway(tiny_bundle, digits, tmp_path):
     (folder / "bad.png").write_text("nope")
     prom = tmp_path / "protoserve_score.prom"
     args = ["score", "--model", str(tiny_bundle), "--input", str(folder), "--output", str(tmp_path / "o.parquet"),
-            "--metrics-file", str(prom), "--pushgateway", gateway, "--quiet"]
-    try:
-        ok = run_cli(*args)
-        assert ok.returncode == 0, ok.stderr
-        text = prom.read_text()
-        assert 'protoserve_batch_images_total{status="scored"} 6.0' in text
-        assert 'protoserve_batch_images_total{status="failed"} 1.0' in text
-        assert "protoserve_batch_duration_seconds " in text
-        last_success = sample(text, "protoserve_batch_last_success_timestamp_seconds")
-        method, path, body = Pushgateway.received[-1]
-        assert method == "PUT" and path == "/metrics/job/protoserve_score/output/o.parquet"
-        assert 'protoserve_batch_images_total{status="failed"} 1.0' in body
-        assert "protoserve_batch_last_success_timestamp_seconds" in body
+            "--metrics-file", str(prom), "--pushgateway", pushgateway, "--quiet"]
+    group = 'job="protoserve_score",output="o.parquet"'
 
-        (folder / "new.png").write_bytes(png_bytes(digits[7]))  # a changed input: this run fails
-        failed = run_cli(*args)
-        assert failed.returncode == 2
-        method, _, body = Pushgateway.received[-1]
-        assert method == "POST" and "last_success" not in body and "images_total" not in body
-        assert "protoserve_batch_duration_seconds" in body
-        assert sample(prom.read_text(), "protoserve_batch_last_success_timestamp_seconds") == last_success
-    finally:
-        server.shutdown()
+    def gateway() -> str:
+        return urllib.request.urlopen(f"{pushgateway}/metrics", timeout=10).read().decode()
+
+    ok = run_cli(*args)
+    assert ok.returncode == 0, ok.stderr
+    text = prom.read_text()
+    assert sample(text, "protoserve_batch_images_total", 'status="scored"') == 6
+    assert sample(text, "protoserve_batch_images_total", 'status="failed"') == 1
+    assert sample(text, "protoserve_batch_duration_seconds") > 0
+    last_success = sample(text, "protoserve_batch_last_success_timestamp_seconds")
+    assert abs(last_success - time.time()) < 120
+    pushed = gateway()
+    assert sample(pushed, "protoserve_batch_images_total", 'status="failed"') == 1
+    assert sample(pushed, "protoserve_batch_images_total", 'status="scored"') == 6
+    assert group in next(line for line in pushed.splitlines() if line.startswith("protoserve_batch_images_total"))
+    assert sample(pushed, "protoserve_batch_last_success_timestamp_seconds", group) == pytest.approx(last_success)
+
+    (folder / "new.png").write_bytes(png_bytes(digits[7]))  # a changed input: this run fails
+    failed = run_cli(*args)
+    assert failed.returncode == 2
+    # The failed run replaced the duration only: the last success time (and the counts) are kept.
+    pushed = gateway()
+    assert sample(pushed, "protoserve_batch_last_success_timestamp_seconds", group) == pytest.approx(last_success)
+    assert sample(pushed, "protoserve_batch_images_total", 'status="scored"') == 6
+    assert sample(prom.read_text(), "protoserve_batch_last_success_timestamp_seconds") == last_success
 
 
 def test_job_plan_is_atomic_json(tiny_bundle, digits, tmp_path):
