@@ -78,6 +78,25 @@ def heatmap_picture(similarity_map: np.ndarray, height: int, width: int) -> Imag
     return small.resize((width, height), Image.Resampling.BILINEAR)
 
 
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB along a blue-cyan-yellow-red ramp (the push pictures' ramp)."""
+    stops = np.array([[0, 0, 128], [0, 128, 255], [0, 255, 255], [255, 255, 0], [255, 64, 0], [160, 0, 0]],
+                     dtype=np.float64)
+    pos = np.clip(values, 0.0, 1.0) * (len(stops) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
+    frac = (pos - lo)[..., None]
+    return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).round().astype(np.uint8)
+
+
+def heatmap_overlay(similarity_map: np.ndarray, pixels: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """ProtoPNet: one prototype's [h, w] similarity map, upsampled to the input (heatmap_picture) and
+    blended in colour over the input picture (pixels [C, H, W] in [0, 1]): where it was found."""
+    height, width = pixels.shape[1:]
+    heat = np.asarray(heatmap_picture(similarity_map, height, width), dtype=np.float64) / 255.0
+    base = np.asarray(pixels_to_picture(pixels).convert("RGB"), dtype=np.float64)
+    return Image.fromarray((base * (1 - alpha) + heat_colours(heat) * alpha).round().astype(np.uint8))
+
+
 def pixels_to_picture(pixels: np.ndarray) -> Image.Image:
     """[C, H, W] in [0, 1] (C = 1 or 3) -> an 8-bit L or RGB picture."""
     array = (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

@@ -22,7 +22,7 @@ from service.batch_http import ScoreGate, score_images
 from service.batching import AdaptiveBatcher, Overloaded
 from service.errors import InputError
 from service.explain import (
-    heatmap_picture,
+    heatmap_overlay,
     nearest_distance,
     nearest_prototypes,
     pixels_to_picture,
@@ -69,6 +69,9 @@ class Protoserve:
         self.prototype_ids = [row.id for row in manifest.prototypes]
         self.pictures = {row.id: png_base64_file(self.model.bundle.file(row.image)) if row.image else None
                          for row in manifest.prototypes}
+        # ProtoPNet: each prototype's source image with its patch box (from the push provenance).
+        self.source_pictures = {row.id: png_base64_file(self.model.bundle.file(row.provenance["source_image"]))
+                                for row in manifest.prototypes if (row.provenance or {}).get("source_image")}
         self.provider = self.model.provider
         # /predict's adaptive batching (service/batching.py): concurrent requests share one session run.
         self.classify = AdaptiveBatcher(self._classify, MAX_BATCH_SIZE, MAX_LATENCY_MS, self._count_batch)
@@ -133,9 +136,10 @@ class Protoserve:
             row["image"] = self.pictures[row["id"]]
         answer = {"model": self._model_ref(), "prediction": prediction, "prototypes": rows}
         if "similarity_maps" in outputs:  # ProtoPNet: where in the input each prototype was found
-            spec = self.manifest.input
+            pixels = denormalize(x, self.manifest.input)
             for row, j in zip(rows, nearest, strict=True):
-                row["heatmap"] = png_base64(heatmap_picture(outputs["similarity_maps"][j], spec.height, spec.width))
+                row["heatmap"] = png_base64(heatmap_overlay(outputs["similarity_maps"][j], pixels))
+                row["source_image"] = self.source_pictures.get(row["id"])
         if "reconstruction" in outputs:
             answer["reconstruction"] = png_base64(pixels_to_picture(denormalize(outputs["reconstruction"],
                                                                                 self.manifest.input)))
