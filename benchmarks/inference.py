@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.build import PrototypeDLGraph
 from export.bundle import read_bundle
+from export.onnx_export import classifier_graph
 from export.runtime import CPU, open_session
 from training.checkpoint import load_checkpoint
 
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     threads = args.threads or list(range(1, cpus + 1))
     bundle = read_bundle(args.bundle)
     model, _, _ = load_checkpoint(Path(args.checkpoint))
-    graph = PrototypeDLGraph(model).eval()
+    graph = classifier_graph(model).eval()
     rng = np.random.default_rng(0)
     spec = bundle.manifest.input
     inputs = {b: rng.random((b, spec.channels, spec.height, spec.width), dtype=np.float32) for b in BATCH_SIZES}
