@@ -255,3 +255,14 @@ def test_parquet_struct_column_chosen_by_name(tiny_bundle, digits, tmp_path):
     assert all(r["error"].startswith("not_an_image") for r in first_binary)
     with pytest.raises(Exception, match="no column 'nope'"):
         score(tmp_path, tiny_bundle, [path], "x.parquet", image_column="nope")
+
+
+def test_model_by_store_tag(tiny_bundle, digits, tmp_path, monkeypatch):
+    from export.store import import_bundle
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    stored = import_bundle(tiny_bundle)
+    idx = write_idx(tmp_path / "images-idx3-ubyte", digits[:8])
+    by_tag = score(tmp_path, stored.tag, [idx], "tag.parquet")
+    by_path = score(tmp_path, tiny_bundle, [idx], "path.parquet")
+    assert by_tag == by_path and by_tag[0]["model_name"] == stored.tag.split(":")[0]
