@@ -66,3 +66,19 @@ def _session(bundle):
 
     session, _ = open_session(bundle / "model.onnx", "cpu")
     return lambda x: tuple(session.run(["probabilities", "distances"], {"image": x}))
+
+
+def test_cli_joins_an_existing_cluster(local_ray, tiny_bundle, digits, tmp_path):
+    """`protoserve score --engine ray --ray-address ADDRESS` runs on the Ray this test started."""
+    from scoring_helpers import run_cli
+
+    idx = write_idx(tmp_path / "images-idx3-ubyte", digits[:120])
+    address = ray.get_runtime_context().gcs_address
+    result = run_cli("score", "--model", str(tiny_bundle), "--input", str(idx), "--output", str(tmp_path / "o.jsonl"),
+                     "--engine", "ray", "--ray-address", address, "--workers", "1", "--chunk-size", "50", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "120 images" in result.stdout
+    run_job(JobSpec(str(tiny_bundle), [str(idx)], tmp_path / "local.jsonl"), progress=False)
+    got, want = read_rows(tmp_path / "o.jsonl"), read_rows(tmp_path / "local.jsonl")
+    assert [r["prototype_ids"] for r in got] == [r["prototype_ids"] for r in want]
+    assert [r["input_id"] for r in got] == [r["input_id"] for r in want]
