@@ -254,7 +254,7 @@ class Job:
 
 
 def run_job(spec: JobSpec, engine: str = "local", restart: bool = False, progress: bool = True,
-            ray_address: str | None = None, log=None) -> Summary:
+            ray_address: str | None = None) -> Summary:
     """Score every input of `spec` into its output; resumes a killed job with the same arguments."""
     started = time.perf_counter()
     job = Job(spec)
@@ -355,7 +355,7 @@ def row_schema(plan: dict | None = None):
     ], metadata=metadata)
 
 
-def to_table(c: Columns, metadata: dict | None = None):
+def to_table(c: Columns):
     """Columns -> an Arrow table of row_schema (null prediction fields where a row has an error)."""
     import pyarrow as pa
 
@@ -379,8 +379,7 @@ def to_table(c: Columns, metadata: dict | None = None):
                lists(c.probabilities, pa.float32()), lists(c.prototype_ids, pa.int32()),
                lists(c.prototype_distances, pa.float32()), pa.repeat(pa.scalar(c.model_name), n),
                pa.repeat(pa.scalar(c.model_version), n), pa.array(c.error, pa.string())]
-    schema = row_schema().with_metadata(metadata) if metadata else row_schema()
-    return pa.Table.from_arrays(columns, schema=schema)
+    return pa.Table.from_arrays(columns, schema=row_schema())
 
 
 # -- small file helpers -------------------------------------------------------------------------------
