@@ -3,7 +3,8 @@
 Both run the whole classifier graph (logits, probabilities, distances, latent, reconstruction) at
 batch sizes 1, 16, 64, 256. First a sweep over ONNX Runtime session options (graph optimisation
 level x intra-op threads) picks the options by measurement; then the table: images per second
-(median over repeated timed runs) and the ratio ORT / PyTorch.
+(median over repeated timed runs, taken in turns so that the load of shared cores falls on every
+configuration alike) and the ratio ORT / PyTorch.
 
     .venv/bin/python benchmarks/inference.py --checkpoint models/prototypedl_mnist/checkpoint.pt \
         --bundle models/prototypedl_mnist/bundle [--out runs/inference_benchmark.json]
@@ -32,16 +33,27 @@ BATCH_SIZES = [1, 16, 64, 256]
 OPTIMIZATIONS = ["disable", "basic", "extended", "all"]
 
 
-def time_per_batch(run, seconds: float, min_runs: int = 5) -> float:
-    """Median wall time of one call, after warm-up, over at least `seconds` and `min_runs` calls."""
-    for _ in range(3):
-        run()
+def time_per_batch(run, seconds: float, min_runs: int = 3) -> float:
+    """Median wall time of one call over at least `seconds` and `min_runs` calls."""
     times, start = [], time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved(runners: dict, seconds: float, rounds: int) -> dict:
+    """Median time per call of each runner, measured in turns: round after round, every runner
+    gets a slice, so a change in the load of shared cores falls on all of them alike."""
+    for run in runners.values():
+        for _ in range(3):  # warm-up: first runs allocate and tune
+            run()
+    samples = {key: [] for key in runners}
+    for _ in range(rounds):
+        for key, run in runners.items():
+            samples[key].append(time_per_batch(run, seconds / rounds))
+    return {key: statistics.median(times) for key, times in samples.items()}
 
 
 def ort_runner(session, images: np.ndarray):
@@ -56,17 +68,18 @@ def torch_runner(graph, images: torch.Tensor):
     return run
 
 
-def sweep(model_path: Path, inputs: dict[int, np.ndarray], threads: list[int], seconds: float) -> list[dict]:
-    rows = []
+def sweep(model_path: Path, inputs: dict[int, np.ndarray], threads: list[int], seconds: float,
+          rounds: int) -> list[dict]:
+    runners = {}
     for optimization in OPTIMIZATIONS:
         for n_threads in threads:
             session, provider = open_session(model_path, "cpu", threads=n_threads, optimization=optimization)
             assert provider == CPU
             for batch, images in inputs.items():
-                t = time_per_batch(ort_runner(session, images), seconds)
-                rows.append({"optimization": optimization, "threads": n_threads, "batch": batch,
-                             "images_per_second": batch / t})
-    return rows
+                runners[optimization, n_threads, batch] = ort_runner(session, images)
+    times = interleaved(runners, seconds, rounds)
+    return [{"optimization": o, "threads": n, "batch": b, "images_per_second": b / t}
+            for (o, n, b), t in times.items()]
 
 
 def choose(rows: list[dict]) -> tuple[str, int]:
@@ -82,6 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="models/prototypedl_mnist/checkpoint.pt")
     parser.add_argument("--bundle", default="models/prototypedl_mnist/bundle")
     parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="turns the timed seconds are split into")
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="intra-op thread counts to sweep (default: 1 .. number of CPUs)")
     parser.add_argument("--out", help="also write the figures as JSON here")
@@ -98,7 +112,7 @@ def main(argv=None) -> int:
 
     print(f"# {platform.processor() or platform.machine()}, {cpus} CPUs, torch {torch.__version__}, "
           f"onnxruntime {__import__('onnxruntime').__version__}")
-    rows = sweep(bundle.model_path, inputs, threads, args.seconds)
+    rows = sweep(bundle.model_path, inputs, threads, args.seconds, args.rounds)
     print("\nONNX Runtime session options (images/s):")
     print("| optimisation | threads | " + " | ".join(f"batch {b}" for b in BATCH_SIZES) + " |")
     print("|---|---|" + "---|" * len(BATCH_SIZES))
@@ -111,12 +125,14 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(best_threads)  # the same cores for both runtimes
     session, _ = open_session(bundle.model_path, "cpu", threads=best_threads, optimization=best_opt)
-    table = []
+    runners = {}
     for b in BATCH_SIZES:
-        t_ort = time_per_batch(ort_runner(session, inputs[b]), args.seconds)
-        t_torch = time_per_batch(torch_runner(graph, torch.from_numpy(inputs[b])), args.seconds)
-        table.append({"batch": b, "onnxruntime_images_per_second": b / t_ort,
-                      "pytorch_images_per_second": b / t_torch, "ratio": t_torch / t_ort})
+        runners["onnxruntime", b] = ort_runner(session, inputs[b])
+        runners["pytorch", b] = torch_runner(graph, torch.from_numpy(inputs[b]))
+    times = interleaved(runners, args.seconds, args.rounds)
+    table = [{"batch": b, "onnxruntime_images_per_second": b / times["onnxruntime", b],
+              "pytorch_images_per_second": b / times["pytorch", b],
+              "ratio": times["pytorch", b] / times["onnxruntime", b]} for b in BATCH_SIZES]
     print(f"\nONNX Runtime CPU ({best_opt}, {best_threads} threads) against PyTorch eager ({best_threads} threads):")
     print("| batch | PyTorch eager (images/s) | ONNX Runtime CPU (images/s) | ratio ORT/PyTorch |")
     print("|---:|---:|---:|---:|")
