@@ -16,14 +16,15 @@ from scoring_helpers import REPO, png_bytes, read_rows, write_idx
 
 from service.batch_job import JobSpec, run_job
 
-CHUNK = 100
+CHUNK = 250
+CHUNKS = 49  # 12,000 records and 150 files
 
 
 @pytest.fixture(scope="module")
 def job_inputs(digits, tmp_path_factory) -> list[str]:
-    """3,000 IDX records and 150 picture files with two bad ones: 31 chunks of 100."""
+    """12,000 IDX records and 150 picture files with two bad ones: 49 chunks of 250."""
     root = tmp_path_factory.mktemp("resume_inputs")
-    idx = write_idx(root / "images-idx3-ubyte.gz", np.concatenate([digits] * 10), compress=True)
+    idx = write_idx(root / "images-idx3-ubyte.gz", np.concatenate([digits] * 40), compress=True)
     folder = root / "pictures"
     folder.mkdir()
     for i in range(148):
@@ -89,7 +90,7 @@ def test_killed_after_some_chunks_resumes_the_rest(tiny_bundle, job_inputs, refe
     wait_for(lambda: len(list(job_dir.glob("chunk-*.arrow"))) >= 3 or process.poll() is not None)
     kill(process)
     committed = {p.name for p in job_dir.glob("chunk-*.arrow")}
-    assert 3 <= len(committed) < 32 and not out.exists()
+    assert 3 <= len(committed) < CHUNKS and not out.exists()
     finish(tiny_bundle, job_inputs, out)
     check_exactly_once(out, reference, "killed after 3 chunks")
     assert sum(r["error"] is not None for r in read_rows(out)) == 2
@@ -98,25 +99,38 @@ def test_killed_after_some_chunks_resumes_the_rest(tiny_bundle, job_inputs, refe
 @pytest.mark.slow
 def test_sigkill_at_random_moments(tiny_bundle, job_inputs, reference, tmp_path):
     """Several trials, each killed once or twice at random times over a whole run (start-up, scoring,
-    committing a chunk, assembling the output), then run to completion."""
+    committing a chunk, assembling the output), then run to completion. The kill times are
+    stratified: trial i is first killed in the i-th fifth of an uninterrupted run's scoring phase
+    (from about when its first chunk appears to its end), a second kill falls anywhere."""
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     timed = tmp_path / "timed.parquet"
     started = time.monotonic()
-    finish(tiny_bundle, job_inputs, timed)
+    process = start(tiny_bundle, job_inputs, timed)
+    wait_for(lambda: any((tmp_path / "timed.parquet.job").glob("chunk-*.arrow")) or process.poll() is not None)
+    first_chunk = time.monotonic() - started
+    process.communicate(timeout=300)
+    assert process.returncode == 0
     full_run = time.monotonic() - started
-    for trial in range(4):
+    begin, span = 0.8 * first_chunk, 1.05 * full_run - 0.8 * first_chunk
+    trials = 5
+    committed_at_kill = []
+    for trial in range(trials):
         out = tmp_path / f"trial{trial}.parquet"
+        job_dir = tmp_path / f"trial{trial}.parquet.job"
         kills = []
-        for _ in range(rng.choice([1, 2])):
-            delay = rng.uniform(0.0, full_run * 1.1)
+        for attempt in range(rng.choice([1, 2])):
+            delay = begin + rng.uniform(trial, trial + 1) / trials * span if attempt == 0 else rng.uniform(0, full_run)
             process = start(tiny_bundle, job_inputs, out)
             time.sleep(delay)
             kill(process)
             kills.append(round(delay, 2))
+            committed_at_kill.append(len(list(job_dir.glob("chunk-*.arrow"))) if job_dir.exists() else 0)
             check_output_after_kill(out, reference)
         finish(tiny_bundle, job_inputs, out)
         check_exactly_once(out, reference, f"seed {seed}, trial {trial}, killed after {kills} s of {full_run:.1f} s")
+    print(f"seed {seed}: chunks committed when killed: {committed_at_kill} (of {CHUNKS})")
+    assert any(0 < c < CHUNKS for c in committed_at_kill), f"seed {seed}: no kill landed while scoring"
 
 
 @pytest.mark.slow
@@ -125,7 +139,7 @@ def test_killed_while_assembling_the_output(tiny_bundle, job_inputs, reference, 
     out = tmp_path / "out.jsonl"
     job_dir = tmp_path / "out.jsonl.job"
     process = start(tiny_bundle, job_inputs, out)
-    wait_for(lambda: len(list(job_dir.glob("chunk-*.arrow"))) == 32 or process.poll() is not None)
+    wait_for(lambda: len(list(job_dir.glob("chunk-*.arrow"))) == CHUNKS or process.poll() is not None)
     kill(process)
     check_output_after_kill(out, [dict(r) for r in reference])
     finish(tiny_bundle, job_inputs, out)
