@@ -75,11 +75,13 @@ class RecordSource:
 class FolderSource:
     """Every file under a folder (recursively, hidden ones left out), in sorted path order."""
 
-    def __init__(self, root: Path, name: str, exclude: Path | None = None):
+    def __init__(self, root: Path, name: str, exclude: tuple[Path, ...] = ()):
         self.root, self.name = root, name
         files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
-        if exclude is not None:
-            files = [p for p in files if not p.resolve().is_relative_to(exclude.resolve())]
+        if exclude:
+            # The job's own output and chunks, should they be written inside an input folder.
+            skip = [e.resolve() for e in exclude]
+            files = [p for p in files if not any(p.resolve().is_relative_to(e) for e in skip)]
         self.paths = files
         self.n = len(files)
         self.files = files
@@ -218,7 +220,7 @@ class Inputs:
             source.close()
 
 
-def open_inputs(paths: list[str], image_column: str | None = None, exclude: Path | None = None) -> Inputs:
+def open_inputs(paths: list[str], image_column: str | None = None, exclude: tuple[Path, ...] = ()) -> Inputs:
     """--input values -> Inputs; InputsError names an input that cannot be read at all."""
     sources = []
     for name in paths:

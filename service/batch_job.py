@@ -107,7 +107,7 @@ class Job:
         self.bundle = bundle or resolve_bundle(spec.model)
         self.scorer = BatchScorer(self.bundle.manifest, spec.top_k)
         self.dir = self.output.with_name(self.output.name + ".job")
-        self.inputs: Inputs = open_inputs(spec.inputs, spec.image_column, exclude=self.dir)
+        self.inputs: Inputs = open_inputs(spec.inputs, spec.image_column, exclude=(self.dir, self.output))
         self.n = self.inputs.n
         self.chunks = -(-self.n // spec.chunk_size)
         m = self.bundle.manifest

@@ -266,3 +266,16 @@ def test_model_by_store_tag(tiny_bundle, digits, tmp_path, monkeypatch):
     by_tag = score(tmp_path, stored.tag, [idx], "tag.parquet")
     by_path = score(tmp_path, tiny_bundle, [idx], "path.parquet")
     assert by_tag == by_path and by_tag[0]["model_name"] == stored.tag.split(":")[0]
+
+
+def test_output_inside_the_input_folder_is_not_an_input(tiny_bundle, digits, tmp_path):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(png_bytes(digits[i]))
+    args = ["score", "--model", str(tiny_bundle), "--input", str(folder), "--output", str(folder / "scores.jsonl"),
+            "--quiet", "--chunk-size", "2"]
+    assert run_cli(*args).returncode == 0
+    again = run_cli(*args)
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr
+    assert [r["input_id"].rsplit("/", 1)[1] for r in read_rows(folder / "scores.jsonl")] == ["0.png", "1.png", "2.png"]
