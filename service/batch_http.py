@@ -74,7 +74,7 @@ class ScoreGate:
     def __init__(self, app, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self._n_active: int | None = None
+        self._manifest: Manifest | None = None
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "").rstrip("/")
@@ -88,17 +88,23 @@ class ScoreGate:
             check_request(request.get("images"), request.get("top_k"), self.n_active())
         except InputError as e:
             count_rejection(e.reason)
-            return await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
+            m = self.manifest()
+            body = {**e.body(), "model": {"name": m.name, "version": m.version}}  # like every other answer
+            return await JSONResponse(body, status_code=e.status)(scope, receive, send)
         body = json.dumps(request).encode()
         return await self.app(_as_json_post(scope, body), _replay(body, receive), send)
 
-    def n_active(self) -> int:
-        if self._n_active is None:
+    def manifest(self) -> Manifest:
+        """The served bundle's manifest (read on first use, in the worker: the app is built before)."""
+        if self._manifest is None:
             from export.bundle import read_bundle
             from service.model import bundle_location
 
-            self._n_active = int(active_mask(read_bundle(bundle_location()).manifest).sum())
-        return self._n_active
+            self._manifest = read_bundle(bundle_location()).manifest
+        return self._manifest
+
+    def n_active(self) -> int:
+        return int(active_mask(self.manifest()).sum())
 
     async def _read(self, receive) -> bytes:
         chunks, size = [], 0

@@ -111,6 +111,7 @@ def test_submission_refused_with_a_4xx(server, body, status, reason):
     r = httpx.post(f"{server}/score_batch/submit", json=body, timeout=30)
     assert r.status_code == status, r.text
     assert r.json()["reason"] == reason
+    assert r.json()["model"] == {"name": "tiny-prototypedl", "version": "0.1.0"}
 
 
 def test_oversized_body_refused(server):
