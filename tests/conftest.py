@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_configs import tiny_config_dict, tiny_protopnet_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -18,18 +19,6 @@ def mnist_root() -> Path:
     if not (root / "train-images-idx3-ubyte.gz").exists() and not (root / "train-images-idx3-ubyte").exists():
         pytest.skip(f"MNIST IDX files not found under {root}")
     return root
-
-
-def tiny_config_dict(**train_overrides) -> dict:
-    """A small PrototypeDL config (full architecture, few images, no augmentation by default)."""
-    train = {"epochs": 1, "batch_size": 50, "lr": 0.002, "elastic": False, "checkpoint_every": 1,
-             "eval_batch_size": 500, "seed": 0, "num_threads": 1}
-    train.update(train_overrides)
-    return {
-        "data": {"dataset": "mnist", "val_size": 500, "split_seed": 0, "train_subset": 300},
-        "model": {"hidden_activation": "relu"},
-        "train": train,
-    }
 
 
 @pytest.fixture(scope="session")
@@ -55,18 +44,6 @@ def tiny_bundle(tmp_path_factory, tiny_checkpoint, mnist_root) -> Path:
     export_bundle(tiny_checkpoint, out, "tiny-prototypedl", "0.1.0", data_root=str(mnist_root),
                   test_images=1000, log=lambda s: None)
     return out
-
-
-def tiny_protopnet_dict(**schedule) -> dict:
-    """A small ProtoPNet config (small CNN, 20 prototypes of 16 channels, 300 images, 3 epochs)."""
-    return {
-        "data": {"dataset": "mnist", "val_size": 200, "split_seed": 0, "train_subset": 300},
-        "model": {"family": "protopnet", "backbone": "small_cnn", "n_prototypes": 20, "prototype_dim": 16},
-        "train": {"epochs": 3, "batch_size": 50, "eval_batch_size": 300, "elastic": False, "seed": 0,
-                  "checkpoint_every": 1, "num_threads": 1},
-        "schedule": {"warm_epochs": 1, "push_start": 2, "push_every": 1, "last_layer_epochs": 2,
-                     "lr_features": 1e-3, **schedule},
-    }
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_protopnet_dict
+from tiny_configs import tiny_protopnet_dict
 
 from training.checkpoint import load_checkpoint
 from training.data import load_dataset

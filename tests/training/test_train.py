@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config_dict
+from tiny_configs import tiny_config_dict
 
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import Config

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_protopnet_dict
 from PIL import Image
+from tiny_configs import tiny_protopnet_dict
 
 from protoserve.cli import main
 from training.checkpoint import load_checkpoint
