@@ -5,7 +5,9 @@ Where the bundle comes from (first that is set):
     PROTOSERVE_MODEL_TAG   a tag (name:version) in the BentoML model store (`protoserve import`)
     the shipped default    models/prototypedl_mnist/bundle
 PROTOSERVE_DEVICE (auto | cuda | cpu, default auto) and PROTOSERVE_THREADS (ONNX Runtime intra-op
-threads, default 0 = one per core) tune the sessions.
+threads per session, 0 = one per core) tune the sessions. The default is 1: the service runs one
+worker per core, and a multi-thread pool in each worker's sessions spins on cores that the other
+worker and the HTTP stack need (a 28x28 run took ~1 ms in the service with 2 threads, 0.08 ms raw).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def load_model(path: Path | None = None, device: str | None = None, threads: int
     """Read and verify the bundle (checksums and golden probe), open sessions and warm them up."""
     path = Path(path) if path else bundle_location()
     device = device or os.environ.get("PROTOSERVE_DEVICE", "auto")
-    threads = int(os.environ.get("PROTOSERVE_THREADS", "0")) if threads is None else threads
+    threads = int(os.environ.get("PROTOSERVE_THREADS", "1")) if threads is None else threads
     bundle = read_bundle(path)
     probe = run_probe(bundle, device)
     if not probe.passed:
