@@ -46,6 +46,13 @@ MAX_BATCH_SIZE = int(os.environ.get("PROTOSERVE_MAX_BATCH_SIZE", str(DEFAULT_LIM
 MAX_LATENCY_MS = int(os.environ.get("PROTOSERVE_MAX_LATENCY_MS", "2000"))
 WORKERS = int(os.environ.get("PROTOSERVE_WORKERS", "2"))
 
+# BentoML's per-request work that this service does not need by default (benchmarks/serve.py, README
+# "Serving speed"): the access log (a formatted log line per request) and OpenTelemetry spans on the
+# image routes (sampled at rate 0 unless tracing is configured, but still built per request).
+# PROTOSERVE_ACCESS_LOG=1 and PROTOSERVE_TRACE_IMAGE_ROUTES=1 turn them back on.
+ACCESS_LOG = os.environ.get("PROTOSERVE_ACCESS_LOG", "0") == "1"
+UNTRACED = [] if os.environ.get("PROTOSERVE_TRACE_IMAGE_ROUTES", "0") == "1" else ["/predict", "/explain"]
+
 INPUT_DOC = """IMAGE is a base64 PNG/JPEG string (a data: URL is fine) or a nested numeric array.
 Pictures are converted to the model's input spec (see /metadata "input"): to greyscale or RGB as
 the model's channels say (transparent pixels become black), resized to its height x width
@@ -55,7 +62,8 @@ infinity. The same route takes multipart/form-data uploads (file fields "images"
 "top_k" as a form field). Bad input gets a 4xx JSON {"error", "reason"}."""
 
 
-@bentoml.service(name="protoserve", workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60})
+@bentoml.service(name="protoserve", workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60},
+                 logging={"access": {"enabled": ACCESS_LOG}}, tracing={"excluded_urls": UNTRACED})
 class Protoserve:
     """Predict and explain with a prototype network; every answer names the model and its version."""
 
