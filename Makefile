@@ -8,7 +8,7 @@ PROTOSERVE := $(VENV)/bin/protoserve
 SHARED_MNIST := $(wildcard $(CURDIR)/../shared/data/mnist)
 export PROTOSERVE_DATA_ROOT := $(if $(SHARED_MNIST),$(abspath $(SHARED_MNIST)),$(PROTOSERVE_DATA_ROOT))
 
-.PHONY: setup demo test lint train-default evaluate-default visualize-default bundle-default bench-inference clean demo-train serve prometheus bench-serve train-protopnet evaluate-protopnet bundle-protopnet
+.PHONY: setup demo test lint train-default evaluate-default visualize-default bundle-default bench-inference clean demo-train serve prometheus bench-serve train-protopnet evaluate-protopnet bundle-protopnet serve-protopnet
 
 setup: $(VENV)/.installed
 
@@ -96,8 +96,12 @@ train-protopnet: setup
 evaluate-protopnet: setup
 	$(PROTOSERVE) evaluate --checkpoint $(PROTOPNET_MODEL)/checkpoint.pt --out $(PROTOPNET_MODEL)/evaluation.json
 
-# Its bundle, beside the PrototypeDL one: serve it with PROTOSERVE_BUNDLE=models/protopnet_mnist/bundle.
+# Its bundle, beside the PrototypeDL one; `make serve-protopnet` serves it (the service reads the
+# bundle from --bundle / $PROTOSERVE_BUNDLE, so either family is chosen by configuration).
 bundle-protopnet: setup
 	$(PROTOSERVE) export --checkpoint $(PROTOPNET_MODEL)/checkpoint.pt --out $(PROTOPNET_MODEL)/bundle \
 		--name protopnet-mnist --version 1.0.0 $$(test -d $(PROTOPNET_MODEL)/bundle && echo --force)
 	$(PROTOSERVE) verify $(PROTOPNET_MODEL)/bundle
+
+serve-protopnet: setup
+	$(PROTOSERVE) serve --bundle $(PROTOPNET_MODEL)/bundle

@@ -16,8 +16,8 @@ from pathlib import Path
 from training.checkpoint import load_checkpoint, save_checkpoint
 
 
-def ship(run: Path, out: Path) -> Path:
-    model, config, payload = load_checkpoint(run / "best.pt")
+def ship(run: Path, out: Path, checkpoint: str = "best.pt") -> Path:
+    model, config, payload = load_checkpoint(run / checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / "checkpoint.pt", model, config, payload["epoch"], payload["metrics"], None)
     for name in ("config.yaml", "metrics.jsonl"):
@@ -32,8 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--checkpoint", default="best.pt", help="which checkpoint of the run (default best.pt)")
     args = parser.parse_args()
-    print(f"shipped {ship(args.run, args.out)}")
+    print(f"shipped {ship(args.run, args.out, args.checkpoint)}")
 
 
 if __name__ == "__main__":
