@@ -26,7 +26,14 @@ from service.batch import BatchScorer
 from service.errors import InputError
 from service.explain import active_mask
 from service.metrics import count_rejection, metrics
-from service.middleware import DEFAULT_MAX_BODY_BYTES, _as_json_post, _header, _replay
+from service.middleware import (
+    DEFAULT_MAX_BODY_BYTES,
+    _as_json_post,
+    _replay,
+    json_object,
+    read_body,
+    request_media_type,
+)
 from service.preprocess import DEFAULT_LIMITS, parse_top_k
 
 MAX_TASK_IMAGES = 1024
@@ -83,7 +90,7 @@ class ScoreGate:
         from starlette.responses import JSONResponse
 
         try:
-            body = await self._read(receive)
+            body = await read_body(scope, receive, self.max_body_bytes)
             request = await self._parse(scope, body)
             check_request(request.get("images"), request.get("top_k"), self.n_active())
         except InputError as e:
@@ -106,34 +113,10 @@ class ScoreGate:
     def n_active(self) -> int:
         return int(active_mask(self.manifest()).sum())
 
-    async def _read(self, receive) -> bytes:
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                raise InputError("body_too_large", f"body is over the {self.max_body_bytes} byte limit", status=413)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
-
     async def _parse(self, scope, body: bytes) -> dict:
-        media_type = (_header(scope, b"content-type") or "application/json").split(";")[0].strip().lower()
-        if media_type == "multipart/form-data":
+        if request_media_type(scope) == "multipart/form-data":
             return await self._form(scope, body)
-        if media_type != "application/json":
-            raise InputError("unsupported_media_type", f"content type {media_type!r}: send application/json "
-                             "or multipart/form-data", status=415)
-        try:
-            request = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError("invalid_json", f"body is not valid JSON ({e})") from None
-        if not isinstance(request, dict):
-            raise InputError("wrong_type", f"body must be a JSON object, not {type(request).__name__}")
-        return request
+        return json_object(body)
 
     async def _form(self, scope, body: bytes) -> dict:
         from starlette.datastructures import UploadFile

@@ -45,7 +45,7 @@ class RequestGate:
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         try:
-            body = await self._read_body(scope, receive)
+            body = await read_body(scope, receive, self.max_body_bytes)
             if path in self.image_routes:
                 body = await self._to_json(scope, body)
                 scope = _as_json_post(scope, body)
@@ -55,40 +55,11 @@ class RequestGate:
             return await JSONResponse(body, status_code=e.status)(scope, receive, send)
         return await self.app(scope, _replay(body, receive), send)
 
-    async def _read_body(self, scope, receive) -> bytes:
-        declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise InputError("body_too_large", f"body of {int(declared)} bytes is over the "
-                             f"{self.max_body_bytes} byte limit", status=413)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise InputError("body_too_large", f"body is over the {self.max_body_bytes} byte limit",
-                                 status=413)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
-
     async def _to_json(self, scope, body: bytes) -> bytes:
-        media_type = (_header(scope, b"content-type") or "application/json").split(";")[0].strip().lower()
-        if media_type == "multipart/form-data":
+        if request_media_type(scope) == "multipart/form-data":
             fields = await self._form_fields(scope, body)
             return json.dumps(_form_to_request(fields, scope["path"].rstrip("/"))).encode()
-        if media_type != "application/json":
-            raise InputError("unsupported_media_type", f"content type {media_type!r}: send application/json "
-                             "or multipart/form-data", status=415)
-        try:
-            parsed = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError("invalid_json", f"body is not valid JSON ({e})") from None
-        if not isinstance(parsed, dict):
-            raise InputError("wrong_type", f"body must be a JSON object, not {type(parsed).__name__}")
+        json_object(body)
         return body
 
     async def _form_fields(self, scope, body: bytes) -> list[tuple[str, object]]:
@@ -105,6 +76,47 @@ class RequestGate:
             fields.append((key, value))
         await form.close()
         return fields
+
+
+async def read_body(scope, receive, max_bytes: int) -> bytes:
+    """The whole request body, refused with a 413 as soon as it is known to be over max_bytes."""
+    declared = _header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise InputError("body_too_large", f"body of {int(declared)} bytes is over the "
+                         f"{max_bytes} byte limit", status=413)
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise InputError("body_too_large", f"body is over the {max_bytes} byte limit", status=413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def request_media_type(scope) -> str:
+    """"application/json" (also when unsaid) or "multipart/form-data"; anything else is a 415."""
+    media_type = (_header(scope, b"content-type") or "application/json").split(";")[0].strip().lower()
+    if media_type not in ("application/json", "multipart/form-data"):
+        raise InputError("unsupported_media_type", f"content type {media_type!r}: send application/json "
+                         "or multipart/form-data", status=415)
+    return media_type
+
+
+def json_object(body: bytes) -> dict:
+    """The body as a JSON object, or a 400 naming what is wrong with it."""
+    try:
+        parsed = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError("invalid_json", f"body is not valid JSON ({e})") from None
+    if not isinstance(parsed, dict):
+        raise InputError("wrong_type", f"body must be a JSON object, not {type(parsed).__name__}")
+    return parsed
 
 
 def _form_to_request(fields: list[tuple[str, object]], path: str) -> dict:
