@@ -37,12 +37,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_service(bundle: Path, port: int, log: Path, timeout: float = 180.0):
-    """`bentoml serve` on `bundle` until the block ends; yields the base URL once /readyz says 200."""
+def running_service(bundle: Path, port: int, log: Path, timeout: float = 180.0, env: dict | None = None):
+    """`bentoml serve` on `bundle` until the block ends; yields the base URL once /readyz says 200.
+
+    `env` adds to (or overrides) the environment of the server, e.g. BENTOML_HOME or PROTOSERVE_WORKERS.
+    """
     import httpx
 
-    env = {**os.environ, "PROTOSERVE_BUNDLE": str(bundle.resolve()), "BENTOML_DO_NOT_TRACK": "True",
-           "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PROTOSERVE_BUNDLE": str(Path(bundle).resolve()), "BENTOML_DO_NOT_TRACK": "True",
+           "PYTHONPATH": str(REPO), **(env or {})}
     env.pop("PROTOSERVE_MODEL_TAG", None)
     url = f"http://127.0.0.1:{port}"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -65,13 +68,18 @@ def running_service(bundle: Path, port: int, log: Path, timeout: float = 180.0):
             time.sleep(0.5)
         yield url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group; SIGKILL it if it has not ended after 30 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def run_demo(out: Path, bundle: Path | None = None, port: int | None = None, index: int = 7) -> dict:

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,15 +14,11 @@ import httpx
 import pytest
 import yaml
 
+from service.demo import free_port
+
 MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
