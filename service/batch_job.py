@@ -137,7 +137,11 @@ class Job:
                            "pass --restart to score from scratch")
         for leftover in self.dir.glob("*.tmp*"):
             leftover.unlink()  # partial files of a run that was killed; never results
-        return (self.dir / DONE_FILE).exists() and self.output.exists()
+        if (self.dir / DONE_FILE).exists() and self.output.exists():
+            for leftover in self.dir.glob("chunk-*.arrow"):
+                leftover.unlink()  # killed while dropping the chunks of a finished job
+            return True
+        return False
 
     def chunk_path(self, k: int) -> Path:
         return self.dir / f"chunk-{k:06d}.arrow"

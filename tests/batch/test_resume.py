@@ -144,3 +144,15 @@ def test_killed_while_assembling_the_output(tiny_bundle, job_inputs, reference, 
     check_output_after_kill(out, [dict(r) for r in reference])
     finish(tiny_bundle, job_inputs, out)
     check_exactly_once(out, reference, "killed while assembling")
+
+
+def test_killed_while_dropping_the_chunks_of_a_finished_job(tiny_bundle, job_inputs, reference, tmp_path):
+    """complete.json is written before the chunks go: a rerun finds the job done and drops what is left."""
+    out = tmp_path / "out.parquet"
+    spec = JobSpec(str(tiny_bundle), job_inputs, out, chunk_size=CHUNK, workers=2)
+    run_job(spec, progress=False)
+    job_dir = tmp_path / "out.parquet.job"
+    for k in (3, 7):  # as if SIGKILLed between unlinking chunk 2 and chunk 3
+        (job_dir / f"chunk-{k:06d}.arrow").write_bytes(b"left over")
+    run_job(spec, progress=False)
+    check_exactly_once(out, reference, "rerun of a finished job")
