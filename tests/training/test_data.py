@@ -84,3 +84,14 @@ def test_data_root_from_environment(monkeypatch, mnist_root):
     monkeypatch.delenv("PROTOSERVE_DATA_ROOT")
     with pytest.raises(DataError, match="no data root"):
         resolve_data_root(None)
+
+
+def test_fashion_mnist_is_a_config_with_its_own_checksums(tmp_path):
+    from training.config import load_config
+
+    assert load_config("configs/prototypedl_fashion_mnist.yaml").data.dataset == "fashion_mnist"
+    # MNIST's files are not Fashion-MNIST's: the published Fashion-MNIST sums refuse them.
+    fake = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    fake.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes(3)))
+    with pytest.raises(DataError, match="md5 .* does not match"):
+        read_idx(fake, dataset="fashion_mnist")
