@@ -67,7 +67,57 @@ def evaluate_split(model: PrototypeDL, split: Split, batch_size: int, device, lo
     return {"accuracy": correct / n, **{k: v / n for k, v in sums.items()}}
 
 
-class Trainer:
+class ResumableRun:
+    """Exact resume for a trainer: its optimizers and schedulers (named by optimizer_states()),
+    the data-order and augmentation RNGs, the best validation accuracy and the wall time so far."""
+
+    rank = 0
+
+    def optimizer_states(self) -> dict:
+        raise TypeError(f"{type(self).__name__} must name its optimizers and schedulers")
+
+    def training_state(self) -> dict:
+        return {
+            **{name: obj.state_dict() for name, obj in self.optimizer_states().items()},
+            "shuffle_rng": self.shuffle_rng.get_state(),
+            "augment_rng": self.augment_rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "best_val_accuracy": self.best_val_accuracy,
+            "wall_seconds": self.wall_seconds,
+        }
+
+    def resume(self) -> None:
+        path = self.out_dir / "last.pt"
+        model, config, payload = load_checkpoint(path, expect_config=self.config)
+        if _semantic(config) != _semantic(self.config):
+            raise CheckpointError(f"{path}: the run was started with a different config; "
+                                  f"resume with {self.out_dir / 'config.yaml'}")
+        state = payload["training_state"]
+        if state is None:
+            raise CheckpointError(f"{path}: holds no optimizer/RNG state, cannot resume from it")
+        self.model.load_state_dict(model.state_dict())
+        for name, obj in self.optimizer_states().items():
+            obj.load_state_dict(state[name])
+        self.shuffle_rng.set_state(state["shuffle_rng"])
+        self.augment_rng.set_state(state["augment_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.best_val_accuracy = state["best_val_accuracy"]
+        self.wall_seconds = state["wall_seconds"]
+        self.epoch = payload["epoch"]
+        if self.rank == 0:
+            self._truncate_metrics(self.epoch)
+        self.log(f"resumed {path} at epoch {self.epoch}")
+
+    def _truncate_metrics(self, epoch: int) -> None:
+        """Drop metric lines of epochs after the checkpoint (written before a crash)."""
+        path = self.out_dir / "metrics.jsonl"
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln)["epoch"] <= epoch]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+
+class Trainer(ResumableRun):
     def __init__(self, config: Config, out_dir: Path, data_root: Path | None = None, log=print):
         self.config, self.out_dir, self.log = config, Path(out_dir), log
         t = config.train
@@ -88,46 +138,8 @@ class Trainer:
         self.best_val_accuracy = -1.0
         self.wall_seconds = 0.0
 
-    # -- state for exact resume ------------------------------------------------------------
-    def training_state(self) -> dict:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "shuffle_rng": self.shuffle_rng.get_state(),
-            "augment_rng": self.augment_rng.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "best_val_accuracy": self.best_val_accuracy,
-            "wall_seconds": self.wall_seconds,
-        }
-
-    def resume(self) -> None:
-        path = self.out_dir / "last.pt"
-        model, config, payload = load_checkpoint(path, expect_config=self.config)
-        if _semantic(config) != _semantic(self.config):
-            raise CheckpointError(f"{path}: the run was started with a different config; "
-                                  f"resume with {self.out_dir / 'config.yaml'}")
-        state = payload["training_state"]
-        if state is None:
-            raise CheckpointError(f"{path}: holds no optimizer/RNG state, cannot resume from it")
-        self.model.load_state_dict(model.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.shuffle_rng.set_state(state["shuffle_rng"])
-        self.augment_rng.set_state(state["augment_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        self.best_val_accuracy = state["best_val_accuracy"]
-        self.wall_seconds = state["wall_seconds"]
-        self.epoch = payload["epoch"]
-        self._truncate_metrics(self.epoch)
-        self.log(f"resumed {path} at epoch {self.epoch}")
-
-    def _truncate_metrics(self, epoch: int) -> None:
-        """Drop metric lines of epochs after the checkpoint (written before a crash)."""
-        path = self.out_dir / "metrics.jsonl"
-        if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln)["epoch"] <= epoch]
-            path.write_text("".join(ln + "\n" for ln in kept))
+    def optimizer_states(self) -> dict:
+        return {"optimizer": self.optimizer, "scheduler": self.scheduler}
 
     # -- the loop --------------------------------------------------------------------------
     def train_epoch(self) -> dict:

@@ -32,14 +32,14 @@ import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from training.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from training.checkpoint import build_model, save_checkpoint
 from training.config import Config
 from training.cub import IMAGENET_MEAN, IMAGENET_STD, load_cub
 from training.data import Split, load_dataset, resolve_data_root
 from training.elastic import elastic_deform
 from training.protopnet import ProtoPNet, l1_wrong_class, protopnet_loss
 from training.push import push_prototypes, write_push_pictures
-from training.train import _duration, _semantic, resolve_device
+from training.train import ResumableRun, _duration, resolve_device
 
 
 def load_run_data(config: Config, root: Path) -> dict[str, Split]:
@@ -73,7 +73,7 @@ def push_purity(model: ProtoPNet, labels: torch.Tensor) -> float:
     return float((labels[src] == torch.tensor(model.class_identities())).float().mean())
 
 
-class ProtoPNetTrainer:
+class ProtoPNetTrainer(ResumableRun):
     def __init__(self, config: Config, out_dir: Path, data_root: Path | None = None, log=print):
         self.config, self.out_dir = config, Path(out_dir)
         t, s = config.train, config.schedule
@@ -104,49 +104,9 @@ class ProtoPNetTrainer:
         self.wall_seconds = 0.0
         self._ddp: DistributedDataParallel | None = None
 
-    # -- state for exact resume ------------------------------------------------------------
-    def training_state(self) -> dict:
-        return {
-            "warm_optimizer": self.warm_optimizer.state_dict(),
-            "joint_optimizer": self.joint_optimizer.state_dict(),
-            "joint_scheduler": self.joint_scheduler.state_dict(),
-            "last_layer_optimizer": self.last_layer_optimizer.state_dict(),
-            "shuffle_rng": self.shuffle_rng.get_state(),
-            "augment_rng": self.augment_rng.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "best_val_accuracy": self.best_val_accuracy,
-            "wall_seconds": self.wall_seconds,
-        }
-
-    def resume(self) -> None:
-        path = self.out_dir / "last.pt"
-        model, config, payload = load_checkpoint(path, expect_config=self.config)
-        if _semantic(config) != _semantic(self.config):
-            raise CheckpointError(f"{path}: the run was started with a different config; "
-                                  f"resume with {self.out_dir / 'config.yaml'}")
-        state = payload["training_state"]
-        if state is None:
-            raise CheckpointError(f"{path}: holds no optimizer/RNG state, cannot resume from it")
-        self.model.load_state_dict(model.state_dict())
-        self.warm_optimizer.load_state_dict(state["warm_optimizer"])
-        self.joint_optimizer.load_state_dict(state["joint_optimizer"])
-        self.joint_scheduler.load_state_dict(state["joint_scheduler"])
-        self.last_layer_optimizer.load_state_dict(state["last_layer_optimizer"])
-        self.shuffle_rng.set_state(state["shuffle_rng"])
-        self.augment_rng.set_state(state["augment_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        self.best_val_accuracy = state["best_val_accuracy"]
-        self.wall_seconds = state["wall_seconds"]
-        self.epoch = payload["epoch"]
-        if self.rank == 0:
-            self._truncate_metrics(self.epoch)
-        self.log(f"resumed {path} at epoch {self.epoch}")
-
-    def _truncate_metrics(self, epoch: int) -> None:
-        path = self.out_dir / "metrics.jsonl"
-        if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            path.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["epoch"] <= epoch))
+    def optimizer_states(self) -> dict:
+        return {"warm_optimizer": self.warm_optimizer, "joint_optimizer": self.joint_optimizer,
+                "joint_scheduler": self.joint_scheduler, "last_layer_optimizer": self.last_layer_optimizer}
 
     # -- stages ----------------------------------------------------------------------------
     def is_push_epoch(self, epoch: int) -> bool:
