@@ -15,6 +15,9 @@ Row fields (`ROW_FIELDS`, one row per input, in input order):
     probabilities        K floats
     prototype_ids        the top_k nearest active prototypes, nearest first (ids from the manifest)
     prototype_distances  their squared L2 distances
+    prototype_similarities  ProtoPNet's log((d + 1) / (d + 1e-4)) of each distance (/explain's "similarity")
+    prototype_contributions what each adds to the predicted class's logit (/explain's "contribution"):
+                         last-layer weight x distance (PrototypeDL) or x similarity (ProtoPNet)
     model_name, model_version
     error                null when scored; else "<reason>: <message>"
 """
@@ -28,11 +31,12 @@ import numpy as np
 
 from export.bundle import InputSpec, Manifest
 from service.errors import InputError
-from service.explain import active_mask
+from service.explain import active_mask, similarity
 from service.preprocess import DEFAULT_LIMITS, Limits, array_to_input, normalize, to_input
 
 ROW_FIELDS = ("index", "input_id", "label", "class_name", "probabilities", "prototype_ids",
-              "prototype_distances", "model_name", "model_version", "error")
+              "prototype_distances", "prototype_similarities", "prototype_contributions", "model_name",
+              "model_version", "error")
 # Images per session.run. On the 2-core CPU 256 and 1,024 ran at the same rate; smaller slices keep
 # the job's memory per worker small and leave the service's batcher room.
 RUN_BATCH = 256
@@ -53,6 +57,8 @@ class Columns:
     probabilities: np.ndarray  # float32 [n_ok, K]
     prototype_ids: np.ndarray  # int32 [n_ok, top_k]
     prototype_distances: np.ndarray  # float32 [n_ok, top_k]
+    prototype_similarities: np.ndarray  # float32 [n_ok, top_k]
+    prototype_contributions: np.ndarray  # float32 [n_ok, top_k]
     class_names: list[str]
     model_name: str
     model_version: str
@@ -71,13 +77,16 @@ class Columns:
         for i in range(len(self)):
             row = {"index": int(self.index[i]), "input_id": self.input_id[i], "label": None, "class_name": None,
                    "probabilities": None, "prototype_ids": None, "prototype_distances": None,
+                   "prototype_similarities": None, "prototype_contributions": None,
                    "model_name": self.model_name, "model_version": self.model_version, "error": self.error[i]}
             if self.ok[i]:
                 label = int(self.label[j])
                 row.update(label=label, class_name=self.class_names[label],
                            probabilities=[float(v) for v in self.probabilities[j]],
                            prototype_ids=[int(v) for v in self.prototype_ids[j]],
-                           prototype_distances=[float(v) for v in self.prototype_distances[j]])
+                           prototype_distances=[float(v) for v in self.prototype_distances[j]],
+                           prototype_similarities=[float(v) for v in self.prototype_similarities[j]],
+                           prototype_contributions=[float(v) for v in self.prototype_contributions[j]])
                 j += 1
             rows.append(row)
         return rows
@@ -166,6 +175,7 @@ class BatchScorer:
         self.top_k = top_k
         self.limits = limits
         self.prototype_ids = np.array([row.id for row in manifest.prototypes], dtype=np.int64)
+        self.weights = np.array([row.weights for row in manifest.prototypes], dtype=np.float64)  # [M, K]
 
     def prepare(self, inputs: Sequence[object] | np.ndarray) -> tuple[np.ndarray, list[InputError | None]]:
         """Inputs -> (model input [n, C, H, W], per-input error or None).
@@ -214,11 +224,18 @@ class BatchScorer:
              probabilities: np.ndarray, distances: np.ndarray) -> Columns:
         """Outputs of the good inputs (in order) + the errors of the others -> one row per input."""
         nearest = nearest_prototypes_batch(distances, self.top_k, self.active)
+        labels = probabilities.argmax(axis=1).astype(np.int64)
+        near = np.take_along_axis(distances, nearest, axis=1).astype(np.float64)
+        sims = similarity(near)
+        # The same numbers as service.explain.prototype_rows: weight for the predicted class x (d or s).
+        weights = self.weights[nearest, labels[:, None]]
+        contributions = weights * (near if self.manifest.family == "prototypedl" else sims)
         return Columns(index=np.arange(start, start + len(input_ids), dtype=np.int64), input_id=list(input_ids),
-                       ok=ok, label=probabilities.argmax(axis=1).astype(np.int64),
-                       probabilities=probabilities.astype(np.float32, copy=False),
+                       ok=ok, label=labels, probabilities=probabilities.astype(np.float32, copy=False),
                        prototype_ids=self.prototype_ids[nearest].astype(np.int32),
-                       prototype_distances=np.take_along_axis(distances, nearest, axis=1).astype(np.float32),
+                       prototype_distances=near.astype(np.float32),
+                       prototype_similarities=sims.astype(np.float32),
+                       prototype_contributions=contributions.astype(np.float32),
                        class_names=list(self.manifest.class_names), model_name=self.manifest.name,
                        model_version=self.manifest.version,
                        error=[None if e is None else f"{e.reason}: {e}" for e in errors])

@@ -35,7 +35,7 @@ from service.batch import BatchScorer, Columns
 from service.batch_inputs import Inputs, open_inputs
 
 CHUNK_SIZE = 1024  # ~0.3 s of one core: little left idle at the end, little lost to a kill
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: rows gained prototype_similarities and prototype_contributions
 JOB_FILE, DONE_FILE = "job.json", "complete.json"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 CHUNK_METADATA = b"protoserve.chunk"
@@ -354,7 +354,8 @@ def row_schema(plan: dict | None = None):
     return pa.schema([
         ("index", pa.int64()), ("input_id", pa.string()), ("label", pa.int32()), ("class_name", pa.string()),
         ("probabilities", pa.list_(pa.float32())), ("prototype_ids", pa.list_(pa.int32())),
-        ("prototype_distances", pa.list_(pa.float32())), ("model_name", pa.string()),
+        ("prototype_distances", pa.list_(pa.float32())), ("prototype_similarities", pa.list_(pa.float32())),
+        ("prototype_contributions", pa.list_(pa.float32())), ("model_name", pa.string()),
         ("model_version", pa.string()), ("error", pa.string()),
     ], metadata=metadata)
 
@@ -381,7 +382,8 @@ def to_table(c: Columns):
     columns = [pa.array(c.index, pa.int64()), pa.array(c.input_id, pa.string()),
                pa.array(labels, pa.int32(), mask=~ok), names,
                lists(c.probabilities, pa.float32()), lists(c.prototype_ids, pa.int32()),
-               lists(c.prototype_distances, pa.float32()), pa.repeat(pa.scalar(c.model_name), n),
+               lists(c.prototype_distances, pa.float32()), lists(c.prototype_similarities, pa.float32()),
+               lists(c.prototype_contributions, pa.float32()), pa.repeat(pa.scalar(c.model_name), n),
                pa.repeat(pa.scalar(c.model_version), n), pa.array(c.error, pa.string())]
     return pa.Table.from_arrays(columns, schema=row_schema())
 

@@ -9,7 +9,7 @@ from scoring_helpers import png_bytes
 from export.bundle import InputSpec, read_bundle
 from export.runtime import open_session
 from service.batch import BatchScorer, nearest_prototypes_batch, records_to_input
-from service.explain import nearest_prototypes
+from service.explain import nearest_prototypes, prototype_rows
 from service.preprocess import to_input
 
 MNIST = InputSpec(channels=1, height=28, width=28, mean=[0.0], std=[1.0])
@@ -73,3 +73,27 @@ def test_scorer_rows_match_the_graph_and_keep_bad_inputs(tiny_bundle, digits):
     p2, _ = infer(np.stack([to_input(png_bytes(digits[1]), bundle.manifest.input)]))
     assert rows[2]["probabilities"] == pytest.approx(p2[0].tolist(), abs=1e-6)  # a uint8 record = its PNG
     assert {r["model_name"] for r in rows} == {bundle.manifest.name}
+
+
+@pytest.mark.parametrize("which", ["tiny_bundle", "tiny_protopnet_bundle"])
+def test_rows_carry_the_explanations_ids_and_scores(which, request, digits):
+    """Both families: a row's prototypes are /explain's top-k entries (service.explain.prototype_rows),
+    with the same distance, similarity and contribution to the predicted class."""
+    bundle = read_bundle(request.getfixturevalue(which))
+    session, _ = open_session(bundle.model_path, "cpu")
+    scorer = BatchScorer(bundle.manifest, top_k=3)
+
+    def infer(x):
+        return tuple(session.run(["probabilities", "distances"], {"image": x}))
+
+    rows = scorer.score(0, ["a", "b", "c"], [png_bytes(digits[i]) for i in range(3)], infer).records()
+    active = np.array([r.status == "active" for r in bundle.manifest.prototypes])
+    for i, row in enumerate(rows):
+        p, d = infer(to_input(png_bytes(digits[i]), bundle.manifest.input)[None])
+        label = int(p[0].argmax())
+        want = prototype_rows(bundle.manifest, d[0], nearest_prototypes(d[0], 3, active), label)
+        assert row["prototype_ids"] == [w["id"] for w in want]
+        assert row["prototype_similarities"] == pytest.approx([w["similarity"] for w in want], rel=1e-5)
+        assert row["prototype_contributions"] == pytest.approx([w["contribution"] for w in want], rel=1e-5, abs=1e-6)
+    if bundle.manifest.family == "protopnet":  # nearest first = most similar first
+        assert all(r["prototype_similarities"] == sorted(r["prototype_similarities"], reverse=True) for r in rows)

@@ -70,10 +70,12 @@ def test_task_returns_the_rows_of_protoserve_score(server, tiny_bundle, digits, 
     rows = answer["rows"]
     assert [r["input_id"] for r in rows] == [f"images[{i}]" for i in range(8)]
     for got, want in zip(rows[:6], cli_rows, strict=True):
-        assert {k: v for k, v in got.items() if k not in ("input_id", "probabilities", "prototype_distances")} == \
-            {k: v for k, v in want.items() if k not in ("input_id", "probabilities", "prototype_distances")}
+        floats = ("probabilities", "prototype_distances", "prototype_similarities", "prototype_contributions")
+        assert {k: v for k, v in got.items() if k not in ("input_id", *floats)} == \
+            {k: v for k, v in want.items() if k not in ("input_id", *floats)}
         np.testing.assert_allclose(got["probabilities"], want["probabilities"], atol=1e-5)
-        np.testing.assert_allclose(got["prototype_distances"], want["prototype_distances"], rtol=1e-5)
+        for key in floats[1:]:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6)
     assert rows[6]["error"].startswith("bad_base64") and rows[6]["label"] is None
     assert rows[7]["error"] is None and rows[7]["label"] is not None
     after = scrape_batch_images(server)
