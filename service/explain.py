@@ -69,13 +69,39 @@ def prototype_rows(manifest: Manifest, distances: np.ndarray, indices: np.ndarra
     return rows
 
 
+def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+    """[n_out, n_in]: resampling by cubic convolution, as torch's interpolate(mode="bicubic",
+    align_corners=False) does (Keys' kernel with a = -0.75, edge samples repeated)."""
+
+    def kernel(x: np.ndarray) -> np.ndarray:
+        x = np.abs(x)
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+    source = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(source).astype(int)
+    matrix = np.zeros((n_out, n_in))
+    for offset in (-1, 0, 1, 2):
+        taps = base + offset
+        np.add.at(matrix, (np.arange(n_out), taps.clip(0, n_in - 1)), kernel(source - taps))
+    return matrix
+
+
+def upsample(similarity_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[h, w] -> [height, width] by bicubic interpolation: the push pictures' upsampling
+    (training/push.py, torch's bicubic as in the paper's code), tested equal."""
+    h, w = similarity_map.shape
+    return bicubic_matrix(h, height) @ similarity_map.astype(np.float64) @ bicubic_matrix(w, width).T
+
+
 def heatmap_picture(similarity_map: np.ndarray, height: int, width: int) -> Image.Image:
     """ProtoPNet: one prototype's [h, w] similarity map -> an L picture of the input's size, brightest
-    where the prototype was found (scaled to the map's own min..max, bilinear upsampling)."""
-    low, high = float(similarity_map.min()), float(similarity_map.max())
-    scaled = (similarity_map - low) / (high - low) if high > low else np.zeros_like(similarity_map)
-    small = Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8), mode="L")
-    return small.resize((width, height), Image.Resampling.BILINEAR)
+    where the prototype was found (bicubic upsampling, then scaled to its own min..max)."""
+    up = upsample(similarity_map, height, width)
+    low, high = float(up.min()), float(up.max())
+    scaled = (up - low) / (high - low) if high > low else np.zeros_like(up)
+    return Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8), mode="L")
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
@@ -89,10 +115,13 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
 
 
 def heatmap_overlay(similarity_map: np.ndarray, pixels: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """ProtoPNet: one prototype's [h, w] similarity map, upsampled to the input (heatmap_picture) and
-    blended in colour over the input picture (pixels [C, H, W] in [0, 1]): where it was found."""
+    """ProtoPNet: one prototype's [h, w] similarity map, upsampled to the input and blended in colour
+    over the input picture (pixels [C, H, W] in [0, 1]): where it was found. The same blend as the
+    push pictures' activation overlay."""
     height, width = pixels.shape[1:]
-    heat = np.asarray(heatmap_picture(similarity_map, height, width), dtype=np.float64) / 255.0
+    up = upsample(similarity_map, height, width)
+    span = up.max() - up.min()
+    heat = (up - up.min()) / span if span > 0 else np.zeros_like(up)
     base = np.asarray(pixels_to_picture(pixels).convert("RGB"), dtype=np.float64)
     return Image.fromarray((base * (1 - alpha) + heat_colours(heat) * alpha).round().astype(np.uint8))
 

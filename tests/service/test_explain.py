@@ -7,6 +7,7 @@ import io
 from datetime import UTC, datetime
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from export.bundle import GraphSpec, InputSpec, Manifest, Metrics, ProbeSpec, PrototypeRow, TensorSpec, TrainingInfo
@@ -86,5 +87,39 @@ def test_heatmap_is_brightest_where_the_prototype_was_found():
     pixels = np.asarray(img)
     y, x = np.unravel_index(pixels.argmax(), pixels.shape)
     assert 4 <= y <= 8 and 20 <= x <= 24  # cell (1, 5) of a 7x7 grid over 28x28 pixels
-    assert pixels.max() > 150 and pixels.min() == 0  # bilinear upsampling spreads the peak
+    assert pixels.max() == 255 and pixels.min() == 0
+    assert (pixels > 128).sum() > 4  # upsampling spreads the peak over several pixels
     assert np.asarray(heatmap_picture(np.ones((7, 7)), 28, 28)).max() == 0  # a flat map shows nothing
+
+
+@pytest.mark.parametrize("size", [(7, 7, 28, 28), (7, 5, 224, 160), (3, 3, 3, 3), (1, 1, 28, 28)])
+def test_upsampling_is_torchs_bicubic_as_the_push_pictures_use(size):
+    import torch
+
+    from service.explain import upsample
+    from training.push import upsample as push_upsample
+
+    h, w, height, width = size
+    rng = np.random.default_rng(h * 100 + height)
+    similarity_map = rng.random((h, w)).astype(np.float32) * 5
+    want = torch.nn.functional.interpolate(torch.from_numpy(similarity_map)[None, None], size=(height, width),
+                                           mode="bicubic", align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(upsample(similarity_map, height, width), want, rtol=1e-5, atol=1e-5)
+    if height == width:
+        np.testing.assert_allclose(upsample(similarity_map, height, width),
+                                   push_upsample(torch.from_numpy(similarity_map), height), rtol=1e-5, atol=1e-5)
+
+
+def test_service_heatmap_is_the_push_pictures_activation_overlay():
+    import torch
+
+    from service.explain import heatmap_overlay
+    from training.push import overlay, upsample
+
+    rng = np.random.default_rng(3)
+    similarity_map = rng.random((7, 7)).astype(np.float32)
+    pixels = rng.random((1, 28, 28))
+    rgb = np.asarray(pixels_to_picture(pixels).convert("RGB"), dtype=np.float64)
+    want = overlay(rgb, upsample(torch.from_numpy(similarity_map), 28))
+    got = np.asarray(heatmap_overlay(similarity_map, pixels))
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # float32 vs float64 rounding
