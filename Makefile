@@ -84,7 +84,7 @@ bench-score: setup
 clean:
 	rm -rf runs/demo .pytest_cache
 
-# The shipped ProtoPNet (models/protopnet_mnist): about 25 minutes on 2 CPU cores, resumable
+# The shipped ProtoPNet (models/protopnet_mnist): about 15 minutes on 2 CPU cores, resumable
 # (run again after an interruption); then the checkpoint, config, metrics and push pictures are
 # copied into models/protopnet_mnist/.
 PROTOPNET_RUN := runs/protopnet_mnist
