@@ -14,6 +14,11 @@ Fast path: a call that finds the worker idle (no batch running, none queued) run
 of entering the dispatcher, whose controller polls every millisecond and may wait for a batch to
 fill: at concurrency 1 that added milliseconds to every answer. The fast run holds the dispatcher's
 one-batch semaphore, so calls arriving meanwhile queue in the dispatcher and run merged after it.
+A fast call the caller marks `inline` (the service does so for a request of at most a few images
+when it is the only one in flight) runs on the event loop itself: handing a 0.1 ms model run to a
+worker thread and back costs two thread wake-ups, which on a busy 2-core machine took milliseconds
+(benchmarks/serve.py). Other calls, and every merged batch, go to a thread so the loop keeps
+accepting requests while the model runs, and those requests can be merged into the next batch.
 """
 
 from __future__ import annotations
@@ -47,13 +52,15 @@ class AdaptiveBatcher:
         self._dispatcher = dispatcher
         self._call = dispatcher(self._run_merged)
 
-    async def __call__(self, x: np.ndarray) -> np.ndarray:
+    async def __call__(self, x: np.ndarray, inline: bool = False) -> np.ndarray:
         d = self._dispatcher
         if len(x) > d.max_batch_size or d._queue or not d._sema.acquire():
             return await self._call(x)
         try:  # idle: run now, holding the semaphore so the dispatcher queues what arrives meanwhile
             if self.on_batch is not None:
                 self.on_batch(len(x))
+            if inline:
+                return self.run(x)
             return await anyio.to_thread.run_sync(self.run, x)
         finally:
             d._sema.release()

@@ -69,3 +69,23 @@ def test_past_the_latency_limit_callers_get_overloaded():
     results = asyncio.run(main())
     assert any(isinstance(r, Overloaded) for r in results)
     assert all(isinstance(r, (Overloaded, np.ndarray)) for r in results)
+
+
+def test_an_inline_call_on_an_idle_batcher_runs_on_the_event_loop_and_others_in_a_thread():
+    threads = []
+
+    def run(x):
+        threads.append(threading.get_ident())
+        return x
+
+    batcher = AdaptiveBatcher(run, max_batch_size=64, max_latency_ms=5000)
+
+    async def main():
+        loop_thread = threading.get_ident()
+        for size, inline in ((1, True), (2, True), (3, False)):
+            np.testing.assert_array_equal(await batcher(np.arange(size), inline=inline), np.arange(size))
+        return loop_thread
+
+    loop_thread = asyncio.run(main())
+    assert threads[:2] == [loop_thread, loop_thread]
+    assert threads[2] != loop_thread
