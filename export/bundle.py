@@ -120,6 +120,9 @@ class Metrics(_Strict):
     onnx_test_accuracy: float | None = None
     test_images: int | None = None
     parity: ParityFigures | None = None
+    # Quantile ("0.5", "0.95", "1.0") -> the test images' squared L2 distance to their nearest active
+    # prototype, through ONNX Runtime: the service's drift reference (protoserve_reference_nearest_distance).
+    nearest_distance_quantiles: dict[str, float] | None = None
 
 
 class ProbeSpec(_Strict):

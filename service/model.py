@@ -46,7 +46,9 @@ class LoadedModel:
     decoder: object | None
     provider: str
     active: np.ndarray  # [M] bool, False for masked prototypes
-    reference_distance: dict[str, float] = field(default_factory=dict)  # quantile -> value on the probe
+    # quantile -> nearest-prototype distance on the bundle's test set (its manifest; the probe images
+    # for a bundle exported before the manifest carried them): the drift alert's reference
+    reference_distance: dict[str, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -90,10 +92,14 @@ def load_model(path: Path | None = None, device: str | None = None, threads: int
 
 
 def warm_up(model: LoadedModel) -> dict[str, float]:
-    """Run the probe images through the sessions once; their nearest distances are the drift reference."""
+    """Run the probe images through the sessions once; return the drift reference: the manifest's
+    test-set quantiles when it has them and no prototype is masked, else the probe images' own."""
     images = load_probe(model.bundle)["input.image"].astype(np.float32)
     outputs = model.outputs(images)
     if model.decoder is not None:
         model.decode(outputs["latent"][:1])
+    reference = model.bundle.manifest.metrics.nearest_distance_quantiles
+    if reference and model.active.all():
+        return dict(reference)
     nearest = nearest_distance(outputs["distances"], model.active)
     return {q: float(np.quantile(nearest, float(q))) for q in ("0.5", "0.95", "1.0")}

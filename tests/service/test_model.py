@@ -19,10 +19,37 @@ def test_load_verifies_warms_up_and_runs(tiny_bundle):
     probabilities, distances = model.classify(images)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     assert distances.shape == (len(images), len(model.bundle.manifest.prototypes))
-    # The drift reference: quantiles of the probe's nearest distances, in order.
+    # The drift reference: the manifest's quantiles of the test images' nearest distances, in order.
     ref = model.reference_distance
+    assert ref == model.bundle.manifest.metrics.nearest_distance_quantiles
     assert 0 < ref["0.5"] <= ref["0.95"] <= ref["1.0"]
-    assert ref["1.0"] == pytest.approx(float(distances.min(axis=1).max()), rel=1e-5)
+
+
+def test_the_drift_reference_is_the_test_sets_nearest_distances(tiny_bundle, mnist_root):
+    from service.batch import grey_levels_to_input
+    from training.data import load_split
+
+    model = load_model(tiny_bundle, device="cpu")
+    n = model.bundle.manifest.metrics.test_images
+    images, _ = load_split(mnist_root, "mnist", "test")
+    _, distances = model.classify(grey_levels_to_input(images[:n, None], model.bundle.manifest.input))
+    nearest = distances.min(axis=1)
+    for q, value in model.reference_distance.items():
+        assert value == pytest.approx(float(np.quantile(nearest, float(q))), rel=1e-4)
+
+
+def test_a_bundle_without_test_set_quantiles_falls_back_to_its_probe(tiny_bundle, tmp_path):
+    from export.bundle import read_bundle, write_manifest
+
+    old = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, old)
+    manifest = read_bundle(old).manifest
+    write_manifest(old, manifest.model_copy(update={"metrics": manifest.metrics.model_copy(
+        update={"nearest_distance_quantiles": None})}))
+    model = load_model(old, device="cpu")
+    with np.load(old / "probe.npz") as probe:
+        _, distances = model.classify(probe["input.image"])
+    assert model.reference_distance["1.0"] == pytest.approx(float(distances.min(axis=1).max()), rel=1e-5)
 
 
 def test_a_damaged_bundle_does_not_load(tiny_bundle, tmp_path):
