@@ -11,7 +11,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-DISTANCE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
+# Nearest-prototype distances span both families: PrototypeDL's test images sit at ~0.3 (median) from
+# their nearest prototype, ProtoPNet's nearest patch at ~0.005. The drift alert compares the live
+# median with the test set's 95th percentile, so the buckets must resolve both scales
+# (tests/export/test_shipped_models.py checks it on the shipped bundles).
+DISTANCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0,
+                    10.0, 20.0, 50.0, 100.0)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -35,3 +35,30 @@ def test_every_shipped_protopnet_prototype_sits_on_a_patch_of_its_own_class():
     assert len(rows) == 50
     assert all(row.provenance["source_label"] == row.class_identity for row in rows)
     assert all(bundle.file(row.provenance["source_image"]).is_file() for row in rows)
+
+
+def histogram_quantile(q: float, values: np.ndarray, buckets: tuple[float, ...]) -> float:
+    """Prometheus' histogram_quantile over `values` observed into `buckets` (linear within a bucket)."""
+    bounds = np.asarray(buckets)
+    counts = np.array([(values <= b).sum() for b in bounds])
+    rank = q * len(values)
+    i = int(np.searchsorted(counts, rank))
+    lower, below = (0.0, 0) if i == 0 else (bounds[i - 1], counts[i - 1])
+    return float(lower + (bounds[i] - lower) * (rank - below) / (counts[i] - below))
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_the_drift_alert_stays_quiet_on_the_test_set_itself(name, mnist_root):
+    """monitoring/alerts.yml: histogram_quantile(0.5) of protoserve_nearest_distance against the
+    manifest's 95th percentile. Fed the test set, the histogram's median must stay below it."""
+    from service.metrics import DISTANCE_BUCKETS
+
+    bundle, _ = verify_bundle(MODELS / name / "bundle")
+    images, _ = load_split(mnist_root, "mnist", "test")
+    session, _ = open_session(bundle.model_path, "cpu")
+    x = grey_levels_to_input(images[:, None], bundle.manifest.input)
+    nearest = np.concatenate([session.run(["distances"], {"image": x[i:i + 1000]})[0].min(axis=1)
+                              for i in range(0, len(x), 1000)])
+    reference = bundle.manifest.metrics.nearest_distance_quantiles
+    assert reference["0.95"] == pytest.approx(float(np.quantile(nearest, 0.95)), rel=1e-4)
+    assert histogram_quantile(0.5, nearest, DISTANCE_BUCKETS) < reference["0.95"]
