@@ -28,6 +28,11 @@ import numpy as np
 from protoserve.errors import ProtoserveError
 from service.errors import InputError
 
+try:  # ISA-L's gzip: the same format, about 2.5x faster to decompress (gzipped IDX inputs); optional
+    from isal import igzip as _gzip
+except ImportError:  # pragma: no cover - a platform without its wheel
+    _gzip = gzip
+
 IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 ARRAY_SUFFIXES = (".npy", ".npz", ".parquet", ".pq")
@@ -255,7 +260,7 @@ def _hidden(relative: Path) -> bool:
 def _open_maybe_gzip(path: Path):
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
+    return _gzip.open(path, "rb") if gz else open(path, "rb")
 
 
 def _is_idx(path: Path) -> bool:
