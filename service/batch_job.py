@@ -18,6 +18,8 @@ Both call BatchScorer.score on the same chunks and commit through the same Job.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -108,7 +110,8 @@ class Job:
         self.bundle = bundle or resolve_bundle(spec.model)
         self.scorer = BatchScorer(self.bundle.manifest, spec.top_k)
         self.dir = self.output.with_name(self.output.name + ".job")
-        self.inputs: Inputs = open_inputs(spec.inputs, spec.image_column, exclude=(self.dir, self.output))
+        self.inputs: Inputs = open_inputs(spec.inputs, spec.image_column,
+                                          exclude=(self.dir, self.output, lock_path(self.output)))
         self.n = self.inputs.n
         self.chunks = -(-self.n // spec.chunk_size)
         m = self.bundle.manifest
@@ -271,6 +274,36 @@ def run_job(spec: JobSpec, engine: str = "local", restart: bool = False, progres
             ray_address: str | None = None) -> Summary:
     """Score every input of `spec` into its output; resumes a killed job with the same arguments."""
     started = time.perf_counter()
+    with job_lock(Path(spec.output)):
+        return _run_locked(spec, engine, restart, progress, ray_address, started)
+
+
+def lock_path(output: Path) -> Path:
+    return output.with_name(output.name + ".lock")
+
+
+@contextlib.contextmanager
+def job_lock(output: Path):
+    """Hold `<output>.lock` (flock) for the whole run: a second `protoserve score` of the same output,
+    which could otherwise commit over this one's chunks or remove them with --restart, is refused.
+    The kernel drops the lock when the holder exits, SIGKILL included, so a killed job never blocks
+    its own resumption. The empty lock file stays (removing it would race a waiting run)."""
+    path = lock_path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobError(f"{output}: another protoserve score is running this job (it holds {path}); "
+                           "wait for it to finish or stop it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _run_locked(spec: JobSpec, engine: str, restart: bool, progress: bool, ray_address: str | None,
+                started: float) -> Summary:
     job = Job(spec)
     if job.start(restart):
         images, failed = job.totals()

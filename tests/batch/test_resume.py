@@ -156,3 +156,28 @@ def test_killed_while_dropping_the_chunks_of_a_finished_job(tiny_bundle, job_inp
         (job_dir / f"chunk-{k:06d}.arrow").write_bytes(b"left over")
     run_job(spec, progress=False)
     check_exactly_once(out, reference, "rerun of a finished job")
+
+
+def test_a_second_run_of_a_running_job_is_refused_and_a_killed_holder_blocks_nothing(
+        tiny_bundle, job_inputs, reference, tmp_path):
+    """Two runs of one job could commit over each other's chunks (or --restart could remove them):
+    the output's lock file refuses the second; the kernel frees it when the holder is SIGKILLed."""
+    out = tmp_path / "out.parquet"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from service.batch_job import job_lock\n"
+                               "with job_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(300)",
+                               str(out)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = start(tiny_bundle, job_inputs, out)
+        _, stderr = second.communicate(timeout=300)
+        assert second.returncode == 2
+        assert stderr.strip().splitlines()[-1].endswith(
+            f"{out}: another protoserve score is running this job (it holds {out}.lock); "
+            "wait for it to finish or stop it")
+        assert not out.exists() and not (tmp_path / "out.parquet.job").exists()  # touched nothing
+    finally:
+        kill(holder)
+    finish(tiny_bundle, job_inputs, out)
+    check_exactly_once(out, reference, "after a killed lock holder")
