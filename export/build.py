@@ -49,7 +49,7 @@ from training.cub import class_names as cub_class_names
 from training.data import CLASS_NAMES, Split, resolve_data_root
 from training.protopnet import ProtoPNet
 from training.prototypedl import PrototypeDL, class_identities
-from training.push import prototype_pictures
+from training.push import object_overlaps, prototype_pictures
 from training.train_protopnet import input_normalization, load_run_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,6 +232,7 @@ def write_protopnet_prototypes(model: ProtoPNet, push_set: Split, staging: Path,
     (staging / "prototypes").mkdir()
     W = model.last_layer.weight.detach()  # [K, M]
     identities = model.class_identities()
+    overlaps = object_overlaps(model, push_set.images)  # None each without a segmentation mask
     rows = []
     for j in range(model.prototypes.shape[0]):
         index, row, col = model.push_source[j].tolist()
@@ -247,6 +248,8 @@ def write_protopnet_prototypes(model: ProtoPNet, push_set: Split, staging: Path,
                       "activation_box": dict(zip(("y0", "y1", "x0", "x1"), model.push_activation_box[j].tolist(),
                                                  strict=True)),
                       "source_image": files["source"], "activation_image": files["activation"]}
+        if overlaps[j] is not None:  # the fraction of the activation box on the object (CUB masks)
+            provenance["activation_box_on_object"] = overlaps[j]
         rows.append(PrototypeRow(id=j, class_identity=identities[j], weights=W[:, j].tolist(),
                                  provenance=provenance, image=files["patch"]))
     return rows

@@ -7,6 +7,11 @@
     <root>/bounding_boxes.txt      "<image id> <x> <y> <width> <height>"  (optional: crop to the bird)
     <root>/segmentations/<path with .png>                                  (optional foreground masks)
 
+The masks are not used to train (neither is the paper's): after each push they measure where the
+prototypes landed, the fraction of each prototype's high-activation box on the bird
+(training/push.py object_overlap), in the training log, metrics.jsonl and the bundle's provenance.
+A prototype mostly on background is the one to reject in an interactive revision.
+
 Images are cropped to their bounding box (when asked and present), resized to input_size x
 input_size, scaled to [0, 1] and normalised with the ImageNet mean and std (what torchvision's
 pretrained backbones expect). A validation split is drawn from the training images with a fixed seed.
@@ -47,22 +52,39 @@ def _table(root: Path, name: str, required: bool = True) -> dict[int, list[str]]
 class FolderImages:
     """Indexable like a tensor of images [N, 3, S, S]: files are read when indexed."""
 
-    def __init__(self, files: list[Path], boxes: list[tuple[float, float, float, float] | None], size: int):
+    def __init__(self, files: list[Path], boxes: list[tuple[float, float, float, float] | None], size: int,
+                 mask_files: list[Path | None] | None = None):
         self.files, self.boxes, self.size = files, boxes, size
+        self.mask_files = mask_files or [None] * len(files)
         self.shape = (len(files), 3, size, size)
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def _crop(self, img: Image.Image, i: int) -> Image.Image:
+        if self.boxes[i] is not None:
+            x, y, w, h = self.boxes[i]
+            img = img.crop((int(x), int(y), int(np.ceil(x + w)), int(np.ceil(y + h))))
+        return img
+
+    def mask(self, i: int) -> np.ndarray | None:
+        """Image i's foreground mask (bool [S, S]) cropped and resized as the image is, or None when
+        the folder has no segmentation for it."""
+        path = self.mask_files[i]
+        if path is None or not path.is_file():
+            return None
+        try:
+            img = Image.open(path).convert("L")
+        except OSError as e:
+            raise DataError(f"{path}: not a readable segmentation mask ({e})") from None
+        return np.asarray(self._crop(img, i).resize((self.size, self.size), Image.NEAREST)) > 127
 
     def load(self, i: int) -> torch.Tensor:
         try:
             img = Image.open(self.files[i]).convert("RGB")
         except OSError as e:
             raise DataError(f"{self.files[i]}: not a readable image ({e})") from None
-        if self.boxes[i] is not None:
-            x, y, w, h = self.boxes[i]
-            img = img.crop((int(x), int(y), int(np.ceil(x + w)), int(np.ceil(y + h))))
-        img = img.resize((self.size, self.size), Image.BILINEAR)
+        img = self._crop(img, i).resize((self.size, self.size), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -76,9 +98,13 @@ class FolderImages:
         return torch.stack([self.load(int(i)) for i in index]) if len(index) else torch.empty(0, *self.shape[1:])
 
 
+def mask_path(root: Path, image_path: str) -> Path:
+    return root / "segmentations" / Path(image_path).with_suffix(".png")
+
+
 def segmentation_mask(root: Path, image_path: str) -> np.ndarray | None:
     """The foreground mask (bool [H, W]) of one image, when the folder has segmentations."""
-    path = root / "segmentations" / Path(image_path).with_suffix(".png")
+    path = mask_path(root, image_path)
     if not path.is_file():
         return None
     return np.asarray(Image.open(path).convert("L")) > 127
@@ -104,7 +130,8 @@ def load_cub(root: Path, input_size: int = 224, val_size: int = 500, split_seed:
         files = [root / "images" / images[i][0] for i in subset]
         bbox = [tuple(float(v) for v in boxes[i][:4]) if boxes and i in boxes else None for i in subset]
         y = torch.tensor([int(labels[i][0]) - 1 for i in subset], dtype=torch.long)
-        return Split(FolderImages(files, bbox, input_size), y)
+        masks = [mask_path(root, images[i][0]) for i in subset] if (root / "segmentations").is_dir() else None
+        return Split(FolderImages(files, bbox, input_size, masks), y)
 
     train_ids = [i for i in ids if split[i][0] == "1"]
     test_ids = [i for i in ids if split[i][0] == "0"]

@@ -104,6 +104,25 @@ def activation_box(similarity_map: torch.Tensor, image_size: int,
     return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
 
 
+def object_overlap(box: tuple[int, int, int, int], mask: np.ndarray) -> float:
+    """Fraction of a box's pixels (y0, y1, x0, x1, end-exclusive) on the foreground of a bool mask."""
+    y0, y1, x0, x1 = box
+    region = mask[y0:y1, x0:x1]
+    return float(region.mean()) if region.size else 0.0
+
+
+def object_overlaps(model: ProtoPNet, images) -> list[float | None]:
+    """Per prototype: object_overlap of its high-activation box with its source image's segmentation
+    mask (images.mask(index), CUB-layout folders); None where there is no mask."""
+    masks = getattr(images, "mask", None)
+    out = []
+    for j in range(model.prototypes.shape[0]):
+        index = int(model.push_source[j, 0])
+        mask = masks(index) if masks is not None and index >= 0 else None
+        out.append(None if mask is None else object_overlap(tuple(model.push_activation_box[j].tolist()), mask))
+    return out
+
+
 def upsample(similarity_map: torch.Tensor, image_size: int) -> np.ndarray:
     """[h, w] -> [image_size, image_size] by bicubic interpolation (as the paper's code)."""
     up = F.interpolate(similarity_map[None, None].float(), size=(image_size, image_size), mode="bicubic",

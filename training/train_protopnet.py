@@ -26,6 +26,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ from training.cub import IMAGENET_MEAN, IMAGENET_STD, load_cub
 from training.data import Split, load_dataset, resolve_data_root
 from training.elastic import elastic_deform
 from training.protopnet import ProtoPNet, l1_wrong_class, protopnet_loss
-from training.push import push_prototypes, write_push_pictures
+from training.push import object_overlaps, push_prototypes, write_push_pictures
 from training.train import ResumableRun, _duration, resolve_device
 
 
@@ -172,8 +173,13 @@ class ProtoPNetTrainer(ResumableRun):
         if self.rank == 0:
             write_push_pictures(self.model, lambda i: train.images[i], self.out_dir / "push" / f"epoch_{epoch:04d}",
                                 self.mean, self.std)
-        return {"push_purity": push_purity(self.model, train.labels),
-                "push_mean_distance": float(result.distances.mean())}
+        stats = {"push_purity": push_purity(self.model, train.labels),
+                 "push_mean_distance": float(result.distances.mean())}
+        overlaps = [v for v in object_overlaps(self.model, train.images) if v is not None]
+        if overlaps:  # CUB with segmentations: how much of each prototype's activation box is the bird
+            stats["push_object_overlap"] = float(np.mean(overlaps))
+            stats["push_on_background"] = sum(v < 0.5 for v in overlaps)
+        return stats
 
     @torch.no_grad()
     def _similarities(self, split: Split, shard: torch.Tensor) -> torch.Tensor:
@@ -260,7 +266,9 @@ class ProtoPNetTrainer(ResumableRun):
 
     def _log_epoch(self, m: dict, is_best: bool) -> None:
         eta = (self.config.train.epochs - self.epoch) * m["epoch_seconds"]
-        push = (f"  push: purity {m['push_purity']:.2f}, val acc {m['val_accuracy_after_push']:.4f} "
+        on_object = (f", on the object {m['push_object_overlap']:.2f} ({m['push_on_background']} mostly background)"
+                     if "push_object_overlap" in m else "")
+        push = (f"  push: purity {m['push_purity']:.2f}{on_object}, val acc {m['val_accuracy_after_push']:.4f} "
                 f"-> last layer {m['val_accuracy']:.4f}" if m["pushed"] else "")
         self.log(f"epoch {self.epoch}/{self.config.train.epochs} ({m['phase']})  loss {m['train_total']:.4f} "
                  f"(CE {m['train_cross_entropy']:.4f} clst {m['train_cluster_cost']:.4f} "

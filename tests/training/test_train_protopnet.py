@@ -162,3 +162,57 @@ def test_protopnet_trains_on_a_cub_layout_folder(tmp_path):
     metrics = trainer.fit()
     assert metrics["pushed"] and metrics["push_purity"] == 1.0
     assert len(list((tmp_path / "run" / "push" / "epoch_0002").glob("*_source.png"))) == 6
+
+
+def test_cub_masks_are_cropped_and_resized_as_the_images_are(tmp_path):
+    root = write_cub_folder(tmp_path / "cub")
+    cropped = load_cub(root, input_size=32, val_size=2)["train"].images
+    assert all(cropped.mask(i).shape == (32, 32) and cropped.mask(i).all() for i in range(len(cropped)))
+    whole = load_cub(root, input_size=50, val_size=2, crop_to_bbox=False)["train"].images
+    for i in range(len(whole)):  # the square is 20x20 of 40x50 pixels; resized to 50x50: 20x25
+        pixels = whole[i] * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) + \
+            torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+        brightest = pixels.max(dim=0).values.numpy()  # the class colour is 255 in one channel, noise < 156
+        mask = whole.mask(i)
+        assert mask.sum() == 20 * 25
+        assert brightest[mask].mean() > 0.9 and brightest[~mask].mean() < 0.65  # the mask sits on the square
+    plain = load_cub(write_cub_folder(tmp_path / "plain", with_segmentations=False), input_size=32, val_size=2)
+    assert plain["train"].images.mask(0) is None
+
+
+def test_object_overlap_is_the_boxs_share_of_foreground():
+    from training.push import object_overlap
+
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[:, :5] = True
+    assert object_overlap((0, 10, 0, 5), mask) == 1.0
+    assert object_overlap((0, 10, 5, 10), mask) == 0.0
+    assert object_overlap((2, 4, 3, 7), mask) == 0.5
+
+
+def test_a_protopnet_on_a_cub_folder_reports_where_its_prototypes_landed(tmp_path, capsys):
+    """Train and push on a CUB-layout folder with masks (uncropped: the 'bird' is a square on noise),
+    then export: each prototype's provenance says how much of its activation box is on the bird."""
+    from export.build import export_bundle
+
+    root = write_cub_folder(tmp_path / "cub", per_class=8)
+    cfg = tiny_protopnet_dict(push_start=2, push_every=1)
+    cfg["data"] = {"dataset": "cub", "val_size": 3, "split_seed": 0, "crop_to_bbox": False}
+    cfg["model"].update(n_classes=3, n_prototypes=6, in_channels=3, input_size=32)
+    cfg["train"].update(epochs=2, batch_size=6, eval_batch_size=18)
+    logs = []
+    trainer = ProtoPNetTrainer(Config.from_dict(cfg), tmp_path / "run", data_root=root, log=logs.append)
+    trainer.fit()
+    pushed = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert pushed["pushed"] and 0.0 <= pushed["push_object_overlap"] <= 1.0
+    assert 0 <= pushed["push_on_background"] <= 6
+    assert any("on the object" in line for line in logs)
+    bundle = export_bundle(tmp_path / "run" / "best.pt", tmp_path / "bundle", "tiny-cub", "0.1.0",
+                           data_root=str(root), log=lambda s: None).bundle
+    overlaps = [row.provenance["activation_box_on_object"] for row in bundle.manifest.prototypes]
+    images = trainer.data["train"].images
+    for row, value in zip(bundle.manifest.prototypes, overlaps, strict=True):
+        box = row.provenance["activation_box"]
+        mask = images.mask(row.provenance["source_index"])
+        assert value == pytest.approx(mask[box["y0"]:box["y1"], box["x0"]:box["x1"]].mean())
+    assert np.mean(overlaps) == pytest.approx(pushed["push_object_overlap"])
