@@ -8,7 +8,7 @@ PROTOSERVE := $(VENV)/bin/protoserve
 SHARED_MNIST := $(wildcard $(CURDIR)/../shared/data/mnist)
 export PROTOSERVE_DATA_ROOT := $(if $(SHARED_MNIST),$(abspath $(SHARED_MNIST)),$(PROTOSERVE_DATA_ROOT))
 
-.PHONY: setup demo test lint train-default evaluate-default visualize-default bundle-default bench-inference clean demo-train serve prometheus bench-serve train-protopnet evaluate-protopnet bundle-protopnet serve-protopnet
+.PHONY: setup demo demo-protopnet test lint train-default evaluate-default visualize-default bundle-default bench-inference clean demo-train serve prometheus bench-serve train-protopnet evaluate-protopnet bundle-protopnet serve-protopnet
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	test -f $(DEFAULT_MODEL)/bundle/manifest.json || $(MAKE) bundle-default
 	$(PROTOSERVE) demo --bundle $(DEFAULT_MODEL)/bundle --out runs/demo/explanation.png
+
+# The same with the shipped ProtoPNet: "this looks like that" (patch, where it was found, its source).
+demo-protopnet: setup
+	$(PROTOSERVE) demo --bundle models/protopnet_mnist/bundle --out runs/demo/protopnet_explanation.png
 
 # A short PrototypeDL training run and its pictures (the main job before the service).
 demo-train: setup

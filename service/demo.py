@@ -109,7 +109,7 @@ def run_demo(out: Path, bundle: Path | None = None, port: int | None = None, ind
     print(f"POST /explain (test digit #{index}): predicted {prediction['class_name']} "
           f"(p = {prediction['probabilities'][prediction['label']]:.3f}); nearest prototypes:")
     for row in explained["prototypes"]:
-        picture = {k: v for k, v in row.items() if k != "image"}
+        picture = {k: v for k, v in row.items() if k not in ("image", "heatmap", "source_image")}  # PNGs
         print("  " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in picture.items()}))
     figure = explanation_figure(explained, pictures[index])
     out.parent.mkdir(parents=True, exist_ok=True)

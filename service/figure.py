@@ -1,4 +1,9 @@
-"""The explanation as one picture: the input, its reconstruction, the nearest prototypes with captions."""
+"""The explanation as one picture: the input, its reconstruction, the nearest prototypes with captions.
+
+PrototypeDL: one row of tiles (input, reconstruction, each prototype decoded). ProtoPNet ("this looks
+like that"): a column per prototype with its patch, where it was found in the input (the heatmap)
+and the training image it was pushed onto, with the patch's box.
+"""
 
 from __future__ import annotations
 
@@ -18,28 +23,50 @@ def picture_from_base64(text: str) -> Image.Image:
     return img
 
 
+def fit(img: Image.Image, side: int) -> Image.Image:
+    """img scaled to fit a side x side tile, aspect kept (nearest neighbour: pixels stay pixels), centred."""
+    img = img.convert("RGB")
+    factor = side / max(img.size)
+    scaled = img.resize((max(1, round(img.width * factor)), max(1, round(img.height * factor))),
+                        Image.Resampling.NEAREST)
+    tile = Image.new("RGB", (side, side), "white")
+    tile.paste(scaled, ((side - scaled.width) // 2, (side - scaled.height) // 2))
+    return tile
+
+
 def explanation_figure(answer: dict, input_picture: Image.Image) -> Image.Image:
     """An /explain answer (and the picture that was sent) -> one RGB image of captioned tiles."""
     prediction = answer["prediction"]
     confidence = prediction["probabilities"][prediction["label"]]
-    tiles = [(input_picture, [f"input: {prediction['class_name']}", f"p = {confidence:.3f}"])]
+    blank = Image.new("L", input_picture.size)
+    columns = [[(input_picture, [f"input: {prediction['class_name']}", f"p = {confidence:.3f}"])]]
     if answer.get("reconstruction"):
-        tiles.append((picture_from_base64(answer["reconstruction"]), ["reconstruction", "(decoder)"]))
+        columns.append([(picture_from_base64(answer["reconstruction"]), ["reconstruction", "(decoder)"])])
     for rank, row in enumerate(answer["prototypes"], start=1):
-        caption = [f"#{rank} prototype {row['id']}",
-                   f"class {row.get('class_name', row['class_identity'])}  d = {row['distance']:.3g}"]
-        tiles.append((picture_from_base64(row["image"]) if row.get("image") else Image.new("L", (28, 28)), caption))
-    side = max(max(img.size) for img, _ in tiles) * SCALE
-    width = MARGIN + len(tiles) * (side + MARGIN)
-    height = MARGIN + side + CAPTION_HEIGHT
+        name = row.get("class_name", row["class_identity"])
+        column = [(picture_from_base64(row["image"]) if row.get("image") else blank,
+                   [f"#{rank} prototype {row['id']}", f"class {name}  d = {row['distance']:.3g}"])]
+        if row.get("heatmap"):  # ProtoPNet: where it was found, and where it came from
+            column.append((picture_from_base64(row["heatmap"]),
+                           ["found in the input", f"sim {row['similarity']:.3g}  adds {row['contribution']:.3g}"]))
+        if row.get("source_image"):
+            column.append((picture_from_base64(row["source_image"]),
+                           ["its training image", "yellow: patch, red: peak"]))
+        columns.append(column)
+    rows = max(len(c) for c in columns)
+    side = max(max(img.size) for column in columns for img, _ in column[:1]) * SCALE
+    width = MARGIN + len(columns) * (side + MARGIN)
+    height = MARGIN + rows * (side + CAPTION_HEIGHT) + 14
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    for i, (img, caption) in enumerate(tiles):
+    for i, column in enumerate(columns):
         x = MARGIN + i * (side + MARGIN)
-        canvas.paste(img.convert("RGB").resize((side, side), Image.Resampling.NEAREST), (x, MARGIN))
-        for line_no, line in enumerate(caption):
-            draw.text((x, MARGIN + side + 4 + 14 * line_no), line, fill="black", font=font)
+        for j, (img, caption) in enumerate(column):
+            y = MARGIN + j * (side + CAPTION_HEIGHT)
+            canvas.paste(fit(img, side), (x, y))
+            for line_no, line in enumerate(caption):
+                draw.text((x, y + side + 4 + 14 * line_no), line, fill="black", font=font)
     title = f"{answer['model']['name']}:{answer['model']['version']}"
     draw.text((MARGIN, height - 14), title, fill="grey", font=font)
     return canvas

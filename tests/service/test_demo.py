@@ -45,6 +45,26 @@ def test_figure_has_input_reconstruction_and_each_prototype():
     assert base64.b64decode(tile)[:4] == b"\x89PNG"
 
 
+def test_protopnet_figure_adds_where_each_prototype_was_found_and_its_source():
+    white, grey = png_base64(Image.new("L", (28, 28), 255)), png_base64(Image.new("L", (28, 28), 128))
+    patch = png_base64(Image.new("L", (14, 7), 0))  # a receptive-field patch: not square
+    answer = {"model": {"name": "m", "version": "1"},
+              "prediction": {"label": 0, "class_name": "zero", "probabilities": [0.9, 0.1]},
+              "prototypes": [{"id": i, "class_identity": 0, "class_name": "zero", "distance": 0.01, "similarity": 4.6,
+                              "contribution": 4.6, "image": patch, "heatmap": white, "source_image": grey}
+                             for i in range(2)]}
+    figure = explanation_figure(answer, Image.new("L", (28, 28)))
+    side = 28 * SCALE
+    assert figure.size[0] == MARGIN + 3 * (side + MARGIN)
+    column = MARGIN + (side + MARGIN) + side // 2
+    row = [MARGIN + j * (side + 52) + side // 2 for j in range(3)]
+    assert figure.getpixel((column, row[1])) == (255, 255, 255)  # the heatmap tile
+    assert figure.getpixel((column, row[2])) == (128, 128, 128)  # the source image tile
+    # The 14x7 patch keeps its aspect: scaled 8x to 112x56, centred, white above and below it.
+    assert figure.getpixel((column, row[0])) == (0, 0, 0)
+    assert figure.getpixel((column, MARGIN + 2)) == (255, 255, 255)
+
+
 def test_serve_refuses_a_missing_bundle_in_one_line(tmp_path):
     result = cli("serve", "--bundle", str(tmp_path / "nothing"))
     assert result.returncode == 2
