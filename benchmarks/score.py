@@ -120,17 +120,31 @@ def write_generated_idx(path: Path, n: int, digits: np.ndarray, seed: int = 0) -
             f.write(block.clip(0, 255).astype(np.uint8).tobytes())
 
 
+# Linux counts a child's memory from before its exec in ru_maxrss (the kernel keeps the old mm's high
+# water mark), and a child forked from this process starts as a copy of it: after the throughput
+# phase that copy alone is ~1 GiB. So the job is started by a small launcher process, and the
+# launcher reports its own child's peak.
+LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
 def peak_rss(bundle: Path, idx: Path, out: Path, workers: int) -> tuple[float, float]:
-    """(peak RSS in MiB, wall seconds) of one `protoserve score` subprocess."""
+    """(peak RSS in MiB, wall seconds) of one `protoserve score` process."""
     args = [sys.executable, "-m", "protoserve.cli", "score", "--model", str(bundle), "--input", str(idx),
             "--output", str(out), "--quiet", "--restart"] + (["--workers", str(workers)] if workers else [])
     started = time.perf_counter()
-    process = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    _, status, usage = os.wait4(process.pid, 0)
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, *args], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
     seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"protoserve score failed on {idx}")
-    return usage.ru_maxrss / 1024, seconds  # Linux: ru_maxrss is in KiB
+    maxrss_kib, code = (int(v) for v in result.stdout.split()[-2:])
+    if result.returncode != 0 or code != 0:
+        raise SystemExit(f"protoserve score failed on {idx}: {result.stderr.strip()[-500:]}")
+    return maxrss_kib / 1024, seconds  # Linux: ru_maxrss is in KiB
 
 
 def memory(bundle: Path, data_root: Path, sizes: list[int], workers: int) -> list[dict]:

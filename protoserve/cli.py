@@ -106,11 +106,12 @@ def _models(args) -> None:
 def _score(args) -> None:
     import time
 
-    from service.batch_job import JobSpec, run_job
+    from service.batch_job import CHUNK_SIZE, JobSpec, run_job
     from service.batch_metrics import publish
 
     spec = JobSpec(model=args.model, inputs=args.input, output=Path(args.output), top_k=args.top_k,
-                   chunk_size=args.chunk_size, workers=args.workers, device=args.device,
+                   chunk_size=CHUNK_SIZE if args.chunk_size is None else args.chunk_size, workers=args.workers,
+                   device=args.device,
                    image_column=args.image_column)
     started = time.time()
     try:
@@ -222,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="local", choices=["local", "ray"])
     p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--top-k", type=int, default=3, help="nearest prototypes per row")
-    p.add_argument("--chunk-size", type=int, default=1024, help="inputs per committed chunk")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="inputs per committed chunk (default 4096: service/batch_job.py CHUNK_SIZE)")
     p.add_argument("--image-column", help="Parquet column of image bytes (default: the first binary column)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--restart", action="store_true", help="discard an earlier job's chunks and output, start over")

@@ -36,8 +36,11 @@ from protoserve.errors import ProtoserveError
 from service.batch import BatchScorer, Columns
 from service.batch_inputs import Inputs, open_inputs
 
-CHUNK_SIZE = 1024  # ~0.3 s of one core: little left idle at the end, little lost to a kill
-PARQUET_GROUP_CHUNKS = 16  # chunks per row group of the Parquet output (16,384 rows by default)
+# Inputs per committed chunk: ~0.4 s of one core for MNIST. Against 1,024 it cut the job's CPU per
+# image by 6% (fewer commits, thread hand-offs and row groups; benchmarks/score.py, README), for at
+# most one chunk per worker redone after a kill and a few more MB in flight.
+CHUNK_SIZE = 4096
+PARQUET_GROUP_CHUNKS = 4  # chunks per row group of the Parquet output (16,384 rows by default)
 PLAN_VERSION = 2  # 2: rows gained prototype_similarities and prototype_contributions
 JOB_FILE, DONE_FILE = "job.json", "complete.json"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
