@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from export.bundle import Manifest
+from protoserve.colours import heat_colours
 
 # ProtoPNet's similarity of a distance d: log((d + 1) / (d + eps)), large when d is near 0.
 SIMILARITY_EPSILON = 1e-4
@@ -102,16 +103,6 @@ def heatmap_picture(similarity_map: np.ndarray, height: int, width: int) -> Imag
     low, high = float(up.min()), float(up.max())
     scaled = (up - low) / (high - low) if high > low else np.zeros_like(up)
     return Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8), mode="L")
-
-
-def heat_colours(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> uint8 RGB along a blue-cyan-yellow-red ramp (the push pictures' ramp)."""
-    stops = np.array([[0, 0, 128], [0, 128, 255], [0, 255, 255], [255, 255, 0], [255, 64, 0], [160, 0, 0]],
-                     dtype=np.float64)
-    pos = np.clip(values, 0.0, 1.0) * (len(stops) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
-    frac = (pos - lo)[..., None]
-    return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).round().astype(np.uint8)
 
 
 def heatmap_overlay(similarity_map: np.ndarray, pixels: np.ndarray, alpha: float = 0.5) -> Image.Image:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from protoserve.colours import heat_colours
 from training.protopnet import ProtoPNet, similarity, squared_distance_maps
 
 ACTIVATION_PERCENTILE = 95
@@ -170,17 +171,6 @@ def to_rgb_array(image: torch.Tensor, mean=None, std=None) -> np.ndarray:
         x = x * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
     x = x.clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
     return np.repeat(x[0][..., None], 3, axis=2) if x.shape[0] == 1 else x.transpose(1, 2, 0)
-
-
-def heat_colours(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> uint8 RGB along a blue-cyan-yellow-red ramp (a jet-like map)."""
-    v = np.clip(values, 0.0, 1.0)[..., None]
-    stops = np.array([[0, 0, 128], [0, 128, 255], [0, 255, 255], [255, 255, 0], [255, 64, 0], [160, 0, 0]],
-                     dtype=np.float64)
-    pos = v[..., 0] * (len(stops) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
-    frac = (pos - lo)[..., None]
-    return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).round().astype(np.uint8)
 
 
 def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
