@@ -122,6 +122,7 @@ class Job:
                      "inputs": {"names": list(spec.inputs), "items": self.n,
                                 "fingerprint": self.inputs.fingerprint(), "image_column": spec.image_column},
                      "top_k": spec.top_k, "chunk_size": spec.chunk_size, "chunks": self.chunks}
+        self.assembly: ParquetAssembly | None = None  # the output, written while the chunks commit
 
     # -- state on disk --------------------------------------------------------------------------
     def start(self, restart: bool = False) -> bool:
@@ -191,6 +192,15 @@ class Job:
 
     def commit(self, k: int, columns: Columns) -> None:
         self.commit_table(k, to_table(columns))
+        if self.assembly is not None:
+            self.assembly.add(k)
+
+    def assemble_while_scoring(self, pending: list[int]) -> None:
+        """Parquet output: append each chunk to the output's temporary file as soon as every chunk
+        before it is committed (commit() calls must then come from one thread), so that finish() only
+        closes the file. A kill leaves the temporary file, which the next run removes like any other."""
+        if self.format == "parquet":
+            self.assembly = ParquetAssembly(self, done=set(range(self.chunks)) - set(pending))
 
     def commit_table(self, k: int, table) -> None:
         """Write chunk k (an Arrow table of row_schema) atomically: a temporary file, fsync, rename."""
@@ -223,10 +233,15 @@ class Job:
     def finish(self) -> tuple[int, int]:
         """Assemble the output from every chunk (atomically), record completion, drop the chunks."""
         failed = self.failed_in_chunks()
-        tmp = self.dir / f"output.tmp{os.getpid()}"
         if self.format == "parquet":
-            self._assemble_parquet(tmp)
+            assembly, self.assembly = self.assembly, None
+            if assembly is None or not assembly.complete():
+                if assembly is not None:
+                    assembly.abort()
+                assembly = ParquetAssembly(self, done=set(range(self.chunks)))
+            tmp = assembly.close()
         else:
+            tmp = self.dir / f"output.tmp{os.getpid()}"
             self._assemble_jsonl(tmp)
         os.replace(tmp, self.output)
         _fsync_dir(self.output.parent)
@@ -239,23 +254,6 @@ class Job:
     def totals(self) -> tuple[int, int]:
         done = _read_json(self.dir / DONE_FILE) or {}
         return int(done.get("images", self.n)), int(done.get("failed", 0))
-
-    def _assemble_parquet(self, tmp: Path) -> None:
-        """One Parquet file, row groups of up to PARQUET_GROUP_CHUNKS chunks. Dictionary encoding only
-        for the repetitive strings and statistics only for the integer keys: pyarrow's defaults (both
-        on every column) took 4x as long here on the float lists, for a larger file."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        schema = row_schema(self.plan)
-        with open(tmp, "wb") as f:
-            with pq.ParquetWriter(f, schema, use_dictionary=["class_name", "model_name", "model_version", "error"],
-                                  write_statistics=["index", "label"]) as writer:
-                for lo in range(0, self.chunks, PARQUET_GROUP_CHUNKS):
-                    group = [self.read_committed(k) for k in range(lo, min(self.chunks, lo + PARQUET_GROUP_CHUNKS))]
-                    writer.write_table(pa.concat_tables(group).replace_schema_metadata(schema.metadata))
-            f.flush()
-            os.fsync(f.fileno())
 
     def _assemble_jsonl(self, tmp: Path) -> None:
         with open(tmp, "w") as f:
@@ -323,6 +321,10 @@ def _run_locked(spec: JobSpec, engine: str, restart: bool, progress: bool, ray_a
             run_ray(job, pending, bar.update, address=ray_address)
         else:
             raise JobError(f"engine {engine!r}: expected local or ray")
+    except BaseException:
+        if job.assembly is not None:
+            job.assembly.abort()  # its chunks are committed; the next run writes the output again
+        raise
     finally:
         bar.close()
         job.inputs.close()
@@ -332,6 +334,60 @@ def _run_locked(spec: JobSpec, engine: str, restart: bool, progress: bool, ray_a
 
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class ParquetAssembly:
+    """The Parquet output, written in chunk order into `<job dir>/output.tmp<pid>` as chunks become
+    available: row groups of up to PARQUET_GROUP_CHUNKS chunks. Dictionary encoding only for the
+    repetitive strings and statistics only for the integer keys: pyarrow's defaults (both on every
+    column) took 4x as long here on the float lists, for a larger file."""
+
+    def __init__(self, job: Job, done: set[int]):
+        import pyarrow.parquet as pq
+
+        self.job, self.done, self.next, self.group = job, set(done), 0, []
+        self.schema = row_schema(job.plan)
+        self.tmp = job.dir / f"output.tmp{os.getpid()}"
+        self.file = open(self.tmp, "wb")
+        self.writer = pq.ParquetWriter(self.file, self.schema,
+                                       use_dictionary=["class_name", "model_name", "model_version", "error"],
+                                       write_statistics=["index", "label"])
+        self._drain()
+
+    def add(self, k: int) -> None:
+        self.done.add(k)
+        self._drain()
+
+    def complete(self) -> bool:
+        return self.next == self.job.chunks
+
+    def close(self) -> Path:
+        """Write what is left, close and fsync the file; returns its path (the caller renames it)."""
+        self._write_group()
+        self.writer.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return self.tmp
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def _drain(self) -> None:
+        while self.next in self.done:  # chunks in order, each once: the prefix that is complete
+            self.group.append(self.job.read_committed(self.next))
+            self.next += 1
+            if len(self.group) == PARQUET_GROUP_CHUNKS:
+                self._write_group()
+
+    def _write_group(self) -> None:
+        import pyarrow as pa
+
+        if self.group:
+            self.writer.write_table(pa.concat_tables(self.group).replace_schema_metadata(self.schema.metadata))
+            self.group = []
 
 
 def run_local(job: Job, pending: list[int], advance) -> None:
@@ -383,6 +439,7 @@ def run_local(job: Job, pending: list[int], advance) -> None:
                 else:
                     advance(result)
 
+    job.assemble_while_scoring(pending)  # commits come from the one committer thread below
     inflight: set[Future] = set()
     with ThreadPoolExecutor(workers, thread_name_prefix="protoserve-score") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="protoserve-commit") as committer:

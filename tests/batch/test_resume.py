@@ -181,3 +181,30 @@ def test_a_second_run_of_a_running_job_is_refused_and_a_killed_holder_blocks_not
         kill(holder)
     finish(tiny_bundle, job_inputs, out)
     check_exactly_once(out, reference, "after a killed lock holder")
+
+
+def test_the_parquet_output_grows_in_chunk_order_while_chunks_commit_out_of_order(tiny_bundle, digits, tmp_path):
+    from export.runtime import open_session
+    from service.batch_job import Job
+
+    np.save(tmp_path / "d.npy", digits[:10])
+    out = tmp_path / "o.parquet"
+    job = Job(JobSpec(str(tiny_bundle), [str(tmp_path / "d.npy")], out, chunk_size=3))
+    job.start()
+    session, _ = open_session(job.bundle.model_path, "cpu")
+
+    def infer(x):
+        return tuple(session.run(["probabilities", "distances"], {"image": x}))
+
+    job.assemble_while_scoring(list(range(job.chunks)))
+    appended = []
+    for k in (2, 0, 3, 1):  # as the worker threads may finish them
+        lo, ids, values = job.read_chunk(k)
+        job.commit(k, job.scorer.score(lo, ids, values, infer))
+        appended.append(job.assembly.next)
+    assert appended == [0, 1, 1, 4] and job.assembly.complete()
+    job.finish()
+    rows = read_rows(out)
+    assert [r["index"] for r in rows] == list(range(10))
+    assert [r["input_id"] for r in rows] == [f"{tmp_path / 'd.npy'}#{i}" for i in range(10)]
+    assert sorted(p.name for p in (tmp_path / "o.parquet.job").iterdir()) == ["complete.json", "job.json"]
