@@ -69,7 +69,8 @@ def evaluate_split(model: PrototypeDL, split: Split, batch_size: int, device, lo
 
 class ResumableRun:
     """Exact resume for a trainer: its optimizers and schedulers (named by optimizer_states()),
-    the data-order and augmentation RNGs, the best validation accuracy and the wall time so far."""
+    the data-order and augmentation RNGs, the best validation accuracy and the wall time so far; and
+    the files an epoch leaves (metrics.jsonl, last.pt, best.pt, checkpoints/)."""
 
     rank = 0
 
@@ -85,6 +86,19 @@ class ResumableRun:
             "best_val_accuracy": self.best_val_accuracy,
             "wall_seconds": self.wall_seconds,
         }
+
+    def _write(self, metrics: dict, is_best: bool) -> None:
+        # Metrics first: on resume, lines past the checkpoint's epoch are dropped, so a crash
+        # between the two writes neither loses nor duplicates an epoch.
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        state = self.training_state()
+        save_checkpoint(self.out_dir / "last.pt", self.model, self.config, self.epoch, metrics, state)
+        if is_best:
+            save_checkpoint(self.out_dir / "best.pt", self.model, self.config, self.epoch, metrics, state)
+        if self.epoch % self.config.train.checkpoint_every == 0 or self.epoch == self.config.train.epochs:
+            save_checkpoint(self.out_dir / "checkpoints" / f"epoch_{self.epoch:04d}.pt", self.model,
+                            self.config, self.epoch, metrics, state)
 
     def resume(self) -> None:
         path = self.out_dir / "last.pt"
@@ -193,19 +207,6 @@ class Trainer(ResumableRun):
             self._log_epoch(metrics, is_best)
             self._write(metrics, is_best)
         return metrics
-
-    def _write(self, metrics: dict, is_best: bool) -> None:
-        # Metrics first: on resume, lines past the checkpoint's epoch are dropped, so a crash
-        # between the two writes neither loses nor duplicates an epoch.
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        state = self.training_state()
-        save_checkpoint(self.out_dir / "last.pt", self.model, self.config, self.epoch, metrics, state)
-        if is_best:
-            save_checkpoint(self.out_dir / "best.pt", self.model, self.config, self.epoch, metrics, state)
-        if self.epoch % self.config.train.checkpoint_every == 0 or self.epoch == self.config.train.epochs:
-            save_checkpoint(self.out_dir / "checkpoints" / f"epoch_{self.epoch:04d}.pt", self.model,
-                            self.config, self.epoch, metrics, state)
 
     def _log_epoch(self, m: dict, is_best: bool) -> None:
         eta = (self.config.train.epochs - self.epoch) * m["epoch_seconds"]

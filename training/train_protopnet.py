@@ -21,7 +21,6 @@ writes files.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from training.checkpoint import build_model, save_checkpoint
+from training.checkpoint import build_model
 from training.config import Config
 from training.cub import IMAGENET_MEAN, IMAGENET_STD, load_cub
 from training.data import Split, load_dataset, resolve_data_root
@@ -252,17 +251,6 @@ class ProtoPNetTrainer(ResumableRun):
             if self.rank == 0:
                 self._write(metrics, is_best)
         return metrics
-
-    def _write(self, metrics: dict, is_best: bool) -> None:
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        state = self.training_state()
-        save_checkpoint(self.out_dir / "last.pt", self.model, self.config, self.epoch, metrics, state)
-        if is_best:
-            save_checkpoint(self.out_dir / "best.pt", self.model, self.config, self.epoch, metrics, state)
-        if self.epoch % self.config.train.checkpoint_every == 0 or self.epoch == self.config.train.epochs:
-            save_checkpoint(self.out_dir / "checkpoints" / f"epoch_{self.epoch:04d}.pt", self.model,
-                            self.config, self.epoch, metrics, state)
 
     def _log_epoch(self, m: dict, is_best: bool) -> None:
         eta = (self.config.train.epochs - self.epoch) * m["epoch_seconds"]
