@@ -7,8 +7,11 @@ A job writes into `<output>.job/` beside the output:
                        write and to read back): written to a temporary name, fsynced, then renamed,
                        so a chunk file that exists is complete
     complete.json      written after the output: the job's totals
-The output is assembled from the chunk files in order at the end (again through a temporary file
-and a rename), so a reader never sees a partial output. A run killed at any moment, SIGKILL
+    output.tmp<pid>    the output being written (removed by the next run if this one was killed)
+and `<output>.lock` beside it, held (flock) while a run is going: a second run is refused.
+The output is assembled from the chunk files in chunk order, into a temporary file renamed into
+place at the end (Parquet: while the chunks commit, each as soon as those before it are in), so a
+reader never sees a partial output. A run killed at any moment, SIGKILL
 included, loses at most the chunks in flight; the next run with the same arguments scores only
 the missing chunks, and every input appears exactly once in the output.
 
