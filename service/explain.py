@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from export.bundle import Manifest
-from protoserve.colours import heat_colours
+from protoserve.colours import overlay_heat, unit_scale
 
 # ProtoPNet's similarity of a distance d: log((d + 1) / (d + eps)), large when d is near 0.
 SIMILARITY_EPSILON = 1e-4
@@ -99,9 +99,7 @@ def upsample(similarity_map: np.ndarray, height: int, width: int) -> np.ndarray:
 def heatmap_picture(similarity_map: np.ndarray, height: int, width: int) -> Image.Image:
     """ProtoPNet: one prototype's [h, w] similarity map -> an L picture of the input's size, brightest
     where the prototype was found (bicubic upsampling, then scaled to its own min..max)."""
-    up = upsample(similarity_map, height, width)
-    low, high = float(up.min()), float(up.max())
-    scaled = (up - low) / (high - low) if high > low else np.zeros_like(up)
+    scaled = unit_scale(upsample(similarity_map, height, width))
     return Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8), mode="L")
 
 
@@ -110,11 +108,8 @@ def heatmap_overlay(similarity_map: np.ndarray, pixels: np.ndarray, alpha: float
     over the input picture (pixels [C, H, W] in [0, 1]): where it was found. The same blend as the
     push pictures' activation overlay."""
     height, width = pixels.shape[1:]
-    up = upsample(similarity_map, height, width)
-    span = up.max() - up.min()
-    heat = (up - up.min()) / span if span > 0 else np.zeros_like(up)
     base = np.asarray(pixels_to_picture(pixels).convert("RGB"), dtype=np.float64)
-    return Image.fromarray((base * (1 - alpha) + heat_colours(heat) * alpha).round().astype(np.uint8))
+    return Image.fromarray(overlay_heat(base, upsample(similarity_map, height, width), alpha))
 
 
 def pixels_to_picture(pixels: np.ndarray) -> Image.Image:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from protoserve.colours import heat_colours
+from protoserve.colours import overlay_heat
 from training.protopnet import ProtoPNet, similarity, squared_distance_maps
 
 ACTIVATION_PERCENTILE = 95
@@ -173,13 +173,6 @@ def to_rgb_array(image: torch.Tensor, mean=None, std=None) -> np.ndarray:
     return np.repeat(x[0][..., None], 3, axis=2) if x.shape[0] == 1 else x.transpose(1, 2, 0)
 
 
-def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend an upsampled map [H, W] (any range; scaled to [0, 1]) over an image [H, W, 3]."""
-    span = heat.max() - heat.min()
-    scaled = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
-    return (rgb * (1 - alpha) + heat_colours(scaled) * alpha).round().astype(np.uint8)
-
-
 def enlarge(rgb: np.ndarray, target: int = 112) -> tuple[Image.Image, int]:
     """Small images (MNIST) scaled up by a whole factor, nearest neighbour, so boxes stay on pixels."""
     scale = max(1, target // max(rgb.shape[:2]))
@@ -206,7 +199,7 @@ def prototype_pictures(model: ProtoPNet, j: int, source: torch.Tensor, mean=None
     draw_box(boxed, tuple(model.push_activation_box[j].tolist()), scale, colour=(255, 0, 0))
     x = source[None].to(model.prototypes.device)
     sim = similarity(squared_distance_maps(model.latent(x), model.prototypes[j:j + 1]))[0, 0]
-    heat, _ = enlarge(overlay(rgb, upsample(sim, rgb.shape[0])))
+    heat, _ = enlarge(overlay_heat(rgb, upsample(sim, rgb.shape[0])))
     return {"patch": patch, "source": boxed, "activation": heat}
 
 

@@ -113,13 +113,14 @@ def test_upsampling_is_torchs_bicubic_as_the_push_pictures_use(size):
 def test_service_heatmap_is_the_push_pictures_activation_overlay():
     import torch
 
+    from protoserve.colours import overlay_heat
     from service.explain import heatmap_overlay
-    from training.push import overlay, upsample
+    from training.push import upsample
 
     rng = np.random.default_rng(3)
     similarity_map = rng.random((7, 7)).astype(np.float32)
     pixels = rng.random((1, 28, 28))
     rgb = np.asarray(pixels_to_picture(pixels).convert("RGB"), dtype=np.float64)
-    want = overlay(rgb, upsample(torch.from_numpy(similarity_map), 28))
+    want = overlay_heat(rgb, upsample(torch.from_numpy(similarity_map), 28))  # the push pictures' overlay
     got = np.asarray(heatmap_overlay(similarity_map, pixels))
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # float32 vs float64 rounding
