@@ -31,7 +31,7 @@ import numpy as np
 
 from export.bundle import InputSpec, Manifest
 from service.errors import InputError
-from service.explain import active_mask, similarity
+from service.explain import active_mask, contribution, similarity
 from service.preprocess import DEFAULT_LIMITS, Limits, array_to_input, normalize, to_input
 
 ROW_FIELDS = ("index", "input_id", "label", "class_name", "probabilities", "prototype_ids",
@@ -227,9 +227,8 @@ class BatchScorer:
         labels = probabilities.argmax(axis=1).astype(np.int64)
         near = np.take_along_axis(distances, nearest, axis=1).astype(np.float64)
         sims = similarity(near)
-        # The same numbers as service.explain.prototype_rows: weight for the predicted class x (d or s).
-        weights = self.weights[nearest, labels[:, None]]
-        contributions = weights * (near if self.manifest.family == "prototypedl" else sims)
+        # The same numbers as service.explain.prototype_rows, with the weights for the predicted class.
+        contributions = contribution(self.manifest.family, self.weights[nearest, labels[:, None]], near, sims)
         return Columns(index=np.arange(start, start + len(input_ids), dtype=np.int64), input_id=list(input_ids),
                        ok=ok, label=labels, probabilities=probabilities.astype(np.float32, copy=False),
                        prototype_ids=self.prototype_ids[nearest].astype(np.int32),

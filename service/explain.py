@@ -50,12 +50,17 @@ def nearest_distance(distances: np.ndarray, active: np.ndarray) -> np.ndarray:
     return np.where(active[None, :], distances, np.inf).min(axis=1)
 
 
+def contribution(family: str, weight, distance, similarity_):
+    """What a prototype adds to a class's logit: weight x distance for PrototypeDL (logits = W d),
+    weight x similarity for ProtoPNet (logits = W sim). Scalars or arrays alike."""
+    return weight * (distance if family == "prototypedl" else similarity_)
+
+
 def prototype_rows(manifest: Manifest, distances: np.ndarray, indices: np.ndarray, label: int) -> list[dict]:
     """The explanation's prototype entries for one input predicted as `label`.
 
     weight is the prototype's last-layer weight for the predicted class; contribution is what it
-    adds to that class's logit: weight x distance for PrototypeDL (logits = W d), weight x
-    similarity for ProtoPNet (logits = W sim).
+    adds to that class's logit (contribution()).
     """
     rows = []
     for j in indices:
@@ -66,7 +71,7 @@ def prototype_rows(manifest: Manifest, distances: np.ndarray, indices: np.ndarra
         rows.append({"id": row.id, "class_identity": row.class_identity,
                      "class_name": manifest.class_names[row.class_identity],
                      "distance": d, "similarity": s, "weight": weight,
-                     "contribution": weight * (d if manifest.family == "prototypedl" else s)})
+                     "contribution": contribution(manifest.family, weight, d, s)})
     return rows
 
 
