@@ -29,6 +29,7 @@ from export.bundle import (
     ProbeSpec,
     PrototypeRow,
     TrainingInfo,
+    drift_quantiles,
     read_bundle,
     sha256_file,
     write_manifest,
@@ -100,16 +101,6 @@ def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_roo
     return ExportResult(bundle=read_bundle(out), parity=parity)
 
 
-DRIFT_QUANTILES = ("0.5", "0.95", "1.0")
-
-
-def nearest_distance_quantiles(distances: np.ndarray) -> dict[str, float]:
-    """[N, M] test-set distances -> quantiles of each image's distance to its nearest prototype (every
-    prototype is active in a fresh export)."""
-    nearest = distances.min(axis=1)
-    return {q: float(np.quantile(nearest, float(q))) for q in DRIFT_QUANTILES}
-
-
 def _build(model: PrototypeDL | ProtoPNet, config, payload: dict, checkpoint: Path, test: Split, staging: Path,
            name: str, version: str, log, push_set: Split | None = None,
            root: Path | None = None) -> tuple[Manifest, ParityFigures]:
@@ -132,7 +123,7 @@ def _build(model: PrototypeDL | ProtoPNet, config, payload: dict, checkpoint: Pa
     metrics = Metrics(test_accuracy=float(np.mean(torch_out["probabilities"].argmax(1) == labels)),
                       onnx_test_accuracy=float(np.mean(onnx_out["probabilities"].argmax(1) == labels)),
                       test_images=len(labels), parity=parity,
-                      nearest_distance_quantiles=nearest_distance_quantiles(onnx_out["distances"]))
+                      nearest_distance_quantiles=drift_quantiles(onnx_out["distances"].min(axis=1)))  # all active
     log(f"test accuracy {metrics.test_accuracy:.4f} (PyTorch), {metrics.onnx_test_accuracy:.4f} (ONNX Runtime)")
     probe_images = write_probe(model, test, staging / "probe.npz")
     c = model.cfg

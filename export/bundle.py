@@ -115,12 +115,23 @@ class ParityFigures(_Strict):
     distance_rtol: float
 
 
+DRIFT_QUANTILES = ("0.5", "0.95", "1.0")
+
+
+def drift_quantiles(nearest) -> dict[str, float]:
+    """Images' distances to their nearest active prototype [N] -> {quantile: value} for DRIFT_QUANTILES
+    (Metrics.nearest_distance_quantiles; the service's reference when a bundle lacks them)."""
+    import numpy as np
+
+    return {q: float(np.quantile(nearest, float(q))) for q in DRIFT_QUANTILES}
+
+
 class Metrics(_Strict):
     test_accuracy: float | None = None  # PyTorch eval mode on the test set
     onnx_test_accuracy: float | None = None
     test_images: int | None = None
     parity: ParityFigures | None = None
-    # Quantile ("0.5", "0.95", "1.0") -> the test images' squared L2 distance to their nearest active
+    # Quantile (DRIFT_QUANTILES) -> the test images' squared L2 distance to their nearest active
     # prototype, through ONNX Runtime: the service's drift reference (protoserve_reference_nearest_distance).
     nearest_distance_quantiles: dict[str, float] | None = None
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.bundle import Bundle, BundleError, read_bundle
+from export.bundle import Bundle, BundleError, drift_quantiles, read_bundle
 from export.runtime import load_probe, open_session, run_probe
 from export.store import bundle_dir
 from service.explain import active_mask, nearest_distance
@@ -101,5 +101,4 @@ def warm_up(model: LoadedModel) -> dict[str, float]:
     reference = model.bundle.manifest.metrics.nearest_distance_quantiles
     if reference and model.active.all():
         return dict(reference)
-    nearest = nearest_distance(outputs["distances"], model.active)
-    return {q: float(np.quantile(nearest, float(q))) for q in ("0.5", "0.95", "1.0")}
+    return drift_quantiles(nearest_distance(outputs["distances"], model.active))
