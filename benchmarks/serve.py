@@ -224,6 +224,15 @@ def naive_app():
     return app
 
 
+def predict_c64(bundle: Path, log: Path, image: str, scale: float, **env: str) -> dict:
+    """/predict at c=64 on a protoserve started with these environment settings (the sweeps)."""
+    server, url = start_protoserve(bundle, log, **env)
+    try:
+        return asyncio.run(closed_loop(f"{url}/predict", {"images": [image]}, 64, requests_for(64, scale)))
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default=str(REPO / "models/prototypedl_mnist/bundle"))
@@ -290,24 +299,16 @@ def main() -> None:
         print("adaptive batching: /predict at c=64 by max batch size", flush=True)
         result["batch_size_sweep"] = []
         for size in (1, 16, 64):
-            server, url = start_protoserve(bundle, out.with_suffix(f".sweep{size}.log"),
-                                           PROTOSERVE_MAX_BATCH_SIZE=str(size))
-            try:
-                row = asyncio.run(closed_loop(f"{url}/predict", {"images": [image]}, 64, requests_for(64, args.scale)))
-            finally:
-                server.stop()
+            row = predict_c64(bundle, out.with_suffix(f".sweep{size}.log"), image, args.scale,
+                              PROTOSERVE_MAX_BATCH_SIZE=str(size))
             print(f"  max_batch_size {size:3d}: c=64 p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
                   f"{row['requests_per_s']:.1f} req/s", flush=True)
             result["batch_size_sweep"].append({"max_batch_size": size, **row})
         print("adaptive batching: /predict at c=64 by max latency (the dispatcher answers 503 past it)", flush=True)
         result["max_latency_sweep"] = []
         for latency in (20, 200, 2000):
-            server, url = start_protoserve(bundle, out.with_suffix(f".latency{latency}.log"),
-                                           PROTOSERVE_MAX_LATENCY_MS=str(latency))
-            try:
-                row = asyncio.run(closed_loop(f"{url}/predict", {"images": [image]}, 64, requests_for(64, args.scale)))
-            finally:
-                server.stop()
+            row = predict_c64(bundle, out.with_suffix(f".latency{latency}.log"), image, args.scale,
+                              PROTOSERVE_MAX_LATENCY_MS=str(latency))
             print(f"  max_latency_ms {latency:5d}: c=64 p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
                   f"{row['requests_per_s']:.1f} req/s, {row['errors']} of {row['requests']} refused", flush=True)
             result["max_latency_sweep"].append({"max_latency_ms": latency, **row})
