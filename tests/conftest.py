@@ -38,12 +38,7 @@ def tiny_checkpoint(tmp_path_factory, mnist_root) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_checkpoint, mnist_root) -> Path:
     """The bundle of tiny_checkpoint, written by `protoserve export` (parity on 1,000 test images)."""
-    from export.build import export_bundle
-
-    out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
-    export_bundle(tiny_checkpoint, out, "tiny-prototypedl", "0.1.0", data_root=str(mnist_root),
-                  test_images=1000, log=lambda s: None)
-    return out
+    return _export_tiny(tmp_path_factory, tiny_checkpoint, "tiny-prototypedl", mnist_root)
 
 
 @pytest.fixture(scope="session")
@@ -63,9 +58,13 @@ def tiny_protopnet_checkpoint(tmp_path_factory, mnist_root) -> Path:
 @pytest.fixture(scope="session")
 def tiny_protopnet_bundle(tmp_path_factory, tiny_protopnet_checkpoint, mnist_root) -> Path:
     """The bundle of tiny_protopnet_checkpoint (parity on 1,000 test images)."""
+    return _export_tiny(tmp_path_factory, tiny_protopnet_checkpoint, "tiny-protopnet", mnist_root)
+
+
+def _export_tiny(tmp_path_factory, checkpoint: Path, name: str, mnist_root: Path) -> Path:
+    """`protoserve export` of a tiny checkpoint as <name>:0.1.0, parity on the first 1,000 test images."""
     from export.build import export_bundle
 
-    out = tmp_path_factory.mktemp("tiny_protopnet_bundle") / "bundle"
-    export_bundle(tiny_protopnet_checkpoint, out, "tiny-protopnet", "0.1.0", data_root=str(mnist_root),
-                  test_images=1000, log=lambda s: None)
+    out = tmp_path_factory.mktemp(name.replace("-", "_")) / "bundle"
+    export_bundle(checkpoint, out, name, "0.1.0", data_root=str(mnist_root), test_images=1000, log=lambda s: None)
     return out
