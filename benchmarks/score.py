@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from export.runtime import open_session  # noqa: E402
-from service.batch import RUN_BATCH  # noqa: E402
-from service.batch_job import JobSpec, default_workers, run_job  # noqa: E402
+from scoring.job import JobSpec, default_workers, run_job  # noqa: E402
+from scoring.rows import RUN_BATCH  # noqa: E402
 
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
 
@@ -135,7 +135,7 @@ print(usage.ru_maxrss, os.waitstatus_to_exitcode(status))
 
 def peak_rss(bundle: Path, idx: Path, out: Path, workers: int) -> tuple[float, float]:
     """(peak RSS in MiB, wall seconds) of one `protoserve score` process."""
-    args = [sys.executable, "-m", "protoserve.cli", "score", "--model", str(bundle), "--input", str(idx),
+    args = [sys.executable, "-m", "cli.main", "score", "--model", str(bundle), "--input", str(idx),
             "--output", str(out), "--quiet", "--restart"] + (["--workers", str(workers)] if workers else [])
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", LAUNCHER, *args], cwd=REPO, capture_output=True, text=True,

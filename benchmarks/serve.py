@@ -54,8 +54,8 @@ def test_digit(bundle: Path) -> tuple[np.ndarray, str]:
     """The bundle's first probe image as the model input [1, C, H, W] and as a base64 PNG."""
     from export.bundle import read_bundle
     from export.runtime import load_probe
-    from service.explain import pixels_to_picture, png_bytes
-    from service.preprocess import denormalize
+    from inference.explain import pixels_to_picture, png_bytes
+    from inference.preprocess import denormalize
 
     loaded = read_bundle(bundle)
     x = load_probe(loaded)["input.image"][:1].astype(np.float32)

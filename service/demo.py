@@ -19,11 +19,11 @@ from pathlib import Path
 
 from export.bundle import read_bundle
 from export.runtime import load_probe
+from inference.explain import pixels_to_picture, png_bytes
+from inference.model import REPO, bundle_location
+from inference.preprocess import denormalize
 from protoserve.errors import ProtoserveError
-from service.explain import pixels_to_picture, png_bytes
 from service.figure import explanation_figure
-from service.model import REPO, bundle_location
-from service.preprocess import denormalize
 
 
 class DemoError(ProtoserveError):

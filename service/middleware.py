@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from service.errors import InputError
+from protoserve.errors import InputError
 from service.metrics import count_rejection
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024

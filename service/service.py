@@ -18,23 +18,23 @@ import numpy as np
 from starlette.responses import JSONResponse
 
 from export.bundle import read_bundle
-from service.batch import nearest_prototypes_batch
-from service.batch_http import ScoreGate, score_images
-from service.batching import AdaptiveBatcher, Overloaded
-from service.errors import InputError
-from service.explain import (
+from inference.explain import (
     heatmap_overlay,
     nearest_distance,
     nearest_prototypes,
+    nearest_prototypes_batch,
     pixels_to_picture,
     png_base64,
     predictions,
     prototype_rows,
 )
+from inference.model import bundle_location, load_model
+from inference.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
+from protoserve.errors import InputError
+from service.batching import AdaptiveBatcher, Overloaded
 from service.metrics import count_rejection, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
-from service.model import bundle_location, load_model
-from service.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
+from service.score_task import ScoreGate, score_images
 
 log = logging.getLogger("protoserve.service")
 log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from loggers not its own
@@ -187,7 +187,7 @@ class Protoserve:
 
     @bentoml.task(route="/score_batch")
     async def score_batch(self, ctx: bentoml.Context, images: Any = None, top_k: Any = None) -> dict:
-        """Batch scoring as an async task (service/batch_http.py): POST /score_batch/submit {"images":
+        """Batch scoring as an async task (service/score_task.py): POST /score_batch/submit {"images":
         [IMAGE, ...], "top_k": 3} -> {"task_id"}; GET /score_batch/status and /score_batch/get?task_id=
         -> one row per image, as `protoserve score` writes them (a bad image is a row with an error)."""
         try:

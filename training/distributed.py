@@ -1,6 +1,6 @@
 """torch.distributed set-up for `torchrun`: one process per GPU (NCCL) or per CPU worker (gloo).
 
-    torchrun --nproc_per_node 2 -m protoserve.cli train --config configs/protopnet_mnist.yaml
+    torchrun --nproc_per_node 2 -m cli.main train --config configs/protopnet_mnist.yaml
 
 torchrun sets WORLD_SIZE, RANK, LOCAL_RANK and the rendezvous address; ProtoPNetTrainer then finds
 the process group initialised and shards minibatches and the push set across ranks.

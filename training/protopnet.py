@@ -24,7 +24,7 @@ from training.backbones import build_backbone
 from training.config import LossConfig, ModelConfig
 from training.receptive_field import ReceptiveField
 
-EPSILON = 1e-4  # in the similarity log((d + 1) / (d + eps)); service/explain.py uses the same value
+EPSILON = 1e-4  # in the similarity log((d + 1) / (d + eps)); inference/explain.py uses the same value
 
 
 def squared_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:

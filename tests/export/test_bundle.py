@@ -122,7 +122,7 @@ def test_golden_probe_catches_a_consistently_resigned_graph(bundle_copy):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "protoserve.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                           timeout=120)
 
 
@@ -171,7 +171,7 @@ def test_prototypedl_needs_its_decoder(tiny_bundle, bundle_copy):
 
 
 def test_export_command_errors_are_one_line(tiny_bundle, tiny_checkpoint, tmp_path, capsys):
-    from protoserve.cli import main
+    from cli.main import main
 
     def error_of(*argv) -> str:
         assert main(list(argv)) == 2

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from export.runtime import open_session, verify_bundle
-from service.batch import grey_levels_to_input
+from scoring.rows import grey_levels_to_input
 from training.data import load_split
 
 MODELS = Path(__file__).resolve().parents[2] / "models"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import main
 from export.bundle import read_bundle
 from export.store import StoreError, bundle_dir, import_bundle, list_models, load_stored_bundle
-from protoserve.cli import main
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.batch_http import MAX_TASK_IMAGES
-from service.batch_job import JobSpec, run_job
+from scoring.job import JobSpec, run_job
+from service.score_task import MAX_TASK_IMAGES
 
 pytestmark = pytest.mark.slow
 

@@ -43,7 +43,7 @@ def test_bentoml_build(tiny_bundle, tmp_path):
 def test_service_code_never_imports_torch(tiny_bundle):
     code = ("import sys\n"
             "import service.service\n"
-            "from service.model import load_model\n"
+            "from inference.model import load_model\n"
             f"model = load_model({str(tiny_bundle)!r}, device='cpu')\n"
             "assert model.provider == 'CPUExecutionProvider'\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'training'))\n"

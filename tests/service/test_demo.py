@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.explain import png_base64
+from inference.explain import png_base64
 from service.figure import MARGIN, SCALE, explanation_figure
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "BENTOML_DO_NOT_TRACK": "True"}
     env.pop("PROTOSERVE_BUNDLE", None)
-    return subprocess.run([sys.executable, "-m", "protoserve.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

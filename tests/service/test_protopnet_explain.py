@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from export.bundle import read_bundle
-from service.explain import heatmap_overlay, similarity
+from inference.explain import heatmap_overlay, similarity
 
 
 def picture(b64: str) -> Image.Image:

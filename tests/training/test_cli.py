@@ -13,7 +13,7 @@ def run(*args, env_root=None, cwd=None):
     env = {k: v for k, v in os.environ.items() if k != "PROTOSERVE_DATA_ROOT"}
     if env_root:
         env["PROTOSERVE_DATA_ROOT"] = str(env_root)
-    return subprocess.run([sys.executable, "-m", "protoserve.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=300)
 
 

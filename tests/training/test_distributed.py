@@ -53,7 +53,7 @@ def test_protopnet_trains_under_torchrun(tmp_path, mnist_root):
     cfg["train"]["epochs"] = 2
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
-    torchrun("-m", "protoserve.cli", "train", "--config", str(tmp_path / "c.yaml"), "--out", str(out),
+    torchrun("-m", "cli.main", "train", "--config", str(tmp_path / "c.yaml"), "--out", str(out),
              "--data-root", str(mnist_root))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]  # written once, by rank 0

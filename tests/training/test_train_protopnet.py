@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from tiny_configs import tiny_protopnet_dict
 
-from protoserve.cli import main
+from cli.main import main
 from training.checkpoint import load_checkpoint
 from training.config import Config
 from training.cub import class_names, load_cub, segmentation_mask

@@ -5,7 +5,7 @@
     GET  /score_batch/status?task_id=...   -> {"task_id", "status", ...}
     GET  /score_batch/get?task_id=...      -> {"model", "images", "failed", "rows": [...]}
 
-Rows are those of `protoserve score` (service/batch.py ROW_FIELDS); input_id is "images[<i>]".
+Rows are those of `protoserve score` (scoring/rows.py ROW_FIELDS); input_id is "images[<i>]".
 IMAGE is what /predict takes: a base64 PNG/JPEG string or a numeric array; a string is never
 taken as a path or URL, so a caller cannot make the server read its own files. A bad image is a
 row with an error, as in the CLI. BentoML queues a task before running its function, so the
@@ -22,9 +22,10 @@ import json
 import numpy as np
 
 from export.bundle import Manifest
-from service.batch import BatchScorer
-from service.errors import InputError
-from service.explain import active_mask
+from inference.explain import active_mask
+from inference.preprocess import DEFAULT_LIMITS, parse_top_k
+from protoserve.errors import InputError
+from scoring.rows import BatchScorer
 from service.metrics import count_rejection, metrics
 from service.middleware import (
     DEFAULT_MAX_BODY_BYTES,
@@ -34,7 +35,6 @@ from service.middleware import (
     read_body,
     request_media_type,
 )
-from service.preprocess import DEFAULT_LIMITS, parse_top_k
 
 MAX_TASK_IMAGES = 1024
 ROUTE = "/score_batch"
@@ -105,7 +105,7 @@ class ScoreGate:
         """The served bundle's manifest (read on first use, in the worker: the app is built before)."""
         if self._manifest is None:
             from export.bundle import read_bundle
-            from service.model import bundle_location
+            from inference.model import bundle_location
 
             self._manifest = read_bundle(bundle_location()).manifest
         return self._manifest

@@ -106,8 +106,8 @@ def _models(args) -> None:
 def _score(args) -> None:
     import time
 
-    from service.batch_job import CHUNK_SIZE, JobSpec, run_job
-    from service.batch_metrics import publish
+    from scoring.job import CHUNK_SIZE, JobSpec, run_job
+    from scoring.metrics import publish
 
     spec = JobSpec(model=args.model, inputs=args.input, output=Path(args.output), top_k=args.top_k,
                    chunk_size=CHUNK_SIZE if args.chunk_size is None else args.chunk_size, workers=args.workers,
@@ -143,7 +143,7 @@ def _serve(args) -> None:
     env.update({"PROTOSERVE_DEVICE": args.device, "PROTOSERVE_WORKERS": str(args.workers),
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))})
     if not args.model:
-        from service.model import DEFAULT_BUNDLE
+        from inference.model import DEFAULT_BUNDLE
 
         read_bundle(env.get("PROTOSERVE_BUNDLE") or DEFAULT_BUNDLE)  # one readable line before BentoML starts
     os.chdir(repo)
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--top-k", type=int, default=3, help="nearest prototypes per row")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="inputs per committed chunk (default 4096: service/batch_job.py CHUNK_SIZE)")
+                   help="inputs per committed chunk (default 4096: scoring/job.py CHUNK_SIZE)")
     p.add_argument("--image-column", help="Parquet column of image bytes (default: the first binary column)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--restart", action="store_true", help="discard an earlier job's chunks and output, start over")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from service.batch_job import Job, JobError
+from scoring.job import Job, JobError
 
 
 def _import_ray():
@@ -34,7 +34,7 @@ class ChunkScorer:
     def __init__(self, bundle_path: str, spec: dict, plan: dict, use_gpu: bool, cwd: str):
         from export.bundle import read_bundle
         from export.runtime import open_session
-        from service.batch_job import JobSpec
+        from scoring.job import JobSpec
 
         if os.path.isdir(cwd):
             os.chdir(cwd)  # relative --input paths mean what they meant to the driver
@@ -48,7 +48,7 @@ class ChunkScorer:
     def __call__(self, batch: dict) -> object:
         import pyarrow as pa
 
-        from service.batch_job import to_table
+        from scoring.job import to_table
 
         tables = []
         for k in batch["chunk"]:

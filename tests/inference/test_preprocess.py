@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 
 from export.bundle import InputSpec
-from service.errors import InputError
-from service.preprocess import (
+from inference.preprocess import (
     Limits,
     decode_base64,
     denormalize,
@@ -22,6 +21,7 @@ from service.preprocess import (
     to_batch,
     to_input,
 )
+from protoserve.errors import InputError
 
 MNIST = InputSpec(channels=1, height=28, width=28, mean=[0.0], std=[1.0])
 NORMALISED = InputSpec(channels=1, height=28, width=28, mean=[0.1307], std=[0.3081])

@@ -15,7 +15,7 @@ import pytest
 from scoring_helpers import png_bytes, read_rows, run_cli, write_idx, write_parquet
 
 from export.bundle import read_bundle, write_manifest
-from service.batch_job import JobError, JobSpec, run_job
+from scoring.job import JobError, JobSpec, run_job
 
 
 def score(tmp_path: Path, bundle: Path, inputs: list, name: str = "out.parquet", **kw) -> list[dict]:
@@ -151,7 +151,7 @@ def test_ray_missing_is_one_clear_line(tiny_bundle, digits, tmp_path):
     import sys
 
     idx = write_idx(tmp_path / "images-idx3-ubyte", digits[:3])
-    code = ("import sys; sys.modules['ray'] = None; from protoserve.cli import main; sys.exit(main(sys.argv[1:]))")
+    code = ("import sys; sys.modules['ray'] = None; from cli.main import main; sys.exit(main(sys.argv[1:]))")
     result = subprocess.run([sys.executable, "-c", code, "score", "--model", str(tiny_bundle), "--input", str(idx),
                              "--output", str(tmp_path / "o.parquet"), "--engine", "ray", "--quiet"],
                             capture_output=True, text=True, timeout=120)

@@ -1,7 +1,7 @@
 """The batch scoring core: inputs -> one output row each, shared by `protoserve score` (local and Ray
 engines) and the service's `/score_batch` task. No torch, no pyarrow: numpy in, plain columns out.
 
-Inputs are converted exactly as the service converts them (service/preprocess.py): picture bytes are
+Inputs are converted exactly as the service converts them (inference/preprocess.py): picture bytes are
 decoded to the manifest's mode and size, arrays must have its shape and range, uint8 arrays are
 grey levels (0-255) as the IDX files store them. A bad input does not stop the batch: its row
 carries the reason in `error` and empty prediction fields.
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from export.bundle import InputSpec, Manifest
-from service.errors import InputError
-from service.explain import active_mask, contribution, similarity
-from service.preprocess import DEFAULT_LIMITS, Limits, array_to_input, normalize, to_input
+from inference.explain import active_mask, contribution, nearest_prototypes_batch, similarity
+from inference.preprocess import DEFAULT_LIMITS, Limits, array_to_input, normalize, to_input
+from protoserve.errors import InputError
 
 ROW_FIELDS = ("index", "input_id", "label", "class_name", "probabilities", "prototype_ids",
               "prototype_distances", "prototype_similarities", "prototype_contributions", "model_name",
@@ -92,14 +92,6 @@ class Columns:
         return rows
 
 
-def nearest_prototypes_batch(distances: np.ndarray, k: int, active: np.ndarray) -> np.ndarray:
-    """[N, M] distances -> [N, k] indices of the nearest active prototypes, nearest first.
-
-    The batch form of service.explain.nearest_prototypes (same stable tie order, tested equal).
-    """
-    candidates = np.flatnonzero(active)
-    order = np.argsort(distances[:, candidates], axis=1, kind="stable")[:, :k]
-    return candidates[order]
 
 
 def records_to_input(records: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, list[InputError | None]]:
@@ -227,7 +219,7 @@ class BatchScorer:
         labels = probabilities.argmax(axis=1).astype(np.int64)
         near = np.take_along_axis(distances, nearest, axis=1).astype(np.float64)
         sims = similarity(near)
-        # The same numbers as service.explain.prototype_rows, with the weights for the predicted class.
+        # The same numbers as inference.explain.prototype_rows, with the weights for the predicted class.
         contributions = contribution(self.manifest.family, self.weights[nearest, labels[:, None]], near, sims)
         return Columns(index=np.arange(start, start + len(input_ids), dtype=np.int64), input_id=list(input_ids),
                        ok=ok, label=labels, probabilities=probabilities.astype(np.float32, copy=False),

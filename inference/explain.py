@@ -45,6 +45,16 @@ def nearest_prototypes(distances: np.ndarray, k: int, active: np.ndarray) -> np.
     return candidates[order[:k]]
 
 
+def nearest_prototypes_batch(distances: np.ndarray, k: int, active: np.ndarray) -> np.ndarray:
+    """[N, M] distances -> [N, k] indices of the nearest active prototypes, nearest first.
+
+    The batch form of nearest_prototypes (same stable tie order, tested equal).
+    """
+    candidates = np.flatnonzero(active)
+    order = np.argsort(distances[:, candidates], axis=1, kind="stable")[:, :k]
+    return candidates[order]
+
+
 def nearest_distance(distances: np.ndarray, active: np.ndarray) -> np.ndarray:
     """[N, M] -> [N]: each input's distance to its nearest active prototype (the drift signal)."""
     return np.where(active[None, :], distances, np.inf).min(axis=1)

@@ -22,7 +22,7 @@ import numpy as np
 from export.bundle import Bundle, BundleError, drift_quantiles, read_bundle
 from export.runtime import load_probe, open_session, run_probe
 from export.store import bundle_dir
-from service.explain import active_mask, nearest_distance
+from inference.explain import active_mask, nearest_distance
 
 log = logging.getLogger("protoserve.service")
 

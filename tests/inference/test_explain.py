@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from export.bundle import GraphSpec, InputSpec, Manifest, Metrics, ProbeSpec, PrototypeRow, TensorSpec, TrainingInfo
-from service.explain import (
+from inference.explain import (
     nearest_distance,
     nearest_prototypes,
     pixels_to_picture,
@@ -78,7 +78,7 @@ def test_png_round_trip():
 
 
 def test_heatmap_is_brightest_where_the_prototype_was_found():
-    from service.explain import heatmap_picture
+    from inference.explain import heatmap_picture
 
     similarity_map = np.zeros((7, 7), dtype=np.float32)
     similarity_map[1, 5] = 3.0
@@ -96,7 +96,7 @@ def test_heatmap_is_brightest_where_the_prototype_was_found():
 def test_upsampling_is_torchs_bicubic_as_the_push_pictures_use(size):
     import torch
 
-    from service.explain import upsample
+    from inference.explain import upsample
     from training.push import upsample as push_upsample
 
     h, w, height, width = size
@@ -113,8 +113,8 @@ def test_upsampling_is_torchs_bicubic_as_the_push_pictures_use(size):
 def test_service_heatmap_is_the_push_pictures_activation_overlay():
     import torch
 
+    from inference.explain import heatmap_overlay
     from protoserve.colours import overlay_heat
-    from service.explain import heatmap_overlay
     from training.push import upsample
 
     rng = np.random.default_rng(3)

@@ -8,9 +8,9 @@ from scoring_helpers import png_bytes
 
 from export.bundle import InputSpec, read_bundle
 from export.runtime import open_session
-from service.batch import BatchScorer, nearest_prototypes_batch, records_to_input
-from service.explain import nearest_prototypes, prototype_rows
-from service.preprocess import to_input
+from inference.explain import nearest_prototypes, nearest_prototypes_batch, prototype_rows
+from inference.preprocess import to_input
+from scoring.rows import BatchScorer, records_to_input
 
 MNIST = InputSpec(channels=1, height=28, width=28, mean=[0.0], std=[1.0])
 
@@ -77,7 +77,7 @@ def test_scorer_rows_match_the_graph_and_keep_bad_inputs(tiny_bundle, digits):
 
 @pytest.mark.parametrize("which", ["tiny_bundle", "tiny_protopnet_bundle"])
 def test_rows_carry_the_explanations_ids_and_scores(which, request, digits):
-    """Both families: a row's prototypes are /explain's top-k entries (service.explain.prototype_rows),
+    """Both families: a row's prototypes are /explain's top-k entries (inference.explain.prototype_rows),
     with the same distance, similarity and contribution to the predicted class."""
     bundle = read_bundle(request.getfixturevalue(which))
     session, _ = open_session(bundle.model_path, "cpu")

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protoserve.errors import ProtoserveError
-from service.errors import InputError
+from protoserve.errors import InputError, ProtoserveError
 
 try:  # ISA-L's gzip: the same format, about 2.5x faster to decompress (gzipped IDX inputs); optional
     from isal import igzip as _gzip

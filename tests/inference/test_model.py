@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from export.bundle import BundleError
-from service.model import bundle_location, load_model
+from inference.model import bundle_location, load_model
 
 
 def test_load_verifies_warms_up_and_runs(tiny_bundle):
@@ -26,7 +26,7 @@ def test_load_verifies_warms_up_and_runs(tiny_bundle):
 
 
 def test_the_drift_reference_is_the_test_sets_nearest_distances(tiny_bundle, mnist_root):
-    from service.batch import grey_levels_to_input
+    from scoring.rows import grey_levels_to_input
     from training.data import load_split
 
     model = load_model(tiny_bundle, device="cpu")

@@ -15,7 +15,7 @@ reader never sees a partial output. A run killed at any moment, SIGKILL
 included, loses at most the chunks in flight; the next run with the same arguments scores only
 the missing chunks, and every input appears exactly once in the output.
 
-Engines: "local" (threads, each with its own ONNX Runtime session) and "ray" (service/batch_ray.py).
+Engines: "local" (threads, each with its own ONNX Runtime session) and "ray" (scoring/ray_engine.py).
 Both call BatchScorer.score on the same chunks and commit through the same Job.
 """
 
@@ -36,8 +36,8 @@ import numpy as np
 
 from export.bundle import Bundle, BundleError, read_bundle
 from protoserve.errors import ProtoserveError
-from service.batch import BatchScorer, Columns
-from service.batch_inputs import Inputs, open_inputs
+from scoring.inputs import Inputs, open_inputs
+from scoring.rows import BatchScorer, Columns
 
 # Inputs per committed chunk: ~0.4 s of one core for MNIST. Against 1,024 it cut the job's CPU per
 # image by 6% (fewer commits, thread hand-offs and row groups; benchmarks/score.py, README), for at
@@ -319,7 +319,7 @@ def _run_locked(spec: JobSpec, engine: str, restart: bool, progress: bool, ray_a
         if engine == "local":
             run_local(job, pending, bar.update)
         elif engine == "ray":
-            from service.batch_ray import run_ray
+            from scoring.ray_engine import run_ray
 
             run_ray(job, pending, bar.update, address=ray_address)
         else:

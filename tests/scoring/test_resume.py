@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scoring_helpers import REPO, png_bytes, read_rows, write_idx
 
-from service.batch_job import JobSpec, run_job
+from scoring.job import JobSpec, run_job
 
 CHUNK = 250
 CHUNKS = 49  # 12,000 records and 150 files
@@ -42,7 +42,7 @@ def reference(tiny_bundle, job_inputs, tmp_path_factory) -> list[dict]:
 
 
 def start(bundle: Path, inputs: list[str], out: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "protoserve.cli", "score", "--model", str(bundle), "--input", *inputs,
+    args = [sys.executable, "-m", "cli.main", "score", "--model", str(bundle), "--input", *inputs,
             "--output", str(out), "--chunk-size", str(CHUNK), "--workers", "2", "--quiet"]
     return subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -164,7 +164,7 @@ def test_a_second_run_of_a_running_job_is_refused_and_a_killed_holder_blocks_not
     the output's lock file refuses the second; the kernel frees it when the holder is SIGKILLed."""
     out = tmp_path / "out.parquet"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from service.batch_job import job_lock\n"
+                               "from scoring.job import job_lock\n"
                                "with job_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(300)",
                                str(out)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                               stdout=subprocess.PIPE, text=True)
@@ -185,7 +185,7 @@ def test_a_second_run_of_a_running_job_is_refused_and_a_killed_holder_blocks_not
 
 def test_the_parquet_output_grows_in_chunk_order_while_chunks_commit_out_of_order(tiny_bundle, digits, tmp_path):
     from export.runtime import open_session
-    from service.batch_job import Job
+    from scoring.job import Job
 
     np.save(tmp_path / "d.npy", digits[:10])
     out = tmp_path / "o.parquet"

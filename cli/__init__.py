@@ -1,0 +1,1 @@
+"""The command line, `protoserve <verb>`: the top layer, importing every part and imported by none."""

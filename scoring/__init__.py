@@ -1,0 +1,1 @@
+"""Batch scoring jobs (`protoserve score`, /score_batch): inputs, rows, resumable jobs, engines; no torch."""
