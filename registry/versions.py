@@ -1,0 +1,112 @@
+"""Model versions: register a bundle (with its checkpoint), promote, roll back; torch-free.
+
+A registry is a directory: `registry.sqlite` (registry/store.py) and `versions/<version>/` holding
+each registered version's copy of its bundle (`bundle/`) and the checkpoint it came from
+(`checkpoint.pt`), so a version never changes under the registry and can be revised again.
+PROTOSERVE_REGISTRY names the directory. A bundle is verified (schema, sha256 of every file, golden
+probe) when it is registered and again when it is promoted or rolled back to: a version that fails
+is never activated, and the active one stays.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from export.bundle import Bundle, BundleError
+from export.runtime import verify_bundle
+from registry.store import DB_FILE, Active, RegistryError, Store, VersionRow
+
+ENV = "PROTOSERVE_REGISTRY"
+
+
+def registry_location() -> Path | None:
+    """The registry directory the environment names (PROTOSERVE_REGISTRY), or None: a fixed bundle."""
+    value = os.environ.get(ENV)
+    return Path(value) if value else None
+
+
+def open_registry(root: str | Path | None = None) -> Registry:
+    root = Path(root) if root else registry_location()
+    if root is None:
+        raise RegistryError(f"no registry: pass --registry DIR or set {ENV}")
+    return Registry(root)
+
+
+class Registry:
+    """The versions under one registry directory and its database."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.store = Store(self.root / DB_FILE)
+
+    def version_dir(self, version: str) -> Path:
+        return self.root / "versions" / version
+
+    def register(self, bundle: str | Path, checkpoint: str | Path | None = None, parent: str | None = None,
+                 status: str = "registered", lineage: dict | None = None, job_id: int | None = None) -> VersionRow:
+        """Verify the bundle, copy it (and its checkpoint) into the registry, record the version."""
+        checked, _ = verify_bundle(bundle)
+        m = checked.manifest
+        target = self.version_dir(m.version)
+        if target.exists():
+            raise RegistryError(f"version {m.version!r} is registered already ({target}); versions are immutable")
+        lineage = lineage if lineage is not None else _manifest_lineage(checked)
+        parent = parent if parent is not None else (lineage or {}).get("parent_version")
+        staging = target.with_name(f".{m.version}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(checked.path, staging / "bundle")
+        if checkpoint is not None:
+            if not Path(checkpoint).is_file():
+                raise RegistryError(f"{checkpoint}: checkpoint file not found")
+            shutil.copy2(checkpoint, staging / "checkpoint.pt")
+        verify_bundle(staging / "bundle")  # the copy is what will be served
+        os.replace(staging, target)
+        try:
+            return self.store.add_version(m.version, m.name, m.family, str(target / "bundle"),
+                                          str(target / "checkpoint.pt") if checkpoint is not None else None,
+                                          parent, status, lineage, {"test_accuracy": m.metrics.test_accuracy},
+                                          job_id)
+        except RegistryError:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+
+    def bundle_path(self, version: str) -> Path:
+        return Path(self.store.version(version).bundle)
+
+    def verify(self, version: str) -> Bundle:
+        """Verify a registered version's bundle now (RegistryError naming the problem)."""
+        try:
+            bundle, _ = verify_bundle(self.bundle_path(version))
+        except BundleError as e:
+            raise RegistryError(f"version {version!r} fails verification, not activated: {e}") from None
+        return bundle
+
+    def promote(self, version: str, actor: str | None = None) -> Active:
+        """Make `version` active (after verifying it); the active one becomes the previous."""
+        generation = self.store.active().generation
+        self.verify(version)
+        return self.store.activate(version, actor, expect_generation=generation)
+
+    def rollback(self, actor: str | None = None) -> Active:
+        """Make the previous version active again (after verifying it)."""
+        previous = self.store.active().previous
+        if previous is None:
+            raise RegistryError("nothing to roll back to: no previous version")
+        self.verify(previous)
+        return self.store.roll_back(actor)
+
+    def active_bundle(self) -> Path:
+        active = self.store.active()
+        if active.version is None:
+            raise RegistryError(f"{self.root}: no active version yet (protoserve registry promote VERSION)")
+        return self.bundle_path(active.version)
+
+
+def _manifest_lineage(bundle: Bundle) -> dict | None:
+    """The manifest's `lineage` (a revised bundle's parent, verdicts, comparison), when it has one."""
+    lineage = getattr(bundle.manifest, "lineage", None)
+    if lineage is None:
+        return None
+    return lineage if isinstance(lineage, dict) else lineage.model_dump(mode="json")

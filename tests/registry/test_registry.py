@@ -1,0 +1,122 @@
+"""The registry: immutable versions, promote and rollback as single transactions, verification gate."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from protoserve.verdicts import verdict
+from registry.store import RegistryError, Store
+from registry.versions import Registry
+
+
+def test_register_copies_and_verifies(two_versions):
+    registry, v1, v2 = two_versions
+    rows = {r.version: r for r in registry.store.versions()}
+    assert set(rows) == {v1, v2}
+    assert Path(rows[v1].bundle).is_relative_to(registry.root) and Path(rows[v1].checkpoint).is_file()
+    assert rows[v2].parent == v1 and [r.version for r in registry.store.lineage(v2)] == [v2, v1]
+    with pytest.raises(RegistryError, match="registered already"):
+        registry.register(rows[v1].bundle)
+
+
+def test_database_is_wal_with_busy_timeout(two_versions):
+    registry, *_ = two_versions
+    db = sqlite3.connect(registry.store.path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_promote_and_rollback_move_active_previous_and_generation(two_versions):
+    registry, v1, v2 = two_versions
+    start = registry.store.active()
+    assert (start.version, start.previous) == (v1, None)
+    promoted = registry.promote(v2, actor="ada")
+    assert (promoted.version, promoted.previous, promoted.generation) == (v2, v1, start.generation + 1)
+    back = registry.rollback(actor="ada")
+    assert (back.version, back.previous, back.generation) == (v1, v2, start.generation + 2)
+    assert [c["action"] for c in registry.store.changes()] == ["promote", "promote", "rollback"]
+    with pytest.raises(RegistryError, match="active already"):
+        registry.promote(v1)
+
+
+def test_rollback_without_previous_is_refused(tiny_bundle, tmp_path):
+    registry = Registry(tmp_path / "r")
+    registry.register(tiny_bundle)
+    registry.promote("0.1.0")
+    with pytest.raises(RegistryError, match="nothing to roll back"):
+        registry.rollback()
+
+
+def test_damaged_version_is_never_activated(two_versions):
+    registry, v1, v2 = two_versions
+    onnx = Path(registry.store.version(v2).bundle) / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    before = registry.store.active()
+    with pytest.raises(RegistryError, match="fails verification"):
+        registry.promote(v2)
+    assert registry.store.active() == before
+
+
+def test_unknown_version_refused(two_versions):
+    registry, *_ = two_versions
+    with pytest.raises(RegistryError, match="not registered"):
+        registry.promote("9.9.9")
+
+
+def test_concurrent_promotes_are_serialised(two_versions):
+    """Threads promoting and rolling back at once: every switch lands, the generation counts them all."""
+    registry, v1, v2 = two_versions
+    start = registry.store.active().generation
+    store = Store(registry.store.path)
+    errors = []
+
+    def flip():
+        for _ in range(10):
+            try:
+                active = store.active()
+                store.activate(v2 if active.version == v1 else v1, expect_generation=active.generation)
+            except RegistryError:
+                errors.append(1)  # lost the race: the generation moved; nothing half-written
+
+    threads = [threading.Thread(target=flip) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    end = registry.store.active()
+    assert end.generation - start == 40 - len(errors) == len(registry.store.changes()) - 1
+
+
+def test_verdicts_and_withdrawal(two_versions):
+    registry, v1, _ = two_versions
+    store = registry.store
+    a = store.add_verdict(v1, verdict(3, "reject", 1, "ada", note="background"))
+    b = store.add_verdict(v1, verdict(4, "accept", 1, "ada"))
+    assert [v["id"] for v in store.verdicts(v1)] == [a["id"], b["id"]]
+    store.withdraw_verdict(a["id"])
+    assert [v["prototype_id"] for v in store.verdicts(v1)] == [4]
+    assert len(store.verdicts(v1, include_withdrawn=True)) == 2
+    with pytest.raises(RegistryError, match="withdrawn already"):
+        store.withdraw_verdict(a["id"])
+    with pytest.raises(RegistryError, match="not registered"):
+        store.add_verdict("nope", verdict(1, "reject", 1, "ada"))
+
+
+def test_job_lease_expires_then_fails(two_versions):
+    registry, v1, _ = two_versions
+    store = registry.store
+    store.add_verdict(v1, verdict(3, "reject", 1, "ada"))
+    job = store.add_job(v1, {"mode": "mask", "rounds": 1})
+    assert job["status"] == "queued" and job["settings"]["verdict_ids"]
+    assert store.claim_job("w1", lease_seconds=-1)["status"] == "running"  # lease already run out: w1 "died"
+    again = store.claim_job("w2", lease_seconds=-1)
+    assert again["id"] == job["id"] and again["worker"] == "w2" and again["attempts"] == 2
+    assert store.claim_job("w3", lease_seconds=60) is None  # a job that killed two workers is not retried
+    failed = store.job(job["id"])
+    assert failed["status"] == "failed" and "lease" in failed["error"]
+    assert not store.heartbeat(job["id"], "w2", 60)
