@@ -152,6 +152,38 @@ def _serve(args) -> None:
     os.execve(sys.executable, command, env)
 
 
+def _registry(args) -> None:
+    import json
+
+    from registry.versions import open_registry
+
+    registry = open_registry(args.registry)
+    if args.action == "register":
+        row = registry.register(args.bundle, args.checkpoint, parent=args.parent)
+        print(f"registered {row.name}:{row.version} ({row.family}) at {row.bundle}")
+        if args.promote:
+            print(f"active: {registry.promote(row.version, actor='cli').version}")
+    elif args.action == "list":
+        active = registry.store.active()
+        for r in registry.store.versions():
+            mark = "*" if r.version == active.version else ("-" if r.version == active.previous else " ")
+            accuracy = (r.metrics or {}).get("test_accuracy")
+            print(f"{mark} {r.version:20s} {r.name:24s} {r.status:10s} parent {r.parent or '-':12s} "
+                  f"test accuracy {accuracy if accuracy is not None else '-'}  {r.created_at}")
+        print(f"active {active.version or '-'}, previous {active.previous or '-'}, generation {active.generation}")
+    elif args.action == "promote":
+        active = registry.promote(args.version, actor="cli")
+        print(f"active: {active.version} (previous {active.previous}, generation {active.generation})")
+    elif args.action == "rollback":
+        active = registry.rollback(actor="cli")
+        print(f"active: {active.version} (previous {active.previous}, generation {active.generation})")
+    elif args.action == "lineage":
+        version = args.version or registry.store.active().version
+        for r in registry.store.lineage(version):
+            print(json.dumps({"version": r.version, "parent": r.parent, "status": r.status,
+                              "lineage": r.lineage}))
+
+
 def _demo(args) -> None:
     from service.demo import run_demo
 
@@ -242,6 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--workers", type=int, default=2, help="API worker processes")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("registry", help="model versions: register, list, promote, rollback, lineage")
+    p.add_argument("--registry", help="registry directory (default: $PROTOSERVE_REGISTRY)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("register", help="verify a bundle and add it (with its checkpoint) as a version")
+    a.add_argument("bundle")
+    a.add_argument("--checkpoint", help="the checkpoint it was exported from (needed to revise it later)")
+    a.add_argument("--parent", help="the version it was revised from")
+    a.add_argument("--promote", action="store_true", help="make it active at once")
+    actions.add_parser("list", help="the versions; * active, - previous")
+    a = actions.add_parser("promote", help="verify a version and make it active")
+    a.add_argument("version")
+    actions.add_parser("rollback", help="make the previous version active again")
+    a = actions.add_parser("lineage", help="a version (default: the active one) and its ancestors, as JSON lines")
+    a.add_argument("version", nargs="?")
+    p.set_defaults(func=_registry)
 
     p = sub.add_parser("demo", help="start the service, predict and explain test digits, write the picture, stop")
     p.add_argument("--bundle", help="bundle folder (default: the shipped model)")

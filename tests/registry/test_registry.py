@@ -120,3 +120,22 @@ def test_job_lease_expires_then_fails(two_versions):
     failed = store.job(job["id"])
     assert failed["status"] == "failed" and "lease" in failed["error"]
     assert not store.heartbeat(job["id"], "w2", 60)
+
+
+def test_cli_verbs(two_versions):
+    import subprocess
+    import sys
+
+    registry, v1, v2 = two_versions
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "cli.main", "registry", "--registry", str(registry.root), *args],
+                              capture_output=True, text=True)
+
+    assert cli("promote", v2).returncode == 0 and registry.store.active().version == v2
+    listed = cli("list").stdout
+    assert f"* {v2}" in listed and f"- {v1}" in listed
+    assert '"parent": "0.1.0"' in cli("lineage").stdout
+    assert cli("rollback").returncode == 0 and registry.store.active().version == v1
+    bad = cli("promote", "9.9.9")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not registered" in bad.stderr
