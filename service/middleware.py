@@ -27,9 +27,10 @@ class RequestGate:
     def __init__(self, app, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  image_routes: tuple[str, ...] = ("/predict", "/explain"),
                  get_routes: tuple[str, ...] = ("/metadata", "/prototypes"), max_files: int = 64,
-                 model: dict | None = None):
+                 model: dict | None = None, describe=None):
         self.app = app
         self.model = model  # {"name", "version"}: named in refusals too, like every other answer
+        self.describe = describe  # () -> the version this worker serves, None until it is ready
         self.max_body_bytes = max_body_bytes
         self.image_routes = image_routes
         self.get_routes = get_routes
@@ -39,6 +40,8 @@ class RequestGate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"].rstrip("/") or "/"
+        if path == "/readyz" and self.describe is not None:
+            return await self._readyz(scope, receive, send)
         if scope["method"] == "GET" and path in self.get_routes:
             # The read-only catalogue: BentoML APIs are POST, so a GET is served as a POST with {}.
             return await self.app(_as_json_post(scope, b"{}"), _replay(b"{}", receive), send)
@@ -54,6 +57,14 @@ class RequestGate:
             body = {**e.body(), "model": self.model} if self.model else e.body()
             return await JSONResponse(body, status_code=e.status)(scope, receive, send)
         return await self.app(scope, _replay(body, receive), send)
+
+    async def _readyz(self, scope, receive, send):
+        """Ready: 200 with the version this worker holds (body and X-Model-Version); else BentoML's 503."""
+        held = self.describe()
+        if held is None:
+            return await self.app(scope, receive, send)
+        headers = {"x-model-version": held["model"]["version"], "x-protoserve-worker": str(held["worker"])}
+        return await JSONResponse({"status": "ready", **held}, headers=headers)(scope, receive, send)
 
     async def _to_json(self, scope, body: bytes) -> bytes:
         if request_media_type(scope) == "multipart/form-data":

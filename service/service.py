@@ -7,7 +7,6 @@ concurrent requests into one session run; the answer keeps the public shape of A
 /explain runs its one image directly: there is nothing to batch.
 """
 
-import base64
 import logging
 import os
 import time
@@ -28,13 +27,14 @@ from inference.explain import (
     predictions,
     prototype_rows,
 )
-from inference.model import bundle_location, load_model
+from inference.model import load_model
 from inference.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
 from protoserve.errors import InputError
 from service.batching import AdaptiveBatcher, Overloaded
 from service.metrics import count_rejection, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
 from service.score_task import ScoreGate, score_images
+from service.serving import ActiveVersionFollower, ServedVersion, initial_location, served_version
 
 log = logging.getLogger("protoserve.service")
 log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from loggers not its own
@@ -74,33 +74,55 @@ class Protoserve:
 
     def __init__(self) -> None:
         # Each worker verifies the bundle (checksums, golden probe), opens its sessions and warms them up.
-        self.model = load_model()
-        manifest = self.model.bundle.manifest
-        self.manifest = manifest
-        self.model_id = (manifest.name, manifest.version)
-        self.active = self.model.active
-        self.prototype_ids = [row.id for row in manifest.prototypes]
-        self.pictures = {row.id: png_base64_file(self.model.bundle.file(row.image)) if row.image else None
-                         for row in manifest.prototypes}
-        # ProtoPNet: each prototype's source image with its patch box (from the push provenance).
-        self.source_pictures = {row.id: png_base64_file(self.model.bundle.file(row.provenance["source_image"]))
-                                for row in manifest.prototypes if (row.provenance or {}).get("source_image")}
-        self.provider = self.model.provider
-        # /predict's adaptive batching (service/batching.py): concurrent requests share one session run.
-        self.classify = AdaptiveBatcher(self._classify, MAX_BATCH_SIZE, MAX_LATENCY_MS, self._count_batch)
+        path, generation, self.registry = initial_location()
+        self.current = self._prepare(served_version(load_model(path), generation))
+        self.follower = None
         self.predicting = 0  # /predict requests in this worker between their first line and their answer
+        global _worker
+        _worker = self
+
+    def _prepare(self, v: ServedVersion) -> ServedVersion:
+        """Give a loaded version its own batcher and its metric series (before it takes any request)."""
+        v.classify = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
+                                     lambda size: metrics().batch_size.labels(*v.model_id).observe(size))
         m = metrics()  # built now, in the worker, so a scrape lists them from the start
-        m.model_info.labels(manifest.name, manifest.version, manifest.family, self.provider).set(1)
-        for q, value in self.model.reference_distance.items():
-            m.reference_nearest_distance.labels(manifest.name, manifest.version, q).set(value)
+        m.model_info.labels(*v.model_id, v.manifest.family, v.model.provider).set(1)
+        for q, value in v.model.reference_distance.items():
+            m.reference_nearest_distance.labels(*v.model_id, q).set(value)
+        return v
+
+    def _switch(self, new: ServedVersion) -> None:
+        """Serve `new` from the next request on; requests in flight finish on the version they took."""
+        old, self.current = self.current, self._prepare(new)
+        m = metrics()
+        m.model_info.remove(*old.model_id, old.manifest.family, old.model.provider)
+        for q in old.model.reference_distance:
+            m.reference_nearest_distance.remove(*old.model_id, q)
+
+    @bentoml.on_startup
+    async def follow_registry(self) -> None:
+        """In registry mode, poll the registry and switch to the active version when it changes."""
+        if self.registry is not None:
+            self.follower = ActiveVersionFollower(self.registry, self.current.generation, self.current.version,
+                                                  self._switch)
+            self.follower.start()
 
     def __is_ready__(self) -> bool:
         """BentoML builds the instance (load, verify, warm-up) before it serves: ready once it exists."""
-        return self.model.reference_distance != {}
+        return self.current.model.reference_distance != {}
 
-    def _classify(self, images: np.ndarray) -> np.ndarray:
+    def describe(self) -> dict:
+        """Which version this worker serves (for /readyz and /metadata)."""
+        v = self.current
+        held = {"worker": os.getpid(), "model": v.ref(), "generation": v.generation}
+        if self.follower is not None and self.follower.failed:
+            held["not_loaded"] = list(self.follower.failed.values())[-3:]
+        return held
+
+    @staticmethod
+    def _classify(v: ServedVersion, images: np.ndarray) -> np.ndarray:
         """[N, C, H, W] model input -> [N, K + M]: the probabilities, then the distances to the prototypes."""
-        probabilities, distances = self.model.classify(images.astype(np.float32, copy=False))
+        probabilities, distances = v.model.classify(images.astype(np.float32, copy=False))
         return np.concatenate([probabilities, distances], axis=1)
 
     # The APIs return their JSON as a ready JSONResponse: BentoML passes a Response through, where for
@@ -110,67 +132,71 @@ class Protoserve:
     @bentoml.api(route="/predict")
     async def predict(self, ctx: bentoml.Context, images: Any = None) -> dict:
         """Classify a batch: {"images": [IMAGE, ...]} -> one prediction per image, in order."""
-        started = time.perf_counter()
+        started, v = time.perf_counter(), self.current
         ctx.response.headers["x-protoserve-worker"] = str(os.getpid())
+        ctx.response.headers["x-model-version"] = v.version
         try:
-            batch = to_batch(images, self.manifest.input)
+            batch = to_batch(images, v.manifest.input)
         except InputError as e:
-            return JSONResponse(self._refuse(ctx, e))
-        K = len(self.manifest.class_names)
+            return JSONResponse(self._refuse(ctx, e, v))
+        K = len(v.manifest.class_names)
         self.predicting += 1
         try:
-            output = await self.classify(batch, inline=self.predicting == 1 and len(batch) <= INLINE_MAX_SIZE)
+            output = await v.classify(batch, inline=self.predicting == 1 and len(batch) <= INLINE_MAX_SIZE)
         except Overloaded as e:
             ctx.response.status_code = 503
             return JSONResponse({"error": str(e), "reason": "overloaded"})
         finally:
             self.predicting -= 1
         probabilities, distances = output[:, :K], output[:, K:]
-        self._record(probabilities, distances, "predict", started)
-        return JSONResponse({"model": self._model_ref(),
-                             "predictions": predictions(probabilities, self.manifest.class_names)})
+        self._record(v, probabilities, distances, "predict", started)
+        return JSONResponse({"model": v.ref(),
+                             "predictions": predictions(probabilities, v.manifest.class_names)})
 
     @bentoml.api(route="/explain")
     async def explain(self, ctx: bentoml.Context, image: Any = None, top_k: Any = None) -> dict:
         """Explain one image: {"image": IMAGE, "top_k": 3} -> the prediction and the top_k nearest
         prototypes (nearest first) with their pictures; PrototypeDL adds the input's reconstruction."""
-        started = time.perf_counter()
+        started, v = time.perf_counter(), self.current
         ctx.response.headers["x-protoserve-worker"] = str(os.getpid())
+        ctx.response.headers["x-model-version"] = v.version
         try:
             if image is None:
                 raise InputError("missing_field", 'body needs "image"')
-            k = parse_top_k(top_k, int(self.active.sum()))
-            x = to_input(image, self.manifest.input)
+            k = parse_top_k(top_k, int(v.active.sum()))
+            x = to_input(image, v.manifest.input)
         except InputError as e:
-            return JSONResponse(self._refuse(ctx, e))
-        outputs = {name: value[0] for name, value in self.model.outputs(x[None]).items()}  # < 1 ms: no batching
+            return JSONResponse(self._refuse(ctx, e, v))
+        outputs = {name: value[0] for name, value in v.model.outputs(x[None]).items()}  # < 1 ms: no batching
         probabilities, distances = outputs["probabilities"][None], outputs["distances"][None]
-        self._record(probabilities, distances, "explain", started)
-        prediction = predictions(probabilities, self.manifest.class_names)[0]
-        nearest = nearest_prototypes(distances[0], k, self.active)
-        rows = prototype_rows(self.manifest, distances[0], nearest, prediction["label"])
+        self._record(v, probabilities, distances, "explain", started)
+        prediction = predictions(probabilities, v.manifest.class_names)[0]
+        nearest = nearest_prototypes(distances[0], k, v.active)
+        rows = prototype_rows(v.manifest, distances[0], nearest, prediction["label"])
         for row in rows:
-            row["image"] = self.pictures[row["id"]]
-        answer = {"model": self._model_ref(), "prediction": prediction, "prototypes": rows}
+            row["image"] = v.pictures[row["id"]]
+        answer = {"model": v.ref(), "prediction": prediction, "prototypes": rows}
         if "similarity_maps" in outputs:  # ProtoPNet: where in the input each prototype was found
-            pixels = denormalize(x, self.manifest.input)
+            pixels = denormalize(x, v.manifest.input)
             for row, j in zip(rows, nearest, strict=True):
                 row["heatmap"] = png_base64(heatmap_overlay(outputs["similarity_maps"][j], pixels))
-                row["source_image"] = self.source_pictures.get(row["id"])
+                row["source_image"] = v.source_pictures.get(row["id"])
         if "reconstruction" in outputs:
             answer["reconstruction"] = png_base64(pixels_to_picture(denormalize(outputs["reconstruction"],
-                                                                                self.manifest.input)))
+                                                                                v.manifest.input)))
         return JSONResponse(answer)
 
     @bentoml.api(route="/metadata")
     async def metadata(self) -> dict:
-        """The model: name, version, family, classes, input spec, metrics, prototypes, provider."""
-        m = self.manifest
-        return JSONResponse({"model": self._model_ref(), "family": m.family, "created_at": m.created_at.isoformat(),
+        """The model: name, version, family, classes, input spec, metrics, prototypes, provider; `worker` says
+        which process answered and which registry generation it holds."""
+        v = self.current
+        m = v.manifest
+        return JSONResponse({"model": v.ref(), "family": m.family, "created_at": m.created_at.isoformat(),
                 "class_names": m.class_names, "input": m.input.model_dump(mode="json"),
                 "outputs": [t.model_dump(mode="json") for t in m.model.outputs],
                 "metrics": m.metrics.model_dump(mode="json"), "prototypes": len(m.prototypes),
-                "active_prototypes": int(self.active.sum()), "provider": self.provider,
+                "active_prototypes": int(v.active.sum()), "provider": v.model.provider, "worker": self.describe(),
                 "source_commit": m.training.source_commit,
                 "limits": {"max_images_per_request": DEFAULT_LIMITS.max_batch,
                            "max_body_bytes": DEFAULT_MAX_BODY_BYTES,
@@ -179,49 +205,50 @@ class Protoserve:
     @bentoml.api(route="/prototypes")
     async def prototypes(self) -> dict:
         """The prototype catalogue: every prototype's table row and its picture (base64 PNG)."""
+        v = self.current
         rows = [{"id": row.id, "class_identity": row.class_identity,
-                 "class_name": self.manifest.class_names[row.class_identity], "weights": row.weights,
-                 "status": row.status, "provenance": row.provenance, "image": self.pictures[row.id]}
-                for row in self.manifest.prototypes]
-        return JSONResponse({"model": self._model_ref(), "prototypes": rows})
+                 "class_name": v.manifest.class_names[row.class_identity], "weights": row.weights,
+                 "status": row.status, "provenance": row.provenance, "image": v.pictures[row.id]}
+                for row in v.manifest.prototypes]
+        return JSONResponse({"model": v.ref(), "prototypes": rows})
 
     @bentoml.task(route="/score_batch")
     async def score_batch(self, ctx: bentoml.Context, images: Any = None, top_k: Any = None) -> dict:
         """Batch scoring as an async task (service/score_task.py): POST /score_batch/submit {"images":
         [IMAGE, ...], "top_k": 3} -> {"task_id"}; GET /score_batch/status and /score_batch/get?task_id=
         -> one row per image, as `protoserve score` writes them (a bad image is a row with an error)."""
+        v = self.current
         try:
-            return await score_images(self.manifest, images, top_k, self.classify)
+            return await score_images(v.manifest, images, top_k, v.classify)
         except InputError as e:
-            return self._refuse(ctx, e)
+            return self._refuse(ctx, e, v)
 
-    def _count_batch(self, size: int) -> None:
-        metrics().batch_size.labels(*self.model_id).observe(size)
-
-    def _model_ref(self) -> dict:
-        return {"name": self.manifest.name, "version": self.manifest.version}
-
-    def _refuse(self, ctx: bentoml.Context, error: InputError) -> dict:
+    def _refuse(self, ctx: bentoml.Context, error: InputError, v: ServedVersion) -> dict:
         count_rejection(error.reason)
         ctx.response.status_code = error.status
-        return {**error.body(), "model": self._model_ref()}
+        return {**error.body(), "model": v.ref()}
 
-    def _record(self, probabilities: np.ndarray, distances: np.ndarray, api: str, started: float) -> None:
-        nearest = nearest_prototypes_batch(distances, 1, self.active)[:, 0]
-        record_answers(self.model_id, self.manifest.class_names, self.prototype_ids, probabilities, nearest,
-                       nearest_distance(distances, self.active))
-        metrics().inference_seconds.labels(*self.model_id, api).observe(time.perf_counter() - started)
-
-
-def png_base64_file(path) -> str:
-    return base64.b64encode(path.read_bytes()).decode("ascii")
+    def _record(self, v: ServedVersion, probabilities: np.ndarray, distances: np.ndarray, api: str,
+                started: float) -> None:
+        nearest = nearest_prototypes_batch(distances, 1, v.active)[:, 0]
+        record_answers(v.model_id, v.manifest.class_names, v.prototype_ids, probabilities, nearest,
+                       nearest_distance(distances, v.active))
+        metrics().inference_seconds.labels(*v.model_id, api).observe(time.perf_counter() - started)
 
 
 # A missing or damaged bundle must stop `bentoml serve` itself (which imports this module before it
 # starts any worker), not leave workers that fail and get restarted forever.
-_manifest = read_bundle(bundle_location()).manifest
+_worker = None  # this worker's Protoserve instance, for /readyz (service/middleware.py)
+
+
+def describe_worker() -> dict | None:
+    """The version this worker serves, or None before its instance exists (not ready)."""
+    return _worker.describe() if _worker is not None else None
+
+
+_manifest = read_bundle(initial_location()[0]).manifest
 Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
-                               model={"name": _manifest.name, "version": _manifest.version})
+                               model={"name": _manifest.name, "version": _manifest.version}, describe=describe_worker)
 Protoserve.add_asgi_middleware(ScoreGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)  # /score_batch submissions
 for _api in ("predict", "explain"):  # the OpenAPI description of the image routes
     Protoserve.apis[_api].doc = f"{Protoserve.apis[_api].doc}\n\n{INPUT_DOC}"

@@ -1,0 +1,138 @@
+"""What one worker serves: a loaded bundle version, and (in registry mode) following the active one.
+
+A worker holds one `ServedVersion` at a time: the loaded model with everything an answer needs
+(manifest, pictures, its own adaptive batcher). A request takes the current one once, at its
+start, and uses only it, so an answer is computed and labelled by the same version even when the
+worker switches while the request is in flight; the old version is dropped when its last request
+has answered.
+
+In registry mode (PROTOSERVE_REGISTRY) a background task polls the registry's generation counter
+every PROTOSERVE_POLL_SECONDS (0.5 s): one indexed single-row read, off the request path, so
+/predict pays nothing for it. A new generation loads the active version in a thread (checksums,
+golden probe, warm-up) while the old one keeps answering, then swaps. A version that fails to load
+is logged and skipped until the generation moves again; the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inference.model import LoadedModel, load_model
+from registry.store import RegistryError
+from registry.versions import Registry
+
+log = logging.getLogger("protoserve.service")
+
+POLL_SECONDS = float(os.environ.get("PROTOSERVE_POLL_SECONDS", "0.5"))
+
+
+@dataclass
+class ServedVersion:
+    model: LoadedModel
+    generation: int | None  # the registry generation it was loaded for (None: a fixed bundle)
+    classify: Callable = None  # the version's adaptive batcher, set by the service
+    pictures: dict[int, str | None] = field(default_factory=dict)
+    source_pictures: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def manifest(self):
+        return self.model.bundle.manifest
+
+    @property
+    def active(self) -> np.ndarray:
+        return self.model.active
+
+    @property
+    def model_id(self) -> tuple[str, str]:
+        return self.manifest.name, self.manifest.version
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def prototype_ids(self) -> list[int]:
+        return [row.id for row in self.manifest.prototypes]
+
+    def ref(self) -> dict:
+        return {"name": self.manifest.name, "version": self.manifest.version}
+
+
+def served_version(model: LoadedModel, generation: int | None) -> ServedVersion:
+    """A loaded model with its prototype pictures read once (base64 PNG)."""
+    bundle = model.bundle
+    pictures = {row.id: png_base64_file(bundle.file(row.image)) if row.image else None
+                for row in bundle.manifest.prototypes}
+    # ProtoPNet: each prototype's source image with its patch box (from the push provenance).
+    sources = {row.id: png_base64_file(bundle.file(row.provenance["source_image"]))
+               for row in bundle.manifest.prototypes if (row.provenance or {}).get("source_image")}
+    return ServedVersion(model, generation, pictures=pictures, source_pictures=sources)
+
+
+def png_base64_file(path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def initial_location() -> tuple[Path, int | None, Registry | None]:
+    """(bundle directory, generation, registry): the registry's active version, else the fixed bundle."""
+    from inference.model import bundle_location
+    from registry.versions import registry_location
+
+    root = registry_location()
+    if root is None:
+        return bundle_location(), None, None
+    registry = Registry(root)
+    generation, version = registry.store.generation()
+    if version is None:
+        raise RegistryError(f"{root}: no active version yet (protoserve registry promote VERSION)")
+    return registry.bundle_path(version), generation, registry
+
+
+class ActiveVersionFollower:
+    """Polls the registry; on a new generation loads the active version and hands it to `switch`."""
+
+    def __init__(self, registry: Registry, generation: int, version: str,
+                 switch: Callable[[ServedVersion], None], poll_seconds: float = POLL_SECONDS):
+        self.registry, self.generation, self.version = registry, generation, version
+        self.switch, self.poll_seconds = switch, poll_seconds
+        self.failed: dict[int, str] = {}  # generation -> why its version was not loaded
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.run(), name="protoserve-follow-registry")
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            try:
+                await self.check()
+            except Exception as e:  # the poller must outlive a locked or briefly missing database
+                log.warning("protoserve: registry poll failed: %s", e)
+
+    async def check(self) -> None:
+        generation, version = await asyncio.to_thread(self.registry.store.generation)
+        if generation == self.generation or generation in self.failed or version is None:
+            return
+        if version == self.version:  # e.g. promote then rollback between two polls
+            self.generation = generation
+            return
+        try:
+            path = self.registry.bundle_path(version)
+            model = await asyncio.to_thread(load_model, path)
+            served = await asyncio.to_thread(served_version, model, generation)
+        except Exception as e:  # BundleError, RegistryError, ORT errors: the old version keeps serving
+            self.failed[generation] = f"{version}: {e}"
+            log.error("protoserve: version %s (generation %d) not loaded, still serving %s: %s", version,
+                      generation, self.version, e)
+            return
+        self.switch(served)
+        self.generation, self.version = generation, version
+        log.info("protoserve: now serving %s (generation %d)", version, generation)
