@@ -33,6 +33,7 @@ from protoserve.errors import InputError
 from service.batching import AdaptiveBatcher, Overloaded
 from service.metrics import count_rejection, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
+from service.review import app as review_app
 from service.score_task import ScoreGate, score_images
 from service.serving import ActiveVersionFollower, ServedVersion, initial_location, served_version
 
@@ -67,6 +68,7 @@ infinity. The same route takes multipart/form-data uploads (file fields "images"
 "top_k" as a form field). Bad input gets a 4xx JSON {"error", "reason"}."""
 
 
+@bentoml.asgi_app(review_app, path="/review")
 @bentoml.service(name="protoserve", workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60},
                  logging={"access": {"enabled": ACCESS_LOG}}, tracing={"excluded_urls": UNTRACED})
 class Protoserve:

@@ -1,0 +1,234 @@
+"""The review API under /review: read a version's prototypes and verdicts; record verdicts, start
+revisions, promote and roll back (those need the admin key: service/auth.py).
+
+A FastAPI app mounted on the BentoML service, so its routes, request bodies and answers appear in
+the service's OpenAPI document. It reads and writes the registry (registry/), never the model a
+worker is serving: any worker answers for any version. Without PROTOSERVE_REGISTRY every route
+answers 409 naming the setting. Errors are JSON {"error", "reason"} like the rest of the service.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from export.bundle import Bundle, read_bundle
+from protoserve.verdicts import VerdictError, verdict
+from registry.store import RegistryError
+from registry.versions import ENV as REGISTRY_ENV
+from registry.versions import Registry, registry_location
+from service.auth import AuthError, require_admin
+
+app = FastAPI(title="protoserve review", version="1")
+PAGE = Path(__file__).with_name("review_page.html")
+
+
+class ReviewError(Exception):
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+@app.exception_handler(ReviewError)
+@app.exception_handler(AuthError)
+async def _refuse(request: Request, e: ReviewError | AuthError) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse({"error": e.message, "reason": e.reason}, status_code=e.status, headers=headers)
+
+
+@app.exception_handler(RegistryError)
+async def _registry_refusal(request: Request, e: RegistryError) -> JSONResponse:
+    missing = "not registered" in str(e) or "does not exist" in str(e)
+    return JSONResponse({"error": str(e), "reason": "not_found" if missing else "conflict"},
+                        status_code=404 if missing else 409)
+
+
+@functools.cache
+def _registry(root: str) -> Registry:
+    return Registry(root)
+
+
+def registry() -> Registry:
+    root = registry_location()
+    if root is None:
+        raise ReviewError(409, "no_registry", f"the service serves a fixed bundle; set {REGISTRY_ENV} to review "
+                          "and revise model versions")
+    return _registry(str(root))
+
+
+@functools.lru_cache(maxsize=16)
+def _bundle(path: str) -> Bundle:
+    return read_bundle(path)  # versions are immutable: read (and checksum) once per process
+
+
+def version_or_active(reg: Registry, version: str | None) -> str:
+    version = version or reg.store.active().version
+    if version is None:
+        raise ReviewError(409, "no_active_version", "no version is active yet")
+    reg.store.version(version)  # 404 when unknown
+    return version
+
+
+# -- request bodies ----------------------------------------------------------------------------
+class VerdictIn(BaseModel):
+    """One verdict on one prototype of a version (the format of protoserve/verdicts.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: str | None = Field(None, description="the version judged (default: the active one)")
+    prototype_id: int = Field(ge=0, description="the prototype's stable id")
+    verdict: Literal["reject", "accept", "unsure"]
+    source: str = Field(min_length=1, max_length=200, description="who judged: a name, or simulated:<rule>")
+    round: int = Field(1, ge=0, le=1000)
+    note: str | None = Field(None, max_length=2000)
+
+
+class JobIn(BaseModel):
+    """A revision of a version from its checkpoint, using its open verdicts."""
+
+    model_config = ConfigDict(extra="forbid")
+    parent: str | None = Field(None, description="the version to revise (default: the active one)")
+    mode: Literal["mask", "prune", "revise"] = "revise"
+    rounds: int = Field(1, ge=1, le=10)
+    epochs_per_round: int = Field(1, ge=0, le=50)
+    freeze_encoder: bool = True
+    train_subset: int | None = Field(None, ge=100, description="train on the first N training images only")
+    auto_promote: bool = Field(False, description="promote the candidate if it passes the gates: verified, "
+                               "parity, accuracy at most max_accuracy_drop below its parent")
+    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
+
+
+class PromoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str
+
+
+# -- read-only ---------------------------------------------------------------------------------
+@app.get("/", response_class=HTMLResponse, summary="The review page")
+def page() -> HTMLResponse:
+    return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+
+@app.get("/api/versions", summary="The versions, the active and previous one, the generation")
+def versions() -> dict:
+    reg = registry()
+    active = reg.store.active()
+    open_counts = _open_counts(reg)
+    return {"active": active.version, "previous": active.previous, "generation": active.generation,
+            "versions": [{**r.public(), "open_verdicts": open_counts.get(r.version, 0)} for r in reg.store.versions()],
+            "changes": reg.store.changes()[-20:]}
+
+
+@app.get("/api/versions/{version}/prototypes", summary="A version's prototypes with pictures and verdicts")
+def prototypes(version: str) -> dict:
+    """Each prototype: class, weight, status, its pictures (URLs), the training patch it was pushed onto
+    (ProtoPNet provenance), its latest verdict and how many it has."""
+    reg = registry()
+    version = version_or_active(reg, None if version == "active" else version)
+    bundle = _bundle(reg.store.version(version).bundle)
+    m = bundle.manifest
+    given: dict[int, list[dict]] = {}
+    for v in reg.store.verdicts(version):
+        given.setdefault(v["prototype_id"], []).append(v)
+    base = f"/review/api/versions/{version}/files/"
+    rows = []
+    for row in m.prototypes:
+        provenance = row.provenance or {}
+        pictures = {"prototype": row.image, "source": provenance.get("source_image"),
+                    "activation": provenance.get("activation_image")}
+        history = given.get(row.id, [])
+        rows.append({"id": row.id, "class_identity": row.class_identity,
+                     "class_name": m.class_names[row.class_identity], "weight": row.weights[row.class_identity],
+                     "status": row.status, "pictures": {k: base + p for k, p in pictures.items() if p},
+                     "nearest_training_patch": {k: provenance[k] for k in ("source_index", "source_label", "patch",
+                                                                           "receptive_field_box") if k in provenance}
+                     or None,
+                     "verdict": history[-1] if history else None, "verdicts": len(history)})
+    return {"version": version, "name": m.name, "family": m.family, "prototypes": rows,
+            "open_verdicts": _open_counts(reg).get(version, 0)}
+
+
+@app.get("/api/versions/{version}/files/{name:path}", summary="A picture of a version's bundle (PNG)")
+def picture(version: str, name: str) -> FileResponse:
+    reg = registry()
+    bundle = _bundle(reg.store.version(version).bundle)
+    if name not in bundle.manifest.files or not name.endswith(".png"):
+        raise ReviewError(404, "not_found", f"{name}: no such picture in version {version}")
+    return FileResponse(bundle.file(name), media_type="image/png",
+                        headers={"cache-control": "public, max-age=86400, immutable"})
+
+
+@app.get("/api/versions/{version}/lineage", summary="The version and its ancestors")
+def lineage(version: str) -> dict:
+    return {"lineage": [r.public() for r in registry().store.lineage(version)]}
+
+
+@app.get("/api/verdicts", summary="Verdicts in the order they were given")
+def verdicts(version: str | None = None, include_withdrawn: bool = False) -> dict:
+    return {"verdicts": registry().store.verdicts(version, include_withdrawn)}
+
+
+@app.get("/api/jobs", summary="Revision jobs")
+def jobs() -> dict:
+    return {"jobs": registry().store.jobs()}
+
+
+@app.get("/api/jobs/{job_id}", summary="One revision job: status, progress (round, epoch, ETA), log tail")
+def job(job_id: int) -> dict:
+    return registry().store.job(job_id)
+
+
+# -- changing (admin key) ----------------------------------------------------------------------
+@app.post("/api/verdicts", status_code=201, dependencies=[Depends(require_admin)], summary="Record a verdict")
+def add_verdict(body: VerdictIn) -> dict:
+    reg = registry()
+    version = version_or_active(reg, body.version)
+    ids = {row.id for row in _bundle(reg.store.version(version).bundle).manifest.prototypes}
+    if body.prototype_id not in ids:
+        raise ReviewError(400, "unknown_prototype", f"version {version} has no prototype {body.prototype_id}")
+    try:
+        v = verdict(body.prototype_id, body.verdict, body.round, body.source, body.note)
+    except VerdictError as e:
+        raise ReviewError(400, "bad_verdict", str(e)) from None
+    return reg.store.add_verdict(version, v)
+
+
+@app.post("/api/verdicts/{verdict_id}/withdraw", dependencies=[Depends(require_admin)], summary="Withdraw one")
+def withdraw_verdict(verdict_id: int) -> dict:
+    return registry().store.withdraw_verdict(verdict_id)
+
+
+@app.post("/api/jobs", status_code=201, dependencies=[Depends(require_admin)],
+          summary="Start a revision of a version with its open verdicts (a worker runs it)")
+def start_job(body: JobIn) -> dict:
+    reg = registry()
+    parent = version_or_active(reg, body.parent)
+    if reg.store.version(parent).checkpoint is None:
+        raise ReviewError(409, "no_checkpoint", f"version {parent} was registered without its checkpoint: "
+                          "it cannot be revised")
+    return reg.store.add_job(parent, body.model_dump(exclude={"parent"}))
+
+
+@app.post("/api/promote", dependencies=[Depends(require_admin)], summary="Verify a version and make it active")
+def promote(body: PromoteIn) -> dict:
+    active = registry().promote(body.version, actor="review")
+    return {"active": active.version, "previous": active.previous, "generation": active.generation}
+
+
+@app.post("/api/rollback", dependencies=[Depends(require_admin)], summary="Make the previous version active")
+def rollback() -> dict:
+    active = registry().rollback(actor="review")
+    return {"active": active.version, "previous": active.previous, "generation": active.generation}
+
+
+def _open_counts(reg: Registry) -> dict[str, int]:
+    """Per version: verdicts neither withdrawn nor used by a revision job yet."""
+    counts: dict[str, int] = {}
+    for v in reg.store.verdicts():
+        if v["job_id"] is None:
+            counts[v["version"]] = counts.get(v["version"], 0) + 1
+    return counts
