@@ -266,6 +266,20 @@ class RevisionRun:
         return {"masked": list(self.state.masked), "config": asdict(self.rc), "state": _plain_state(self.state),
                 "comparison": self.comparison()}
 
+    def lineage(self, parent: str | None = None, parent_checkpoint_sha256: str | None = None) -> dict:
+        """The bundle manifest's `lineage` (export/bundle.py Lineage) of this revision."""
+        return {"parent": parent, "parent_checkpoint_sha256": parent_checkpoint_sha256, "mode": self.rc.mode,
+                "rounds": self.state.round, "verdicts": list(self.state.verdicts),
+                "antitypes": list(self.state.antitypes), "masked": list(self.state.masked),
+                "config": asdict(self.rc), "comparison": self.comparison(), "history": list(self.state.history)}
+
+    def save_revised(self, path: Path, parent: str | None = None, parent_checkpoint_sha256: str | None = None) -> None:
+        """The revised model's checkpoint: what `protoserve export` turns into a bundle with lineage."""
+        record = {"masked": list(self.state.masked), "lineage": self.lineage(parent, parent_checkpoint_sha256),
+                  "class_identities": {str(j): c for j, c in enumerate(self.parent_identities)}}
+        save_checkpoint(path, self.model, self.config, self.state.round, {"revision_round": self.state.round},
+                        revision=record)
+
     def save(self) -> None:
         training_state = {"optimizer": self.optimizer.state_dict(), "shuffle_rng": self.shuffle_rng.get_state(),
                           "torch_rng": torch.get_rng_state(), "parent_vectors": self.parent_vectors.cpu(),
