@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from training.protopnet import ProtoPNet, protopnet_loss
 from training.prototypedl import PrototypeDL, class_identities, prototypedl_loss
-from training.push import push_prototypes
+from training.push import push_prototypes, write_push_pictures
 from training.simulated_user import (
     Judgement,
     box_judgements,
@@ -58,6 +60,7 @@ class RevisionFamily:
     push: Callable  # (model, images, labels) -> None; moves prototypes onto training patches
     judge: Callable  # (model, ObjectMasks) -> list[Judgement]
     class_identities: Callable  # model -> list[int]
+    pictures: Callable  # (model, train Split, out_dir) -> {prototype id: [PNG paths]} for a person to judge
 
 
 def _protopnet_loss(model: ProtoPNet, x, y, cfg):
@@ -96,6 +99,24 @@ def _prototypedl_judge(model: PrototypeDL, masks: ObjectMasks) -> list[Judgement
                               masks.decoy_size)
 
 
+def _protopnet_pictures(model: ProtoPNet, train, out_dir: Path) -> dict[int, list[Path]]:
+    written = write_push_pictures(model, lambda i: train.images[i], out_dir)
+    pictures: dict[int, list[Path]] = {}
+    for path in written:
+        pictures.setdefault(int(path.name.split("_")[0]), []).append(path)
+    return pictures
+
+
+def _prototypedl_pictures(model: PrototypeDL, train, out_dir: Path) -> dict[int, list[Path]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pictures = {}
+    for j, picture in enumerate(decoded_prototypes(model)):
+        path = out_dir / f"{j:03d}_decoded.png"
+        Image.fromarray((picture * 255).round().astype(np.uint8)).resize((112, 112), Image.NEAREST).save(path)
+        pictures[j] = [path]
+    return pictures
+
+
 def _prototypedl_identities(model: PrototypeDL) -> list[int]:
     return class_identities(model.last_layer.weight.detach())
 
@@ -109,6 +130,7 @@ REVISION_FAMILIES: dict[str, RevisionFamily] = {
         push=_protopnet_push,
         judge=_protopnet_judge,
         class_identities=lambda model: model.class_identities(),
+        pictures=_protopnet_pictures,
     ),
     "prototypedl": RevisionFamily(
         head_inputs=lambda model, x: model(x).distances,
@@ -118,6 +140,7 @@ REVISION_FAMILIES: dict[str, RevisionFamily] = {
         push=lambda model, images, labels: None,
         judge=_prototypedl_judge,
         class_identities=_prototypedl_identities,
+        pictures=_prototypedl_pictures,
     ),
 }
 
