@@ -23,6 +23,7 @@ from PIL import Image
 from export.bundle import (
     Bundle,
     InputSpec,
+    Lineage,
     Manifest,
     Metrics,
     ParityFigures,
@@ -131,6 +132,8 @@ def _build(model: PrototypeDL | ProtoPNet, config, payload: dict, checkpoint: Pa
         prototypes = write_protopnet_prototypes(model, push_set, staging, *input_normalization(config.data.dataset))
     else:
         prototypes = write_prototypes(model, staging)
+    revision = payload.get("revision") or {}
+    prototypes = mark_masked(prototypes, revision)
     manifest = Manifest(
         name=name, version=version, family=c.family, created_at=datetime.now(UTC),
         class_names=_class_names(config, root),
@@ -142,8 +145,18 @@ def _build(model: PrototypeDL | ProtoPNet, config, payload: dict, checkpoint: Pa
         training=TrainingInfo(config=payload["config"], epoch=payload.get("epoch"),
                               metrics=_plain(payload.get("metrics") or {}),
                               checkpoint_sha256=sha256_file(checkpoint), **source_commit()),
+        lineage=Lineage(**revision["lineage"]) if revision.get("lineage") else None,
     )
     return manifest, parity
+
+
+def mark_masked(rows: list[PrototypeRow], revision: dict) -> list[PrototypeRow]:
+    """Rows of the prototypes a revision masked get status "masked" and keep the class they stood for
+    before (a zero column has no most-negative weight to read it from)."""
+    masked, identities = set(revision.get("masked") or []), revision.get("class_identities") or {}
+    return [row.model_copy(update={"status": "masked",
+                                   "class_identity": int(identities.get(str(row.id), row.class_identity))})
+            if row.id in masked else row for row in rows]
 
 
 def input_spec(config) -> InputSpec:
