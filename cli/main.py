@@ -206,6 +206,15 @@ def _registry(args) -> None:
                               "lineage": r.lineage}))
 
 
+def _worker(args) -> None:
+    from registry.versions import open_registry
+    from worker.revision_job import run_worker
+
+    done = run_worker(open_registry(args.registry), args.data_root, once=args.once, poll_seconds=args.poll,
+                      lease=args.lease)
+    print(f"protoserve worker: {done} job(s) run")
+
+
 def _demo(args) -> None:
     from service.demo import run_demo
 
@@ -339,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("lineage", help="a version (default: the active one) and its ancestors, as JSON lines")
     a.add_argument("version", nargs="?")
     p.set_defaults(func=_registry)
+
+    p = sub.add_parser("worker", help="run the registry's revision jobs (needs the training install)")
+    p.add_argument("--registry", help="registry directory (default: $PROTOSERVE_REGISTRY)")
+    p.add_argument("--data-root", help="the training data (default: $PROTOSERVE_DATA_ROOT)")
+    p.add_argument("--once", action="store_true", help="run the queued jobs, then exit")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between looks for a queued job")
+    p.add_argument("--lease", type=float, default=60.0, help="seconds a job stays ours without a heartbeat")
+    p.set_defaults(func=_worker)
 
     p = sub.add_parser("demo", help="start the service, predict and explain test digits, write the picture, stop")
     p.add_argument("--bundle", help="bundle folder (default: the shipped model)")

@@ -53,7 +53,8 @@ class Registry:
         if target.exists():
             raise RegistryError(f"version {m.version!r} is registered already ({target}); versions are immutable")
         lineage = lineage if lineage is not None else _manifest_lineage(checked)
-        parent = parent if parent is not None else (lineage or {}).get("parent_version")
+        if parent is None and (lineage or {}).get("parent"):
+            parent = lineage["parent"].rpartition(":")[2]  # the lineage names the parent as name:version
         staging = target.with_name(f".{m.version}.staging")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(checked.path, staging / "bundle")

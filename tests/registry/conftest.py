@@ -28,3 +28,14 @@ def two_versions(tiny_bundle, tiny_checkpoint, tmp_path):
     registry.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
     registry.promote("0.1.0", actor="test")
     return registry, "0.1.0", "0.2.0"
+
+
+@pytest.fixture
+def protopnet_registry(tiny_protopnet_bundle, tiny_protopnet_checkpoint, tmp_path):
+    """A registry whose active version is the tiny ProtoPNet (0.1.0), registered with its checkpoint."""
+    from registry.versions import Registry
+
+    registry = Registry(tmp_path / "registry")
+    registry.register(tiny_protopnet_bundle, tiny_protopnet_checkpoint)
+    registry.promote("0.1.0")
+    return registry

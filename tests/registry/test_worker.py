@@ -1,0 +1,81 @@
+"""Revision jobs: a worker revises the parent from its checkpoint and registers a candidate; a killed
+worker's job is resumed by the next one (or failed with the reason), never left running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from protoserve.verdicts import verdict
+from worker.revision_job import run_worker
+
+pytestmark = pytest.mark.slow
+
+
+def queue_revision(registry, rejected=(1, 4), **settings):
+    for j in rejected:
+        registry.store.add_verdict("0.1.0", verdict(j, "reject", 1, "ada", note="background"))
+    return registry.store.add_job("0.1.0", {"mode": "revise", "rounds": 1, "epochs_per_round": 1,
+                                            "freeze_encoder": True, **settings})
+
+
+def test_worker_registers_a_candidate_with_its_comparison(protopnet_registry, mnist_root):
+    registry = protopnet_registry
+    job = queue_revision(registry)
+    lines = []
+    assert run_worker(registry, str(mnist_root), once=True, lease=30, log=lines.append) == 1
+    done = registry.store.job(job["id"])
+    assert done["status"] == "done", done["error"]
+    candidate = registry.store.version(done["result"]["candidate"])
+    assert candidate.status == "candidate" and candidate.parent == "0.1.0" and candidate.checkpoint
+    assert candidate.lineage["mode"] == "revise" and candidate.lineage["parent"].endswith(":0.1.0")
+    assert {v["prototype_id"] for v in candidate.lineage["verdicts"]} == {1, 4}
+    assert set(done["result"]["comparison"]["accuracy"]) == {"parent", "revised"}
+    assert done["progress"]["stage"] == "done" and done["progress"]["round"] == 1
+    assert "round 1" in done["log"]
+    assert registry.store.active().version == "0.1.0"  # promotion is explicit
+    registry.promote(candidate.version)
+    assert registry.store.active().version == candidate.version
+
+
+def test_automatic_promotion_only_through_the_gates(protopnet_registry, mnist_root):
+    registry = protopnet_registry
+    job = queue_revision(registry, mode="mask", auto_promote=True, max_accuracy_drop=1.0)
+    run_worker(registry, str(mnist_root), once=True, lease=30, log=lambda s: None)
+    result = registry.store.job(job["id"])["result"]
+    assert result["promoted"] and registry.store.active().version == result["candidate"]
+
+
+def test_a_failing_job_is_failed_with_its_reason(protopnet_registry, mnist_root):
+    registry = protopnet_registry
+    job = queue_revision(registry)
+    os.remove(registry.store.version("0.1.0").checkpoint)
+    run_worker(registry, str(mnist_root), once=True, lease=30, log=lambda s: None)
+    failed = registry.store.job(job["id"])
+    assert failed["status"] == "failed" and "checkpoint" in failed["error"].lower()
+
+
+def test_a_killed_worker_leaves_the_job_to_the_next_one(protopnet_registry, mnist_root, tmp_path):
+    registry = protopnet_registry
+    job = queue_revision(registry, rounds=2, epochs_per_round=2)
+    cmd = [sys.executable, "-m", "cli.main", "worker", "--registry", str(registry.root), "--data-root",
+           str(mnist_root), "--lease", "2", "--poll", "0.2"]
+    with open(tmp_path / "worker.log", "wb") as log:
+        first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while registry.store.job(job["id"])["progress"] is None or \
+            registry.store.job(job["id"])["progress"].get("stage") != "revising":
+        assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "worker.log").read_text()
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert registry.store.job(job["id"])["status"] == "running"  # until its lease runs out
+    time.sleep(2.5)
+    run_worker(registry, str(mnist_root), once=True, lease=30, log=lambda s: None)
+    finished = registry.store.job(job["id"])
+    assert finished["status"] == "done" and finished["attempts"] == 2, finished["error"]
