@@ -38,7 +38,7 @@ demo-train: setup
 serve: setup
 	$(PROTOSERVE) serve --bundle $(DEFAULT_MODEL)/bundle
 
-test: setup lint prometheus pushgateway
+test: setup lint prometheus pushgateway review-browser
 	$(VENV)/bin/pytest
 
 # Prometheus and promtool for the monitoring tests (Debian package), installed only when missing.
@@ -109,3 +109,15 @@ bundle-protopnet: setup
 
 serve-protopnet: setup
 	$(PROTOSERVE) serve --bundle $(PROTOPNET_MODEL)/bundle
+
+# The review loop on the shipped ProtoPNet: a registry in runs/review/registry, the service following its
+# active version, and a revision worker; prints the page's address and the admin key. Ctrl+C stops it.
+.PHONY: review
+review: setup
+	$(PROTOSERVE) review --bundle $(PROTOPNET_MODEL)/bundle --checkpoint $(PROTOPNET_MODEL)/checkpoint.pt
+
+# Headless Chromium and its driver for the review page's browser test (Debian packages), when missing.
+.PHONY: review-browser
+review-browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }

@@ -215,6 +215,12 @@ def _worker(args) -> None:
     print(f"protoserve worker: {done} job(s) run")
 
 
+def _review(args) -> None:
+    from cli.review import run_review
+
+    run_review(Path(args.bundle), Path(args.checkpoint), Path(args.registry), args.port, args.data_root)
+
+
 def _demo(args) -> None:
     from service.demo import run_demo
 
@@ -356,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=float, default=2.0, help="seconds between looks for a queued job")
     p.add_argument("--lease", type=float, default=60.0, help="seconds a job stays ours without a heartbeat")
     p.set_defaults(func=_worker)
+
+    p = sub.add_parser("review", help="the review page on one machine: registry, service and revision worker")
+    p.add_argument("--bundle", default="models/protopnet_mnist/bundle", help="first version if the registry is empty")
+    p.add_argument("--checkpoint", default="models/protopnet_mnist/checkpoint.pt")
+    p.add_argument("--registry", default="runs/review/registry")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--data-root", help="training data for revisions (default: $PROTOSERVE_DATA_ROOT)")
+    p.set_defaults(func=_review)
 
     p = sub.add_parser("demo", help="start the service, predict and explain test digits, write the picture, stop")
     p.add_argument("--bundle", help="bundle folder (default: the shipped model)")

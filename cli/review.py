@@ -1,0 +1,52 @@
+"""`protoserve review`: the review loop on one machine: a registry, the service following it, a worker.
+
+The registry (default runs/review/registry) gets the given bundle and its checkpoint as its first
+version if it is empty; then `bentoml serve` (registry mode) and `protoserve worker` run until
+Ctrl+C. The admin key comes from PROTOSERVE_ADMIN_KEY; when it is unset, one is made for this run
+and printed once here (the service never logs it).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from registry.versions import ENV as REGISTRY_ENV
+from registry.versions import Registry
+from service.demo import REPO, running_service, stop
+
+
+def run_review(bundle: Path, checkpoint: Path, root: Path, port: int, data_root: str | None) -> None:
+    registry = Registry(root)
+    if not registry.store.versions():
+        row = registry.register(bundle, checkpoint)
+        registry.promote(row.version, actor="protoserve review")
+    key = os.environ.get("PROTOSERVE_ADMIN_KEY") or secrets.token_urlsafe(18)
+    made = "PROTOSERVE_ADMIN_KEY" not in os.environ
+    env = {"PROTOSERVE_ADMIN_KEY": key, REGISTRY_ENV: str(root.resolve()), "PROTOSERVE_WORKERS": "2"}
+    worker_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+    log_dir = root.parent
+    worker_cmd = [sys.executable, "-m", "cli.main", "worker", "--registry", str(root.resolve())]
+    if data_root:
+        worker_cmd += ["--data-root", data_root]
+    with open(log_dir / "worker.log", "ab") as worker_log:
+        worker = subprocess.Popen(worker_cmd, cwd=REPO, env=worker_env, stdout=worker_log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        with running_service(registry.active_bundle(), port, log_dir / "serve.log", env=env) as url:
+            print(f"review page: {url}/review/   (active version {registry.store.active().version})")
+            if made:
+                print(f"admin key for this run: {key}\n  (enter it once in the page; to choose your own, "
+                      "export PROTOSERVE_ADMIN_KEY=... before make review)")
+            else:
+                print("admin key: the PROTOSERVE_ADMIN_KEY of this shell (enter it once in the page)")
+            print(f"logs: {log_dir / 'serve.log'}, {log_dir / 'worker.log'}; Ctrl+C stops both")
+            while worker.poll() is None:
+                time.sleep(1)
+            print(f"the worker exited ({worker.returncode}); see {log_dir / 'worker.log'}")
+    finally:
+        stop(worker)
