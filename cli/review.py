@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from service.demo import REPO, running_service, stop
 
 
 def run_review(bundle: Path, checkpoint: Path, root: Path, port: int, data_root: str | None) -> None:
+    signal.signal(signal.SIGTERM, _interrupt)  # a TERM stops the service and the worker too, as Ctrl+C does
     registry = Registry(root)
     if not registry.store.versions():
         row = registry.register(bundle, checkpoint)
@@ -50,3 +52,7 @@ def run_review(bundle: Path, checkpoint: Path, root: Path, port: int, data_root:
             print(f"the worker exited ({worker.returncode}); see {log_dir / 'worker.log'}")
     finally:
         stop(worker)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
