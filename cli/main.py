@@ -162,9 +162,15 @@ def _serve(args) -> None:
         env["PROTOSERVE_BUNDLE"] = str(Path(args.bundle).resolve())
     if args.model:
         env["PROTOSERVE_MODEL_TAG"] = args.model
+    if args.registry:
+        env["PROTOSERVE_REGISTRY"] = str(Path(args.registry).resolve())
     env.update({"PROTOSERVE_DEVICE": args.device, "PROTOSERVE_WORKERS": str(args.workers),
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))})
-    if not args.model:
+    if env.get("PROTOSERVE_REGISTRY"):
+        from registry.versions import Registry
+
+        read_bundle(Registry(env["PROTOSERVE_REGISTRY"]).active_bundle())  # one readable line before BentoML
+    elif not args.model:
         from inference.model import DEFAULT_BUNDLE
 
         read_bundle(env.get("PROTOSERVE_BUNDLE") or DEFAULT_BUNDLE)  # one readable line before BentoML starts
@@ -333,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a bundle over HTTP with BentoML (predict, explain, metadata, /metrics)")
     p.add_argument("--bundle", help="bundle folder (default: $PROTOSERVE_BUNDLE, else the shipped model)")
     p.add_argument("--model", help="name:version in the BentoML model store instead of a folder")
+    p.add_argument("--registry", help="follow the active version of this registry (default: $PROTOSERVE_REGISTRY); "
+                   "promote and rollback switch every worker without a restart")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])

@@ -297,6 +297,13 @@ class Store:
         with self._connect() as db:
             return [dict(r) for r in db.execute(query + " ORDER BY id", args).fetchall()]
 
+    def open_verdict_counts(self) -> dict[str, int]:
+        """Per version: verdicts neither withdrawn nor used by a revision job yet."""
+        with self._connect() as db:
+            rows = db.execute("SELECT version, COUNT(*) AS n FROM verdicts WHERE withdrawn_at IS NULL "
+                              "AND job_id IS NULL GROUP BY version").fetchall()
+        return {r["version"]: r["n"] for r in rows}
+
     # -- revision jobs -----------------------------------------------------------------------
     def add_job(self, parent: str, settings: dict) -> dict:
         """Queue a revision of `parent` using its open verdicts (they are tied to the job)."""

@@ -54,7 +54,9 @@ class RequestGate:
                 scope = _as_json_post(scope, body)
         except InputError as e:
             count_rejection(e.reason)
-            body = {**e.body(), "model": self.model} if self.model else e.body()
+            held = self.describe() if self.describe is not None else None
+            model = held["model"] if held else self.model  # the version this worker holds now
+            body = {**e.body(), "model": model} if model else e.body()
             return await JSONResponse(body, status_code=e.status)(scope, receive, send)
         return await self.app(scope, _replay(body, receive), send)
 

@@ -117,7 +117,7 @@ def page() -> HTMLResponse:
 def versions() -> dict:
     reg = registry()
     active = reg.store.active()
-    open_counts = _open_counts(reg)
+    open_counts = reg.store.open_verdict_counts()
     return {"active": active.version, "previous": active.previous, "generation": active.generation,
             "versions": [{**r.public(), "open_verdicts": open_counts.get(r.version, 0)} for r in reg.store.versions()],
             "changes": reg.store.changes()[-20:]}
@@ -149,7 +149,7 @@ def prototypes(version: str) -> dict:
                      or None,
                      "verdict": history[-1] if history else None, "verdicts": len(history)})
     return {"version": version, "name": m.name, "family": m.family, "prototypes": rows,
-            "open_verdicts": _open_counts(reg).get(version, 0)}
+            "open_verdicts": reg.store.open_verdict_counts().get(version, 0)}
 
 
 @app.get("/api/versions/{version}/files/{name:path}", summary="A picture of a version's bundle (PNG)")
@@ -224,11 +224,3 @@ def rollback() -> dict:
     active = registry().rollback(actor="review")
     return {"active": active.version, "previous": active.previous, "generation": active.generation}
 
-
-def _open_counts(reg: Registry) -> dict[str, int]:
-    """Per version: verdicts neither withdrawn nor used by a revision job yet."""
-    counts: dict[str, int] = {}
-    for v in reg.store.verdicts():
-        if v["job_id"] is None:
-            counts[v["version"]] = counts.get(v["version"], 0) + 1
-    return counts

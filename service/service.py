@@ -238,8 +238,6 @@ class Protoserve:
         metrics().inference_seconds.labels(*v.model_id, api).observe(time.perf_counter() - started)
 
 
-# A missing or damaged bundle must stop `bentoml serve` itself (which imports this module before it
-# starts any worker), not leave workers that fail and get restarted forever.
 _worker = None  # this worker's Protoserve instance, for /readyz (service/middleware.py)
 
 
@@ -248,6 +246,8 @@ def describe_worker() -> dict | None:
     return _worker.describe() if _worker is not None else None
 
 
+# A missing or damaged bundle must stop `bentoml serve` itself (which imports this module before it
+# starts any worker), not leave workers that fail and get restarted forever.
 _manifest = read_bundle(initial_location()[0]).manifest
 Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
                                model={"name": _manifest.name, "version": _manifest.version}, describe=describe_worker)
