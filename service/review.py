@@ -74,6 +74,22 @@ def version_or_active(reg: Registry, version: str | None) -> str:
     return version
 
 
+class Refusal(BaseModel):
+    error: str
+    reason: str
+
+
+READ_ERRORS = {404: {"model": Refusal, "description": "no such version, verdict, job or picture"},
+               409: {"model": Refusal, "description": "no registry configured, or no active version"}}
+CHANGE_ERRORS = {**READ_ERRORS,
+                 400: {"model": Refusal, "description": "a prototype id the version does not have"},
+                 401: {"model": Refusal, "description": "missing or wrong admin key: nothing changed"},
+                 403: {"model": Refusal, "description": "no admin key configured: changing routes are closed"}}
+
+READING = {"responses": READ_ERRORS}
+CHANGING = {"responses": CHANGE_ERRORS, "dependencies": [Depends(require_admin)]}
+
+
 # -- request bodies ----------------------------------------------------------------------------
 class VerdictIn(BaseModel):
     """One verdict on one prototype of a version (the format of protoserve/verdicts.py)."""
@@ -113,7 +129,7 @@ def page() -> HTMLResponse:
     return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
 
-@app.get("/api/versions", summary="The versions, the active and previous one, the generation")
+@app.get("/api/versions", **READING, summary="The versions, the active and previous one, the generation")
 def versions() -> dict:
     reg = registry()
     active = reg.store.active()
@@ -123,7 +139,7 @@ def versions() -> dict:
             "changes": reg.store.changes()[-20:]}
 
 
-@app.get("/api/versions/{version}/prototypes", summary="A version's prototypes with pictures and verdicts")
+@app.get("/api/versions/{version}/prototypes", **READING, summary="A version's prototypes with pictures and verdicts")
 def prototypes(version: str) -> dict:
     """Each prototype: class, weight, status, its pictures (URLs), the training patch it was pushed onto
     (ProtoPNet provenance), its latest verdict and how many it has."""
@@ -152,7 +168,7 @@ def prototypes(version: str) -> dict:
             "open_verdicts": reg.store.open_verdict_counts().get(version, 0)}
 
 
-@app.get("/api/versions/{version}/files/{name:path}", summary="A picture of a version's bundle (PNG)")
+@app.get("/api/versions/{version}/files/{name:path}", **READING, summary="A picture of a version's bundle (PNG)")
 def picture(version: str, name: str) -> FileResponse:
     reg = registry()
     bundle = _bundle(reg.store.version(version).bundle)
@@ -162,28 +178,28 @@ def picture(version: str, name: str) -> FileResponse:
                         headers={"cache-control": "public, max-age=86400, immutable"})
 
 
-@app.get("/api/versions/{version}/lineage", summary="The version and its ancestors")
+@app.get("/api/versions/{version}/lineage", **READING, summary="The version and its ancestors")
 def lineage(version: str) -> dict:
     return {"lineage": [r.public() for r in registry().store.lineage(version)]}
 
 
-@app.get("/api/verdicts", summary="Verdicts in the order they were given")
+@app.get("/api/verdicts", **READING, summary="Verdicts in the order they were given")
 def verdicts(version: str | None = None, include_withdrawn: bool = False) -> dict:
     return {"verdicts": registry().store.verdicts(version, include_withdrawn)}
 
 
-@app.get("/api/jobs", summary="Revision jobs")
+@app.get("/api/jobs", **READING, summary="Revision jobs")
 def jobs() -> dict:
     return {"jobs": registry().store.jobs()}
 
 
-@app.get("/api/jobs/{job_id}", summary="One revision job: status, progress (round, epoch, ETA), log tail")
+@app.get("/api/jobs/{job_id}", **READING, summary="One revision job: status, progress (round, epoch, ETA), log tail")
 def job(job_id: int) -> dict:
     return registry().store.job(job_id)
 
 
 # -- changing (admin key) ----------------------------------------------------------------------
-@app.post("/api/verdicts", status_code=201, dependencies=[Depends(require_admin)], summary="Record a verdict")
+@app.post("/api/verdicts", status_code=201, **CHANGING, summary="Record a verdict")
 def add_verdict(body: VerdictIn) -> dict:
     reg = registry()
     version = version_or_active(reg, body.version)
@@ -197,12 +213,12 @@ def add_verdict(body: VerdictIn) -> dict:
     return reg.store.add_verdict(version, v)
 
 
-@app.post("/api/verdicts/{verdict_id}/withdraw", dependencies=[Depends(require_admin)], summary="Withdraw one")
+@app.post("/api/verdicts/{verdict_id}/withdraw", **CHANGING, summary="Withdraw one")
 def withdraw_verdict(verdict_id: int) -> dict:
     return registry().store.withdraw_verdict(verdict_id)
 
 
-@app.post("/api/jobs", status_code=201, dependencies=[Depends(require_admin)],
+@app.post("/api/jobs", responses=CHANGE_ERRORS, status_code=201, dependencies=[Depends(require_admin)],
           summary="Start a revision of a version with its open verdicts (a worker runs it)")
 def start_job(body: JobIn) -> dict:
     reg = registry()
@@ -213,13 +229,13 @@ def start_job(body: JobIn) -> dict:
     return reg.store.add_job(parent, body.model_dump(exclude={"parent"}))
 
 
-@app.post("/api/promote", dependencies=[Depends(require_admin)], summary="Verify a version and make it active")
+@app.post("/api/promote", **CHANGING, summary="Verify a version and make it active")
 def promote(body: PromoteIn) -> dict:
     active = registry().promote(body.version, actor="review")
     return {"active": active.version, "previous": active.previous, "generation": active.generation}
 
 
-@app.post("/api/rollback", dependencies=[Depends(require_admin)], summary="Make the previous version active")
+@app.post("/api/rollback", **CHANGING, summary="Make the previous version active")
 def rollback() -> dict:
     active = registry().rollback(actor="review")
     return {"active": active.version, "previous": active.previous, "generation": active.generation}

@@ -81,6 +81,9 @@ def test_workers_follow_five_switches_under_load(two_versions, tmp_path):
     registry, v1, v2 = two_versions
     with registry_service(registry, tmp_path / "serve.log") as url, \
             Load(url, digits_of(registry.active_bundle())) as load:
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.json()["model"]["version"] == ready.headers["x-model-version"] == v1
+        assert httpx.get(f"{url}/metadata").json()["worker"]["generation"] == registry.store.active().generation
         time.sleep(1.0)
         lags = []
         for i in range(5):

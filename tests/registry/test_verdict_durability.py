@@ -36,6 +36,9 @@ def test_four_clients_two_workers_lose_no_verdict(two_versions, tmp_path):
         with ThreadPoolExecutor(4) as pool:
             acknowledged = [i for ids in pool.map(lambda c: post_verdicts(url, c, 200), range(4)) for i in ids]
         stored = httpx.get(f"{url}/review/api/verdicts", params={"version": v1}).json()["verdicts"]
+        paths = httpx.get(f"{url}/docs.json").json()["paths"]
+    assert {"/review/api/verdicts", "/review/api/promote", "/review/api/jobs/{job_id}"} <= set(paths)
+    assert "401" in paths["/review/api/verdicts"]["post"]["responses"]
     assert len(acknowledged) == len(set(acknowledged)) == 800
     assert {v["id"] for v in stored} == set(acknowledged)
     for c in range(4):  # each client's verdicts in the order it sent them
