@@ -34,7 +34,8 @@ from protoserve.errors import InputError
 from service.batching import AdaptiveBatcher, Overloaded
 from service.metrics import count_rejection, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
-from service.score_task import ScoreGate, score_images
+from service.openapi import OVERLOADED, api_document
+from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
 
 log = logging.getLogger("protoserve.service")
 log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from loggers not its own
@@ -58,13 +59,16 @@ INLINE_MAX_SIZE = int(os.environ.get("PROTOSERVE_INLINE_MAX_SIZE", "8"))
 ACCESS_LOG = os.environ.get("PROTOSERVE_ACCESS_LOG", "0") == "1"
 UNTRACED = [] if os.environ.get("PROTOSERVE_TRACE_IMAGE_ROUTES", "0") == "1" else ["/predict", "/explain"]
 
-INPUT_DOC = """IMAGE is a base64 PNG/JPEG string (a data: URL is fine) or a nested numeric array.
-Pictures are converted to the model's input spec (see /metadata "input"): to greyscale or RGB as
-the model's channels say (transparent pixels become black), resized to its height x width
-(bilinear), scaled to its value range, then normalised with its mean and std. Arrays must be
-[H][W] (one channel) or [C][H][W] of exactly that size, values in the value range, no NaN or
-infinity. The same route takes multipart/form-data uploads (file fields "images" or "image";
-"top_k" as a form field). Bad input gets a 4xx JSON {"error", "reason"}."""
+INPUT_DOC = """IMAGE is a base64 PNG/JPEG string (a data: URL is fine) or a nested numeric array
+([H][W] for one-channel models, or [C][H][W], of exactly the model's size, values in its value
+range; the schema below gives the sizes). Pictures are converted to the model's input spec (see
+/metadata "input"): to greyscale or RGB as the model's channels say (transparent pixels become
+black), resized to its height x width (bilinear), scaled to its value range, then normalised with
+its mean and std. The same route takes multipart/form-data uploads (image files in "images", or
+"image" for /explain; "top_k" as a form field). Every refusal is a JSON
+{"error", "reason", "model"}; a body that matches the schema can still get a 400 when an image's
+bytes are not a decodable PNG/JPEG within the size limits (reason not_an_image, corrupt_image,
+image_too_large or bad_base64)."""
 
 
 @bentoml.service(name="protoserve", workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60},
@@ -122,7 +126,7 @@ class Protoserve:
             output = await self.classify(batch, inline=self.predicting == 1 and len(batch) <= INLINE_MAX_SIZE)
         except Overloaded as e:
             ctx.response.status_code = 503
-            return JSONResponse({"error": str(e), "reason": "overloaded"})
+            return JSONResponse({"error": str(e), "reason": OVERLOADED, "model": self._model_ref()})
         finally:
             self.predicting -= 1
         probabilities, distances = output[:, :K], output[:, K:]
@@ -220,8 +224,14 @@ def png_base64_file(path) -> str:
 # A missing or damaged bundle must stop `bentoml serve` itself (which imports this module before it
 # starts any worker), not leave workers that fail and get restarted forever.
 _manifest = read_bundle(bundle_location()).manifest
+
+
+def _document() -> dict:
+    return api_document(Protoserve.openapi_spec.asdict(), _manifest, DEFAULT_LIMITS.max_batch, MAX_TASK_IMAGES)
+
+
 Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
-                               model={"name": _manifest.name, "version": _manifest.version})
+                               model={"name": _manifest.name, "version": _manifest.version}, document=_document)
 Protoserve.add_asgi_middleware(ScoreGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)  # /score_batch submissions
 for _api in ("predict", "explain"):  # the OpenAPI description of the image routes
     Protoserve.apis[_api].doc = f"{Protoserve.apis[_api].doc}\n\n{INPUT_DOC}"

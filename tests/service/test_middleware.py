@@ -106,3 +106,26 @@ def test_get_on_catalogue_routes_is_a_post_with_an_empty_object():
     r = client().get("/metadata")
     assert r.json() == {"method": "POST", "type": "application/json", "body": "{}"}
     assert client().get("/other").json()["method"] == "GET"
+
+
+def test_catalogue_routes_take_an_empty_body_or_a_json_object_and_only_get_and_post():
+    c = client()
+    assert c.post("/metadata", content=b"").json()["body"] == "{}"
+    assert json.loads(c.post("/metadata", json={"x": 1}).json()["body"]) == {"x": 1}
+    before = rejected("invalid_json")
+    expect_refusal(c.post("/metadata", content=b"\x00", headers={"content-type": "application/json"}), 400,
+                   "invalid_json", before)
+    before = rejected("unsupported_media_type")
+    expect_refusal(c.post("/metadata", content=b"\x00", headers={"content-type": "text/plain"}), 415,
+                   "unsupported_media_type", before)
+    for method in ("PUT", "PATCH", "DELETE", "OPTIONS"):
+        r = c.request(method, "/metadata")
+        assert r.status_code == 405 and r.headers["allow"] == "GET, POST", method
+
+
+def test_docs_json_is_the_document_given():
+    app = Starlette(routes=[Route("/docs.json", echo)])
+    built = []
+    gate = TestClient(RequestGate(app, document=lambda: built.append(1) or {"openapi": "3.0.2", "paths": {}}))
+    assert gate.get("/docs.json").json() == {"openapi": "3.0.2", "paths": {}}
+    assert gate.get("/docs.json").status_code == 200 and built == [1]  # built once
