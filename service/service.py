@@ -95,8 +95,8 @@ class Protoserve:
         self.predicting = 0  # /predict requests in this worker between their first line and their answer
         m = metrics()  # built now, in the worker, so a scrape lists them from the start
         m.model_info.labels(manifest.name, manifest.version, manifest.family, self.provider).set(1)
-        for q, value in self.model.reference_distance.items():
-            m.reference_nearest_distance.labels(manifest.name, manifest.version, q).set(value)
+        for level, value in self.model.reference_distance.items():
+            m.reference_nearest_distance.labels(manifest.name, manifest.version, level).set(value)
 
     def __is_ready__(self) -> bool:
         """BentoML builds the instance (load, verify, warm-up) before it serves: ready once it exists."""
