@@ -40,21 +40,21 @@ from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
 log = logging.getLogger("protoserve.service")
 log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from loggers not its own
 
-# Adaptive batching, chosen with benchmarks/serve.py (README "Serving speed"): batches of up to 64
-# images (the per-request limit too). BentoML's dispatcher decides how long to wait for a batch to
-# fill from its own latency model; max_latency_ms is the cap past which it answers 503, so it is
-# set well above what a loaded 2-core machine needs rather than as a wait time.
+# Adaptive batching: batches of up to 64 images (the per-request limit too). BentoML's dispatcher
+# decides how long to wait for a batch to fill from its own latency model; max_latency_ms is the cap
+# past which it answers 503, so it is set well above what a loaded 2-core machine needs rather than
+# as a wait time.
 MAX_BATCH_SIZE = int(os.environ.get("PROTOSERVE_MAX_BATCH_SIZE", str(DEFAULT_LIMITS.max_batch)))
 MAX_LATENCY_MS = int(os.environ.get("PROTOSERVE_MAX_LATENCY_MS", "2000"))
 WORKERS = int(os.environ.get("PROTOSERVE_WORKERS", "2"))
 # A /predict call of up to this many images, alone in its worker, runs on the event loop, not in a
-# thread (service/batching.py): 8 MNIST images take ~0.2 ms of one core, less than the thread hand-off.
+# thread (service/batching.py): a few small images run in less time than a hand-off to a thread takes.
 # With other requests in flight it goes through the batcher, so they can share a session run.
 INLINE_MAX_SIZE = int(os.environ.get("PROTOSERVE_INLINE_MAX_SIZE", "8"))
 
-# BentoML's per-request work that this service does not need by default (benchmarks/serve.py, README
-# "Serving speed"): the access log (a formatted log line per request) and OpenTelemetry spans on the
-# image routes (sampled at rate 0 unless tracing is configured, but still built per request).
+# BentoML's per-request work that this service does not need by default: the access log (a formatted
+# log line per request) and OpenTelemetry spans on the image routes (sampled at rate 0 unless tracing
+# is configured, but still built per request).
 # PROTOSERVE_ACCESS_LOG=1 and PROTOSERVE_TRACE_IMAGE_ROUTES=1 turn them back on.
 ACCESS_LOG = os.environ.get("PROTOSERVE_ACCESS_LOG", "0") == "1"
 UNTRACED = [] if os.environ.get("PROTOSERVE_TRACE_IMAGE_ROUTES", "0") == "1" else ["/predict", "/explain"]
@@ -108,8 +108,8 @@ class Protoserve:
         return np.concatenate([probabilities, distances], axis=1)
 
     # The APIs return their JSON as a ready JSONResponse: BentoML passes a Response through, where for
-    # a dict it rebuilds the return type's JSON schema on every response (1-7 ms measured per call on
-    # the shared 2-core machine). The `-> dict` annotations still give the OpenAPI document its types.
+    # a dict it rebuilds the return type's JSON schema on every response (README "Serving speed"). The
+    # request and answer shapes are documented by service/openapi.py.
 
     @bentoml.api(route="/predict")
     async def predict(self, ctx: bentoml.Context, images: Any = None) -> dict:
@@ -147,7 +147,7 @@ class Protoserve:
             x = to_input(image, self.manifest.input)
         except InputError as e:
             return JSONResponse(self._refuse(ctx, e))
-        outputs = {name: value[0] for name, value in self.model.outputs(x[None]).items()}  # < 1 ms: no batching
+        outputs = {name: value[0] for name, value in self.model.outputs(x[None]).items()}  # one image: no batching
         probabilities, distances = outputs["probabilities"][None], outputs["distances"][None]
         self._record(probabilities, distances, "explain", started)
         prediction = predictions(probabilities, self.manifest.class_names)[0]
