@@ -29,7 +29,7 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 class RequestGate:
     def __init__(self, app, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  image_routes: tuple[str, ...] = ("/predict", "/explain"),
-                 get_routes: tuple[str, ...] = ("/metadata", "/prototypes"), max_files: int = 64,
+                 catalogue_routes: tuple[str, ...] = ("/metadata", "/prototypes"), max_files: int = 64,
                  model: dict | None = None, document=None):
         self.app = app
         self.document = document  # () -> the OpenAPI document as a dict, built on the first GET /docs.json
@@ -37,7 +37,7 @@ class RequestGate:
         self.model = model  # {"name", "version"}: named in refusals too, like every other answer
         self.max_body_bytes = max_body_bytes
         self.image_routes = image_routes
-        self.get_routes = get_routes
+        self.catalogue_routes = catalogue_routes
         self.max_files = max_files
 
     async def __call__(self, scope, receive, send):
@@ -48,12 +48,8 @@ class RequestGate:
             if self._document is None:
                 self._document = self.document()
             return await JSONResponse(self._document)(scope, receive, send)
-        if path in self.get_routes and scope["method"] not in ("GET", "POST"):
-            return await PlainTextResponse("Method Not Allowed", 405, headers={"Allow": "GET, POST"})(
-                scope, receive, send)
-        if scope["method"] == "GET" and path in self.get_routes:
-            # The read-only catalogue: BentoML APIs are POST, so a GET is served as a POST with {}.
-            return await self.app(_as_json_post(scope, b"{}"), _replay(b"{}", receive), send)
+        if path in self.catalogue_routes and scope["method"] != "POST":
+            return await self._catalogue_get(scope, receive, send)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         try:
@@ -61,7 +57,7 @@ class RequestGate:
             if path in self.image_routes:
                 body = await self._to_json(scope, body)
                 scope = _as_json_post(scope, body)
-            elif path in self.get_routes:  # the catalogue takes no arguments: an empty body or any object
+            elif path in self.catalogue_routes:  # the catalogue takes no arguments: an empty body or any object
                 if request_media_type(scope) != "application/json":
                     raise InputError("unsupported_media_type", f"{path} takes no uploads: send application/json "
                                      "(an empty body or {})", status=415)
@@ -73,6 +69,14 @@ class RequestGate:
             body = {**e.body(), "model": self.model} if self.model else e.body()
             return await JSONResponse(body, status_code=e.status)(scope, receive, send)
         return await self.app(scope, _replay(body, receive), send)
+
+    async def _catalogue_get(self, scope, receive, send):
+        """The read-only catalogue answers GET too: BentoML APIs are POST, so a GET is served as a POST
+        with {}. Any other method is a 405 naming both."""
+        if scope["method"] != "GET":
+            response = PlainTextResponse("Method Not Allowed", 405, headers={"Allow": "GET, POST"})
+            return await response(scope, receive, send)
+        return await self.app(_as_json_post(scope, b"{}"), _replay(b"{}", receive), send)
 
     async def _to_json(self, scope, body: bytes) -> bytes:
         if request_media_type(scope) == "multipart/form-data":

@@ -129,3 +129,21 @@ def test_docs_json_is_the_document_given():
     gate = TestClient(RequestGate(app, document=lambda: built.append(1) or {"openapi": "3.0.2", "paths": {}}))
     assert gate.get("/docs.json").json() == {"openapi": "3.0.2", "paths": {}}
     assert gate.get("/docs.json").status_code == 200 and built == [1]  # built once
+
+
+def test_score_gate_turns_not_finished_into_409_and_refuses_cancel():
+    from service.score_task import ScoreGate
+
+    async def not_finished(request: Request) -> JSONResponse:  # BentoML's answer for an unfinished task
+        if "task_id" not in request.query_params:
+            return JSONResponse({"error": "task_id is required"}, status_code=400)
+        return JSONResponse({"error": "task 1 is not completed yet"}, status_code=400)
+
+    app = Starlette(routes=[Route("/score_batch/get", not_finished), Route("/score_batch/retry", not_finished,
+                                                                           methods=["POST"])])
+    c = TestClient(ScoreGate(app))
+    assert c.get("/score_batch/get", params={"task_id": "1"}).status_code == 409
+    assert c.post("/score_batch/retry", params={"task_id": ""}).status_code == 409
+    assert c.get("/score_batch/get").status_code == 400  # no task_id: the request is wrong
+    r = c.put("/score_batch/cancel", params={"task_id": "1"})
+    assert r.status_code == 404 and "cannot cancel" in r.json()["error"]
