@@ -69,7 +69,7 @@ pushgateway:
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# The shipped default model (models/prototypedl_mnist): about an hour on 2 CPU cores.
+# The shipped default model (models/prototypedl_mnist; its wall time is in the README results), resumable.
 train-default: setup
 	$(PROTOSERVE) train --config configs/prototypedl_mnist_fast.yaml --out runs/prototypedl_mnist_fast $$(test -f runs/prototypedl_mnist_fast/last.pt && echo --resume)
 
@@ -93,7 +93,7 @@ bench-serve: setup
 		--out runs/serve_benchmark.json --sweep
 
 # Batch scoring: `protoserve score` against the raw ONNX Runtime session on the 70,000 MNIST images,
-# and peak memory at 10k, 100k and 1M generated images (figures in the README; ~10 min on 2 cores).
+# and peak memory at 10k, 100k and 1M generated images (figures and run time in the README).
 .PHONY: bench-score
 bench-score: setup
 	$(PY) benchmarks/score.py --bundle $(DEFAULT_MODEL)/bundle --out runs/score_benchmark.json
@@ -101,7 +101,7 @@ bench-score: setup
 clean:
 	rm -rf runs/demo .pytest_cache
 
-# The shipped ProtoPNet (models/protopnet_mnist): about 15 minutes on 2 CPU cores, resumable
+# The shipped ProtoPNet (models/protopnet_mnist; its training time is in the README results), resumable
 # (run again after an interruption); then the checkpoint, config, metrics and push pictures are
 # copied into models/protopnet_mnist/.
 PROTOPNET_RUN := runs/protopnet_mnist
