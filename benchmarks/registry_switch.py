@@ -7,8 +7,9 @@ Two `bentoml serve` processes on the same bundle, one API worker each, run side 
 (PROTOSERVE_BUNDLE, as today) and `registry` (PROTOSERVE_REGISTRY over a registry holding the bundle
 twice, as versions A and B). Rounds alternate between them so that the shared machine's noise falls
 on both alike: /predict at 1 client (one 28x28 PNG per call) and at 8 clients; then the registry
-server again while a thread promotes A and B in turn every second (each switch loads, probes and
-warms the version in the worker, beside the requests). Prints medians over the rounds and errors.
+server again, five times as many requests, while a thread promotes A and B in turn every second
+(each switch loads, probes and warms the version in the worker, beside the requests). Prints
+medians over the rounds and errors.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def flip(registry, a: str, b: str, stop: threading.Event, every: float, switches
 
 
 def run(bundle: Path, rounds: int, requests: int, out: Path) -> dict:
+    import os
+
+    load_before = os.getloadavg()
     _, image = test_digit(bundle)
     body = {"images": [image]}
     work = Path(tempfile.mkdtemp(prefix="registry_switch_"))
@@ -73,7 +77,7 @@ def run(bundle: Path, rounds: int, requests: int, out: Path) -> dict:
             stop, switches = threading.Event(), []
             flipper = threading.Thread(target=flip, args=(registry, a, b, stop, 1.0, switches))
             flipper.start()
-            measured = asyncio.run(closed_loop(f"{registry_url}/predict", body, 1, requests))
+            measured = asyncio.run(closed_loop(f"{registry_url}/predict", body, 1, 5 * requests))
             stop.set()
             flipper.join()
             results["registry c=1, switching every 1 s"].append({**measured, "switches": len(switches)})
@@ -81,6 +85,9 @@ def run(bundle: Path, rounds: int, requests: int, out: Path) -> dict:
     finally:
         fixed.stop()
         followed.stop()
+    import os
+
+    print(f"load average before the run: {load_before}, after: {os.getloadavg()}")
     summary = {name: {"p50_ms": statistics.median(x["p50_ms"] for x in runs),
                       "p95_ms": statistics.median(x["p95_ms"] for x in runs),
                       "requests_per_s": statistics.median(x["requests_per_s"] for x in runs),

@@ -205,6 +205,12 @@ def _registry(args) -> None:
     elif args.action == "rollback":
         active = registry.rollback(actor="cli")
         print(f"active: {active.version} (previous {active.previous}, generation {active.generation})")
+    elif args.action == "verdicts":
+        from protoserve.verdicts import FIELDS, parse_verdict
+
+        version = args.version or registry.store.active().version
+        for row in registry.store.verdicts(version):  # the JSON-lines format `protoserve revise --verdicts` reads
+            print(parse_verdict({k: row[k] for k in FIELDS}, f"verdict {row['id']}").to_json())
     elif args.action == "lineage":
         version = args.version or registry.store.active().version
         for r in registry.store.lineage(version):
@@ -359,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("promote", help="verify a version and make it active")
     a.add_argument("version")
     actions.add_parser("rollback", help="make the previous version active again")
+    a = actions.add_parser("verdicts", help="a version's verdicts (default: the active one's) as JSON lines")
+    a.add_argument("version", nargs="?")
     a = actions.add_parser("lineage", help="a version (default: the active one) and its ancestors, as JSON lines")
     a.add_argument("version", nargs="?")
     p.set_defaults(func=_registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -137,5 +138,9 @@ def test_cli_verbs(two_versions):
     assert f"* {v2}" in listed and f"- {v1}" in listed
     assert '"parent": "0.1.0"' in cli("lineage").stdout
     assert cli("rollback").returncode == 0 and registry.store.active().version == v1
+    registry.store.add_verdict(v1, verdict(2, "reject", 1, "ada", note="blob"))
+    lines = cli("verdicts").stdout.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0]) | {"at": None} == {
+        "prototype_id": 2, "verdict": "reject", "round": 1, "source": "ada", "at": None, "note": "blob"}
     bad = cli("promote", "9.9.9")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not registered" in bad.stderr
