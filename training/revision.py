@@ -48,7 +48,7 @@ class RevisionConfig:
     lambda_refine: float = 1.0  # lambda_3
     lambda_con: float = 1.0  # lambda_4
     refine_epsilon: float = REFINE_EPSILON
-    lr_prototypes: float = 3e-3
+    lr_prototypes: float = 3e-2  # Adam steps of this size let a prototype leave its antitype within an epoch
     lr_encoder: float = 1e-3
     last_layer_epochs: int = 5
     lr_last_layer: float = 3e-3
@@ -254,9 +254,10 @@ class RevisionRun:
         return {
             "accuracy": {"parent": first["accuracy"], "revised": last["accuracy"]},
             "moved": [{"id": j, "distance": float(d)} for j, d in enumerate(moved.tolist()) if d > 1e-6],
-            "masked": [j for j in self.state.masked],
+            "masked": list(self.state.masked),
             "changed_class": [{"id": j, "from": a, "to": b}
-                              for j, (a, b) in enumerate(zip(self.parent_identities, identities, strict=True)) if a != b],
+                              for j, (a, b) in enumerate(zip(self.parent_identities, identities, strict=True))
+                              if a != b],
             "non_object": {"parent": first["non_object"], "revised": last["non_object"]},
         }
 
