@@ -113,7 +113,7 @@ class RevisionRun:
         while self.state.round < last and not self.state.finished:
             started = time.perf_counter()
             r = self.state.round + 1
-            given = self.consult(r, self.model, self.judge())
+            given = [] if self.rc.mode == "prune" else self.consult(r, self.model, self.judge())
             self.state.verdicts += [asdict(v) for v in given]
             rejected = [j for j in rejected_ids(given) if j not in self.state.masked]
             if self.rc.mode == "revise" and not rejected:
