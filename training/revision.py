@@ -99,7 +99,7 @@ class RevisionRun:
         self.optimizer = torch.optim.Adam(params)
         self.parent_vectors = self.prototype_vectors().clone()
         self.parent_identities = self.family.class_identities(model)
-        self._heads, self._before_fine_tuning = None, None
+        self._heads, self._before_fine_tuning, self._judged = None, None, None
 
     # -- the rounds --------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> RevisionState:
@@ -113,7 +113,8 @@ class RevisionRun:
         while self.state.round < last and not self.state.finished:
             started = time.perf_counter()
             r = self.state.round + 1
-            given = [] if self.rc.mode == "prune" else self.consult(r, self.model, self.judge())
+            judged = self._judged if self._judged is not None else self.judge()  # of the model as it is now
+            given = [] if self.rc.mode == "prune" else self.consult(r, self.model, judged)
             self.state.verdicts += [asdict(v) for v in given]
             rejected = [j for j in rejected_ids(given) if j not in self.state.masked]
             if self.rc.mode == "revise" and not rejected:
@@ -220,7 +221,7 @@ class RevisionRun:
         return self.family.judge(self.model, self.masks) if self.masks is not None else None
 
     def figures(self, r: int, verdicts: list[Verdict], seconds: float) -> dict:
-        judgements = self.judge()
+        judgements = self._judged = self.judge()
         active = [j for j in range(self.prototype_vectors().shape[0]) if j not in self.state.masked]
         after = self.accuracies(self._heads if r > 0 else None)
         before = self._before_fine_tuning if r > 0 else after

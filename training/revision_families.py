@@ -93,8 +93,22 @@ def decoded_prototypes(model: PrototypeDL) -> np.ndarray:
     return model.decode(model.prototypes).clamp(0, 1)[:, 0].cpu().numpy()
 
 
+@torch.no_grad()
+def clean_reconstructions(model: PrototypeDL, clean_images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """[N, H, W] the model's own pictures of the clean images (its decoder's haze included)."""
+    was = model.training
+    model.eval()
+    device = model.prototypes.device
+    x = torch.from_numpy(clean_images[:, None].astype(np.float32))
+    parts = [model.decode(model.encode(x[i:i + batch_size].to(device)))[:, 0].cpu().numpy()
+             for i in range(0, len(x), batch_size)]
+    model.train(was)
+    return np.concatenate(parts)
+
+
 def _prototypedl_judge(model: PrototypeDL, masks: ObjectMasks) -> list[Judgement]:
-    reference = clean_reference(masks.clean_images, masks.labels, model.cfg.n_classes, masks.decoy_size)
+    reference = clean_reference(clean_reconstructions(model, masks.clean_images), masks.labels, model.cfg.n_classes,
+                                masks.decoy_size)
     return decoded_judgements(decoded_prototypes(model), _prototypedl_identities(model), reference,
                               masks.decoy_size)
 

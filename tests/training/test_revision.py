@@ -74,3 +74,27 @@ def test_a_changed_revision_config_is_refused_on_resume(tmp_path, decoy_protopne
     _run(decoy_protopnet, tmp_path).run(stop_after=1)
     with pytest.raises(Exception, match="different revision config"):
         _run(decoy_protopnet, tmp_path, rounds=3).resume()
+
+
+def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path, tiny_checkpoint, mnist_root):
+    from protoserve.verdicts import verdict
+    from training.data import load_dataset
+    from training.refine import refine_cost
+    from training.revision import file_consult
+
+    model, config, _ = load_checkpoint(tiny_checkpoint)
+    d = config.data
+    data = load_dataset(mnist_root, d.dataset, d.val_size, d.split_seed, d.train_subset)
+    rejected = [1, 4]
+    start = model.prototypes.detach().clone()
+    consult = file_consult([verdict(j, "reject", 1, "tester") for j in rejected])
+    run = RevisionRun(model, config, RevisionConfig(rounds=1, epochs_per_round=1, batch_size=100, last_layer_epochs=1),
+                      data, tmp_path, consult, eval_sets={"val": data["val"]}, log=lambda s: None)
+    state = run.run()
+    assert [a["prototype_id"] for a in state.antitypes] == rejected
+    antitypes = torch.tensor([a["vector"] for a in state.antitypes])
+    assert torch.equal(antitypes, start[rejected])  # antitypes are the rejected prototypes as they were
+    moved = (model.prototypes.detach()[rejected] - antitypes).norm(dim=1)
+    assert (moved > 0.1).all()
+    assert float(refine_cost(model.prototypes.detach(), antitypes)) < float(refine_cost(start, antitypes))
+    assert state.history[-1]["verdicts_given"] == 2 and state.history[-1]["masked"] == []
