@@ -28,7 +28,7 @@ from training.config import Config
 from training.data import Split, resolve_data_root
 from training.decoy_mnist import load_decoy_mnist
 from training.revision import STATE_FILE, RevisionConfig, RevisionRun, file_consult, simulated_consult
-from training.revision_families import ObjectMasks
+from training.revision_families import REVISION_FAMILIES, ObjectMasks
 from training.train import Trainer
 from training.train_protopnet import ProtoPNetTrainer
 
@@ -185,6 +185,36 @@ def pictures(results: dict, table: dict, out: Path) -> list[Path]:
     return written
 
 
+def prototype_figure(family: str, base: Path, sets: dict, out: Path) -> Path | None:
+    """Seed 0's baseline non-object prototypes before and after revision (encoder frozen), side by side:
+    ProtoPNet the source image with the patch (yellow) and high-activation (red) boxes, PrototypeDL
+    the decoded prototype."""
+    from PIL import Image
+
+    before_path, after_path = base / "baseline_run" / "last.pt", base / "revision_frozen" / "revised.pt"
+    if not after_path.exists():
+        return None
+    train = sets["train"].split()
+    masks = ObjectMasks.from_decoy(sets["train"])
+    columns = []
+    for path, label in ((before_path, "before"), (after_path, "after")):
+        model, _, _ = load_checkpoint(path)
+        table = REVISION_FAMILIES[family]
+        if label == "before":
+            ids = [j.prototype_id for j in table.judge(model, masks) if j.non_object] or [0]
+        pictures = table.pictures(model, train, out / f"{family}_prototypes_{label}")
+        columns.append([Image.open(next((p for p in pictures[j] if "source" in p.name), pictures[j][0])).convert("RGB")
+                        for j in ids])
+    size = columns[0][0].size
+    sheet = Image.new("RGB", (2 * size[0] + 8, len(ids) * (size[1] + 4)), "white")
+    for c, column in enumerate(columns):
+        for r, picture in enumerate(column):
+            sheet.paste(picture.resize(size), (c * (size[0] + 8), r * (size[1] + 4)))
+    path = out / f"{family}_prototypes_before_after.png"
+    sheet.save(path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/revision_bench")
@@ -225,6 +255,12 @@ def main() -> None:
     print(md)
     for path in pictures(results, table, out):
         print(path)
+    for family in args.families:
+        seed = args.seeds[0]
+        sheet = prototype_figure(family, out / family / f"seed{seed}", load_decoy_mnist(root, seed, 1000,
+                                 args.train_subset), out)
+        if sheet:
+            print(sheet)
     print(f"wall time {(time.perf_counter() - started) / 60:.1f} min")
 
 
