@@ -91,7 +91,7 @@ def _revise(args) -> None:
                     interactive=args.interactive, reviewer=args.reviewer, data_root=args.data_root, name=args.name,
                     version=args.version, resume=args.resume, export=not args.no_export)
     if result is None:
-        print(f"revised checkpoint written to {Path(args.out) / 'revised.pt'}")
+        print(f"revised checkpoint written to {Path(args.out) / 'checkpoint.pt'}")
         return
     m = result.bundle.manifest
     print(f"bundle {m.tag} written to {Path(args.out) / 'bundle'} (parent {m.lineage.parent}, mode {m.lineage.mode}, "
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "rounds with antitypes) and export the new version with its lineage")
     p.add_argument("--checkpoint", help="the parent checkpoint (default with --bundle: checkpoint.pt beside it)")
     p.add_argument("--bundle", help="the parent bundle (its name:version becomes the lineage's parent)")
-    p.add_argument("--out", required=True, help="folder for the revision state, revised.pt and bundle/")
+    p.add_argument("--out", required=True, help="folder for the revision state, checkpoint.pt and bundle/")
     p.add_argument("--mode", default="revise", choices=["mask", "prune", "revise"])
     p.add_argument("--verdicts", help="JSON-lines verdict file (read; with --interactive/--simulate: appended to)")
     p.add_argument("--simulate", action="store_true", help="the simulated user judges (data with object masks)")
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="bundle version (default: the parent's version + '-' + mode)")
     p.add_argument("--data-root")
     p.add_argument("--resume", action="store_true", help="continue the revision in --out after its last round")
-    p.add_argument("--no-export", action="store_true", help="write revised.pt only")
+    p.add_argument("--no-export", action="store_true", help="write checkpoint.pt only")
     p.set_defaults(func=_revise)
 
     p = sub.add_parser("verify", help="check a bundle: schema, checksums, golden probe through ONNX Runtime")
