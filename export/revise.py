@@ -104,8 +104,9 @@ def revise(parent: Parent, out: Path, settings: RevisionConfig, verdicts: str | 
            interactive: bool = False, reviewer: str = "user", data_root: str | None = None,
            name: str | None = None, version: str | None = None, resume: bool = False, export: bool = True,
            log=print) -> ExportResult | None:
-    """Run the revision into `out` (revision_last.pt after each round, checkpoint.pt at the end, beside bundle/ as in models/) and export
-    `out`/bundle as name:version (default: the parent's name, its version + "-" + mode)."""
+    """Run the revision into `out` (revision_last.pt after each round; checkpoint.pt at the end, beside
+    bundle/ as in models/) and export `out`/bundle as name:version (default: the parent's name, its
+    version + "-" + mode)."""
     out = Path(out)
     model, config, payload = load_checkpoint(parent.checkpoint)
     root = resolve_data_root(data_root, config.data.root)
