@@ -3,6 +3,7 @@ encoder frozen and trained, for ProtoPNet and PrototypeDL, over several seeds.
 
     PYTHONPATH=. python benchmarks/revision.py [--out runs/revision_bench] [--seeds 0 1 2]
         [--families protopnet prototypedl] [--train-subset 2000] [--epochs 4] [--rounds 5]
+    PYTHONPATH=. python benchmarks/revision.py --shipped models/protopnet_mnist/checkpoint.pt
 
 Per family and seed: a baseline trained on Decoy-MNIST (the square's shade gives the label away),
 then each condition from that same baseline, the simulated user (training/simulated_user.py)
@@ -215,6 +216,20 @@ def prototype_figure(family: str, base: Path, sets: dict, out: Path) -> Path | N
     return path
 
 
+def shipped_non_object(checkpoint: Path, root: Path) -> None:
+    """The simulated user's verdicts on a shipped MNIST model: the object is the source digit's ink."""
+    from training.train_protopnet import load_run_data
+
+    model, config, _ = load_checkpoint(checkpoint)
+    masks = ObjectMasks.from_split(load_run_data(config, root)["train"])
+    judged = REVISION_FAMILIES[config.model.family].judge(model, masks)
+    bad = [j for j in judged if j.non_object]
+    print(f"{checkpoint}: {len(bad)} of {len(judged)} prototypes non-object (high-activation box off the digit): "
+          f"{[j.prototype_id for j in bad]}")
+    for j in judged:
+        print(f"  prototype {j.prototype_id}: {j.object_overlap:.3f} of its box on the digit")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/revision_bench")
@@ -227,9 +242,12 @@ def main() -> None:
     parser.add_argument("--epochs-per-round", type=int, default=1)
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shipped", type=Path, help="only judge this shipped MNIST checkpoint's prototypes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = resolve_data_root(args.data_root)
+    if args.shipped:
+        return shipped_non_object(args.shipped, root)
     out = Path(args.out)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
