@@ -39,6 +39,7 @@ def _run(decoy_protopnet, out, **overrides):
     return RevisionRun(model, config, settings, data, out, simulated_consult(), masks, evals, log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_rounds_reduce_the_non_object_count_and_grow_the_antitypes(tmp_path, decoy_protopnet):
     run = _run(decoy_protopnet, tmp_path)
     state = run.run()
@@ -51,6 +52,7 @@ def test_rounds_reduce_the_non_object_count_and_grow_the_antitypes(tmp_path, dec
     assert {a["round"] for a in state.antitypes} <= {1, 2}
 
 
+@pytest.mark.slow
 def test_resume_between_rounds_is_exact(tmp_path, decoy_protopnet):
     slow = {"lr_prototypes": 3e-3}  # prototypes move slowly, so round 2 has rejections to train on
     whole = _run(decoy_protopnet, tmp_path / "whole", **slow)
