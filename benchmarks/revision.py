@@ -2,7 +2,7 @@
 encoder frozen and trained, for ProtoPNet and PrototypeDL, over several seeds.
 
     PYTHONPATH=. python benchmarks/revision.py [--out runs/revision_bench] [--seeds 0 1 2]
-        [--families protopnet prototypedl] [--train-subset 2000] [--epochs 4] [--rounds 5]
+        [--families protopnet prototypedl] [--train-subset 2000] [--epochs N] [--rounds 5]
     PYTHONPATH=. python benchmarks/revision.py --shipped models/protopnet_mnist/checkpoint.pt
 
 Per family and seed: a baseline trained on Decoy-MNIST (the square's shade gives the label away),
@@ -54,6 +54,7 @@ def _prototypedl_sections(epochs: int) -> dict:
 
 
 BASELINES = {"protopnet": _protopnet_sections, "prototypedl": _prototypedl_sections}
+EPOCHS = {"protopnet": 5, "prototypedl": 6}  # baseline training epochs unless --epochs
 
 
 def baseline_config(family: str, seed: int, train_subset: int, epochs: int) -> Config:
@@ -68,7 +69,7 @@ TRAINERS = {"protopnet": ProtoPNetTrainer, "prototypedl": Trainer}
 
 
 def train_baseline(family: str, seed: int, args, root: Path, out: Path) -> Path:
-    config = baseline_config(family, seed, args.train_subset, args.epochs)
+    config = baseline_config(family, seed, args.train_subset, args.epochs or EPOCHS[family])
     trainer = TRAINERS[family](config, out, data_root=root, log=lambda s: print(f"  [{family} seed {seed}] {s}",
                                                                                   flush=True))
     if (out / "last.pt").exists():
@@ -237,7 +238,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=["protopnet", "prototypedl"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train-subset", type=int, default=2000)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, help="baseline epochs (default: 5 ProtoPNet, 6 PrototypeDL)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs-per-round", type=int, default=1)
     parser.add_argument("--test-images", type=int, default=1000)
