@@ -106,8 +106,9 @@ def _models(args) -> None:
 def _score(args) -> None:
     import time
 
-    from scoring.job import CHUNK_SIZE, JobSpec, run_job
+    from scoring.job import CHUNK_SIZE, JobSpec
     from scoring.metrics import publish
+    from scoring.run import run_job
 
     spec = JobSpec(model=args.model, inputs=args.input, output=Path(args.output), top_k=args.top_k,
                    chunk_size=CHUNK_SIZE if args.chunk_size is None else args.chunk_size, workers=args.workers,

@@ -9,7 +9,8 @@ Public API:
     session_options(threads, optimization)      the SessionOptions chosen by benchmarks/inference.py
     open_session(path, device, ...) -> (InferenceSession, provider)
     run_probe(bundle, device) -> ProbeResult    the golden probe through model.onnx (and decoder.onnx)
-    verify_bundle(path, device) -> (Bundle, ProbeResult)   read_bundle + probe; BundleError on a miss
+    verify_bundle(bundle, device) -> (Bundle, ProbeResult)   read_bundle + probe; BundleError on a miss
+    classify(session, images) -> (probabilities, distances)   the call every caller of model.onnx makes
 """
 
 from __future__ import annotations
@@ -178,10 +179,19 @@ def run_probe(bundle: Bundle, device: str = "cpu") -> ProbeResult:
     return ProbeResult(images=spec.images, provider=provider, max_abs_diff=diffs, failures=failures)
 
 
-def verify_bundle(path: str | Path, device: str = "cpu") -> tuple[Bundle, ProbeResult]:
-    """Schema, checksums and the golden probe; BundleError naming the file and problem on a miss."""
-    bundle = read_bundle(path)
+def verify_bundle(bundle: str | Path | Bundle, device: str = "cpu") -> tuple[Bundle, ProbeResult]:
+    """Schema, checksums and the golden probe; BundleError naming the file and problem on a miss.
+
+    Given a Bundle already read (its checksums checked), only the probe runs."""
+    if not isinstance(bundle, Bundle):
+        bundle = read_bundle(bundle)
     result = run_probe(bundle, device)
     if not result.passed:
         raise BundleError(f"{bundle.model_path}: golden probe failed: {result.failures[0]}")
     return bundle, result
+
+
+def classify(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """model.onnx on [N, C, H, W] model input -> probabilities [N, K], distances [N, M]."""
+    probabilities, distances = session.run(["probabilities", "distances"], {"image": images})
+    return probabilities, distances

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.bundle import Bundle, BundleError, drift_quantiles, read_bundle
-from export.runtime import load_probe, open_session, run_probe
+from export.bundle import Bundle, drift_quantiles
+from export.runtime import classify, load_probe, open_session, verify_bundle
 from export.store import bundle_dir
 from inference.explain import active_mask, nearest_distance
 
@@ -60,8 +60,7 @@ class LoadedModel:
 
     def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[N, C, H, W] -> probabilities [N, K], distances [N, M]."""
-        probabilities, distances = self.session.run(["probabilities", "distances"], {"image": images})
-        return probabilities, distances
+        return classify(self.session, images)
 
     def outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every output of model.onnx for [N, C, H, W] images, by name."""
@@ -78,10 +77,7 @@ def load_model(path: Path | None = None, device: str | None = None, threads: int
     path = Path(path) if path else bundle_location()
     device = device or os.environ.get("PROTOSERVE_DEVICE", "auto")
     threads = int(os.environ.get("PROTOSERVE_THREADS", "1")) if threads is None else threads
-    bundle = read_bundle(path)
-    probe = run_probe(bundle, device)
-    if not probe.passed:
-        raise BundleError(f"{bundle.model_path}: golden probe failed: {probe.failures[0]}")
+    bundle, _ = verify_bundle(path, device)  # checksums and the golden probe, or BundleError
     session, provider = open_session(bundle.model_path, device, threads=threads)
     decoder = open_session(bundle.decoder_path, device, threads=threads)[0] if bundle.decoder_path else None
     model = LoadedModel(bundle, session, decoder, provider, active_mask(bundle.manifest))

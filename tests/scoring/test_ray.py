@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scoring_helpers import png_bytes, read_rows, write_idx, write_parquet
 
-from scoring.job import Job, JobSpec, run_job
+from scoring.job import Job, JobSpec
+from scoring.run import run_job
 
 ray = pytest.importorskip("ray", reason="protoserve[batch] (ray[data]) is not installed")
 

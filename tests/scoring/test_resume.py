@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from scoring_helpers import REPO, png_bytes, read_rows, write_idx
 
-from scoring.job import JobSpec, run_job
+from scoring.job import JobSpec
+from scoring.run import run_job
 
 CHUNK = 250
 CHUNKS = 49  # 12,000 records and 150 files
