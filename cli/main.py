@@ -16,7 +16,8 @@ from protoserve.errors import ProtoserveError
 def _train(args) -> None:
     from training.config import load_config
     from training.data import resolve_data_root
-    from training.train import Trainer
+    from training.distributed import init_distributed, shutdown_distributed
+    from training.families import config_family
 
     config = load_config(args.config)
     if args.epochs is not None:
@@ -25,18 +26,16 @@ def _train(args) -> None:
         config.train.device = args.device
     root = resolve_data_root(args.data_root, config.data.root)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    if config.model.family == "protopnet":
-        from training.distributed import init_distributed, shutdown_distributed
-        from training.train_protopnet import ProtoPNetTrainer as Trainer  # noqa: N814
-
+    family = config_family(config)
+    if family.distributed:
         init_distributed(config.train.device)  # under torchrun: DistributedDataParallel, push across ranks
-    trainer = Trainer(config, out, data_root=root)
+    trainer = family.trainer_class()(config, out, data_root=root)
     if args.resume:
         trainer.resume()
     elif (out / "last.pt").exists():
         raise ProtoserveError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
     trainer.fit()
-    if config.model.family == "protopnet":
+    if family.distributed:
         shutdown_distributed()
     print(f"run written to {out} (best.pt: best validation accuracy {trainer.best_val_accuracy:.4f})")
 
