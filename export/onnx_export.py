@@ -75,7 +75,7 @@ def export_graph(module: nn.Module, spec: GraphSpec, path: Path) -> None:
     so tracing captures them exactly; with constant folding off, every parameter stays an
     initializer under its state_dict name, so the prototype vectors are `model.prototypes`
     [m, q] in the file, where the dynamo exporter's optimiser folds them into an anonymous
-    constant (and is slower; README "Export"). ONNX Runtime folds constants itself when it loads
+    constant (and is slower; README "Measured choices"). ONNX Runtime folds constants itself when it loads
     the graph, so nothing is lost.
     """
     module.eval()

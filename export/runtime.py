@@ -27,10 +27,9 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cuda", "cpu")
 
-# Chosen by measurement (benchmarks/inference.py, README "Inference speed"): on the 2-core CPU,
-# shared with other work as a server's CPU is, full graph optimisation with one intra-op thread
-# was fastest at every batch size (1-256), 1.1-5x ahead of two threads, which stall each other
-# when the other core is busy. One thread per session also leaves cores to other workers.
+# Full graph optimisation and one intra-op thread per session: sessions with more threads stall
+# each other when the other cores are busy, and one thread leaves cores to the other workers
+# (benchmarks/inference.py chose these; README "Results").
 DEFAULT_THREADS = 1
 DEFAULT_OPTIMIZATION = "all"
 

@@ -39,7 +39,7 @@ from protoserve.errors import InputError
 ROW_FIELDS = ("index", "input_id", "label", "class_name", "probabilities", "prototype_ids",
               "prototype_distances", "prototype_similarities", "prototype_contributions", "model_name",
               "model_version", "error")
-# Images per session.run. On the 2-core CPU 256 and 1,024 ran at the same rate; smaller slices keep
+# Images per session.run: larger runs are no faster (README "Measured choices"); smaller slices keep
 # the job's memory per worker small and leave the service's batcher room.
 RUN_BATCH = 256
 
