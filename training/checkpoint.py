@@ -28,11 +28,7 @@ class CheckpointError(ProtoserveError):
 def build_model(config: Config, initial_weights: bool = True) -> nn.Module:
     """The model of config.model.family; initial_weights=False skips pretrained backbone weights
     (a checkpoint's state dict replaces them anyway, and loading must never download)."""
-    try:
-        entry = family(config.model.family)
-    except KeyError as e:
-        raise CheckpointError(str(e.args[0])) from None
-    return entry.build(config.model, initial_weights)
+    return family(config.model.family).build(config.model, initial_weights)
 
 
 def save_checkpoint(path: Path, model, config: Config, epoch: int, metrics: dict,

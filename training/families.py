@@ -45,7 +45,6 @@ class PrototypeRecord:
 @dataclass(frozen=True)
 class Family:
     name: str
-    model: type[nn.Module]
     build: Callable[[ModelConfig, bool], nn.Module]  # (config, initial backbone weights?) -> model
     trainer: str  # "module:Class" of its trainer (constructor: config, out_dir, data_root)
     evaluate: str  # "module:function" (model, data splits, batch_size) -> its figures
@@ -54,12 +53,21 @@ class Family:
     graph_forward: Callable[[nn.Module, torch.Tensor], tuple]  # image -> those outputs, as traced for export
     decoder: Callable[[nn.Module], nn.Module | None]  # latent -> image graph (decoder.onnx), or None
     prototype_records: Callable[..., list[PrototypeRecord]]  # (model, push_set, mean, std) -> one per prototype
+    pictures: str | None  # "module:function" (model, config, out, data_root, seed) -> PNGs of a checkpoint
+    pictures_note: str = ""  # where its pictures come from instead, when `pictures` is None
 
     def trainer_class(self) -> type:
         return _resolve(self.trainer)
 
     def evaluation(self) -> Callable[..., dict]:
         return _resolve(self.evaluate)
+
+    def picture_function(self) -> Callable[..., list]:
+        return _resolve(self.pictures)
+
+
+class FamilyError(ProtoserveError):
+    """A family that is unknown, or that lacks what was asked of it."""
 
 
 def _resolve(target: str):
@@ -116,7 +124,7 @@ def _protopnet_forward(model: ProtoPNet, image: torch.Tensor) -> tuple:
     return out.logits, torch.softmax(out.logits, dim=1), out.distances, out.similarity_maps
 
 
-class UnpushedPrototypes(ProtoserveError):
+class UnpushedPrototypes(FamilyError):
     """A ProtoPNet checkpoint whose prototypes were not all pushed onto training patches."""
 
 
@@ -152,23 +160,26 @@ def _build_protopnet(config: ModelConfig, initial_weights: bool = True) -> Proto
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family(name="prototypedl", model=PrototypeDL, build=lambda config, initial_weights=True: PrototypeDL(config),
+    Family(name="prototypedl", build=lambda config, initial_weights=True: PrototypeDL(config),
            trainer="training.train:Trainer", evaluate="training.evaluate:evaluate_prototypedl",
            distributed=False, graph_outputs=_prototypedl_outputs, graph_forward=_prototypedl_forward,
-           decoder=PrototypeDLDecoder, prototype_records=_prototypedl_records),
-    Family(name="protopnet", model=ProtoPNet, build=_build_protopnet,
+           decoder=PrototypeDLDecoder, prototype_records=_prototypedl_records,
+           pictures="training.visualize:prototypedl_figures"),
+    Family(name="protopnet", build=_build_protopnet,
            trainer="training.train_protopnet:ProtoPNetTrainer", evaluate="training.evaluate:evaluate_protopnet",
            distributed=True, graph_outputs=_protopnet_outputs, graph_forward=_protopnet_forward,
-           decoder=lambda model: None, prototype_records=_protopnet_records),
+           decoder=lambda model: None, prototype_records=_protopnet_records,
+           pictures=None, pictures_note="push writes each prototype's pictures into the run's push/epoch_NNNN/ "
+                                       "folders, and the bundle holds those of the exported model"),
 )}
 
 
 def family(name: str) -> Family:
-    """The table entry of a family name; KeyError naming the known ones otherwise."""
+    """The table entry of a family name; FamilyError naming the known ones otherwise."""
     try:
         return FAMILIES[name]
     except KeyError:
-        raise KeyError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})") from None
+        raise FamilyError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})") from None
 
 
 def family_of(model: nn.Module) -> Family:
