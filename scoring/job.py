@@ -84,7 +84,7 @@ def output_format(output: Path) -> str:
 
 
 class Job:
-    """The plan and the on-disk state of one job; engines call read_chunk, commit and finish."""
+    """The plan and the on-disk state of one job; engines call read_inputs, commit and finish."""
 
     def __init__(self, spec: JobSpec, bundle: Bundle | None = None):
         self.spec = spec
@@ -156,18 +156,18 @@ class Job:
         if not path.exists():
             return None
         try:
-            return self.read_committed(k).num_rows
+            return self.read_rows(k).num_rows
         except (OSError, ValueError):  # pyarrow raises ArrowInvalid (a ValueError) for a damaged file
             return None
 
-    def read_committed(self, k: int):
-        """Chunk k's rows (an Arrow table, memory-mapped)."""
+    def read_rows(self, k: int):
+        """Chunk k's committed rows (an Arrow table, memory-mapped)."""
         import pyarrow as pa
 
         with pa.memory_map(str(self.chunk_path(k))) as source:
             return pa.ipc.open_file(source).read_all()
 
-    def read_chunk(self, k: int) -> tuple[int, list[str], list[object] | np.ndarray]:
+    def read_inputs(self, k: int) -> tuple[int, list[str], list[object] | np.ndarray]:
         """(first item's ordinal, ids, values) of chunk k, ready for BatchScorer.score."""
         lo, hi = self.chunk_range(k)
         return (lo, *self.inputs.read_values(lo, hi))
@@ -224,7 +224,7 @@ class Job:
             tmp = assembly.close()
         else:
             tmp = self.dir / f"output.tmp{os.getpid()}"
-            write_jsonl(tmp, self.chunks, self.read_committed)
+            write_jsonl(tmp, self.chunks, self.read_rows)
         os.replace(tmp, self.output)
         _fsync_dir(self.output.parent)
         atomic_write_text(self.dir / DONE_FILE, json.dumps({"images": self.n, "failed": failed,
@@ -238,7 +238,7 @@ class Job:
         return int(done.get("images", self.n)), int(done.get("failed", 0))
 
     def _parquet_assembly(self, done: set[int]) -> ParquetAssembly:
-        return ParquetAssembly(self.dir / f"output.tmp{os.getpid()}", self.plan, self.chunks, self.read_committed,
+        return ParquetAssembly(self.dir / f"output.tmp{os.getpid()}", self.plan, self.chunks, self.read_rows,
                                done)
 
     def _remove_all(self) -> None:

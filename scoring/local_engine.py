@@ -72,6 +72,6 @@ def run_local(job: Job, pending: list[int], advance) -> None:
     with ThreadPoolExecutor(workers, thread_name_prefix="protoserve-score") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="protoserve-commit") as committer:
         for k in pending:
-            inflight.add(pool.submit(score, k, *job.read_chunk(k)))
+            inflight.add(pool.submit(score, k, *job.read_inputs(k)))
             collect(2 * workers + 1)
         collect(1)

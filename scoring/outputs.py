@@ -17,7 +17,7 @@ from scoring.rows import Columns
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 PARQUET_GROUP_CHUNKS = 4  # chunks per row group of the Parquet output (16,384 rows by default)
 
-ReadChunk = Callable[[int], object]  # chunk number -> its rows (an Arrow table of row_schema)
+ReadRows = Callable[[int], object]  # chunk number -> its rows (an Arrow table of row_schema)
 
 
 def output_format(output: Path) -> str | None:
@@ -73,10 +73,10 @@ class ParquetAssembly:
     statistics only for the integer keys: pyarrow's defaults (both on every column) are much slower
     on the float lists and give a larger file (README "Measured choices")."""
 
-    def __init__(self, path: Path, plan: dict, chunks: int, read_chunk: ReadChunk, done: set[int]):
+    def __init__(self, path: Path, plan: dict, chunks: int, read_rows: ReadRows, done: set[int]):
         import pyarrow.parquet as pq
 
-        self.path, self.chunks, self.read_chunk = Path(path), chunks, read_chunk
+        self.path, self.chunks, self.read_rows = Path(path), chunks, read_rows
         self.done, self.next, self.group = set(done), 0, []
         self.schema = row_schema(plan)
         self.file = open(self.path, "wb")
@@ -108,7 +108,7 @@ class ParquetAssembly:
 
     def _drain(self) -> None:
         while self.next in self.done:  # chunks in order, each once: the prefix that is complete
-            self.group.append(self.read_chunk(self.next))
+            self.group.append(self.read_rows(self.next))
             self.next += 1
             if len(self.group) == PARQUET_GROUP_CHUNKS:
                 self._write_group()
@@ -121,11 +121,11 @@ class ParquetAssembly:
             self.group = []
 
 
-def write_jsonl(path: Path, chunks: int, read_chunk: ReadChunk) -> None:
+def write_jsonl(path: Path, chunks: int, read_rows: ReadRows) -> None:
     """Every chunk's rows, in chunk order, one JSON object a line; fsynced (the caller renames the file)."""
     with open(path, "w") as f:
         for k in range(chunks):
-            for row in read_chunk(k).to_pylist():
+            for row in read_rows(k).to_pylist():
                 f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())

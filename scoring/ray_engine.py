@@ -49,7 +49,7 @@ class ChunkScorer:
 
         tables = []
         for k in batch["chunk"]:
-            start, ids, values = self.job.read_chunk(int(k))
+            start, ids, values = self.job.read_inputs(int(k))
             table = to_table(self.job.scorer.score(start, ids, values, lambda x: classify(self.session, x)))
             tables.append(table.add_column(0, "chunk", pa.array([int(k)] * table.num_rows, pa.int64())))
         return pa.concat_tables(tables)
