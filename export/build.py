@@ -144,6 +144,7 @@ def _build(model: nn.Module, config, payload: dict, checkpoint: Path, test: Spli
 
 
 def input_spec(config) -> InputSpec:
+    """The manifest's input spec: exactly the preprocessing the model was trained on."""
     c = config.model
     if config.data.dataset == "cub":
         mean, std = input_normalization("cub")
@@ -173,6 +174,7 @@ def run_torch(model: nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def run_onnx(session, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of `session` for all `images`, batch by batch, by name."""
     names = [o.name for o in session.get_outputs()]
     parts = [session.run(names, {"image": images[i:i + BATCH_SIZE]}) for i in range(0, len(images), BATCH_SIZE)]
     return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(names)}

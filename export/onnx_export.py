@@ -38,10 +38,12 @@ class ClassifierGraph(nn.Module):
 
 
 def classifier_graph(model: nn.Module) -> nn.Module:
+    """The module torch.onnx traces into model.onnx."""
     return ClassifierGraph(model)
 
 
 def classifier_outputs(model: nn.Module) -> list[str]:
+    """model.onnx's output names, in graph order."""
     return list(family_of(model).graph_outputs(model))
 
 
@@ -51,6 +53,7 @@ def decoder_graph(model: nn.Module) -> nn.Module | None:
 
 
 def classifier_spec(model: nn.Module, file: str = "model.onnx") -> GraphSpec:
+    """model.onnx's names and shapes: image [N, C, H, W] in, the family's outputs out."""
     c = model.cfg
     image = [BATCH, c.in_channels, c.input_size, c.input_size]
     outputs = family_of(model).graph_outputs(model)

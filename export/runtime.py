@@ -60,6 +60,7 @@ def active_provider(session_providers: list[str]) -> str:
 
 
 def session_options(threads: int = DEFAULT_THREADS, optimization: str = DEFAULT_OPTIMIZATION):
+    """SessionOptions with `threads` intra-op threads and an optimisation level by name."""
     import onnxruntime as ort
 
     levels = {

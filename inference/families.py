@@ -19,6 +19,7 @@ from export.bundle import FAMILY_HAS_DECODER, FAMILY_OUTPUTS
 
 @dataclass(frozen=True)
 class Family:
+    """One family's entry in the torch-free table (see the module docstring)."""
     name: str
     outputs: tuple[str, ...]  # outputs model.onnx must have (it may have more)
     has_decoder: bool  # a decoder.onnx: latent -> image

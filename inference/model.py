@@ -41,6 +41,7 @@ def bundle_location() -> Path:
 
 @dataclass
 class LoadedModel:
+    """A verified bundle with its sessions, ready to answer."""
     bundle: Bundle
     session: object
     decoder: object | None
@@ -68,6 +69,7 @@ class LoadedModel:
         return dict(zip(names, self.session.run(names, {"image": images}), strict=True))
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
+        """decoder.onnx: latent [N, q] -> image [N, C, H, W] (families with a decoder)."""
         name_in = self.bundle.manifest.decoder.inputs[0].name
         return self.decoder.run(None, {name_in: latent.astype(np.float32)})[0]
 

@@ -54,6 +54,7 @@ class JobError(ProtoserveError):
 
 @dataclass
 class JobSpec:
+    """What `protoserve score` was asked: the model, the inputs, the output and how to run."""
     model: str  # a bundle directory or a BentoML store tag
     inputs: list[str]
     output: Path
@@ -134,9 +135,11 @@ class Job:
         return False
 
     def chunk_path(self, k: int) -> Path:
+        """The committed rows of chunk k: `<job dir>/chunk-<k>.arrow`."""
         return self.dir / f"chunk-{k:06d}.arrow"
 
     def chunk_range(self, k: int) -> tuple[int, int]:
+        """[lo, hi): the item ordinals of chunk k."""
         lo = k * self.spec.chunk_size
         return lo, min(self.n, lo + self.spec.chunk_size)
 
@@ -152,6 +155,7 @@ class Job:
         return todo
 
     def committed_rows(self, k: int) -> int | None:
+        """Rows in chunk k's file, or None when there is no readable file."""
         path = self.chunk_path(k)
         if not path.exists():
             return None
@@ -173,6 +177,7 @@ class Job:
         return (lo, *self.inputs.read_values(lo, hi))
 
     def commit(self, k: int, columns: Columns) -> None:
+        """Commit chunk k's rows (atomically) and hand them to the Parquet assembly if one runs."""
         self.commit_table(k, to_table(columns))
         if self.assembly is not None:
             self.assembly.add(k)
@@ -203,6 +208,7 @@ class Job:
         os.replace(tmp, self.chunk_path(k))
 
     def failed_in_chunks(self) -> int:
+        """Rows with an error over every committed chunk (counts stored in each chunk's metadata)."""
         import pyarrow as pa
 
         total = 0
@@ -234,6 +240,7 @@ class Job:
         return self.n, failed
 
     def totals(self) -> tuple[int, int]:
+        """(images, failed) of a finished job, from complete.json."""
         done = _read_json(self.dir / DONE_FILE) or {}
         return int(done.get("images", self.n)), int(done.get("failed", 0))
 
@@ -250,6 +257,7 @@ class Job:
 
 
 def lock_path(output: Path) -> Path:
+    """`<output>.lock`, the file job_lock holds."""
     return output.with_name(output.name + ".lock")
 
 
@@ -275,6 +283,7 @@ def job_lock(output: Path):
 
 # -- small file helpers -------------------------------------------------------------------------------
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a fsynced temporary file and a rename."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)

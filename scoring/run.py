@@ -16,6 +16,7 @@ ENGINES = ("local", "ray")
 
 @dataclass
 class Summary:
+    """What a run did: the summary line `protoserve score` prints."""
     images: int  # rows in the output
     failed: int  # rows with an error
     scored_now: int  # rows scored by this run (the rest came from an earlier, interrupted run)

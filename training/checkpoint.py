@@ -52,6 +52,7 @@ def save_checkpoint(path: Path, model, config: Config, epoch: int, metrics: dict
 
 
 def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's payload (weights_only), or CheckpointError naming the problem."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -89,6 +90,7 @@ def load_checkpoint(path: Path, expect_config: Config | None = None) -> tuple[nn
 
 
 def check_state_dict(expected: dict, found: dict, where: str) -> None:
+    """CheckpointError unless `found` has exactly the keys and shapes of `expected`."""
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     if missing or extra:

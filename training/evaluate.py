@@ -40,6 +40,7 @@ def reconstruction_error(model: PrototypeDL, images: torch.Tensor, batch_size: i
 
 
 def split_accuracies(model: nn.Module, data: dict[str, Split], batch_size: int) -> dict[str, float]:
+    """test_accuracy, val_accuracy and train_accuracy of `model`."""
     return {f"{name}_accuracy": accuracy(model, data[name], batch_size) for name in ("test", "val", "train")}
 
 
@@ -67,4 +68,5 @@ def evaluate_checkpoint(path: Path, data_root: str | None = None, batch_size: in
 
 
 def run_data(config: Config, data_root: str | None = None) -> dict[str, Split]:
+    """The splits of the run's dataset, under `data_root` or the config's / environment's root."""
     return load_run_data(config, resolve_data_root(data_root, config.data.root))

@@ -44,6 +44,7 @@ class PrototypeRecord:
 
 @dataclass(frozen=True)
 class Family:
+    """One family's entry in the training table (see the module docstring)."""
     name: str
     build: Callable[[ModelConfig, bool], nn.Module]  # (config, initial backbone weights?) -> model
     trainer: str  # "module:Class" of its trainer (constructor: config, out_dir, data_root)
@@ -57,12 +58,15 @@ class Family:
     pictures_note: str = ""  # where its pictures come from instead, when `pictures` is None
 
     def trainer_class(self) -> type:
+        """The family's trainer class (imported now)."""
         return _resolve(self.trainer)
 
     def evaluation(self) -> Callable[..., dict]:
+        """The family's evaluation function (imported now)."""
         return _resolve(self.evaluate)
 
     def picture_function(self) -> Callable[..., list]:
+        """The family's picture function (imported now; only when `pictures` is set)."""
         return _resolve(self.pictures)
 
 
@@ -188,4 +192,5 @@ def family_of(model: nn.Module) -> Family:
 
 
 def config_family(config: Config) -> Family:
+    """The entry of the family a run config names."""
     return family(config.model.family)
