@@ -22,6 +22,7 @@ import torch.nn as nn
 from PIL import Image
 
 from protoserve.errors import ProtoserveError
+from training.backbones import BACKBONES
 from training.config import Config, ModelConfig
 from training.data import Split
 from training.protopnet import ProtoPNet
@@ -54,6 +55,7 @@ class Family:
     graph_forward: Callable[[nn.Module, torch.Tensor], tuple]  # image -> those outputs, as traced for export
     decoder: Callable[[nn.Module], nn.Module | None]  # latent -> image graph (decoder.onnx), or None
     prototype_records: Callable[..., list[PrototypeRecord]]  # (model, push_set, mean, std) -> one per prototype
+    config_checks: Callable[[Config], list[tuple[bool, str]]]  # (holds?, message) for its own config fields
     pictures: str | None  # "module:function" (model, config, out, data_root, seed) -> PNGs of a checkpoint
     pictures_note: str = ""  # where its pictures come from instead, when `pictures` is None
 
@@ -159,6 +161,18 @@ def _protopnet_records(model: ProtoPNet, push_set: Split, mean=None, std=None) -
     return records
 
 
+def _protopnet_config_checks(config: Config) -> list[tuple[bool, str]]:
+    m, s = config.model, config.schedule
+    return [
+        (m.backbone in BACKBONES, f"model.backbone must be one of {', '.join(BACKBONES)}"),
+        (m.n_prototypes % m.n_classes == 0, "model.n_prototypes must be a multiple of n_classes (ProtoPNet)"),
+        (m.prototype_dim > 0, "model.prototype_dim must be > 0"),
+        (s.warm_epochs >= 0 and s.push_start > 0 and s.push_every > 0 and s.last_layer_epochs >= 0,
+         "schedule: warm_epochs and last_layer_epochs must be >= 0, push_start and push_every > 0"),
+        (s.lr_step_epochs > 0 and 0 < s.lr_gamma <= 1, "schedule.lr_step_epochs must be > 0, lr_gamma in (0, 1]"),
+    ]
+
+
 def _build_protopnet(config: ModelConfig, initial_weights: bool = True) -> ProtoPNet:
     return ProtoPNet(config, backbone_weights=config.backbone_weights if initial_weights else None)
 
@@ -167,12 +181,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family(name="prototypedl", build=lambda config, initial_weights=True: PrototypeDL(config),
            trainer="training.train:Trainer", evaluate="training.evaluate:evaluate_prototypedl",
            distributed=False, graph_outputs=_prototypedl_outputs, graph_forward=_prototypedl_forward,
-           decoder=PrototypeDLDecoder, prototype_records=_prototypedl_records,
+           decoder=PrototypeDLDecoder, prototype_records=_prototypedl_records, config_checks=lambda config: [],
            pictures="training.visualize:prototypedl_figures"),
     Family(name="protopnet", build=_build_protopnet,
            trainer="training.train_protopnet:ProtoPNetTrainer", evaluate="training.evaluate:evaluate_protopnet",
            distributed=True, graph_outputs=_protopnet_outputs, graph_forward=_protopnet_forward,
-           decoder=lambda model: None, prototype_records=_protopnet_records,
+           decoder=lambda model: None, prototype_records=_protopnet_records, config_checks=_protopnet_config_checks,
            pictures=None, pictures_note="push writes each prototype's pictures into the run's push/epoch_NNNN/ "
                                        "folders, and the bundle holds those of the exported model"),
 )}
