@@ -28,10 +28,9 @@ from training.checkpoint import load_checkpoint
 from training.config import Config
 from training.data import Split, resolve_data_root
 from training.decoy_mnist import load_decoy_mnist
+from training.families import family as family_entry
 from training.revision import STATE_FILE, RevisionConfig, RevisionRun, file_consult, simulated_consult
-from training.revision_families import REVISION_FAMILIES, ObjectMasks
-from training.train import Trainer
-from training.train_protopnet import ProtoPNetTrainer
+from training.revision_families import ObjectMasks, revision_family_named
 
 CONDITIONS = {  # name -> revision settings (None: the baseline as trained)
     "baseline": None,
@@ -65,13 +64,10 @@ def baseline_config(family: str, seed: int, train_subset: int, epochs: int) -> C
     return Config.from_dict({"data": data, "train": train, **BASELINES[family](epochs)})
 
 
-TRAINERS = {"protopnet": ProtoPNetTrainer, "prototypedl": Trainer}
-
-
 def train_baseline(family: str, seed: int, args, root: Path, out: Path) -> Path:
     config = baseline_config(family, seed, args.train_subset, args.epochs or EPOCHS[family])
-    trainer = TRAINERS[family](config, out, data_root=root, log=lambda s: print(f"  [{family} seed {seed}] {s}",
-                                                                                  flush=True))
+    trainer_class = family_entry(family).trainer_class()
+    trainer = trainer_class(config, out, data_root=root, log=lambda s: print(f"  [{family} seed {seed}] {s}", flush=True))
     if (out / "last.pt").exists():
         trainer.resume()
     trainer.fit()
@@ -201,7 +197,7 @@ def prototype_figure(family: str, base: Path, sets: dict, out: Path) -> Path | N
     columns = []
     for path, label in ((before_path, "before"), (after_path, "after")):
         model, _, _ = load_checkpoint(path)
-        table = REVISION_FAMILIES[family]
+        table = revision_family_named(family)
         if label == "before":
             ids = [j.prototype_id for j in table.judge(model, masks) if j.non_object] or [0]
         pictures = table.pictures(model, train, out / f"{family}_prototypes_{label}")
@@ -223,7 +219,7 @@ def shipped_non_object(checkpoint: Path, root: Path) -> None:
 
     model, config, _ = load_checkpoint(checkpoint)
     masks = ObjectMasks.from_split(load_run_data(config, root)["train"])
-    judged = REVISION_FAMILIES[config.model.family].judge(model, masks)
+    judged = revision_family_named(config.model.family).judge(model, masks)
     bad = [j for j in judged if j.non_object]
     print(f"{checkpoint}: {len(bad)} of {len(judged)} prototypes non-object (high-activation box off the digit): "
           f"{[j.prototype_id for j in bad]}")

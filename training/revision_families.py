@@ -1,4 +1,5 @@
-"""What interactive revision needs to know about each model family, in one table.
+"""What interactive revision needs to know about each model family: one RevisionFamily per family,
+each the `revision` hooks of its entry in the family table (training/families.py).
 
 ProtoPNet: a prototype is a patch vector [D, 1, 1], pushed onto its nearest own-class patch; the
 last layer reads similarities; the encoder is the backbone plus the add-on layers.
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training.families import family, family_of
 from training.protopnet import ProtoPNet, protopnet_loss
 from training.prototypedl import PrototypeDL, class_identities, prototypedl_loss
 from training.push import push_prototypes, write_push_pictures
@@ -135,30 +137,34 @@ def _prototypedl_identities(model: PrototypeDL) -> list[int]:
     return class_identities(model.last_layer.weight.detach())
 
 
-REVISION_FAMILIES: dict[str, RevisionFamily] = {
-    "protopnet": RevisionFamily(
-        head_inputs=lambda model, x: model(x).similarities,
-        loss=_protopnet_loss,
-        last_layer_penalty=_protopnet_penalty,
-        encoder_modules=lambda model: [model.features, model.add_on],
-        push=_protopnet_push,
-        judge=_protopnet_judge,
-        class_identities=lambda model: model.class_identities(),
-        pictures=_protopnet_pictures,
-    ),
-    "prototypedl": RevisionFamily(
-        head_inputs=lambda model, x: model(x).distances,
-        loss=_prototypedl_loss,
-        last_layer_penalty=lambda model, cfg: None,
-        encoder_modules=lambda model: [model.encoder, model.decoder],
-        push=lambda model, images, labels: None,
-        judge=_prototypedl_judge,
-        class_identities=_prototypedl_identities,
-        pictures=_prototypedl_pictures,
-    ),
-}
+PROTOPNET_REVISION = RevisionFamily(
+    head_inputs=lambda model, x: model(x).similarities,
+    loss=_protopnet_loss,
+    last_layer_penalty=_protopnet_penalty,
+    encoder_modules=lambda model: [model.features, model.add_on],
+    push=_protopnet_push,
+    judge=_protopnet_judge,
+    class_identities=lambda model: model.class_identities(),
+    pictures=_protopnet_pictures,
+)
+
+PROTOTYPEDL_REVISION = RevisionFamily(
+    head_inputs=lambda model, x: model(x).distances,
+    loss=_prototypedl_loss,
+    last_layer_penalty=lambda model, cfg: None,
+    encoder_modules=lambda model: [model.encoder, model.decoder],
+    push=lambda model, images, labels: None,
+    judge=_prototypedl_judge,
+    class_identities=_prototypedl_identities,
+    pictures=_prototypedl_pictures,
+)
 
 
 def revision_family(model) -> RevisionFamily:
-    return REVISION_FAMILIES[model.cfg.family]
+    """The revision hooks of a built model's family (its entry in training/families.py)."""
+    return family_of(model).revision_hooks()
+
+
+def revision_family_named(name: str) -> RevisionFamily:
+    return family(name).revision_hooks()
 
