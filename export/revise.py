@@ -104,8 +104,9 @@ def revise(parent: Parent, out: Path, settings: RevisionConfig, verdicts: str | 
            interactive: bool = False, reviewer: str = "user", data_root: str | None = None,
            name: str | None = None, version: str | None = None, resume: bool = False, export: bool = True,
            log=print) -> ExportResult | None:
-    """Run the revision into `out` (revision_last.pt after each round, revised.pt at the end) and export
-    `out`/bundle as name:version (default: the parent's name, its version + "-" + mode)."""
+    """Run the revision into `out` (revision_last.pt after each round; checkpoint.pt at the end, beside
+    bundle/ as in models/) and export `out`/bundle as name:version (default: the parent's name, its
+    version + "-" + mode)."""
     out = Path(out)
     model, config, payload = load_checkpoint(parent.checkpoint)
     root = resolve_data_root(data_root, config.data.root)
@@ -122,9 +123,9 @@ def revise(parent: Parent, out: Path, settings: RevisionConfig, verdicts: str | 
     elif (out / STATE_FILE).exists():
         raise RevisionError(f"{out}: holds a revision already; pass --resume to continue it or choose another --out")
     run.run()
-    run.save_revised(out / "revised.pt", parent.tag, sha256_file(parent.checkpoint))
+    run.save_revised(out / "checkpoint.pt", parent.tag, sha256_file(parent.checkpoint))
     if not export:
         return None
     version = version or f"{parent.version}-{settings.mode}"
-    return export_bundle(out / "revised.pt", out / "bundle", name or parent.name, version, data_root=str(root),
+    return export_bundle(out / "checkpoint.pt", out / "bundle", name or parent.name, version, data_root=str(root),
                          force=True, log=log)

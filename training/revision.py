@@ -48,7 +48,7 @@ class RevisionConfig:
     lambda_refine: float = 1.0  # lambda_3
     lambda_con: float = 1.0  # lambda_4
     refine_epsilon: float = REFINE_EPSILON
-    lr_prototypes: float = 3e-3
+    lr_prototypes: float = 3e-2  # Adam steps of this size let a prototype leave its antitype within an epoch
     lr_encoder: float = 1e-3
     last_layer_epochs: int = 5
     lr_last_layer: float = 3e-3
@@ -99,7 +99,7 @@ class RevisionRun:
         self.optimizer = torch.optim.Adam(params)
         self.parent_vectors = self.prototype_vectors().clone()
         self.parent_identities = self.family.class_identities(model)
-        self._heads, self._before_fine_tuning = None, None
+        self._heads, self._before_fine_tuning, self._judged = None, None, None
 
     # -- the rounds --------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> RevisionState:
@@ -113,7 +113,8 @@ class RevisionRun:
         while self.state.round < last and not self.state.finished:
             started = time.perf_counter()
             r = self.state.round + 1
-            given = self.consult(r, self.model, self.judge())
+            judged = self._judged if self._judged is not None else self.judge()  # of the model as it is now
+            given = [] if self.rc.mode == "prune" else self.consult(r, self.model, judged)
             self.state.verdicts += [asdict(v) for v in given]
             rejected = [j for j in rejected_ids(given) if j not in self.state.masked]
             if self.rc.mode == "revise" and not rejected:
@@ -220,7 +221,7 @@ class RevisionRun:
         return self.family.judge(self.model, self.masks) if self.masks is not None else None
 
     def figures(self, r: int, verdicts: list[Verdict], seconds: float) -> dict:
-        judgements = self.judge()
+        judgements = self._judged = self.judge()
         active = [j for j in range(self.prototype_vectors().shape[0]) if j not in self.state.masked]
         after = self.accuracies(self._heads if r > 0 else None)
         before = self._before_fine_tuning if r > 0 else after
@@ -254,9 +255,10 @@ class RevisionRun:
         return {
             "accuracy": {"parent": first["accuracy"], "revised": last["accuracy"]},
             "moved": [{"id": j, "distance": float(d)} for j, d in enumerate(moved.tolist()) if d > 1e-6],
-            "masked": [j for j in self.state.masked],
+            "masked": list(self.state.masked),
             "changed_class": [{"id": j, "from": a, "to": b}
-                              for j, (a, b) in enumerate(zip(self.parent_identities, identities, strict=True)) if a != b],
+                              for j, (a, b) in enumerate(zip(self.parent_identities, identities, strict=True))
+                              if a != b],
             "non_object": {"parent": first["non_object"], "revised": last["non_object"]},
         }
 

@@ -1,4 +1,5 @@
-"""What interactive revision needs to know about each model family, in one table.
+"""What interactive revision needs to know about each model family: one RevisionFamily per family,
+each the `revision` hooks of its entry in the family table (training/families.py).
 
 ProtoPNet: a prototype is a patch vector [D, 1, 1], pushed onto its nearest own-class patch; the
 last layer reads similarities; the encoder is the backbone plus the add-on layers.
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training.families import family, family_of
 from training.protopnet import ProtoPNet, protopnet_loss
 from training.prototypedl import PrototypeDL, class_identities, prototypedl_loss
 from training.push import push_prototypes, write_push_pictures
@@ -93,8 +95,22 @@ def decoded_prototypes(model: PrototypeDL) -> np.ndarray:
     return model.decode(model.prototypes).clamp(0, 1)[:, 0].cpu().numpy()
 
 
+@torch.no_grad()
+def clean_reconstructions(model: PrototypeDL, clean_images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """[N, H, W] the model's own pictures of the clean images (its decoder's haze included)."""
+    was = model.training
+    model.eval()
+    device = model.prototypes.device
+    x = torch.from_numpy(clean_images[:, None].astype(np.float32))
+    parts = [model.decode(model.encode(x[i:i + batch_size].to(device)))[:, 0].cpu().numpy()
+             for i in range(0, len(x), batch_size)]
+    model.train(was)
+    return np.concatenate(parts)
+
+
 def _prototypedl_judge(model: PrototypeDL, masks: ObjectMasks) -> list[Judgement]:
-    reference = clean_reference(masks.clean_images, masks.labels, model.cfg.n_classes, masks.decoy_size)
+    reference = clean_reference(clean_reconstructions(model, masks.clean_images), masks.labels, model.cfg.n_classes,
+                                masks.decoy_size)
     return decoded_judgements(decoded_prototypes(model), _prototypedl_identities(model), reference,
                               masks.decoy_size)
 
@@ -121,30 +137,34 @@ def _prototypedl_identities(model: PrototypeDL) -> list[int]:
     return class_identities(model.last_layer.weight.detach())
 
 
-REVISION_FAMILIES: dict[str, RevisionFamily] = {
-    "protopnet": RevisionFamily(
-        head_inputs=lambda model, x: model(x).similarities,
-        loss=_protopnet_loss,
-        last_layer_penalty=_protopnet_penalty,
-        encoder_modules=lambda model: [model.features, model.add_on],
-        push=_protopnet_push,
-        judge=_protopnet_judge,
-        class_identities=lambda model: model.class_identities(),
-        pictures=_protopnet_pictures,
-    ),
-    "prototypedl": RevisionFamily(
-        head_inputs=lambda model, x: model(x).distances,
-        loss=_prototypedl_loss,
-        last_layer_penalty=lambda model, cfg: None,
-        encoder_modules=lambda model: [model.encoder, model.decoder],
-        push=lambda model, images, labels: None,
-        judge=_prototypedl_judge,
-        class_identities=_prototypedl_identities,
-        pictures=_prototypedl_pictures,
-    ),
-}
+PROTOPNET_REVISION = RevisionFamily(
+    head_inputs=lambda model, x: model(x).similarities,
+    loss=_protopnet_loss,
+    last_layer_penalty=_protopnet_penalty,
+    encoder_modules=lambda model: [model.features, model.add_on],
+    push=_protopnet_push,
+    judge=_protopnet_judge,
+    class_identities=lambda model: model.class_identities(),
+    pictures=_protopnet_pictures,
+)
+
+PROTOTYPEDL_REVISION = RevisionFamily(
+    head_inputs=lambda model, x: model(x).distances,
+    loss=_prototypedl_loss,
+    last_layer_penalty=lambda model, cfg: None,
+    encoder_modules=lambda model: [model.encoder, model.decoder],
+    push=lambda model, images, labels: None,
+    judge=_prototypedl_judge,
+    class_identities=_prototypedl_identities,
+    pictures=_prototypedl_pictures,
+)
 
 
 def revision_family(model) -> RevisionFamily:
-    return REVISION_FAMILIES[model.cfg.family]
+    """The revision hooks of a built model's family (its entry in training/families.py)."""
+    return family_of(model).revision_hooks()
+
+
+def revision_family_named(name: str) -> RevisionFamily:
+    return family(name).revision_hooks()
 

@@ -9,8 +9,9 @@ PrototypeDL, rule "decoded-decoy-energy": a prototype is a whole latent vector, 
 decoder's picture of it, so "where it looks" is the whole picture. It is non-object when its
 decoded picture carries a decoy: in some corner square (the confounder's size), its mean
 brightness exceeds, by more than `margin`, the 99th percentile of the same corner's mean
-brightness over clean training images (decoys removed) of the prototype's class. Clean digits
-leave the corners dark, so only a drawn-in square crosses that line.
+brightness over the model's reconstructions of clean training images (decoys removed) of the
+prototype's class. The reference is the decoder's own pictures, not the raw digits, because a
+small decoder paints a faint haze everywhere; only a drawn-in square crosses that line.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def corner_energy(pictures: np.ndarray, size: int) -> np.ndarray:
 
 def clean_reference(clean_images: np.ndarray, labels: np.ndarray, n_classes: int, size: int,
                     percentile: float = CLEAN_PERCENTILE) -> np.ndarray:
-    """[K, 4]: per class and corner, the `percentile` of clean images' corner brightness."""
+    """[K, 4]: per class and corner, the `percentile` of clean pictures' corner brightness (PrototypeDL:
+    the model's reconstructions of clean training images)."""
     energy = corner_energy(clean_images, size)
     return np.stack([np.percentile(energy[labels == k], percentile, axis=0) if (labels == k).any()
                      else np.zeros(4) for k in range(n_classes)])

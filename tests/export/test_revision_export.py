@@ -46,6 +46,8 @@ def test_masking_removes_influence_exactly_in_torch_and_onnx(request, tmp_path, 
     m = result.bundle.manifest
     assert [p.id for p in m.prototypes] == list(range(model.prototypes.shape[0]))  # ids stable, no renumbering
     assert [p.id for p in m.prototypes if p.status == "masked"] == MASKED
+    # a masked row keeps the class it stood for (its zero column no longer says)
+    assert [m.prototypes[j].class_identity for j in MASKED] == [run.parent_identities[j] for j in MASKED]
     assert m.lineage.mode == "mask" and m.lineage.parent == "tiny:0.1.0" and m.lineage.masked == MASKED
     assert [v["prototype_id"] for v in m.lineage.verdicts] == [*MASKED, 1]
     assert m.lineage.comparison["masked"] == MASKED and "parent" in m.lineage.comparison["accuracy"]
