@@ -165,7 +165,7 @@ def revise_version(registry: Registry, job: dict, data_root: str | None, beat: H
                     run, revision, verdicts=str(verdicts), data_root=data_root, version=version,
                     resume=(run / "revision_last.pt").exists(), log=beat.log)
     beat.stage("registering")
-    row = registry.register(result.bundle.path, run / "revised.pt", parent=parent.version, status="candidate",
+    row = registry.register(result.bundle.path, run / "checkpoint.pt", parent=parent.version, status="candidate",
                             job_id=job["id"])
     comparison = (row.lineage or {}).get("comparison", {})
     outcome = {"candidate": row.version, "comparison": comparison, "test_accuracy": {
