@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from export.bundle import Bundle, read_bundle
 from protoserve.verdicts import VerdictError, verdict
@@ -24,8 +26,34 @@ from registry.versions import ENV as REGISTRY_ENV
 from registry.versions import Registry, registry_location
 from service.auth import AuthError, require_admin
 
-app = FastAPI(title="protoserve review", version="1")
+# The service's /docs.json documents these routes; the app's own document and docs pages are not served.
+app = FastAPI(title="protoserve review", version="1", docs_url=None, redoc_url=None, openapi_url=None)
 PAGE = Path(__file__).with_name("review_page.html")
+
+
+class MethodGate:
+    """A method a path does not take is a 405 whose Allow lists every method it does take (Starlette's
+    own 405 names only the first route that matched the path)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            allowed: set[str] = set()
+            for route in app.router.routes:
+                match, _ = route.matches(scope)
+                if match is Match.FULL:
+                    return await self.inner(scope, receive, send)
+                if match is Match.PARTIAL:
+                    allowed |= set(getattr(route, "methods", None) or ()) - {"HEAD"}
+            if allowed:
+                response = PlainTextResponse("Method Not Allowed", 405, headers={"Allow": ", ".join(sorted(allowed))})
+                return await response(scope, receive, send)
+        return await self.inner(scope, receive, send)
+
+
+app.add_middleware(MethodGate)
 
 
 class ReviewError(Exception):
@@ -39,6 +67,13 @@ class ReviewError(Exception):
 async def _refuse(request: Request, e: ReviewError | AuthError) -> JSONResponse:
     headers = {"www-authenticate": "Bearer"} if e.status == 401 else None
     return JSONResponse({"error": e.message, "reason": e.reason}, status_code=e.status, headers=headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_refusal(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own refusals (a body that is not JSON) in the service's error shape."""
+    reason = "invalid_json" if e.status_code == 400 else "http_error"
+    return JSONResponse({"error": str(e.detail), "reason": reason}, status_code=e.status_code, headers=e.headers)
 
 
 @app.exception_handler(RegistryError)
@@ -94,7 +129,7 @@ CHANGING = {"responses": CHANGE_ERRORS, "dependencies": [Depends(require_admin)]
 class VerdictIn(BaseModel):
     """One verdict on one prototype of a version (the format of protoserve/verdicts.py)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no false for 0, no "1" for 1
     version: str | None = Field(None, description="the version judged (default: the active one)")
     prototype_id: int = Field(ge=0, description="the prototype's stable id")
     verdict: Literal["reject", "accept", "unsure"]
@@ -106,7 +141,7 @@ class VerdictIn(BaseModel):
 class JobIn(BaseModel):
     """A revision of a version from its checkpoint, using its open verdicts."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no false for 0, no "1" for 1
     parent: str | None = Field(None, description="the version to revise (default: the active one)")
     mode: Literal["mask", "prune", "revise"] = "revise"
     rounds: int = Field(1, ge=1, le=10)
@@ -119,7 +154,7 @@ class JobIn(BaseModel):
 
 
 class PromoteIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no false for 0, no "1" for 1
     version: str
 
 

@@ -112,3 +112,11 @@ def test_without_a_registry_the_routes_say_so(monkeypatch):
     monkeypatch.delenv("PROTOSERVE_REGISTRY", raising=False)
     r = TestClient(app).get("/api/versions")
     assert r.status_code == 409 and "PROTOSERVE_REGISTRY" in r.json()["error"]
+
+
+def test_a_method_a_path_does_not_take_is_405_naming_all_it_takes(client):
+    http, _ = client
+    for method, path, allow in (("OPTIONS", "/api/verdicts", "GET, POST"), ("DELETE", "/api/promote", "POST"),
+                                ("PUT", "/api/versions", "GET")):
+        r = http.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers)

@@ -35,6 +35,10 @@ def test_four_clients_two_workers_lose_no_verdict(two_versions, tmp_path):
     with registry_service(registry, tmp_path / "serve.log", PROTOSERVE_ADMIN_KEY=KEY) as url:
         with ThreadPoolExecutor(4) as pool:
             acknowledged = [i for ids in pool.map(lambda c: post_verdicts(url, c, 200), range(4)) for i in ids]
+        for headers in ({}, {"Authorization": "Bearer wrong"}):  # refused by the real server, nothing stored
+            r = httpx.post(f"{url}/review/api/verdicts", headers=headers,
+                           json={"prototype_id": 1, "verdict": "reject", "source": "mallory"})
+            assert r.status_code == 401 and KEY not in r.text
         stored = httpx.get(f"{url}/review/api/verdicts", params={"version": v1}).json()["verdicts"]
         paths = httpx.get(f"{url}/docs.json").json()["paths"]
     assert {"/review/api/verdicts", "/review/api/promote", "/review/api/jobs/{job_id}"} <= set(paths)
