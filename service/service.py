@@ -5,6 +5,11 @@ really gets one). /predict has adaptive batching: the public API checks and conv
 then awaits BentoML's batching dispatcher (service/batching.py), which merges the images of
 concurrent requests into one session run; the answer keeps the public shape of ARCHITECTURE.md.
 /explain runs its one image directly: there is nothing to batch.
+
+A worker serves one version at a time (service/serving.py): a fixed bundle, or with a registry
+(PROTOSERVE_REGISTRY) the registry's active version, followed without a restart; every answer names
+the version that computed it. With a registry the review API and page are mounted at /review
+(service/review.py).
 """
 
 import logging
