@@ -10,6 +10,7 @@ answers 409 naming the setting. Errors are JSON {"error", "reason"} like the res
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -44,13 +45,25 @@ class MethodGate:
             for route in app.router.routes:
                 match, _ = route.matches(scope)
                 if match is Match.FULL:
-                    return await self.inner(scope, receive, send)
+                    return await self.inner(scope, receive, _naming_the_worker(send))
                 if match is Match.PARTIAL:
                     allowed |= set(getattr(route, "methods", None) or ()) - {"HEAD"}
             if allowed:
                 response = PlainTextResponse("Method Not Allowed", 405, headers={"Allow": ", ".join(sorted(allowed))})
                 return await response(scope, receive, send)
         return await self.inner(scope, receive, send)
+
+
+def _naming_the_worker(send):
+    """Every review answer says which worker process gave it (x-protoserve-worker), as /predict's do."""
+    worker = str(os.getpid()).encode()
+
+    async def named(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"x-protoserve-worker", worker)]}
+        await send(message)
+
+    return named
 
 
 app.add_middleware(MethodGate)

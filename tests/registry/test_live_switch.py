@@ -34,7 +34,8 @@ class Load:
         self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(clients)]
 
     def client(self) -> None:
-        with httpx.Client(timeout=30) as http:
+        # A new connection per request: a kept-alive one stays with the worker that accepted it.
+        with httpx.Client(timeout=30, headers={"Connection": "close"}) as http:
             while not self.stop.is_set():
                 try:
                     r = http.post(f"{self.url}/predict", json={"images": self.images})

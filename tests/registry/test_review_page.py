@@ -79,6 +79,10 @@ def test_reject_revise_promote_in_the_browser(protopnet_registry, mnist_root, tm
             wait_for(lambda: browser.find_element(By.ID, "active-version").text == candidate, 30, "the promotion")
             browser.set_window_size(390, 844)  # a phone
             browser.save_screenshot(str(SCREENSHOTS / "3_promoted_phone.png"))
+            assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+            cards = browser.find_elements(By.CSS_SELECTOR, ".card")
+            assert cards[0].rect["width"] >= 120  # two cards a row, not squeezed
+            assert browser.find_element(By.ID, "shown-version").text.endswith(candidate)
             with np.load(Path(registry.store.version(candidate).bundle) / "probe.npz") as probe:
                 images = probe["input.image"][:1].tolist()
             answered = wait_for(lambda: all(httpx.post(f"{url}/predict", json={"images": images})

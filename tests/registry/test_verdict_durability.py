@@ -18,23 +18,27 @@ KEY = "durable-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def post_verdicts(url: str, client: int, count: int) -> list[int]:
-    ids = []
-    with httpx.Client(timeout=60) as http:
+def post_verdicts(url: str, client: int, count: int) -> list[tuple[int, str]]:
+    """(verdict id, worker pid) of each acknowledged verdict; a new connection per request so that both
+    workers take them (a kept-alive connection stays with one worker)."""
+    acknowledged = []
+    with httpx.Client(timeout=60, headers={**AUTH, "Connection": "close"}) as http:
         for i in range(count):
-            r = http.post(f"{url}/review/api/verdicts", headers=AUTH,
+            r = http.post(f"{url}/review/api/verdicts",
                           json={"prototype_id": i % 10, "verdict": "reject", "source": f"client-{client}",
                                 "note": str(i)})
             assert r.status_code == 201, r.text
-            ids.append(r.json()["id"])
-    return ids
+            acknowledged.append((r.json()["id"], r.headers["x-protoserve-worker"]))
+    return acknowledged
 
 
 def test_four_clients_two_workers_lose_no_verdict(two_versions, tmp_path):
     registry, v1, _ = two_versions
     with registry_service(registry, tmp_path / "serve.log", PROTOSERVE_ADMIN_KEY=KEY) as url:
+        started = time.perf_counter()
         with ThreadPoolExecutor(4) as pool:
-            acknowledged = [i for ids in pool.map(lambda c: post_verdicts(url, c, 200), range(4)) for i in ids]
+            answers = [a for ids in pool.map(lambda c: post_verdicts(url, c, 200), range(4)) for a in ids]
+        print(f"800 verdicts from 4 clients in {time.perf_counter() - started:.1f} s")
         for headers in ({}, {"Authorization": "Bearer wrong"}):  # refused by the real server, nothing stored
             r = httpx.post(f"{url}/review/api/verdicts", headers=headers,
                            json={"prototype_id": 1, "verdict": "reject", "source": "mallory"})
@@ -43,6 +47,8 @@ def test_four_clients_two_workers_lose_no_verdict(two_versions, tmp_path):
         paths = httpx.get(f"{url}/docs.json").json()["paths"]
     assert {"/review/api/verdicts", "/review/api/promote", "/review/api/jobs/{job_id}"} <= set(paths)
     assert "401" in paths["/review/api/verdicts"]["post"]["responses"]
+    acknowledged = [i for i, _ in answers]
+    assert len({worker for _, worker in answers}) == 2  # both workers wrote
     assert len(acknowledged) == len(set(acknowledged)) == 800
     assert {v["id"] for v in stored} == set(acknowledged)
     for c in range(4):  # each client's verdicts in the order it sent them
