@@ -105,10 +105,11 @@ class Protoserve:
     def _switch(self, new: ServedVersion) -> None:
         """Serve `new` from the next request on; requests in flight finish on the version they took."""
         old, self.current = self.current, self._prepare(new)
-        m = metrics()
-        m.model_info.remove(*old.model_id, old.manifest.family, old.model.provider)
-        for level in old.model.reference_distance:
-            m.reference_nearest_distance.remove(*old.model_id, level)
+        if old.model_id != new.model_id:
+            # A multiprocess gauge keeps a removed series in the worker's file: 0 says "not served here".
+            # The old version's drift reference stays: it is a fact about that version, and its
+            # histograms age out of the alert's window on their own.
+            metrics().model_info.labels(*old.model_id, old.manifest.family, old.model.provider).set(0)
 
     @bentoml.on_startup
     async def follow_registry(self) -> None:

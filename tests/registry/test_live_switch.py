@@ -97,6 +97,10 @@ def test_workers_follow_five_switches_under_load(two_versions, tmp_path):
             time.sleep(0.5)
             settled = time.monotonic() - 0.4
             assert {v for t, _, v in load.answers if t > settled} == {target}
+        served = {line.split('version="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                  for line in httpx.get(f"{url}/metrics").text.splitlines()
+                  if line.startswith("protoserve_model_info{")}
+        assert served[target] == 1 and served.get(v2 if target == v1 else v1, 0) == 0, served
     assert not load.errors, load.errors[:5]
     assert len({w for _, w, _ in load.answers}) == 2
     assert {v for _, _, v in load.answers} == {v1, v2}
