@@ -230,7 +230,7 @@ def _worker(args) -> None:
 def _review(args) -> None:
     from cli.review import run_review
 
-    run_review(Path(args.bundle), Path(args.checkpoint), Path(args.registry), args.port, args.data_root)
+    run_review(Path(args.bundle), Path(args.checkpoint), Path(args.registry), args.port, args.data_root, args.host)
 
 
 def _demo(args) -> None:
@@ -399,6 +399,7 @@ def _serving_verbs(sub) -> None:
     p.add_argument("--checkpoint", default="models/protopnet_mnist/checkpoint.pt")
     p.add_argument("--registry", default="runs/review/registry")
     p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to open the page from a phone on the same network")
     p.add_argument("--data-root", help="training data for revisions (default: $PROTOSERVE_DATA_ROOT)")
     p.set_defaults(func=_review)
 

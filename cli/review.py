@@ -21,7 +21,8 @@ from registry.versions import Registry
 from service.demo import REPO, running_service, stop
 
 
-def run_review(bundle: Path, checkpoint: Path, root: Path, port: int, data_root: str | None) -> None:
+def run_review(bundle: Path, checkpoint: Path, root: Path, port: int, data_root: str | None,
+               host: str = "127.0.0.1") -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # a TERM stops the service and the worker too, as Ctrl+C does
     registry = Registry(root)
     if not registry.store.versions():
@@ -39,8 +40,10 @@ def run_review(bundle: Path, checkpoint: Path, root: Path, port: int, data_root:
         worker = subprocess.Popen(worker_cmd, cwd=REPO, env=worker_env, stdout=worker_log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:
-        with running_service(registry.active_bundle(), port, log_dir / "serve.log", env=env) as url:
+        with running_service(registry.active_bundle(), port, log_dir / "serve.log", env=env, host=host) as url:
             print(f"review page: {url}/review/   (active version {registry.store.active().version})")
+            if host != "127.0.0.1":
+                print(f"  from another device (a phone): http://<this machine's address>:{port}/review/")
             if made:
                 print(f"admin key for this run: {key}\n  (enter it once in the page; to choose your own, "
                       "export PROTOSERVE_ADMIN_KEY=... before make review)")

@@ -37,7 +37,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_service(bundle: Path, port: int, log: Path, timeout: float = 180.0, env: dict | None = None):
+def running_service(bundle: Path, port: int, log: Path, timeout: float = 180.0, env: dict | None = None,
+                    host: str = "127.0.0.1"):
     """`bentoml serve` on `bundle` until the block ends; yields the base URL once /readyz says 200.
 
     `env` adds to (or overrides) the environment of the server, e.g. BENTOML_HOME or PROTOSERVE_WORKERS.
@@ -51,7 +52,7 @@ def running_service(bundle: Path, port: int, log: Path, timeout: float = 180.0, 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service.service:Protoserve",
-                                    "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env,
+                                    "--host", host, "--port", str(port)], cwd=REPO, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
