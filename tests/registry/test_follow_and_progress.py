@@ -1,0 +1,50 @@
+"""Without a server: the follower's switching rules, and a revision job's progress from its log lines."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from protoserve.verdicts import verdict
+from service.serving import ActiveVersionFollower
+from worker.revision_job import Heartbeat
+
+
+def test_follower_switches_on_a_new_generation_and_skips_a_broken_version(two_versions):
+    registry, v1, v2 = two_versions
+    switched = []
+    follower = ActiveVersionFollower(registry, registry.store.active().generation, v1, switched.append)
+    asyncio.run(follower.check())
+    assert switched == []  # nothing changed
+    registry.promote(v2)
+    asyncio.run(follower.check())
+    assert [s.version for s in switched] == [v2] and follower.version == v2
+    assert switched[0].generation == registry.store.active().generation
+    registry.rollback()
+    registry.promote(v2)  # v1 and back between two polls: same version, no reload
+    asyncio.run(follower.check())
+    assert len(switched) == 1 and follower.generation == registry.store.active().generation
+    (Path(registry.store.version(v1).bundle) / "probe.npz").write_bytes(b"broken")
+    registry.store.activate(v1)  # around the registry's own verification
+    asyncio.run(follower.check())
+    asyncio.run(follower.check())  # not retried until the generation moves again
+    assert len(switched) == 1 and follower.version == v2
+    assert list(follower.failed.values())[0].startswith(f"{v1}: ") and len(follower.failed) == 1
+
+
+def test_progress_and_eta_from_the_revision_log(two_versions):
+    registry, v1, _ = two_versions
+    registry.store.add_verdict(v1, verdict(1, "reject", 1, "ada"))
+    registry.store.add_job(v1, {"mode": "revise", "rounds": 2, "epochs_per_round": 2})
+    job = registry.store.claim_job("w", 60)
+    beat = Heartbeat(registry, job, "w", 60)
+    beat.started -= 10.0  # ten seconds in
+    beat.log("round 1 epoch 1/2: {}")
+    assert (beat.progress["round"], beat.progress["epoch"], beat.progress["eta_seconds"]) == (1, 1, 30.0)
+    beat.log("round 1: non-object None, rejected 1")
+    assert beat.progress["eta_seconds"] == 10.0
+    beat.stage("revising")
+    stored = registry.store.job(job["id"])
+    assert stored["progress"]["stage"] == "revising" and "round 1 epoch 1/2" in stored["log"]
+    registry.store.claim_job("other", 60)  # nothing to take: still ours
+    assert beat.lost is False
