@@ -23,6 +23,10 @@ def refine_cost(prototypes: torch.Tensor, antitypes: torch.Tensor, eps: float = 
     the prototypes j, so every prototype near an antitype feels the force, not only the nearest pair
     of all. Each term lies in (0, 1]: 1 where a prototype coincides with an antitype, near 0 far
     away. No antitypes: 0.
+
+    Right after push a rejected prototype sits exactly on its antitype, where this gradient is zero
+    (d_js has zero gradient at p_j = q_s); the other loss terms nudge it off, and from there the
+    repulsion is about 2 / ||p_j - q_s||, so it leaves quickly.
     """
     p = prototypes.reshape(prototypes.shape[0], -1)
     if antitypes.numel() == 0:
