@@ -236,12 +236,15 @@ class Store:
                        (version,))
         return self.active()
 
-    def roll_back(self, actor: str | None = None) -> Active:
+    def roll_back(self, actor: str | None = None, expect_previous: str | None = None) -> Active:
         """Rollback: the previous version becomes active again (and the active one its previous)."""
         with self._write() as db:
             current = db.execute("SELECT version, previous, generation FROM active WHERE id = 1").fetchone()
             if current["previous"] is None:
                 raise RegistryError("nothing to roll back to: no previous version")
+            if expect_previous is not None and current["previous"] != expect_previous:
+                raise RegistryError(f"the previous version changed meanwhile ({current['previous']}, expected "
+                                    f"{expect_previous}); look again and retry")
             self._switch(db, "rollback", current["previous"], current["version"], current["generation"] + 1, actor)
         return self.active()
 

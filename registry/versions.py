@@ -96,7 +96,7 @@ class Registry:
         if previous is None:
             raise RegistryError("nothing to roll back to: no previous version")
         self.verify(previous)
-        return self.store.roll_back(actor)
+        return self.store.roll_back(actor, expect_previous=previous)  # the version just verified, or none
 
     def active_bundle(self) -> Path:
         active = self.store.active()
