@@ -205,6 +205,11 @@ def _registry(args) -> None:
     elif args.action == "rollback":
         active = registry.rollback(actor="cli")
         print(f"active: {active.version} (previous {active.previous}, generation {active.generation})")
+    elif args.action == "neighbours":
+        from worker.neighbours import write_neighbours
+
+        version = args.version or registry.store.active().version
+        print(f"written {write_neighbours(registry, version, args.data_root, limit=args.images)}")
     elif args.action == "verdicts":
         from protoserve.verdicts import FIELDS, parse_verdict
 
@@ -380,6 +385,11 @@ def _serving_verbs(sub) -> None:
     a = actions.add_parser("promote", help="verify a version and make it active")
     a.add_argument("version")
     actions.add_parser("rollback", help="make the previous version active again")
+    a = actions.add_parser("neighbours", help="the training images nearest to each prototype of a version "
+                           "(for the review page; needs the training install and data)")
+    a.add_argument("version", nargs="?")
+    a.add_argument("--data-root", help="default: $PROTOSERVE_DATA_ROOT")
+    a.add_argument("--images", type=int, default=10_000, help="search the first N training images")
     a = actions.add_parser("verdicts", help="a version's verdicts (default: the active one's) as JSON lines")
     a.add_argument("version", nargs="?")
     a = actions.add_parser("lineage", help="a version (default: the active one) and its ancestors, as JSON lines")

@@ -28,6 +28,12 @@ def run_review(bundle: Path, checkpoint: Path, root: Path, port: int, data_root:
     if not registry.store.versions():
         row = registry.register(bundle, checkpoint)
         registry.promote(row.version, actor="protoserve review")
+        try:
+            from worker.neighbours import write_neighbours
+
+            write_neighbours(registry, row.version, data_root)
+        except Exception as e:  # the page works without them (no training install, no data)
+            print(f"nearest training images not computed ({type(e).__name__}: {e})")
     key = os.environ.get("PROTOSERVE_ADMIN_KEY") or secrets.token_urlsafe(18)
     made = "PROTOSERVE_ADMIN_KEY" not in os.environ
     env = {"PROTOSERVE_ADMIN_KEY": key, REGISTRY_ENV: str(root.resolve()), "PROTOSERVE_WORKERS": "2"}

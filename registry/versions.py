@@ -10,6 +10,7 @@ is never activated, and the active one stays.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from export.runtime import verify_bundle
 from registry.store import DB_FILE, Active, RegistryError, Store, VersionRow
 
 ENV = "PROTOSERVE_REGISTRY"
+NEIGHBOURS_FILE = "neighbours.json"  # a version's nearest training images (worker/neighbours.py writes it)
 
 
 def registry_location() -> Path | None:
@@ -97,6 +99,16 @@ class Registry:
             raise RegistryError("nothing to roll back to: no previous version")
         self.verify(previous)
         return self.store.roll_back(actor, expect_previous=previous)  # the version just verified, or none
+
+    def neighbours(self, version: str) -> dict | None:
+        """The version's nearest training images per prototype id, or None when not computed."""
+        path = self.version_dir(version) / NEIGHBOURS_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RegistryError(f"{path}: not readable ({e})") from None
 
     def active_bundle(self) -> Path:
         active = self.store.active()

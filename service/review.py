@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -190,7 +191,8 @@ def versions() -> dict:
 @app.get("/api/versions/{version}/prototypes", **READING, summary="A version's prototypes with pictures and verdicts")
 def prototypes(version: str) -> dict:
     """Each prototype: class, weight, status, its pictures (URLs), the training patch it was pushed onto
-    (ProtoPNet provenance), its latest verdict and how many it has."""
+    (ProtoPNet provenance), its nearest training images (when computed: worker/neighbours.py), its
+    latest verdict and how many it has."""
     reg = registry()
     version = version_or_active(reg, None if version == "active" else version)
     bundle = _bundle(reg.store.version(version).bundle)
@@ -199,6 +201,7 @@ def prototypes(version: str) -> dict:
     for v in reg.store.verdicts(version):
         given.setdefault(v["prototype_id"], []).append(v)
     base = f"/review/api/versions/{version}/files/"
+    neighbours = (reg.neighbours(version) or {}).get("nearest", {})
     rows = []
     for row in m.prototypes:
         provenance = row.provenance or {}
@@ -211,6 +214,8 @@ def prototypes(version: str) -> dict:
                      "nearest_training_patch": {k: provenance[k] for k in ("source_index", "source_label", "patch",
                                                                            "receptive_field_box") if k in provenance}
                      or None,
+                     "nearest_training_images": [{**n, "image": f"/review/api/versions/{version}/{n['image']}"}
+                                                 for n in neighbours.get(str(row.id), [])],
                      "verdict": history[-1] if history else None, "verdicts": len(history)})
     return {"version": version, "name": m.name, "family": m.family, "prototypes": rows,
             "open_verdicts": reg.store.open_verdict_counts().get(version, 0)}
@@ -224,6 +229,17 @@ def picture(version: str, name: str) -> FileResponse:
         raise ReviewError(404, "not_found", f"{name}: no such picture in version {version}")
     return FileResponse(bundle.file(name), media_type="image/png",
                         headers={"cache-control": "public, max-age=86400, immutable"})
+
+
+@app.get("/api/versions/{version}/neighbours/{name}", **READING,
+         summary="A training image nearest to a prototype (PNG), when the version's neighbours were computed")
+def neighbour(version: str, name: str) -> FileResponse:
+    reg = registry()
+    reg.store.version(version)  # 404 when unknown
+    path = reg.version_dir(version) / "neighbours" / name
+    if not re.fullmatch(r"\d{3}_\d{1,2}\.png", name) or not path.is_file():
+        raise ReviewError(404, "not_found", f"{name}: no such neighbour picture in version {version}")
+    return FileResponse(path, media_type="image/png", headers={"cache-control": "public, max-age=86400, immutable"})
 
 
 @app.get("/api/versions/{version}/lineage", **READING, summary="The version and its ancestors")

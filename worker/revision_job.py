@@ -5,7 +5,8 @@ few seconds from a heartbeat thread, together with the job's progress (round, ep
 tail of its log. It revises the parent version from its checkpoint with the job's verdicts
 (export/revise.py: training/revision.py's rounds, then export with the parity check), and
 registers the result as a *candidate* version (verified again, golden probe included) whose
-lineage compares it with its parent. Promotion stays explicit unless the job asked for automatic
+lineage compares it with its parent, with its prototypes' nearest training images
+(worker/neighbours.py). Promotion stays explicit unless the job asked for automatic
 promotion and the candidate passes the gates (export's parity, verification, accuracy no more than
 `max_accuracy_drop` below its parent's).
 
@@ -28,6 +29,7 @@ from protoserve.errors import ProtoserveError
 from protoserve.verdicts import FIELDS, append_verdicts, parse_verdict
 from registry.store import RegistryError
 from registry.versions import Registry
+from worker.neighbours import write_neighbours
 
 LEASE_SECONDS = float(os.environ.get("PROTOSERVE_JOB_LEASE_SECONDS", "60"))
 ROUND_EPOCH = re.compile(r"^round (\d+) epoch (\d+)/(\d+)")
@@ -167,6 +169,11 @@ def revise_version(registry: Registry, job: dict, data_root: str | None, beat: H
     beat.stage("registering")
     row = registry.register(result.bundle.path, run / "checkpoint.pt", parent=parent.version, status="candidate",
                             job_id=job["id"])
+    beat.stage("neighbours")
+    try:  # what the page shows beside each prototype; the candidate stands without it
+        write_neighbours(registry, row.version, data_root)
+    except Exception as e:
+        beat.log(f"nearest training images not computed: {type(e).__name__}: {e}")
     comparison = (row.lineage or {}).get("comparison", {})
     outcome = {"candidate": row.version, "comparison": comparison, "test_accuracy": {
         "parent": (parent.metrics or {}).get("test_accuracy"), "candidate": (row.metrics or {}).get("test_accuracy")},

@@ -38,6 +38,8 @@ def test_worker_registers_a_candidate_with_its_comparison(protopnet_registry, mn
     assert set(done["result"]["comparison"]["accuracy"]) == {"parent", "revised"}
     assert done["progress"]["stage"] == "done" and done["progress"]["round"] == 1
     assert "round 1" in done["log"]
+    near = registry.neighbours(candidate.version)["nearest"]
+    assert len(near) == 20 and all(len(found) == 3 for found in near.values())  # the tiny ProtoPNet's 20
     assert registry.store.active().version == "0.1.0"  # promotion is explicit
     registry.promote(candidate.version)
     assert registry.store.active().version == candidate.version
