@@ -57,7 +57,7 @@ def read_raw(path: Path) -> collections.Counter:
     parts: collections.Counter = collections.Counter()
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if stack:
+        if stack and count.isdigit():
             parts[part_of(stack)] += int(count)
     return parts
 
