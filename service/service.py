@@ -20,9 +20,7 @@ from starlette.responses import JSONResponse
 from export.bundle import read_bundle
 from inference.explain import (
     heatmap_overlay,
-    nearest_distance,
     nearest_prototypes,
-    nearest_prototypes_batch,
     pixels_to_picture,
     png_base64,
     predictions,
@@ -32,7 +30,7 @@ from inference.model import bundle_location, load_model
 from inference.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
 from protoserve.errors import InputError
 from service.batching import AdaptiveBatcher, Overloaded
-from service.metrics import count_rejection, metrics, record_answers
+from service.metrics import count_rejection, labelled, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
 from service.score_task import ScoreGate, score_images
 
@@ -46,9 +44,10 @@ log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from 
 MAX_BATCH_SIZE = int(os.environ.get("PROTOSERVE_MAX_BATCH_SIZE", str(DEFAULT_LIMITS.max_batch)))
 MAX_LATENCY_MS = int(os.environ.get("PROTOSERVE_MAX_LATENCY_MS", "2000"))
 WORKERS = int(os.environ.get("PROTOSERVE_WORKERS", "2"))
-# A /predict call of up to this many images, alone in its worker, runs on the event loop, not in a
-# thread (service/batching.py): 8 MNIST images take ~0.2 ms of one core, less than the thread hand-off.
-# With other requests in flight it goes through the batcher, so they can share a session run.
+# A /predict call of up to this many images that finds the batcher idle runs on the event loop, not in
+# a thread (service/batching.py): 8 MNIST images take ~0.2 ms of one core, less than the thread hand-off,
+# and while it runs the loop cannot start another, so small calls under load never wait for a thread or
+# the dispatcher's polling. Larger calls run in a thread; calls arriving meanwhile share the next run.
 INLINE_MAX_SIZE = int(os.environ.get("PROTOSERVE_INLINE_MAX_SIZE", "8"))
 
 # BentoML's per-request work that this service does not need by default (benchmarks/serve.py, README
@@ -86,9 +85,9 @@ class Protoserve:
         self.source_pictures = {row.id: png_base64_file(self.model.bundle.file(row.provenance["source_image"]))
                                 for row in manifest.prototypes if (row.provenance or {}).get("source_image")}
         self.provider = self.model.provider
+        self.worker_header = {"x-protoserve-worker": str(os.getpid())}
         # /predict's adaptive batching (service/batching.py): concurrent requests share one session run.
         self.classify = AdaptiveBatcher(self._classify, MAX_BATCH_SIZE, MAX_LATENCY_MS, self._count_batch)
-        self.predicting = 0  # /predict requests in this worker between their first line and their answer
         m = metrics()  # built now, in the worker, so a scrape lists them from the start
         m.model_info.labels(manifest.name, manifest.version, manifest.family, self.provider).set(1)
         for q, value in self.model.reference_distance.items():
@@ -106,43 +105,39 @@ class Protoserve:
     # The APIs return their JSON as a ready JSONResponse: BentoML passes a Response through, where for
     # a dict it rebuilds the return type's JSON schema on every response (1-7 ms measured per call on
     # the shared 2-core machine). The `-> dict` annotations still give the OpenAPI document its types.
+    # The image routes set their status and headers on that response and take no bentoml.Context:
+    # BentoML copies a context's status, headers and cookies onto every response of an API that has one.
 
     @bentoml.api(route="/predict")
-    async def predict(self, ctx: bentoml.Context, images: Any = None) -> dict:
+    async def predict(self, images: Any = None) -> dict:
         """Classify a batch: {"images": [IMAGE, ...]} -> one prediction per image, in order."""
         started = time.perf_counter()
-        ctx.response.headers["x-protoserve-worker"] = str(os.getpid())
         try:
             batch = to_batch(images, self.manifest.input)
         except InputError as e:
-            return JSONResponse(self._refuse(ctx, e))
+            return self._answer(self._refuse(e), e.status)
         K = len(self.manifest.class_names)
-        self.predicting += 1
         try:
-            output = await self.classify(batch, inline=self.predicting == 1 and len(batch) <= INLINE_MAX_SIZE)
+            output = await self.classify(batch, inline=len(batch) <= INLINE_MAX_SIZE)
         except Overloaded as e:
-            ctx.response.status_code = 503
-            return JSONResponse({"error": str(e), "reason": "overloaded"})
-        finally:
-            self.predicting -= 1
+            return self._answer({"error": str(e), "reason": "overloaded"}, 503)
         probabilities, distances = output[:, :K], output[:, K:]
         self._record(probabilities, distances, "predict", started)
-        return JSONResponse({"model": self._model_ref(),
+        return self._answer({"model": self._model_ref(),
                              "predictions": predictions(probabilities, self.manifest.class_names)})
 
     @bentoml.api(route="/explain")
-    async def explain(self, ctx: bentoml.Context, image: Any = None, top_k: Any = None) -> dict:
+    async def explain(self, image: Any = None, top_k: Any = None) -> dict:
         """Explain one image: {"image": IMAGE, "top_k": 3} -> the prediction and the top_k nearest
         prototypes (nearest first) with their pictures; PrototypeDL adds the input's reconstruction."""
         started = time.perf_counter()
-        ctx.response.headers["x-protoserve-worker"] = str(os.getpid())
         try:
             if image is None:
                 raise InputError("missing_field", 'body needs "image"')
             k = parse_top_k(top_k, int(self.active.sum()))
             x = to_input(image, self.manifest.input)
         except InputError as e:
-            return JSONResponse(self._refuse(ctx, e))
+            return self._answer(self._refuse(e), e.status)
         outputs = {name: value[0] for name, value in self.model.outputs(x[None]).items()}  # < 1 ms: no batching
         probabilities, distances = outputs["probabilities"][None], outputs["distances"][None]
         self._record(probabilities, distances, "explain", started)
@@ -160,7 +155,7 @@ class Protoserve:
         if "reconstruction" in outputs:
             answer["reconstruction"] = png_base64(pixels_to_picture(denormalize(outputs["reconstruction"],
                                                                                 self.manifest.input)))
-        return JSONResponse(answer)
+        return self._answer(answer)
 
     @bentoml.api(route="/metadata")
     async def metadata(self) -> dict:
@@ -193,24 +188,32 @@ class Protoserve:
         try:
             return await score_images(self.manifest, images, top_k, self.classify)
         except InputError as e:
-            return self._refuse(ctx, e)
+            ctx.response.status_code = e.status
+            return self._refuse(e)
 
     def _count_batch(self, size: int) -> None:
-        metrics().batch_size.labels(*self.model_id).observe(size)
+        labelled(metrics().batch_size, *self.model_id).observe(size)
 
     def _model_ref(self) -> dict:
         return {"name": self.manifest.name, "version": self.manifest.version}
 
-    def _refuse(self, ctx: bentoml.Context, error: InputError) -> dict:
+    def _answer(self, body: dict, status: int = 200) -> JSONResponse:
+        """An image route's answer, naming the worker that gave it (x-protoserve-worker: its pid)."""
+        return JSONResponse(body, status, self.worker_header)
+
+    def _refuse(self, error: InputError) -> dict:
+        """The refusal's body (the caller sets error.status), counted by reason."""
         count_rejection(error.reason)
-        ctx.response.status_code = error.status
         return {**error.body(), "model": self._model_ref()}
 
     def _record(self, probabilities: np.ndarray, distances: np.ndarray, api: str, started: float) -> None:
-        nearest = nearest_prototypes_batch(distances, 1, self.active)[:, 0]
+        # The nearest active prototype: the first smallest distance with masked ones out of reach (the
+        # same index as nearest_prototypes_batch's stable order, in one pass).
+        masked = np.where(self.active, distances, np.inf)
+        nearest = masked.argmin(axis=1)
         record_answers(self.model_id, self.manifest.class_names, self.prototype_ids, probabilities, nearest,
-                       nearest_distance(distances, self.active))
-        metrics().inference_seconds.labels(*self.model_id, api).observe(time.perf_counter() - started)
+                       masked[np.arange(len(masked)), nearest])
+        labelled(metrics().inference_seconds, *self.model_id, api).observe(time.perf_counter() - started)
 
 
 def png_base64_file(path) -> str:
