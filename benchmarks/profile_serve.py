@@ -155,8 +155,8 @@ def profile_asgi(args, image: str) -> None:
                                                                            1e-12)
         else:
             parts[part_of_file(filename)] += own
-    if os.environ.get("PROFILE_OTHER"):
-        stats.sort_stats("tottime").print_stats(40)
+    if os.environ.get("PROFILE_DUMP"):
+        stats.dump_stats(os.environ["PROFILE_DUMP"])
     total = sum(parts.values())
     print(f"{args.system} {args.route}, in process: {best * 1e6:.0f} us of CPU per request (best of 5 runs of "
           f"{args.requests}); under cProfile, own time by part:")

@@ -196,13 +196,13 @@ def to_batch(images: object, spec: InputSpec, limits: Limits = DEFAULT_LIMITS) -
     if len(images) > limits.max_batch:
         raise InputError("batch_too_large", f'"images" holds {len(images)} images; at most {limits.max_batch} '
                          "per request")
-    batch = []
+    batch = np.empty((len(images), spec.channels, spec.height, spec.width), dtype=np.float32)
     for i, image in enumerate(images):
         try:
-            batch.append(to_input(image, spec, limits))
+            batch[i] = to_input(image, spec, limits)
         except InputError as e:
             raise InputError(e.reason, f"images[{i}]: {e}", e.status) from None
-    return np.stack(batch)
+    return batch
 
 
 def parse_top_k(value: object, n_prototypes: int) -> int:
