@@ -93,8 +93,8 @@ def bench_raw(bundle: Path, x: np.ndarray, seconds: float) -> dict:
 async def closed_loop(url: str, body: dict | None, clients: int, requests: int) -> dict:
     """`clients` connections, each sending its next request when the last is answered (GET if no body).
 
-    The client is aiohttp with the body serialised once: it spends ~0.3-1.6 ms of CPU per request on
-    this machine where httpx spent 2.3-3.9 ms, CPU taken from the servers it shares the cores with."""
+    The client is aiohttp with the body serialised once: it spends several times less CPU per request
+    than httpx, CPU it would otherwise take from the servers it shares the cores with."""
     import aiohttp
 
     latencies: list[float] = []
@@ -263,19 +263,19 @@ def median_row(rows: list[dict]) -> dict:
     return row
 
 
-def alternating_rounds(targets: dict[str, tuple[str, dict]], rounds: int, scale: float) -> dict[str, list[dict]]:
+def alternating_rounds(systems: dict[str, tuple[str, dict]], rounds: int, scale: float) -> dict[str, list[dict]]:
     """Every system at every concurrency, `rounds` times, the systems taking turns at each level, so a
     change in the machine's load (the cores are shared) falls on all alike; medians over the rounds."""
-    raw: dict[str, dict[int, list[dict]]] = {key: {c: [] for c in CONCURRENCY} for key in targets}
+    raw: dict[str, dict[int, list[dict]]] = {key: {c: [] for c in CONCURRENCY} for key in systems}
     for r in range(rounds):
         for c in CONCURRENCY:
-            for key, (url, body) in targets.items():
+            for key, (url, body) in systems.items():
                 row = asyncio.run(closed_loop(url, body, c, requests_for(c, scale)))
                 raw[key][c].append(row)
                 print(f"  round {r + 1} {key:20s} c={c:<3d} p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f}  "
                       f"p99 {row['p99_ms']:7.2f}  {row['requests_per_s']:7.1f} req/s  errors {row['errors']}",
                       flush=True)
-    return {key: [median_row(raw[key][c]) for c in CONCURRENCY] for key in targets}
+    return {key: [median_row(raw[key][c]) for c in CONCURRENCY] for key in systems}
 
 
 def per_round(a: dict, b: dict, figure) -> float:
@@ -295,7 +295,8 @@ def floor_ratios(result: dict) -> dict:
     return ratios
 
 
-def target_figures(result: dict) -> dict:
+def targets(result: dict) -> dict:
+    """The figures the serving targets are stated in (README "Serving speed"), each taken within a round."""
     raw_p50 = result["raw"]["batch_1"]["p50_ms"]
     predict, explain, naive = result["protoserve_predict"], result["protoserve_explain"], result["naive_predict"]
     memory = result["worker_memory_mb"]
@@ -317,7 +318,7 @@ def print_targets(t: dict) -> None:
           f"{t['worker_memory_vs_floor']:.2f}x the floor's (target <= 1.5)")
 
 
-def serve_figures(args, bundle: Path, checkpoint: Path, out: Path, image: str, result: dict) -> None:
+def compare_servers(args, bundle: Path, checkpoint: Path, out: Path, image: str, result: dict) -> None:
     """The three servers side by side, alternating rounds, then the secondary figures and worker memory."""
     print(f"protoserve (bentoml serve, 2 API workers, adaptive batching), the framework floor (bare BentoML, 2 "
           f"workers, a fixed answer) and the naive FastAPI + PyTorch eager server (1 uvicorn worker); "
@@ -356,7 +357,7 @@ def secondary_figures(url: str, image: str, scale: float, result: dict) -> None:
           "images/s)", flush=True)
 
 
-def sweeps(bundle: Path, out: Path, image: str, scale: float, result: dict) -> None:
+def batching_sweeps(bundle: Path, out: Path, image: str, scale: float, result: dict) -> None:
     print("adaptive batching: /predict at c=64 by max batch size", flush=True)
     result["batch_size_sweep"] = []
     for size in (1, 16, 64):
@@ -400,16 +401,16 @@ def main() -> None:
     raw = result["raw"]["batch_1"]
     print(f"  batch 1: p50 {raw['p50_ms']:.3f} ms  p95 {raw['p95_ms']:.3f}  p99 {raw['p99_ms']:.3f}  "
           f"{raw['images_per_s']:.0f} img/s; batch 64: {result['raw']['batch_64_images_per_s']:.0f} img/s")
-    serve_figures(args, bundle, checkpoint, out, image, result)
+    compare_servers(args, bundle, checkpoint, out, image, result)
     result["machine"]["loadavg_during"] = os.getloadavg()
     if args.sweep:
-        sweeps(bundle, out, image, args.scale, result)
+        batching_sweeps(bundle, out, image, args.scale, result)
 
     result["floor_ratios"] = floor_ratios(result)
     print("protoserve /predict / floor, medians of the per-round ratios: " + "; ".join(
         f"{c}: p50 x{r['p50']:.2f} (+{r['p50_minus_floor_ms']:.2f} ms), throughput x{r['throughput']:.2f}"
         for c, r in result["floor_ratios"].items()))
-    result["targets"] = target_figures(result)
+    result["targets"] = targets(result)
     result["machine"]["loadavg_after"] = os.getloadavg()
     out.write_text(json.dumps(result, indent=2) + "\n")
     print_targets(result["targets"])
