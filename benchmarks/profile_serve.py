@@ -59,7 +59,7 @@ def part_of(stack: str) -> str:
         for part, fragments in PARTS:
             if any(f in frame for f in fragments):
                 return part
-    return "other"
+    return "Python standard library and the rest (inspect, contextlib, typing, ...)"
 
 
 def read_raw(path: Path) -> collections.Counter:
@@ -76,7 +76,7 @@ def part_of_file(filename: str) -> str:
     for part, fragments in PARTS:
         if any(f in filename for f in fragments):
             return part
-    return "other"
+    return "Python standard library and the rest (inspect, contextlib, typing, ...)"
 
 
 def asgi_app(system: str):
