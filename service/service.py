@@ -7,6 +7,7 @@ concurrent requests into one session run; the answer keeps the public shape of A
 /explain runs its one image directly: there is nothing to batch.
 """
 
+import asyncio
 import base64
 import logging
 import os
@@ -45,10 +46,11 @@ log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from 
 MAX_BATCH_SIZE = int(os.environ.get("PROTOSERVE_MAX_BATCH_SIZE", str(DEFAULT_LIMITS.max_batch)))
 MAX_LATENCY_MS = int(os.environ.get("PROTOSERVE_MAX_LATENCY_MS", "2000"))
 WORKERS = int(os.environ.get("PROTOSERVE_WORKERS", "2"))
-# A /predict call of up to this many images that finds the batcher idle runs on the event loop, not in
-# a thread (service/batching.py): a few small images run in less time than a hand-off to a thread takes,
-# and while one runs the loop starts no other, so small calls under load never wait for a thread or the
-# dispatcher's polling. Larger calls run in a thread; calls arriving meanwhile share the next run.
+# A /predict call of up to this many images, alone in its worker, runs on the event loop, not in a
+# thread (service/batching.py): a few small images run in less time than a hand-off to a thread takes.
+# With other requests in flight it goes to a thread through the batcher: the model runs outside the
+# GIL while the loop reads the next requests, and those share the next session run. Run inline under
+# load, calls would be answered one at a time with nothing to merge, a slower way to serve many.
 INLINE_MAX_SIZE = int(os.environ.get("PROTOSERVE_INLINE_MAX_SIZE", "8"))
 
 # BentoML's per-request work that this service does not need by default: the access log (a formatted
@@ -90,6 +92,7 @@ class Protoserve:
                                 for row in manifest.prototypes if (row.provenance or {}).get("source_image")}
         self.provider = self.model.provider
         self.worker_header = {"x-protoserve-worker": str(os.getpid())}
+        self.predicting = 0  # /predict requests in this worker past preprocessing, not yet answered
         # /predict's adaptive batching (service/batching.py): concurrent requests share one session run.
         self.classify = AdaptiveBatcher(self._classify, MAX_BATCH_SIZE, MAX_LATENCY_MS, self._count_batch)
         m = metrics()  # built now, in the worker, so a scrape lists them from the start
@@ -121,10 +124,16 @@ class Protoserve:
         except InputError as e:
             return self._answer(self._refuse(e), e.status)
         K = len(self.manifest.class_names)
+        self.predicting += 1
         try:
-            output = await self.classify(batch, inline=len(batch) <= INLINE_MAX_SIZE)
+            # Requests that arrived with this one are tasks not yet started: one turn of the event loop
+            # brings them here, so `predicting` counts them and this call runs inline only when alone.
+            await asyncio.sleep(0)
+            output = await self.classify(batch, inline=self.predicting == 1 and len(batch) <= INLINE_MAX_SIZE)
         except Overloaded as e:
             return self._answer({"error": str(e), "reason": OVERLOADED, "model": self._model_ref()}, 503)
+        finally:
+            self.predicting -= 1
         probabilities, distances = output[:, :K], output[:, K:]
         self._record(probabilities, distances, "predict", started)
         return self._answer({"model": self._model_ref(),
