@@ -44,7 +44,7 @@ from scoring.rows import BatchScorer, Columns
 # most one chunk per worker redone after a kill and a few more MB in flight.
 CHUNK_SIZE = 4096
 PARQUET_GROUP_CHUNKS = 4  # chunks per row group of the Parquet output (16,384 rows by default)
-PLAN_VERSION = 2  # 2: rows gained prototype_similarities and prototype_contributions
+PLAN_VERSION = 3  # 2: rows gained prototype_similarities and prototype_contributions; 3: in_domain, typicality
 JOB_FILE, DONE_FILE = "job.json", "complete.json"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 CHUNK_METADATA = b"protoserve.chunk"
@@ -461,8 +461,8 @@ def row_schema(plan: dict | None = None):
         ("index", pa.int64()), ("input_id", pa.string()), ("label", pa.int32()), ("class_name", pa.string()),
         ("probabilities", pa.list_(pa.float32())), ("prototype_ids", pa.list_(pa.int32())),
         ("prototype_distances", pa.list_(pa.float32())), ("prototype_similarities", pa.list_(pa.float32())),
-        ("prototype_contributions", pa.list_(pa.float32())), ("model_name", pa.string()),
-        ("model_version", pa.string()), ("error", pa.string()),
+        ("prototype_contributions", pa.list_(pa.float32())), ("in_domain", pa.bool_()), ("typicality", pa.float32()),
+        ("model_name", pa.string()), ("model_version", pa.string()), ("error", pa.string()),
     ], metadata=metadata)
 
 
@@ -489,9 +489,20 @@ def to_table(c: Columns):
                pa.array(labels, pa.int32(), mask=~ok), names,
                lists(c.probabilities, pa.float32()), lists(c.prototype_ids, pa.int32()),
                lists(c.prototype_distances, pa.float32()), lists(c.prototype_similarities, pa.float32()),
-               lists(c.prototype_contributions, pa.float32()), pa.repeat(pa.scalar(c.model_name), n),
+               lists(c.prototype_contributions, pa.float32()), *domain_columns(c, full),
+               pa.repeat(pa.scalar(c.model_name), n),
                pa.repeat(pa.scalar(c.model_version), n), pa.array(c.error, pa.string())]
     return pa.Table.from_arrays(columns, schema=row_schema())
+
+
+def domain_columns(c: Columns, full) -> list:
+    """in_domain and typicality as Arrow columns: null on failed rows and without calibration."""
+    import pyarrow as pa
+
+    if c.in_domain is None:
+        return [pa.nulls(len(c), pa.bool_()), pa.nulls(len(c), pa.float32())]
+    return [pa.array(full(c.in_domain, bool), pa.bool_(), mask=~c.ok),
+            pa.array(full(c.typicality, np.float32), pa.float32(), mask=~c.ok)]
 
 
 # -- small file helpers -------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from inference.explain import active_mask
 from inference.preprocess import DEFAULT_LIMITS, parse_top_k
 from protoserve.errors import InputError
 from scoring.rows import BatchScorer
-from service.metrics import count_rejection, metrics
+from service.metrics import count_out_of_domain, count_rejection, metrics
 from service.middleware import (
     DEFAULT_MAX_BODY_BYTES,
     _as_json_post,
@@ -54,9 +54,10 @@ def check_request(images: object, top_k: object, n_active: int) -> int:
     return parse_top_k(top_k, n_active)
 
 
-async def score_images(manifest: Manifest, images: object, top_k: object, classify) -> dict:
+async def score_images(manifest: Manifest, images: object, top_k: object, classify, abstain: bool = False) -> dict:
     """Score a list of images with the batch core; `classify` is the service's adaptive batcher
-    ([N, C, H, W] -> [N, K + M]: probabilities, then distances)."""
+    ([N, C, H, W] -> [N, K + M]: probabilities, then distances); `abstain` withholds the label of
+    out-of-domain rows."""
     k = check_request(images, top_k, int(active_mask(manifest).sum()))
     scorer = BatchScorer(manifest, k)
     x, errors = await asyncio.to_thread(scorer.prepare, images)
@@ -71,8 +72,9 @@ async def score_images(manifest: Manifest, images: object, top_k: object, classi
     counter = metrics().batch_images
     counter.labels("scored").inc(int(ok.sum()))
     counter.labels("failed").inc(columns.failed)
+    count_out_of_domain((manifest.name, manifest.version), "score_batch", columns.out_of_domain)
     return {"model": {"name": manifest.name, "version": manifest.version}, "images": len(columns),
-            "failed": columns.failed, "rows": columns.records()}
+            "failed": columns.failed, "rows": columns.records(abstain)}
 
 
 class ScoreGate:

@@ -18,6 +18,7 @@ import numpy as np
 from starlette.responses import JSONResponse
 
 from export.bundle import read_bundle
+from inference.domain import abstain_default, abstention, domain_fields, domain_rule, parse_flag
 from inference.explain import (
     heatmap_overlay,
     nearest_distance,
@@ -32,7 +33,7 @@ from inference.model import bundle_location, load_model
 from inference.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
 from protoserve.errors import InputError
 from service.batching import AdaptiveBatcher, Overloaded
-from service.metrics import count_rejection, metrics, record_answers
+from service.metrics import count_out_of_domain, count_rejection, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
 from service.score_task import ScoreGate, score_images
 
@@ -64,7 +65,18 @@ the model's channels say (transparent pixels become black), resized to its heigh
 (bilinear), scaled to its value range, then normalised with its mean and std. Arrays must be
 [H][W] (one channel) or [C][H][W] of exactly that size, values in the value range, no NaN or
 infinity. The same route takes multipart/form-data uploads (file fields "images" or "image";
-"top_k" as a form field). Bad input gets a 4xx JSON {"error", "reason"}."""
+"top_k", "abstain" and "canonicalize" as form fields). Bad input gets a 4xx JSON {"error", "reason"}.
+
+Every prediction carries "in_domain" (is the input like the model's validation images, judged from
+its distances to the prototypes against the threshold calibrated at export; null for a bundle
+without calibration) and "typicality" (the share of validation images further from the prototypes:
+1 typical, 0 beyond all of them), and "abstained". "abstain": true (default: the service setting
+PROTOSERVE_ABSTAIN=1, else false) turns an out-of-domain prediction into an abstention: "label" and
+"class_name" null, "abstained": true, "reason": "out_of_domain" and a "detail"; the probabilities
+and (on /explain) the nearest prototypes are still given, their weight and contribution those of
+the class the model would have named. "canonicalize": true first makes a picture the way the
+training images were made (/metadata input.canonical: for MNIST, invert a light background, crop
+to the ink, fit it into 20x20, centre it by mass in 28x28): for photographed or scanned digits."""
 
 
 @bentoml.service(name="protoserve", workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60},
@@ -86,6 +98,8 @@ class Protoserve:
         self.source_pictures = {row.id: png_base64_file(self.model.bundle.file(row.provenance["source_image"]))
                                 for row in manifest.prototypes if (row.provenance or {}).get("source_image")}
         self.provider = self.model.provider
+        self.domain = domain_rule(manifest, self.active)  # None: the bundle has no calibration
+        self.abstain = abstain_default()
         # /predict's adaptive batching (service/batching.py): concurrent requests share one session run.
         self.classify = AdaptiveBatcher(self._classify, MAX_BATCH_SIZE, MAX_LATENCY_MS, self._count_batch)
         self.predicting = 0  # /predict requests in this worker between their first line and their answer
@@ -93,6 +107,10 @@ class Protoserve:
         m.model_info.labels(manifest.name, manifest.version, manifest.family, self.provider).set(1)
         for q, value in self.model.reference_distance.items():
             m.reference_nearest_distance.labels(manifest.name, manifest.version, q).set(value)
+        if self.domain is not None:
+            m.out_of_domain_expected.labels(*self.model_id).set(self.domain.calibration.false_alarm_rate)
+            for api in ("predict", "explain", "score_batch"):  # zero series, so rates exist from the start
+                m.out_of_domain.labels(*self.model_id, api)
 
     def __is_ready__(self) -> bool:
         """BentoML builds the instance (load, verify, warm-up) before it serves: ready once it exists."""
@@ -108,12 +126,15 @@ class Protoserve:
     # the shared 2-core machine). The `-> dict` annotations still give the OpenAPI document its types.
 
     @bentoml.api(route="/predict")
-    async def predict(self, ctx: bentoml.Context, images: Any = None) -> dict:
-        """Classify a batch: {"images": [IMAGE, ...]} -> one prediction per image, in order."""
+    async def predict(self, ctx: bentoml.Context, images: Any = None, abstain: Any = None,
+                      canonicalize: Any = None) -> dict:
+        """Classify a batch: {"images": [IMAGE, ...], "abstain": false, "canonicalize": false} -> one
+        prediction per image, in order, each with in_domain and typicality."""
         started = time.perf_counter()
         ctx.response.headers["x-protoserve-worker"] = str(os.getpid())
         try:
-            batch = to_batch(images, self.manifest.input)
+            abstain = parse_flag(abstain, "abstain", self.abstain)
+            batch = to_batch(images, self.manifest.input, canonical=parse_flag(canonicalize, "canonicalize", False))
         except InputError as e:
             return JSONResponse(self._refuse(ctx, e))
         K = len(self.manifest.class_names)
@@ -127,20 +148,23 @@ class Protoserve:
             self.predicting -= 1
         probabilities, distances = output[:, :K], output[:, K:]
         self._record(probabilities, distances, "predict", started)
-        return JSONResponse({"model": self._model_ref(),
-                             "predictions": predictions(probabilities, self.manifest.class_names)})
+        answers = self._judge(predictions(probabilities, self.manifest.class_names), distances, "predict", abstain)
+        return JSONResponse({"model": self._model_ref(), "predictions": answers})
 
     @bentoml.api(route="/explain")
-    async def explain(self, ctx: bentoml.Context, image: Any = None, top_k: Any = None) -> dict:
-        """Explain one image: {"image": IMAGE, "top_k": 3} -> the prediction and the top_k nearest
-        prototypes (nearest first) with their pictures; PrototypeDL adds the input's reconstruction."""
+    async def explain(self, ctx: bentoml.Context, image: Any = None, top_k: Any = None, abstain: Any = None,
+                      canonicalize: Any = None) -> dict:
+        """Explain one image: {"image": IMAGE, "top_k": 3, "abstain": false, "canonicalize": false} -> the
+        prediction (with in_domain and typicality) and the top_k nearest prototypes (nearest first) with
+        their pictures; PrototypeDL adds the input's reconstruction."""
         started = time.perf_counter()
         ctx.response.headers["x-protoserve-worker"] = str(os.getpid())
         try:
             if image is None:
                 raise InputError("missing_field", 'body needs "image"')
             k = parse_top_k(top_k, int(self.active.sum()))
-            x = to_input(image, self.manifest.input)
+            abstain = parse_flag(abstain, "abstain", self.abstain)
+            x = to_input(image, self.manifest.input, canonical=parse_flag(canonicalize, "canonicalize", False))
         except InputError as e:
             return JSONResponse(self._refuse(ctx, e))
         outputs = {name: value[0] for name, value in self.model.outputs(x[None]).items()}  # < 1 ms: no batching
@@ -149,6 +173,7 @@ class Protoserve:
         prediction = predictions(probabilities, self.manifest.class_names)[0]
         nearest = nearest_prototypes(distances[0], k, self.active)
         rows = prototype_rows(self.manifest, distances[0], nearest, prediction["label"])
+        prediction = self._judge([prediction], distances, "explain", abstain)[0]
         for row in rows:
             row["image"] = self.pictures[row["id"]]
         answer = {"model": self._model_ref(), "prediction": prediction, "prototypes": rows}
@@ -186,14 +211,33 @@ class Protoserve:
         return JSONResponse({"model": self._model_ref(), "prototypes": rows})
 
     @bentoml.task(route="/score_batch")
-    async def score_batch(self, ctx: bentoml.Context, images: Any = None, top_k: Any = None) -> dict:
+    async def score_batch(self, ctx: bentoml.Context, images: Any = None, top_k: Any = None,
+                          abstain: Any = None) -> dict:
         """Batch scoring as an async task (service/score_task.py): POST /score_batch/submit {"images":
-        [IMAGE, ...], "top_k": 3} -> {"task_id"}; GET /score_batch/status and /score_batch/get?task_id=
-        -> one row per image, as `protoserve score` writes them (a bad image is a row with an error)."""
+        [IMAGE, ...], "top_k": 3, "abstain": false} -> {"task_id"}; GET /score_batch/status and
+        /score_batch/get?task_id= -> one row per image, as `protoserve score` writes them (a bad image is
+        a row with an error; in_domain and typicality on each; "abstain" nulls out-of-domain labels)."""
         try:
-            return await score_images(self.manifest, images, top_k, self.classify)
+            abstain = parse_flag(abstain, "abstain", self.abstain)
+            return await score_images(self.manifest, images, top_k, self.classify, abstain)
         except InputError as e:
             return self._refuse(ctx, e)
+
+    def _judge(self, answers: list[dict], distances: np.ndarray, api: str, abstain: bool) -> list[dict]:
+        """Add in_domain and typicality to each prediction (null without calibration), count the
+        out-of-domain ones, and turn them into abstentions when asked."""
+        if self.domain is None:
+            for answer in answers:
+                answer.update(in_domain=None, typicality=None, abstained=False)
+            return answers
+        labels = np.fromiter((a["label"] for a in answers), dtype=np.int64, count=len(answers))
+        in_domain, typicality = self.domain.judge(distances, labels)
+        count_out_of_domain(self.model_id, api, int(len(answers) - in_domain.sum()))
+        for i, answer in enumerate(answers):
+            answer.update(domain_fields(in_domain, typicality, i), abstained=False)
+            if abstain and not in_domain[i]:
+                abstention(answer, self.domain.calibration)
+        return answers
 
     def _count_batch(self, size: int) -> None:
         metrics().batch_size.labels(*self.model_id).observe(size)
