@@ -147,7 +147,10 @@ class Metrics(_Strict):
     nearest_distance_quantiles: dict[str, float] | None = None
 
 
-DOMAIN_SCORES = ("nearest_distance", "class_nearest_distance", "mean3_distance", "prototype_mahalanobis")
+DOMAIN_SCORES = ("nearest_distance", "class_nearest_distance", "mean3_distance", "prototype_mahalanobis",
+                 "nearest_and_mahalanobis")
+DomainScore = Literal["nearest_distance", "class_nearest_distance", "mean3_distance", "prototype_mahalanobis",
+                      "nearest_and_mahalanobis"]
 
 
 class DomainCalibration(_Strict):
@@ -159,7 +162,7 @@ class DomainCalibration(_Strict):
     `candidates` records each score's validation AUROC against the proxy set the choice was made on.
     """
 
-    score: Literal["nearest_distance", "class_nearest_distance", "mean3_distance", "prototype_mahalanobis"]
+    score: DomainScore
     split: Literal["validation"] = "validation"
     images: int = Field(gt=0)  # validation images the threshold and quantiles come from
     false_alarm_rate: float = Field(gt=0, lt=1)
@@ -169,11 +172,14 @@ class DomainCalibration(_Strict):
     quantiles: list[float]
     candidates: dict[str, float] = {}
     proxy: str = ""
-    # prototype_mahalanobis: the L2 distance profile's mean per predicted class [K][M] and the shared
-    # precision matrix [M][M], fitted on the other half of the validation split (fit_images of them).
+    # prototype_mahalanobis (and nearest_and_mahalanobis): the L2 distance profile's mean per predicted
+    # class [K][M] and the shared precision matrix [M][M], fitted on the other half of the validation
+    # split (fit_images of them).
     class_means: list[list[float]] | None = None
     precision: list[list[float]] | None = None
     fit_images: int | None = None
+    # nearest_and_mahalanobis: each part's validation scores at `levels` (its tail probabilities are combined)
+    components: dict[str, list[float]] | None = None
 
 
 class ProbeSpec(_Strict):

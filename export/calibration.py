@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from export.bundle import DOMAIN_SCORES, DomainCalibration
-from inference.domain import distance_profile, distance_scores, mahalanobis
+from inference.domain import distance_profile, distance_scores, fisher, mahalanobis, upper_tail
 
 DEFAULT_FALSE_ALARM_RATE = 0.01
 LEVELS = np.unique(np.concatenate([np.linspace(0.0, 0.98, 50), np.linspace(0.98, 1.0, 41)]))
@@ -37,8 +37,15 @@ def calibrate(run: Run, validation: np.ndarray, active: np.ndarray, class_of: np
     proxy_p, proxy_d = run(shuffled_pixels(validation[held_half], seed))
     means, precision = fit_mahalanobis(distances[fit_half], labels[fit_half], n_classes)
 
+    parts = ("nearest_distance", "prototype_mahalanobis")
+    components: dict[str, np.ndarray] = {}
+
     def scores(d: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-        return distance_scores(d, y, active, class_of) | {"prototype_mahalanobis": mahalanobis(d, y, means, precision)}
+        out = distance_scores(d, y, active, class_of) | {"prototype_mahalanobis": mahalanobis(d, y, means, precision)}
+        if not components:  # the first call scores the held-out half: the parts' reference distributions
+            components.update({name: np.quantile(out[name], LEVELS) for name in parts})
+        out["nearest_and_mahalanobis"] = fisher([upper_tail(out[name], components[name], LEVELS) for name in parts])
+        return out
 
     held = scores(distances[held_half], labels[held_half])
     proxy = scores(proxy_d, proxy_p.argmax(axis=1))
@@ -46,8 +53,11 @@ def calibrate(run: Run, validation: np.ndarray, active: np.ndarray, class_of: np
     best = max(DOMAIN_SCORES, key=lambda name: candidates[name])  # ties keep the simpler, listed first
     chosen = held[best]
     threshold = float(np.quantile(chosen, 1.0 - false_alarm_rate, method="higher"))
-    fitted = {"class_means": means.tolist(), "precision": precision.tolist(), "fit_images": len(fit_half)} \
-        if best == "prototype_mahalanobis" else {}
+    fitted = {}
+    if best in ("prototype_mahalanobis", "nearest_and_mahalanobis"):
+        fitted = {"class_means": means.tolist(), "precision": precision.tolist(), "fit_images": len(fit_half)}
+    if best == "nearest_and_mahalanobis":
+        fitted["components"] = {name: components[name].tolist() for name in parts}
     return DomainCalibration(score=best, images=len(held_half), false_alarm_rate=false_alarm_rate,
                              threshold=threshold, validation_false_alarm_rate=float(np.mean(chosen > threshold)),
                              levels=LEVELS.tolist(), quantiles=np.quantile(chosen, LEVELS).tolist(),

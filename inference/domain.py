@@ -8,6 +8,8 @@ Scores (larger = less like the validation images), from the distances [N, M] to 
     prototype_mahalanobis    how unusual the whole profile of L2 distances (sqrt of each squared
                              distance) is for the predicted class: (z - mean_label)' P (z - mean_label),
                              with class means and a shared precision P fitted on validation images
+    nearest_and_mahalanobis  both at once (Fisher's method): -log p_nearest - log p_mahalanobis, each p
+                             the share of validation images scoring higher on that part
 An input is in domain when its score is at most the calibrated threshold (chosen for a stated
 false-alarm rate on the validation split); its typicality is the share of validation images that
 scored higher (1: as typical as they come, 0: beyond every validation image).
@@ -56,9 +58,19 @@ def distance_scores(distances: np.ndarray, labels: np.ndarray, active: np.ndarra
             "mean3_distance": np.where(np.isfinite(three), three, nearest[:, None]).mean(axis=1)}
 
 
-def typicality_of(scores: np.ndarray, calibration: DomainCalibration) -> np.ndarray:
-    """[N] scores -> [N] share of the validation images that scored higher (piecewise linear)."""
-    return 1.0 - np.interp(scores, calibration.quantiles, calibration.levels, left=0.0, right=1.0)
+# The smallest tail probability Fisher's combination takes: beyond every validation image is p = 0.
+P_FLOOR = 1e-4
+
+
+def upper_tail(scores: np.ndarray, quantiles, levels) -> np.ndarray:
+    """[N] scores -> [N] share of the validation images that scored higher (piecewise linear in the
+    validation scores' quantiles at levels)."""
+    return 1.0 - np.interp(scores, quantiles, levels, left=0.0, right=1.0)
+
+
+def fisher(tails: list[np.ndarray]) -> np.ndarray:
+    """Fisher's combination of tail probabilities: -sum log p (larger = less typical)."""
+    return -sum(np.log(np.maximum(p, P_FLOOR)) for p in tails)
 
 
 @dataclass(frozen=True)
@@ -70,13 +82,19 @@ class DomainRule:
     class_of: np.ndarray  # [M] the class each prototype stands for
     quantiles: np.ndarray
     levels: np.ndarray
-    class_means: np.ndarray | None = None  # prototype_mahalanobis only
+    class_means: np.ndarray | None = None  # the Mahalanobis scores only
     precision: np.ndarray | None = None
+    components: dict[str, np.ndarray] | None = None  # nearest_and_mahalanobis only
 
     def score(self, distances: np.ndarray, labels: np.ndarray) -> np.ndarray:
         name = self.calibration.score
         if name == "prototype_mahalanobis":
             return mahalanobis(distances, labels, self.class_means, self.precision)
+        if name == "nearest_and_mahalanobis":
+            nearest = np.where(self.active[None, :], distances, np.inf).min(axis=1)
+            far = mahalanobis(distances, labels, self.class_means, self.precision)
+            return fisher([upper_tail(nearest, self.components["nearest_distance"], self.levels),
+                           upper_tail(far, self.components["prototype_mahalanobis"], self.levels)])
         if name == "nearest_distance":
             return np.where(self.active[None, :], distances, np.inf).min(axis=1)
         return distance_scores(distances, labels, self.active, self.class_of)[name]
@@ -84,8 +102,7 @@ class DomainRule:
     def judge(self, distances: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[N, M] distances and [N] predicted labels -> (in_domain [N] bool, typicality [N] float)."""
         scores = self.score(distances, labels)
-        typicality = 1.0 - np.interp(scores, self.quantiles, self.levels, left=0.0, right=1.0)
-        return scores <= self.calibration.threshold, typicality
+        return scores <= self.calibration.threshold, upper_tail(scores, self.quantiles, self.levels)
 
 
 def domain_rule(manifest: Manifest, active: np.ndarray) -> DomainRule | None:
@@ -94,8 +111,12 @@ def domain_rule(manifest: Manifest, active: np.ndarray) -> DomainRule | None:
     if c is None:
         return None
     class_of = np.array([row.class_identity for row in manifest.prototypes], dtype=np.int64)
-    fitted = {"class_means": np.asarray(c.class_means, np.float64), "precision": np.asarray(c.precision, np.float64)} \
-        if c.score == "prototype_mahalanobis" else {}
+    fitted = {}
+    if c.class_means is not None:
+        fitted = {"class_means": np.asarray(c.class_means, np.float64),
+                  "precision": np.asarray(c.precision, np.float64)}
+    if c.components is not None:
+        fitted["components"] = {name: np.asarray(q, np.float64) for name, q in c.components.items()}
     return DomainRule(c, active, class_of, np.asarray(c.quantiles, np.float64), np.asarray(c.levels, np.float64),
                       **fitted)
 
