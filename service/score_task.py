@@ -136,6 +136,8 @@ class ScoreGate:
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 request["images"].append(base64.b64encode(await value.read()).decode("ascii"))
+            elif key == "abstain":
+                request["abstain"] = value  # "true"/"false": the task parses it
             elif key == "top_k":
                 try:
                     request["top_k"] = int(value)

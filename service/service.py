@@ -189,14 +189,15 @@ class Protoserve:
 
     @bentoml.api(route="/metadata")
     async def metadata(self) -> dict:
-        """The model: name, version, family, classes, input spec, metrics, prototypes, provider."""
+        """The model: name, version, family, classes, input spec, metrics, prototypes, provider, and
+        its out-of-domain rule."""
         m = self.manifest
         return JSONResponse({"model": self._model_ref(), "family": m.family, "created_at": m.created_at.isoformat(),
                 "class_names": m.class_names, "input": m.input.model_dump(mode="json"),
                 "outputs": [t.model_dump(mode="json") for t in m.model.outputs],
                 "metrics": m.metrics.model_dump(mode="json"), "prototypes": len(m.prototypes),
                 "active_prototypes": int(self.active.sum()), "provider": self.provider,
-                "source_commit": m.training.source_commit,
+                "source_commit": m.training.source_commit, "domain": self._domain_summary(),
                 "limits": {"max_images_per_request": DEFAULT_LIMITS.max_batch,
                            "max_body_bytes": DEFAULT_MAX_BODY_BYTES,
                            "max_image_side": DEFAULT_LIMITS.max_side}})
@@ -238,6 +239,14 @@ class Protoserve:
             if abstain and not in_domain[i]:
                 abstention(answer, self.domain.calibration)
         return answers
+
+    def _domain_summary(self) -> dict | None:
+        """The out-of-domain rule as /metadata shows it (null: the bundle has no calibration)."""
+        if self.domain is None:
+            return None
+        c = self.domain.calibration
+        return {"score": c.score, "threshold": c.threshold, "false_alarm_rate": c.false_alarm_rate,
+                "split": c.split, "images": c.images, "abstain_by_default": self.abstain}
 
     def _count_batch(self, size: int) -> None:
         metrics().batch_size.labels(*self.model_id).observe(size)

@@ -83,6 +83,12 @@ def test_out_of_domain_answers_are_counted_over_both_workers(server, far_image):
                      text, re.MULTILINE)
 
 
+def test_metadata_shows_the_rule(server):
+    domain = httpx.get(f"{server}/metadata", timeout=10).json()["domain"]
+    assert domain["false_alarm_rate"] == 0.01 and domain["split"] == "validation"
+    assert domain["abstain_by_default"] is False and domain["images"] == 250
+
+
 def test_bad_options_are_refused(server, digits):
     r = httpx.post(f"{server}/predict", json={"images": [digits[0, 0].tolist()], "abstain": "maybe"}, timeout=30)
     assert r.status_code == 400 and r.json()["reason"] == "wrong_type"
@@ -128,3 +134,14 @@ def run_task(url: str, body: dict) -> dict:
     result = httpx.get(f"{url}/score_batch/get", params={"task_id": task_id}, timeout=30)
     assert result.status_code == 200, result.text
     return result.json()
+
+
+def test_the_service_setting_abstains_by_default(start_service, tiny_bundle, far_image, tmp_path):
+    """PROTOSERVE_ABSTAIN=1: every out-of-domain answer abstains unless the request says "abstain": false."""
+    with start_service(tiny_bundle, tmp_path / "home", tmp_path / "serve.log", PROTOSERVE_WORKERS="1",
+                       PROTOSERVE_ABSTAIN="1") as url:
+        withheld = httpx.post(f"{url}/predict", json={"images": [far_image]}, timeout=30).json()["predictions"][0]
+        asked = httpx.post(f"{url}/predict", json={"images": [far_image], "abstain": False}, timeout=30).json()
+        assert withheld["abstained"] is True and withheld["label"] is None
+        assert asked["predictions"][0]["abstained"] is False and isinstance(asked["predictions"][0]["label"], int)
+        assert httpx.get(f"{url}/metadata", timeout=10).json()["domain"]["abstain_by_default"] is True
