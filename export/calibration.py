@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from export.bundle import DOMAIN_SCORES, DomainCalibration
-from inference.domain import distance_profile, distance_scores, fisher, mahalanobis, upper_tail
+from protoserve.domain_scores import distance_profile, distance_scores, fisher, mahalanobis, upper_tail
 
 DEFAULT_FALSE_ALARM_RATE = 0.01
 LEVELS = np.unique(np.concatenate([np.linspace(0.0, 0.98, 50), np.linspace(0.98, 1.0, 41)]))
