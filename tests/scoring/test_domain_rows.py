@@ -12,7 +12,8 @@ from export.bundle import read_bundle
 from export.runtime import open_session
 from inference.domain import domain_rule
 from inference.explain import active_mask
-from scoring.job import JobSpec, run_job
+from scoring.job import JobSpec
+from scoring.run import run_job
 
 
 def test_job_rows_carry_the_service_rule(tiny_bundle, digits, tmp_path):
