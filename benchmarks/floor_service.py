@@ -16,7 +16,8 @@ from starlette.responses import JSONResponse
 ANSWER = {"model": {"name": "prototypedl-mnist", "version": "1.0.0"},
           "predictions": [{"label": 7, "class_name": "7",
                            "probabilities": [0.0001, 0.0002, 0.0011, 0.0013, 0.0001, 0.0002, 0.00001, 0.9962,
-                                             0.0003, 0.0005]}]}
+                                             0.0003, 0.0005],
+                           "in_domain": True, "typicality": 0.618034, "abstained": False}]}
 
 
 @bentoml.service(name="floor", workers=2, traffic={"timeout": 60}, logging={"access": {"enabled": False}},
