@@ -70,8 +70,10 @@ def _download(args) -> None:
 def _export(args) -> None:
     from export.build import export_bundle
 
+    if not 0 < args.false_alarm_rate < 1:
+        raise SystemExit(f"--false-alarm-rate {args.false_alarm_rate} is not between 0 and 1")
     result = export_bundle(Path(args.checkpoint), Path(args.out), args.name, args.version, args.data_root,
-                           force=args.force)
+                           force=args.force, false_alarm_rate=args.false_alarm_rate)
     m = result.bundle.manifest
     print(f"bundle {m.tag} written to {args.out} (test accuracy {m.metrics.test_accuracy:.4f})")
 
@@ -294,6 +296,8 @@ def _bundle_verbs(sub) -> None:
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--data-root", help="IDX files for the parity check (default: $PROTOSERVE_DATA_ROOT)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--false-alarm-rate", type=float, default=0.01,
+                   help="share of in-domain (validation) images the out-of-domain threshold may flag (default 0.01)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("revise", help="revise a model from verdicts on its prototypes (mask, prune or Alg. 1 "

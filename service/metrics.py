@@ -34,6 +34,8 @@ class Metrics:
     reference_nearest_distance: object
     batch_images: object
     batch_size: object
+    out_of_domain: object
+    out_of_domain_expected: object
 
 
 @functools.cache
@@ -65,7 +67,23 @@ def metrics() -> Metrics:
         batch_images=Counter("protoserve_batch_images", "Images scored by batch jobs, by outcome", ["status"]),
         batch_size=Histogram("protoserve_adaptive_batch_size", "Images per session run of /predict's adaptive "
                              "batching", model, buckets=BATCH_BUCKETS),
+        out_of_domain=Counter("protoserve_out_of_domain", "Images judged unlike the model's validation images "
+                              "(inference/domain.py), by API", [*model, "api"]),
+        out_of_domain_expected=Gauge("protoserve_out_of_domain_expected_ratio", "Share of in-domain images the "
+                                     "bundle's out-of-domain threshold flags (its calibrated false-alarm rate)",
+                                     model, multiprocess_mode="livemax"),
     )
+
+
+def labelled(metric, *labels: str):
+    """metric.labels(*labels), looked up once per label set: the child is the same object every time,
+    and prometheus_client's lookup (a lock, label checks) is a measurable part of a small request."""
+    return _children(metric, labels)
+
+
+@functools.cache
+def _children(metric, labels: tuple[str, ...]):
+    return metric.labels(*labels)
 
 
 def record_answers(model: tuple[str, str], class_names: list[str], prototype_ids: list[int],
@@ -73,12 +91,21 @@ def record_answers(model: tuple[str, str], class_names: list[str], prototype_ids
     """Count one batch of answers: predicted class, confidence, nearest prototype and its distance."""
     m = metrics()
     labels = probabilities.argmax(axis=1)
-    for label, probs, j, d in zip(labels, probabilities, nearest_index, nearest_distance, strict=True):
-        m.predictions.labels(*model, class_names[int(label)]).inc()
-        m.confidence.labels(*model).observe(float(probs[label]))
-        m.nearest_prototype.labels(*model, str(prototype_ids[int(j)])).inc()
-        m.nearest_distance.labels(*model).observe(float(d))
+    confidence = labelled(m.confidence, *model)
+    distance = labelled(m.nearest_distance, *model)
+    for label, probs, j, d in zip(labels.tolist(), probabilities, nearest_index.tolist(),
+                                  nearest_distance.tolist(), strict=True):
+        labelled(m.predictions, *model, class_names[label]).inc()
+        confidence.observe(float(probs[label]))
+        labelled(m.nearest_prototype, *model, str(prototype_ids[j])).inc()
+        distance.observe(d)
+
+
+def count_out_of_domain(model: tuple[str, str], api: str, count: int) -> None:
+    """Add `count` out-of-domain images answered by `api` (predict, explain, score_batch)."""
+    if count:
+        labelled(metrics().out_of_domain, *model, api).inc(count)
 
 
 def count_rejection(reason: str) -> None:
-    metrics().rejected_inputs.labels(reason).inc()
+    labelled(metrics().rejected_inputs, reason).inc()

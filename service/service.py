@@ -12,6 +12,7 @@ the version that computed it. With a registry the review API and page are mounte
 (service/review.py).
 """
 
+import asyncio
 import logging
 import os
 import time
@@ -22,11 +23,10 @@ import numpy as np
 from starlette.responses import JSONResponse
 
 from export.bundle import read_bundle
+from inference.domain import abstain_default, abstention, domain_fields, domain_rule, parse_flag
 from inference.explain import (
     heatmap_overlay,
-    nearest_distance,
     nearest_prototypes,
-    nearest_prototypes_batch,
     pixels_to_picture,
     png_base64,
     predictions,
@@ -37,7 +37,7 @@ from inference.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_ba
 from protoserve.errors import InputError
 from registry.versions import registry_location
 from service.batching import AdaptiveBatcher, Overloaded
-from service.metrics import count_rejection, metrics, record_answers
+from service.metrics import count_out_of_domain, count_rejection, labelled, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
 from service.openapi import OVERLOADED, api_document
 from service.review import app as review_app
@@ -56,7 +56,9 @@ MAX_LATENCY_MS = int(os.environ.get("PROTOSERVE_MAX_LATENCY_MS", "2000"))
 WORKERS = int(os.environ.get("PROTOSERVE_WORKERS", "2"))
 # A /predict call of up to this many images, alone in its worker, runs on the event loop, not in a
 # thread (service/batching.py): a few small images run in less time than a hand-off to a thread takes.
-# With other requests in flight it goes through the batcher, so they can share a session run.
+# With other requests in flight it goes to a thread through the batcher: the model runs outside the
+# GIL while the loop reads the next requests, and those share the next session run. Run inline under
+# load, calls would be answered one at a time with nothing to merge, a slower way to serve many.
 INLINE_MAX_SIZE = int(os.environ.get("PROTOSERVE_INLINE_MAX_SIZE", "8"))
 
 # BentoML's per-request work that this service does not need by default: the access log (a formatted
@@ -72,10 +74,22 @@ range; the schema below gives the sizes). Pictures are converted to the model's 
 /metadata "input"): to greyscale or RGB as the model's channels say (transparent pixels become
 black), resized to its height x width (bilinear), scaled to its value range, then normalised with
 its mean and std. The same route takes multipart/form-data uploads (image files in "images", or
-"image" for /explain; "top_k" as a form field). Every refusal is a JSON
+"image" for /explain; "top_k", "abstain" and "canonicalize" as form fields). Every refusal is a JSON
 {"error", "reason", "model"}; a body that matches the schema can still get a 400 when an image's
 bytes are not a decodable PNG/JPEG within the size limits (reason not_an_image, corrupt_image,
-image_too_large or bad_base64)."""
+image_too_large or bad_base64).
+
+Every prediction carries "in_domain" (is the input like the model's validation images, judged from
+its distances to the prototypes against the threshold calibrated at export; null for a bundle
+without calibration) and "typicality" (the share of validation images further from the prototypes:
+1 typical, 0 beyond all of them), and "abstained". "abstain": true (default: the service setting
+PROTOSERVE_ABSTAIN=1, else false) turns an out-of-domain prediction into an abstention: "label" and
+"class_name" null, "abstained": true, "reason": "out_of_domain" and a "detail"; the probabilities
+and (on /explain) the nearest prototypes are still given, their weight and contribution those of
+the class the model would have named. "canonicalize": true first makes a picture the way the
+training images were made (/metadata input.canonical: for MNIST, invert a light background, crop
+to the ink, fit it into 20x20, centre it by mass in 28x28): for photographed or scanned digits;
+a model without a canonical form refuses it (reason no_canonical_form)."""
 
 
 @bentoml.service(name="protoserve", workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60},
@@ -86,20 +100,30 @@ class Protoserve:
     def __init__(self) -> None:
         # Each worker verifies the bundle (checksums, golden probe), opens its sessions and warms them up.
         path, generation, self.registry = initial_location()
+        self.worker_header = {"x-protoserve-worker": str(os.getpid())}
+        self.abstain = abstain_default()
         self.current = self._prepare(served_version(load_model(path), generation))
         self.follower = None
-        self.predicting = 0  # /predict requests in this worker between their first line and their answer
+        self.predicting = 0  # /predict requests in this worker past preprocessing, not yet answered
         global _worker
         _worker = self
 
     def _prepare(self, v: ServedVersion) -> ServedVersion:
-        """Give a loaded version its own batcher and its metric series (before it takes any request)."""
+        """Give a loaded version its batcher, answer headers, out-of-domain rule and metric series (before
+        it takes any request)."""
+        # /predict's adaptive batching (service/batching.py): concurrent requests share one session run.
         v.classify = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
-                                     lambda size: metrics().batch_size.labels(*v.model_id).observe(size))
+                                     lambda size: labelled(metrics().batch_size, *v.model_id).observe(size))
+        v.headers = {**self.worker_header, "x-model-version": v.version}
+        v.domain = domain_rule(v.manifest, v.active)  # None: the bundle has no calibration
         m = metrics()  # built now, in the worker, so a scrape lists them from the start
         m.model_info.labels(*v.model_id, v.manifest.family, v.model.provider).set(1)
         for level, value in v.model.reference_distance.items():
             m.reference_nearest_distance.labels(*v.model_id, level).set(value)
+        if v.domain is not None:
+            m.out_of_domain_expected.labels(*v.model_id).set(v.domain.calibration.false_alarm_rate)
+            for api in ("predict", "explain", "score_batch"):  # zero series, so rates exist from the start
+                m.out_of_domain.labels(*v.model_id, api)
         return v
 
     def _switch(self, new: ServedVersion) -> None:
@@ -139,52 +163,58 @@ class Protoserve:
 
     # The APIs return their JSON as a ready JSONResponse: BentoML passes a Response through, where for
     # a dict it rebuilds the return type's JSON schema on every response (README "Serving speed"). The
-    # request and answer shapes are documented by service/openapi.py.
+    # request and answer shapes are documented by service/openapi.py. The image routes set their status
+    # and headers on that response and take no bentoml.Context: BentoML copies a context's status,
+    # headers and cookies onto every response of an API that has one.
 
     @bentoml.api(route="/predict")
-    async def predict(self, ctx: bentoml.Context, images: Any = None) -> dict:
-        """Classify a batch: {"images": [IMAGE, ...]} -> one prediction per image, in order."""
+    async def predict(self, images: Any = None, abstain: Any = None, canonicalize: Any = None) -> dict:
+        """Classify a batch: {"images": [IMAGE, ...], "abstain": false, "canonicalize": false} -> one
+        prediction per image, in order, each with in_domain and typicality."""
         started, v = time.perf_counter(), self.current
-        ctx.response.headers["x-protoserve-worker"] = str(os.getpid())
-        ctx.response.headers["x-model-version"] = v.version
         try:
-            batch = to_batch(images, v.manifest.input)
+            abstain = parse_flag(abstain, "abstain", self.abstain)
+            batch = to_batch(images, v.manifest.input, canonical=parse_flag(canonicalize, "canonicalize", False))
         except InputError as e:
-            return JSONResponse(self._refuse(ctx, e, v))
+            return self._answer(v, self._refuse(e, v), e.status)
         K = len(v.manifest.class_names)
         self.predicting += 1
         try:
+            # Requests that arrived with this one are tasks not yet started: one turn of the event loop
+            # brings them here, so `predicting` counts them and this call runs inline only when alone.
+            await asyncio.sleep(0)
             output = await v.classify(batch, inline=self.predicting == 1 and len(batch) <= INLINE_MAX_SIZE)
         except Overloaded as e:
-            ctx.response.status_code = 503
-            return JSONResponse({"error": str(e), "reason": OVERLOADED, "model": v.ref()})
+            return self._answer(v, {"error": str(e), "reason": OVERLOADED, "model": v.ref()}, 503)
         finally:
             self.predicting -= 1
         probabilities, distances = output[:, :K], output[:, K:]
         self._record(v, probabilities, distances, "predict", started)
-        return JSONResponse({"model": v.ref(),
-                             "predictions": predictions(probabilities, v.manifest.class_names)})
+        answers = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "predict", abstain)
+        return self._answer(v, {"model": v.ref(), "predictions": answers})
 
     @bentoml.api(route="/explain")
-    async def explain(self, ctx: bentoml.Context, image: Any = None, top_k: Any = None) -> dict:
-        """Explain one image: {"image": IMAGE, "top_k": 3} -> the prediction and the top_k nearest
-        prototypes (nearest first) with their pictures; PrototypeDL adds the input's reconstruction."""
+    async def explain(self, image: Any = None, top_k: Any = None, abstain: Any = None,
+                      canonicalize: Any = None) -> dict:
+        """Explain one image: {"image": IMAGE, "top_k": 3, "abstain": false, "canonicalize": false} -> the
+        prediction (with in_domain and typicality) and the top_k nearest prototypes (nearest first) with
+        their pictures; PrototypeDL adds the input's reconstruction."""
         started, v = time.perf_counter(), self.current
-        ctx.response.headers["x-protoserve-worker"] = str(os.getpid())
-        ctx.response.headers["x-model-version"] = v.version
         try:
             if image is None:
                 raise InputError("missing_field", 'body needs "image"')
             k = parse_top_k(top_k, int(v.active.sum()))
-            x = to_input(image, v.manifest.input)
+            abstain = parse_flag(abstain, "abstain", self.abstain)
+            x = to_input(image, v.manifest.input, canonical=parse_flag(canonicalize, "canonicalize", False))
         except InputError as e:
-            return JSONResponse(self._refuse(ctx, e, v))
+            return self._answer(v, self._refuse(e, v), e.status)
         outputs = {name: value[0] for name, value in v.model.outputs(x[None]).items()}  # one image: no batching
         probabilities, distances = outputs["probabilities"][None], outputs["distances"][None]
         self._record(v, probabilities, distances, "explain", started)
         prediction = predictions(probabilities, v.manifest.class_names)[0]
         nearest = nearest_prototypes(distances[0], k, v.active)
         rows = prototype_rows(v.manifest, distances[0], nearest, prediction["label"])
+        prediction = self._judge(v, [prediction], distances, "explain", abstain)[0]
         for row in rows:
             row["image"] = v.pictures[row["id"]]
         answer = {"model": v.ref(), "prediction": prediction, "prototypes": rows}
@@ -196,12 +226,12 @@ class Protoserve:
         if "reconstruction" in outputs:
             answer["reconstruction"] = png_base64(pixels_to_picture(denormalize(outputs["reconstruction"],
                                                                                 v.manifest.input)))
-        return JSONResponse(answer)
+        return self._answer(v, answer)
 
     @bentoml.api(route="/metadata")
     async def metadata(self) -> dict:
-        """The model: name, version, family, classes, input spec, metrics, prototypes, provider; `worker` says
-        which process answered and which registry generation it holds."""
+        """The model: name, version, family, classes, input spec, metrics, prototypes, provider, and
+        its out-of-domain rule; `worker` says which process answered and which registry generation it holds."""
         v = self.current
         m = v.manifest
         return JSONResponse({"model": v.ref(), "family": m.family, "created_at": m.created_at.isoformat(),
@@ -209,7 +239,7 @@ class Protoserve:
                 "outputs": [t.model_dump(mode="json") for t in m.model.outputs],
                 "metrics": m.metrics.model_dump(mode="json"), "prototypes": len(m.prototypes),
                 "active_prototypes": int(v.active.sum()), "provider": v.model.provider, "worker": self.describe(),
-                "source_commit": m.training.source_commit,
+                "source_commit": m.training.source_commit, "domain": self._domain_summary(v),
                 "limits": {"max_images_per_request": DEFAULT_LIMITS.max_batch,
                            "max_body_bytes": DEFAULT_MAX_BODY_BYTES,
                            "max_image_side": DEFAULT_LIMITS.max_side}})
@@ -225,27 +255,67 @@ class Protoserve:
         return JSONResponse({"model": v.ref(), "prototypes": rows})
 
     @bentoml.task(route="/score_batch")
-    async def score_batch(self, ctx: bentoml.Context, images: Any = None, top_k: Any = None) -> dict:
+    async def score_batch(self, ctx: bentoml.Context, images: Any = None, top_k: Any = None,
+                          abstain: Any = None) -> dict:
         """Batch scoring as an async task (service/score_task.py): POST /score_batch/submit {"images":
-        [IMAGE, ...], "top_k": 3} -> {"task_id"}; GET /score_batch/status and /score_batch/get?task_id=
-        -> one row per image, as `protoserve score` writes them (a bad image is a row with an error)."""
+        [IMAGE, ...], "top_k": 3, "abstain": false} -> {"task_id"}; GET /score_batch/status and
+        /score_batch/get?task_id= -> one row per image, as `protoserve score` writes them (a bad image is
+        a row with an error; in_domain and typicality on each; "abstain" nulls out-of-domain labels)."""
         v = self.current
         try:
-            return await score_images(v.manifest, images, top_k, v.classify)
+            abstain = parse_flag(abstain, "abstain", self.abstain)
+            return await score_images(v.manifest, images, top_k, v.classify, abstain)
         except InputError as e:
-            return self._refuse(ctx, e, v)
+            ctx.response.status_code = e.status
+            return self._refuse(e, v)
 
-    def _refuse(self, ctx: bentoml.Context, error: InputError, v: ServedVersion) -> dict:
+    def _judge(self, v: ServedVersion, answers: list[dict], distances: np.ndarray, api: str,
+               abstain: bool) -> list[dict]:
+        """Add in_domain and typicality to each prediction (null without calibration), count the
+        out-of-domain ones, and turn them into abstentions when asked."""
+        if v.domain is None:
+            for answer in answers:
+                answer.update(in_domain=None, typicality=None, abstained=False)
+            return answers
+        labels = np.fromiter((a["label"] for a in answers), dtype=np.int64, count=len(answers))
+        in_domain, typicality = v.domain.judge(distances, labels)
+        count_out_of_domain(v.model_id, api, int(len(answers) - in_domain.sum()))
+        for i, answer in enumerate(answers):
+            answer.update(domain_fields(in_domain, typicality, i), abstained=False)
+            if abstain and not in_domain[i]:
+                abstention(answer, v.domain.calibration)
+        return answers
+
+    def _domain_summary(self, v: ServedVersion) -> dict | None:
+        """The out-of-domain rule as /metadata shows it (null: the bundle has no calibration)."""
+        if v.domain is None:
+            return None
+        c = v.domain.calibration
+        return {"score": c.score, "threshold": c.threshold, "false_alarm_rate": c.false_alarm_rate,
+                "split": c.split, "images": c.images, "abstain_by_default": self.abstain}
+
+    @staticmethod
+    def _answer(v: ServedVersion, body: dict, status: int = 200) -> JSONResponse:
+        """An image route's answer, naming the worker that gave it (x-protoserve-worker: its pid) and the
+        version that computed it (x-model-version)."""
+        return JSONResponse(body, status, v.headers)
+
+    @staticmethod
+    def _refuse(error: InputError, v: ServedVersion) -> dict:
+        """The refusal's body (the caller sets error.status), counted by reason."""
         count_rejection(error.reason)
-        ctx.response.status_code = error.status
         return {**error.body(), "model": v.ref()}
 
-    def _record(self, v: ServedVersion, probabilities: np.ndarray, distances: np.ndarray, api: str,
+    @staticmethod
+    def _record(v: ServedVersion, probabilities: np.ndarray, distances: np.ndarray, api: str,
                 started: float) -> None:
-        nearest = nearest_prototypes_batch(distances, 1, v.active)[:, 0]
+        # The nearest active prototype: the first smallest distance with masked ones out of reach (the
+        # same index as nearest_prototypes_batch's stable order, in one pass).
+        masked = np.where(v.active, distances, np.inf)
+        nearest = masked.argmin(axis=1)
         record_answers(v.model_id, v.manifest.class_names, v.prototype_ids, probabilities, nearest,
-                       nearest_distance(distances, v.active))
-        metrics().inference_seconds.labels(*v.model_id, api).observe(time.perf_counter() - started)
+                       masked[np.arange(len(masked)), nearest])
+        labelled(metrics().inference_seconds, *v.model_id, api).observe(time.perf_counter() - started)
 
 
 _worker = None  # this worker's Protoserve instance, for /readyz (service/middleware.py)

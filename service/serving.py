@@ -41,6 +41,8 @@ class ServedVersion:
     classify: Callable | None = None  # the version's adaptive batcher, set by the service
     pictures: dict[int, str | None] = field(default_factory=dict)
     source_pictures: dict[int, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # on every answer: worker and version
+    domain: object | None = None  # its out-of-domain rule (inference/domain.py), None without calibration
 
     @property
     def manifest(self):
