@@ -6,7 +6,8 @@ Public API (kept small; the service depends on it):
     SCHEMA_VERSION, MANIFEST_FILE, FAMILY_OUTPUTS
     BundleError(ProtoserveError)     one line: "<file>: <problem>"
     Manifest and its parts            InputSpec, TensorSpec, GraphSpec, PrototypeRow, Metrics,
-                                      ParityFigures, ProbeSpec, TrainingInfo
+                                      ParityFigures, ProbeSpec, TrainingInfo, QualityReport
+                                      (QualityFigure, PrototypeQuality): the optional `quality`
     Bundle                            a read and checked bundle: .path, .manifest, .model_path,
                                       .decoder_path (None when the family has no decoder),
                                       .probe_path, .file(name), .prototype(id), .output_names
@@ -154,6 +155,40 @@ class TrainingInfo(_Strict):
     metrics: dict = {}  # the checkpoint's own figures (validation accuracy, losses)
 
 
+class QualityFigure(_Strict):
+    """One figure of the explanation-quality report, beside the reference it is read against."""
+
+    value: float | None
+    reference: float | None = None
+    reference_kind: str | None = None  # what the reference is: "chance", "random order", "randomised model", ...
+    higher_is_better: bool | None = None
+    n: int | None = None  # how many cases (images, image-prototype pairs, prototypes) it summarises
+    detail: dict = {}  # e.g. the worst prototypes, the curves, a pass/fail verdict
+
+
+class PrototypeQuality(_Strict):
+    id: int  # the prototype table's id
+    figures: dict = {}  # the per-prototype figures by name (None where one does not apply)
+
+
+class QualityReport(_Strict):
+    """The explanation-quality report (export/quality/): computed on a data split by a fixed seed."""
+
+    data: str  # the data set
+    split: str  # "validation"
+    split_size: int
+    sample_size: int  # images drawn (seeded) from the split for the map-based figures
+    seed: int
+    settings: dict = {}  # noise, grid, top fraction, steps, judge bundle ...
+    computed_at: datetime
+    seconds: float | None = None
+    figures: dict[str, QualityFigure]
+    not_applicable: dict[str, str] = {}  # figure name -> why the family or data has none
+    prototypes: list[PrototypeQuality] = []
+    picture: str | None = None  # file in the bundle (PNG)
+    page: str | None = None  # file in the bundle (HTML)
+
+
 class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str = Field(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")  # a valid BentoML tag name
@@ -168,6 +203,7 @@ class Manifest(_Strict):
     metrics: Metrics
     probe: ProbeSpec
     training: TrainingInfo
+    quality: QualityReport | None = None  # the explanation-quality report (protoserve report)
     files: dict[str, str] = {}  # relative path -> sha256, every file but manifest.json
     manifest_sha256: str | None = None  # digest of this manifest's other fields (catches edits)
 
@@ -302,6 +338,7 @@ def _check_consistency(m: Manifest, manifest_path: Path) -> None:
             problems.append(f"output {name} has shape {spec.shape}, expected ['N', {count}]")
     referenced = [m.model.file, m.probe.file] + ([m.decoder.file] if m.decoder else [])
     referenced += [p.image for p in m.prototypes if p.image]
+    referenced += [f for f in (m.quality.picture, m.quality.page) if f] if m.quality else []
     problems += [f"{name} is referenced but not listed in files" for name in referenced if name not in m.files]
     problems += [f"file entry {name!r} is not a path inside the bundle" for name in m.files
                  if not _is_inside(name) or name == MANIFEST_FILE]
