@@ -4,8 +4,9 @@ Steps: rebuild the model, export model.onnx (and PrototypeDL's decoder.onnx), wr
 PNGs (PrototypeDL: decoded prototypes; ProtoPNet: each pushed patch, its source image with boxes and
 its activation map, redrawn from the push provenance the checkpoint holds),
 run the whole test set through PyTorch (eval) and ONNX Runtime (CPU), refuse to continue if
-parity misses its limits, store a golden probe, write and re-read the manifest, and only then
-move the finished directory to its place (a bundle is never half written).
+parity misses its limits, store a golden probe, write and re-read the manifest, add the
+explanation-quality report (export/quality/, on the validation split), and only then move the
+finished directory to its place (a bundle is never half written).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from export.onnx_export import (
     export_graph,
 )
 from export.parity import describe, parity_failures, parity_figures
+from export.quality.report import QualityOptions, write_quality_report
 from export.runtime import open_session, verify_bundle
 from protoserve.errors import ProtoserveError
 from training.checkpoint import load_checkpoint
@@ -56,6 +58,7 @@ from training.train_protopnet import input_normalization, load_run_data
 REPO = Path(__file__).resolve().parents[1]
 PROBE_ATOL, PROBE_RTOL = 1e-5, 1e-4
 BATCH_SIZE = 500
+DEFAULT_QUALITY = QualityOptions()
 
 
 class ExportError(ProtoserveError):
@@ -73,8 +76,10 @@ class ExportResult:
 
 
 def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_root: str | None = None,
-                  force: bool = False, test_images: int | None = None, log=print) -> ExportResult:
-    """Write the bundle of `checkpoint` to `out`; parity on the first `test_images` (default: all)."""
+                  force: bool = False, test_images: int | None = None, log=print,
+                  quality: QualityOptions | None = DEFAULT_QUALITY) -> ExportResult:
+    """Write the bundle of `checkpoint` to `out`; parity on the first `test_images` (default: all);
+    the explanation-quality report on the validation split unless `quality` is None."""
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out}: exists; bundles are immutable, choose a new --out or pass --force")
@@ -94,6 +99,8 @@ def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_roo
         manifest, parity = _build(model, config, payload, checkpoint, test, staging, name, version, log,
                                   push_set=data["train"], root=root)
         write_manifest(staging, manifest)
+        if quality is not None:
+            write_quality_report(staging, options=quality, split=data["val"], log=log)
         verify_bundle(staging)
         _move_into_place(staging, out)
     finally:

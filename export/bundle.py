@@ -279,7 +279,9 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Manifest:
     files = {name: sha256_file(directory / name) for name in _bundle_files(directory)}
     raw = manifest.model_copy(update={"files": files, "manifest_sha256": None}).model_dump(mode="json")
     raw["manifest_sha256"] = manifest_digest(raw)
-    (directory / MANIFEST_FILE).write_text(json.dumps(raw, indent=2) + "\n")
+    partial = directory / f".{MANIFEST_FILE}.partial"  # renamed into place: a reader never sees half a manifest
+    partial.write_text(json.dumps(raw, indent=2) + "\n")
+    partial.replace(directory / MANIFEST_FILE)
     return read_bundle(directory).manifest
 
 

@@ -1,0 +1,106 @@
+"""The quality report in a bundle: export writes it, `protoserve report` rewrites it, the manifest
+keeps its checksums, and the figures say what the model does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from export.bundle import MANIFEST_FILE, BundleError, Manifest, QualityReport, read_bundle
+from export.runtime import verify_bundle
+
+PROTOTYPEDL_FIGURES = {"class_discrimination_auroc", "last_layer_used_share", "near_duplicate_pairs",
+                       "prototype_nearest_encoding", "decoded_prototypes_own_class"}
+PROTOTYPEDL_NOT_APPLICABLE = {"activation_precision", "stability", "deletion_auc", "insertion_auc",
+                              "sanity_rank_correlation", "same_patch_duplicates"}
+PROTOPNET_FIGURES = {"class_discrimination_auroc", "last_layer_used_share", "near_duplicate_pairs",
+                     "same_patch_duplicates", "activation_precision.object", "stability", "sanity_rank_correlation",
+                     "deletion_auc", "insertion_auc"}
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_exported_bundles_carry_their_report(tiny_bundle, tiny_protopnet_bundle):
+    for path, figures in ((tiny_bundle, PROTOTYPEDL_FIGURES), (tiny_protopnet_bundle, PROTOPNET_FIGURES)):
+        bundle, _ = verify_bundle(path)
+        q = bundle.manifest.quality
+        assert q is not None and set(q.figures) == figures
+        assert (q.data, q.split, q.seed, q.sample_size) == ("mnist", "validation", 0, 64)
+        assert {q.picture, q.page} == {"quality.png", "quality.html"}
+        assert {q.picture, q.page} <= set(bundle.manifest.files)
+        assert [p.id for p in q.prototypes] == [row.id for row in bundle.manifest.prototypes]
+        assert 0.0 <= q.figures["class_discrimination_auroc"].value <= 1.0
+        assert q.figures["class_discrimination_auroc"].reference == 0.5
+    q = read_bundle(tiny_bundle).manifest.quality
+    assert set(q.not_applicable) == PROTOTYPEDL_NOT_APPLICABLE
+    assert q.figures["decoded_prototypes_own_class"].detail["judge"] == "protopnet-mnist:1.0.0"
+    q = read_bundle(tiny_protopnet_bundle).manifest.quality
+    precision = q.figures["activation_precision.object"]
+    assert 0.0 < precision.reference < 0.5  # the share of pixels at least half ink
+    assert isinstance(q.figures["sanity_rank_correlation"].detail["passes"], bool)
+    assert all("stability" in p.figures and "activation_precision.object" in p.figures for p in q.prototypes)
+
+
+def test_the_quality_field_round_trips_and_an_edit_is_caught(tiny_protopnet_bundle, tmp_path):
+    bundle = Path(shutil.copytree(tiny_protopnet_bundle, tmp_path / "bundle"))
+    raw = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest = Manifest.model_validate(raw)
+    assert QualityReport.model_validate(raw["quality"]) == manifest.quality
+    assert manifest.model_dump(mode="json")["quality"] == raw["quality"]
+    raw["quality"]["figures"]["stability"]["value"] = 1.0
+    (bundle / MANIFEST_FILE).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="edited after export"):
+        read_bundle(bundle)
+
+
+def test_a_bundle_without_a_report_still_reads(tiny_bundle, tmp_path):
+    from export.bundle import write_manifest
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    for name in ("quality.png", "quality.html"):
+        (bundle / name).unlink()
+    written = write_manifest(bundle, read_bundle(tiny_bundle).manifest.model_copy(update={"quality": None}))
+    assert written.quality is None and "quality.png" not in written.files
+    verify_bundle(bundle)
+
+
+def test_report_command_rewrites_the_report_and_keeps_the_bundle_valid(tiny_protopnet_bundle, mnist_root, tmp_path):
+    bundle = Path(shutil.copytree(tiny_protopnet_bundle, tmp_path / "bundle"))
+    before = (bundle / "quality.png").read_bytes()
+    result = run_cli("report", str(bundle), "--data-root", str(mnist_root), "--sample", "24", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert "quality tiny-protopnet:0.1.0" in result.stderr  # the progress bar
+    assert "class_discrimination_auroc" in result.stdout and "(reference 0.5: chance)" in result.stdout
+    q = verify_bundle(bundle)[0].manifest.quality
+    assert (q.sample_size, q.seed, q.split_size) == (24, 3, 200)
+    after = (bundle / "quality.png").read_bytes()
+    assert after.startswith(b"\x89PNG") and after != before
+    assert "tiny-protopnet:0.1.0" in (bundle / "quality.html").read_text()
+    assert not list(bundle.glob(".*partial"))
+
+
+def test_report_command_errors_are_one_line(tiny_bundle, tmp_path, capsys):
+    from cli.main import main
+
+    for args, fragment in (((str(tmp_path / "nothing"),), "not a bundle directory"),
+                           ((str(tiny_bundle), "--sample", "0"), "--sample is 0")):
+        assert main(["report", *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_a_judge_must_be_another_model(tiny_bundle, mnist_root, tmp_path):
+    from export.quality.report import QualityOptions, write_quality_report
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    q = write_quality_report(bundle, str(mnist_root), QualityOptions(sample=16, judge=bundle), progress=False,
+                             log=lambda s: None)
+    assert "decoded_prototypes_own_class" not in q.figures
+    assert "is this model, not an independent one" in q.not_applicable["decoded_prototypes_own_class"]
