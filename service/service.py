@@ -86,6 +86,8 @@ class Protoserve:
         self.source_pictures = {row.id: png_base64_file(self.model.bundle.file(row.provenance["source_image"]))
                                 for row in manifest.prototypes if (row.provenance or {}).get("source_image")}
         self.provider = self.model.provider
+        # The explanation-quality report's per-prototype figures (None each when the bundle has no report).
+        self.prototype_quality = {p.id: p.figures for p in manifest.quality.prototypes} if manifest.quality else {}
         # /predict's adaptive batching (service/batching.py): concurrent requests share one session run.
         self.classify = AdaptiveBatcher(self._classify, MAX_BATCH_SIZE, MAX_LATENCY_MS, self._count_batch)
         self.predicting = 0  # /predict requests in this worker between their first line and their answer
@@ -164,24 +166,27 @@ class Protoserve:
 
     @bentoml.api(route="/metadata")
     async def metadata(self) -> dict:
-        """The model: name, version, family, classes, input spec, metrics, prototypes, provider."""
+        """The model: name, version, family, classes, input spec, metrics, explanation quality, prototypes,
+        provider."""
         m = self.manifest
         return JSONResponse({"model": self._model_ref(), "family": m.family, "created_at": m.created_at.isoformat(),
                 "class_names": m.class_names, "input": m.input.model_dump(mode="json"),
                 "outputs": [t.model_dump(mode="json") for t in m.model.outputs],
                 "metrics": m.metrics.model_dump(mode="json"), "prototypes": len(m.prototypes),
                 "active_prototypes": int(self.active.sum()), "provider": self.provider,
-                "source_commit": m.training.source_commit,
+                "source_commit": m.training.source_commit, "quality": quality_summary(m),
                 "limits": {"max_images_per_request": DEFAULT_LIMITS.max_batch,
                            "max_body_bytes": DEFAULT_MAX_BODY_BYTES,
                            "max_image_side": DEFAULT_LIMITS.max_side}})
 
     @bentoml.api(route="/prototypes")
     async def prototypes(self) -> dict:
-        """The prototype catalogue: every prototype's table row and its picture (base64 PNG)."""
+        """The prototype catalogue: every prototype's table row, its picture (base64 PNG) and its
+        explanation-quality figures."""
         rows = [{"id": row.id, "class_identity": row.class_identity,
                  "class_name": self.manifest.class_names[row.class_identity], "weights": row.weights,
-                 "status": row.status, "provenance": row.provenance, "image": self.pictures[row.id]}
+                 "status": row.status, "provenance": row.provenance, "image": self.pictures[row.id],
+                 "quality": self.prototype_quality.get(row.id)}
                 for row in self.manifest.prototypes]
         return JSONResponse({"model": self._model_ref(), "prototypes": rows})
 
@@ -211,6 +216,13 @@ class Protoserve:
         record_answers(self.model_id, self.manifest.class_names, self.prototype_ids, probabilities, nearest,
                        nearest_distance(distances, self.active))
         metrics().inference_seconds.labels(*self.model_id, api).observe(time.perf_counter() - started)
+
+
+def quality_summary(manifest) -> dict | None:
+    """The bundle's explanation-quality report without its per-prototype rows (those are in /prototypes)."""
+    if manifest.quality is None:
+        return None
+    return manifest.quality.model_dump(mode="json", exclude={"prototypes"})
 
 
 def png_base64_file(path) -> str:
