@@ -31,8 +31,8 @@ def write_picture(path: Path, manifest: Manifest, report: QualityReport) -> None
         _curves(axes[2], report)
     else:
         _nearest_encoding(axes[2], report)
-    fig.suptitle(f"{manifest.tag} ({manifest.family}): explanation quality on {report.sample_size} of "
-                 f"{report.split_size} {report.data} {report.split} images (seed {report.seed})")
+    fig.suptitle(f"{manifest.tag} ({manifest.family}): explanation quality on the {report.data} {report.split} "
+                 f"split ({report.split_size} images, {report.sample_size} sampled with seed {report.seed})")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -111,8 +111,9 @@ def page(manifest: Manifest, report: QualityReport) -> str:
 td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}} img.p{{height:40px;image-rendering:pixelated}}</style>
 </head><body>
 <h1>{e(manifest.tag)} ({e(manifest.family)}): explanation quality</h1>
-<p>{report.sample_size} of {report.split_size} images of the {e(report.data)} {e(report.split)} split, seed
-{report.seed}, computed {e(report.computed_at.isoformat())} in {report.seconds} s.</p>
+<p>The {e(report.data)} {e(report.split)} split ({report.split_size} images; {report.sample_size} sampled
+with seed {report.seed} for the map-based figures and the patch encodings),
+computed {e(report.computed_at.isoformat())} in {report.seconds} s.</p>
 <img src="{PICTURE}" alt="figures against their references" style="max-width:100%">
 <h2>Figures</h2>
 <table><tr><th>figure</th><th>value</th><th>reference</th><th>reference is</th><th>better</th><th>n</th></tr>
