@@ -100,7 +100,7 @@ def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_roo
                                   push_set=data["train"], root=root)
         write_manifest(staging, manifest)
         if quality is not None:
-            write_quality_report(staging, options=quality, split=data["val"], log=log)
+            write_quality_report(staging, str(root), options=quality, log=log)
         verify_bundle(staging)
         _move_into_place(staging, out)
     finally:

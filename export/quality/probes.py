@@ -24,7 +24,7 @@ from training.protopnet import ProtoPNet
 from training.prototypedl import PrototypeDL
 
 BATCH = 500
-INK = 0.5  # a grey-level digit's own pixels: those at least half ink
+INK = 0.0  # a grey-level digit's own pixels: those with any ink (as Decoy-MNIST's object masks)
 
 
 def model_from_bundle(bundle: Bundle) -> PrototypeDL | ProtoPNet:
@@ -101,7 +101,7 @@ def patch_encodings(model: ProtoPNet, images: torch.Tensor) -> tuple[np.ndarray,
 def object_masks(split, index: np.ndarray, images: torch.Tensor, dataset: str) -> dict[str, np.ndarray]:
     """Named bool masks [n, H, W] of the sampled images: the split's own `masks` (a dict of name ->
     [N, H, W], e.g. a decoy data set's object and decoy masks), else a folder's segmentations
-    (`images.mask(i)`, CUB layout), else, for grey-level digits, the pixels at least half ink."""
+    (`images.mask(i)`, CUB layout), else, for grey-level digits, the pixels with ink."""
     own = getattr(split, "masks", None)
     if own:
         return {name: np.asarray(m)[index].astype(bool) for name, m in own.items()}
@@ -112,7 +112,7 @@ def object_masks(split, index: np.ndarray, images: torch.Tensor, dataset: str) -
             return {}
         return {"object": np.stack(found)}
     if dataset in ("mnist", "fashion_mnist"):
-        return {"object": images[:, 0].numpy() >= INK}
+        return {"object": images[:, 0].numpy() > INK}
     return {}
 
 

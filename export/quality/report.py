@@ -55,14 +55,28 @@ def write_quality_report(bundle_dir: str | Path, data_root: str | None = None,
     bundle = read_bundle(bundle_dir)
     config = Config.from_dict(bundle.manifest.training.config, source=f"{bundle.path}: training config")
     if split is None:
-        from training.train_protopnet import load_run_data
-
-        split = load_run_data(config, resolve_data_root(data_root, config.data.root))["val"]
+        split = validation_split(config, resolve_data_root(data_root, config.data.root))
     report = compute_quality(bundle, split, config.data.dataset, options or QualityOptions(), log, progress)
     picture, page = write_figures(bundle_dir, bundle.manifest, report)
     report = report.model_copy(update={"picture": picture, "page": page})
     write_manifest(bundle_dir, bundle.manifest.model_copy(update={"quality": report}))
     return report
+
+
+def validation_split(config: Config, root: Path) -> Split:
+    """The split the model was selected on; a split may carry named object masks as `masks`
+    ({name: bool [N, H, W]}), as Decoy-MNIST's does (its digits and its decoy squares)."""
+    d = config.data
+    if d.dataset == "decoy_mnist":
+        from training.decoy_mnist import load_decoy_mnist
+
+        decoys = load_decoy_mnist(root, d.split_seed, d.val_size, d.train_subset)["val"]
+        split = decoys.split()
+        split.masks = {"object": decoys.object_masks, "decoy": decoys.decoy_masks}
+        return split
+    from training.train_protopnet import load_run_data
+
+    return load_run_data(config, root)["val"]
 
 
 def compute_quality(bundle: Bundle, split: Split, dataset: str, options: QualityOptions, log=print,

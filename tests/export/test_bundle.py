@@ -196,3 +196,4 @@ def test_export_command_on_the_whole_test_set(tiny_checkpoint, mnist_root, tmp_p
     assert "parity on 10000 images" in result.stdout and "argmax mismatches 0, top-3 mismatches 0" in result.stdout
     assert "bundle tiny:2.0.0 written" in result.stdout
     assert run_cli("verify", str(out)).returncode == 0
+    assert read_bundle(out).manifest.quality.sample_size == 500  # export adds the quality report by default

@@ -71,6 +71,7 @@ def test_a_bundle_without_a_report_still_reads(tiny_bundle, tmp_path):
     verify_bundle(bundle)
 
 
+@pytest.mark.slow
 def test_report_command_rewrites_the_report_and_keeps_the_bundle_valid(tiny_protopnet_bundle, mnist_root, tmp_path):
     bundle = Path(shutil.copytree(tiny_protopnet_bundle, tmp_path / "bundle"))
     before = (bundle / "quality.png").read_bytes()
@@ -104,3 +105,25 @@ def test_a_judge_must_be_another_model(tiny_bundle, mnist_root, tmp_path):
                              log=lambda s: None)
     assert "decoded_prototypes_own_class" not in q.figures
     assert "is this model, not an independent one" in q.not_applicable["decoded_prototypes_own_class"]
+
+
+def test_each_named_mask_of_a_split_gets_its_activation_precision(tiny_protopnet_bundle, mnist_root):
+    """A split may carry masks by name (Decoy-MNIST: object and decoy): a mask over the whole image
+    holds every activation (precision 1), an empty one none (0); a decoy's precision is better low."""
+    import numpy as np
+
+    from export.quality.report import QualityOptions, compute_quality, validation_split
+    from training.config import Config
+
+    bundle = read_bundle(tiny_protopnet_bundle)
+    split = validation_split(Config.from_dict(bundle.manifest.training.config), mnist_root)
+    options = QualityOptions(sample=16, curve_images=2, steps=4, encodings=200)
+    plain = compute_quality(bundle, split, "mnist", options, log=lambda s: None, progress=False)
+    ink = split.images[:, 0].numpy() > 0
+    split.masks = {"object": ink, "everywhere": np.ones_like(ink), "decoy": np.zeros_like(ink)}
+    q = compute_quality(bundle, split, "mnist", options, log=lambda s: None, progress=False)
+    assert q.settings["masks"] == ["decoy", "everywhere", "object"]
+    everywhere, decoy = q.figures["activation_precision.everywhere"], q.figures["activation_precision.decoy"]
+    assert (everywhere.value, everywhere.reference) == (1.0, 1.0)
+    assert (decoy.value, decoy.reference, decoy.higher_is_better) == (0.0, 0.0, False)
+    assert q.figures["activation_precision.object"] == plain.figures["activation_precision.object"]
