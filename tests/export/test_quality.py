@@ -127,3 +127,24 @@ def test_each_named_mask_of_a_split_gets_its_activation_precision(tiny_protopnet
     assert (everywhere.value, everywhere.reference) == (1.0, 1.0)
     assert (decoy.value, decoy.reference, decoy.higher_is_better) == (0.0, 0.0, False)
     assert q.figures["activation_precision.object"] == plain.figures["activation_precision.object"]
+
+
+def test_quality_changes_say_how_each_figure_moved(tiny_protopnet_bundle):
+    from export.bundle import QualityFigure
+    from export.quality.compare import quality_changes
+
+    before = read_bundle(tiny_protopnet_bundle).manifest.quality
+    figures = dict(before.figures)
+    figures["deletion_auc"] = figures["deletion_auc"].model_copy(update={"value": figures["deletion_auc"].value - 0.1})
+    figures["stability"] = QualityFigure(value=figures["stability"].value - 0.2, higher_is_better=True)
+    rows = [before.prototypes[0].model_copy(update={"figures": {**before.prototypes[0].figures, "auroc": 0.25}}),
+            *before.prototypes[1:]]
+    after = before.model_copy(update={"figures": figures, "prototypes": rows})
+    changes = quality_changes(before, after)
+    assert changes["figures"]["deletion_auc"]["change"] == pytest.approx(-0.1)
+    assert changes["figures"]["deletion_auc"]["improved"] is True  # lower is better
+    assert changes["figures"]["stability"]["improved"] is False
+    assert changes["figures"]["class_discrimination_auroc"]["improved"] is None  # unchanged
+    assert changes["prototypes"] == {rows[0].id: {"auroc": {"before": before.prototypes[0].figures["auroc"],
+                                                            "after": 0.25}}}
+    assert quality_changes(None, after) == {"figures": {}, "prototypes": {}}
