@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from export.bundle import Bundle, BundleError
+from export.onnx_export import classifier_graph, classifier_outputs
 from export.runtime import load_probe
 from training.checkpoint import build_model
 from training.config import Config
@@ -27,31 +28,33 @@ BATCH = 500
 INK = 0.0  # a grey-level digit's own pixels: those with any ink (as Decoy-MNIST's object masks)
 
 
-def model_from_bundle(bundle: Bundle) -> PrototypeDL | ProtoPNet:
-    """The torch model whose weights are model.onnx's initializers; checked against the golden probe."""
+def model_from_bundle(bundle: Bundle, restore=None) -> PrototypeDL | ProtoPNet:
+    """The torch model whose weights are model.onnx's initializers, checked against the golden probe;
+    `restore(model, bundle)` puts back what the graph does not hold (ProtoPNet's push sources)."""
     config = Config.from_dict(bundle.manifest.training.config, source=f"{bundle.path}: training config")
     model = build_model(config, initial_weights=False)
     graph = onnx.load(str(bundle.model_path)).graph
     state = {init.name.removeprefix("model."): torch.from_numpy(numpy_helper.to_array(init).copy())
              for init in graph.initializer if init.name.startswith("model.")}
-    missing = [k for k in set(model.state_dict()) - set(state)
-               if not k.startswith("push_") and k != "prototype_class_identity" and "num_batches" not in k]
+    needed = [k for k, _ in model.named_parameters()] + [k for k, _ in model.named_buffers()
+                                                          if k.endswith(("running_mean", "running_var"))]
+    missing = [k for k in needed if k not in state]
     if missing:
         raise BundleError(f"{bundle.model_path}: no initializer for {sorted(missing)[:3]}; cannot rebuild the model")
-    model.load_state_dict(state, strict=False)
-    if isinstance(model, ProtoPNet):
-        _restore_push_sources(model, bundle)
+    model.load_state_dict(state, strict=False)  # buffers the forward pass does not read are not in the graph
+    if restore is not None:
+        restore(model, bundle)
     model.eval()
     probe = load_probe(bundle)
     with torch.no_grad():
-        x = torch.from_numpy(probe["input.image"].astype(np.float32))
-        logits = model(x, exact=True).logits if isinstance(model, ProtoPNet) else model(x).logits
+        logits = classifier_graph(model)(torch.from_numpy(probe["input.image"].astype(np.float32)))[0]
     if not np.allclose(torch.softmax(logits, 1).numpy(), probe["output.probabilities"], atol=1e-4, rtol=1e-3):
         raise BundleError(f"{bundle.model_path}: the model rebuilt from its initializers misses the golden probe")
     return model
 
 
-def _restore_push_sources(model: ProtoPNet, bundle: Bundle) -> None:
+def restore_push_sources(model: ProtoPNet, bundle: Bundle) -> None:
+    """ProtoPNet: each prototype's push source (image index, patch row and column) from its provenance."""
     for j, row in enumerate(bundle.manifest.prototypes):
         provenance = row.provenance or {}
         if "source_index" in provenance:
@@ -71,17 +74,11 @@ def upsampled(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 
 @torch.no_grad()
-def similarities(model: PrototypeDL | ProtoPNet, images: torch.Tensor) -> np.ndarray:
-    """[N, M]: how alike each image is to each prototype (ProtoPNet: its similarity; PrototypeDL: minus
-    the squared distance, which is what its logits are linear in)."""
-    parts = []
-    for i in range(0, len(images), BATCH):
-        x = images[i:i + BATCH]
-        if isinstance(model, ProtoPNet):
-            parts.append(model(x, exact=True).similarities)
-        else:
-            parts.append(-model(x).distances)
-    return torch.cat(parts).numpy()
+def distances(model: PrototypeDL | ProtoPNet, images: torch.Tensor) -> np.ndarray:
+    """[N, M]: the exported graph's `distances` output (ProtoPNet: the nearest patch's), in batches."""
+    graph = classifier_graph(model).eval()
+    at = classifier_outputs(model).index("distances")
+    return torch.cat([graph(images[i:i + BATCH])[at] for i in range(0, len(images), BATCH)]).numpy()
 
 
 @torch.no_grad()

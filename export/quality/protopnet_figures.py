@@ -11,9 +11,9 @@ import torch
 
 from export.bundle import QualityFigure
 from export.quality import measures, probes
-from export.quality.run import SANITY_LIMIT, Run
+from export.quality.run import SANITY_LIMIT, FamilyQuality, Run
 
-CHUNK = 100  # images whose maps are held at once
+CHUNK_PIXELS = 100 * 28 * 28  # image pixels whose maps are held at once (100 MNIST digits)
 
 
 def _same_patch(run: Run, split) -> None:
@@ -76,8 +76,9 @@ def _map_figures(run: Run, split) -> None:
     models = {"randomised": probes.randomised_backbone(run.model, o.seed), "untrained": probes.random_model(run.bundle,
                                                                                                           o.seed)}
     values: dict[str, list] = {}
-    for start in range(0, len(sample), CHUNK):
-        chunk = slice(start, start + CHUNK)
+    step = max(1, CHUNK_PIXELS // (sample.shape[2] * sample.shape[3]))
+    for start in range(0, len(sample), step):
+        chunk = slice(start, start + step)
         pairs = _pair_maps(run, models, sample[chunk], noisy[chunk], labels[chunk])
         _collect(values, "prototype", pairs.prototype)
         for name, mask in masks.items():
@@ -91,6 +92,7 @@ def _map_figures(run: Run, split) -> None:
                                                                                   strict=True)])
     per = {k: _per_prototype(np.asarray(v, dtype=float), np.asarray(values["prototype"]), len(run.identities))
            for k, v in values.items() if k != "prototype"}
+    run.settings["masks"] = sorted(masks)
     _report_maps(run, per, sorted(masks), n_pairs=len(values.get("prototype", [])))
 
 
@@ -137,8 +139,7 @@ def _faithfulness(run: Run, split) -> None:
     order of its similarity map and in a random order."""
     o = run.options
     images = run.sample[:o.curve_images]
-    sims = np.where(run.active[None, :], probes.similarities(run.model, images), -np.inf)
-    top = sims.argmax(axis=1)
+    top = np.where(run.active[None, :], probes.distances(run.model, images), np.inf).argmin(axis=1)
     maps = probes.protopnet_maps(run.model, images)[torch.arange(len(images)), torch.from_numpy(top)]
     orders = probes.upsampled(maps[:, None], tuple(images.shape[2:]))[:, 0]
     rng = np.random.default_rng(o.seed)
@@ -158,4 +159,9 @@ def _faithfulness(run: Run, split) -> None:
                     "score": "the top prototype's similarity as a share of its similarity on the whole image"})
 
 
-PROTOPNET_STAGES = [_same_patch, _map_figures, _faithfulness]
+def _patch_encodings(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    return probes.patch_encodings(run.model, run.sample)
+
+
+PROTOPNET_QUALITY = FamilyQuality(stages=[_same_patch, _map_figures, _faithfulness], encodings=_patch_encodings,
+                                  restore=probes.restore_push_sources)

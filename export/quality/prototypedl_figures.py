@@ -14,7 +14,7 @@ import torch
 
 from export.bundle import BundleError, InputSpec, read_bundle
 from export.quality import probes
-from export.quality.run import DEFAULT_JUDGE, Run
+from export.quality.run import DEFAULT_JUDGE, FamilyQuality, Run
 from export.runtime import open_session
 
 NO_MAPS = "PrototypeDL compares whole-image encodings: it has no similarity maps"
@@ -79,4 +79,9 @@ def _convert(x: np.ndarray, source: InputSpec, target: InputSpec) -> np.ndarray:
             ).astype(np.float32)
 
 
-PROTOTYPEDL_STAGES = [_nearest_encoding, _decoded_own_class]
+def _encodings(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    encodings = probes.prototypedl_encodings(run.model, run.images)  # the whole split, as R1's
+    return encodings, np.arange(len(encodings))
+
+
+PROTOTYPEDL_QUALITY = FamilyQuality(stages=[_nearest_encoding, _decoded_own_class], encodings=_encodings)

@@ -21,7 +21,7 @@ Computed on the validation split (never the test set), part of it drawn with a f
                                  validation image; reference: the median nearest-neighbour distance
     decoded_prototypes_own_class PrototypeDL: decoded prototypes an independent model (the shipped
                                  ProtoPNet bundle, through ONNX Runtime) puts in their own class
-Family-specific figures come from FAMILY_FIGURES; a figure a family or data set lacks is listed in
+Family-specific figures come from FAMILY_QUALITY (run.FamilyQuality); a figure a family or data set lacks is listed in
 `not_applicable` with the reason.
 """
 
@@ -38,8 +38,8 @@ from tqdm import tqdm
 from export.bundle import Bundle, PrototypeQuality, QualityFigure, QualityReport, read_bundle, write_manifest
 from export.quality import measures, probes
 from export.quality.figures import write_figures
-from export.quality.protopnet_figures import PROTOPNET_STAGES
-from export.quality.prototypedl_figures import PROTOTYPEDL_STAGES
+from export.quality.protopnet_figures import PROTOPNET_QUALITY
+from export.quality.prototypedl_figures import PROTOTYPEDL_QUALITY
 from export.quality.run import SANITY_LIMIT, QualityOptions, Run
 from training.config import Config
 from training.data import Split, resolve_data_root
@@ -86,18 +86,18 @@ def compute_quality(bundle: Bundle, split: Split, dataset: str, options: Quality
     images = split.images if isinstance(split.images, torch.Tensor) else split.images[torch.arange(len(split))]
     rng = np.random.default_rng(options.seed)
     index = np.sort(rng.choice(len(split), size=min(options.sample, len(split)), replace=False))
-    run = Run(bundle=bundle, model=probes.model_from_bundle(bundle), images=images,
+    family = FAMILY_QUALITY[bundle.manifest.family]
+    run = Run(bundle=bundle, model=probes.model_from_bundle(bundle, family.restore), images=images,
               labels=split.labels.numpy(), index=index, dataset=dataset, options=options,
               per_prototype=[{} for _ in bundle.manifest.prototypes])
-    stages = COMMON_STAGES + FAMILY_FIGURES[bundle.manifest.family]
+    stages = COMMON_STAGES + family.stages
     bar = tqdm(stages, desc=f"quality {bundle.manifest.tag}", unit="figure", disable=not progress)
     for stage in bar:
         bar.set_postfix_str(stage.__name__.strip("_"))
         stage(run, split)
-    masks = probes.object_masks(split, index, run.sample, dataset)
     report = QualityReport(
         data=dataset, split="validation", split_size=len(split), sample_size=len(index), seed=options.seed,
-        settings=_settings(options, masks), computed_at=datetime.now(UTC),
+        settings=_settings(options) | run.settings, computed_at=datetime.now(UTC),
         seconds=round(time.perf_counter() - started, 1), figures=run.figures, not_applicable=run.not_applicable,
         prototypes=[PrototypeQuality(id=row.id, figures=values)
                     for row, values in zip(bundle.manifest.prototypes, run.per_prototype, strict=True)])
@@ -106,14 +106,15 @@ def compute_quality(bundle: Bundle, split: Split, dataset: str, options: Quality
     return report
 
 
-def _settings(options: QualityOptions, masks: dict) -> dict:
+def _settings(options: QualityOptions) -> dict:
     settings = {k: v for k, v in vars(options).items() if k != "judge"}
-    return settings | {"masks": sorted(masks), "sanity_limit": SANITY_LIMIT}
+    return settings | {"sanity_limit": SANITY_LIMIT}
 
 
 def _class_discrimination(run: Run, split: Split) -> None:
-    sims = probes.similarities(run.model, run.images)
-    values = measures.class_discrimination(sims, run.labels, run.identities)
+    # Minus the distance: ranks as ProtoPNet's similarity does (a decreasing function of it), and is what
+    # PrototypeDL's logits are linear in; AUROC depends on ranks only.
+    values = measures.class_discrimination(-probes.distances(run.model, run.images), run.labels, run.identities)
     run.each("auroc", [None if v is None else round(v, 4) for v in values])
     run.summary("class_discrimination_auroc", values, "chance", 0.5, n_images=len(run.labels))
 
@@ -130,7 +131,7 @@ def _last_layer_use(run: Run, split: Split) -> None:
 
 def _near_duplicates(run: Run, split: Split) -> None:
     """Pairs of active prototypes closer than two typical real encodings of different images are."""
-    encodings, groups = _encodings(run)
+    encodings, groups = FAMILY_QUALITY[run.bundle.manifest.family].encodings(run)
     rng = np.random.default_rng(run.options.seed)
     if len(encodings) > run.options.encodings:
         keep = np.sort(rng.choice(len(encodings), size=run.options.encodings, replace=False))
@@ -159,4 +160,4 @@ def _encodings(run: Run) -> tuple[np.ndarray, np.ndarray]:
 
 
 COMMON_STAGES = [_class_discrimination, _last_layer_use, _near_duplicates]
-FAMILY_FIGURES = {"protopnet": PROTOPNET_STAGES, "prototypedl": PROTOTYPEDL_STAGES}
+FAMILY_QUALITY = {"protopnet": PROTOPNET_QUALITY, "prototypedl": PROTOTYPEDL_QUALITY}
