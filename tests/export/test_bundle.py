@@ -147,7 +147,7 @@ def test_protopnet_adds_outputs_not_a_new_format(tiny_bundle, tmp_path):
     outputs.append(TensorSpec(name="similarity_maps", shape=["N", 15, 7, 7]))
     rows = [p.model_copy(update={"provenance": {"image_index": 3, "patch_box": [0, 0, 1, 1]}, "image": None})
             for p in m.prototypes]
-    protopnet = m.model_copy(update={"family": "protopnet", "decoder": None, "prototypes": rows,
+    protopnet = m.model_copy(update={"family": "protopnet", "decoder": None, "prototypes": rows, "quality": None,
                                      "model": m.model.model_copy(update={"outputs": outputs})})
     folder = tmp_path / "protopnet"
     folder.mkdir()
