@@ -148,3 +148,15 @@ def test_quality_changes_say_how_each_figure_moved(tiny_protopnet_bundle):
     assert changes["prototypes"] == {rows[0].id: {"auroc": {"before": before.prototypes[0].figures["auroc"],
                                                             "after": 0.25}}}
     assert quality_changes(None, after) == {"figures": {}, "prototypes": {}}
+
+
+def test_export_can_skip_the_report(tiny_checkpoint, mnist_root, tmp_path):
+    from cli.main import build_parser
+    from export.build import export_bundle
+
+    args = build_parser().parse_args(["export", "--checkpoint", "c.pt", "--out", "b", "--no-quality"])
+    assert args.no_quality and args.quality_sample == 500
+    out = tmp_path / "bundle"
+    export_bundle(tiny_checkpoint, out, "tiny", "0.2.0", data_root=str(mnist_root), test_images=200,
+                  log=lambda s: None, quality=None)
+    assert read_bundle(out).manifest.quality is None and not (out / "quality.png").exists()
