@@ -1,9 +1,11 @@
-"""What the quality measures need from a model (torch): the model rebuilt from a bundle's graph,
-similarity maps, object masks, noise, randomisation, and pixel deletion / insertion runs.
+"""What the quality measures need from a model (torch): the model rebuilt from a bundle's graph, the
+graph's outputs by name, encodings, object masks, noise, randomisation, pixel deletion / insertion.
 
 The model is rebuilt from model.onnx itself (every parameter is an initializer under its
 state_dict name, see export/onnx_export.py), so a report describes exactly the graph the bundle
-serves, and needs the bundle alone; the rebuilt model must reproduce the golden probe.
+serves, and needs the bundle alone; the rebuilt model must reproduce the golden probe. Everything
+here reads the exported forward pass (classifier_graph) by output name, so what a family has
+(similarity maps, a decoder) decides which figures apply, not its name.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import copy
 import numpy as np
 import onnx
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
@@ -21,18 +24,21 @@ from export.onnx_export import classifier_graph, classifier_outputs
 from export.runtime import load_probe
 from training.checkpoint import build_model
 from training.config import Config
-from training.protopnet import ProtoPNet
-from training.prototypedl import PrototypeDL
+from training.protopnet import similarity
 
 BATCH = 500
 INK = 0.0  # a grey-level digit's own pixels: those with any ink (as Decoy-MNIST's object masks)
 
+# What each family's prototypes are compared with ([N, C, H, W] -> [N, P, D]: P positions of D
+# channels), and its backbone (what the sanity check re-initialises).
+ENCODE = {"prototypedl": lambda model, x: model.encode(x)[:, None, :],
+          "protopnet": lambda model, x: model.latent(x).flatten(2).transpose(1, 2)}
+BACKBONE = {"prototypedl": lambda model: model.encoder, "protopnet": lambda model: model.features}
 
-def model_from_bundle(bundle: Bundle, restore=None) -> PrototypeDL | ProtoPNet:
-    """The torch model whose weights are model.onnx's initializers, checked against the golden probe;
-    `restore(model, bundle)` puts back what the graph does not hold (ProtoPNet's push sources)."""
-    config = Config.from_dict(bundle.manifest.training.config, source=f"{bundle.path}: training config")
-    model = build_model(config, initial_weights=False)
+
+def model_from_bundle(bundle: Bundle) -> nn.Module:
+    """The torch model whose weights are model.onnx's initializers, checked against the golden probe."""
+    model = build_model(bundle_config(bundle), initial_weights=False)
     graph = onnx.load(str(bundle.model_path)).graph
     state = {init.name.removeprefix("model."): torch.from_numpy(numpy_helper.to_array(init).copy())
              for init in graph.initializer if init.name.startswith("model.")}
@@ -42,30 +48,28 @@ def model_from_bundle(bundle: Bundle, restore=None) -> PrototypeDL | ProtoPNet:
     if missing:
         raise BundleError(f"{bundle.model_path}: no initializer for {sorted(missing)[:3]}; cannot rebuild the model")
     model.load_state_dict(state, strict=False)  # buffers the forward pass does not read are not in the graph
-    if restore is not None:
-        restore(model, bundle)
     model.eval()
     probe = load_probe(bundle)
-    with torch.no_grad():
-        logits = classifier_graph(model)(torch.from_numpy(probe["input.image"].astype(np.float32)))[0]
+    logits = outputs(model, torch.from_numpy(probe["input.image"].astype(np.float32)), "logits")
     if not np.allclose(torch.softmax(logits, 1).numpy(), probe["output.probabilities"], atol=1e-4, rtol=1e-3):
         raise BundleError(f"{bundle.model_path}: the model rebuilt from its initializers misses the golden probe")
     return model
 
 
-def restore_push_sources(model: ProtoPNet, bundle: Bundle) -> None:
-    """ProtoPNet: each prototype's push source (image index, patch row and column) from its provenance."""
-    for j, row in enumerate(bundle.manifest.prototypes):
-        provenance = row.provenance or {}
-        if "source_index" in provenance:
-            patch = provenance["patch"]
-            model.push_source[j] = torch.tensor([provenance["source_index"], patch["row"], patch["col"]])
+def bundle_config(bundle: Bundle) -> Config:
+    return Config.from_dict(bundle.manifest.training.config, source=f"{bundle.path}: training config")
 
 
 @torch.no_grad()
-def protopnet_maps(model: ProtoPNet, images: torch.Tensor) -> torch.Tensor:
-    """Similarity maps [N, M, h, w] (the exported graph's exact distances)."""
-    return torch.cat([model(images[i:i + BATCH], exact=True).similarity_maps for i in range(0, len(images), BATCH)])
+def outputs(model: nn.Module, images: torch.Tensor, name: str) -> torch.Tensor:
+    """One output of the exported forward pass (model.onnx's names) for `images`, in batches."""
+    graph = classifier_graph(model).eval()
+    at = classifier_outputs(model).index(name)
+    return torch.cat([graph(images[i:i + BATCH])[at] for i in range(0, len(images), BATCH)])
+
+
+def has_output(model: nn.Module, name: str) -> bool:
+    return name in classifier_outputs(model)
 
 
 def upsampled(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -74,25 +78,18 @@ def upsampled(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 
 @torch.no_grad()
-def distances(model: PrototypeDL | ProtoPNet, images: torch.Tensor) -> np.ndarray:
-    """[N, M]: the exported graph's `distances` output (ProtoPNet: the nearest patch's), in batches."""
-    graph = classifier_graph(model).eval()
-    at = classifier_outputs(model).index("distances")
-    return torch.cat([graph(images[i:i + BATCH])[at] for i in range(0, len(images), BATCH)]).numpy()
+def encodings(model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The latent vectors the prototypes are compared with, [N * P, D], and the image each comes from."""
+    encode = ENCODE[model.cfg.family]
+    z = torch.cat([encode(model, images[i:i + BATCH]) for i in range(0, len(images), BATCH)])  # [N, P, D]
+    return z.reshape(-1, z.shape[2]).numpy(), np.repeat(np.arange(len(z)), z.shape[1])
 
 
 @torch.no_grad()
-def prototypedl_encodings(model: PrototypeDL, images: torch.Tensor) -> np.ndarray:
-    return torch.cat([model.encode(images[i:i + BATCH]) for i in range(0, len(images), BATCH)]).numpy()
-
-
-@torch.no_grad()
-def patch_encodings(model: ProtoPNet, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Every latent patch of `images`: [N * h * w, D] and the image each comes from [N * h * w]."""
-    z = torch.cat([model.latent(images[i:i + BATCH]) for i in range(0, len(images), BATCH)])  # [N, D, h, w]
-    n, d = z.shape[:2]
-    patches = z.permute(0, 2, 3, 1).reshape(-1, d).numpy()
-    return patches, np.repeat(np.arange(n), z.shape[2] * z.shape[3])
+def decoded_prototypes(model: nn.Module) -> np.ndarray | None:
+    """The prototypes through the model's decoder [M, C, H, W] (model input space), None without one."""
+    decode = getattr(model, "decode", None)
+    return None if decode is None else decode(model.prototypes).numpy()
 
 
 def object_masks(split, index: np.ndarray, images: torch.Tensor, dataset: str) -> dict[str, np.ndarray]:
@@ -120,26 +117,25 @@ def input_noise(images: torch.Tensor, sigma: float, std: list[float], seed: int)
     return images + noise / torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
 
 
-def randomised_backbone(model: ProtoPNet, seed: int) -> ProtoPNet:
+def randomised_backbone(model: nn.Module, seed: int) -> nn.Module:
     """A copy whose backbone weights are re-initialised (Adebayo et al.'s model parameter
-    randomisation); add-on layers, prototypes and last layer stay as trained."""
+    randomisation); what follows the backbone (add-on layers, prototypes, last layer) stays as trained."""
     other = copy.deepcopy(model)
     torch.manual_seed(seed)
-    for module in other.features.modules():
+    for module in BACKBONE[model.cfg.family](other).modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     return other.eval()
 
 
-def random_model(bundle: Bundle, seed: int) -> PrototypeDL | ProtoPNet:
+def random_model(bundle: Bundle, seed: int) -> nn.Module:
     """A freshly initialised model of the bundle's architecture (the untrained reference)."""
-    config = Config.from_dict(bundle.manifest.training.config, source=f"{bundle.path}: training config")
     torch.manual_seed(seed)
-    return build_model(config, initial_weights=False).eval()
+    return build_model(bundle_config(bundle), initial_weights=False).eval()
 
 
 @torch.no_grad()
-def ordered_pixel_runs(model: ProtoPNet, image: torch.Tensor, prototype: int, order: np.ndarray,
+def ordered_pixel_runs(model: nn.Module, image: torch.Tensor, prototype: int, order: np.ndarray,
                        steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Deletion and insertion curves [steps + 1] of one prototype's similarity on one image [C, H, W],
     removing (deletion) or adding to a blank input (insertion) pixels in `order`, as a share of its
@@ -151,8 +147,6 @@ def ordered_pixel_runs(model: ProtoPNet, image: torch.Tensor, prototype: int, or
     for t, k in enumerate(counts):
         shown[t, order[:k]] = True
     shown = torch.from_numpy(shown).view(steps + 1, 1, h, w)
-    deleted = image[None] * (~shown)
-    inserted = image[None] * shown
-    full = model(image[None], exact=True).similarities[0, prototype]
-    out = model(torch.cat([deleted, inserted]), exact=True).similarities[:, prototype] / full
-    return out[:steps + 1].numpy(), out[steps + 1:].numpy()
+    batch = torch.cat([image[None], image[None] * (~shown), image[None] * shown])
+    s = similarity(outputs(model, batch, "distances")[:, prototype])
+    return (s[1:steps + 2] / s[0]).numpy(), (s[steps + 2:] / s[0]).numpy()

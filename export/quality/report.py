@@ -6,23 +6,24 @@ Computed on the validation split (never the test set), part of it drawn with a f
     last_layer_used_share        prototypes whose last-layer weights can move a logit
     near_duplicate_pairs         prototype pairs closer than the median nearest-neighbour distance
                                  between two real encodings (of different images)
-    same_patch_duplicates        ProtoPNet: prototypes pushed onto one training patch
-    activation_precision.<mask>  ProtoPNet: share of the top 5% pixels of a prototype's upsampled
-                                 similarity map inside the mask (IAIA-BL), on images of its class;
-                                 reference: the mask's area share (chance)
-    stability                    ProtoPNet: share of (image, prototype) pairs whose most activated
-                                 grid cell stays the same under small pixel noise (Huang et al. 2023,
-                                 grid cells as parts); reference: a randomly initialised model
-    deletion_auc, insertion_auc  ProtoPNet: the top prototype's similarity while pixels are removed
-                                 from (added to a blank) image in its map's order; reference: random order
-    sanity_rank_correlation      ProtoPNet: rank correlation of the similarity maps before and after
+    prototype_nearest_encoding   R1 as a distance: each prototype to its nearest real encoding;
+                                 reference: that median nearest-neighbour distance
+    same_patch_duplicates        prototypes pushed onto one training patch (push provenance)
+    activation_precision.<mask>  share of the top 5% pixels of a prototype's upsampled similarity map
+                                 inside the mask (IAIA-BL), on images of its class; reference: the
+                                 mask's area share (chance)
+    stability                    share of (image, prototype) pairs whose most activated grid cell stays
+                                 the same under small pixel noise (Huang et al. 2023, grid cells as
+                                 parts); reference: a randomly initialised model
+    deletion_auc, insertion_auc  the top prototype's similarity while pixels are removed from (added to
+                                 a blank) image in its map's order; reference: random order
+    sanity_rank_correlation      rank correlation of the similarity maps before and after
                                  re-initialising the backbone (Adebayo et al. 2018); passes below 0.5
-    prototype_nearest_encoding   PrototypeDL: R1 as a distance, each prototype to its nearest encoded
-                                 validation image; reference: the median nearest-neighbour distance
-    decoded_prototypes_own_class PrototypeDL: decoded prototypes an independent model (the shipped
-                                 ProtoPNet bundle, through ONNX Runtime) puts in their own class
-Family-specific figures come from FAMILY_QUALITY (run.FamilyQuality); a figure a family or data set lacks is listed in
-`not_applicable` with the reason.
+    decoded_prototypes_own_class decoded prototypes an independent model (the shipped ProtoPNet
+                                 bundle, through ONNX Runtime) puts in their own class
+What a model has decides which figures apply (similarity maps, push sources, a decoder, object
+masks), not its family's name; a figure that does not apply is listed in `not_applicable` with the
+reason.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from tqdm import tqdm
 
 from export.bundle import Bundle, PrototypeQuality, QualityFigure, QualityReport, read_bundle, write_manifest
 from export.quality import measures, probes
+from export.quality.decoded_figures import DECODED_STAGES
 from export.quality.figures import write_figures
-from export.quality.protopnet_figures import PROTOPNET_QUALITY
-from export.quality.prototypedl_figures import PROTOTYPEDL_QUALITY
+from export.quality.map_figures import MAP_STAGES
 from export.quality.run import SANITY_LIMIT, QualityOptions, Run
 from training.config import Config
 from training.data import Split, resolve_data_root
@@ -86,11 +87,10 @@ def compute_quality(bundle: Bundle, split: Split, dataset: str, options: Quality
     images = split.images if isinstance(split.images, torch.Tensor) else split.images[torch.arange(len(split))]
     rng = np.random.default_rng(options.seed)
     index = np.sort(rng.choice(len(split), size=min(options.sample, len(split)), replace=False))
-    family = FAMILY_QUALITY[bundle.manifest.family]
-    run = Run(bundle=bundle, model=probes.model_from_bundle(bundle, family.restore), images=images,
+    run = Run(bundle=bundle, model=probes.model_from_bundle(bundle), images=images,
               labels=split.labels.numpy(), index=index, dataset=dataset, options=options,
               per_prototype=[{} for _ in bundle.manifest.prototypes])
-    stages = COMMON_STAGES + family.stages
+    stages = COMMON_STAGES + MAP_STAGES + DECODED_STAGES
     bar = tqdm(stages, desc=f"quality {bundle.manifest.tag}", unit="figure", disable=not progress)
     for stage in bar:
         bar.set_postfix_str(stage.__name__.strip("_"))
@@ -114,7 +114,8 @@ def _settings(options: QualityOptions) -> dict:
 def _class_discrimination(run: Run, split: Split) -> None:
     # Minus the distance: ranks as ProtoPNet's similarity does (a decreasing function of it), and is what
     # PrototypeDL's logits are linear in; AUROC depends on ranks only.
-    values = measures.class_discrimination(-probes.distances(run.model, run.images), run.labels, run.identities)
+    distances = probes.outputs(run.model, run.images, "distances").numpy()
+    values = measures.class_discrimination(-distances, run.labels, run.identities)
     run.each("auroc", [None if v is None else round(v, 4) for v in values])
     run.summary("class_discrimination_auroc", values, "chance", 0.5, n_images=len(run.labels))
 
@@ -129,35 +130,42 @@ def _last_layer_use(run: Run, split: Split) -> None:
                                         if not u]})
 
 
+def _encoding_reference(run: Run, split: Split) -> None:
+    """The encodings the prototypes are compared with (all positions of every validation image, a seeded
+    subsample of `options.encodings`) and the median distance from one to its nearest of another image."""
+    encodings, groups = probes.encodings(run.model, run.images)
+    if len(encodings) > run.options.encodings:
+        keep = np.sort(np.random.default_rng(run.options.seed).choice(len(encodings), run.options.encodings,
+                                                                      replace=False))
+        encodings, groups = encodings[keep], groups[keep]
+    run.encodings = encodings
+    run.nearest_neighbour = float(np.median(measures.nearest_neighbour_distances(encodings, groups)))
+
+
 def _near_duplicates(run: Run, split: Split) -> None:
     """Pairs of active prototypes closer than two typical real encodings of different images are."""
-    encodings, groups = FAMILY_QUALITY[run.bundle.manifest.family].encodings(run)
-    rng = np.random.default_rng(run.options.seed)
-    if len(encodings) > run.options.encodings:
-        keep = np.sort(rng.choice(len(encodings), size=run.options.encodings, replace=False))
-        encodings, groups = encodings[keep], groups[keep]
-    threshold = float(np.median(measures.nearest_neighbour_distances(encodings, groups)))
     vectors = run.model.prototypes.detach().flatten(1).numpy()
     ids = [row.id for row in run.bundle.manifest.prototypes]
     active = np.flatnonzero(run.active)
     pairs = [(int(active[a]), int(active[b]), d)
-             for a, b, d in measures.near_duplicate_pairs(vectors[active], threshold)]
+             for a, b, d in measures.near_duplicate_pairs(vectors[active], run.nearest_neighbour)]
     run.each("near_duplicates", [[ids[b] if a == j else ids[a] for a, b, _ in pairs if j in (a, b)]
                                  for j in range(len(ids))])
     run.figures["near_duplicate_pairs"] = QualityFigure(
-        value=float(len(pairs)), reference=threshold, reference_kind="median nearest-neighbour squared distance "
-        "between encodings of different images (the pair threshold)", higher_is_better=False, n=len(active),
-        detail={"pairs": [{"ids": [ids[a], ids[b]], "squared_distance": round(d, 6)} for a, b, d in pairs],
-                "encodings": len(encodings)})
-    run.nearest_neighbour = threshold
+        value=float(len(pairs)), reference=run.nearest_neighbour, reference_kind="median nearest-neighbour "
+        "squared distance between encodings of different images (the pair threshold)", higher_is_better=False,
+        n=len(active), detail={"pairs": [{"ids": [ids[a], ids[b]], "squared_distance": round(d, 6)}
+                                         for a, b, d in pairs], "encodings": len(run.encodings)})
 
 
-def _encodings(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    if run.bundle.manifest.family == "protopnet":
-        return probes.patch_encodings(run.model, run.sample)
-    encodings = probes.prototypedl_encodings(run.model, run.images)  # the whole split, as R1's
-    return encodings, np.arange(len(encodings))
+def _nearest_encoding(run: Run, split: Split) -> None:
+    """R1 as a distance: each prototype to its nearest encoding, against the nearest-neighbour distance."""
+    vectors = run.model.prototypes.detach().flatten(1).numpy()
+    nearest = [float(((run.encodings - p) ** 2).sum(axis=1).min()) for p in vectors]
+    run.each("nearest_encoding_distance", [round(d, 6) for d in nearest])
+    run.summary("prototype_nearest_encoding", nearest, "median nearest-neighbour squared distance between "
+                "encodings of different images", run.nearest_neighbour, higher_is_better=False,
+                encodings=len(run.encodings))
 
 
-COMMON_STAGES = [_class_discrimination, _last_layer_use, _near_duplicates]
-FAMILY_QUALITY = {"protopnet": PROTOPNET_QUALITY, "prototypedl": PROTOTYPEDL_QUALITY}
+COMMON_STAGES = [_class_discrimination, _last_layer_use, _encoding_reference, _near_duplicates, _nearest_encoding]

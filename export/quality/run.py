@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -45,6 +44,7 @@ class Run:
     figures: dict[str, QualityFigure] = field(default_factory=dict)
     per_prototype: list[dict] = field(default_factory=list)
     not_applicable: dict[str, str] = field(default_factory=dict)
+    encodings: np.ndarray | None = None  # [n, D] what the prototypes are compared with (seeded subsample)
     nearest_neighbour: float | None = None  # median nearest-neighbour squared distance between encodings
     settings: dict = field(default_factory=dict)  # what the figures were computed with, beyond the options
 
@@ -75,12 +75,3 @@ class Run:
                                            reference=reference, reference_kind=reference_kind,
                                            higher_is_better=higher_is_better, n=len(pairs),
                                            detail={"worst": worst, **detail})
-
-
-@dataclass(frozen=True)
-class FamilyQuality:
-    """One family's part of the report: its figures, its encodings, what its graph does not hold."""
-
-    stages: list[Callable]  # (run, split) -> None, after the common figures
-    encodings: Callable  # run -> ([n, D] encodings, [n] the image each comes from): nearest-neighbour reference
-    restore: Callable | None = None  # (model, bundle) -> None, after the initializers are loaded

@@ -95,7 +95,8 @@ def protopnet(seed: int = 0):
 
 def sanity_correlation(model, images) -> float:
     randomised = probes.randomised_backbone(model, seed=1)
-    a, b = probes.protopnet_maps(model, images).numpy(), probes.protopnet_maps(randomised, images).numpy()
+    a = probes.outputs(model, images, "similarity_maps").numpy()
+    b = probes.outputs(randomised, images, "similarity_maps").numpy()
     return float(np.mean([measures.rank_correlation(a[i, j], b[i, j]) for i in range(len(a))
                           for j in range(a.shape[1])]))
 

@@ -1,47 +1,29 @@
-"""PrototypeDL's figures of the quality report: R1 as a distance (how far each prototype is from the
-nearest real encoding, against how far real encodings are from each other), and whether each decoded
-prototype is put in its own class by an independent model (another bundle, through ONNX Runtime).
-
-PrototypeDL compares whole-image encodings, so it has no similarity maps, and the map-based figures
-(activation precision, stability, faithfulness curves, sanity check) are listed as not applicable."""
+"""The quality report's figure for a model with a decoder (PrototypeDL): whether each decoded
+prototype is put in its own class by an independent model (another bundle, through ONNX Runtime)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from export.bundle import BundleError, InputSpec, read_bundle
 from export.quality import probes
-from export.quality.run import DEFAULT_JUDGE, FamilyQuality, Run
+from export.quality.run import DEFAULT_JUDGE, Run
 from export.runtime import open_session
-
-NO_MAPS = "PrototypeDL compares whole-image encodings: it has no similarity maps"
-
-
-def _nearest_encoding(run: Run, split) -> None:
-    encodings = probes.prototypedl_encodings(run.model, run.images)  # [N, q]
-    prototypes = run.model.prototypes.detach().numpy()  # [m, q]
-    nearest = np.array([((encodings - p) ** 2).sum(axis=1).min() for p in prototypes])
-    run.each("nearest_encoding_distance", [round(float(d), 6) for d in nearest])
-    run.summary("prototype_nearest_encoding", list(nearest), "median nearest-neighbour squared distance "
-                "between encoded images", run.nearest_neighbour, higher_is_better=False,
-                n_images=len(encodings))
-    for name in ("activation_precision", "stability", "deletion_auc", "insertion_auc", "sanity_rank_correlation"):
-        run.not_applicable[name] = NO_MAPS
-    run.not_applicable["same_patch_duplicates"] = "PrototypeDL prototypes are not pushed onto training patches"
 
 
 def _decoded_own_class(run: Run, split) -> None:
+    decoded = probes.decoded_prototypes(run.model)  # [m, C, H, W] in this model's input space
+    if decoded is None:
+        run.not_applicable["decoded_prototypes_own_class"] = "the model has no decoder to show its prototypes"
+        return
     judge_path = run.options.judge or DEFAULT_JUDGE
     problem = _judge_problem(run, Path(judge_path))
     if problem:
         run.not_applicable["decoded_prototypes_own_class"] = problem
         return
     judge = read_bundle(judge_path)
-    with torch.no_grad():
-        decoded = run.model.decode(run.model.prototypes).numpy()  # [m, C, H, W] in this model's input space
     x = _convert(decoded, run.bundle.manifest.input, judge.manifest.input)
     session, _ = open_session(judge.model_path, device="cpu")
     probabilities = session.run(["probabilities"], {"image": x})[0]
@@ -79,9 +61,4 @@ def _convert(x: np.ndarray, source: InputSpec, target: InputSpec) -> np.ndarray:
             ).astype(np.float32)
 
 
-def _encodings(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    encodings = probes.prototypedl_encodings(run.model, run.images)  # the whole split, as R1's
-    return encodings, np.arange(len(encodings))
-
-
-PROTOTYPEDL_QUALITY = FamilyQuality(stages=[_nearest_encoding, _decoded_own_class], encodings=_encodings)
+DECODED_STAGES = [_decoded_own_class]

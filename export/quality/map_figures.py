@@ -1,6 +1,7 @@
-"""ProtoPNet's figures of the quality report: same-patch duplicates, activation precision, stability,
-the sanity check (all on pairs of a sampled validation image and a prototype of its class), and the
-deletion / insertion curves of each sampled image's most similar prototype."""
+"""The figures of the quality report that read similarity maps (ProtoPNet's `similarity_maps` output):
+activation precision, stability, the sanity check (all on pairs of a sampled validation image and a
+prototype of its class), and the deletion / insertion curves of each sampled image's most similar
+prototype; and the prototypes pushed onto one training patch (from the push provenance)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,20 @@ import torch
 
 from export.bundle import QualityFigure
 from export.quality import measures, probes
-from export.quality.run import SANITY_LIMIT, FamilyQuality, Run
+from export.quality.run import SANITY_LIMIT, Run
 
 CHUNK_PIXELS = 100 * 28 * 28  # image pixels whose maps are held at once (100 MNIST digits)
 
 
+NO_MAPS = "the model has no similarity maps (it compares whole-image encodings)"
+MAP_FIGURES = ("activation_precision", "stability", "sanity_rank_correlation", "deletion_auc", "insertion_auc")
+
+
 def _same_patch(run: Run, split) -> None:
     rows = run.bundle.manifest.prototypes
+    if not any(_source(row.provenance) for row in rows):
+        run.not_applicable["same_patch_duplicates"] = "the prototypes carry no push source (they are not pushed)"
+        return
     sources = [_source(row.provenance) if row.status == "active" else None for row in rows]
     groups = measures.same_patch_groups(sources)
     ids = [row.id for row in rows]
@@ -55,7 +63,7 @@ def _pair_maps(run: Run, models: dict, images: torch.Tensor, noisy: torch.Tensor
     size = tuple(images.shape[2:])
 
     def maps(model, x):
-        return probes.protopnet_maps(model, x)[torch.from_numpy(image), torch.from_numpy(prototype)]
+        return probes.outputs(model, x, "similarity_maps")[torch.from_numpy(image), torch.from_numpy(prototype)]
 
     def up(model, x):
         return probes.upsampled(maps(model, x)[:, None], size)[:, 0]
@@ -69,6 +77,9 @@ def _pair_maps(run: Run, models: dict, images: torch.Tensor, noisy: torch.Tensor
 
 def _map_figures(run: Run, split) -> None:
     """Activation precision, stability and the sanity check over the sample's (image, own prototype) pairs."""
+    if not probes.has_output(run.model, "similarity_maps"):
+        run.not_applicable.update({name: NO_MAPS for name in MAP_FIGURES})
+        return
     o = run.options
     sample, labels = run.sample, run.labels[run.index]
     masks = probes.object_masks(split, run.index, sample, run.dataset)
@@ -137,10 +148,13 @@ def _rounded(values: list) -> list:
 def _faithfulness(run: Run, split) -> None:
     """Deletion and insertion curves of each sampled image's most similar active prototype, in the
     order of its similarity map and in a random order."""
+    if not probes.has_output(run.model, "similarity_maps"):
+        return  # listed as not applicable by _map_figures
     o = run.options
     images = run.sample[:o.curve_images]
-    top = np.where(run.active[None, :], probes.distances(run.model, images), np.inf).argmin(axis=1)
-    maps = probes.protopnet_maps(run.model, images)[torch.arange(len(images)), torch.from_numpy(top)]
+    distances = probes.outputs(run.model, images, "distances").numpy()
+    top = np.where(run.active[None, :], distances, np.inf).argmin(axis=1)
+    maps = probes.outputs(run.model, images, "similarity_maps")[torch.arange(len(images)), torch.from_numpy(top)]
     orders = probes.upsampled(maps[:, None], tuple(images.shape[2:]))[:, 0]
     rng = np.random.default_rng(o.seed)
     curves: dict[str, list] = {"deletion": [], "insertion": [], "deletion_random": [], "insertion_random": []}
@@ -159,9 +173,4 @@ def _faithfulness(run: Run, split) -> None:
                     "score": "the top prototype's similarity as a share of its similarity on the whole image"})
 
 
-def _patch_encodings(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    return probes.patch_encodings(run.model, run.sample)
-
-
-PROTOPNET_QUALITY = FamilyQuality(stages=[_same_patch, _map_figures, _faithfulness], encodings=_patch_encodings,
-                                  restore=probes.restore_push_sources)
+MAP_STAGES = [_same_patch, _map_figures, _faithfulness]
