@@ -4,11 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOSERVE := $(VENV)/bin/protoserve
 
-# The data root: ../shared/data/mnist when it exists, else $PROTOSERVE_DATA_ROOT.
+# The data root: ../shared/data/mnist when it exists, else $PROTOSERVE_DATA_ROOT, else data/mnist in
+# the checkout (where `make data` downloads MNIST; tests/conftest.py looks in the same places).
 SHARED_MNIST := $(wildcard $(CURDIR)/../shared/data/mnist)
-export PROTOSERVE_DATA_ROOT := $(if $(SHARED_MNIST),$(abspath $(SHARED_MNIST)),$(PROTOSERVE_DATA_ROOT))
+export PROTOSERVE_DATA_ROOT := $(if $(SHARED_MNIST),$(abspath $(SHARED_MNIST)),$(or $(PROTOSERVE_DATA_ROOT),$(CURDIR)/data/mnist))
+MNIST_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte
 
-.PHONY: setup demo demo-protopnet test lint train-default evaluate-default visualize-default bundle-default bench-inference clean demo-train serve prometheus bench-serve train-protopnet evaluate-protopnet bundle-protopnet serve-protopnet
+.PHONY: setup demo demo-protopnet test lint train-default evaluate-default visualize-default bundle-default bench-inference clean demo-train serve prometheus data bench-serve train-protopnet evaluate-protopnet bundle-protopnet serve-protopnet
 
 setup: $(VENV)/.installed
 
@@ -38,8 +40,19 @@ demo-train: setup
 serve: setup
 	$(PROTOSERVE) serve --bundle $(DEFAULT_MODEL)/bundle
 
-test: setup lint prometheus pushgateway
+test: setup lint prometheus pushgateway data
 	$(VENV)/bin/pytest
+
+# MNIST under the data root: when any IDX file is missing, fetched once with torchvision's downloader
+# (md5 of every archive and file checked); when that fails, one line says what is missing and how to get it.
+data: setup
+	@missing=; for f in $(MNIST_FILES); do \
+		ls "$$PROTOSERVE_DATA_ROOT/$$f" "$$PROTOSERVE_DATA_ROOT/$$f.gz" "$$PROTOSERVE_DATA_ROOT/MNIST/raw/$$f" \
+			"$$PROTOSERVE_DATA_ROOT/MNIST/raw/$$f.gz" 2>/dev/null | grep -q . || missing="$$missing $$f"; done; \
+	test -z "$$missing" || { echo "MNIST missing under $$PROTOSERVE_DATA_ROOT:$$missing; downloading it once"; \
+		$(PROTOSERVE) download --data-root "$$PROTOSERVE_DATA_ROOT" >/dev/null || { echo "make data: MNIST is \
+	missing under $$PROTOSERVE_DATA_ROOT and the download failed: put the four IDX files there (or in \
+	../shared/data/mnist) or set PROTOSERVE_DATA_ROOT to a folder holding them" >&2; exit 2; }; }
 
 # Prometheus and promtool for the monitoring tests (Debian package), installed only when missing.
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
@@ -56,7 +69,7 @@ pushgateway:
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# The shipped default model (models/prototypedl_mnist): about an hour on 2 CPU cores.
+# The shipped default model (models/prototypedl_mnist; its wall time is in the README results), resumable.
 train-default: setup
 	$(PROTOSERVE) train --config configs/prototypedl_mnist_fast.yaml --out runs/prototypedl_mnist_fast $$(test -f runs/prototypedl_mnist_fast/last.pt && echo --resume)
 
@@ -80,7 +93,7 @@ bench-serve: setup
 		--out runs/serve_benchmark.json --sweep
 
 # Batch scoring: `protoserve score` against the raw ONNX Runtime session on the 70,000 MNIST images,
-# and peak memory at 10k, 100k and 1M generated images (figures in the README; ~10 min on 2 cores).
+# and peak memory at 10k, 100k and 1M generated images (figures and run time in the README).
 .PHONY: bench-score
 bench-score: setup
 	$(PY) benchmarks/score.py --bundle $(DEFAULT_MODEL)/bundle --out runs/score_benchmark.json
@@ -88,7 +101,7 @@ bench-score: setup
 clean:
 	rm -rf runs/demo .pytest_cache
 
-# The shipped ProtoPNet (models/protopnet_mnist): about 15 minutes on 2 CPU cores, resumable
+# The shipped ProtoPNet (models/protopnet_mnist; its training time is in the README results), resumable
 # (run again after an interruption); then the checkpoint, config, metrics and push pictures are
 # copied into models/protopnet_mnist/.
 PROTOPNET_RUN := runs/protopnet_mnist

@@ -1,4 +1,4 @@
-"""Batch scoring speed and memory (issue 5; figures in the README).
+"""Batch scoring speed and memory (figures in the README).
 
 1. Throughput: `protoserve score`'s job (local engine) on the 70,000 MNIST images read from the IDX
    files, against the raw ONNX Runtime session in the same run, with the same cores: the raw rate is
@@ -122,7 +122,7 @@ def write_generated_idx(path: Path, n: int, digits: np.ndarray, seed: int = 0) -
 
 # Linux counts a child's memory from before its exec in ru_maxrss (the kernel keeps the old mm's high
 # water mark), and a child forked from this process starts as a copy of it: after the throughput
-# phase that copy alone is ~1 GiB. So the job is started by a small launcher process, and the
+# phase that copy alone is large (README results). So the job is started by a small launcher process, and the
 # launcher reports its own child's peak.
 LAUNCHER = """import os, sys
 pid = os.fork()

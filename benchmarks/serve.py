@@ -90,8 +90,8 @@ def bench_raw(bundle: Path, x: np.ndarray, seconds: float) -> dict:
 async def closed_loop(url: str, body: dict | None, clients: int, requests: int) -> dict:
     """`clients` connections, each sending its next request when the last is answered (GET if no body).
 
-    The client is aiohttp with the body serialised once: it spends ~0.3-1.6 ms of CPU per request on
-    this machine where httpx spent 2.3-3.9 ms, CPU taken from the servers it shares the cores with."""
+    The client is aiohttp with the body serialised once: it spends several times less CPU per request
+    than httpx, CPU it would otherwise take from the servers it shares the cores with."""
     import aiohttp
 
     latencies: list[float] = []
@@ -233,6 +233,75 @@ def predict_c64(bundle: Path, log: Path, image: str, scale: float, **env: str) -
         server.stop()
 
 
+def compare_servers(bundle: Path, checkpoint: Path, out: Path, image: str, scale: float) -> dict:
+    """protoserve and the naive server side by side at every concurrency level, then the secondary figures."""
+    # Both servers run side by side and the levels alternate between them, so a change in the
+    # machine's load during the run (the cores are shared) falls on both alike.
+    print("protoserve (bentoml serve, 2 API workers, adaptive batching) and the naive FastAPI + PyTorch "
+          "eager server (one image per call, 1 uvicorn worker), alternating:", flush=True)
+    server, url = start_protoserve(bundle, out.with_suffix(".protoserve.log"))
+    naive, naive_url = start_naive(checkpoint, out.with_suffix(".naive.log"))
+    result = {"protoserve_predict": [], "naive_predict": [], "protoserve_explain": []}
+    try:
+        for c in CONCURRENCY:
+            n = requests_for(c, scale)
+            for key, target, body in (("protoserve_predict", f"{url}/predict", {"images": [image]}),
+                                      ("naive_predict", f"{naive_url}/predict", {"image": image}),
+                                      ("protoserve_explain", f"{url}/explain", {"image": image, "top_k": 3})):
+                row = asyncio.run(closed_loop(target, body, c, n))
+                print(f"  {key:20s} c={c:<3d} p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f}  "
+                      f"p99 {row['p99_ms']:7.2f}  {row['requests_per_s']:7.1f} req/s  errors {row['errors']}",
+                      flush=True)
+                result[key].append(row)
+        result |= secondary_figures(url, image, scale, result["naive_predict"][-1]["requests_per_s"])
+    finally:
+        server.stop()
+        naive.stop()
+    return result
+
+
+def secondary_figures(url: str, image: str, scale: float, naive_c64_per_s: float) -> dict:
+    """Beside (never instead of) the one-image-per-call comparison: the HTTP floor (GET /livez: the load
+    generator, HTTP and BentoML's stack with no model work) and /predict with the client it is designed
+    for, up to 64 images per call (the naive server takes one: its images/s is its c=64 req/s)."""
+    livez = asyncio.run(closed_loop(f"{url}/livez", None, 1, requests_for(1, scale)))
+    print(f"  protoserve GET /livez  c=1   p50 {livez['p50_ms']:7.2f} ms (HTTP floor of this load generator)",
+          flush=True)
+    many = asyncio.run(closed_loop(f"{url}/predict", {"images": [image] * 64}, 8, max(10, int(100 * scale))))
+    many["images_per_s"] = many["requests_per_s"] * 64
+    print(f"  protoserve /predict, 64 images per call, c=8: p50 {many['p50_ms']:7.2f} ms  "
+          f"{many['images_per_s']:7.0f} images/s (naive c=64: {naive_c64_per_s:.0f} images/s)", flush=True)
+    return {"protoserve_livez_c1": livez, "protoserve_predict_64_images_per_call": many}
+
+
+def batching_sweeps(bundle: Path, out: Path, image: str, scale: float) -> dict:
+    """/predict at c=64 by adaptive max batch size, then by max latency (one server start each)."""
+    print("adaptive batching: /predict at c=64 by max batch size", flush=True)
+    result = {"batch_size_sweep": [], "max_latency_sweep": []}
+    for size in (1, 16, 64):
+        row = predict_c64(bundle, out.with_suffix(f".sweep{size}.log"), image, scale,
+                          PROTOSERVE_MAX_BATCH_SIZE=str(size))
+        print(f"  max_batch_size {size:3d}: c=64 p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
+              f"{row['requests_per_s']:.1f} req/s", flush=True)
+        result["batch_size_sweep"].append({"max_batch_size": size, **row})
+    print("adaptive batching: /predict at c=64 by max latency (the dispatcher answers 503 past it)", flush=True)
+    for latency in (20, 200, 2000):
+        row = predict_c64(bundle, out.with_suffix(f".latency{latency}.log"), image, scale,
+                          PROTOSERVE_MAX_LATENCY_MS=str(latency))
+        print(f"  max_latency_ms {latency:5d}: c=64 p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
+              f"{row['requests_per_s']:.1f} req/s, {row['errors']} of {row['requests']} refused", flush=True)
+        result["max_latency_sweep"].append({"max_latency_ms": latency, **row})
+    return result
+
+
+def targets(result: dict) -> dict:
+    """The figures the serving targets are stated in (README "Serving speed")."""
+    c1, c64 = result["protoserve_predict"][0], result["protoserve_predict"][-1]
+    return {"predict_c1_p50_minus_raw_ms": c1["p50_ms"] - result["raw"]["batch_1"]["p50_ms"],
+            "predict_c64_throughput_vs_naive": c64["requests_per_s"] / result["naive_predict"][-1]["requests_per_s"],
+            "explain_c1_p50_ms": result["protoserve_explain"][0]["p50_ms"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default=str(REPO / "models/prototypedl_mnist/bundle"))
@@ -257,72 +326,12 @@ def main() -> None:
     raw = result["raw"]["batch_1"]
     print(f"  batch 1: p50 {raw['p50_ms']:.3f} ms  p95 {raw['p95_ms']:.3f}  p99 {raw['p99_ms']:.3f}  "
           f"{raw['images_per_s']:.0f} img/s; batch 64: {result['raw']['batch_64_images_per_s']:.0f} img/s")
-
-    # Both servers run side by side and the levels alternate between them, so a change in the
-    # machine's load during the run (the cores are shared) falls on both alike.
-    print("protoserve (bentoml serve, 2 API workers, adaptive batching) and the naive FastAPI + PyTorch "
-          "eager server (one image per call, 1 uvicorn worker), alternating:", flush=True)
-    server, url = start_protoserve(bundle, out.with_suffix(".protoserve.log"))
-    naive, naive_url = start_naive(checkpoint, out.with_suffix(".naive.log"))
-    result["protoserve_predict"], result["naive_predict"], result["protoserve_explain"] = [], [], []
-    try:
-        for c in CONCURRENCY:
-            n = requests_for(c, args.scale)
-            for key, target, body in (("protoserve_predict", f"{url}/predict", {"images": [image]}),
-                                      ("naive_predict", f"{naive_url}/predict", {"image": image}),
-                                      ("protoserve_explain", f"{url}/explain", {"image": image, "top_k": 3})):
-                row = asyncio.run(closed_loop(target, body, c, n))
-                print(f"  {key:20s} c={c:<3d} p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f}  "
-                      f"p99 {row['p99_ms']:7.2f}  {row['requests_per_s']:7.1f} req/s  errors {row['errors']}",
-                      flush=True)
-                result[key].append(row)
-        # Secondary figures, beside (never instead of) the one-image-per-call comparison above: the
-        # HTTP floor (GET /livez: the load generator, HTTP and BentoML's stack with no model work) and
-        # each system with the client it is designed for: /predict takes up to 64 images per call,
-        # the naive server one (its images/s is its c=64 req/s above).
-        row = asyncio.run(closed_loop(f"{url}/livez", None, 1, requests_for(1, args.scale)))
-        result["protoserve_livez_c1"] = row
-        print(f"  protoserve GET /livez  c=1   p50 {row['p50_ms']:7.2f} ms (HTTP floor of this load generator)",
-              flush=True)
-        row = asyncio.run(closed_loop(f"{url}/predict", {"images": [image] * 64}, 8,
-                                      max(10, int(100 * args.scale))))
-        row["images_per_s"] = row["requests_per_s"] * 64
-        result["protoserve_predict_64_images_per_call"] = row
-        print(f"  protoserve /predict, 64 images per call, c=8: p50 {row['p50_ms']:7.2f} ms  "
-              f"{row['images_per_s']:7.0f} images/s (naive c=64: {result['naive_predict'][-1]['requests_per_s']:.0f} "
-              "images/s)", flush=True)
-    finally:
-        server.stop()
-        naive.stop()
-
+    result |= compare_servers(bundle, checkpoint, out, image, args.scale)
     if args.sweep:
-        print("adaptive batching: /predict at c=64 by max batch size", flush=True)
-        result["batch_size_sweep"] = []
-        for size in (1, 16, 64):
-            row = predict_c64(bundle, out.with_suffix(f".sweep{size}.log"), image, args.scale,
-                              PROTOSERVE_MAX_BATCH_SIZE=str(size))
-            print(f"  max_batch_size {size:3d}: c=64 p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
-                  f"{row['requests_per_s']:.1f} req/s", flush=True)
-            result["batch_size_sweep"].append({"max_batch_size": size, **row})
-        print("adaptive batching: /predict at c=64 by max latency (the dispatcher answers 503 past it)", flush=True)
-        result["max_latency_sweep"] = []
-        for latency in (20, 200, 2000):
-            row = predict_c64(bundle, out.with_suffix(f".latency{latency}.log"), image, args.scale,
-                              PROTOSERVE_MAX_LATENCY_MS=str(latency))
-            print(f"  max_latency_ms {latency:5d}: c=64 p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
-                  f"{row['requests_per_s']:.1f} req/s, {row['errors']} of {row['requests']} refused", flush=True)
-            result["max_latency_sweep"].append({"max_latency_ms": latency, **row})
-
-    c1, c64 = result["protoserve_predict"][0], result["protoserve_predict"][-1]
-    naive64 = result["naive_predict"][-1]
-    result["targets"] = {
-        "predict_c1_p50_minus_raw_ms": c1["p50_ms"] - raw["p50_ms"],
-        "predict_c64_throughput_vs_naive": c64["requests_per_s"] / naive64["requests_per_s"],
-        "explain_c1_p50_ms": result["protoserve_explain"][0]["p50_ms"],
-    }
+        result |= batching_sweeps(bundle, out, image, args.scale)
+    result["targets"] = t = targets(result)
     result["machine"]["loadavg_after"] = os.getloadavg()
     out.write_text(json.dumps(result, indent=2) + "\n")
-    t = result["targets"]
     print(f"targets: /predict c=1 p50 is raw + {t['predict_c1_p50_minus_raw_ms']:.2f} ms (target <= 3 ms); "
           f"c=64 throughput {t['predict_c64_throughput_vs_naive']:.2f}x naive (target >= 5x); "
           f"/explain c=1 p50 {t['explain_c1_p50_ms']:.2f} ms (target < 15 ms)")

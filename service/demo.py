@@ -82,15 +82,23 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def probe_labels(probe: dict, class_names: list[str]) -> list[str]:
+    """The true class of each probe image. Export stores the first test image of each class present
+    in the test set, in class order, so with every class present image i is class i; otherwise the
+    label cannot be told and is "?"."""
+    n = len(probe["input.image"])
+    return list(class_names) if n == len(class_names) else ["?"] * n
+
+
 def run_demo(out: Path, bundle: Path | None = None, port: int | None = None, index: int = 7) -> dict:
     """Serve `bundle`, call /predict on every probe digit and /explain on one; write the figure to `out`."""
     import httpx
 
     bundle = Path(bundle) if bundle else bundle_location()
-    manifest = read_bundle(bundle).manifest
     loaded = read_bundle(bundle)
-    images = load_probe(loaded)["input.image"]
-    pictures = [pixels_to_picture(denormalize(x, manifest.input)) for x in images]
+    manifest = loaded.manifest
+    probe = load_probe(loaded)
+    pictures = [pixels_to_picture(denormalize(x, manifest.input)) for x in probe["input.image"]]
     encoded = [base64.b64encode(png_bytes(p)).decode() for p in pictures]
     index = index % len(encoded)
     out = Path(out)
@@ -103,19 +111,33 @@ def run_demo(out: Path, bundle: Path | None = None, port: int | None = None, ind
             explained = client.post("/explain", json={"image": encoded[index], "top_k": 3}).raise_for_status().json()
             provider = client.get("/metadata").raise_for_status().json()["provider"]
     print(f"model {predicted['model']['name']}:{predicted['model']['version']} on {provider}")
-    print("POST /predict (10 test digits, one per class): predicted",
-          " ".join(p["class_name"] for p in predicted["predictions"]))
-    prediction = explained["prediction"]
-    print(f"POST /explain (test digit #{index}): predicted {prediction['class_name']} "
-          f"(p = {prediction['probabilities'][prediction['label']]:.3f}); nearest prototypes:")
-    for row in explained["prototypes"]:
-        picture = {k: v for k, v in row.items() if k not in ("image", "heatmap", "source_image")}  # PNGs
-        print("  " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in picture.items()}))
+    print_predictions(predicted["predictions"], probe_labels(probe, manifest.class_names))
+    print_explanation(explained, index)
     figure = explanation_figure(explained, pictures[index])
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.save(out)
     print(f"explanation written to {out}")
     return explained
+
+
+def print_predictions(predictions: list[dict], true_labels: list[str]) -> None:
+    """One line per probe digit: its true class beside the predicted one and its probability."""
+    correct = sum(p["class_name"] == t for p, t in zip(predictions, true_labels, strict=True))
+    print(f"POST /predict ({len(predictions)} test digits, the first of each class): {correct} correct")
+    for i, (p, true) in enumerate(zip(predictions, true_labels, strict=True)):
+        mark = "" if p["class_name"] == true else "   <- wrong"
+        print(f"  digit #{i}: true {true}, predicted {p['class_name']} "
+              f"(p = {p['probabilities'][p['label']]:.3f}){mark}")
+
+
+def print_explanation(explained: dict, index: int) -> None:
+    """The prediction for one digit and its nearest prototypes (their pictures left out)."""
+    prediction = explained["prediction"]
+    print(f"POST /explain (test digit #{index}): predicted {prediction['class_name']} "
+          f"(p = {prediction['probabilities'][prediction['label']]:.3f}); nearest prototypes:")
+    for row in explained["prototypes"]:
+        fields = {k: v for k, v in row.items() if k not in ("image", "heatmap", "source_image")}
+        print("  " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in fields.items()}))
 
 
 def _main() -> int:

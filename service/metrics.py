@@ -58,9 +58,10 @@ def metrics() -> Metrics:
         # livemax: one series per label set (no pid label), gone when the process that set it is.
         model_info=Gauge("protoserve_model_info", "The model being served (always 1)",
                          [*model, "family", "provider"], multiprocess_mode="livemax"),
+        # `level` names the quantile: the label `quantile` is reserved for summaries (promtool check metrics).
         reference_nearest_distance=Gauge("protoserve_reference_nearest_distance", "Nearest-prototype "
-                                         "distance of the bundle's held-out probe images, by quantile",
-                                         [*model, "quantile"], multiprocess_mode="livemax"),
+                                         "distance of the bundle's held-out images at this quantile level",
+                                         [*model, "level"], multiprocess_mode="livemax"),
         batch_images=Counter("protoserve_batch_images", "Images scored by batch jobs, by outcome", ["status"]),
         batch_size=Histogram("protoserve_adaptive_batch_size", "Images per session run of /predict's adaptive "
                              "batching", model, buckets=BATCH_BUCKETS),

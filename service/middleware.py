@@ -1,11 +1,14 @@
-"""ASGI middleware in front of BentoML's app: body-size cap, JSON check, multipart uploads, GET aliases.
+"""ASGI middleware in front of BentoML's app: body-size cap, JSON check, multipart uploads, GET aliases,
+the API document.
 
 BentoML reads request bodies without a size limit; this middleware reads them first, answers 413
 past `max_body_bytes` (from Content-Length at once, else while streaming), and hands the app a body
 it has already checked. On the image routes it turns multipart/form-data uploads into the JSON
-body the API takes (files become base64 strings), so one API function serves both, and it refuses
-bodies that are not a JSON object with a 400 that names the problem. Every refusal is counted in
-protoserve_rejected_inputs_total{reason}.
+body the API takes (files become base64 strings), so one API function serves both. On the image
+and catalogue routes it refuses bodies that are not a JSON object with a 400 that names the
+problem, in the service's error shape (BentoML's own parse errors have another). Every refusal is
+counted in protoserve_rejected_inputs_total{reason}. GET /docs.json answers the document built by
+service/openapi.py instead of BentoML's untyped one.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 
 from protoserve.errors import InputError
 from service.metrics import count_rejection
@@ -26,22 +29,27 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 class RequestGate:
     def __init__(self, app, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  image_routes: tuple[str, ...] = ("/predict", "/explain"),
-                 get_routes: tuple[str, ...] = ("/metadata", "/prototypes"), max_files: int = 64,
-                 model: dict | None = None):
+                 catalogue_routes: tuple[str, ...] = ("/metadata", "/prototypes"), max_files: int = 64,
+                 model: dict | None = None, document=None):
         self.app = app
+        self.document = document  # () -> the OpenAPI document as a dict, built on the first GET /docs.json
+        self._document: dict | None = None
         self.model = model  # {"name", "version"}: named in refusals too, like every other answer
         self.max_body_bytes = max_body_bytes
         self.image_routes = image_routes
-        self.get_routes = get_routes
+        self.catalogue_routes = catalogue_routes
         self.max_files = max_files
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"].rstrip("/") or "/"
-        if scope["method"] == "GET" and path in self.get_routes:
-            # The read-only catalogue: BentoML APIs are POST, so a GET is served as a POST with {}.
-            return await self.app(_as_json_post(scope, b"{}"), _replay(b"{}", receive), send)
+        if scope["method"] == "GET" and path == "/docs.json" and self.document is not None:
+            if self._document is None:
+                self._document = self.document()
+            return await JSONResponse(self._document)(scope, receive, send)
+        if path in self.catalogue_routes and scope["method"] != "POST":
+            return await self._catalogue_get(scope, receive, send)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         try:
@@ -49,11 +57,26 @@ class RequestGate:
             if path in self.image_routes:
                 body = await self._to_json(scope, body)
                 scope = _as_json_post(scope, body)
+            elif path in self.catalogue_routes:  # the catalogue takes no arguments: an empty body or any object
+                if request_media_type(scope) != "application/json":
+                    raise InputError("unsupported_media_type", f"{path} takes no uploads: send application/json "
+                                     "(an empty body or {})", status=415)
+                body = body if body.strip() else b"{}"
+                json_object(body)
+                scope = _as_json_post(scope, body)
         except InputError as e:
             count_rejection(e.reason)
             body = {**e.body(), "model": self.model} if self.model else e.body()
             return await JSONResponse(body, status_code=e.status)(scope, receive, send)
         return await self.app(scope, _replay(body, receive), send)
+
+    async def _catalogue_get(self, scope, receive, send):
+        """The read-only catalogue answers GET too: BentoML APIs are POST, so a GET is served as a POST
+        with {}. Any other method is a 405 naming both."""
+        if scope["method"] != "GET":
+            response = PlainTextResponse("Method Not Allowed", 405, headers={"Allow": "GET, POST"})
+            return await response(scope, receive, send)
+        return await self.app(_as_json_post(scope, b"{}"), _replay(b"{}", receive), send)
 
     async def _to_json(self, scope, body: bytes) -> bytes:
         if request_media_type(scope) == "multipart/form-data":

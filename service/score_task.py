@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from urllib.parse import parse_qs
 
 import numpy as np
 
@@ -75,6 +76,21 @@ async def score_images(manifest: Manifest, images: object, top_k: object, classi
             "failed": columns.failed, "rows": columns.records()}
 
 
+def _has_task_id(scope) -> bool:
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    return "task_id" in query
+
+
+def _unfinished_is_409(send):
+    """BentoML answers /get and /retry of a task that has not finished with a 400, as if the request
+    were wrong; with a task_id given, that 400 means "not yet", which is a 409 Conflict."""
+    async def send_409(message):
+        if message["type"] == "http.response.start" and message["status"] == 400:
+            message = {**message, "status": 409}
+        await send(message)
+    return send_409
+
+
 class ScoreGate:
     """ASGI: checks a /score_batch submission before BentoML queues it; multipart files -> base64 JSON."""
 
@@ -85,6 +101,13 @@ class ScoreGate:
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "").rstrip("/")
+        if scope["type"] == "http" and path == f"{ROUTE}/cancel":  # `bentoml serve` cannot cancel tasks
+            from starlette.responses import JSONResponse
+
+            body = {"error": "this server cannot cancel batch tasks; a task runs to its end"}
+            return await JSONResponse(body, status_code=404)(scope, receive, send)
+        if scope["type"] == "http" and path in (f"{ROUTE}/get", f"{ROUTE}/retry") and _has_task_id(scope):
+            return await self.app(scope, receive, _unfinished_is_409(send))
         if scope["type"] != "http" or scope["method"] != "POST" or path not in (ROUTE, f"{ROUTE}/submit"):
             return await self.app(scope, receive, send)
         from starlette.responses import JSONResponse

@@ -34,37 +34,41 @@ from protoserve.errors import InputError
 from service.batching import AdaptiveBatcher, Overloaded
 from service.metrics import count_rejection, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
-from service.score_task import ScoreGate, score_images
+from service.openapi import OVERLOADED, api_document
+from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
 
 log = logging.getLogger("protoserve.service")
 log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from loggers not its own
 
-# Adaptive batching, chosen with benchmarks/serve.py (README "Serving speed"): batches of up to 64
-# images (the per-request limit too). BentoML's dispatcher decides how long to wait for a batch to
-# fill from its own latency model; max_latency_ms is the cap past which it answers 503, so it is
-# set well above what a loaded 2-core machine needs rather than as a wait time.
+# Adaptive batching: batches of up to 64 images (the per-request limit too). BentoML's dispatcher
+# decides how long to wait for a batch to fill from its own latency model; max_latency_ms is the cap
+# past which it answers 503, so it is set well above what a loaded 2-core machine needs rather than
+# as a wait time.
 MAX_BATCH_SIZE = int(os.environ.get("PROTOSERVE_MAX_BATCH_SIZE", str(DEFAULT_LIMITS.max_batch)))
 MAX_LATENCY_MS = int(os.environ.get("PROTOSERVE_MAX_LATENCY_MS", "2000"))
 WORKERS = int(os.environ.get("PROTOSERVE_WORKERS", "2"))
 # A /predict call of up to this many images, alone in its worker, runs on the event loop, not in a
-# thread (service/batching.py): 8 MNIST images take ~0.2 ms of one core, less than the thread hand-off.
+# thread (service/batching.py): a few small images run in less time than a hand-off to a thread takes.
 # With other requests in flight it goes through the batcher, so they can share a session run.
 INLINE_MAX_SIZE = int(os.environ.get("PROTOSERVE_INLINE_MAX_SIZE", "8"))
 
-# BentoML's per-request work that this service does not need by default (benchmarks/serve.py, README
-# "Serving speed"): the access log (a formatted log line per request) and OpenTelemetry spans on the
-# image routes (sampled at rate 0 unless tracing is configured, but still built per request).
+# BentoML's per-request work that this service does not need by default: the access log (a formatted
+# log line per request) and OpenTelemetry spans on the image routes (sampled at rate 0 unless tracing
+# is configured, but still built per request).
 # PROTOSERVE_ACCESS_LOG=1 and PROTOSERVE_TRACE_IMAGE_ROUTES=1 turn them back on.
 ACCESS_LOG = os.environ.get("PROTOSERVE_ACCESS_LOG", "0") == "1"
 UNTRACED = [] if os.environ.get("PROTOSERVE_TRACE_IMAGE_ROUTES", "0") == "1" else ["/predict", "/explain"]
 
-INPUT_DOC = """IMAGE is a base64 PNG/JPEG string (a data: URL is fine) or a nested numeric array.
-Pictures are converted to the model's input spec (see /metadata "input"): to greyscale or RGB as
-the model's channels say (transparent pixels become black), resized to its height x width
-(bilinear), scaled to its value range, then normalised with its mean and std. Arrays must be
-[H][W] (one channel) or [C][H][W] of exactly that size, values in the value range, no NaN or
-infinity. The same route takes multipart/form-data uploads (file fields "images" or "image";
-"top_k" as a form field). Bad input gets a 4xx JSON {"error", "reason"}."""
+INPUT_DOC = """IMAGE is a base64 PNG/JPEG string (a data: URL is fine) or a nested numeric array
+([H][W] for one-channel models, or [C][H][W], of exactly the model's size, values in its value
+range; the schema below gives the sizes). Pictures are converted to the model's input spec (see
+/metadata "input"): to greyscale or RGB as the model's channels say (transparent pixels become
+black), resized to its height x width (bilinear), scaled to its value range, then normalised with
+its mean and std. The same route takes multipart/form-data uploads (image files in "images", or
+"image" for /explain; "top_k" as a form field). Every refusal is a JSON
+{"error", "reason", "model"}; a body that matches the schema can still get a 400 when an image's
+bytes are not a decodable PNG/JPEG within the size limits (reason not_an_image, corrupt_image,
+image_too_large or bad_base64)."""
 
 
 @bentoml.service(name="protoserve", workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60},
@@ -93,8 +97,8 @@ class Protoserve:
         self.predicting = 0  # /predict requests in this worker between their first line and their answer
         m = metrics()  # built now, in the worker, so a scrape lists them from the start
         m.model_info.labels(manifest.name, manifest.version, manifest.family, self.provider).set(1)
-        for q, value in self.model.reference_distance.items():
-            m.reference_nearest_distance.labels(manifest.name, manifest.version, q).set(value)
+        for level, value in self.model.reference_distance.items():
+            m.reference_nearest_distance.labels(manifest.name, manifest.version, level).set(value)
 
     def __is_ready__(self) -> bool:
         """BentoML builds the instance (load, verify, warm-up) before it serves: ready once it exists."""
@@ -106,8 +110,8 @@ class Protoserve:
         return np.concatenate([probabilities, distances], axis=1)
 
     # The APIs return their JSON as a ready JSONResponse: BentoML passes a Response through, where for
-    # a dict it rebuilds the return type's JSON schema on every response (1-7 ms measured per call on
-    # the shared 2-core machine). The `-> dict` annotations still give the OpenAPI document its types.
+    # a dict it rebuilds the return type's JSON schema on every response (README "Serving speed"). The
+    # request and answer shapes are documented by service/openapi.py.
 
     @bentoml.api(route="/predict")
     async def predict(self, ctx: bentoml.Context, images: Any = None) -> dict:
@@ -124,7 +128,7 @@ class Protoserve:
             output = await self.classify(batch, inline=self.predicting == 1 and len(batch) <= INLINE_MAX_SIZE)
         except Overloaded as e:
             ctx.response.status_code = 503
-            return JSONResponse({"error": str(e), "reason": "overloaded"})
+            return JSONResponse({"error": str(e), "reason": OVERLOADED, "model": self._model_ref()})
         finally:
             self.predicting -= 1
         probabilities, distances = output[:, :K], output[:, K:]
@@ -145,7 +149,7 @@ class Protoserve:
             x = to_input(image, self.manifest.input)
         except InputError as e:
             return JSONResponse(self._refuse(ctx, e))
-        outputs = {name: value[0] for name, value in self.model.outputs(x[None]).items()}  # < 1 ms: no batching
+        outputs = {name: value[0] for name, value in self.model.outputs(x[None]).items()}  # one image: no batching
         probabilities, distances = outputs["probabilities"][None], outputs["distances"][None]
         self._record(probabilities, distances, "explain", started)
         prediction = predictions(probabilities, self.manifest.class_names)[0]
@@ -232,8 +236,14 @@ def png_base64_file(path) -> str:
 # A missing or damaged bundle must stop `bentoml serve` itself (which imports this module before it
 # starts any worker), not leave workers that fail and get restarted forever.
 _manifest = read_bundle(bundle_location()).manifest
+
+
+def _document() -> dict:
+    return api_document(Protoserve.openapi_spec.asdict(), _manifest, DEFAULT_LIMITS.max_batch, MAX_TASK_IMAGES)
+
+
 Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
-                               model={"name": _manifest.name, "version": _manifest.version})
+                               model={"name": _manifest.name, "version": _manifest.version}, document=_document)
 Protoserve.add_asgi_middleware(ScoreGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)  # /score_batch submissions
 for _api in ("predict", "explain"):  # the OpenAPI description of the image routes
     Protoserve.apis[_api].doc = f"{Protoserve.apis[_api].doc}\n\n{INPUT_DOC}"

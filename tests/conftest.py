@@ -12,14 +12,34 @@ REPO = Path(__file__).resolve().parents[1]
 # The tiny bundles' quality report: a small sample keeps the fixtures fast (a few seconds).
 TINY_QUALITY_OPTIONS = {"sample": 64, "curve_images": 8, "steps": 10, "encodings": 1000}
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+CHECKOUT_MNIST = REPO / "data" / "mnist"  # where `make data` downloads MNIST when ../shared has none
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def default_mnist_root() -> Path:
+    """$PROTOSERVE_DATA_ROOT, else ../shared/data/mnist when it exists, else data/mnist (as the Makefile)."""
+    if os.environ.get("PROTOSERVE_DATA_ROOT"):
+        return Path(os.environ["PROTOSERVE_DATA_ROOT"])
+    return SHARED_MNIST if SHARED_MNIST.is_dir() else CHECKOUT_MNIST
+
+
+def missing_mnist_files(root: Path) -> list[str]:
+    """The IDX files not under root (plain or gzipped, at the top or where torchvision puts them)."""
+    folders = (root, root / "MNIST" / "raw")
+    return [name for name in MNIST_FILES
+            if not any((folder / f).is_file() for folder in folders for f in (name, f"{name}.gz"))]
 
 
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
-    """The official MNIST IDX files: $PROTOSERVE_DATA_ROOT, else ../shared/data/mnist."""
-    root = Path(os.environ.get("PROTOSERVE_DATA_ROOT") or SHARED_MNIST)
-    if not (root / "train-images-idx3-ubyte.gz").exists() and not (root / "train-images-idx3-ubyte").exists():
-        pytest.skip(f"MNIST IDX files not found under {root}")
+    """The official MNIST IDX files. Missing, the whole run stops with one line saying how to get them:
+    most of the suite needs them, and a suite that skips them would pass without testing anything."""
+    root = default_mnist_root()
+    missing = missing_mnist_files(root)
+    if missing:
+        pytest.exit(f"MNIST is missing under {root} ({', '.join(missing)}): run `make data` (downloads it once "
+                    "with torchvision's downloader, md5 checked) or set PROTOSERVE_DATA_ROOT to a folder holding "
+                    "the four IDX files", returncode=pytest.ExitCode.USAGE_ERROR)
     return root
 
 

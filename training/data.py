@@ -162,5 +162,10 @@ def download(root: Path, dataset: str = "mnist") -> None:
 
     cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[dataset]
     root.mkdir(parents=True, exist_ok=True)
-    for train in (True, False):
-        cls(str(root), train=train, download=True)
+    try:
+        for train in (True, False):
+            cls(str(root), train=train, download=True)  # checks the md5 of each archive it fetches
+    except (RuntimeError, OSError) as e:  # torchvision's downloader raises both when every mirror fails
+        raise DataError(f"could not download {dataset} into {root} ({e})") from None
+    for name in FILES.values():  # and the published sums of the files as read
+        read_idx(_find(root, dataset, name), dataset)

@@ -13,7 +13,7 @@ from scoring.rows import grey_levels_to_input
 from training.data import load_split
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
-SHIPPED = {"prototypedl_mnist": 0.99, "protopnet_mnist": 0.99}  # the issues' accuracy targets
+SHIPPED = {"prototypedl_mnist": 0.99, "protopnet_mnist": 0.99}  # the accuracy each shipped model must keep
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

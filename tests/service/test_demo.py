@@ -78,6 +78,10 @@ def test_demo_serves_predicts_explains_and_writes_the_picture(tiny_bundle, tmp_p
     result = cli("demo", "--bundle", str(tiny_bundle), "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "POST /predict" in result.stdout and "POST /explain" in result.stdout
+    digits = re.findall(r"digit #(\d+): true (\S+), predicted (\S+) \(p = ", result.stdout)
+    assert [(int(i), true) for i, true, _ in digits] == [(i, str(i)) for i in range(10)], result.stdout
+    correct = sum(true == predicted for _, true, predicted in digits)
+    assert f": {correct} correct" in result.stdout
     assert result.stdout.count('"distance"') == 3
     figure = Image.open(out)
     assert figure.format == "PNG" and figure.size[0] == MARGIN + 5 * (28 * SCALE + MARGIN)

@@ -106,3 +106,44 @@ def test_get_on_catalogue_routes_is_a_post_with_an_empty_object():
     r = client().get("/metadata")
     assert r.json() == {"method": "POST", "type": "application/json", "body": "{}"}
     assert client().get("/other").json()["method"] == "GET"
+
+
+def test_catalogue_routes_take_an_empty_body_or_a_json_object_and_only_get_and_post():
+    c = client()
+    assert c.post("/metadata", content=b"").json()["body"] == "{}"
+    assert json.loads(c.post("/metadata", json={"x": 1}).json()["body"]) == {"x": 1}
+    before = rejected("invalid_json")
+    expect_refusal(c.post("/metadata", content=b"\x00", headers={"content-type": "application/json"}), 400,
+                   "invalid_json", before)
+    before = rejected("unsupported_media_type")
+    expect_refusal(c.post("/metadata", content=b"\x00", headers={"content-type": "text/plain"}), 415,
+                   "unsupported_media_type", before)
+    for method in ("PUT", "PATCH", "DELETE", "OPTIONS"):
+        r = c.request(method, "/metadata")
+        assert r.status_code == 405 and r.headers["allow"] == "GET, POST", method
+
+
+def test_docs_json_is_the_document_given():
+    app = Starlette(routes=[Route("/docs.json", echo)])
+    built = []
+    gate = TestClient(RequestGate(app, document=lambda: built.append(1) or {"openapi": "3.0.2", "paths": {}}))
+    assert gate.get("/docs.json").json() == {"openapi": "3.0.2", "paths": {}}
+    assert gate.get("/docs.json").status_code == 200 and built == [1]  # built once
+
+
+def test_score_gate_turns_not_finished_into_409_and_refuses_cancel():
+    from service.score_task import ScoreGate
+
+    async def not_finished(request: Request) -> JSONResponse:  # BentoML's answer for an unfinished task
+        if "task_id" not in request.query_params:
+            return JSONResponse({"error": "task_id is required"}, status_code=400)
+        return JSONResponse({"error": "task 1 is not completed yet"}, status_code=400)
+
+    app = Starlette(routes=[Route("/score_batch/get", not_finished), Route("/score_batch/retry", not_finished,
+                                                                           methods=["POST"])])
+    c = TestClient(ScoreGate(app))
+    assert c.get("/score_batch/get", params={"task_id": "1"}).status_code == 409
+    assert c.post("/score_batch/retry", params={"task_id": ""}).status_code == 409
+    assert c.get("/score_batch/get").status_code == 400  # no task_id: the request is wrong
+    r = c.put("/score_batch/cancel", params={"task_id": "1"})
+    assert r.status_code == 404 and "cannot cancel" in r.json()["error"]

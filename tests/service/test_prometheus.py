@@ -40,6 +40,18 @@ def test_alert_rules_fire_as_intended():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
+def test_metrics_pass_promtool_check_metrics(server):
+    httpx.post(f"{server}/predict", json={"images": [[[0.5] * 28] * 28]}, timeout=60)  # every family of series
+    exposition = httpx.get(f"{server}/metrics", timeout=30).text
+    assert "protoserve_reference_nearest_distance{" in exposition and 'level="0.95"' in exposition
+    if PROMTOOL is None:
+        pytest.fail("promtool not installed: run `make prometheus` (Debian package prometheus)")
+    result = subprocess.run([PROMTOOL, "check", "metrics"], input=exposition, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def query(url: str, promql: str) -> dict:
     r = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=10)
     assert r.status_code == 200, f"{promql}: {r.text}"
@@ -111,7 +123,7 @@ def test_prometheus_sees_the_predictions_sent(server, prometheus, tiny_bundle):
     assert sum(float(r["value"][1]) for r in by_class["result"]) == start + sent
     info = query(prometheus, "protoserve_model_info")["result"]
     assert [r["metric"]["provider"] for r in info] == ["CPUExecutionProvider"]
-    assert scalar(prometheus, 'max(protoserve_reference_nearest_distance{quantile="0.95"})') > 0
+    assert scalar(prometheus, 'max(protoserve_reference_nearest_distance{level="0.95"})') > 0
 
 
 @pytest.mark.slow

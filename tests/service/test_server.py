@@ -162,7 +162,7 @@ def bomb_header(width: int, height: int) -> bytes:
 
 
 def bad_requests(images: np.ndarray) -> list[tuple[str, str, dict, int, str]]:
-    """(id, route, httpx request kwargs, status, reason): every bad input the issue lists."""
+    """(id, route, httpx request kwargs, status, reason): every kind of bad input the service refuses."""
     good = png(images[0])
     nan = images[0][0].copy()
     nan[3, 3] = np.nan

@@ -1,0 +1,178 @@
+"""The service's OpenAPI document: BentoML's, with the request and answer shapes it cannot know.
+
+The image APIs take `Any` so that the service, not BentoML's pydantic layer, checks each body:
+that keeps /predict's per-request cost down (no second walk over 784 floats per image) and gives
+every refusal the one error shape `{"error", "reason", "model"}`. BentoML therefore documents
+those bodies as untyped; `api_document` replaces them with the exact shapes the checks enforce
+(read from the served bundle's manifest: image size, value range, active prototypes), adds the
+multipart variants and every error answer, and lists GET beside POST on the read-only catalogue
+routes. RequestGate (service/middleware.py) serves the result at /docs.json.
+
+What a schema cannot say: that a string is a decodable PNG or JPEG of a sane size. A body that
+matches the schema may still be refused with a 400 whose reason is one of IMAGE_CONTENT_REASONS.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from export.bundle import Manifest
+from protoserve.errors import REASONS
+
+# The 400 reasons a schema-valid body can still get: the image bytes themselves are bad.
+IMAGE_CONTENT_REASONS = ("not_an_image", "corrupt_image", "image_too_large", "bad_base64")
+OVERLOADED = "overloaded"  # the 503 of /predict's adaptive batcher
+ERROR_STATUSES = {400: "Bad input: the body or one of its images is refused (reason names the problem)",
+                  413: "Body over the size limit, or a batch task with too many images",
+                  415: "Content type other than application/json or multipart/form-data",
+                  503: "Overloaded: the request waited past the batching latency cap"}
+CATALOGUE_ROUTES = ("/metadata", "/prototypes")
+TASK_ROUTE = "/score_batch"
+
+
+def image_schema(manifest: Manifest) -> dict:
+    """IMAGE: a base64 PNG/JPEG string or a numeric array of exactly the model's input size."""
+    spec = manifest.input
+    low, high = spec.value_range
+    pixel = {"type": "number", "minimum": low, "maximum": high}
+
+    def rows_of(item: dict, n: int) -> dict:
+        return {"type": "array", "items": item, "minItems": n, "maxItems": n}
+
+    plane = rows_of(rows_of(pixel, spec.width), spec.height)
+    variants = [{"type": "string", "minLength": 1, "title": "base64 PNG/JPEG",
+                 "description": "A PNG or JPEG file, base64-encoded (a data: URL prefix is accepted)."}]
+    if spec.channels == 1:
+        variants.append({**plane, "title": f"[{spec.height}][{spec.width}] array"})
+    variants.append({**rows_of(plane, spec.channels),
+                     "title": f"[{spec.channels}][{spec.height}][{spec.width}] array"})
+    return {"oneOf": variants, "description": f"One image. Arrays: values in [{low:g}, {high:g}]."}
+
+
+def request_schemas(manifest: Manifest, max_images: int, max_task_images: int) -> dict[str, dict]:
+    """The JSON request bodies by route; fields not listed are ignored."""
+    image = image_schema(manifest)
+    n_active = sum(1 for row in manifest.prototypes if row.status == "active")
+    top_k = {"type": "integer", "minimum": 1, "maximum": n_active, "default": min(3, n_active), "nullable": True,
+             "description": "How many nearest active prototypes to return (1 to the number of active ones); "
+                            "absent or null: the default."}
+
+    # The batch task scores what it can: an item that is not a valid IMAGE becomes a row with its error.
+    task_item = {"description": "An IMAGE; anything else is answered as a row with an error, not refused."}
+    task = {"type": "object", "required": ["images"],
+            "properties": {"images": {"type": "array", "items": task_item, "minItems": 1, "maxItems": max_task_images},
+                           "top_k": top_k}}
+    predict_images = {"type": "array", "items": image, "minItems": 1, "maxItems": max_images}
+    return {"/predict": {"type": "object", "required": ["images"], "properties": {"images": predict_images}},
+            "/explain": {"type": "object", "required": ["image"], "properties": {"image": image, "top_k": top_k}},
+            "/score_batch": task, "/score_batch/submit": task}
+
+
+def multipart_schema(route: str, json_schema: dict) -> dict:
+    """The multipart/form-data variant: image files in "images" ("image" for /explain), top_k a field."""
+    binary = {"type": "string", "format": "binary"}
+    properties = {}
+    if route == "/explain":
+        properties["image"] = binary
+    else:
+        limit = json_schema["properties"]["images"]["maxItems"]
+        properties["images"] = {"type": "array", "items": binary, "minItems": 1, "maxItems": limit}
+    if "top_k" in json_schema["properties"]:  # a form field is a string: absent means the default, never null
+        properties["top_k"] = {k: v for k, v in json_schema["properties"]["top_k"].items() if k != "nullable"}
+    return {"type": "object", "required": list(properties)[:1], "properties": properties}
+
+
+def answer_schemas() -> dict[str, dict]:
+    """The 200 answers by route (the fields ARCHITECTURE.md promises; answers may carry more)."""
+    probabilities = {"type": "array", "items": {"type": "number"}}
+    prediction = {"type": "object", "required": ["label", "class_name", "probabilities"],
+                  "properties": {"label": {"type": "integer"}, "class_name": {"type": "string"},
+                                 "probabilities": probabilities}}
+    prototype = {"type": "object", "required": ["id", "class_identity", "distance", "similarity", "weight",
+                                                "contribution", "image"],
+                 "properties": {"id": {"type": "integer"}, "class_identity": {"type": "integer"},
+                                "distance": {"type": "number"}, "similarity": {"type": "number"},
+                                "weight": {"type": "number"}, "contribution": {"type": "number"},
+                                "image": {"type": "string", "nullable": True}}}
+    model = {"$ref": "#/components/schemas/ModelRef"}
+    catalogue_row = {"type": "object", "required": ["id", "class_identity", "status"],
+                     "properties": {"id": {"type": "integer"}, "class_identity": {"type": "integer"},
+                                    "status": {"type": "string", "enum": ["active", "masked"]}}}
+    scored = {"type": "object", "required": ["model", "images", "failed", "rows"],
+              "properties": {"model": model, "images": {"type": "integer"}, "failed": {"type": "integer"},
+                             "rows": {"type": "array", "items": {"type": "object", "required": ["input_id", "error"]}}}}
+    return {
+        "/predict": {"type": "object", "required": ["model", "predictions"],
+                     "properties": {"model": model, "predictions": {"type": "array", "items": prediction}}},
+        "/explain": {"type": "object", "required": ["model", "prediction", "prototypes"],
+                     "properties": {"model": model, "prediction": prediction,
+                                    "prototypes": {"type": "array", "items": prototype}}},
+        "/metadata": {"type": "object", "required": ["model", "family", "class_names", "input", "provider"],
+                      "properties": {"model": model, "family": {"type": "string"}, "provider": {"type": "string"},
+                                     "class_names": {"type": "array", "items": {"type": "string"}},
+                                     "input": {"type": "object"}}},
+        "/score_batch": scored,
+        "/score_batch/get": scored,
+        "/prototypes": {"type": "object", "required": ["model", "prototypes"],
+                        "properties": {"model": model, "prototypes": {"type": "array", "items": catalogue_row}}},
+    }
+
+
+def components() -> dict[str, dict]:
+    model_ref = {"type": "object", "required": ["name", "version"],
+                 "properties": {"name": {"type": "string"}, "version": {"type": "string"}}}
+    error = {"type": "object", "required": ["error", "reason", "model"],
+             "description": "Every refusal: a message naming the problem, a counted reason, the model.",
+             "properties": {"error": {"type": "string"},
+                            "reason": {"type": "string", "enum": [*REASONS, OVERLOADED]},
+                            "model": {"$ref": "#/components/schemas/ModelRef"}}}
+    # BentoML's task routes answer these statuses (its own TaskStatusResponse lists other names and
+    # fields that submit and retry do not send).
+    task_status = {"type": "object", "required": ["task_id", "status"],
+                   "properties": {"task_id": {"type": "string"},
+                                  "status": {"type": "string", "enum": ["pending", "in_progress", "completed",
+                                                                        "failed", "canceled"]},
+                                  "created_at": {"type": "string"}, "executed_at": {"type": "string",
+                                                                                    "nullable": True}}}
+    return {"ModelRef": model_ref, "ProtoserveError": error, "TaskStatusResponse": task_status}
+
+
+def _json(schema: dict) -> dict:
+    return {"application/json": {"schema": schema}}
+
+
+def error_responses(statuses=(400, 413, 415)) -> dict:
+    ref = {"$ref": "#/components/schemas/ProtoserveError"}
+    return {str(s): {"description": ERROR_STATUSES[s], "content": _json(ref)} for s in statuses}
+
+
+def api_document(spec: dict, manifest: Manifest, max_images: int, max_task_images: int) -> dict:
+    """BentoML's generated document (a dict) with protoserve's exact request and answer shapes."""
+    spec = copy.deepcopy(spec)
+    for item in spec["paths"].values():  # BentoML keys its responses by int status
+        for operation in item.values():
+            operation["responses"] = {str(status): answer for status, answer in operation["responses"].items()}
+    spec.setdefault("components", {}).setdefault("schemas", {}).update(components())
+    paths = spec["paths"]
+    for route, schema in request_schemas(manifest, max_images, max_task_images).items():
+        operation = paths[route]["post"]
+        operation["requestBody"] = {"required": True, "content": {
+            **_json(schema), "multipart/form-data": {"schema": multipart_schema(route, schema)}}}
+        operation["responses"].update(error_responses())
+    paths["/predict"]["post"]["responses"].update(error_responses((503,)))
+    for route, schema in answer_schemas().items():
+        operation = paths[route].get("post") or paths[route]["get"]
+        operation["responses"]["200"]["content"] = _json(schema)
+    for route in (f"{TASK_ROUTE}/get", f"{TASK_ROUTE}/retry"):
+        operation = paths[route].get("get") or paths[route]["post"]
+        operation["responses"]["409"] = {"description": "The task has not finished: poll /score_batch/status",
+                                         "content": _json({"$ref": "#/components/schemas/InvalidArgument"})}
+    # `bentoml serve` cannot cancel a task (it answers 400 to every call); ScoreGate answers 404.
+    paths.pop(f"{TASK_ROUTE}/cancel", None)
+    for route in CATALOGUE_ROUTES:
+        post = paths[route]["post"]
+        post["requestBody"] = {"required": False, "content": _json({"type": "object"})}
+        post["responses"].update(error_responses((400, 413, 415)))
+        get = {k: v for k, v in post.items() if k != "requestBody"}
+        paths[route]["get"] = {**copy.deepcopy(get), "operationId": f"{post['operationId']}_get"}
+    return spec
