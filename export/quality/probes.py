@@ -57,6 +57,7 @@ def model_from_bundle(bundle: Bundle) -> nn.Module:
 
 
 def bundle_config(bundle: Bundle) -> Config:
+    """The training config the bundle's manifest carries (it names the architecture)."""
     return Config.from_dict(bundle.manifest.training.config, source=f"{bundle.path}: training config")
 
 
@@ -69,6 +70,7 @@ def outputs(model: nn.Module, images: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def has_output(model: nn.Module, name: str) -> bool:
+    """Whether the model's exported graph has the output `name` (e.g. similarity_maps)."""
     return name in classifier_outputs(model)
 
 
