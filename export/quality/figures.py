@@ -24,13 +24,12 @@ def write_figures(bundle_dir: Path, manifest: Manifest, report: QualityReport) -
 
 
 def write_picture(path: Path, manifest: Manifest, report: QualityReport) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    _auroc_bars(axes[0], report)
-    _against_references(axes[1], report)
-    if "deletion_auc" in report.figures:
-        _curves(axes[2], report)
-    else:
-        _nearest_encoding(axes[2], report)
+    precisions = sorted(name for name in report.figures if name.startswith("activation_precision."))
+    panels = [_auroc_bars, _against_references] + [_precision_bars(name) for name in precisions[:2]]
+    panels.append(_curves if "deletion_auc" in report.figures else _nearest_encoding)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.2))
+    for panel, ax in zip(panels, axes, strict=True):
+        panel(ax, report)
     fig.suptitle(f"{manifest.tag} ({manifest.family}): explanation quality on the {report.data} {report.split} "
                  f"split ({report.split_size} images, {report.sample_size} sampled with seed {report.seed})")
     fig.tight_layout()
@@ -50,6 +49,25 @@ def _auroc_bars(ax, report: QualityReport) -> None:
     ticks = list(range(0, len(ids), max(1, len(ids) // 10)))
     ax.set_xticks(ticks, [ids[i] for i in ticks])
     ax.legend(loc="lower right")
+
+
+def _precision_bars(name: str):
+    """A panel: each prototype's activation precision for one mask, the mask's area share beside it."""
+
+    def panel(ax, report: QualityReport) -> None:
+        ids = [p.id for p in report.prototypes]
+        values = [p.figures.get(name) or 0.0 for p in report.prototypes]
+        ax.bar(range(len(ids)), values, color="#dd8452")
+        ax.axhline(report.figures[name].reference, color="grey", linestyle="--", label="chance (mask area share)")
+        ax.set_ylim(0, 1.02)
+        ticks = list(range(0, len(ids), max(1, len(ids) // 10)))
+        ax.set_xticks(ticks, [ids[i] for i in ticks])
+        ax.set_xlabel("prototype id")
+        ax.set_ylabel("share of its top 5% pixels in the mask")
+        ax.set_title(name.replace("_", " "))
+        ax.legend(loc="upper right", fontsize=8)
+
+    return panel
 
 
 def _against_references(ax, report: QualityReport) -> None:
