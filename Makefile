@@ -66,8 +66,10 @@ pushgateway:
 	@command -v prometheus-pushgateway >/dev/null || \
 		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q prometheus-pushgateway; }
 
+# ruff, then the layering contracts of ../shared/ARCHITECTURE.md (pyproject.toml [tool.importlinter]).
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # The shipped default model (models/prototypedl_mnist; its wall time is in the README results), resumable.
 train-default: setup

@@ -32,8 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from export.runtime import open_session  # noqa: E402
-from scoring.job import JobSpec, default_workers, run_job  # noqa: E402
+from scoring.job import JobSpec  # noqa: E402
+from scoring.local_engine import default_workers  # noqa: E402
 from scoring.rows import RUN_BATCH  # noqa: E402
+from scoring.run import run_job  # noqa: E402
 
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
 

@@ -16,7 +16,8 @@ from protoserve.errors import ProtoserveError
 def _train(args) -> None:
     from training.config import load_config
     from training.data import resolve_data_root
-    from training.train import Trainer
+    from training.distributed import init_distributed, shutdown_distributed
+    from training.families import config_family
 
     config = load_config(args.config)
     if args.epochs is not None:
@@ -25,18 +26,16 @@ def _train(args) -> None:
         config.train.device = args.device
     root = resolve_data_root(args.data_root, config.data.root)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    if config.model.family == "protopnet":
-        from training.distributed import init_distributed, shutdown_distributed
-        from training.train_protopnet import ProtoPNetTrainer as Trainer  # noqa: N814
-
+    family = config_family(config)
+    if family.distributed:
         init_distributed(config.train.device)  # under torchrun: DistributedDataParallel, push across ranks
-    trainer = Trainer(config, out, data_root=root)
+    trainer = family.trainer_class()(config, out, data_root=root)
     if args.resume:
         trainer.resume()
     elif (out / "last.pt").exists():
         raise ProtoserveError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
     trainer.fit()
-    if config.model.family == "protopnet":
+    if family.distributed:
         shutdown_distributed()
     print(f"run written to {out} (best.pt: best validation accuracy {trainer.best_val_accuracy:.4f})")
 
@@ -121,8 +120,9 @@ def _models(args) -> None:
 def _score(args) -> None:
     import time
 
-    from scoring.job import CHUNK_SIZE, JobSpec, run_job
+    from scoring.job import CHUNK_SIZE, JobSpec
     from scoring.metrics import publish
+    from scoring.run import run_job
 
     spec = JobSpec(model=args.model, inputs=args.input, output=Path(args.output), top_k=args.top_k,
                    chunk_size=CHUNK_SIZE if args.chunk_size is None else args.chunk_size, workers=args.workers,
@@ -176,7 +176,14 @@ def _demo(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="protoserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _training_verbs(sub)
+    _bundle_verbs(sub)
+    _score_verb(sub)
+    _serving_verbs(sub)
+    return parser
 
+
+def _training_verbs(sub) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("--config", required=True, help="YAML run config (see configs/)")
     p.add_argument("--data-root", help="folder with the IDX files (default: $PROTOSERVE_DATA_ROOT)")
@@ -186,14 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="override train.device (cpu, cuda, auto)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="test accuracy and training-set reconstruction error")
+    p = sub.add_parser("evaluate", help="accuracy on each split and the family's own figures (reconstruction "
+                       "error, push purity)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-root")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--out", help="also write the figures as JSON here")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("visualize", help="PNG pictures of the paper's figures and the training curves")
+    p = sub.add_parser("visualize", help="PNG pictures of the paper's figures (PrototypeDL) and the training "
+                       "curves")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="folder for the PNG files")
     p.add_argument("--data-root")
@@ -205,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
     p.set_defaults(func=_download)
 
+
+def _bundle_verbs(sub) -> None:
     p = sub.add_parser("export", help="checkpoint -> model bundle (ONNX graphs, manifest, prototype pictures)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="bundle folder to create")
@@ -242,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the bundles in the BentoML model store ($BENTOML_HOME)")
     p.set_defaults(func=_models)
 
+
+def _score_verb(sub) -> None:
     p = sub.add_parser("score", help="batch scoring: one row per input (prediction, nearest prototypes, error), "
                        "resumable")
     p.add_argument("--model", required=True, help="a bundle directory or a BentoML store tag (name:version)")
@@ -264,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_score)
 
+
+def _serving_verbs(sub) -> None:
     p = sub.add_parser("serve", help="serve a bundle over HTTP with BentoML (predict, explain, metadata, /metrics)")
     p.add_argument("--bundle", help="bundle folder (default: $PROTOSERVE_BUNDLE, else the shipped model)")
     p.add_argument("--model", help="name:version in the BentoML model store instead of a folder")
@@ -278,8 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo/explanation.png")
     p.add_argument("--port", type=int, help="default: a free port")
     p.set_defaults(func=_demo)
-
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

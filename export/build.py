@@ -1,12 +1,13 @@
 """Checkpoint -> bundle: `protoserve export`.
 
-Steps: rebuild the model, export model.onnx (and PrototypeDL's decoder.onnx), write the prototype
-PNGs (PrototypeDL: decoded prototypes; ProtoPNet: each pushed patch, its source image with boxes and
-its activation map, redrawn from the push provenance the checkpoint holds),
-run the whole test set through PyTorch (eval) and ONNX Runtime (CPU), refuse to continue if
-parity misses its limits, store a golden probe, write and re-read the manifest, add the
-explanation-quality report (export/quality/, on the validation split), and only then move the
-finished directory to its place (a bundle is never half written).
+Steps: rebuild the model, export model.onnx (and the family's decoder.onnx, if it has one), write
+the prototype PNGs and table rows the family's table entry describes (training/families.py:
+PrototypeDL the decoded prototypes; ProtoPNet each pushed patch, its source image with boxes and its
+activation map, redrawn from the push provenance the checkpoint holds), run the whole test set
+through PyTorch (eval) and ONNX Runtime (CPU), refuse to continue if parity misses its limits, store
+a golden probe, write and re-read the manifest, add the explanation-quality report (export/quality/,
+on the validation split), and only then move the finished directory to its place (a bundle is never
+half written).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn as nn
 
 from export.bundle import (
     Bundle,
@@ -36,10 +37,10 @@ from export.bundle import (
     write_manifest,
 )
 from export.onnx_export import (
-    DecoderGraph,
     classifier_graph,
     classifier_outputs,
     classifier_spec,
+    decoder_graph,
     decoder_spec,
     export_graph,
 )
@@ -50,10 +51,8 @@ from protoserve.errors import ProtoserveError
 from training.checkpoint import load_checkpoint
 from training.cub import class_names as cub_class_names
 from training.data import CLASS_NAMES, Split, resolve_data_root
-from training.protopnet import ProtoPNet
-from training.prototypedl import PrototypeDL, class_identities
-from training.push import object_overlaps, prototype_pictures
-from training.train_protopnet import input_normalization, load_run_data
+from training.datasets import input_normalization, load_run_data
+from training.families import PrototypeRecord, family_of
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE_ATOL, PROBE_RTOL = 1e-5, 1e-4
@@ -108,14 +107,15 @@ def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_roo
     return ExportResult(bundle=read_bundle(out), parity=parity)
 
 
-def _build(model: PrototypeDL | ProtoPNet, config, payload: dict, checkpoint: Path, test: Split, staging: Path,
+def _build(model: nn.Module, config, payload: dict, checkpoint: Path, test: Split, staging: Path,
            name: str, version: str, log, push_set: Split | None = None,
            root: Path | None = None) -> tuple[Manifest, ParityFigures]:
     model_spec = classifier_spec(model)
     export_graph(classifier_graph(model), model_spec, staging / model_spec.file)
-    dec_spec = decoder_spec(model) if isinstance(model, PrototypeDL) else None
-    if dec_spec is not None:
-        export_graph(DecoderGraph(model), dec_spec, staging / dec_spec.file)
+    decoder = decoder_graph(model)
+    dec_spec = decoder_spec(model) if decoder is not None else None
+    if decoder is not None:
+        export_graph(decoder, dec_spec, staging / dec_spec.file)
 
     torch_out = run_torch(model, test.images)
     session, _ = open_session(staging / model_spec.file, device="cpu")
@@ -133,13 +133,10 @@ def _build(model: PrototypeDL | ProtoPNet, config, payload: dict, checkpoint: Pa
                       nearest_distance_quantiles=drift_quantiles(onnx_out["distances"].min(axis=1)))  # all active
     log(f"test accuracy {metrics.test_accuracy:.4f} (PyTorch), {metrics.onnx_test_accuracy:.4f} (ONNX Runtime)")
     probe_images = write_probe(model, test, staging / "probe.npz")
-    c = model.cfg
-    if isinstance(model, ProtoPNet):
-        prototypes = write_protopnet_prototypes(model, push_set, staging, *input_normalization(config.data.dataset))
-    else:
-        prototypes = write_prototypes(model, staging)
+    records = family_of(model).prototype_records(model, push_set, *input_normalization(config.data.dataset))
+    prototypes = write_prototypes(records, staging)
     manifest = Manifest(
-        name=name, version=version, family=c.family, created_at=datetime.now(UTC),
+        name=name, version=version, family=model.cfg.family, created_at=datetime.now(UTC),
         class_names=_class_names(config, root),
         input=input_spec(config),
         model=model_spec, decoder=dec_spec,
@@ -154,6 +151,7 @@ def _build(model: PrototypeDL | ProtoPNet, config, payload: dict, checkpoint: Pa
 
 
 def input_spec(config) -> InputSpec:
+    """The manifest's input spec: exactly the preprocessing the model was trained on."""
     c = config.model
     if config.data.dataset == "cub":
         mean, std = input_normalization("cub")
@@ -175,7 +173,7 @@ def _class_names(config, root: Path | None) -> list[str]:
 
 
 @torch.no_grad()
-def run_torch(model: PrototypeDL | ProtoPNet, images: torch.Tensor) -> dict[str, np.ndarray]:
+def run_torch(model: nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
     """PyTorch eval-mode outputs (the names of model.onnx) for all `images`, batch by batch."""
     graph = classifier_graph(model).eval()
     parts = [graph(images[i:i + BATCH_SIZE]) for i in range(0, len(images), BATCH_SIZE)]
@@ -183,13 +181,14 @@ def run_torch(model: PrototypeDL | ProtoPNet, images: torch.Tensor) -> dict[str,
 
 
 def run_onnx(session, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of `session` for all `images`, batch by batch, by name."""
     names = [o.name for o in session.get_outputs()]
     parts = [session.run(names, {"image": images[i:i + BATCH_SIZE]}) for i in range(0, len(images), BATCH_SIZE)]
     return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(names)}
 
 
 @torch.no_grad()
-def write_probe(model: PrototypeDL, test: Split, path: Path) -> int:
+def write_probe(model: nn.Module, test: Split, path: Path) -> int:
     """The golden probe: the first test image of each class, with PyTorch's outputs; returns its size."""
     labels = test.labels.numpy()
     index = [int(np.flatnonzero(labels == k)[0]) for k in np.unique(labels)]
@@ -197,59 +196,28 @@ def write_probe(model: PrototypeDL, test: Split, path: Path) -> int:
     out = run_torch(model, images)
     arrays = {"input.image": images.numpy(), "test_index": np.array(index, dtype=np.int64)}
     arrays |= {f"output.{k}": v for k, v in out.items()}
-    if isinstance(model, PrototypeDL):
-        decoded = DecoderGraph(model).eval()(torch.from_numpy(out["latent"])).numpy()
+    decoder = decoder_graph(model)
+    if decoder is not None:
+        decoded = decoder.eval()(torch.from_numpy(out["latent"])).numpy()
         arrays |= {"decoder.input.latent": out["latent"], "decoder.output.reconstruction": decoded}
     np.savez(path, **arrays)
     return len(index)
 
 
-@torch.no_grad()
-def write_prototypes(model: PrototypeDL, staging: Path) -> list[PrototypeRow]:
-    """Decode every prototype to prototypes/<id>.png; one table row each."""
+def write_prototypes(records: list[PrototypeRecord], staging: Path) -> list[PrototypeRow]:
+    """prototypes/<id>.png (the first picture) and prototypes/<id>_<kind>.png (the others, named in the
+    provenance as "<kind>_image"); one table row per prototype, ids in table order."""
     (staging / "prototypes").mkdir()
-    pictures = model.decode(model.prototypes).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
-    W = model.last_layer.weight.detach()  # [K, m]
-    identities = class_identities(W)
     rows = []
-    for j, picture in enumerate(pictures):  # [C, H, W]
-        image = f"prototypes/{j:03d}.png"
-        Image.fromarray(picture[0] if picture.shape[0] == 1 else picture.transpose(1, 2, 0)).save(staging / image)
-        rows.append(PrototypeRow(id=j, class_identity=identities[j], weights=W[:, j].tolist(), image=image))
-    return rows
-
-
-@torch.no_grad()
-def write_protopnet_prototypes(model: ProtoPNet, push_set: Split, staging: Path, mean=None,
-                               std=None) -> list[PrototypeRow]:
-    """Per pushed prototype: prototypes/<id>.png (the patch), <id>_source.png (its source image with the
-    receptive-field box in yellow and the high-activation box in red), <id>_activation.png."""
-    unpushed = (model.push_source[:, 0] < 0).nonzero().flatten().tolist()
-    if unpushed:
-        raise ExportError(f"prototypes {unpushed[:5]} were never pushed; export a checkpoint written after a push")
-    (staging / "prototypes").mkdir()
-    W = model.last_layer.weight.detach()  # [K, M]
-    identities = model.class_identities()
-    overlaps = object_overlaps(model, push_set.images)  # None each without a segmentation mask
-    rows = []
-    for j in range(model.prototypes.shape[0]):
-        index, row, col = model.push_source[j].tolist()
-        pictures = prototype_pictures(model, j, push_set.images[index], mean, std)
-        files = {"patch": f"prototypes/{j:03d}.png", "source": f"prototypes/{j:03d}_source.png",
-                 "activation": f"prototypes/{j:03d}_activation.png"}
-        for kind, file in files.items():
-            pictures[kind].save(staging / file)
-        provenance = {"push_set": "train split (unaugmented)", "source_index": index,
-                      "source_label": int(push_set.labels[index]), "patch": {"row": row, "col": col},
-                      "receptive_field_box": dict(zip(("y0", "y1", "x0", "x1"), model.push_rf_box[j].tolist(),
-                                                      strict=True)),
-                      "activation_box": dict(zip(("y0", "y1", "x0", "x1"), model.push_activation_box[j].tolist(),
-                                                 strict=True)),
-                      "source_image": files["source"], "activation_image": files["activation"]}
-        if overlaps[j] is not None:  # the fraction of the activation box on the object (CUB masks)
-            provenance["activation_box_on_object"] = overlaps[j]
-        rows.append(PrototypeRow(id=j, class_identity=identities[j], weights=W[:, j].tolist(),
-                                 provenance=provenance, image=files["patch"]))
+    for j, record in enumerate(records):
+        files = {kind: f"prototypes/{j:03d}.png" if i == 0 else f"prototypes/{j:03d}_{kind}.png"
+                 for i, kind in enumerate(record.pictures)}
+        for kind, picture in record.pictures.items():
+            picture.save(staging / files[kind])
+        extra = {f"{kind}_image": file for i, (kind, file) in enumerate(files.items()) if i > 0}
+        rows.append(PrototypeRow(id=j, class_identity=record.class_identity, weights=record.weights,
+                                 provenance={**record.provenance, **extra} if record.provenance else None,
+                                 image=files[next(iter(files))]))
     return rows
 
 

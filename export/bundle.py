@@ -25,7 +25,7 @@ A bundle is one immutable model version:
     decoder.onnx    PrototypeDL: latent -> image (absent for families without a decoder)
     probe.npz       the golden probe: a few inputs with their expected outputs
     prototypes/     one PNG per prototype
-A later family (ProtoPNet) adds outputs (`similarity_maps`) and provenance, not a new format.
+Families differ in outputs (ProtoPNet's `similarity_maps`) and provenance, not in format.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
 # Outputs every model.onnx of a family must have (it may have more); all have a leading batch axis N.
+# Schema data: the torch-free family table (inference/families.py) refers to these two tables.
 FAMILY_OUTPUTS = {
     "prototypedl": ["logits", "probabilities", "distances", "latent", "reconstruction"],
     "protopnet": ["logits", "probabilities", "distances", "similarity_maps"],

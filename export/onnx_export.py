@@ -1,13 +1,9 @@
-"""PyTorch -> ONNX: the classifier graph of each family (prototype layer inside) and PrototypeDL's decoder.
+"""PyTorch -> ONNX: a family's classifier graph (prototype layer inside) and its decoder graph, if any.
 
-PrototypeDL
-model.onnx   image [N, C, H, W] -> logits [N, K], probabilities [N, K], distances [N, m],
-             latent [N, q], reconstruction [N, C, H, W]
-decoder.onnx latent [N, q] -> reconstruction [N, C, H, W]
-ProtoPNet
-model.onnx   image [N, C, H, W] -> logits [N, K], probabilities [N, K], distances [N, M] (minimum over
-             positions), similarity_maps [N, M, h, w]; the minimum is a max-pool with a fixed kernel,
-             so the batch axis stays dynamic
+What each family's model.onnx returns (names, shapes, the traced forward pass) and whether it has a
+decoder.onnx comes from the family table (training/families.py); the names and their meaning are
+the bundle's contract (../shared/ARCHITECTURE.md "ONNX names"). ProtoPNet's distances are a minimum
+over positions, computed as a max-pool with a fixed kernel, so the batch axis stays dynamic.
 
 The prototype vectors stay one initializer of model.onnx (PROTOTYPE_INITIALIZER), and the
 squared distances are computed from it inside the graph: nothing is precomputed outside.
@@ -22,91 +18,52 @@ import onnx
 import torch
 import torch.nn as nn
 
-from export.bundle import FAMILY_OUTPUTS, GraphSpec, TensorSpec
-from training.protopnet import ProtoPNet
-from training.prototypedl import PrototypeDL
+from export.bundle import GraphSpec, TensorSpec
+from training.families import BATCH, family_of
 
 OPSET = 17
-BATCH = "N"
 PROTOTYPE_INITIALIZER = "model.prototypes"  # the wrapper's attribute `model` + the parameter name
-CLASSIFIER_OUTPUTS = ["logits", "probabilities", "distances", "latent", "reconstruction"]
 
 
-class PrototypeDLGraph(nn.Module):
-    """The classifier as the ONNX graph sees it: the model's own forward, softmax added."""
+class ClassifierGraph(nn.Module):
+    """The classifier as the ONNX graph sees it: the family's export forward (softmax included)."""
 
-    def __init__(self, model: PrototypeDL):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.forward_outputs = family_of(model).graph_forward
 
-    def forward(self, image):  # [N, C, H, W]
-        out = self.model(image)
-        return out.logits, torch.softmax(out.logits, dim=1), out.distances, out.latent, out.reconstruction
-
-
-class ProtoPNetGraph(nn.Module):
-    """ProtoPNet as the ONNX graph sees it: the model's own forward, softmax added."""
-
-    def __init__(self, model: ProtoPNet):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image):  # [N, C, H, W]
-        # Distances by subtraction: the expanded square of training loses small distances to
-        # float32 cancellation, and with it the parity of the similarities (log(1/d) near 0).
-        out = self.model(image, exact=True)
-        return out.logits, torch.softmax(out.logits, dim=1), out.distances, out.similarity_maps
+    def forward(self, image):  # [N, C, H, W] -> the outputs of classifier_outputs(model), in order
+        return self.forward_outputs(self.model, image)
 
 
-def classifier_graph(model: PrototypeDL | ProtoPNet) -> nn.Module:
-    return ProtoPNetGraph(model) if isinstance(model, ProtoPNet) else PrototypeDLGraph(model)
+def classifier_graph(model: nn.Module) -> nn.Module:
+    """The module torch.onnx traces into model.onnx."""
+    return ClassifierGraph(model)
 
 
-def classifier_outputs(model: PrototypeDL | ProtoPNet) -> list[str]:
-    return FAMILY_OUTPUTS[model.cfg.family]
+def classifier_outputs(model: nn.Module) -> list[str]:
+    """model.onnx's output names, in graph order."""
+    return list(family_of(model).graph_outputs(model))
 
 
-class DecoderGraph(nn.Module):
-    def __init__(self, model: PrototypeDL):
-        super().__init__()
-        self.model = model
-
-    def forward(self, latent):  # [N, q] -> [N, C, H, W]
-        return self.model.decode(latent)
+def decoder_graph(model: nn.Module) -> nn.Module | None:
+    """The family's latent -> image graph (decoder.onnx), or None when it has none."""
+    return family_of(model).decoder(model)
 
 
-def classifier_spec(model: PrototypeDL | ProtoPNet, file: str = "model.onnx") -> GraphSpec:
-    if isinstance(model, ProtoPNet):
-        return protopnet_spec(model, file)
+def classifier_spec(model: nn.Module, file: str = "model.onnx") -> GraphSpec:
+    """model.onnx's names and shapes: image [N, C, H, W] in, the family's outputs out."""
     c = model.cfg
     image = [BATCH, c.in_channels, c.input_size, c.input_size]
-    shapes = {
-        "logits": [BATCH, c.n_classes],
-        "probabilities": [BATCH, c.n_classes],
-        "distances": [BATCH, c.n_prototypes],
-        "latent": [BATCH, model.latent_dim],
-        "reconstruction": image,
-    }
+    outputs = family_of(model).graph_outputs(model)
     return GraphSpec(file=file, opset=OPSET, inputs=[TensorSpec(name="image", shape=image)],
-                     outputs=[TensorSpec(name=n, shape=shapes[n]) for n in CLASSIFIER_OUTPUTS],
+                     outputs=[TensorSpec(name=n, shape=shape) for n, shape in outputs.items()],
                      prototype_initializer=PROTOTYPE_INITIALIZER)
 
 
-def protopnet_spec(model: ProtoPNet, file: str = "model.onnx") -> GraphSpec:
-    c, h = model.cfg, model.map_size
-    shapes = {
-        "logits": [BATCH, c.n_classes],
-        "probabilities": [BATCH, c.n_classes],
-        "distances": [BATCH, c.n_prototypes],
-        "similarity_maps": [BATCH, c.n_prototypes, h, h],
-    }
-    image = [BATCH, c.in_channels, c.input_size, c.input_size]
-    return GraphSpec(file=file, opset=OPSET, inputs=[TensorSpec(name="image", shape=image)],
-                     outputs=[TensorSpec(name=n, shape=shapes[n]) for n in FAMILY_OUTPUTS["protopnet"]],
-                     prototype_initializer=PROTOTYPE_INITIALIZER)
-
-
-def decoder_spec(model: PrototypeDL, file: str = "decoder.onnx") -> GraphSpec:
+def decoder_spec(model: nn.Module, file: str = "decoder.onnx") -> GraphSpec:
+    """decoder.onnx: latent [N, q] -> reconstruction [N, C, H, W] (model.latent_dim is q)."""
     c = model.cfg
     return GraphSpec(file=file, opset=OPSET, inputs=[TensorSpec(name="latent", shape=[BATCH, model.latent_dim])],
                      outputs=[TensorSpec(name="reconstruction",
@@ -120,9 +77,9 @@ def export_graph(module: nn.Module, spec: GraphSpec, path: Path) -> None:
     to the dynamo exporter. These graphs are small and static (no data-dependent control flow),
     so tracing captures them exactly; with constant folding off, every parameter stays an
     initializer under its state_dict name, so the prototype vectors are `model.prototypes`
-    [m, q] in the file. The dynamo exporter's optimiser folds them into an anonymous
-    `unsqueeze_1` [1, m, q] constant (measured with torch 2.14.1), and takes ~4 s against
-    ~0.4 s. ONNX Runtime folds constants itself when it loads the graph, so nothing is lost.
+    [m, q] in the file, where the dynamo exporter's optimiser folds them into an anonymous
+    constant (and is slower; README "Measured choices"). ONNX Runtime folds constants itself when it loads
+    the graph, so nothing is lost.
     """
     module.eval()
     example = tuple(torch.rand(2, *t.shape[1:]) for t in spec.inputs)  # batch 2: the axis is dynamic

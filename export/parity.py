@@ -1,6 +1,6 @@
 """Parity: ONNX Runtime against PyTorch eval mode on the same images, and the limits export demands.
 
-Limits (issue 3): probabilities within 1e-5 absolute, distances within 1e-4 relative, the same
+Limits: probabilities within 1e-5 absolute, distances within 1e-4 relative, the same
 argmax for every image, the same top-3 nearest prototype ids except where an exact tie makes
 the order ambiguous. Numpy only; the callers produce the two sets of outputs.
 

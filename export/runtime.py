@@ -9,7 +9,8 @@ Public API:
     session_options(threads, optimization)      the SessionOptions chosen by benchmarks/inference.py
     open_session(path, device, ...) -> (InferenceSession, provider)
     run_probe(bundle, device) -> ProbeResult    the golden probe through model.onnx (and decoder.onnx)
-    verify_bundle(path, device) -> (Bundle, ProbeResult)   read_bundle + probe; BundleError on a miss
+    verify_bundle(bundle, device) -> (Bundle, ProbeResult)   read_bundle + probe; BundleError on a miss
+    classify(session, images) -> (probabilities, distances)   the call every caller of model.onnx makes
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cuda", "cpu")
 
-# Chosen by measurement (benchmarks/inference.py, README "Inference speed"): on the 2-core CPU,
-# shared with other work as a server's CPU is, full graph optimisation with one intra-op thread
-# was fastest at every batch size (1-256), 1.1-5x ahead of two threads, which stall each other
-# when the other core is busy. One thread per session also leaves cores to other workers.
+# Full graph optimisation and one intra-op thread per session: sessions with more threads stall
+# each other when the other cores are busy, and one thread leaves cores to the other workers
+# (benchmarks/inference.py chose these; README "Results").
 DEFAULT_THREADS = 1
 DEFAULT_OPTIMIZATION = "all"
 
@@ -60,6 +60,7 @@ def active_provider(session_providers: list[str]) -> str:
 
 
 def session_options(threads: int = DEFAULT_THREADS, optimization: str = DEFAULT_OPTIMIZATION):
+    """SessionOptions with `threads` intra-op threads and an optimisation level by name."""
     import onnxruntime as ort
 
     levels = {
@@ -178,10 +179,19 @@ def run_probe(bundle: Bundle, device: str = "cpu") -> ProbeResult:
     return ProbeResult(images=spec.images, provider=provider, max_abs_diff=diffs, failures=failures)
 
 
-def verify_bundle(path: str | Path, device: str = "cpu") -> tuple[Bundle, ProbeResult]:
-    """Schema, checksums and the golden probe; BundleError naming the file and problem on a miss."""
-    bundle = read_bundle(path)
+def verify_bundle(bundle: str | Path | Bundle, device: str = "cpu") -> tuple[Bundle, ProbeResult]:
+    """Schema, checksums and the golden probe; BundleError naming the file and problem on a miss.
+
+    Given a Bundle already read (its checksums checked), only the probe runs."""
+    if not isinstance(bundle, Bundle):
+        bundle = read_bundle(bundle)
     result = run_probe(bundle, device)
     if not result.passed:
         raise BundleError(f"{bundle.model_path}: golden probe failed: {result.failures[0]}")
     return bundle, result
+
+
+def classify(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """model.onnx on [N, C, H, W] model input -> probabilities [N, K], distances [N, M]."""
+    probabilities, distances = session.run(["probabilities", "distances"], {"image": images})
+    return probabilities, distances

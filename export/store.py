@@ -15,6 +15,7 @@ from pathlib import Path
 
 from export.bundle import Bundle, Manifest, read_bundle
 from export.runtime import verify_bundle
+from protoserve.bentoml_internals import model_store
 from protoserve.errors import ProtoserveError
 
 BUNDLE_DIR = "bundle"
@@ -42,11 +43,9 @@ def bentoml_home() -> Path:
 def _model_store():
     # The public bentoml.models functions bind the store of the first BENTOML_HOME they see;
     # an explicit store follows the variable as it is now.
-    from bentoml._internal.models import ModelStore
-
     directory = bentoml_home() / "models"
     directory.mkdir(parents=True, exist_ok=True)
-    return ModelStore(str(directory))
+    return model_store(directory)
 
 
 def labels(m: Manifest) -> dict[str, str]:

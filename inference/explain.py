@@ -12,14 +12,11 @@ import numpy as np
 from PIL import Image
 
 from export.bundle import Manifest
+from inference.families import family
 from protoserve.colours import overlay_heat, unit_scale
+from protoserve.similarity import similarity
 
-# ProtoPNet's similarity of a distance d: log((d + 1) / (d + eps)), large when d is near 0.
-SIMILARITY_EPSILON = 1e-4
-
-
-def similarity(distances: np.ndarray) -> np.ndarray:
-    return np.log((distances + 1.0) / (distances + SIMILARITY_EPSILON))
+__all__ = ["similarity"]  # re-exported: the answers' similarity is protoserve.similarity's
 
 
 def predictions(probabilities: np.ndarray, class_names: list[str]) -> list[dict]:
@@ -60,19 +57,13 @@ def nearest_distance(distances: np.ndarray, active: np.ndarray) -> np.ndarray:
     return np.where(active[None, :], distances, np.inf).min(axis=1)
 
 
-def contribution(family: str, weight, distance, similarity_):
-    """What a prototype adds to a class's logit: weight x distance for PrototypeDL (logits = W d),
-    weight x similarity for ProtoPNet (logits = W sim). Scalars or arrays alike."""
-    return weight * (distance if family == "prototypedl" else similarity_)
-
-
 def prototype_rows(manifest: Manifest, distances: np.ndarray, indices: np.ndarray, label: int) -> list[dict]:
     """The explanation's prototype entries for one input predicted as `label`.
 
     weight is the prototype's last-layer weight for the predicted class; contribution is what it
-    adds to that class's logit (contribution()).
+    adds to that class's logit (the family's contribution rule, inference/families.py).
     """
-    rows = []
+    rows, entry = [], family(manifest.family)
     for j in indices:
         row = manifest.prototypes[int(j)]
         d = float(distances[j])
@@ -81,7 +72,7 @@ def prototype_rows(manifest: Manifest, distances: np.ndarray, indices: np.ndarra
         rows.append({"id": row.id, "class_identity": row.class_identity,
                      "class_name": manifest.class_names[row.class_identity],
                      "distance": d, "similarity": s, "weight": weight,
-                     "contribution": contribution(manifest.family, weight, d, s)})
+                     "contribution": entry.contribution(weight, d, s)})
     return rows
 
 

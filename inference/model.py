@@ -7,7 +7,7 @@ Where the bundle comes from (first that is set):
 PROTOSERVE_DEVICE (auto | cuda | cpu, default auto) and PROTOSERVE_THREADS (ONNX Runtime intra-op
 threads per session, 0 = one per core) tune the sessions. The default is 1: the service runs one
 worker per core, and a multi-thread pool in each worker's sessions spins on cores that the other
-worker and the HTTP stack need (a 28x28 run took ~1 ms in the service with 2 threads, 0.08 ms raw).
+worker and the HTTP stack need (README "Measured choices").
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.bundle import Bundle, BundleError, drift_quantiles, read_bundle
-from export.runtime import load_probe, open_session, run_probe
+from export.bundle import Bundle, drift_quantiles
+from export.runtime import classify, load_probe, open_session, verify_bundle
 from export.store import bundle_dir
 from inference.explain import active_mask, nearest_distance
 
@@ -41,6 +41,7 @@ def bundle_location() -> Path:
 
 @dataclass
 class LoadedModel:
+    """A verified bundle with its sessions, ready to answer."""
     bundle: Bundle
     session: object
     decoder: object | None
@@ -60,8 +61,7 @@ class LoadedModel:
 
     def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[N, C, H, W] -> probabilities [N, K], distances [N, M]."""
-        probabilities, distances = self.session.run(["probabilities", "distances"], {"image": images})
-        return probabilities, distances
+        return classify(self.session, images)
 
     def outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every output of model.onnx for [N, C, H, W] images, by name."""
@@ -69,6 +69,7 @@ class LoadedModel:
         return dict(zip(names, self.session.run(names, {"image": images}), strict=True))
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
+        """decoder.onnx: latent [N, q] -> image [N, C, H, W] (families with a decoder)."""
         name_in = self.bundle.manifest.decoder.inputs[0].name
         return self.decoder.run(None, {name_in: latent.astype(np.float32)})[0]
 
@@ -78,10 +79,7 @@ def load_model(path: Path | None = None, device: str | None = None, threads: int
     path = Path(path) if path else bundle_location()
     device = device or os.environ.get("PROTOSERVE_DEVICE", "auto")
     threads = int(os.environ.get("PROTOSERVE_THREADS", "1")) if threads is None else threads
-    bundle = read_bundle(path)
-    probe = run_probe(bundle, device)
-    if not probe.passed:
-        raise BundleError(f"{bundle.model_path}: golden probe failed: {probe.failures[0]}")
+    bundle, _ = verify_bundle(path, device)  # checksums and the golden probe, or BundleError
     session, provider = open_session(bundle.model_path, device, threads=threads)
     decoder = open_session(bundle.decoder_path, device, threads=threads)[0] if bundle.decoder_path else None
     model = LoadedModel(bundle, session, decoder, provider, active_mask(bundle.manifest))

@@ -27,7 +27,7 @@ import numpy as np
 
 from protoserve.errors import InputError, ProtoserveError
 
-try:  # ISA-L's gzip: the same format, about 2.5x faster to decompress (gzipped IDX inputs); optional
+try:  # ISA-L's gzip: the same format, faster to decompress (gzipped IDX inputs); optional
     from isal import igzip as _gzip
 except ImportError:  # pragma: no cover - a platform without its wheel
     _gzip = gzip

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import os
 
-from scoring.job import Job, JobError
+from export.bundle import read_bundle
+from export.runtime import classify, open_session
+from scoring.job import Job, JobError, JobSpec
+from scoring.outputs import to_table
 
 
 def _import_ray():
@@ -32,10 +35,6 @@ class ChunkScorer:
     """A Ray Data actor: one ONNX Runtime session; a batch of chunk numbers -> their rows (Arrow)."""
 
     def __init__(self, bundle_path: str, spec: dict, plan: dict, use_gpu: bool, cwd: str):
-        from export.bundle import read_bundle
-        from export.runtime import open_session
-        from scoring.job import JobSpec
-
         if os.path.isdir(cwd):
             os.chdir(cwd)  # relative --input paths mean what they meant to the driver
         self.job = Job(JobSpec(**spec), bundle=read_bundle(bundle_path))
@@ -48,18 +47,12 @@ class ChunkScorer:
     def __call__(self, batch: dict) -> object:
         import pyarrow as pa
 
-        from scoring.job import to_table
-
         tables = []
         for k in batch["chunk"]:
-            start, ids, values = self.job.read_chunk(int(k))
-            table = to_table(self.job.scorer.score(start, ids, values, self._infer))
+            start, ids, values = self.job.read_inputs(int(k))
+            table = to_table(self.job.scorer.score(start, ids, values, lambda x: classify(self.session, x)))
             tables.append(table.add_column(0, "chunk", pa.array([int(k)] * table.num_rows, pa.int64())))
         return pa.concat_tables(tables)
-
-    def _infer(self, x):
-        p, d = self.session.run(["probabilities", "distances"], {"image": x})
-        return p, d
 
 
 def run_ray(job: Job, pending: list[int], advance, address: str | None = None) -> None:

@@ -15,9 +15,10 @@ Row fields (`ROW_FIELDS`, one row per input, in input order):
     probabilities        K floats
     prototype_ids        the top_k nearest active prototypes, nearest first (ids from the manifest)
     prototype_distances  their squared L2 distances
-    prototype_similarities  ProtoPNet's log((d + 1) / (d + 1e-4)) of each distance (/explain's "similarity")
-    prototype_contributions what each adds to the predicted class's logit (/explain's "contribution"):
-                         last-layer weight x distance (PrototypeDL) or x similarity (ProtoPNet)
+    prototype_similarities  log((d + 1) / (d + 1e-4)) of each distance (protoserve/similarity.py;
+                         /explain's "similarity")
+    prototype_contributions what each adds to the predicted class's logit (/explain's "contribution";
+                         the family's rule, inference/families.py)
     model_name, model_version
     error                null when scored; else "<reason>: <message>"
 """
@@ -30,14 +31,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from export.bundle import InputSpec, Manifest
-from inference.explain import active_mask, contribution, nearest_prototypes_batch, similarity
+from inference.explain import active_mask, nearest_prototypes_batch, similarity
+from inference.families import family
 from inference.preprocess import DEFAULT_LIMITS, Limits, array_to_input, normalize, to_input
 from protoserve.errors import InputError
 
 ROW_FIELDS = ("index", "input_id", "label", "class_name", "probabilities", "prototype_ids",
               "prototype_distances", "prototype_similarities", "prototype_contributions", "model_name",
               "model_version", "error")
-# Images per session.run. On the 2-core CPU 256 and 1,024 ran at the same rate; smaller slices keep
+# Images per session.run: larger runs are no faster (README "Measured choices"); smaller slices keep
 # the job's memory per worker small and leave the service's batcher room.
 RUN_BATCH = 256
 
@@ -220,7 +222,7 @@ class BatchScorer:
         near = np.take_along_axis(distances, nearest, axis=1).astype(np.float64)
         sims = similarity(near)
         # The same numbers as inference.explain.prototype_rows, with the weights for the predicted class.
-        contributions = contribution(self.manifest.family, self.weights[nearest, labels[:, None]], near, sims)
+        contributions = family(self.manifest.family).contribution(self.weights[nearest, labels[:, None]], near, sims)
         return Columns(index=np.arange(start, start + len(input_ids), dtype=np.int64), input_id=list(input_ids),
                        ok=ok, label=labels, probabilities=probabilities.astype(np.float32, copy=False),
                        prototype_ids=self.prototype_ids[nearest].astype(np.int32),

@@ -5,10 +5,11 @@ BentoML batches an API declared `batchable=True` by routing each call through a 
 arrive while a batch runs are merged into the next one, waiting only as long as the optimiser
 expects a fuller batch to pay off, and refused past `max_latency_ms`. A batchable API takes and
 returns one array, so /predict cannot be one and keep its public shape; calling a batchable API
-from the wrapper goes through the service's in-process client, which measured ~20 ms per call on
-the shared 2-core machine (a second pass through the ASGI stack, JSON of every array). So the
-wrapper calls the same dispatcher directly. The dispatcher class is BentoML-internal; bentoml is
-pinned (==1.4.39) and tests/service/test_batching.py checks the behaviour relied on here.
+from the wrapper goes through the service's in-process client: a second pass through the ASGI
+stack and JSON of every array, far slower than the model run. So the
+wrapper calls the same dispatcher directly. The dispatcher is BentoML-internal: it is reached only
+through protoserve/bentoml_internals.py, whose test names what changed after a BentoML upgrade;
+tests/service/test_batching.py checks the behaviour relied on here.
 
 Fast path: a call that finds the worker idle (no batch running, none queued) runs at once instead
 of entering the dispatcher, whose controller polls every millisecond and may wait for a batch to
@@ -16,8 +17,8 @@ fill: at concurrency 1 that added milliseconds to every answer. The fast run hol
 one-batch semaphore, so calls arriving meanwhile queue in the dispatcher and run merged after it.
 A fast call the caller marks `inline` (the service does so for a request of at most a few images
 when it is the only one in flight) runs on the event loop itself: handing a 0.1 ms model run to a
-worker thread and back costs two thread wake-ups, which on a busy 2-core machine took milliseconds
-(benchmarks/serve.py). Other calls, and every merged batch, go to a thread so the loop keeps
+worker thread and back costs two thread wake-ups, which on a busy machine take milliseconds
+(README "Serving speed"). Other calls, and every merged batch, go to a thread so the loop keeps
 accepting requests while the model runs, and those requests can be merged into the next batch.
 """
 
@@ -27,8 +28,8 @@ from collections.abc import Callable, Sequence
 
 import anyio
 import numpy as np
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
 
+from protoserve.bentoml_internals import acquire_if_idle, cork_dispatcher, release
 from protoserve.errors import ProtoserveError
 
 
@@ -47,14 +48,13 @@ class AdaptiveBatcher:
                  on_batch: Callable[[int], None] | None = None):
         self.run = run
         self.on_batch = on_batch
-        dispatcher = CorkDispatcher(max_latency_in_ms=max_latency_ms, max_batch_size=max_batch_size,
-                                    fallback=_overloaded, get_batch_size=len, batch_dim=(0, 0))
+        dispatcher = cork_dispatcher(max_latency_ms, max_batch_size, fallback=_overloaded)
         self._dispatcher = dispatcher
         self._call = dispatcher(self._run_merged)
 
     async def __call__(self, x: np.ndarray, inline: bool = False) -> np.ndarray:
         d = self._dispatcher
-        if len(x) > d.max_batch_size or d._queue or not d._sema.acquire():
+        if len(x) > d.max_batch_size or not acquire_if_idle(d):
             return await self._call(x)
         try:  # idle: run now, holding the semaphore so the dispatcher queues what arrives meanwhile
             if self.on_batch is not None:
@@ -63,7 +63,7 @@ class AdaptiveBatcher:
                 return self.run(x)
             return await anyio.to_thread.run_sync(self.run, x)
         finally:
-            d._sema.release()
+            release(d)
 
     async def _run_merged(self, parts: Sequence[np.ndarray]) -> list[np.ndarray]:
         sizes = [len(p) for p in parts]

@@ -1,1 +1,1 @@
-"""Training of prototype networks (PrototypeDL; ProtoPNet in a later step)."""
+"""Training of prototype networks (PrototypeDL, ProtoPNet) with PyTorch; imports nothing of the serving side."""

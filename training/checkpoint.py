@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from protoserve.errors import ProtoserveError
 from training.config import Config, ConfigError
-from training.protopnet import ProtoPNet
-from training.prototypedl import PrototypeDL
+from training.families import family
 
 FORMAT = "protoserve-checkpoint"
 FORMAT_VERSION = 1
@@ -25,14 +25,10 @@ class CheckpointError(ProtoserveError):
     pass
 
 
-def build_model(config: Config, initial_weights: bool = True) -> PrototypeDL | ProtoPNet:
+def build_model(config: Config, initial_weights: bool = True) -> nn.Module:
     """The model of config.model.family; initial_weights=False skips pretrained backbone weights
     (a checkpoint's state dict replaces them anyway, and loading must never download)."""
-    if config.model.family == "prototypedl":
-        return PrototypeDL(config.model)
-    if config.model.family == "protopnet":
-        return ProtoPNet(config.model, backbone_weights=config.model.backbone_weights if initial_weights else None)
-    raise CheckpointError(f"unknown model family {config.model.family!r}")
+    return family(config.model.family).build(config.model, initial_weights)
 
 
 def save_checkpoint(path: Path, model, config: Config, epoch: int, metrics: dict,
@@ -56,6 +52,7 @@ def save_checkpoint(path: Path, model, config: Config, epoch: int, metrics: dict
 
 
 def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's payload (weights_only), or CheckpointError naming the problem."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -72,7 +69,7 @@ def read_checkpoint(path: Path) -> dict:
     return payload
 
 
-def load_checkpoint(path: Path, expect_config: Config | None = None) -> tuple[PrototypeDL | ProtoPNet, Config, dict]:
+def load_checkpoint(path: Path, expect_config: Config | None = None) -> tuple[nn.Module, Config, dict]:
     """Rebuild the model from a checkpoint; returns (model in eval mode, config, payload)."""
     payload = read_checkpoint(path)
     try:
@@ -93,6 +90,7 @@ def load_checkpoint(path: Path, expect_config: Config | None = None) -> tuple[Pr
 
 
 def check_state_dict(expected: dict, found: dict, where: str) -> None:
+    """CheckpointError unless `found` has exactly the keys and shapes of `expected`."""
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     if missing or extra:

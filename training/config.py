@@ -1,7 +1,8 @@
 """Run configuration: one YAML file, five sections, checked on load.
 
 `model.family` chooses the model: "prototypedl" (PrototypeDL) or "protopnet" (ProtoPNet). Each
-family reads its own fields and ignores the other's; the `schedule` section is ProtoPNet's.
+family reads its own fields and ignores the other's; the `schedule` section is ProtoPNet's. The
+family-specific checks are in the family's table entry (training/families.py `config_checks`).
 """
 
 from __future__ import annotations
@@ -121,12 +122,14 @@ class Config:
         return config
 
     def validate(self, source: str = "config") -> None:
+        from training.families import FAMILIES  # the table imports this module's types
+
         m, t = self.model, self.train
         checks = [
             (self.data.dataset in ("mnist", "fashion_mnist", "cub"),
              "data.dataset must be 'mnist', 'fashion_mnist' or 'cub'"),
             (0 < self.data.val_size < 60000, "data.val_size must be between 1 and 59,999"),
-            (m.family in ("prototypedl", "protopnet"), "model.family must be 'prototypedl' or 'protopnet'"),
+            (m.family in FAMILIES, f"model.family must be {' or '.join(repr(name) for name in FAMILIES)}"),
             (m.hidden_activation in ("relu", "sigmoid"), "model.hidden_activation must be 'relu' or 'sigmoid'"),
             (m.n_prototypes > 0 and m.n_classes > 1, "model.n_prototypes must be > 0 and n_classes > 1"),
             (not m.fixed_identity_weights or m.n_prototypes == m.n_classes,
@@ -136,24 +139,11 @@ class Config:
             (t.schedule in ("constant", "cosine"), "train.schedule must be 'constant' or 'cosine'"),
             (t.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
         ]
-        if m.family == "protopnet":
-            checks += self._protopnet_checks()
+        if m.family in FAMILIES:
+            checks += FAMILIES[m.family].config_checks(self)
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"{source}: {message}")
-
-    def _protopnet_checks(self) -> list[tuple[bool, str]]:
-        from training.backbones import BACKBONES
-
-        m, s = self.model, self.schedule
-        return [
-            (m.backbone in BACKBONES, f"model.backbone must be one of {', '.join(BACKBONES)}"),
-            (m.n_prototypes % m.n_classes == 0, "model.n_prototypes must be a multiple of n_classes (ProtoPNet)"),
-            (m.prototype_dim > 0, "model.prototype_dim must be > 0"),
-            (s.warm_epochs >= 0 and s.push_start > 0 and s.push_every > 0 and s.last_layer_epochs >= 0,
-             "schedule: warm_epochs and last_layer_epochs must be >= 0, push_start and push_every > 0"),
-            (s.lr_step_epochs > 0 and 0 < s.lr_gamma <= 1, "schedule.lr_step_epochs must be > 0, lr_gamma in (0, 1]"),
-        ]
 
 
 def _section(section_cls, raw, where: str):

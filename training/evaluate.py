@@ -1,19 +1,37 @@
-"""Figures of a trained PrototypeDL: the paper's test accuracy and training-set reconstruction error."""
+"""Figures of a trained model: accuracy on each split (the test set for reporting only) and each
+family's own figures (PrototypeDL: training-set reconstruction error; ProtoPNet: push purity)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from training.checkpoint import load_checkpoint
-from training.data import load_dataset, resolve_data_root
+from training.config import Config
+from training.data import Split, resolve_data_root
+from training.datasets import load_run_data
+from training.families import config_family
+from training.protopnet import ProtoPNet
 from training.prototypedl import PrototypeDL, class_identities
+from training.push import push_purity
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split, batch_size: int = 1000, device="cpu") -> float:
+    """Fraction of `split` that model.classify labels correctly (eval mode, batch by batch)."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(split), batch_size):
+        x = split.images[start:start + batch_size].to(device)
+        correct += int((model.classify(x).argmax(1) == split.labels[start:start + batch_size].to(device)).sum())
+    return correct / max(1, len(split))
 
 
 @torch.no_grad()
 def reconstruction_error(model: PrototypeDL, images: torch.Tensor, batch_size: int = 1000) -> float:
-    """Mean over images of the squared L2 distance between image and reconstruction (paper: 4.22)."""
+    """Mean over images of the squared L2 distance between image and reconstruction (the paper's figure)."""
     total = 0.0
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
@@ -21,30 +39,34 @@ def reconstruction_error(model: PrototypeDL, images: torch.Tensor, batch_size: i
     return total / len(images)
 
 
-@torch.no_grad()
-def accuracy(model: PrototypeDL, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        logits = model.classify(images[start:start + batch_size])
-        correct += int((logits.argmax(1) == labels[start:start + batch_size]).sum())
-    return correct / len(images)
+def split_accuracies(model: nn.Module, data: dict[str, Split], batch_size: int) -> dict[str, float]:
+    """test_accuracy, val_accuracy and train_accuracy of `model`."""
+    return {f"{name}_accuracy": accuracy(model, data[name], batch_size) for name in ("test", "val", "train")}
+
+
+def evaluate_prototypedl(model: PrototypeDL, data: dict[str, Split], batch_size: int = 1000) -> dict:
+    """Accuracies and the undeformed training-set reconstruction error."""
+    return {**split_accuracies(model, data, batch_size),
+            "train_reconstruction_error": reconstruction_error(model, data["train"].images, batch_size),
+            "class_identities": class_identities(model.last_layer.weight)}
+
+
+def evaluate_protopnet(model: ProtoPNet, data: dict[str, Split], batch_size: int = 1000) -> dict:
+    """Accuracies, push purity and how many prototypes were pushed."""
+    return {**split_accuracies(model, data, batch_size),
+            "push_purity": push_purity(model, data["train"].labels),
+            "pushed_prototypes": int((model.push_source[:, 0] >= 0).sum()),
+            "class_identities": model.class_identities()}
 
 
 def evaluate_checkpoint(path: Path, data_root: str | None = None, batch_size: int = 1000) -> dict:
-    """Test accuracy (reporting only) and the undeformed training-set reconstruction error."""
+    """`protoserve evaluate`: the figures of the checkpoint's family on its run's data."""
     model, config, payload = load_checkpoint(path)
-    if config.model.family == "protopnet":
-        from training.train_protopnet import evaluate_protopnet
+    data = run_data(config, data_root)
+    return {"checkpoint": str(path), "epoch": payload["epoch"],
+            **config_family(config).evaluation()(model, data, batch_size)}
 
-        return evaluate_protopnet(model, config, payload, path, data_root, batch_size)
-    d = config.data
-    data = load_dataset(resolve_data_root(data_root, d.root), d.dataset, d.val_size, d.split_seed)
-    return {
-        "checkpoint": str(path),
-        "epoch": payload["epoch"],
-        "test_accuracy": accuracy(model, data["test"].images, data["test"].labels, batch_size),
-        "val_accuracy": accuracy(model, data["val"].images, data["val"].labels, batch_size),
-        "train_accuracy": accuracy(model, data["train"].images, data["train"].labels, batch_size),
-        "train_reconstruction_error": reconstruction_error(model, data["train"].images, batch_size),
-        "class_identities": class_identities(model.last_layer.weight),
-    }
+
+def run_data(config: Config, data_root: str | None = None) -> dict[str, Split]:
+    """The splits of the run's dataset, under `data_root` or the config's / environment's root."""
+    return load_run_data(config, resolve_data_root(data_root, config.data.root))

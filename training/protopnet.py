@@ -20,11 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from protoserve.similarity import similarity  # log((d + 1) / (d + eps)), shared with inference
 from training.backbones import build_backbone
 from training.config import LossConfig, ModelConfig
 from training.receptive_field import ReceptiveField
-
-EPSILON = 1e-4  # in the similarity log((d + 1) / (d + eps)); inference/explain.py uses the same value
 
 
 def squared_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -47,10 +46,6 @@ def subtracted_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch
     M = prototypes.shape[0]
     diff = z.repeat(1, M, 1, 1) - prototypes.reshape(1, -1, 1, 1)  # [N, M*D, h, w]
     return F.conv2d(diff ** 2, torch.ones_like(prototypes), groups=M)
-
-
-def similarity(distances: torch.Tensor) -> torch.Tensor:
-    return torch.log((distances + 1) / (distances + EPSILON))
 
 
 @dataclass

@@ -162,6 +162,15 @@ def push_prototypes(model: ProtoPNet, images, labels: torch.Tensor, indices: tor
     return result
 
 
+@torch.no_grad()
+def push_purity(model: ProtoPNet, labels: torch.Tensor) -> float:
+    """Fraction of prototypes whose source patch comes from an image of the prototype's own class."""
+    src = model.push_source[:, 0].cpu()
+    if (src < 0).any():
+        return 0.0
+    return float((labels[src] == torch.tensor(model.class_identities())).float().mean())
+
+
 # -- pictures ------------------------------------------------------------------------------------
 
 def to_rgb_array(image: torch.Tensor, mean=None, std=None) -> np.ndarray:

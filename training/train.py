@@ -50,16 +50,14 @@ def lr_lambda(cfg, steps_per_epoch: int):
 
 
 @torch.no_grad()
-def evaluate_split(model: PrototypeDL, split: Split, batch_size: int, device, loss_cfg=None) -> dict:
-    """Accuracy, and the mean loss terms on undeformed images (reconstruction error included)."""
+def validation_figures(model: PrototypeDL, split: Split, batch_size: int, device, loss_cfg) -> dict:
+    """Accuracy and the mean loss terms on undeformed images (reconstruction error included), from one
+    forward pass per batch (training/evaluate.accuracy is the same accuracy without the loss terms)."""
     model.eval()
     correct, sums, n = 0, {}, len(split)
     for start in range(0, n, batch_size):
         x = split.images[start:start + batch_size].to(device)
         y = split.labels[start:start + batch_size].to(device)
-        if loss_cfg is None:
-            correct += int((model.classify(x).argmax(1) == y).sum())
-            continue
         out = model(x)
         correct += int((out.logits.argmax(1) == y).sum())
         for k, v in prototypedl_loss(out, x, y, loss_cfg).as_floats().items():
@@ -195,7 +193,7 @@ class Trainer(ResumableRun):
             started = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             metrics = self.train_epoch()
-            val = evaluate_split(self.model, self.data["val"], t.eval_batch_size, self.device, self.config.loss)
+            val = validation_figures(self.model, self.data["val"], t.eval_batch_size, self.device, self.config.loss)
             self.epoch += 1
             seconds = time.perf_counter() - started
             self.wall_seconds += seconds

@@ -34,43 +34,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training.checkpoint import build_model
 from training.config import Config
-from training.cub import IMAGENET_MEAN, IMAGENET_STD, load_cub
-from training.data import Split, load_dataset, resolve_data_root
+from training.data import Split, resolve_data_root
+from training.datasets import input_normalization, load_run_data
 from training.elastic import elastic_deform
+from training.evaluate import accuracy
 from training.protopnet import ProtoPNet, l1_wrong_class, protopnet_loss
-from training.push import object_overlaps, push_prototypes, write_push_pictures
+from training.push import object_overlaps, push_prototypes, push_purity, write_push_pictures
 from training.train import ResumableRun, _duration, resolve_device
-
-
-def load_run_data(config: Config, root: Path) -> dict[str, Split]:
-    d = config.data
-    if d.dataset == "cub":
-        return load_cub(root, config.model.input_size, d.val_size, d.split_seed, d.train_subset, d.crop_to_bbox)
-    return load_dataset(root, d.dataset, d.val_size, d.split_seed, d.train_subset)
-
-
-def input_normalization(dataset: str) -> tuple[list[float] | None, list[float] | None]:
-    """(mean, std) the data loader applied, or (None, None) for raw [0, 1] pixels."""
-    return (IMAGENET_MEAN, IMAGENET_STD) if dataset == "cub" else (None, None)
-
-
-@torch.no_grad()
-def evaluate_split(model: ProtoPNet, split: Split, batch_size: int, device) -> dict:
-    model.eval()
-    correct = 0
-    for start in range(0, len(split), batch_size):
-        x = split.images[start:start + batch_size].to(device)
-        correct += int((model.classify(x).argmax(1) == split.labels[start:start + batch_size].to(device)).sum())
-    return {"accuracy": correct / max(1, len(split))}
-
-
-@torch.no_grad()
-def push_purity(model: ProtoPNet, labels: torch.Tensor) -> float:
-    """Fraction of prototypes whose source patch comes from an image of the prototype's own class."""
-    src = model.push_source[:, 0].cpu()
-    if (src < 0).any():
-        return 0.0
-    return float((labels[src] == torch.tensor(model.class_identities())).float().mean())
 
 
 class ProtoPNetTrainer(ResumableRun):
@@ -213,6 +183,9 @@ class ProtoPNetTrainer(ResumableRun):
         self._set_trainable("none")
         return {"last_layer_l1": float(l1_wrong_class(self.model).detach())}
 
+    def val_accuracy(self) -> float:
+        return accuracy(self.model, self.data["val"], self.config.train.eval_batch_size, self.device)
+
     # -- the loop --------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> dict:
         t, s = self.config.train, self.config.schedule
@@ -229,16 +202,13 @@ class ProtoPNetTrainer(ResumableRun):
             metrics = {"epoch": epoch, "phase": phase, "lr": lrs[0], **self.train_epoch(phase)}
             if phase == "joint":
                 self.joint_scheduler.step()
-            val_batch = t.eval_batch_size
-            metrics["val_accuracy_before_push"] = evaluate_split(self.model, self.data["val"], val_batch,
-                                                                 self.device)["accuracy"]
+            metrics["val_accuracy_before_push"] = self.val_accuracy()
             pushed = self.is_push_epoch(epoch)
             if pushed:
                 metrics.update(self.push(epoch))
-                metrics["val_accuracy_after_push"] = evaluate_split(self.model, self.data["val"], val_batch,
-                                                                    self.device)["accuracy"]
+                metrics["val_accuracy_after_push"] = self.val_accuracy()
                 metrics.update(self.last_layer())
-            metrics["val_accuracy"] = evaluate_split(self.model, self.data["val"], val_batch, self.device)["accuracy"]
+            metrics["val_accuracy"] = self.val_accuracy()
             metrics["pushed"] = pushed
             self.epoch = epoch
             seconds = time.perf_counter() - started
@@ -276,19 +246,3 @@ class _Subset:
 
     def __getitem__(self, index):
         return self.images[self.shard[index]]
-
-
-@torch.no_grad()
-def evaluate_protopnet(model: ProtoPNet, config: Config, payload: dict, path: Path, data_root: str | None = None,
-                       batch_size: int = 1000) -> dict:
-    """Test accuracy (reporting only), validation and training accuracy, and push purity."""
-    data = load_run_data(config, resolve_data_root(data_root, config.data.root))
-    return {
-        "checkpoint": str(path),
-        "epoch": payload["epoch"],
-        **{f"{name}_accuracy": evaluate_split(model, data[name], batch_size, "cpu")["accuracy"]
-           for name in ("test", "val", "train")},
-        "push_purity": push_purity(model, data["train"].labels),
-        "pushed_prototypes": int((model.push_source[:, 0] >= 0).sum()),
-        "class_identities": model.class_identities(),
-    }

@@ -14,7 +14,9 @@ import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from training.checkpoint import load_checkpoint  # noqa: E402
+from training.config import Config  # noqa: E402
 from training.data import CLASS_NAMES, load_dataset, resolve_data_root  # noqa: E402
+from training.families import FamilyError, config_family  # noqa: E402
 from training.prototypedl import PrototypeDL, class_identities  # noqa: E402
 
 
@@ -142,7 +144,22 @@ def _save(fig, path: Path) -> Path:
 
 def visualize_checkpoint(checkpoint: Path, out: Path, data_root: str | None = None,
                          metrics: str | None = None, seed: int = 0) -> list[Path]:
+    """`protoserve visualize`: the pictures of the checkpoint's family, and the training curves."""
     model, config, _ = load_checkpoint(checkpoint)
+    entry = config_family(config)
+    if entry.pictures is None:
+        raise FamilyError(f"{checkpoint}: {entry.name} has no pictures to draw from a checkpoint; "
+                          f"{entry.pictures_note}")
+    written = entry.picture_function()(model, config, Path(out), data_root, seed)
+    metrics_path = Path(metrics) if metrics else Path(checkpoint).parent / "metrics.jsonl"
+    if metrics_path.is_file():
+        written.append(plot_curves(metrics_path, Path(out) / "curves.png"))
+    return written
+
+
+def prototypedl_figures(model: PrototypeDL, config: Config, out: Path, data_root: str | None = None,
+                        seed: int = 0) -> list[Path]:
+    """The paper's Fig. 2 and 3 and Tables 1 and 2 as PNGs."""
     d = config.data
     data = load_dataset(resolve_data_root(data_root, d.root), d.dataset, d.val_size, d.split_seed)
     names = CLASS_NAMES[d.dataset] if config.model.n_classes == len(CLASS_NAMES[d.dataset]) else \
@@ -159,7 +176,4 @@ def visualize_checkpoint(checkpoint: Path, out: Path, data_root: str | None = No
         plot_weight_matrix(model, names, out / "table1_weights.png"),
         plot_distances(model, test.images[index], names[int(test.labels[index])], out / "table2_distances.png"),
     ]
-    metrics_path = Path(metrics) if metrics else Path(checkpoint).parent / "metrics.jsonl"
-    if metrics_path.is_file():
-        written.append(plot_curves(metrics_path, out / "curves.png"))
     return written

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scoring_helpers import png_bytes, read_rows, write_idx, write_parquet
 
-from scoring.job import Job, JobSpec, run_job
+from scoring.job import Job, JobSpec
+from scoring.run import run_job
 
 ray = pytest.importorskip("ray", reason="protoserve[batch] (ray[data]) is not installed")
 
@@ -51,7 +52,7 @@ def test_ray_engine_resumes_a_job_the_local_engine_started(local_ray, tiny_bundl
     job = Job(spec)
     job.start()
     for k in (0, 3):  # two chunks committed by a local run that was then killed
-        job.commit(k, job.scorer.score(*job.read_chunk(k), infer=_session(tiny_bundle)))
+        job.commit(k, job.scorer.score(*job.read_inputs(k), infer=_session(tiny_bundle)))
     summary = run_job(spec, engine="ray", progress=False)
     assert summary.scored_now == 200
     reference = tmp_path / "reference.jsonl"

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from scoring_helpers import REPO, png_bytes, read_rows, write_idx
 
-from scoring.job import JobSpec, run_job
+from scoring.job import JobSpec
+from scoring.run import run_job
 
 CHUNK = 250
 CHUNKS = 49  # 12,000 records and 150 files
@@ -199,7 +200,7 @@ def test_the_parquet_output_grows_in_chunk_order_while_chunks_commit_out_of_orde
     job.assemble_while_scoring(list(range(job.chunks)))
     appended = []
     for k in (2, 0, 3, 1):  # as the worker threads may finish them
-        lo, ids, values = job.read_chunk(k)
+        lo, ids, values = job.read_inputs(k)
         job.commit(k, job.scorer.score(lo, ids, values, infer))
         appended.append(job.assembly.next)
     assert appended == [0, 1, 1, 4] and job.assembly.complete()

@@ -15,7 +15,8 @@ import pytest
 from scoring_helpers import png_bytes, read_rows, run_cli, write_idx, write_parquet
 
 from export.bundle import read_bundle, write_manifest
-from scoring.job import JobError, JobSpec, run_job
+from scoring.job import JobError, JobSpec
+from scoring.run import run_job
 
 
 def score(tmp_path: Path, bundle: Path, inputs: list, name: str = "out.parquet", **kw) -> list[dict]:

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scoring.job import JobSpec, run_job
+from scoring.job import JobSpec
+from scoring.run import run_job
 from service.score_task import MAX_TASK_IMAGES
 
 pytestmark = pytest.mark.slow

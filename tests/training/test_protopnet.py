@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from protoserve.similarity import EPSILON
 from training.config import Config, ConfigError, LossConfig
-from training.protopnet import EPSILON, ProtoPNet, masked_min, protopnet_loss, similarity, squared_distance_maps
+from training.protopnet import ProtoPNet, masked_min, protopnet_loss, similarity, squared_distance_maps
 from training.push import activation_box, push_prototypes, write_push_pictures
 
 

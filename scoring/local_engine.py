@@ -1,0 +1,77 @@
+"""`protoserve score --engine local`: threads on this machine, each with its own ONNX Runtime session."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+import numpy as np
+
+from export.runtime import CUDA, classify, open_session, verify_bundle
+from scoring.job import Job
+from scoring.rows import Columns
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def open_sessions(job: Job) -> list:
+    """One session per worker thread (one in all on a GPU unless --workers says otherwise), after the
+    golden probe passed. They are opened here, not inside the threads: opening one sets ONNX Runtime's
+    process-wide log level for a moment (export/runtime.open_session)."""
+    workers = job.spec.workers or default_workers()
+    threads = max(1, default_workers() // workers)  # intra-op threads per session: the cores, shared out
+    verify_bundle(job.bundle, job.spec.device)
+    first, provider = open_session(job.bundle.model_path, job.spec.device, threads=threads)
+    if provider == CUDA and not job.spec.workers:
+        workers = 1  # one session keeps a GPU busy; more would only take turns on it
+    return [first] + [open_session(job.bundle.model_path, job.spec.device, threads=threads)[0]
+                      for _ in range(workers - 1)]
+
+
+def run_local(job: Job, pending: list[int], advance) -> None:
+    """Score the pending chunks with one thread per session; `advance(n)` after each commit.
+
+    The main thread reads inputs (files are read in order, so gzip and npz members stream); one
+    thread writes the committed chunks, so the sessions never wait on the disk; at most
+    2 x workers + 1 chunks are in memory at once, whatever the input size.
+    """
+    sessions = open_sessions(job)
+    workers = len(sessions)
+    local = threading.local()
+
+    def infer(x: np.ndarray):
+        if not hasattr(local, "session"):
+            local.session = sessions.pop()  # list.pop is atomic: each thread takes its own
+        return classify(local.session, x)
+
+    def score(k: int, start: int, ids: list[str], values) -> Future:
+        return committer.submit(commit, k, job.scorer.score(start, ids, values, infer))
+
+    def commit(k: int, columns: Columns) -> int:
+        job.commit(k, columns)
+        return len(columns)
+
+    def collect(limit: int) -> None:
+        """Wait until fewer than `limit` chunks are being scored or committed; count committed ones."""
+        while len(inflight) >= limit:
+            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            for future in done:
+                inflight.discard(future)
+                result = future.result()
+                if isinstance(result, Future):
+                    inflight.add(result)  # scored; now being committed
+                else:
+                    advance(result)
+
+    job.assemble_while_scoring(pending)  # commits come from the one committer thread below
+    inflight: set[Future] = set()
+    with ThreadPoolExecutor(workers, thread_name_prefix="protoserve-score") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="protoserve-commit") as committer:
+        for k in pending:
+            inflight.add(pool.submit(score, k, *job.read_inputs(k)))
+            collect(2 * workers + 1)
+        collect(1)

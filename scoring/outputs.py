@@ -1,0 +1,131 @@
+"""The output of a scoring job: rows as Arrow, the Parquet file assembled while chunks commit, JSON Lines.
+
+Nothing here knows the job's directory layout: callers pass where to write and how to read chunk k.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from scoring.rows import Columns
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+PARQUET_GROUP_CHUNKS = 4  # chunks per row group of the Parquet output (16,384 rows by default)
+
+ReadRows = Callable[[int], object]  # chunk number -> its rows (an Arrow table of row_schema)
+
+
+def output_format(output: Path) -> str | None:
+    """"parquet" or "jsonl" from the output's suffix; None for any other suffix."""
+    return FORMATS.get(Path(output).suffix.lower())
+
+
+def row_schema(plan: dict | None = None):
+    """The Arrow schema of the rows (scoring/rows.py ROW_FIELDS); the job's plan as metadata when given."""
+    import pyarrow as pa
+
+    metadata = {b"protoserve.job": json.dumps(plan).encode()} if plan else None
+    return pa.schema([
+        ("index", pa.int64()), ("input_id", pa.string()), ("label", pa.int32()), ("class_name", pa.string()),
+        ("probabilities", pa.list_(pa.float32())), ("prototype_ids", pa.list_(pa.int32())),
+        ("prototype_distances", pa.list_(pa.float32())), ("prototype_similarities", pa.list_(pa.float32())),
+        ("prototype_contributions", pa.list_(pa.float32())), ("model_name", pa.string()),
+        ("model_version", pa.string()), ("error", pa.string()),
+    ], metadata=metadata)
+
+
+def to_table(c: Columns):
+    """Columns -> an Arrow table of row_schema (null prediction fields where a row has an error)."""
+    import pyarrow as pa
+
+    n, ok = len(c), c.ok
+    null = pa.array(~ok)
+
+    def full(values: np.ndarray, dtype) -> np.ndarray:
+        out = np.zeros(n, dtype)
+        out[ok] = values
+        return out
+
+    def lists(values: np.ndarray, value_type):
+        width = values.shape[1] if values.ndim == 2 else 0
+        offsets = np.concatenate([[0], np.cumsum(np.where(ok, width, 0))]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), value_type), mask=null)
+
+    labels = full(c.label, np.int32)
+    names = pa.array(np.array(c.class_names, dtype=object)[labels], pa.string(), mask=~ok)
+    columns = [pa.array(c.index, pa.int64()), pa.array(c.input_id, pa.string()),
+               pa.array(labels, pa.int32(), mask=~ok), names,
+               lists(c.probabilities, pa.float32()), lists(c.prototype_ids, pa.int32()),
+               lists(c.prototype_distances, pa.float32()), lists(c.prototype_similarities, pa.float32()),
+               lists(c.prototype_contributions, pa.float32()), pa.repeat(pa.scalar(c.model_name), n),
+               pa.repeat(pa.scalar(c.model_version), n), pa.array(c.error, pa.string())]
+    return pa.Table.from_arrays(columns, schema=row_schema())
+
+
+class ParquetAssembly:
+    """The Parquet output, written in chunk order into `path` as chunks become available: row groups
+    of up to PARQUET_GROUP_CHUNKS chunks. Dictionary encoding only for the repetitive strings and
+    statistics only for the integer keys: pyarrow's defaults (both on every column) are much slower
+    on the float lists and give a larger file (README "Measured choices")."""
+
+    def __init__(self, path: Path, plan: dict, chunks: int, read_rows: ReadRows, done: set[int]):
+        import pyarrow.parquet as pq
+
+        self.path, self.chunks, self.read_rows = Path(path), chunks, read_rows
+        self.done, self.next, self.group = set(done), 0, []
+        self.schema = row_schema(plan)
+        self.file = open(self.path, "wb")
+        self.writer = pq.ParquetWriter(self.file, self.schema,
+                                       use_dictionary=["class_name", "model_name", "model_version", "error"],
+                                       write_statistics=["index", "label"])
+        self._drain()
+
+    def add(self, k: int) -> None:
+        self.done.add(k)
+        self._drain()
+
+    def complete(self) -> bool:
+        return self.next == self.chunks
+
+    def close(self) -> Path:
+        """Write what is left, close and fsync the file; returns its path (the caller renames it)."""
+        self._write_group()
+        self.writer.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return self.path
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+    def _drain(self) -> None:
+        while self.next in self.done:  # chunks in order, each once: the prefix that is complete
+            self.group.append(self.read_rows(self.next))
+            self.next += 1
+            if len(self.group) == PARQUET_GROUP_CHUNKS:
+                self._write_group()
+
+    def _write_group(self) -> None:
+        import pyarrow as pa
+
+        if self.group:
+            self.writer.write_table(pa.concat_tables(self.group).replace_schema_metadata(self.schema.metadata))
+            self.group = []
+
+
+def write_jsonl(path: Path, chunks: int, read_rows: ReadRows) -> None:
+    """Every chunk's rows, in chunk order, one JSON object a line; fsynced (the caller renames the file)."""
+    with open(path, "w") as f:
+        for k in range(chunks):
+            for row in read_rows(k).to_pylist():
+                f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
