@@ -20,20 +20,15 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from export.bundle import Bundle, BundleError
-from export.onnx_export import classifier_graph, classifier_outputs
+from export.onnx_export import classifier_graph, classifier_outputs, decoder_graph
 from export.runtime import load_probe
+from protoserve.similarity import similarity
 from training.checkpoint import build_model
 from training.config import Config
-from training.protopnet import similarity
+from training.families import family_of
 
 BATCH = 500
 INK = 0.0  # a grey-level digit's own pixels: those with any ink (as Decoy-MNIST's object masks)
-
-# What each family's prototypes are compared with ([N, C, H, W] -> [N, P, D]: P positions of D
-# channels), and its backbone (what the sanity check re-initialises).
-ENCODE = {"prototypedl": lambda model, x: model.encode(x)[:, None, :],
-          "protopnet": lambda model, x: model.latent(x).flatten(2).transpose(1, 2)}
-BACKBONE = {"prototypedl": lambda model: model.encoder, "protopnet": lambda model: model.features}
 
 
 def model_from_bundle(bundle: Bundle) -> nn.Module:
@@ -82,7 +77,7 @@ def upsampled(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 @torch.no_grad()
 def encodings(model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The latent vectors the prototypes are compared with, [N * P, D], and the image each comes from."""
-    encode = ENCODE[model.cfg.family]
+    encode = family_of(model).encode
     z = torch.cat([encode(model, images[i:i + BATCH]) for i in range(0, len(images), BATCH)])  # [N, P, D]
     return z.reshape(-1, z.shape[2]).numpy(), np.repeat(np.arange(len(z)), z.shape[1])
 
@@ -90,8 +85,8 @@ def encodings(model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.nd
 @torch.no_grad()
 def decoded_prototypes(model: nn.Module) -> np.ndarray | None:
     """The prototypes through the model's decoder [M, C, H, W] (model input space), None without one."""
-    decode = getattr(model, "decode", None)
-    return None if decode is None else decode(model.prototypes).numpy()
+    decoder = decoder_graph(model)
+    return None if decoder is None else decoder(model.prototypes).numpy()
 
 
 def object_masks(split, index: np.ndarray, images: torch.Tensor, dataset: str) -> dict[str, np.ndarray]:
@@ -124,7 +119,7 @@ def randomised_backbone(model: nn.Module, seed: int) -> nn.Module:
     randomisation); what follows the backbone (add-on layers, prototypes, last layer) stays as trained."""
     other = copy.deepcopy(model)
     torch.manual_seed(seed)
-    for module in BACKBONE[model.cfg.family](other).modules():
+    for module in family_of(other).backbone(other).modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     return other.eval()

@@ -75,7 +75,7 @@ def validation_split(config: Config, root: Path) -> Split:
         split = decoys.split()
         split.masks = {"object": decoys.object_masks, "decoy": decoys.decoy_masks}
         return split
-    from training.train_protopnet import load_run_data
+    from training.datasets import load_run_data
 
     return load_run_data(config, root)["val"]
 
