@@ -7,6 +7,7 @@ torch installed. A ProtoserveError from any part becomes one line on stderr and 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -88,6 +89,27 @@ def _report(args) -> None:
         reference = "" if f.reference is None else f"  (reference {f.reference:.4g}: {f.reference_kind})"
         print(f"{name:34s} {f.value if f.value is None else format(f.value, '.4g')}{reference}")
     print(f"quality written into {Path(args.bundle) / 'manifest.json'}, {report.picture} and {report.page}")
+
+
+def _revise(args) -> None:
+    from export.revise import resolve_parent, revise
+    from training.revision import RevisionConfig
+
+    settings = RevisionConfig(mode=args.mode, rounds=args.rounds, epochs_per_round=args.epochs_per_round,
+                              freeze_encoder=not args.train_encoder, lambda_refine=args.lambda_refine,
+                              lambda_con=args.lambda_con, seed=args.seed,
+                              **({"lr_prototypes": args.lr_prototypes} if args.lr_prototypes else {}))
+    settings.check()
+    parent = resolve_parent(args.checkpoint, args.bundle)
+    result = revise(parent, Path(args.out), settings, verdicts=args.verdicts, simulate=args.simulate,
+                    interactive=args.interactive, reviewer=args.reviewer, data_root=args.data_root, name=args.name,
+                    version=args.version, resume=args.resume, export=not args.no_export)
+    if result is None:
+        print(f"revised checkpoint written to {Path(args.out) / 'checkpoint.pt'}")
+        return
+    m = result.bundle.manifest
+    print(f"bundle {m.tag} written to {Path(args.out) / 'bundle'} (parent {m.lineage.parent}, mode {m.lineage.mode}, "
+          f"{m.lineage.rounds} round(s), masked {len(m.lineage.masked)}, test accuracy {m.metrics.test_accuracy:.4f})")
 
 
 def _verify(args) -> None:
@@ -239,6 +261,34 @@ def _bundle_verbs(sub) -> None:
                    "prototypes (default: models/protopnet_mnist/bundle)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_report)
+
+
+    p = sub.add_parser("revise", help="revise a model from verdicts on its prototypes (mask, prune or Alg. 1 "
+                       "rounds with antitypes) and export the new version with its lineage")
+    p.add_argument("--checkpoint", help="the parent checkpoint (default with --bundle: checkpoint.pt beside it)")
+    p.add_argument("--bundle", help="the parent bundle (its name:version becomes the lineage's parent)")
+    p.add_argument("--out", required=True, help="folder for the revision state, checkpoint.pt and bundle/")
+    p.add_argument("--mode", default="revise", choices=["mask", "prune", "revise"])
+    p.add_argument("--verdicts", help="JSON-lines verdict file (read; with --interactive/--simulate: appended to)")
+    p.add_argument("--simulate", action="store_true", help="the simulated user judges (data with object masks)")
+    p.add_argument("--interactive", action="store_true", help="judge each prototype at the terminal")
+    p.add_argument("--reviewer", default=os.environ.get("USER", "user"), help="source name for --interactive")
+    p.add_argument("--rounds", type=int, default=5, help="revision rounds (mode revise)")
+    p.add_argument("--epochs-per-round", type=int, default=2)
+    p.add_argument("--freeze-encoder", dest="train_encoder", action="store_false", default=False,
+                   help="train the prototypes only (the default)")
+    p.add_argument("--train-encoder", dest="train_encoder", action="store_true",
+                   help="train the encoder with the prototypes")
+    p.add_argument("--lambda-refine", type=float, default=1.0)
+    p.add_argument("--lambda-con", type=float, default=1.0)
+    p.add_argument("--lr-prototypes", type=float, help="default: training/revision.py RevisionConfig")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", help="bundle name (default: the parent's)")
+    p.add_argument("--version", help="bundle version (default: the parent's version + '-' + mode)")
+    p.add_argument("--data-root")
+    p.add_argument("--resume", action="store_true", help="continue the revision in --out after its last round")
+    p.add_argument("--no-export", action="store_true", help="write checkpoint.pt only")
+    p.set_defaults(func=_revise)
 
     p = sub.add_parser("verify", help="check a bundle: schema, checksums, golden probe through ONNX Runtime")
     p.add_argument("bundle")

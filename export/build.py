@@ -25,6 +25,7 @@ import torch.nn as nn
 from export.bundle import (
     Bundle,
     InputSpec,
+    Lineage,
     Manifest,
     Metrics,
     ParityFigures,
@@ -134,7 +135,7 @@ def _build(model: nn.Module, config, payload: dict, checkpoint: Path, test: Spli
     log(f"test accuracy {metrics.test_accuracy:.4f} (PyTorch), {metrics.onnx_test_accuracy:.4f} (ONNX Runtime)")
     probe_images = write_probe(model, test, staging / "probe.npz")
     records = family_of(model).prototype_records(model, push_set, *input_normalization(config.data.dataset))
-    prototypes = write_prototypes(records, staging)
+    prototypes = mark_masked(write_prototypes(records, staging), payload.get("revision") or {})
     manifest = Manifest(
         name=name, version=version, family=model.cfg.family, created_at=datetime.now(UTC),
         class_names=_class_names(config, root),
@@ -146,8 +147,22 @@ def _build(model: nn.Module, config, payload: dict, checkpoint: Path, test: Spli
         training=TrainingInfo(config=payload["config"], epoch=payload.get("epoch"),
                               metrics=_plain(payload.get("metrics") or {}),
                               checkpoint_sha256=sha256_file(checkpoint), **source_commit()),
+        lineage=_lineage(payload.get("revision") or {}),
     )
     return manifest, parity
+
+
+def _lineage(revision: dict) -> Lineage | None:
+    return Lineage(**revision["lineage"]) if revision.get("lineage") else None
+
+
+def mark_masked(rows: list[PrototypeRow], revision: dict) -> list[PrototypeRow]:
+    """Rows of the prototypes a revision masked get status "masked" and keep the class they stood for
+    before (a zero column has no most-negative weight to read it from)."""
+    masked, identities = set(revision.get("masked") or []), revision.get("class_identities") or {}
+    return [row.model_copy(update={"status": "masked",
+                                   "class_identity": int(identities.get(str(row.id), row.class_identity))})
+            if row.id in masked else row for row in rows]
 
 
 def input_spec(config) -> InputSpec:

@@ -6,8 +6,8 @@ Public API (kept small; the service depends on it):
     SCHEMA_VERSION, MANIFEST_FILE, FAMILY_OUTPUTS
     BundleError(ProtoserveError)     one line: "<file>: <problem>"
     Manifest and its parts            InputSpec, TensorSpec, GraphSpec, PrototypeRow, Metrics,
-                                      ParityFigures, ProbeSpec, TrainingInfo, QualityReport
-                                      (QualityFigure, PrototypeQuality): the optional `quality`
+                                      ParityFigures, ProbeSpec, TrainingInfo, Lineage (optional),
+                                      QualityReport (QualityFigure, PrototypeQuality): the optional `quality`
     Bundle                            a read and checked bundle: .path, .manifest, .model_path,
                                       .decoder_path (None when the family has no decoder),
                                       .probe_path, .file(name), .prototype(id), .output_names
@@ -190,6 +190,22 @@ class QualityReport(_Strict):
     page: str | None = None  # file in the bundle (HTML)
 
 
+class Lineage(_Strict):
+    """How a revised version came from its parent (training/revision.py): enough to trace a served
+    model back to every verdict that made it. Absent on a version that was trained, not revised."""
+
+    parent: str | None = None  # name:version of the parent bundle; None when revised from a bare checkpoint
+    parent_checkpoint_sha256: str | None = None
+    mode: Literal["mask", "prune", "revise"]
+    rounds: int = Field(ge=0)
+    verdicts: list[dict] = []  # protoserve/verdicts.py objects, in the order they were given
+    antitypes: list[dict] = []  # {"prototype_id", "round", "vector"}: the rejected prototypes' vectors
+    masked: list[int] = []
+    config: dict = {}  # the revision settings (training/revision.py RevisionConfig)
+    comparison: dict = {}  # accuracies, prototypes moved / masked / changed class, non-object counts
+    history: list[dict] = []  # per round: non-object count, verdicts given, accuracies, seconds
+
+
 class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str = Field(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")  # a valid BentoML tag name
@@ -205,6 +221,7 @@ class Manifest(_Strict):
     probe: ProbeSpec
     training: TrainingInfo
     quality: QualityReport | None = None  # the explanation-quality report (protoserve report)
+    lineage: Lineage | None = None  # a revised version's parent and the decisions that made it
     files: dict[str, str] = {}  # relative path -> sha256, every file but manifest.json
     manifest_sha256: str | None = None  # digest of this manifest's other fields (catches edits)
 
@@ -279,6 +296,9 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Manifest:
     directory = Path(directory)
     files = {name: sha256_file(directory / name) for name in _bundle_files(directory)}
     raw = manifest.model_copy(update={"files": files, "manifest_sha256": None}).model_dump(mode="json")
+    for optional in ("lineage", "quality"):  # absent, a manifest reads the same as before the field existed
+        if raw.get(optional) is None:
+            raw.pop(optional, None)
     raw["manifest_sha256"] = manifest_digest(raw)
     partial = directory / f".{MANIFEST_FILE}.partial"  # renamed into place: a reader never sees half a manifest
     partial.write_text(json.dumps(raw, indent=2) + "\n")

@@ -32,8 +32,9 @@ def build_model(config: Config, initial_weights: bool = True) -> nn.Module:
 
 
 def save_checkpoint(path: Path, model, config: Config, epoch: int, metrics: dict,
-                    training_state: dict | None = None) -> None:
-    """Write atomically (temp file + rename), so an interruption never leaves half a checkpoint."""
+                    training_state: dict | None = None, revision: dict | None = None) -> None:
+    """Write atomically (temp file + rename), so an interruption never leaves half a checkpoint.
+    `revision` (training/revision.py) records masked prototype ids, antitypes, verdicts and lineage."""
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -44,6 +45,8 @@ def save_checkpoint(path: Path, model, config: Config, epoch: int, metrics: dict
         "model": model.state_dict(),
         "training_state": training_state,
     }
+    if revision is not None:
+        payload["revision"] = revision
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

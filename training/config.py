@@ -22,7 +22,7 @@ class ConfigError(ProtoserveError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # "mnist" | "fashion_mnist" | "cub" (any folder in the CUB-200-2011 layout)
+    dataset: str = "mnist"  # "mnist" | "fashion_mnist" | "decoy_mnist" | "cub" (any folder in the CUB-200-2011 layout)
     root: str | None = None  # None: --data-root, then $PROTOSERVE_DATA_ROOT
     val_size: int = 5000  # taken from the training images (MNIST: 55,000 / 5,000, as the paper)
     split_seed: int = 0
@@ -126,8 +126,8 @@ class Config:
 
         m, t = self.model, self.train
         checks = [
-            (self.data.dataset in ("mnist", "fashion_mnist", "cub"),
-             "data.dataset must be 'mnist', 'fashion_mnist' or 'cub'"),
+            (self.data.dataset in ("mnist", "fashion_mnist", "cub", "decoy_mnist"),
+             "data.dataset must be 'mnist', 'fashion_mnist', 'decoy_mnist' or 'cub'"),
             (0 < self.data.val_size < 60000, "data.val_size must be between 1 and 59,999"),
             (m.family in FAMILIES, f"model.family must be {' or '.join(repr(name) for name in FAMILIES)}"),
             (m.hidden_activation in ("relu", "sigmoid"), "model.hidden_activation must be 'relu' or 'sigmoid'"),

@@ -52,6 +52,7 @@ CHECKSUMS = {
 
 CLASS_NAMES = {
     "mnist": [str(d) for d in range(10)],
+    "decoy_mnist": [str(d) for d in range(10)],
     "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
 }
@@ -143,6 +144,10 @@ def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
 def load_dataset(root: Path, dataset: str = "mnist", val_size: int = 5000, split_seed: int = 0,
                  train_subset: int | None = None) -> dict[str, Split]:
     """The paper's split: 55,000 train / 5,000 validation (fixed seed) / 10,000 test."""
+    if dataset == "decoy_mnist":  # MNIST with a confounder square; training/decoy_mnist.py
+        from training.decoy_mnist import load_decoy_dataset
+
+        return load_decoy_dataset(root, val_size, split_seed, train_subset)
     images, labels = load_split(root, dataset, "train")
     order = np.random.default_rng(split_seed).permutation(len(images))
     val_idx, train_idx = order[:val_size], order[val_size:]

@@ -1,0 +1,102 @@
+"""Alg. 1 on a tiny Decoy-MNIST ProtoPNet: rounds reduce the non-object count, antitypes grow, and a
+revision interrupted between rounds resumes to exactly the uninterrupted result."""
+
+import pytest
+import torch
+from tiny_configs import tiny_protopnet_dict
+
+from training.checkpoint import load_checkpoint
+from training.config import Config
+from training.data import Split
+from training.decoy_mnist import load_decoy_mnist
+from training.revision import RevisionConfig, RevisionRun, simulated_consult
+from training.revision_families import ObjectMasks
+from training.train_protopnet import ProtoPNetTrainer
+
+SETTINGS = dict(rounds=2, epochs_per_round=1, batch_size=100, last_layer_epochs=1, eval_batch_size=500)
+
+
+@pytest.fixture(scope="module")
+def decoy_protopnet(tmp_path_factory, mnist_root):
+    """A ProtoPNet trained for three short epochs on 600 Decoy-MNIST images, pushed at the end."""
+    config = tiny_protopnet_dict()
+    config["data"].update(dataset="decoy_mnist", train_subset=600)
+    config["train"]["epochs"] = 3
+    config["schedule"].update(push_start=3, push_every=3)
+    out = tmp_path_factory.mktemp("decoy_protopnet")
+    trainer = ProtoPNetTrainer(Config.from_dict(config), out, data_root=mnist_root, log=lambda s: None)
+    trainer.fit()
+    sets = load_decoy_mnist(mnist_root, 0, 200, 600)
+    adversarial = sets["test_adversarial"].split()
+    evals = {"val": trainer.data["val"], "test_adversarial": Split(adversarial.images[:300], adversarial.labels[:300])}
+    return out / "last.pt", trainer.data, ObjectMasks.from_decoy(sets["train"]), evals
+
+
+def _run(decoy_protopnet, out, **overrides):
+    checkpoint, data, masks, evals = decoy_protopnet
+    model, config, _ = load_checkpoint(checkpoint)
+    settings = RevisionConfig(**{**SETTINGS, **overrides})
+    return RevisionRun(model, config, settings, data, out, simulated_consult(), masks, evals, log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_rounds_reduce_the_non_object_count_and_grow_the_antitypes(tmp_path, decoy_protopnet):
+    run = _run(decoy_protopnet, tmp_path)
+    state = run.run()
+    counts = [h["non_object"] for h in state.history]
+    assert counts[0] > 0, "the tiny model should start with non-object prototypes"
+    assert counts[-1] < counts[0]
+    antitypes = [h["antitypes"] for h in state.history]
+    assert antitypes == sorted(antitypes) and antitypes[-1] >= counts[0]
+    assert state.history[1]["verdicts_given"] == counts[0]  # the user rejected exactly the non-object ones
+    assert {a["round"] for a in state.antitypes} <= {1, 2}
+
+
+@pytest.mark.slow
+def test_resume_between_rounds_is_exact(tmp_path, decoy_protopnet):
+    slow = {"lr_prototypes": 3e-3}  # prototypes move slowly, so round 2 has rejections to train on
+    whole = _run(decoy_protopnet, tmp_path / "whole", **slow)
+    whole.run()
+    assert whole.state.round == 2  # both rounds trained
+    first = _run(decoy_protopnet, tmp_path / "split", **slow)
+    first.run(stop_after=1)
+    assert first.state.round == 1 and not first.state.finished
+    second = _run(decoy_protopnet, tmp_path / "split", **slow)
+    second.resume()
+    second.run()
+    assert second.state.round == whole.state.round
+    assert torch.equal(second.model.prototypes, whole.model.prototypes)
+    assert torch.equal(second.model.last_layer.weight, whole.model.last_layer.weight)
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in whole.state.history]
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in second.state.history] == strip
+    assert second.state.antitypes == whole.state.antitypes
+
+
+def test_a_changed_revision_config_is_refused_on_resume(tmp_path, decoy_protopnet):
+    _run(decoy_protopnet, tmp_path).run(stop_after=1)
+    with pytest.raises(Exception, match="different revision config"):
+        _run(decoy_protopnet, tmp_path, rounds=3).resume()
+
+
+def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path, tiny_checkpoint, mnist_root):
+    from protoserve.verdicts import verdict
+    from training.data import load_dataset
+    from training.refine import refine_cost
+    from training.revision import file_consult
+
+    model, config, _ = load_checkpoint(tiny_checkpoint)
+    d = config.data
+    data = load_dataset(mnist_root, d.dataset, d.val_size, d.split_seed, d.train_subset)
+    rejected = [1, 4]
+    start = model.prototypes.detach().clone()
+    consult = file_consult([verdict(j, "reject", 1, "tester") for j in rejected])
+    run = RevisionRun(model, config, RevisionConfig(rounds=1, epochs_per_round=1, batch_size=100, last_layer_epochs=1),
+                      data, tmp_path, consult, eval_sets={"val": data["val"]}, log=lambda s: None)
+    state = run.run()
+    assert [a["prototype_id"] for a in state.antitypes] == rejected
+    antitypes = torch.tensor([a["vector"] for a in state.antitypes])
+    assert torch.equal(antitypes, start[rejected])  # antitypes are the rejected prototypes as they were
+    moved = (model.prototypes.detach()[rejected] - antitypes).norm(dim=1)
+    assert (moved > 0.1).all()
+    assert float(refine_cost(model.prototypes.detach(), antitypes)) < float(refine_cost(start, antitypes))
+    assert state.history[-1]["verdicts_given"] == 2 and state.history[-1]["masked"] == []
