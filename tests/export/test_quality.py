@@ -160,3 +160,20 @@ def test_export_can_skip_the_report(tiny_checkpoint, mnist_root, tmp_path):
     export_bundle(tiny_checkpoint, out, "tiny", "0.2.0", data_root=str(mnist_root), test_images=200,
                   log=lambda s: None, quality=None)
     assert read_bundle(out).manifest.quality is None and not (out / "quality.png").exists()
+
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def test_shipped_bundles_carry_their_reports_and_a_revision_shows_how_each_number_moved():
+    from export.quality.compare import quality_changes
+
+    for name in ("prototypedl_mnist/bundle", "protopnet_mnist/bundle"):
+        q = verify_bundle(MODELS / name)[0].manifest.quality
+        assert (q.split, q.sample_size, q.seed, q.split_size) == ("validation", 500, 0, 5000)
+    parent = verify_bundle(MODELS / "protopnet_decoy_mnist" / "bundle")[0].manifest
+    revised = verify_bundle(MODELS / "protopnet_decoy_mnist" / "revised" / "bundle")[0].manifest
+    assert parent.quality.settings["masks"] == ["decoy", "object"]  # Decoy-MNIST's own masks
+    assert parent.quality.figures["activation_precision.decoy"].higher_is_better is False
+    moved = quality_changes(parent.quality, revised.quality)["figures"]
+    assert moved["activation_precision.object"]["improved"] is True  # revised away from the background
