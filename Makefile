@@ -100,6 +100,12 @@ bench-serve: setup
 bench-score: setup
 	$(PY) benchmarks/score.py --bundle $(DEFAULT_MODEL)/bundle --out runs/score_benchmark.json
 
+# Knowing when not to answer: the bundles' calibrated out-of-domain score against max-softmax and energy
+# on out-of-domain sets built here, and photo-like uploads with and without canonicalize (README; ~1 min).
+.PHONY: bench-ood
+bench-ood: setup
+	$(PY) -m benchmarks.ood --bundles $(DEFAULT_MODEL)/bundle models/protopnet_mnist/bundle --out runs/ood_benchmark.json
+
 clean:
 	rm -rf runs/demo .pytest_cache
 

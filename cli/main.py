@@ -71,9 +71,11 @@ def _export(args) -> None:
     from export.build import export_bundle
     from export.quality.report import QualityOptions
 
+    if not 0 < args.false_alarm_rate < 1:
+        raise SystemExit(f"--false-alarm-rate {args.false_alarm_rate} is not between 0 and 1")
     quality = None if args.no_quality else QualityOptions(sample=args.quality_sample)
     result = export_bundle(Path(args.checkpoint), Path(args.out), args.name, args.version, args.data_root,
-                           force=args.force, quality=quality)
+                           force=args.force, false_alarm_rate=args.false_alarm_rate, quality=quality)
     m = result.bundle.manifest
     print(f"bundle {m.tag} written to {args.out} (test accuracy {m.metrics.test_accuracy:.4f})")
 
@@ -248,6 +250,8 @@ def _bundle_verbs(sub) -> None:
     p.add_argument("--no-quality", action="store_true", help="skip the explanation-quality report")
     p.add_argument("--quality-sample", type=int, default=500, help="validation images for the report's "
                    "map-based figures (default 500)")
+    p.add_argument("--false-alarm-rate", type=float, default=0.01,
+                   help="share of in-domain (validation) images the out-of-domain threshold may flag (default 0.01)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("report", help="the explanation-quality report of a bundle, on the validation split, "

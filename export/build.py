@@ -24,6 +24,8 @@ import torch.nn as nn
 
 from export.bundle import (
     Bundle,
+    CanonicalForm,
+    DomainCalibration,
     InputSpec,
     Lineage,
     Manifest,
@@ -37,6 +39,7 @@ from export.bundle import (
     sha256_file,
     write_manifest,
 )
+from export.calibration import DEFAULT_FALSE_ALARM_RATE, calibrate
 from export.onnx_export import (
     classifier_graph,
     classifier_outputs,
@@ -56,6 +59,11 @@ from training.datasets import input_normalization, load_run_data
 from training.families import PrototypeRecord, family_of
 
 REPO = Path(__file__).resolve().parents[1]
+# How MNIST's digits were made (LeCun et al.): light ink on dark, the ink's bounding box fitted into
+# 20x20 keeping its aspect ratio, then centred by its centre of mass in the 28x28 field.
+MNIST_FORM = CanonicalForm(ink="light_on_dark", box=20, centre="mass",
+                           description="light ink on a dark background; the ink's bounding box fitted into "
+                                       "20x20 (aspect ratio kept) and centred by its centre of mass in 28x28")
 PROBE_ATOL, PROBE_RTOL = 1e-5, 1e-4
 BATCH_SIZE = 500
 DEFAULT_QUALITY = QualityOptions()
@@ -77,9 +85,11 @@ class ExportResult:
 
 def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_root: str | None = None,
                   force: bool = False, test_images: int | None = None, log=print,
+                  false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
                   quality: QualityOptions | None = DEFAULT_QUALITY) -> ExportResult:
-    """Write the bundle of `checkpoint` to `out`; parity on the first `test_images` (default: all);
-    the explanation-quality report on the validation split unless `quality` is None."""
+    """Write the bundle of `checkpoint` to `out`; parity on the first `test_images` (default: all); the
+    out-of-domain threshold calibrated on the validation split for `false_alarm_rate`; the
+    explanation-quality report on the validation split unless `quality` is None."""
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out}: exists; bundles are immutable, choose a new --out or pass --force")
@@ -98,6 +108,8 @@ def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_roo
     try:
         manifest, parity = _build(model, config, payload, checkpoint, test, staging, name, version, log,
                                   push_set=data["train"], root=root)
+        domain = calibrate_domain(staging / manifest.model.file, data["val"], manifest, false_alarm_rate, log)
+        manifest = manifest.model_copy(update={"domain": domain})
         write_manifest(staging, manifest)
         if quality is not None:
             write_quality_report(staging, str(root), options=quality, log=log)
@@ -152,6 +164,27 @@ def _build(model: nn.Module, config, payload: dict, checkpoint: Path, test: Spli
     return manifest, parity
 
 
+def calibrate_domain(model_file: Path, validation: Split, manifest: Manifest, false_alarm_rate: float,
+                     log=print) -> DomainCalibration:
+    """The out-of-domain calibration (export/calibration.py) through the staged model.onnx, on the
+    validation split only."""
+    session, _ = open_session(model_file, device="cpu")
+    images = validation.images[torch.arange(len(validation))] if not isinstance(validation.images, torch.Tensor) \
+        else validation.images
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = run_onnx(session, x.astype(np.float32, copy=False))
+        return out["probabilities"], out["distances"]
+
+    class_of = np.array([row.class_identity for row in manifest.prototypes])
+    active = np.array([row.status == "active" for row in manifest.prototypes])
+    domain = calibrate(run, images.numpy(), active, class_of, len(manifest.class_names), false_alarm_rate)
+    log(f"out-of-domain score {domain.score} (validation AUROC against {domain.proxy}: {domain.candidates}); "
+        f"threshold {domain.threshold:.4g} for a {false_alarm_rate:g} false-alarm rate on {domain.images} "
+        "validation images")
+    return domain
+
+
 def _lineage(revision: dict) -> Lineage | None:
     return Lineage(**revision["lineage"]) if revision.get("lineage") else None
 
@@ -177,7 +210,8 @@ def input_spec(config) -> InputSpec:
     return InputSpec(channels=c.in_channels, height=c.input_size, width=c.input_size, value_range=(0.0, 1.0),
                      mean=[0.0] * c.in_channels, std=[1.0] * c.in_channels,
                      description="grey levels divided by 255 (0 = black background, 1 = white ink), "
-                                 "as the IDX files store them; no normalisation")
+                                 "as the IDX files store them; no normalisation",
+                     canonical=MNIST_FORM if config.data.dataset == "mnist" else None)
 
 
 def _class_names(config, root: Path | None) -> list[str]:

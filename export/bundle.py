@@ -61,6 +61,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CanonicalForm(_Strict):
+    """How the training images were made from their originals, so an upload can be made the same way
+    (inference/canonical.py; the request option "canonicalize"). Absent: the model has no such form."""
+
+    ink: Literal["light_on_dark", "dark_on_light"] = "light_on_dark"
+    box: int = Field(gt=0)  # the ink's bounding box was fitted into box x box pixels, aspect ratio kept
+    centre: Literal["mass", "box"] = "mass"  # then placed with its centre of mass (or box) at the centre
+    description: str = ""
+
+
 class InputSpec(_Strict):
     """What `image` must hold: pixels scaled to value_range, then (x - mean) / std per channel."""
 
@@ -74,6 +84,7 @@ class InputSpec(_Strict):
     mean: list[float]
     std: list[float]
     description: str = ""
+    canonical: CanonicalForm | None = None
 
 
 class TensorSpec(_Strict):
@@ -136,6 +147,41 @@ class Metrics(_Strict):
     # Quantile (DRIFT_QUANTILES) -> the test images' squared L2 distance to their nearest active
     # prototype, through ONNX Runtime: the service's drift reference (protoserve_reference_nearest_distance).
     nearest_distance_quantiles: dict[str, float] | None = None
+
+
+DOMAIN_SCORES = ("nearest_distance", "class_nearest_distance", "mean3_distance", "prototype_mahalanobis",
+                 "nearest_and_mahalanobis")
+DomainScore = Literal["nearest_distance", "class_nearest_distance", "mean3_distance", "prototype_mahalanobis",
+                      "nearest_and_mahalanobis"]
+
+
+class DomainCalibration(_Strict):
+    """The out-of-domain rule (inference/domain.py), calibrated at export on the validation split only.
+
+    An input's `score` (larger = further from every case the model knows) above `threshold` is out of
+    domain; `threshold` is the validation scores' (1 - false_alarm_rate) quantile. `quantiles` holds
+    the validation scores at `levels` (typicality: the share of validation images scoring higher).
+    `candidates` records each score's validation AUROC against the proxy set the choice was made on.
+    """
+
+    score: DomainScore
+    split: Literal["validation"] = "validation"
+    images: int = Field(gt=0)  # validation images the threshold and quantiles come from
+    false_alarm_rate: float = Field(gt=0, lt=1)
+    threshold: float
+    validation_false_alarm_rate: float
+    levels: list[float]
+    quantiles: list[float]
+    candidates: dict[str, float] = {}
+    proxy: str = ""
+    # prototype_mahalanobis (and nearest_and_mahalanobis): the L2 distance profile's mean per predicted
+    # class [K][M] and the shared precision matrix [M][M], fitted on the other half of the validation
+    # split (fit_images of them).
+    class_means: list[list[float]] | None = None
+    precision: list[list[float]] | None = None
+    fit_images: int | None = None
+    # nearest_and_mahalanobis: each part's validation scores at `levels` (its tail probabilities are combined)
+    components: dict[str, list[float]] | None = None
 
 
 class ProbeSpec(_Strict):
@@ -221,6 +267,8 @@ class Manifest(_Strict):
     probe: ProbeSpec
     training: TrainingInfo
     quality: QualityReport | None = None  # the explanation-quality report (protoserve report)
+    # Absent in bundles exported before calibration: their answers say in_domain and typicality null.
+    domain: DomainCalibration | None = None
     lineage: Lineage | None = None  # a revised version's parent and the decisions that made it
     files: dict[str, str] = {}  # relative path -> sha256, every file but manifest.json
     manifest_sha256: str | None = None  # digest of this manifest's other fields (catches edits)

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from export.bundle import InputSpec
+from inference.canonical import canonicalize
 from protoserve.errors import InputError
 
 FORMATS = ("PNG", "JPEG")
@@ -83,8 +84,9 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     return img
 
 
-def picture_to_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
-    """A picture -> float32 [C, H, W] in [0, 1]: the spec's mode (L or RGB) and size."""
+def picture_to_pixels(img: Image.Image, spec: InputSpec, canonical: bool = False) -> np.ndarray:
+    """A picture -> float32 [C, H, W] in [0, 1]: the spec's mode (L or RGB) and size; with `canonical`,
+    made the way the training images were (spec.canonical, from the picture at its own size)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: to 8 bits first, as convert("L") would clip it.
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
@@ -94,6 +96,9 @@ def picture_to_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
     img = img.convert("L" if spec.channels == 1 else "RGB")
+    if canonical:
+        grey = np.asarray(img, dtype=np.float32) / 255.0
+        return canonicalize(grey, spec.canonical, spec.height, spec.width)[None]
     if img.size != (spec.width, spec.height):
         img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
     pixels = np.asarray(img, dtype=np.float32) / 255.0
@@ -115,9 +120,23 @@ def denormalize(x: np.ndarray, spec: InputSpec) -> np.ndarray:
     return ((x * std + mean - low) / (high - low)).clip(0.0, 1.0)
 
 
-def picture_to_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
+def picture_to_input(img: Image.Image, spec: InputSpec, canonical: bool = False) -> np.ndarray:
     low, high = spec.value_range
-    return normalize(picture_to_pixels(img, spec) * (high - low) + low, spec)
+    return normalize(picture_to_pixels(img, spec, canonical) * (high - low) + low, spec)
+
+
+def check_canonical(canonical: bool, spec: InputSpec) -> None:
+    """Refuse "canonicalize" for a model whose input spec does not say how its images were made."""
+    if canonical and (spec.canonical is None or spec.channels != 1):
+        raise InputError("no_canonical_form", '"canonicalize" is not available: this model\'s input spec has no '
+                         "canonical form (see /metadata input.canonical)")
+
+
+def canonical_input(x: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Model input [1, H, W] -> the same image made the way the training images were."""
+    low, high = spec.value_range
+    pixels = canonicalize(denormalize(x, spec)[0], spec.canonical, spec.height, spec.width)
+    return normalize(pixels[None] * (high - low) + low, spec)
 
 
 def array_to_input(value: list, spec: InputSpec) -> np.ndarray:
@@ -148,19 +167,22 @@ def array_to_input(value: list, spec: InputSpec) -> np.ndarray:
     return normalize(values, spec)
 
 
-def to_input(value: object, spec: InputSpec, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
-    """One IMAGE as the API takes it (base64 string, raw bytes or nested list) -> float32 [C, H, W]."""
+def to_input(value: object, spec: InputSpec, limits: Limits = DEFAULT_LIMITS, canonical: bool = False) -> np.ndarray:
+    """One IMAGE as the API takes it (base64 string, raw bytes or nested list) -> float32 [C, H, W];
+    `canonical` (the request option "canonicalize") makes it the way the training images were made."""
+    check_canonical(canonical, spec)
     if isinstance(value, (bytes, bytearray)):
-        return picture_to_input(open_image(bytes(value), limits), spec)
+        return picture_to_input(open_image(bytes(value), limits), spec, canonical)
     if isinstance(value, str):
-        return picture_to_input(open_image(decode_base64(value, limits), limits), spec)
+        return picture_to_input(open_image(decode_base64(value, limits), limits), spec, canonical)
     if isinstance(value, list):
-        return array_to_input(value, spec)
+        x = array_to_input(value, spec)
+        return canonical_input(x, spec) if canonical else x
     raise InputError("wrong_type", f"an image must be a base64 PNG/JPEG string or a numeric array, "
                      f"not {_json_type(value)}")
 
 
-def to_batch(images: object, spec: InputSpec, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+def to_batch(images: object, spec: InputSpec, limits: Limits = DEFAULT_LIMITS, canonical: bool = False) -> np.ndarray:
     """The "images" field of /predict -> float32 [N, C, H, W]; the first bad image names its index."""
     if images is None:
         raise InputError("missing_field", 'body needs "images": a list of images')
@@ -171,10 +193,11 @@ def to_batch(images: object, spec: InputSpec, limits: Limits = DEFAULT_LIMITS) -
     if len(images) > limits.max_batch:
         raise InputError("batch_too_large", f'"images" holds {len(images)} images; at most {limits.max_batch} '
                          "per request")
+    check_canonical(canonical, spec)
     batch = []
     for i, image in enumerate(images):
         try:
-            batch.append(to_input(image, spec, limits))
+            batch.append(to_input(image, spec, limits, canonical))
         except InputError as e:
             raise InputError(e.reason, f"images[{i}]: {e}", e.status) from None
     return np.stack(batch)

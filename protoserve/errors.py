@@ -26,6 +26,7 @@ REASONS = (
     "non_finite",  # NaN or infinity in an array
     "out_of_range",  # array values outside the manifest's value range
     "top_k_out_of_range",
+    "no_canonical_form",  # "canonicalize" asked of a model whose input spec has no canonical form
 )
 
 

@@ -34,8 +34,8 @@ def row_schema(plan: dict | None = None):
         ("index", pa.int64()), ("input_id", pa.string()), ("label", pa.int32()), ("class_name", pa.string()),
         ("probabilities", pa.list_(pa.float32())), ("prototype_ids", pa.list_(pa.int32())),
         ("prototype_distances", pa.list_(pa.float32())), ("prototype_similarities", pa.list_(pa.float32())),
-        ("prototype_contributions", pa.list_(pa.float32())), ("model_name", pa.string()),
-        ("model_version", pa.string()), ("error", pa.string()),
+        ("prototype_contributions", pa.list_(pa.float32())), ("in_domain", pa.bool_()), ("typicality", pa.float32()),
+        ("model_name", pa.string()), ("model_version", pa.string()), ("error", pa.string()),
     ], metadata=metadata)
 
 
@@ -62,9 +62,20 @@ def to_table(c: Columns):
                pa.array(labels, pa.int32(), mask=~ok), names,
                lists(c.probabilities, pa.float32()), lists(c.prototype_ids, pa.int32()),
                lists(c.prototype_distances, pa.float32()), lists(c.prototype_similarities, pa.float32()),
-               lists(c.prototype_contributions, pa.float32()), pa.repeat(pa.scalar(c.model_name), n),
+               lists(c.prototype_contributions, pa.float32()), *domain_columns(c, full),
+               pa.repeat(pa.scalar(c.model_name), n),
                pa.repeat(pa.scalar(c.model_version), n), pa.array(c.error, pa.string())]
     return pa.Table.from_arrays(columns, schema=row_schema())
+
+
+def domain_columns(c: Columns, full) -> list:
+    """in_domain and typicality as Arrow columns: null on failed rows and without calibration."""
+    import pyarrow as pa
+
+    if c.in_domain is None:
+        return [pa.nulls(len(c), pa.bool_()), pa.nulls(len(c), pa.float32())]
+    return [pa.array(full(c.in_domain, bool), pa.bool_(), mask=~c.ok),
+            pa.array(full(c.typicality, np.float32), pa.float32(), mask=~c.ok)]
 
 
 class ParquetAssembly:

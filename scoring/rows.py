@@ -19,8 +19,13 @@ Row fields (`ROW_FIELDS`, one row per input, in input order):
                          /explain's "similarity")
     prototype_contributions what each adds to the predicted class's logit (/explain's "contribution";
                          the family's rule, inference/families.py)
+    in_domain            whether the input is like the model's validation images (inference/domain.py);
+                         null when the bundle has no out-of-domain calibration
+    typicality           the share of validation images that scored further from the prototypes (0-1)
     model_name, model_version
     error                null when scored; else "<reason>: <message>"
+An abstaining scorer (the /score_batch option "abstain") leaves label and class_name null on rows
+with in_domain false; their probabilities and nearest prototypes stay.
 """
 
 from __future__ import annotations
@@ -31,14 +36,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from export.bundle import InputSpec, Manifest
+from inference.domain import domain_rule
 from inference.explain import active_mask, nearest_prototypes_batch, similarity
 from inference.families import family
 from inference.preprocess import DEFAULT_LIMITS, Limits, array_to_input, normalize, to_input
 from protoserve.errors import InputError
 
 ROW_FIELDS = ("index", "input_id", "label", "class_name", "probabilities", "prototype_ids",
-              "prototype_distances", "prototype_similarities", "prototype_contributions", "model_name",
-              "model_version", "error")
+              "prototype_distances", "prototype_similarities", "prototype_contributions", "in_domain",
+              "typicality", "model_name", "model_version", "error")
 # Images per session.run: larger runs are no faster (README "Measured choices"); smaller slices keep
 # the job's memory per worker small and leave the service's batcher room.
 RUN_BATCH = 256
@@ -65,6 +71,8 @@ class Columns:
     model_name: str
     model_version: str
     error: list[str | None]
+    in_domain: np.ndarray | None = None  # bool [n_ok]; None without calibration
+    typicality: np.ndarray | None = None  # float32 [n_ok]
 
     def __len__(self) -> int:
         return len(self.input_id)
@@ -73,14 +81,20 @@ class Columns:
     def failed(self) -> int:
         return int(len(self) - self.ok.sum())
 
-    def records(self) -> list[dict]:
-        """The rows as JSON-ready dicts (the HTTP task's answer; JSON Lines lines hold the same)."""
+    @property
+    def out_of_domain(self) -> int:
+        return 0 if self.in_domain is None else int(len(self.in_domain) - self.in_domain.sum())
+
+    def records(self, abstain: bool = False) -> list[dict]:
+        """The rows as JSON-ready dicts (the HTTP task's answer; JSON Lines lines hold the same);
+        `abstain` withholds the label of out-of-domain rows."""
         rows, j = [], 0
         for i in range(len(self)):
             row = {"index": int(self.index[i]), "input_id": self.input_id[i], "label": None, "class_name": None,
                    "probabilities": None, "prototype_ids": None, "prototype_distances": None,
-                   "prototype_similarities": None, "prototype_contributions": None,
-                   "model_name": self.model_name, "model_version": self.model_version, "error": self.error[i]}
+                   "prototype_similarities": None, "prototype_contributions": None, "in_domain": None,
+                   "typicality": None, "model_name": self.model_name, "model_version": self.model_version,
+                   "error": self.error[i]}
             if self.ok[i]:
                 label = int(self.label[j])
                 row.update(label=label, class_name=self.class_names[label],
@@ -89,6 +103,10 @@ class Columns:
                            prototype_distances=[float(v) for v in self.prototype_distances[j]],
                            prototype_similarities=[float(v) for v in self.prototype_similarities[j]],
                            prototype_contributions=[float(v) for v in self.prototype_contributions[j]])
+                if self.in_domain is not None:
+                    row.update(in_domain=bool(self.in_domain[j]), typicality=float(self.typicality[j]))
+                    if abstain and not self.in_domain[j]:
+                        row.update(label=None, class_name=None)
                 j += 1
             rows.append(row)
         return rows
@@ -170,6 +188,7 @@ class BatchScorer:
         self.limits = limits
         self.prototype_ids = np.array([row.id for row in manifest.prototypes], dtype=np.int64)
         self.weights = np.array([row.weights for row in manifest.prototypes], dtype=np.float64)  # [M, K]
+        self.domain = domain_rule(manifest, self.active)  # None: the bundle has no calibration
 
     def prepare(self, inputs: Sequence[object] | np.ndarray) -> tuple[np.ndarray, list[InputError | None]]:
         """Inputs -> (model input [n, C, H, W], per-input error or None).
@@ -223,6 +242,7 @@ class BatchScorer:
         sims = similarity(near)
         # The same numbers as inference.explain.prototype_rows, with the weights for the predicted class.
         contributions = family(self.manifest.family).contribution(self.weights[nearest, labels[:, None]], near, sims)
+        in_domain, typicality = self.domain.judge(distances, labels) if self.domain else (None, None)
         return Columns(index=np.arange(start, start + len(input_ids), dtype=np.int64), input_id=list(input_ids),
                        ok=ok, label=labels, probabilities=probabilities.astype(np.float32, copy=False),
                        prototype_ids=self.prototype_ids[nearest].astype(np.int32),
@@ -231,7 +251,8 @@ class BatchScorer:
                        prototype_contributions=contributions.astype(np.float32),
                        class_names=list(self.manifest.class_names), model_name=self.manifest.name,
                        model_version=self.manifest.version,
-                       error=[None if e is None else f"{e.reason}: {e}" for e in errors])
+                       error=[None if e is None else f"{e.reason}: {e}" for e in errors], in_domain=in_domain,
+                       typicality=None if typicality is None else typicality.astype(np.float32))
 
 
 def _same_shape_runs(inputs: Sequence[object], indices: list[int]) -> list[list[int]]:

@@ -34,6 +34,8 @@ class Metrics:
     reference_nearest_distance: object
     batch_images: object
     batch_size: object
+    out_of_domain: object
+    out_of_domain_expected: object
 
 
 @functools.cache
@@ -65,6 +67,11 @@ def metrics() -> Metrics:
         batch_images=Counter("protoserve_batch_images", "Images scored by batch jobs, by outcome", ["status"]),
         batch_size=Histogram("protoserve_adaptive_batch_size", "Images per session run of /predict's adaptive "
                              "batching", model, buckets=BATCH_BUCKETS),
+        out_of_domain=Counter("protoserve_out_of_domain", "Images judged unlike the model's validation images "
+                              "(inference/domain.py), by API", [*model, "api"]),
+        out_of_domain_expected=Gauge("protoserve_out_of_domain_expected_ratio", "Share of in-domain images the "
+                                     "bundle's out-of-domain threshold flags (its calibrated false-alarm rate)",
+                                     model, multiprocess_mode="livemax"),
     )
 
 
@@ -78,6 +85,12 @@ def record_answers(model: tuple[str, str], class_names: list[str], prototype_ids
         m.confidence.labels(*model).observe(float(probs[label]))
         m.nearest_prototype.labels(*model, str(prototype_ids[int(j)])).inc()
         m.nearest_distance.labels(*model).observe(float(d))
+
+
+def count_out_of_domain(model: tuple[str, str], api: str, count: int) -> None:
+    """Add `count` out-of-domain images answered by `api` (predict, explain, score_batch)."""
+    if count:
+        metrics().out_of_domain.labels(*model, api).inc(count)
 
 
 def count_rejection(reason: str) -> None:

@@ -145,9 +145,10 @@ def json_object(body: bytes) -> dict:
 def _form_to_request(fields: list[tuple[str, object]], path: str) -> dict:
     """Multipart fields -> the JSON request: every file or "images"/"image" field is an image, in order."""
     images = [v for k, v in fields if k in ("images", "image", "file", "files")]
+    options = {k: v for k, v in fields if k in ("abstain", "canonicalize")}  # "true"/"false": the API parses them
     if path == "/predict":
-        return {"images": images}
-    request: dict = {}
+        return {"images": images, **options}
+    request: dict = options
     if images:
         request["image"] = images[0]
     top_k = next((v for k, v in fields if k == "top_k"), None)

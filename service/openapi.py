@@ -27,6 +27,15 @@ ERROR_STATUSES = {400: "Bad input: the body or one of its images is refused (rea
                   415: "Content type other than application/json or multipart/form-data",
                   503: "Overloaded: the request waited past the batching latency cap"}
 CATALOGUE_ROUTES = ("/metadata", "/prototypes")
+# Every prediction and batch row (inference/domain.py); null when the bundle has no calibration.
+DOMAIN_FIELDS = {
+    "in_domain": {"type": "boolean", "nullable": True,
+                  "description": "Is the input like the model's validation images (its distances to the "
+                                 "prototypes within the threshold calibrated at export)"},
+    "typicality": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True,
+                   "description": "The share of validation images further from the prototypes (1 typical, "
+                                  "0 beyond all of them)"},
+}
 TASK_ROUTE = "/score_batch"
 
 
@@ -57,14 +66,26 @@ def request_schemas(manifest: Manifest, max_images: int, max_task_images: int) -
              "description": "How many nearest active prototypes to return (1 to the number of active ones); "
                             "absent or null: the default."}
 
+    abstain = {"type": "boolean", "nullable": True,
+               "description": "Withhold the label of an out-of-domain answer (label and class_name null, "
+                              "abstained true, reason out_of_domain). Absent or null: the service setting "
+                              "PROTOSERVE_ABSTAIN (default false)."}
+    canonicalize = {"type": "boolean", "nullable": True, "default": False,
+                    "description": "Make each picture the way the training images were made first (/metadata "
+                                   "input.canonical): for photographed or scanned digits. A model without a "
+                                   "canonical form refuses true (reason no_canonical_form)."}
+
     # The batch task scores what it can: an item that is not a valid IMAGE becomes a row with its error.
     task_item = {"description": "An IMAGE; anything else is answered as a row with an error, not refused."}
     task = {"type": "object", "required": ["images"],
             "properties": {"images": {"type": "array", "items": task_item, "minItems": 1, "maxItems": max_task_images},
-                           "top_k": top_k}}
+                           "top_k": top_k, "abstain": abstain}}
     predict_images = {"type": "array", "items": image, "minItems": 1, "maxItems": max_images}
-    return {"/predict": {"type": "object", "required": ["images"], "properties": {"images": predict_images}},
-            "/explain": {"type": "object", "required": ["image"], "properties": {"image": image, "top_k": top_k}},
+    options = {"abstain": abstain, "canonicalize": canonicalize}
+    return {"/predict": {"type": "object", "required": ["images"], "properties": {"images": predict_images,
+                                                                                   **options}},
+            "/explain": {"type": "object", "required": ["image"],
+                         "properties": {"image": image, "top_k": top_k, **options}},
             "/score_batch": task, "/score_batch/submit": task}
 
 
@@ -79,15 +100,26 @@ def multipart_schema(route: str, json_schema: dict) -> dict:
         properties["images"] = {"type": "array", "items": binary, "minItems": 1, "maxItems": limit}
     if "top_k" in json_schema["properties"]:  # a form field is a string: absent means the default, never null
         properties["top_k"] = {k: v for k, v in json_schema["properties"]["top_k"].items() if k != "nullable"}
+    for option in ("abstain", "canonicalize"):
+        if option in json_schema["properties"]:
+            properties[option] = {"type": "string", "enum": ["true", "false", "1", "0"],
+                                  "description": json_schema["properties"][option]["description"]}
     return {"type": "object", "required": list(properties)[:1], "properties": properties}
 
 
 def answer_schemas() -> dict[str, dict]:
     """The 200 answers by route (the fields ARCHITECTURE.md promises; answers may carry more)."""
     probabilities = {"type": "array", "items": {"type": "number"}}
-    prediction = {"type": "object", "required": ["label", "class_name", "probabilities"],
-                  "properties": {"label": {"type": "integer"}, "class_name": {"type": "string"},
-                                 "probabilities": probabilities}}
+    prediction = {"type": "object", "required": ["label", "class_name", "probabilities", "in_domain", "typicality",
+                                                 "abstained"],
+                  "properties": {"label": {"type": "integer", "nullable": True,
+                                           "description": "null only when the answer abstained"},
+                                 "class_name": {"type": "string", "nullable": True},
+                                 "probabilities": probabilities, **DOMAIN_FIELDS,
+                                 "abstained": {"type": "boolean"},
+                                 "reason": {"type": "string", "enum": ["out_of_domain"],
+                                            "description": "why the label was withheld (abstentions only)"},
+                                 "detail": {"type": "string"}}}
     prototype = {"type": "object", "required": ["id", "class_identity", "distance", "similarity", "weight",
                                                 "contribution", "image"],
                  "properties": {"id": {"type": "integer"}, "class_identity": {"type": "integer"},
@@ -106,7 +138,10 @@ def answer_schemas() -> dict[str, dict]:
                                     "quality": quality_row}}
     scored = {"type": "object", "required": ["model", "images", "failed", "rows"],
               "properties": {"model": model, "images": {"type": "integer"}, "failed": {"type": "integer"},
-                             "rows": {"type": "array", "items": {"type": "object", "required": ["input_id", "error"]}}}}
+                             "rows": {"type": "array", "items": {"type": "object",
+                                                                 "required": ["input_id", "error", "in_domain",
+                                                                              "typicality"],
+                                                                 "properties": DOMAIN_FIELDS}}}}
     return {
         "/predict": {"type": "object", "required": ["model", "predictions"],
                      "properties": {"model": model, "predictions": {"type": "array", "items": prediction}}},
@@ -116,7 +151,10 @@ def answer_schemas() -> dict[str, dict]:
         "/metadata": {"type": "object", "required": ["model", "family", "class_names", "input", "provider"],
                       "properties": {"model": model, "family": {"type": "string"}, "provider": {"type": "string"},
                                      "class_names": {"type": "array", "items": {"type": "string"}},
-                                     "input": {"type": "object"}, "quality": quality}},
+                                     "input": {"type": "object"}, "quality": quality,
+                                     "domain": {"type": "object", "nullable": True,
+                                                "description": "The out-of-domain rule calibrated at export "
+                                                               "(null: the bundle has none)"}}},
         "/score_batch": scored,
         "/score_batch/get": scored,
         "/prototypes": {"type": "object", "required": ["model", "prototypes"],

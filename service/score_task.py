@@ -23,11 +23,12 @@ from urllib.parse import parse_qs
 import numpy as np
 
 from export.bundle import Manifest
+from inference.domain import parse_flag
 from inference.explain import active_mask
 from inference.preprocess import DEFAULT_LIMITS, parse_top_k
 from protoserve.errors import InputError
 from scoring.rows import BatchScorer
-from service.metrics import count_rejection, metrics
+from service.metrics import count_out_of_domain, count_rejection, metrics
 from service.middleware import (
     DEFAULT_MAX_BODY_BYTES,
     _as_json_post,
@@ -55,9 +56,10 @@ def check_request(images: object, top_k: object, n_active: int) -> int:
     return parse_top_k(top_k, n_active)
 
 
-async def score_images(manifest: Manifest, images: object, top_k: object, classify) -> dict:
+async def score_images(manifest: Manifest, images: object, top_k: object, classify, abstain: bool = False) -> dict:
     """Score a list of images with the batch core; `classify` is the service's adaptive batcher
-    ([N, C, H, W] -> [N, K + M]: probabilities, then distances)."""
+    ([N, C, H, W] -> [N, K + M]: probabilities, then distances); `abstain` withholds the label of
+    out-of-domain rows."""
     k = check_request(images, top_k, int(active_mask(manifest).sum()))
     scorer = BatchScorer(manifest, k)
     x, errors = await asyncio.to_thread(scorer.prepare, images)
@@ -72,8 +74,9 @@ async def score_images(manifest: Manifest, images: object, top_k: object, classi
     counter = metrics().batch_images
     counter.labels("scored").inc(int(ok.sum()))
     counter.labels("failed").inc(columns.failed)
+    count_out_of_domain((manifest.name, manifest.version), "score_batch", columns.out_of_domain)
     return {"model": {"name": manifest.name, "version": manifest.version}, "images": len(columns),
-            "failed": columns.failed, "rows": columns.records()}
+            "failed": columns.failed, "rows": columns.records(abstain)}
 
 
 def _has_task_id(scope) -> bool:
@@ -116,6 +119,7 @@ class ScoreGate:
             body = await read_body(scope, receive, self.max_body_bytes)
             request = await self._parse(scope, body)
             check_request(request.get("images"), request.get("top_k"), self.n_active())
+            parse_flag(request.get("abstain"), "abstain", False)  # refused at submission, like top_k
         except InputError as e:
             count_rejection(e.reason)
             m = self.manifest()
@@ -157,6 +161,8 @@ class ScoreGate:
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 request["images"].append(base64.b64encode(await value.read()).decode("ascii"))
+            elif key == "abstain":
+                request["abstain"] = value  # "true"/"false": the task parses it
             elif key == "top_k":
                 try:
                     request["top_k"] = int(value)

@@ -18,6 +18,7 @@ import numpy as np
 from starlette.responses import JSONResponse
 
 from export.bundle import read_bundle
+from inference.domain import abstain_default, abstention, domain_fields, domain_rule, parse_flag
 from inference.explain import (
     heatmap_overlay,
     nearest_distance,
@@ -32,7 +33,7 @@ from inference.model import bundle_location, load_model
 from inference.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
 from protoserve.errors import InputError
 from service.batching import AdaptiveBatcher, Overloaded
-from service.metrics import count_rejection, metrics, record_answers
+from service.metrics import count_out_of_domain, count_rejection, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
 from service.openapi import OVERLOADED, api_document
 from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
@@ -65,10 +66,22 @@ range; the schema below gives the sizes). Pictures are converted to the model's 
 /metadata "input"): to greyscale or RGB as the model's channels say (transparent pixels become
 black), resized to its height x width (bilinear), scaled to its value range, then normalised with
 its mean and std. The same route takes multipart/form-data uploads (image files in "images", or
-"image" for /explain; "top_k" as a form field). Every refusal is a JSON
+"image" for /explain; "top_k", "abstain" and "canonicalize" as form fields). Every refusal is a JSON
 {"error", "reason", "model"}; a body that matches the schema can still get a 400 when an image's
 bytes are not a decodable PNG/JPEG within the size limits (reason not_an_image, corrupt_image,
-image_too_large or bad_base64)."""
+image_too_large or bad_base64).
+
+Every prediction carries "in_domain" (is the input like the model's validation images, judged from
+its distances to the prototypes against the threshold calibrated at export; null for a bundle
+without calibration) and "typicality" (the share of validation images further from the prototypes:
+1 typical, 0 beyond all of them), and "abstained". "abstain": true (default: the service setting
+PROTOSERVE_ABSTAIN=1, else false) turns an out-of-domain prediction into an abstention: "label" and
+"class_name" null, "abstained": true, "reason": "out_of_domain" and a "detail"; the probabilities
+and (on /explain) the nearest prototypes are still given, their weight and contribution those of
+the class the model would have named. "canonicalize": true first makes a picture the way the
+training images were made (/metadata input.canonical: for MNIST, invert a light background, crop
+to the ink, fit it into 20x20, centre it by mass in 28x28): for photographed or scanned digits;
+a model without a canonical form refuses it (reason no_canonical_form)."""
 
 
 @bentoml.service(name="protoserve", workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60},
@@ -92,6 +105,8 @@ class Protoserve:
         self.provider = self.model.provider
         # The explanation-quality report's per-prototype figures (None each when the bundle has no report).
         self.prototype_quality = {p.id: p.figures for p in manifest.quality.prototypes} if manifest.quality else {}
+        self.domain = domain_rule(manifest, self.active)  # None: the bundle has no calibration
+        self.abstain = abstain_default()
         # /predict's adaptive batching (service/batching.py): concurrent requests share one session run.
         self.classify = AdaptiveBatcher(self._classify, MAX_BATCH_SIZE, MAX_LATENCY_MS, self._count_batch)
         self.predicting = 0  # /predict requests in this worker between their first line and their answer
@@ -99,6 +114,10 @@ class Protoserve:
         m.model_info.labels(manifest.name, manifest.version, manifest.family, self.provider).set(1)
         for level, value in self.model.reference_distance.items():
             m.reference_nearest_distance.labels(manifest.name, manifest.version, level).set(value)
+        if self.domain is not None:
+            m.out_of_domain_expected.labels(*self.model_id).set(self.domain.calibration.false_alarm_rate)
+            for api in ("predict", "explain", "score_batch"):  # zero series, so rates exist from the start
+                m.out_of_domain.labels(*self.model_id, api)
 
     def __is_ready__(self) -> bool:
         """BentoML builds the instance (load, verify, warm-up) before it serves: ready once it exists."""
@@ -114,12 +133,15 @@ class Protoserve:
     # request and answer shapes are documented by service/openapi.py.
 
     @bentoml.api(route="/predict")
-    async def predict(self, ctx: bentoml.Context, images: Any = None) -> dict:
-        """Classify a batch: {"images": [IMAGE, ...]} -> one prediction per image, in order."""
+    async def predict(self, ctx: bentoml.Context, images: Any = None, abstain: Any = None,
+                      canonicalize: Any = None) -> dict:
+        """Classify a batch: {"images": [IMAGE, ...], "abstain": false, "canonicalize": false} -> one
+        prediction per image, in order, each with in_domain and typicality."""
         started = time.perf_counter()
         ctx.response.headers["x-protoserve-worker"] = str(os.getpid())
         try:
-            batch = to_batch(images, self.manifest.input)
+            abstain = parse_flag(abstain, "abstain", self.abstain)
+            batch = to_batch(images, self.manifest.input, canonical=parse_flag(canonicalize, "canonicalize", False))
         except InputError as e:
             return JSONResponse(self._refuse(ctx, e))
         K = len(self.manifest.class_names)
@@ -133,20 +155,23 @@ class Protoserve:
             self.predicting -= 1
         probabilities, distances = output[:, :K], output[:, K:]
         self._record(probabilities, distances, "predict", started)
-        return JSONResponse({"model": self._model_ref(),
-                             "predictions": predictions(probabilities, self.manifest.class_names)})
+        answers = self._judge(predictions(probabilities, self.manifest.class_names), distances, "predict", abstain)
+        return JSONResponse({"model": self._model_ref(), "predictions": answers})
 
     @bentoml.api(route="/explain")
-    async def explain(self, ctx: bentoml.Context, image: Any = None, top_k: Any = None) -> dict:
-        """Explain one image: {"image": IMAGE, "top_k": 3} -> the prediction and the top_k nearest
-        prototypes (nearest first) with their pictures; PrototypeDL adds the input's reconstruction."""
+    async def explain(self, ctx: bentoml.Context, image: Any = None, top_k: Any = None, abstain: Any = None,
+                      canonicalize: Any = None) -> dict:
+        """Explain one image: {"image": IMAGE, "top_k": 3, "abstain": false, "canonicalize": false} -> the
+        prediction (with in_domain and typicality) and the top_k nearest prototypes (nearest first) with
+        their pictures; PrototypeDL adds the input's reconstruction."""
         started = time.perf_counter()
         ctx.response.headers["x-protoserve-worker"] = str(os.getpid())
         try:
             if image is None:
                 raise InputError("missing_field", 'body needs "image"')
             k = parse_top_k(top_k, int(self.active.sum()))
-            x = to_input(image, self.manifest.input)
+            abstain = parse_flag(abstain, "abstain", self.abstain)
+            x = to_input(image, self.manifest.input, canonical=parse_flag(canonicalize, "canonicalize", False))
         except InputError as e:
             return JSONResponse(self._refuse(ctx, e))
         outputs = {name: value[0] for name, value in self.model.outputs(x[None]).items()}  # one image: no batching
@@ -155,6 +180,7 @@ class Protoserve:
         prediction = predictions(probabilities, self.manifest.class_names)[0]
         nearest = nearest_prototypes(distances[0], k, self.active)
         rows = prototype_rows(self.manifest, distances[0], nearest, prediction["label"])
+        prediction = self._judge([prediction], distances, "explain", abstain)[0]
         for row in rows:
             row["image"] = self.pictures[row["id"]]
         answer = {"model": self._model_ref(), "prediction": prediction, "prototypes": rows}
@@ -171,7 +197,7 @@ class Protoserve:
     @bentoml.api(route="/metadata")
     async def metadata(self) -> dict:
         """The model: name, version, family, classes, input spec, metrics, explanation quality, prototypes,
-        provider."""
+        provider, and its out-of-domain rule."""
         m = self.manifest
         return JSONResponse({"model": self._model_ref(), "family": m.family, "created_at": m.created_at.isoformat(),
                 "class_names": m.class_names, "input": m.input.model_dump(mode="json"),
@@ -179,6 +205,7 @@ class Protoserve:
                 "metrics": m.metrics.model_dump(mode="json"), "prototypes": len(m.prototypes),
                 "active_prototypes": int(self.active.sum()), "provider": self.provider,
                 "source_commit": m.training.source_commit, "quality": quality_summary(m),
+                "domain": self._domain_summary(),
                 "limits": {"max_images_per_request": DEFAULT_LIMITS.max_batch,
                            "max_body_bytes": DEFAULT_MAX_BODY_BYTES,
                            "max_image_side": DEFAULT_LIMITS.max_side}})
@@ -195,14 +222,41 @@ class Protoserve:
         return JSONResponse({"model": self._model_ref(), "prototypes": rows})
 
     @bentoml.task(route="/score_batch")
-    async def score_batch(self, ctx: bentoml.Context, images: Any = None, top_k: Any = None) -> dict:
+    async def score_batch(self, ctx: bentoml.Context, images: Any = None, top_k: Any = None,
+                          abstain: Any = None) -> dict:
         """Batch scoring as an async task (service/score_task.py): POST /score_batch/submit {"images":
-        [IMAGE, ...], "top_k": 3} -> {"task_id"}; GET /score_batch/status and /score_batch/get?task_id=
-        -> one row per image, as `protoserve score` writes them (a bad image is a row with an error)."""
+        [IMAGE, ...], "top_k": 3, "abstain": false} -> {"task_id"}; GET /score_batch/status and
+        /score_batch/get?task_id= -> one row per image, as `protoserve score` writes them (a bad image is
+        a row with an error; in_domain and typicality on each; "abstain" nulls out-of-domain labels)."""
         try:
-            return await score_images(self.manifest, images, top_k, self.classify)
+            abstain = parse_flag(abstain, "abstain", self.abstain)
+            return await score_images(self.manifest, images, top_k, self.classify, abstain)
         except InputError as e:
             return self._refuse(ctx, e)
+
+    def _judge(self, answers: list[dict], distances: np.ndarray, api: str, abstain: bool) -> list[dict]:
+        """Add in_domain and typicality to each prediction (null without calibration), count the
+        out-of-domain ones, and turn them into abstentions when asked."""
+        if self.domain is None:
+            for answer in answers:
+                answer.update(in_domain=None, typicality=None, abstained=False)
+            return answers
+        labels = np.fromiter((a["label"] for a in answers), dtype=np.int64, count=len(answers))
+        in_domain, typicality = self.domain.judge(distances, labels)
+        count_out_of_domain(self.model_id, api, int(len(answers) - in_domain.sum()))
+        for i, answer in enumerate(answers):
+            answer.update(domain_fields(in_domain, typicality, i), abstained=False)
+            if abstain and not in_domain[i]:
+                abstention(answer, self.domain.calibration)
+        return answers
+
+    def _domain_summary(self) -> dict | None:
+        """The out-of-domain rule as /metadata shows it (null: the bundle has no calibration)."""
+        if self.domain is None:
+            return None
+        c = self.domain.calibration
+        return {"score": c.score, "threshold": c.threshold, "false_alarm_rate": c.false_alarm_rate,
+                "split": c.split, "images": c.images, "abstain_by_default": self.abstain}
 
     def _count_batch(self, size: int) -> None:
         metrics().batch_size.labels(*self.model_id).observe(size)

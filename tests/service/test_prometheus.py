@@ -30,7 +30,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
 def test_promtool_checks_rules_and_config():
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
     result = promtool("check", "config", "prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -137,4 +137,5 @@ def test_every_dashboard_and_rule_query_is_valid_promql(prometheus):
         assert r.status_code == 200 and r.json()["status"] == "success", f"{expr}: {r.text}"
     rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     assert {rule["name"] for g in rules for rule in g["rules"]} >= {"ProtoserveNearestPrototypeDistanceDrift",
-                                                                     "ProtoserveHighErrorRate"}
+                                                                     "ProtoserveHighErrorRate",
+                                                                     "ProtoserveOutOfDomainRate"}

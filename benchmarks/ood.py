@@ -1,0 +1,158 @@
+"""Knowing when not to answer, measured: the bundle's calibrated prototype score against max-softmax
+(Hendrycks & Gimpel 2017) and the energy score (Liu et al. 2020), on out-of-domain sets built here
+(benchmarks/ood_sets.py), with the MNIST test set as the in-domain side; then photo-like uploads
+with and without canonicalisation.
+
+For each bundle and set: AUROC (out-of-domain scoring higher) and the false-positive rate at 95%
+true-positive rate (the share of test digits flagged by the threshold that catches 95% of the set),
+for each score; the share of the set the bundle's own threshold flags; and the share of the clean
+test set it flags (calibrated on the validation split for its stated false-alarm rate).
+
+    PYTHONPATH=. .venv/bin/python -m benchmarks.ood [--bundles models/prototypedl_mnist/bundle ...]
+        [--n 1000] [--photos 2000] [--out runs/ood_benchmark.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.ood_sets import ood_sets, photo_like
+from export.bundle import read_bundle
+from export.calibration import auroc, fpr_at_tpr
+from export.runtime import open_session
+from inference.domain import domain_rule
+from inference.explain import active_mask
+from inference.preprocess import to_input
+from training.data import load_split, resolve_data_root
+
+BUNDLES = ["models/prototypedl_mnist/bundle", "models/protopnet_mnist/bundle"]
+SCORES = ("prototype", "max_softmax", "energy")
+FAR_SETS = ("uniform_noise", "gaussian_noise", "blank", "constant", "glyphs")
+BATCH = 500
+
+
+class Scorer:
+    """One bundle through ONNX Runtime: its calibrated prototype score and the two baselines."""
+
+    def __init__(self, bundle_path: str):
+        self.bundle = read_bundle(bundle_path)
+        self.manifest = self.bundle.manifest
+        self.session, _ = open_session(self.bundle.model_path, device="cpu", threads=1)
+        self.rule = domain_rule(self.manifest, active_mask(self.manifest))
+        if self.rule is None:
+            raise SystemExit(f"{bundle_path}: no out-of-domain calibration in the manifest; re-export it")
+
+    def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        names = ["logits", "probabilities", "distances"]
+        parts = [self.session.run(names, {"image": x[i:i + BATCH].astype(np.float32)}) for i in range(0, len(x), BATCH)]
+        return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(names)}
+
+    def scores(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every score of images x (larger = more out of domain), the labels and the rule's verdicts."""
+        out = self.outputs(x)
+        logits, labels = out["logits"].astype(np.float64), out["probabilities"].argmax(axis=1)
+        top = logits.max(axis=1)
+        in_domain, _ = self.rule.judge(out["distances"], labels)
+        return {"prototype": self.rule.score(out["distances"], labels),
+                "max_softmax": -out["probabilities"].max(axis=1),
+                "energy": -(top + np.log(np.exp(logits - top[:, None]).sum(axis=1))),
+                "flagged": ~in_domain, "label": labels}
+
+
+def compare(scorer: Scorer, test: np.ndarray, sets: dict[str, np.ndarray]) -> dict:
+    clean = scorer.scores(test)
+    result = {"score": scorer.rule.calibration.score, "false_alarm_rate": scorer.rule.calibration.false_alarm_rate,
+              "test_flagged": float(clean["flagged"].mean()), "sets": {}}
+    for name, images in sets.items():
+        ood = scorer.scores(images)
+        result["sets"][name] = {"images": len(images), "flagged": float(ood["flagged"].mean()),
+                                **{s: {"auroc": auroc(clean[s], ood[s]), "fpr95": fpr_at_tpr(clean[s], ood[s])}
+                                   for s in SCORES}}
+    return result
+
+
+def photo_accuracy(scorer: Scorer, digits: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """Accuracy and flagged share on photo-like JPEGs of the digits, decoded as the service does,
+    without and with canonicalisation."""
+    photos = photo_like(digits, seed)
+    spec = scorer.manifest.input
+    result = {"images": len(photos)}
+    for name, canonical in (("plain", False), ("canonical", True)):
+        x = np.stack([to_input(p, spec, canonical=canonical) for p in photos])
+        s = scorer.scores(x)
+        result[name] = {"accuracy": float(np.mean(s["label"] == labels)), "flagged": float(s["flagged"].mean())}
+    clean = np.stack([to_input(d[0].tolist(), spec, canonical=True) for d in digits])
+    result["clean_canonical_accuracy"] = float(np.mean(scorer.scores(clean)["label"] == labels))
+    return result
+
+
+def print_table(name: str, r: dict) -> None:
+    print(f"\n{name}: score {r['score']}, clean test flagged {r['test_flagged']:.2%} "
+          f"(calibrated false-alarm rate {r['false_alarm_rate']:.0%})")
+    print(f"{'set':16s} {'flagged':>8s} " + " ".join(f"{s + ' AUROC':>18s} {'FPR95':>6s}" for s in SCORES))
+    for set_name, row in r["sets"].items():
+        cells = " ".join(f"{row[s]['auroc']:18.4f} {row[s]['fpr95']:6.3f}" for s in SCORES)
+        print(f"{set_name:16s} {row['flagged']:8.1%} {cells}")
+    p = r["photos"]
+    print(f"photo-like test digits ({p['images']}): accuracy {p['plain']['accuracy']:.2%} as uploaded, "
+          f"{p['canonical']['accuracy']:.2%} canonicalised (flagged {p['plain']['flagged']:.1%} / "
+          f"{p['canonical']['flagged']:.1%}); clean digits canonicalised {p['clean_canonical_accuracy']:.2%}")
+
+
+def targets(name: str, r: dict) -> list[str]:
+    """The targets this run misses, each as one line."""
+    missed = []
+    for set_name, row in r["sets"].items():
+        if row["prototype"]["auroc"] <= row["max_softmax"]["auroc"]:
+            missed.append(f"{name} {set_name}: prototype AUROC {row['prototype']['auroc']:.4f} does not beat "
+                          f"max-softmax {row['max_softmax']['auroc']:.4f}")
+        if set_name in FAR_SETS and row["prototype"]["fpr95"] >= 0.05:
+            missed.append(f"{name} {set_name}: FPR@95 {row['prototype']['fpr95']:.3f} is not under 0.05")
+    if r["test_flagged"] > r["false_alarm_rate"] * 1.25:
+        missed.append(f"{name}: {r['test_flagged']:.2%} of the clean test set flagged (calibrated "
+                      f"{r['false_alarm_rate']:.0%})")
+    if r["photos"]["canonical"]["accuracy"] < 0.97:
+        missed.append(f"{name}: photo-like accuracy {r['photos']['canonical']['accuracy']:.2%} with "
+                      "canonicalisation is under 97%")
+    return missed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundles", nargs="+", default=BUNDLES)
+    p.add_argument("--n", type=int, default=1000, help="images per out-of-domain set")
+    p.add_argument("--photos", type=int, default=2000, help="photo-like test digits")
+    p.add_argument("--data-root")
+    p.add_argument("--out", default="runs/ood_benchmark.json")
+    args = p.parse_args(argv)
+    root = resolve_data_root(args.data_root)
+    images, labels = load_split(root, "mnist", "test")
+    test = (images.astype(np.float32) / 255.0)[:, None]
+    # The sets' digits come from the second half of the test set, the photos from the first: the
+    # clean side of every comparison is the whole test set.
+    sets = ood_sets(test[len(test) // 2:], args.n)
+    print("out-of-domain sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
+    results, missed = {}, []
+    for path in args.bundles:
+        scorer = Scorer(path)
+        name = scorer.manifest.tag
+        results[name] = compare(scorer, test, sets)
+        results[name]["photos"] = photo_accuracy(scorer, test[:args.photos], labels[:args.photos].astype(np.int64))
+        print_table(name, results[name])
+        missed += targets(name, results[name])
+    print("\ntargets missed:" if missed else "\nall targets met")
+    for line in missed:
+        print("  " + line)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"results": results, "missed": missed, "cpu_count": os.cpu_count()},
+                                         indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

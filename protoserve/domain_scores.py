@@ -1,0 +1,47 @@
+"""The out-of-domain scores of a model's distances to its prototypes, as numpy functions: one
+definition for the export-time calibration (export/calibration.py) and the answers
+(inference/domain.py), which sit on different layers. Larger scores are less like the validation
+images; inference/domain.py describes each score."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def distance_profile(distances: np.ndarray) -> np.ndarray:
+    """[N, M] squared distances -> [N, M] L2 distances, the features of prototype_mahalanobis."""
+    return np.sqrt(np.maximum(distances, 0.0, dtype=np.float64))
+
+
+def mahalanobis(distances: np.ndarray, labels: np.ndarray, class_means: np.ndarray,
+                precision: np.ndarray) -> np.ndarray:
+    """[N] (z - mean_label)' P (z - mean_label) of the distance profiles z."""
+    r = distance_profile(distances) - class_means[labels]
+    return np.einsum("nm,nm->n", r @ precision, r)
+
+
+def distance_scores(distances: np.ndarray, labels: np.ndarray, active: np.ndarray,
+                    class_of: np.ndarray) -> dict[str, np.ndarray]:
+    """The fit-free candidate scores ([N] each) of [N, M] distances, for inputs predicted as labels [N]."""
+    d = np.where(active[None, :], distances, np.inf)
+    three = np.sort(d, axis=1)[:, :3]
+    own = np.where(class_of[None, :] == labels[:, None], d, np.inf).min(axis=1)
+    nearest = three[:, 0]
+    return {"nearest_distance": nearest,
+            "class_nearest_distance": np.where(np.isfinite(own), own, nearest),
+            "mean3_distance": np.where(np.isfinite(three), three, nearest[:, None]).mean(axis=1)}
+
+
+# The smallest tail probability Fisher's combination takes: beyond every validation image is p = 0.
+P_FLOOR = 1e-4
+
+
+def upper_tail(scores: np.ndarray, quantiles, levels) -> np.ndarray:
+    """[N] scores -> [N] share of the validation images that scored higher (piecewise linear in the
+    validation scores' quantiles at levels)."""
+    return 1.0 - np.interp(scores, quantiles, levels, left=0.0, right=1.0)
+
+
+def fisher(tails: list[np.ndarray]) -> np.ndarray:
+    """Fisher's combination of tail probabilities: -sum log p (larger = less typical)."""
+    return -sum(np.log(np.maximum(p, P_FLOOR)) for p in tails)

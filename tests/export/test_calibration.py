@@ -1,0 +1,157 @@
+"""The out-of-domain calibration at export: validation split only, a threshold that keeps its stated
+false-alarm rate on held-out in-domain data, and the shipped bundles' verdicts on the OOD sets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.bundle import manifest_digest, read_bundle
+from export.calibration import auroc, calibrate, fpr_at_tpr, shuffled_pixels
+from inference.domain import domain_rule
+from inference.explain import active_mask
+from scoring.rows import BatchScorer
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = {"prototypedl": REPO / "models" / "prototypedl_mnist" / "bundle",
+           "protopnet": REPO / "models" / "protopnet_mnist" / "bundle"}
+# The share of each set the shipped bundles' thresholds must flag (README "Knowing when not to answer":
+# measured by benchmarks/ood.py, less a margin for the smaller samples here).
+FLAGGED_AT_LEAST = {
+    "prototypedl": {"uniform_noise": 0.99, "gaussian_noise": 0.99, "blank": 0.99, "constant": 0.6,
+                    "inverted_digits": 0.99, "glyphs": 0.25, "rotated_digits": 0.3, "digit_pairs": 0.6},
+    "protopnet": {"uniform_noise": 0.99, "gaussian_noise": 0.99, "blank": 0.99, "constant": 0.99,
+                  "inverted_digits": 0.35, "glyphs": 0.25, "rotated_digits": 0.35, "digit_pairs": 0.4},
+}
+
+
+def synthetic_model(n_classes: int = 3, n_prototypes: int = 6, seed: int = 0):
+    """A stand-in model whose 'images' are distance vectors: run returns them with one-hot-ish probabilities."""
+    class_of = np.arange(n_prototypes) % n_classes
+
+    def run(x: np.ndarray):
+        d = x.reshape(len(x), -1)[:, :n_prototypes].astype(np.float64)
+        logits = -np.stack([d[:, class_of == k].min(axis=1) for k in range(n_classes)], axis=1)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return p / p.sum(axis=1, keepdims=True), d
+
+    def sample(n: int, rng) -> np.ndarray:
+        d = rng.gamma(4.0, 0.5, (n, n_prototypes))
+        d[np.arange(n), rng.integers(0, n_prototypes, n)] = rng.gamma(2.0, 0.1, n)  # one prototype near
+        return d.reshape(n, 1, 1, n_prototypes).astype(np.float32)
+
+    return run, sample, class_of
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05])
+def test_the_threshold_keeps_its_false_alarm_rate_on_held_out_in_domain_data(rate):
+    run, sample, class_of = synthetic_model()
+    rng = np.random.default_rng(0)
+    c = calibrate(run, sample(8000, rng), np.ones(6, bool), class_of, 3, false_alarm_rate=rate)
+    assert c.false_alarm_rate == rate and c.split == "validation" and c.images == 4000
+    assert c.validation_false_alarm_rate == pytest.approx(rate, abs=0.002)
+    held_out = sample(20000, np.random.default_rng(1))
+    p, d = run(held_out)
+    in_domain, typicality = domain_rule_of(c, class_of).judge(d, p.argmax(axis=1))
+    assert np.mean(~in_domain) == pytest.approx(rate, rel=0.3)
+    assert 0.0 <= typicality.min() and typicality.max() <= 1.0
+    assert np.mean(typicality < rate) == pytest.approx(np.mean(~in_domain), abs=0.003)
+
+
+def domain_rule_of(calibration, class_of):
+    from inference.domain import DomainRule
+
+    fitted = {}
+    if calibration.class_means is not None:
+        fitted = {"class_means": np.asarray(calibration.class_means), "precision": np.asarray(calibration.precision)}
+    if calibration.components is not None:
+        fitted["components"] = {k: np.asarray(v) for k, v in calibration.components.items()}
+    return DomainRule(calibration, np.ones(len(class_of), bool), class_of, np.asarray(calibration.quantiles),
+                      np.asarray(calibration.levels), **fitted)
+
+
+def test_calibration_reads_only_the_validation_split(tiny_checkpoint, mnist_root, tmp_path, monkeypatch):
+    """Export hands calibrate the validation split's images, and calibrate runs the model on nothing
+    but those images and their shuffled-pixel proxies."""
+    import export.build as build
+    from training.data import load_dataset
+
+    seen: list[np.ndarray] = []
+    real = build.calibrate
+
+    def recording(run, validation, *args, **kwargs):
+        seen.append(validation.copy())
+
+        def watched(x):
+            seen.append(x.copy())
+            return run(x)
+
+        return real(watched, validation, *args, **kwargs)
+
+    monkeypatch.setattr(build, "calibrate", recording)
+    result = build.export_bundle(tiny_checkpoint, tmp_path / "bundle", "tiny", "0.1.0", data_root=str(mnist_root),
+                                 test_images=200, log=lambda s: None)
+    val = load_dataset(mnist_root, "mnist", 500, 0)["val"].images.numpy()
+    assert np.array_equal(seen[0], val)
+    allowed = {row.tobytes() for row in val} | {row.tobytes() for row in shuffled_pixels(val)}
+    for batch in seen[1:]:
+        assert all(row.tobytes() in allowed for row in batch)
+    domain = result.bundle.manifest.domain
+    assert domain.images == 250 and domain.split == "validation"
+
+
+def test_a_bundle_without_calibration_still_loads_and_says_unknown(tiny_bundle, tmp_path):
+    """Bundles exported before calibration: read as before; rows say in_domain and typicality null."""
+    old = tmp_path / "old_bundle"
+    shutil.copytree(tiny_bundle, old)
+    raw = json.loads((old / "manifest.json").read_text())
+    raw.pop("domain")  # the manifest as an older export wrote it: without the fields at all
+    raw["input"].pop("canonical")
+    raw["manifest_sha256"] = manifest_digest(raw)
+    (old / "manifest.json").write_text(json.dumps(raw))
+    manifest = read_bundle(old).manifest
+    assert manifest.domain is None and domain_rule(manifest, active_mask(manifest)) is None
+    with np.load(old / "probe.npz") as probe:
+        images = probe["input.image"]
+    scorer = BatchScorer(manifest)
+    rows = scorer.rows(0, ["a", "b"], np.ones(2, bool), [None, None], probe_outputs(old, images[:2])[0],
+                       probe_outputs(old, images[:2])[1]).records(abstain=True)
+    assert [(r["in_domain"], r["typicality"]) for r in rows] == [(None, None), (None, None)]
+    assert all(r["label"] is not None for r in rows)
+
+
+def probe_outputs(bundle: Path, images: np.ndarray):
+    from export.runtime import open_session
+
+    session, _ = open_session(read_bundle(bundle).model_path, device="cpu")
+    return session.run(["probabilities", "distances"], {"image": images.astype(np.float32)})
+
+
+def test_auroc_and_fpr_at_tpr():
+    assert auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 1.0
+    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 0.0
+    assert auroc(np.ones(4), np.ones(4)) == 0.5
+    assert fpr_at_tpr(np.arange(100.0), np.arange(50.0, 150.0)) == pytest.approx(0.45, abs=0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["prototypedl", "protopnet"])
+def test_shipped_bundles_flag_the_ood_sets_and_about_their_rate_of_the_test_set(family, mnist_root):
+    from benchmarks.ood import Scorer
+    from benchmarks.ood_sets import ood_sets
+    from training.data import load_split
+
+    scorer = Scorer(str(SHIPPED[family]))
+    calibration = scorer.rule.calibration
+    assert calibration.false_alarm_rate == 0.01 and calibration.split == "validation"
+    images, _ = load_split(mnist_root, "mnist", "test")
+    test = (images.astype(np.float32) / 255.0)[:, None]
+    flagged = scorer.scores(test)["flagged"].mean()  # held-out in-domain data: near the stated 1%
+    assert 0.004 <= flagged <= 0.016
+    for name, x in ood_sets(test[5000:], 300).items():
+        share = scorer.scores(x)["flagged"].mean()
+        assert share >= FLAGGED_AT_LEAST[family][name], f"{family} {name}: {share:.2%} flagged"
