@@ -1,18 +1,21 @@
-"""Serving speed: protoserve (BentoML) against the raw ONNX Runtime session and a naive FastAPI server.
+"""Serving speed: protoserve (BentoML) against the framework floor, the raw ONNX Runtime session and a naive server.
 
     python benchmarks/serve.py --bundle models/prototypedl_mnist/bundle \
         --checkpoint models/prototypedl_mnist/checkpoint.pt --out runs/serve_benchmark.json
 
-Three systems in one run, on the same test digit (a 28x28 PNG, base64 in JSON, one image per call):
+Four systems in one run, on the same test digit (a 28x28 PNG, base64 in JSON, one image per call):
   raw ORT       the bundle's model.onnx in this process, session.run on one image (the limit)
   protoserve    `bentoml serve service.service:Protoserve` (2 API workers, adaptive batching)
+  floor         `bentoml serve benchmarks.floor_service:Floor`: bare BentoML with protoserve's settings
+                answering a fixed JSON of /predict's shape (no middleware, decoding, model or metrics):
+                what the framework itself costs per request; protoserve is reported as a ratio of it
   naive         FastAPI + PyTorch eager, one image per call, one uvicorn worker: what a user might
                 write instead (the shape of the public ProtoPNet HTTP API)
 For each server: latency p50/p95/p99 and throughput of /predict (and protoserve's /explain) with 1,
-8 and 64 clients in a closed loop (each sends its next request when the last one is answered).
+8 and 64 clients in a closed loop (each sends its next request when the last one is answered), in
+alternating rounds (medians reported), and the resident memory of each API worker afterwards.
 The load generator (aiohttp) runs on the same machine and shares its cores with the servers.
-This file may import torch (the naive baseline); the service never does.
-"""
+This file may import torch (the naive baseline); the service never does."""
 
 from __future__ import annotations
 
@@ -233,51 +236,130 @@ def predict_c64(bundle: Path, log: Path, image: str, scale: float, **env: str) -
         server.stop()
 
 
-def compare_servers(bundle: Path, checkpoint: Path, out: Path, image: str, scale: float) -> dict:
-    """protoserve and the naive server side by side at every concurrency level, then the secondary figures."""
-    # Both servers run side by side and the levels alternate between them, so a change in the
-    # machine's load during the run (the cores are shared) falls on both alike.
-    print("protoserve (bentoml serve, 2 API workers, adaptive batching) and the naive FastAPI + PyTorch "
-          "eager server (one image per call, 1 uvicorn worker), alternating:", flush=True)
-    server, url = start_protoserve(bundle, out.with_suffix(".protoserve.log"))
-    naive, naive_url = start_naive(checkpoint, out.with_suffix(".naive.log"))
-    result = {"protoserve_predict": [], "naive_predict": [], "protoserve_explain": []}
-    try:
+def start_floor(log: Path) -> tuple[Server, str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BENTOML_DO_NOT_TRACK": "True"}
+    command = [sys.executable, "-m", "bentoml", "serve", "benchmarks.floor_service:Floor", "--host", "127.0.0.1",
+               "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    return Server(command, env, f"{url}/readyz", log), url
+
+
+def worker_memory_mb(server: Server) -> list[float]:
+    """Resident memory (RSS, MB) of each BentoML API worker under this server."""
+    import psutil
+
+    workers = [p for p in psutil.Process(server.process.pid).children(recursive=True)
+               if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+    return sorted(p.memory_info().rss / 2**20 for p in workers)
+
+
+def median_row(rows: list[dict]) -> dict:
+    """One row of medians over the rounds, with each round's p50 and throughput kept beside it."""
+    keys = ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "requests_per_s")
+    row = {"clients": rows[0]["clients"], "requests": sum(r["requests"] for r in rows),
+           "errors": sum(r["errors"] for r in rows), **{k: float(np.median([r[k] for r in rows])) for k in keys}}
+    row["rounds"] = [{"p50_ms": r["p50_ms"], "requests_per_s": r["requests_per_s"]} for r in rows]
+    return row
+
+
+def alternating_rounds(systems: dict[str, tuple[str, dict]], rounds: int, scale: float) -> dict[str, list[dict]]:
+    """Every system at every concurrency, `rounds` times, the systems taking turns at each level, so a
+    change in the machine's load (the cores are shared) falls on all alike; medians over the rounds."""
+    raw: dict[str, dict[int, list[dict]]] = {key: {c: [] for c in CONCURRENCY} for key in systems}
+    for r in range(rounds):
         for c in CONCURRENCY:
-            n = requests_for(c, scale)
-            for key, target, body in (("protoserve_predict", f"{url}/predict", {"images": [image]}),
-                                      ("naive_predict", f"{naive_url}/predict", {"image": image}),
-                                      ("protoserve_explain", f"{url}/explain", {"image": image, "top_k": 3})):
-                row = asyncio.run(closed_loop(target, body, c, n))
-                print(f"  {key:20s} c={c:<3d} p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f}  "
+            for key, (url, body) in systems.items():
+                row = asyncio.run(closed_loop(url, body, c, requests_for(c, scale)))
+                raw[key][c].append(row)
+                print(f"  round {r + 1} {key:20s} c={c:<3d} p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f}  "
                       f"p99 {row['p99_ms']:7.2f}  {row['requests_per_s']:7.1f} req/s  errors {row['errors']}",
                       flush=True)
-                result[key].append(row)
-        result |= secondary_figures(url, image, scale, result["naive_predict"][-1]["requests_per_s"])
+    return {key: [median_row(raw[key][c]) for c in CONCURRENCY] for key in systems}
+
+
+def per_round(a: dict, b: dict, figure) -> float:
+    """Median over the rounds of figure(a's round, b's round) for two rows of the same level: a ratio or
+    a difference taken within a round, where both systems saw the same machine load."""
+    return float(np.median([figure(x, y) for x, y in zip(a["rounds"], b["rounds"], strict=True)]))
+
+
+def floor_ratios(result: dict) -> dict:
+    """protoserve /predict against the framework floor at each level."""
+    ratios = {}
+    for mine, floor in zip(result["protoserve_predict"], result["floor_predict"], strict=True):
+        ratios[f"c{mine['clients']}"] = {
+            "throughput": per_round(mine, floor, lambda m, f: m["requests_per_s"] / f["requests_per_s"]),
+            "p50": per_round(mine, floor, lambda m, f: m["p50_ms"] / f["p50_ms"]),
+            "p50_minus_floor_ms": per_round(mine, floor, lambda m, f: m["p50_ms"] - f["p50_ms"])}
+    return ratios
+
+
+def targets(result: dict) -> dict:
+    """The figures the serving targets are stated in (README "Serving speed"), each taken within a round."""
+    raw_p50 = result["raw"]["batch_1"]["p50_ms"]
+    predict, explain, naive = result["protoserve_predict"], result["protoserve_explain"], result["naive_predict"]
+    memory = result["worker_memory_mb"]
+    return {
+        "predict_c1_p50_minus_floor_minus_raw_ms": result["floor_ratios"]["c1"]["p50_minus_floor_ms"] - raw_p50,
+        "predict_c64_throughput_vs_floor": result["floor_ratios"]["c64"]["throughput"],
+        "predict_c64_throughput_vs_naive": per_round(predict[-1], naive[-1],
+                                                     lambda m, n: m["requests_per_s"] / n["requests_per_s"]),
+        "explain_c1_p50_minus_predict_ms": per_round(explain[0], predict[0], lambda e, p: e["p50_ms"] - p["p50_ms"]),
+        "worker_memory_vs_floor": max(memory["protoserve"]) / max(memory["floor"]),
+    }
+
+
+def print_targets(t: dict) -> None:
+    print(f"targets: /predict c=1 p50 is floor + raw + {t['predict_c1_p50_minus_floor_minus_raw_ms']:.2f} ms "
+          f"(target <= 0.3 ms); c=64 throughput {t['predict_c64_throughput_vs_floor']:.2f}x the floor (target >= "
+          f"0.8) and {t['predict_c64_throughput_vs_naive']:.2f}x naive (target >= 5); /explain c=1 p50 is /predict "
+          f"+ {t['explain_c1_p50_minus_predict_ms']:.2f} ms (target <= 1 ms); worker memory "
+          f"{t['worker_memory_vs_floor']:.2f}x the floor's (target <= 1.5)")
+
+
+def compare_servers(args, bundle: Path, checkpoint: Path, out: Path, image: str, result: dict) -> None:
+    """The three servers side by side, alternating rounds, then the secondary figures and worker memory."""
+    print(f"protoserve (bentoml serve, 2 API workers, adaptive batching), the framework floor (bare BentoML, 2 "
+          f"workers, a fixed answer) and the naive FastAPI + PyTorch eager server (1 uvicorn worker); "
+          f"{args.rounds} alternating rounds:", flush=True)
+    server, url = start_protoserve(bundle, out.with_suffix(".protoserve.log"))
+    floor, floor_url = start_floor(out.with_suffix(".floor.log"))
+    naive, naive_url = start_naive(checkpoint, out.with_suffix(".naive.log"))
+    try:
+        result.update(alternating_rounds({
+            "protoserve_predict": (f"{url}/predict", {"images": [image]}),
+            "floor_predict": (f"{floor_url}/predict", {"images": [image]}),
+            "naive_predict": (f"{naive_url}/predict", {"image": image}),
+            "protoserve_explain": (f"{url}/explain", {"image": image, "top_k": 3})}, args.rounds, args.scale))
+        result["worker_memory_mb"] = {"protoserve": worker_memory_mb(server), "floor": worker_memory_mb(floor)}
+        print(f"  resident memory per API worker after the runs: protoserve "
+              f"{', '.join(f'{m:.0f}' for m in result['worker_memory_mb']['protoserve'])} MB, floor "
+              f"{', '.join(f'{m:.0f}' for m in result['worker_memory_mb']['floor'])} MB", flush=True)
+        secondary_figures(url, image, args.scale, result)
     finally:
         server.stop()
+        floor.stop()
         naive.stop()
-    return result
 
 
-def secondary_figures(url: str, image: str, scale: float, naive_c64_per_s: float) -> dict:
-    """Beside (never instead of) the one-image-per-call comparison: the HTTP floor (GET /livez: the load
-    generator, HTTP and BentoML's stack with no model work) and /predict with the client it is designed
-    for, up to 64 images per call (the naive server takes one: its images/s is its c=64 req/s)."""
-    livez = asyncio.run(closed_loop(f"{url}/livez", None, 1, requests_for(1, scale)))
-    print(f"  protoserve GET /livez  c=1   p50 {livez['p50_ms']:7.2f} ms (HTTP floor of this load generator)",
-          flush=True)
-    many = asyncio.run(closed_loop(f"{url}/predict", {"images": [image] * 64}, 8, max(10, int(100 * scale))))
-    many["images_per_s"] = many["requests_per_s"] * 64
-    print(f"  protoserve /predict, 64 images per call, c=8: p50 {many['p50_ms']:7.2f} ms  "
-          f"{many['images_per_s']:7.0f} images/s (naive c=64: {naive_c64_per_s:.0f} images/s)", flush=True)
-    return {"protoserve_livez_c1": livez, "protoserve_predict_64_images_per_call": many}
+def secondary_figures(url: str, image: str, scale: float, result: dict) -> None:
+    """Beside (never instead of) the one-image-per-call comparison: the HTTP floor of protoserve's stack
+    (GET /livez) and /predict with the client it is designed for (up to 64 images per call)."""
+    row = asyncio.run(closed_loop(f"{url}/livez", None, 1, requests_for(1, scale)))
+    result["protoserve_livez_c1"] = row
+    print(f"  protoserve GET /livez  c=1   p50 {row['p50_ms']:7.2f} ms", flush=True)
+    row = asyncio.run(closed_loop(f"{url}/predict", {"images": [image] * 64}, 8, max(10, int(100 * scale))))
+    row["images_per_s"] = row["requests_per_s"] * 64
+    result["protoserve_predict_64_images_per_call"] = row
+    print(f"  protoserve /predict, 64 images per call, c=8: p50 {row['p50_ms']:7.2f} ms  "
+          f"{row['images_per_s']:7.0f} images/s (naive c=64: {result['naive_predict'][-1]['requests_per_s']:.0f} "
+          "images/s)", flush=True)
 
 
-def batching_sweeps(bundle: Path, out: Path, image: str, scale: float) -> dict:
-    """/predict at c=64 by adaptive max batch size, then by max latency (one server start each)."""
+def batching_sweeps(bundle: Path, out: Path, image: str, scale: float, result: dict) -> None:
     print("adaptive batching: /predict at c=64 by max batch size", flush=True)
-    result = {"batch_size_sweep": [], "max_latency_sweep": []}
+    result["batch_size_sweep"] = []
     for size in (1, 16, 64):
         row = predict_c64(bundle, out.with_suffix(f".sweep{size}.log"), image, scale,
                           PROTOSERVE_MAX_BATCH_SIZE=str(size))
@@ -285,21 +367,13 @@ def batching_sweeps(bundle: Path, out: Path, image: str, scale: float) -> dict:
               f"{row['requests_per_s']:.1f} req/s", flush=True)
         result["batch_size_sweep"].append({"max_batch_size": size, **row})
     print("adaptive batching: /predict at c=64 by max latency (the dispatcher answers 503 past it)", flush=True)
+    result["max_latency_sweep"] = []
     for latency in (20, 200, 2000):
         row = predict_c64(bundle, out.with_suffix(f".latency{latency}.log"), image, scale,
                           PROTOSERVE_MAX_LATENCY_MS=str(latency))
         print(f"  max_latency_ms {latency:5d}: c=64 p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
               f"{row['requests_per_s']:.1f} req/s, {row['errors']} of {row['requests']} refused", flush=True)
         result["max_latency_sweep"].append({"max_latency_ms": latency, **row})
-    return result
-
-
-def targets(result: dict) -> dict:
-    """The figures the serving targets are stated in (README "Serving speed")."""
-    c1, c64 = result["protoserve_predict"][0], result["protoserve_predict"][-1]
-    return {"predict_c1_p50_minus_raw_ms": c1["p50_ms"] - result["raw"]["batch_1"]["p50_ms"],
-            "predict_c64_throughput_vs_naive": c64["requests_per_s"] / result["naive_predict"][-1]["requests_per_s"],
-            "explain_c1_p50_ms": result["protoserve_explain"][0]["p50_ms"]}
 
 
 def main() -> None:
@@ -309,6 +383,7 @@ def main() -> None:
                         help="the checkpoint the bundle was exported from (for the naive PyTorch server)")
     parser.add_argument("--out", default=str(REPO / "runs/serve_benchmark.json"))
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of requests per level")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; figures are their medians")
     parser.add_argument("--sweep", action="store_true",
                         help="also measure /predict at c=64 for adaptive max batch sizes 1, 16, 64 and max "
                              "latencies 20, 200, 2000 ms")
@@ -318,7 +393,7 @@ def main() -> None:
     x, image = test_digit(bundle)
     load = os.getloadavg()
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_before": load},
-              "bundle": str(bundle)}
+              "bundle": str(bundle), "rounds": args.rounds}
     print(f"{os.cpu_count()} CPUs, load average before the run {load[0]:.2f}", flush=True)
 
     print("raw ONNX Runtime session, in process:", flush=True)
@@ -326,16 +401,20 @@ def main() -> None:
     raw = result["raw"]["batch_1"]
     print(f"  batch 1: p50 {raw['p50_ms']:.3f} ms  p95 {raw['p95_ms']:.3f}  p99 {raw['p99_ms']:.3f}  "
           f"{raw['images_per_s']:.0f} img/s; batch 64: {result['raw']['batch_64_images_per_s']:.0f} img/s")
-    result |= compare_servers(bundle, checkpoint, out, image, args.scale)
+    compare_servers(args, bundle, checkpoint, out, image, result)
+    result["machine"]["loadavg_during"] = os.getloadavg()
     if args.sweep:
-        result |= batching_sweeps(bundle, out, image, args.scale)
-    result["targets"] = t = targets(result)
+        batching_sweeps(bundle, out, image, args.scale, result)
+
+    result["floor_ratios"] = floor_ratios(result)
+    print("protoserve /predict / floor, medians of the per-round ratios: " + "; ".join(
+        f"{c}: p50 x{r['p50']:.2f} (+{r['p50_minus_floor_ms']:.2f} ms), throughput x{r['throughput']:.2f}"
+        for c, r in result["floor_ratios"].items()))
+    result["targets"] = targets(result)
     result["machine"]["loadavg_after"] = os.getloadavg()
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"targets: /predict c=1 p50 is raw + {t['predict_c1_p50_minus_raw_ms']:.2f} ms (target <= 3 ms); "
-          f"c=64 throughput {t['predict_c64_throughput_vs_naive']:.2f}x naive (target >= 5x); "
-          f"/explain c=1 p50 {t['explain_c1_p50_ms']:.2f} ms (target < 15 ms)")
-    print(f"written to {out}")
+    print_targets(result["targets"])
+    print(f"load average during the run {result['machine']['loadavg_during'][0]:.2f}; written to {out}")
 
 
 if __name__ == "__main__":

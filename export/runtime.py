@@ -4,6 +4,7 @@ No torch import: the service and `protoserve verify` use this module as they are
 
 Public API:
     CUDA, CPU                                   provider names
+    GpuEvidence, gpu_evidence(), gpu_present()  whether this machine shows a usable NVIDIA GPU
     requested_providers(device) -> list[str]    what to ask a session for: "auto" | "cuda" | "cpu"
     active_provider(session_providers) -> str   what the session really runs on (from get_providers())
     session_options(threads, optimization)      the SessionOptions chosen by benchmarks/inference.py
@@ -15,6 +16,9 @@ Public API:
 
 from __future__ import annotations
 
+import functools
+import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +42,58 @@ class RuntimeProviderError(ProtoserveError):
     pass
 
 
-def requested_providers(device: str) -> list[str]:
-    """Providers to ask a session for, best first; CPU is always the fallback."""
+@dataclass(frozen=True)
+class GpuEvidence:
+    """What a process can check cheaply, before loading any CUDA library, about NVIDIA GPUs here."""
+
+    device_nodes: tuple[str, ...]  # /dev/nvidia0, /dev/nvidia1, ... (Linux) or /dev/dxg (WSL2)
+    driver_devices: int | None  # GPUs the driver (libcuda.so.1) counts; None: no driver library
+    visible_devices: str | None  # CUDA_VISIBLE_DEVICES as set, None when unset
+
+
+def gpu_present(evidence: GpuEvidence) -> bool:
+    """Whether a CUDA session is worth asking for: a device node, a driver that counts a GPU, and
+    CUDA_VISIBLE_DEVICES not hiding them all. The session's get_providers() still has the last word."""
+    if evidence.visible_devices is not None and evidence.visible_devices.strip() in ("", "-1", "none"):
+        return False
+    return bool(evidence.device_nodes) and bool(evidence.driver_devices)
+
+
+@functools.cache
+def gpu_evidence() -> GpuEvidence:
+    """This machine's evidence; the driver is only asked where a device node exists."""
+    nodes = tuple(sorted(p for p in glob.glob("/dev/nvidia*") if p[len("/dev/nvidia"):].isdigit()))
+    nodes += tuple(p for p in ("/dev/dxg",) if os.path.exists(p))
+    return GpuEvidence(nodes, _driver_device_count() if nodes else None, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def _driver_device_count() -> int | None:
+    """GPUs the NVIDIA driver reports (cuInit + cuDeviceGetCount), None without the driver library."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def requested_providers(device: str, evidence: GpuEvidence | None = None) -> list[str]:
+    """Providers to ask a session for, best first; CPU is always the fallback.
+
+    "auto" asks for CUDA only where `gpu_present` (evidence defaults to this machine's): asking
+    for it, and preloading the CUDA libraries it needs, maps ~200 MB of libraries and ~100 MB of
+    their memory into every process, for nothing where no GPU can run them. "cuda" always asks."""
     if device not in DEVICES:
         raise RuntimeProviderError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
-    return [CPU] if device == "cpu" else [CUDA, CPU]
+    if device == "cpu":
+        return [CPU]
+    if device == "auto" and not gpu_present(gpu_evidence() if evidence is None else evidence):
+        return [CPU]
+    return [CUDA, CPU]
 
 
 def active_provider(session_providers: list[str]) -> str:
@@ -87,8 +138,8 @@ def open_session(path: str | Path, device: str = "auto", threads: int = DEFAULT_
     if CUDA in providers:
         _preload_cuda_libraries(ort)
     if device == "auto":
-        # A CPU-only machine is a normal place to run "auto"; ONNX Runtime's error log about the
-        # missing CUDA driver is noise there. The outcome is still read from get_providers().
+        # "auto" falling back to CPU (a GPU without the CUDA 13 / cuDNN 9 libraries) is a normal
+        # outcome; ONNX Runtime's error log about it is noise. The outcome is read from get_providers().
         ort.set_default_logger_severity(4)
     try:
         session = ort.InferenceSession(str(path), sess_options=session_options(threads, optimization),
@@ -101,7 +152,7 @@ def open_session(path: str | Path, device: str = "auto", threads: int = DEFAULT_
     provider = active_provider(session.get_providers())
     if device == "cuda" and provider != CUDA:
         raise RuntimeProviderError(f"{path}: device 'cuda' asked for, but the session runs on {provider} "
-                                   "(no usable GPU, driver, CUDA 13 or cuDNN 9)")
+                                   f"(no usable GPU, driver, CUDA 13 or cuDNN 9; {gpu_evidence()})")
     return session, provider
 
 

@@ -75,23 +75,37 @@ def metrics() -> Metrics:
     )
 
 
+def labelled(metric, *labels: str):
+    """metric.labels(*labels), looked up once per label set: the child is the same object every time,
+    and prometheus_client's lookup (a lock, label checks) is a measurable part of a small request."""
+    return _children(metric, labels)
+
+
+@functools.cache
+def _children(metric, labels: tuple[str, ...]):
+    return metric.labels(*labels)
+
+
 def record_answers(model: tuple[str, str], class_names: list[str], prototype_ids: list[int],
                    probabilities, nearest_index, nearest_distance) -> None:
     """Count one batch of answers: predicted class, confidence, nearest prototype and its distance."""
     m = metrics()
     labels = probabilities.argmax(axis=1)
-    for label, probs, j, d in zip(labels, probabilities, nearest_index, nearest_distance, strict=True):
-        m.predictions.labels(*model, class_names[int(label)]).inc()
-        m.confidence.labels(*model).observe(float(probs[label]))
-        m.nearest_prototype.labels(*model, str(prototype_ids[int(j)])).inc()
-        m.nearest_distance.labels(*model).observe(float(d))
+    confidence = labelled(m.confidence, *model)
+    distance = labelled(m.nearest_distance, *model)
+    for label, probs, j, d in zip(labels.tolist(), probabilities, nearest_index.tolist(),
+                                  nearest_distance.tolist(), strict=True):
+        labelled(m.predictions, *model, class_names[label]).inc()
+        confidence.observe(float(probs[label]))
+        labelled(m.nearest_prototype, *model, str(prototype_ids[j])).inc()
+        distance.observe(d)
 
 
 def count_out_of_domain(model: tuple[str, str], api: str, count: int) -> None:
     """Add `count` out-of-domain images answered by `api` (predict, explain, score_batch)."""
     if count:
-        metrics().out_of_domain.labels(*model, api).inc(count)
+        labelled(metrics().out_of_domain, *model, api).inc(count)
 
 
 def count_rejection(reason: str) -> None:
-    metrics().rejected_inputs.labels(reason).inc()
+    labelled(metrics().rejected_inputs, reason).inc()

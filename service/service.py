@@ -7,6 +7,7 @@ concurrent requests into one session run; the answer keeps the public shape of A
 /explain runs its one image directly: there is nothing to batch.
 """
 
+import asyncio
 import base64
 import logging
 import os
@@ -21,9 +22,7 @@ from export.bundle import read_bundle
 from inference.domain import abstain_default, abstention, domain_fields, domain_rule, parse_flag
 from inference.explain import (
     heatmap_overlay,
-    nearest_distance,
     nearest_prototypes,
-    nearest_prototypes_batch,
     pixels_to_picture,
     png_base64,
     predictions,
@@ -33,7 +32,7 @@ from inference.model import bundle_location, load_model
 from inference.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
 from protoserve.errors import InputError
 from service.batching import AdaptiveBatcher, Overloaded
-from service.metrics import count_out_of_domain, count_rejection, metrics, record_answers
+from service.metrics import count_out_of_domain, count_rejection, labelled, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
 from service.openapi import OVERLOADED, api_document
 from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
@@ -50,7 +49,9 @@ MAX_LATENCY_MS = int(os.environ.get("PROTOSERVE_MAX_LATENCY_MS", "2000"))
 WORKERS = int(os.environ.get("PROTOSERVE_WORKERS", "2"))
 # A /predict call of up to this many images, alone in its worker, runs on the event loop, not in a
 # thread (service/batching.py): a few small images run in less time than a hand-off to a thread takes.
-# With other requests in flight it goes through the batcher, so they can share a session run.
+# With other requests in flight it goes to a thread through the batcher: the model runs outside the
+# GIL while the loop reads the next requests, and those share the next session run. Run inline under
+# load, calls would be answered one at a time with nothing to merge, a slower way to serve many.
 INLINE_MAX_SIZE = int(os.environ.get("PROTOSERVE_INLINE_MAX_SIZE", "8"))
 
 # BentoML's per-request work that this service does not need by default: the access log (a formatted
@@ -105,11 +106,12 @@ class Protoserve:
         self.provider = self.model.provider
         # The explanation-quality report's per-prototype figures (None each when the bundle has no report).
         self.prototype_quality = {p.id: p.figures for p in manifest.quality.prototypes} if manifest.quality else {}
+        self.worker_header = {"x-protoserve-worker": str(os.getpid())}
+        self.predicting = 0  # /predict requests in this worker past preprocessing, not yet answered
         self.domain = domain_rule(manifest, self.active)  # None: the bundle has no calibration
         self.abstain = abstain_default()
         # /predict's adaptive batching (service/batching.py): concurrent requests share one session run.
         self.classify = AdaptiveBatcher(self._classify, MAX_BATCH_SIZE, MAX_LATENCY_MS, self._count_batch)
-        self.predicting = 0  # /predict requests in this worker between their first line and their answer
         m = metrics()  # built now, in the worker, so a scrape lists them from the start
         m.model_info.labels(manifest.name, manifest.version, manifest.family, self.provider).set(1)
         for level, value in self.model.reference_distance.items():
@@ -130,42 +132,43 @@ class Protoserve:
 
     # The APIs return their JSON as a ready JSONResponse: BentoML passes a Response through, where for
     # a dict it rebuilds the return type's JSON schema on every response (README "Serving speed"). The
-    # request and answer shapes are documented by service/openapi.py.
+    # request and answer shapes are documented by service/openapi.py. The image routes set their status
+    # and headers on that response and take no bentoml.Context: BentoML copies a context's status,
+    # headers and cookies onto every response of an API that has one.
 
     @bentoml.api(route="/predict")
-    async def predict(self, ctx: bentoml.Context, images: Any = None, abstain: Any = None,
-                      canonicalize: Any = None) -> dict:
+    async def predict(self, images: Any = None, abstain: Any = None, canonicalize: Any = None) -> dict:
         """Classify a batch: {"images": [IMAGE, ...], "abstain": false, "canonicalize": false} -> one
         prediction per image, in order, each with in_domain and typicality."""
         started = time.perf_counter()
-        ctx.response.headers["x-protoserve-worker"] = str(os.getpid())
         try:
             abstain = parse_flag(abstain, "abstain", self.abstain)
             batch = to_batch(images, self.manifest.input, canonical=parse_flag(canonicalize, "canonicalize", False))
         except InputError as e:
-            return JSONResponse(self._refuse(ctx, e))
+            return self._answer(self._refuse(e), e.status)
         K = len(self.manifest.class_names)
         self.predicting += 1
         try:
+            # Requests that arrived with this one are tasks not yet started: one turn of the event loop
+            # brings them here, so `predicting` counts them and this call runs inline only when alone.
+            await asyncio.sleep(0)
             output = await self.classify(batch, inline=self.predicting == 1 and len(batch) <= INLINE_MAX_SIZE)
         except Overloaded as e:
-            ctx.response.status_code = 503
-            return JSONResponse({"error": str(e), "reason": OVERLOADED, "model": self._model_ref()})
+            return self._answer({"error": str(e), "reason": OVERLOADED, "model": self._model_ref()}, 503)
         finally:
             self.predicting -= 1
         probabilities, distances = output[:, :K], output[:, K:]
         self._record(probabilities, distances, "predict", started)
         answers = self._judge(predictions(probabilities, self.manifest.class_names), distances, "predict", abstain)
-        return JSONResponse({"model": self._model_ref(), "predictions": answers})
+        return self._answer({"model": self._model_ref(), "predictions": answers})
 
     @bentoml.api(route="/explain")
-    async def explain(self, ctx: bentoml.Context, image: Any = None, top_k: Any = None, abstain: Any = None,
+    async def explain(self, image: Any = None, top_k: Any = None, abstain: Any = None,
                       canonicalize: Any = None) -> dict:
         """Explain one image: {"image": IMAGE, "top_k": 3, "abstain": false, "canonicalize": false} -> the
         prediction (with in_domain and typicality) and the top_k nearest prototypes (nearest first) with
         their pictures; PrototypeDL adds the input's reconstruction."""
         started = time.perf_counter()
-        ctx.response.headers["x-protoserve-worker"] = str(os.getpid())
         try:
             if image is None:
                 raise InputError("missing_field", 'body needs "image"')
@@ -173,7 +176,7 @@ class Protoserve:
             abstain = parse_flag(abstain, "abstain", self.abstain)
             x = to_input(image, self.manifest.input, canonical=parse_flag(canonicalize, "canonicalize", False))
         except InputError as e:
-            return JSONResponse(self._refuse(ctx, e))
+            return self._answer(self._refuse(e), e.status)
         outputs = {name: value[0] for name, value in self.model.outputs(x[None]).items()}  # one image: no batching
         probabilities, distances = outputs["probabilities"][None], outputs["distances"][None]
         self._record(probabilities, distances, "explain", started)
@@ -192,7 +195,7 @@ class Protoserve:
         if "reconstruction" in outputs:
             answer["reconstruction"] = png_base64(pixels_to_picture(denormalize(outputs["reconstruction"],
                                                                                 self.manifest.input)))
-        return JSONResponse(answer)
+        return self._answer(answer)
 
     @bentoml.api(route="/metadata")
     async def metadata(self) -> dict:
@@ -232,7 +235,8 @@ class Protoserve:
             abstain = parse_flag(abstain, "abstain", self.abstain)
             return await score_images(self.manifest, images, top_k, self.classify, abstain)
         except InputError as e:
-            return self._refuse(ctx, e)
+            ctx.response.status_code = e.status
+            return self._refuse(e)
 
     def _judge(self, answers: list[dict], distances: np.ndarray, api: str, abstain: bool) -> list[dict]:
         """Add in_domain and typicality to each prediction (null without calibration), count the
@@ -259,21 +263,28 @@ class Protoserve:
                 "split": c.split, "images": c.images, "abstain_by_default": self.abstain}
 
     def _count_batch(self, size: int) -> None:
-        metrics().batch_size.labels(*self.model_id).observe(size)
+        labelled(metrics().batch_size, *self.model_id).observe(size)
 
     def _model_ref(self) -> dict:
         return {"name": self.manifest.name, "version": self.manifest.version}
 
-    def _refuse(self, ctx: bentoml.Context, error: InputError) -> dict:
+    def _answer(self, body: dict, status: int = 200) -> JSONResponse:
+        """An image route's answer, naming the worker that gave it (x-protoserve-worker: its pid)."""
+        return JSONResponse(body, status, self.worker_header)
+
+    def _refuse(self, error: InputError) -> dict:
+        """The refusal's body (the caller sets error.status), counted by reason."""
         count_rejection(error.reason)
-        ctx.response.status_code = error.status
         return {**error.body(), "model": self._model_ref()}
 
     def _record(self, probabilities: np.ndarray, distances: np.ndarray, api: str, started: float) -> None:
-        nearest = nearest_prototypes_batch(distances, 1, self.active)[:, 0]
+        # The nearest active prototype: the first smallest distance with masked ones out of reach (the
+        # same index as nearest_prototypes_batch's stable order, in one pass).
+        masked = np.where(self.active, distances, np.inf)
+        nearest = masked.argmin(axis=1)
         record_answers(self.model_id, self.manifest.class_names, self.prototype_ids, probabilities, nearest,
-                       nearest_distance(distances, self.active))
-        metrics().inference_seconds.labels(*self.model_id, api).observe(time.perf_counter() - started)
+                       masked[np.arange(len(masked)), nearest])
+        labelled(metrics().inference_seconds, *self.model_id, api).observe(time.perf_counter() - started)
 
 
 def quality_summary(manifest) -> dict | None:

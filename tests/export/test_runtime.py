@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import onnxruntime as ort
 import pytest
 
@@ -9,20 +14,69 @@ from export.bundle import read_bundle
 from export.runtime import (
     CPU,
     CUDA,
+    GpuEvidence,
     RuntimeProviderError,
     active_provider,
     compare,
+    gpu_evidence,
+    gpu_present,
     open_session,
     requested_providers,
 )
 
+REPO = Path(__file__).resolve().parents[2]
+A_GPU = GpuEvidence(device_nodes=("/dev/nvidia0",), driver_devices=1, visible_devices=None)
+NO_GPU = GpuEvidence(device_nodes=(), driver_devices=None, visible_devices=None)
+
 
 def test_requested_providers():
-    assert requested_providers("auto") == [CUDA, CPU]
-    assert requested_providers("cuda") == [CUDA, CPU]
-    assert requested_providers("cpu") == [CPU]
+    assert requested_providers("auto", A_GPU) == [CUDA, CPU]
+    assert requested_providers("auto", NO_GPU) == [CPU]
+    assert requested_providers("cuda", NO_GPU) == [CUDA, CPU]  # asked for: tried, and refused if unusable
+    assert requested_providers("cpu", A_GPU) == [CPU]
     with pytest.raises(RuntimeProviderError, match="device 'gpu'"):
         requested_providers("gpu")
+
+
+@pytest.mark.parametrize("evidence, present", [
+    (A_GPU, True),
+    (GpuEvidence(("/dev/dxg",), 1, None), True),  # WSL2
+    (GpuEvidence(("/dev/nvidia0", "/dev/nvidia1"), 2, "1"), True),
+    (NO_GPU, False),
+    (GpuEvidence((), 1, None), False),  # a driver but no device node: not in this container
+    (GpuEvidence(("/dev/nvidia0",), None, None), False),  # a device node but no driver library
+    (GpuEvidence(("/dev/nvidia0",), 0, None), False),  # the driver counts no GPU (cuInit failed)
+    (GpuEvidence(("/dev/nvidia0",), 1, ""), False),  # CUDA_VISIBLE_DEVICES hides them all
+    (GpuEvidence(("/dev/nvidia0",), 1, "-1"), False),
+])
+def test_gpu_present_needs_a_device_and_a_driver_that_counts_it(evidence, present):
+    assert gpu_present(evidence) is present
+
+
+def test_gpu_evidence_of_this_machine_matches_its_device_nodes():
+    evidence = gpu_evidence()
+    nodes = [p for p in Path("/dev").glob("nvidia*") if p.name[len("nvidia"):].isdigit()]
+    assert len(evidence.device_nodes) == len(nodes) + Path("/dev/dxg").exists()
+    if not evidence.device_nodes:
+        assert evidence.driver_devices is None  # the driver library is not even loaded without a device
+
+
+def test_auto_session_maps_cuda_libraries_only_where_a_gpu_is(tiny_bundle):
+    """In a fresh process (this one may have loaded CUDA through torch): an "auto" session, then the
+    process's memory map. Without a GPU no CUDA library is loaded; with one, the session runs on CUDA."""
+    script = ("import sys\nfrom export.bundle import read_bundle\nfrom export.runtime import gpu_evidence, "
+              "gpu_present, open_session\n_, provider = open_session(read_bundle(sys.argv[1]).model_path, 'auto')\n"
+              "print(provider, gpu_present(gpu_evidence()))\nprint(open('/proc/self/maps').read())")
+    out = subprocess.run([sys.executable, "-c", script, str(tiny_bundle)], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120, check=True).stdout
+    provider, present = out.splitlines()[0].split()
+    mapped = {line.split()[-1].rsplit("/", 1)[-1] for line in out.splitlines()[1:] if "/" in line}
+    cuda_libraries = {name for name in mapped if name.startswith(("libcublas", "libcudnn", "libcufft", "libcurand",
+                                                                  "libnvrtc", "libcudart"))}
+    if present == "False":
+        assert provider == CPU and cuda_libraries == set()
+    else:
+        assert provider == CUDA and any(name.startswith("libcublas") for name in cuda_libraries)
 
 
 def test_active_provider_reads_the_session_list():

@@ -16,8 +16,11 @@ from inference.preprocess import (
     Limits,
     decode_base64,
     denormalize,
+    normalize,
     open_image,
     parse_top_k,
+    picture_to_input,
+    picture_to_pixels,
     to_batch,
     to_input,
 )
@@ -79,6 +82,18 @@ def test_normalisation_follows_the_manifest_and_inverts():
     assert x[0, 0, 0] == pytest.approx(-0.1307 / 0.3081, abs=1e-6)
     pixels = denormalize(x, NORMALISED)
     assert pixels[0, 10, 13] == pytest.approx(1.0, abs=1e-6) and pixels[0, 0, 0] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("spec", [MNIST, NORMALISED, RGB])
+def test_level_table_gives_the_numbers_of_the_per_pixel_steps(spec):
+    """The lookup equals scaling and normalize done on every pixel in float32, bit for bit."""
+    rng = np.random.default_rng(0)
+    shape = (spec.height, spec.width) if spec.channels == 1 else (spec.height, spec.width, 3)
+    img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+    low, high = spec.value_range
+    stepwise = normalize(picture_to_pixels(img, spec) * (high - low) + low, spec)
+    np.testing.assert_array_equal(picture_to_input(img, spec), stepwise)
+    assert picture_to_input(img, spec).dtype == np.float32
 
 
 def test_rgb_spec_with_a_0_255_range():
