@@ -69,13 +69,28 @@ def _download(args) -> None:
 
 def _export(args) -> None:
     from export.build import export_bundle
+    from export.quality.report import QualityOptions
 
     if not 0 < args.false_alarm_rate < 1:
         raise SystemExit(f"--false-alarm-rate {args.false_alarm_rate} is not between 0 and 1")
+    quality = None if args.no_quality else QualityOptions(sample=args.quality_sample)
     result = export_bundle(Path(args.checkpoint), Path(args.out), args.name, args.version, args.data_root,
-                           force=args.force, false_alarm_rate=args.false_alarm_rate)
+                           force=args.force, false_alarm_rate=args.false_alarm_rate, quality=quality)
     m = result.bundle.manifest
     print(f"bundle {m.tag} written to {args.out} (test accuracy {m.metrics.test_accuracy:.4f})")
+
+
+def _report(args) -> None:
+    from export.quality.report import QualityOptions, write_quality_report
+
+    if args.sample < 1:
+        raise ProtoserveError(f"--sample is {args.sample}; it must be at least 1")
+    options = QualityOptions(sample=args.sample, seed=args.seed, judge=Path(args.judge) if args.judge else None)
+    report = write_quality_report(Path(args.bundle), args.data_root, options, progress=not args.quiet)
+    for name, f in report.figures.items():
+        reference = "" if f.reference is None else f"  (reference {f.reference:.4g}: {f.reference_kind})"
+        print(f"{name:34s} {f.value if f.value is None else format(f.value, '.4g')}{reference}")
+    print(f"quality written into {Path(args.bundle) / 'manifest.json'}, {report.picture} and {report.page}")
 
 
 def _revise(args) -> None:
@@ -296,9 +311,25 @@ def _bundle_verbs(sub) -> None:
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--data-root", help="IDX files for the parity check (default: $PROTOSERVE_DATA_ROOT)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--no-quality", action="store_true", help="skip the explanation-quality report")
+    p.add_argument("--quality-sample", type=int, default=500, help="validation images for the report's "
+                   "map-based figures (default 500)")
     p.add_argument("--false-alarm-rate", type=float, default=0.01,
                    help="share of in-domain (validation) images the out-of-domain threshold may flag (default 0.01)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("report", help="the explanation-quality report of a bundle, on the validation split, "
+                       "written into its manifest (quality), quality.png and quality.html")
+    p.add_argument("bundle")
+    p.add_argument("--data-root", help="the data the model was trained on (default: $PROTOSERVE_DATA_ROOT)")
+    p.add_argument("--sample", type=int, default=500, help="validation images drawn for the map-based "
+                   "figures (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample, noise and random references")
+    p.add_argument("--judge", help="PrototypeDL: the independent model's bundle that classifies the decoded "
+                   "prototypes (default: models/protopnet_mnist/bundle)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_report)
+
 
     p = sub.add_parser("revise", help="revise a model from verdicts on its prototypes (mask, prune or Alg. 1 "
                        "rounds with antitypes) and export the new version with its lineage")

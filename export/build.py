@@ -5,8 +5,9 @@ the prototype PNGs and table rows the family's table entry describes (training/f
 PrototypeDL the decoded prototypes; ProtoPNet each pushed patch, its source image with boxes and its
 activation map, redrawn from the push provenance the checkpoint holds), run the whole test set
 through PyTorch (eval) and ONNX Runtime (CPU), refuse to continue if parity misses its limits, store
-a golden probe, write and re-read the manifest, and only then move the finished directory to its
-place (a bundle is never half written).
+a golden probe, write and re-read the manifest, add the explanation-quality report (export/quality/,
+on the validation split), and only then move the finished directory to its place (a bundle is never
+half written).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from export.onnx_export import (
     export_graph,
 )
 from export.parity import describe, parity_failures, parity_figures
+from export.quality.report import QualityOptions, write_quality_report
 from export.runtime import open_session, verify_bundle
 from protoserve.errors import ProtoserveError
 from training.checkpoint import load_checkpoint
@@ -64,6 +66,7 @@ MNIST_FORM = CanonicalForm(ink="light_on_dark", box=20, centre="mass",
                                        "20x20 (aspect ratio kept) and centred by its centre of mass in 28x28")
 PROBE_ATOL, PROBE_RTOL = 1e-5, 1e-4
 BATCH_SIZE = 500
+DEFAULT_QUALITY = QualityOptions()
 
 
 class ExportError(ProtoserveError):
@@ -82,9 +85,11 @@ class ExportResult:
 
 def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_root: str | None = None,
                   force: bool = False, test_images: int | None = None, log=print,
-                  false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE) -> ExportResult:
+                  false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+                  quality: QualityOptions | None = DEFAULT_QUALITY) -> ExportResult:
     """Write the bundle of `checkpoint` to `out`; parity on the first `test_images` (default: all); the
-    out-of-domain threshold calibrated on the validation split for `false_alarm_rate`."""
+    out-of-domain threshold calibrated on the validation split for `false_alarm_rate`; the
+    explanation-quality report on the validation split unless `quality` is None."""
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out}: exists; bundles are immutable, choose a new --out or pass --force")
@@ -106,6 +111,8 @@ def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_roo
         domain = calibrate_domain(staging / manifest.model.file, data["val"], manifest, false_alarm_rate, log)
         manifest = manifest.model_copy(update={"domain": domain})
         write_manifest(staging, manifest)
+        if quality is not None:
+            write_quality_report(staging, str(root), options=quality, log=log)
         verify_bundle(staging)
         _move_into_place(staging, out)
     finally:

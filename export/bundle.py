@@ -6,7 +6,8 @@ Public API (kept small; the service depends on it):
     SCHEMA_VERSION, MANIFEST_FILE, FAMILY_OUTPUTS
     BundleError(ProtoserveError)     one line: "<file>: <problem>"
     Manifest and its parts            InputSpec, TensorSpec, GraphSpec, PrototypeRow, Metrics,
-                                      ParityFigures, ProbeSpec, TrainingInfo, Lineage (optional)
+                                      ParityFigures, ProbeSpec, TrainingInfo, Lineage (optional),
+                                      QualityReport (QualityFigure, PrototypeQuality): the optional `quality`
     Bundle                            a read and checked bundle: .path, .manifest, .model_path,
                                       .decoder_path (None when the family has no decoder),
                                       .probe_path, .file(name), .prototype(id), .output_names
@@ -201,6 +202,40 @@ class TrainingInfo(_Strict):
     metrics: dict = {}  # the checkpoint's own figures (validation accuracy, losses)
 
 
+class QualityFigure(_Strict):
+    """One figure of the explanation-quality report, beside the reference it is read against."""
+
+    value: float | None
+    reference: float | None = None
+    reference_kind: str | None = None  # what the reference is: "chance", "random order", "randomised model", ...
+    higher_is_better: bool | None = None
+    n: int | None = None  # how many cases (images, image-prototype pairs, prototypes) it summarises
+    detail: dict = {}  # e.g. the worst prototypes, the curves, a pass/fail verdict
+
+
+class PrototypeQuality(_Strict):
+    id: int  # the prototype table's id
+    figures: dict = {}  # the per-prototype figures by name (None where one does not apply)
+
+
+class QualityReport(_Strict):
+    """The explanation-quality report (export/quality/): computed on a data split by a fixed seed."""
+
+    data: str  # the data set
+    split: str  # "validation"
+    split_size: int
+    sample_size: int  # images drawn (seeded) from the split for the map-based figures
+    seed: int
+    settings: dict = {}  # noise, grid, top fraction, steps, judge bundle ...
+    computed_at: datetime
+    seconds: float | None = None
+    figures: dict[str, QualityFigure]
+    not_applicable: dict[str, str] = {}  # figure name -> why the family or data has none
+    prototypes: list[PrototypeQuality] = []
+    picture: str | None = None  # file in the bundle (PNG)
+    page: str | None = None  # file in the bundle (HTML)
+
+
 class Lineage(_Strict):
     """How a revised version came from its parent (training/revision.py): enough to trace a served
     model back to every verdict that made it. Absent on a version that was trained, not revised."""
@@ -231,6 +266,7 @@ class Manifest(_Strict):
     metrics: Metrics
     probe: ProbeSpec
     training: TrainingInfo
+    quality: QualityReport | None = None  # the explanation-quality report (protoserve report)
     # Absent in bundles exported before calibration: their answers say in_domain and typicality null.
     domain: DomainCalibration | None = None
     lineage: Lineage | None = None  # a revised version's parent and the decisions that made it
@@ -308,10 +344,13 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Manifest:
     directory = Path(directory)
     files = {name: sha256_file(directory / name) for name in _bundle_files(directory)}
     raw = manifest.model_copy(update={"files": files, "manifest_sha256": None}).model_dump(mode="json")
-    if raw.get("lineage") is None:  # a trained (not revised) version reads the same as before lineage existed
-        raw.pop("lineage", None)
+    for optional in ("lineage", "quality"):  # absent, a manifest reads the same as before the field existed
+        if raw.get(optional) is None:
+            raw.pop(optional, None)
     raw["manifest_sha256"] = manifest_digest(raw)
-    (directory / MANIFEST_FILE).write_text(json.dumps(raw, indent=2) + "\n")
+    partial = directory / f".{MANIFEST_FILE}.partial"  # renamed into place: a reader never sees half a manifest
+    partial.write_text(json.dumps(raw, indent=2) + "\n")
+    partial.replace(directory / MANIFEST_FILE)
     return read_bundle(directory).manifest
 
 
@@ -370,6 +409,7 @@ def _check_consistency(m: Manifest, manifest_path: Path) -> None:
             problems.append(f"output {name} has shape {spec.shape}, expected ['N', {count}]")
     referenced = [m.model.file, m.probe.file] + ([m.decoder.file] if m.decoder else [])
     referenced += [p.image for p in m.prototypes if p.image]
+    referenced += [f for f in (m.quality.picture, m.quality.page) if f] if m.quality else []
     problems += [f"{name} is referenced but not listed in files" for name in referenced if name not in m.files]
     problems += [f"file entry {name!r} is not a path inside the bundle" for name in m.files
                  if not _is_inside(name) or name == MANIFEST_FILE]

@@ -127,9 +127,15 @@ def answer_schemas() -> dict[str, dict]:
                                 "weight": {"type": "number"}, "contribution": {"type": "number"},
                                 "image": {"type": "string", "nullable": True}}}
     model = {"$ref": "#/components/schemas/ModelRef"}
+    quality = {"type": "object", "nullable": True, "required": ["data", "split", "sample_size", "seed", "figures"],
+               "description": "The bundle's explanation-quality report (validation split): each figure with "
+                              "its reference; null when the bundle has none."}
+    quality_row = {"type": "object", "nullable": True,
+                   "description": "This prototype's explanation-quality figures by name (null without a report)."}
     catalogue_row = {"type": "object", "required": ["id", "class_identity", "status"],
                      "properties": {"id": {"type": "integer"}, "class_identity": {"type": "integer"},
-                                    "status": {"type": "string", "enum": ["active", "masked"]}}}
+                                    "status": {"type": "string", "enum": ["active", "masked"]},
+                                    "quality": quality_row}}
     scored = {"type": "object", "required": ["model", "images", "failed", "rows"],
               "properties": {"model": model, "images": {"type": "integer"}, "failed": {"type": "integer"},
                              "rows": {"type": "array", "items": {"type": "object",
@@ -145,7 +151,7 @@ def answer_schemas() -> dict[str, dict]:
         "/metadata": {"type": "object", "required": ["model", "family", "class_names", "input", "provider"],
                       "properties": {"model": model, "family": {"type": "string"}, "provider": {"type": "string"},
                                      "class_names": {"type": "array", "items": {"type": "string"}},
-                                     "input": {"type": "object"},
+                                     "input": {"type": "object"}, "quality": quality,
                                      "domain": {"type": "object", "nullable": True,
                                                 "description": "The out-of-domain rule calibrated at export "
                                                                "(null: the bundle has none)"}}},

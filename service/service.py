@@ -116,6 +116,9 @@ class Protoserve:
                                      lambda size: labelled(metrics().batch_size, *v.model_id).observe(size))
         v.headers = {**self.worker_header, "x-model-version": v.version}
         v.domain = domain_rule(v.manifest, v.active)  # None: the bundle has no calibration
+        # The explanation-quality report's per-prototype figures (None each when the bundle has no report).
+        quality = v.manifest.quality
+        v.prototype_quality = {p.id: p.figures for p in quality.prototypes} if quality else {}
         m = metrics()  # built now, in the worker, so a scrape lists them from the start
         m.model_info.labels(*v.model_id, v.manifest.family, v.model.provider).set(1)
         for level, value in v.model.reference_distance.items():
@@ -230,8 +233,9 @@ class Protoserve:
 
     @bentoml.api(route="/metadata")
     async def metadata(self) -> dict:
-        """The model: name, version, family, classes, input spec, metrics, prototypes, provider, and
-        its out-of-domain rule; `worker` says which process answered and which registry generation it holds."""
+        """The model: name, version, family, classes, input spec, metrics, explanation quality, prototypes,
+        provider, and its out-of-domain rule; `worker` says which process answered and which registry
+        generation it holds."""
         v = self.current
         m = v.manifest
         return JSONResponse({"model": v.ref(), "family": m.family, "created_at": m.created_at.isoformat(),
@@ -239,18 +243,21 @@ class Protoserve:
                 "outputs": [t.model_dump(mode="json") for t in m.model.outputs],
                 "metrics": m.metrics.model_dump(mode="json"), "prototypes": len(m.prototypes),
                 "active_prototypes": int(v.active.sum()), "provider": v.model.provider, "worker": self.describe(),
-                "source_commit": m.training.source_commit, "domain": self._domain_summary(v),
+                "source_commit": m.training.source_commit, "quality": quality_summary(m),
+                "domain": self._domain_summary(v),
                 "limits": {"max_images_per_request": DEFAULT_LIMITS.max_batch,
                            "max_body_bytes": DEFAULT_MAX_BODY_BYTES,
                            "max_image_side": DEFAULT_LIMITS.max_side}})
 
     @bentoml.api(route="/prototypes")
     async def prototypes(self) -> dict:
-        """The prototype catalogue: every prototype's table row and its picture (base64 PNG)."""
+        """The prototype catalogue: every prototype's table row, its picture (base64 PNG) and its
+        explanation-quality figures."""
         v = self.current
         rows = [{"id": row.id, "class_identity": row.class_identity,
                  "class_name": v.manifest.class_names[row.class_identity], "weights": row.weights,
-                 "status": row.status, "provenance": row.provenance, "image": v.pictures[row.id]}
+                 "status": row.status, "provenance": row.provenance, "image": v.pictures[row.id],
+                 "quality": v.prototype_quality.get(row.id)}
                 for row in v.manifest.prototypes]
         return JSONResponse({"model": v.ref(), "prototypes": rows})
 
@@ -316,6 +323,13 @@ class Protoserve:
         record_answers(v.model_id, v.manifest.class_names, v.prototype_ids, probabilities, nearest,
                        masked[np.arange(len(masked)), nearest])
         labelled(metrics().inference_seconds, *v.model_id, api).observe(time.perf_counter() - started)
+
+
+def quality_summary(manifest) -> dict | None:
+    """The bundle's explanation-quality report without its per-prototype rows (those are in /prototypes)."""
+    if manifest.quality is None:
+        return None
+    return manifest.quality.model_dump(mode="json", exclude={"prototypes"})
 
 
 _worker = None  # this worker's Protoserve instance, for /readyz (service/middleware.py)

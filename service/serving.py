@@ -43,6 +43,7 @@ class ServedVersion:
     source_pictures: dict[int, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)  # on every answer: worker and version
     domain: object | None = None  # its out-of-domain rule (inference/domain.py), None without calibration
+    prototype_quality: dict[int, dict | None] = field(default_factory=dict)  # id -> quality figures
 
     @property
     def manifest(self):

@@ -9,6 +9,8 @@ import pytest
 from tiny_configs import tiny_config_dict, tiny_protopnet_dict
 
 REPO = Path(__file__).resolve().parents[1]
+# The tiny bundles' quality report: a small sample keeps the fixtures fast (a few seconds).
+TINY_QUALITY_OPTIONS = {"sample": 64, "curve_images": 8, "steps": 10, "encodings": 1000}
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 CHECKOUT_MNIST = REPO / "data" / "mnist"  # where `make data` downloads MNIST when ../shared has none
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -82,9 +84,12 @@ def tiny_protopnet_bundle(tmp_path_factory, tiny_protopnet_checkpoint, mnist_roo
 
 
 def _export_tiny(tmp_path_factory, checkpoint: Path, name: str, mnist_root: Path) -> Path:
-    """`protoserve export` of a tiny checkpoint as <name>:0.1.0, parity on the first 1,000 test images."""
+    """`protoserve export` of a tiny checkpoint as <name>:0.1.0, parity on the first 1,000 test images,
+    with a quality report on a small sample (TINY_QUALITY)."""
     from export.build import export_bundle
+    from export.quality.report import QualityOptions
 
     out = tmp_path_factory.mktemp(name.replace("-", "_")) / "bundle"
-    export_bundle(checkpoint, out, name, "0.1.0", data_root=str(mnist_root), test_images=1000, log=lambda s: None)
+    export_bundle(checkpoint, out, name, "0.1.0", data_root=str(mnist_root), test_images=1000, log=lambda s: None,
+                  quality=QualityOptions(**TINY_QUALITY_OPTIONS))
     return out

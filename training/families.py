@@ -55,6 +55,8 @@ class Family:
     graph_forward: Callable[[nn.Module, torch.Tensor], tuple]  # image -> those outputs, as traced for export
     decoder: Callable[[nn.Module], nn.Module | None]  # latent -> image graph (decoder.onnx), or None
     prototype_records: Callable[..., list[PrototypeRecord]]  # (model, push_set, mean, std) -> one per prototype
+    encode: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # images -> [N, P, D]: what prototypes are compared with
+    backbone: Callable[[nn.Module], nn.Module]  # its feature extractor (the quality report's sanity check)
     config_checks: Callable[[Config], list[tuple[bool, str]]]  # (holds?, message) for its own config fields
     pictures: str | None  # "module:function" (model, config, out, data_root, seed) -> PNGs of a checkpoint
     pictures_note: str = ""  # where its pictures come from instead, when `pictures` is None
@@ -188,12 +190,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family(name="prototypedl", build=lambda config, initial_weights=True: PrototypeDL(config),
            trainer="training.train:Trainer", evaluate="training.evaluate:evaluate_prototypedl",
            distributed=False, graph_outputs=_prototypedl_outputs, graph_forward=_prototypedl_forward,
+           encode=lambda model, x: model.encode(x)[:, None, :], backbone=lambda model: model.encoder,
            decoder=PrototypeDLDecoder, prototype_records=_prototypedl_records, config_checks=lambda config: [],
            pictures="training.visualize:prototypedl_figures",
            revision="training.revision_families:PROTOTYPEDL_REVISION"),
     Family(name="protopnet", build=_build_protopnet,
            trainer="training.train_protopnet:ProtoPNetTrainer", evaluate="training.evaluate:evaluate_protopnet",
            distributed=True, graph_outputs=_protopnet_outputs, graph_forward=_protopnet_forward,
+           encode=lambda model, x: model.latent(x).flatten(2).transpose(1, 2), backbone=lambda model: model.features,
            decoder=lambda model: None, prototype_records=_protopnet_records, config_checks=_protopnet_config_checks,
            pictures=None, pictures_note="push writes each prototype's pictures into the run's push/epoch_NNNN/ "
                                        "folders, and the bundle holds those of the exported model",

@@ -147,7 +147,7 @@ def test_protopnet_adds_outputs_not_a_new_format(tiny_bundle, tmp_path):
     outputs.append(TensorSpec(name="similarity_maps", shape=["N", 15, 7, 7]))
     rows = [p.model_copy(update={"provenance": {"image_index": 3, "patch_box": [0, 0, 1, 1]}, "image": None})
             for p in m.prototypes]
-    protopnet = m.model_copy(update={"family": "protopnet", "decoder": None, "prototypes": rows,
+    protopnet = m.model_copy(update={"family": "protopnet", "decoder": None, "prototypes": rows, "quality": None,
                                      "model": m.model.model_copy(update={"outputs": outputs})})
     folder = tmp_path / "protopnet"
     folder.mkdir()
@@ -196,3 +196,4 @@ def test_export_command_on_the_whole_test_set(tiny_checkpoint, mnist_root, tmp_p
     assert "parity on 10000 images" in result.stdout and "argmax mismatches 0, top-3 mismatches 0" in result.stdout
     assert "bundle tiny:2.0.0 written" in result.stdout
     assert run_cli("verify", str(out)).returncode == 0
+    assert read_bundle(out).manifest.quality.sample_size == 500  # export adds the quality report by default

@@ -75,6 +75,9 @@ def test_revise_mask_writes_a_bundle_with_lineage(tmp_path, capsys, tiny_protopn
     assert lineage["verdicts"][0]["prototype_id"] == 2
     assert [p["status"] for p in manifest["prototypes"]].count("masked") == 1
     assert [p["id"] for p in manifest["prototypes"]] == [p.id for p in parent.prototypes]
+    quality = manifest["quality"]  # the revised version's own report; the masked prototype is left out of it
+    assert quality["figures"]["last_layer_used_share"]["detail"]["unused"] == [2]
+    assert quality["figures"]["class_discrimination_auroc"]["n"] == len(parent.prototypes) - 1
     code = main(["revise", "--bundle", str(tiny_protopnet_bundle), "--out", str(out), "--mode", "mask",
                  "--verdicts", str(verdicts), "--data-root", str(mnist_root)])
     assert code == 2  # the checkpoint beside the bundle is not there

@@ -216,3 +216,6 @@ def test_a_protopnet_on_a_cub_folder_reports_where_its_prototypes_landed(tmp_pat
         mask = images.mask(row.provenance["source_index"])
         assert value == pytest.approx(mask[box["y0"]:box["y1"], box["x0"]:box["x1"]].mean())
     assert np.mean(overlaps) == pytest.approx(pushed["push_object_overlap"])
+    quality = bundle.manifest.quality  # export's report reads the folder's segmentations as the object mask
+    assert quality.settings["masks"] == ["object"] and quality.split_size == 3
+    assert 0.0 <= quality.figures["activation_precision.object"].value <= 1.0

@@ -1,0 +1,1 @@
+"""The explanation-quality report every bundle carries (`protoserve report`; export runs it)."""
