@@ -192,7 +192,7 @@ def versions() -> dict:
 def prototypes(version: str) -> dict:
     """Each prototype: class, weight, status, its pictures (URLs), the training patch it was pushed onto
     (ProtoPNet provenance), its nearest training images (when computed: worker/neighbours.py), its
-    latest verdict and how many it has."""
+    explanation-quality figures (when the bundle has the report), its latest verdict and how many it has."""
     reg = registry()
     version = version_or_active(reg, None if version == "active" else version)
     bundle = _bundle(reg.store.version(version).bundle)
@@ -202,6 +202,7 @@ def prototypes(version: str) -> dict:
         given.setdefault(v["prototype_id"], []).append(v)
     base = f"/review/api/versions/{version}/files/"
     neighbours = (reg.neighbours(version) or {}).get("nearest", {})
+    quality = {p.id: p.figures for p in m.quality.prototypes} if getattr(m, "quality", None) else {}
     rows = []
     for row in m.prototypes:
         provenance = row.provenance or {}
@@ -216,6 +217,7 @@ def prototypes(version: str) -> dict:
                      or None,
                      "nearest_training_images": [{**n, "image": f"/review/api/versions/{version}/{n['image']}"}
                                                  for n in neighbours.get(str(row.id), [])],
+                     "quality": quality.get(row.id),
                      "verdict": history[-1] if history else None, "verdicts": len(history)})
     return {"version": version, "name": m.name, "family": m.family, "prototypes": rows,
             "open_verdicts": reg.store.open_verdict_counts().get(version, 0)}

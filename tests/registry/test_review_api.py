@@ -8,6 +8,7 @@ import sqlite3
 import pytest
 from fastapi.testclient import TestClient
 
+from export.bundle import read_bundle
 from protoserve.verdicts import verdict
 from service.review import app
 
@@ -81,6 +82,9 @@ def test_review_flow_with_the_key(client):
     row = next(p for p in protos["prototypes"] if p["id"] == 3)
     assert row["verdict"]["verdict"] == "reject" and protos["open_verdicts"] == 1
     assert isinstance(row["weight"], float) and row["class_name"]
+    manifest = read_bundle(registry.store.version("0.1.0").bundle).manifest
+    expected = {p.id: p.figures for p in manifest.quality.prototypes}.get(3) if manifest.quality else None
+    assert row["quality"] == expected  # the bundle's explanation-quality figures, when it has the report
     picture = http.get(row["pictures"]["prototype"].removeprefix("/review"))
     assert picture.status_code == 200 and picture.content[:4] == b"\x89PNG"
     assert http.get("/api/versions/0.1.0/files/manifest.json").status_code == 404
