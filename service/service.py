@@ -32,6 +32,7 @@ from inference.explain import (
     predictions,
     prototype_rows,
 )
+from inference.families import family
 from inference.model import load_model
 from inference.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
 from protoserve.errors import InputError
@@ -221,12 +222,12 @@ class Protoserve:
         for row in rows:
             row["image"] = v.pictures[row["id"]]
         answer = {"model": v.ref(), "prediction": prediction, "prototypes": rows}
-        if "similarity_maps" in outputs:  # ProtoPNet: where in the input each prototype was found
+        if family(v.manifest.family).picture == "heatmap":  # where in the input each prototype was found
             pixels = denormalize(x, v.manifest.input)
             for row, j in zip(rows, nearest, strict=True):
                 row["heatmap"] = png_base64(heatmap_overlay(outputs["similarity_maps"][j], pixels))
                 row["source_image"] = v.source_pictures.get(row["id"])
-        if "reconstruction" in outputs:
+        else:  # "reconstruction": the decoder's picture of the input
             answer["reconstruction"] = png_base64(pixels_to_picture(denormalize(outputs["reconstruction"],
                                                                                 v.manifest.input)))
         return self._answer(v, answer)
