@@ -248,7 +248,7 @@ class Protoserve:
                 "domain": self._domain_summary(v),
                 "limits": {"max_images_per_request": DEFAULT_LIMITS.max_batch,
                            "max_body_bytes": DEFAULT_MAX_BODY_BYTES,
-                           "max_image_side": DEFAULT_LIMITS.max_side}})
+                           "max_image_side": DEFAULT_LIMITS.max_side}}, headers=v.headers)
 
     @bentoml.api(route="/prototypes")
     async def prototypes(self) -> dict:
@@ -260,7 +260,7 @@ class Protoserve:
                  "status": row.status, "provenance": row.provenance, "image": v.pictures[row.id],
                  "quality": v.prototype_quality.get(row.id)}
                 for row in v.manifest.prototypes]
-        return JSONResponse({"model": v.ref(), "prototypes": rows})
+        return JSONResponse({"model": v.ref(), "prototypes": rows}, headers=v.headers)
 
     @bentoml.task(route="/score_batch")
     async def score_batch(self, ctx: bentoml.Context, images: Any = None, top_k: Any = None,

@@ -135,11 +135,15 @@ def test_explain(server, digits, tiny_bundle):
 def test_metadata_and_catalogue(server, tiny_bundle):
     manifest = read_bundle(tiny_bundle).manifest
     for method in ("GET", "POST"):
-        meta = httpx.request(method, f"{server}/metadata", json={} if method == "POST" else None).json()
+        answer = httpx.request(method, f"{server}/metadata", json={} if method == "POST" else None)
+        assert answer.headers["x-model-version"] == manifest.version
+        meta = answer.json()
         assert meta["model"] == {"name": manifest.name, "version": manifest.version}
         assert meta["family"] == "prototypedl" and meta["provider"] == "CPUExecutionProvider"
         assert meta["input"]["height"] == 28 and meta["class_names"] == manifest.class_names
-    catalogue = httpx.get(f"{server}/prototypes").json()
+    answer = httpx.get(f"{server}/prototypes")
+    assert answer.headers["x-model-version"] == manifest.version
+    catalogue = answer.json()
     assert catalogue["model"]["name"] == manifest.name
     assert [p["id"] for p in catalogue["prototypes"]] == [p.id for p in manifest.prototypes]
     for row, stored in zip(catalogue["prototypes"], manifest.prototypes, strict=True):
