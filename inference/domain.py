@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from export.bundle import DomainCalibration, Manifest
+from inference.explain import nearest_distance
 from protoserve.domain_scores import distance_scores, fisher, mahalanobis, upper_tail
 from protoserve.errors import InputError
 
@@ -53,12 +54,12 @@ class DomainRule:
         if name == "prototype_mahalanobis":
             return mahalanobis(distances, labels, self.class_means, self.precision)
         if name == "nearest_and_mahalanobis":
-            nearest = np.where(self.active[None, :], distances, np.inf).min(axis=1)
+            nearest = nearest_distance(distances, self.active)
             far = mahalanobis(distances, labels, self.class_means, self.precision)
             return fisher([upper_tail(nearest, self.components["nearest_distance"], self.levels),
                            upper_tail(far, self.components["prototype_mahalanobis"], self.levels)])
         if name == "nearest_distance":
-            return np.where(self.active[None, :], distances, np.inf).min(axis=1)
+            return nearest_distance(distances, self.active)
         return distance_scores(distances, labels, self.active, self.class_of)[name]
 
     def judge(self, distances: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
