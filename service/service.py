@@ -67,7 +67,12 @@ INLINE_MAX_SIZE = int(os.environ.get("PROTOSERVE_INLINE_MAX_SIZE", "8"))
 # is configured, but still built per request).
 # PROTOSERVE_ACCESS_LOG=1 and PROTOSERVE_TRACE_IMAGE_ROUTES=1 turn them back on.
 ACCESS_LOG = os.environ.get("PROTOSERVE_ACCESS_LOG", "0") == "1"
-UNTRACED = [] if os.environ.get("PROTOSERVE_TRACE_IMAGE_ROUTES", "0") == "1" else ["/predict", "/explain"]
+TRACE_IMAGE_ROUTES = os.environ.get("PROTOSERVE_TRACE_IMAGE_ROUTES", "0") == "1"
+UNTRACED = [] if TRACE_IMAGE_ROUTES else ["/predict", "/explain"]
+SERVICE_NAME = "protoserve"
+# The header BentoML puts on its API answers, on the answers the request gate gives itself too.
+SERVER_HEADER = {"server": f"BentoML Service/{SERVICE_NAME}"}
+UNEXPECTED = "An unexpected error has occurred, please check the server log."  # BentoML's 500 body
 
 INPUT_DOC = """IMAGE is a base64 PNG/JPEG string (a data: URL is fine) or a nested numeric array
 ([H][W] for one-channel models, or [C][H][W], of exactly the model's size, values in its value
@@ -93,7 +98,7 @@ to the ink, fit it into 20x20, centre it by mass in 28x28): for photographed or 
 a model without a canonical form refuses it (reason no_canonical_form)."""
 
 
-@bentoml.service(name="protoserve", workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60},
+@bentoml.service(name=SERVICE_NAME, workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60},
                  logging={"access": {"enabled": ACCESS_LOG}}, tracing={"excluded_urls": UNTRACED})
 class Protoserve:
     """Predict and explain with a prototype network; every answer names the model and its version."""
@@ -115,7 +120,7 @@ class Protoserve:
         # /predict's adaptive batching (service/batching.py): concurrent requests share one session run.
         v.classify = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
                                      lambda size: labelled(metrics().batch_size, *v.model_id).observe(size))
-        v.headers = {**self.worker_header, "x-model-version": v.version}
+        v.headers = {**SERVER_HEADER, **self.worker_header, "x-model-version": v.version}
         v.domain = domain_rule(v.manifest, v.active)  # None: the bundle has no calibration
         # The explanation-quality report's per-prototype figures (None each when the bundle has no report).
         quality = v.manifest.quality
@@ -175,6 +180,10 @@ class Protoserve:
     async def predict(self, images: Any = None, abstain: Any = None, canonicalize: Any = None) -> dict:
         """Classify a batch: {"images": [IMAGE, ...], "abstain": false, "canonicalize": false} -> one
         prediction per image, in order, each with in_domain and typicality."""
+        return await self.answer_predict(images, abstain, canonicalize)
+
+    async def answer_predict(self, images: Any = None, abstain: Any = None, canonicalize: Any = None) -> JSONResponse:
+        """/predict's answer (the API above and the request gate's fast path both call this)."""
         started, v = time.perf_counter(), self.current
         try:
             abstain = parse_flag(abstain, "abstain", self.abstain)
@@ -203,6 +212,11 @@ class Protoserve:
         """Explain one image: {"image": IMAGE, "top_k": 3, "abstain": false, "canonicalize": false} -> the
         prediction (with in_domain and typicality) and the top_k nearest prototypes (nearest first) with
         their pictures; PrototypeDL adds the input's reconstruction."""
+        return await self.answer_explain(image, top_k, abstain, canonicalize)
+
+    async def answer_explain(self, image: Any = None, top_k: Any = None, abstain: Any = None,
+                             canonicalize: Any = None) -> JSONResponse:
+        """/explain's answer (the API above and the request gate's fast path both call this)."""
         started, v = time.perf_counter(), self.current
         try:
             if image is None:
@@ -341,6 +355,21 @@ def describe_worker() -> dict | None:
     return _worker.describe() if _worker is not None else None
 
 
+async def answer_in_gate(route: str, request: dict) -> JSONResponse | None:
+    """Answer an image route from the request gate (service/middleware.py): the same handler the BentoML
+    API calls, given the fields of the parsed request the API declares (BentoML ignores any other), an
+    unexpected error answered as BentoML answers it. None before the worker's instance exists."""
+    worker = _worker
+    if worker is None:
+        return None
+    name = route.lstrip("/")
+    try:
+        return await getattr(worker, f"answer_{name}")(**{k: request[k] for k in _API_FIELDS[name] if k in request})
+    except Exception:
+        log.exception("Exception on %s [POST]", route)
+        return JSONResponse({"error": UNEXPECTED}, 500, SERVER_HEADER)
+
+
 if registry_location() is not None:  # the review API and page exist only where there is a registry to review
     Protoserve = bentoml.asgi_app(review_app, path="/review")(Protoserve)
 
@@ -353,9 +382,12 @@ def _document() -> dict:
     return api_document(Protoserve.openapi_spec.asdict(), _manifest, DEFAULT_LIMITS.max_batch, MAX_TASK_IMAGES)
 
 
+# The request gate answers the image routes itself (answer_in_gate), except with tracing on for them: then
+# BentoML's API layer answers, with its request id header.
+_API_FIELDS = {name: tuple(Protoserve.apis[name].input_spec.model_fields) for name in ("predict", "explain")}
 Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
                                model={"name": _manifest.name, "version": _manifest.version}, document=_document,
-                               describe=describe_worker)
+                               describe=describe_worker, answer=None if TRACE_IMAGE_ROUTES else answer_in_gate)
 Protoserve.add_asgi_middleware(ScoreGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)  # /score_batch submissions
 for _api in ("predict", "explain"):  # the OpenAPI description of the image routes
     Protoserve.apis[_api].doc = f"{Protoserve.apis[_api].doc}\n\n{INPUT_DOC}"
