@@ -41,7 +41,6 @@ from service.batching import AdaptiveBatcher, Overloaded
 from service.metrics import count_out_of_domain, count_rejection, labelled, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
 from service.openapi import OVERLOADED, api_document
-from service.review import app as review_app
 from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
 from service.serving import ActiveVersionFollower, ServedVersion, initial_location, served_version
 
@@ -371,6 +370,8 @@ async def answer_in_gate(route: str, request: dict) -> JSONResponse | None:
 
 
 if registry_location() is not None:  # the review API and page exist only where there is a registry to review
+    from service.review import app as review_app  # FastAPI and the review models: only where they are served
+
     Protoserve = bentoml.asgi_app(review_app, path="/review")(Protoserve)
 
 # A missing or damaged bundle must stop `bentoml serve` itself (which imports this module before it
