@@ -165,9 +165,16 @@ class Protoserve:
 
     @staticmethod
     def _classify(v: ServedVersion, images: np.ndarray) -> np.ndarray:
-        """[N, C, H, W] model input -> [N, K + M]: the probabilities, then the distances to the prototypes."""
+        """[N, C, H, W] model input -> [N, K + M + 2]: the probabilities, the distances to the prototypes, then
+        the out-of-domain judgement (in_domain as 1/0, typicality; NaN without calibration). The judgement is
+        per image and vectorised, so the images of a merged batch are judged in one call, not one per request."""
         probabilities, distances = v.model.classify(images.astype(np.float32, copy=False))
-        return np.concatenate([probabilities, distances], axis=1)
+        if v.domain is None:
+            judged = np.full((len(images), 2), np.nan)
+        else:
+            in_domain, typicality = v.domain.judge(distances, probabilities.argmax(axis=1))
+            judged = np.stack([in_domain, typicality], axis=1)
+        return np.concatenate([probabilities, distances, judged], axis=1)
 
     # The APIs return their JSON as a ready JSONResponse: BentoML passes a Response through, where for
     # a dict it rebuilds the return type's JSON schema on every response (README "Serving speed"). The
@@ -200,9 +207,10 @@ class Protoserve:
             return self._answer(v, {"error": str(e), "reason": OVERLOADED, "model": v.ref()}, 503)
         finally:
             self.predicting -= 1
-        probabilities, distances = output[:, :K], output[:, K:]
+        probabilities, distances, judged = output[:, :K], output[:, K:-2], output[:, -2:]
         self._record(v, probabilities, distances, "predict", started)
-        answers = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "predict", abstain)
+        answers = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "predict", abstain,
+                              judged)
         return self._answer(v, {"model": v.ref(), "predictions": answers})
 
     @bentoml.api(route="/explain")
@@ -291,15 +299,19 @@ class Protoserve:
             return self._refuse(e, v)
 
     def _judge(self, v: ServedVersion, answers: list[dict], distances: np.ndarray, api: str,
-               abstain: bool) -> list[dict]:
+               abstain: bool, judged: np.ndarray | None = None) -> list[dict]:
         """Add in_domain and typicality to each prediction (null without calibration), count the
-        out-of-domain ones, and turn them into abstentions when asked."""
+        out-of-domain ones, and turn them into abstentions when asked; `judged` is _classify's judgement
+        of these images, else they are judged here."""
         if v.domain is None:
             for answer in answers:
                 answer.update(in_domain=None, typicality=None, abstained=False)
             return answers
-        labels = np.fromiter((a["label"] for a in answers), dtype=np.int64, count=len(answers))
-        in_domain, typicality = v.domain.judge(distances, labels)
+        if judged is not None:
+            in_domain, typicality = judged[:, 0] == 1.0, judged[:, 1]
+        else:
+            labels = np.fromiter((a["label"] for a in answers), dtype=np.int64, count=len(answers))
+            in_domain, typicality = v.domain.judge(distances, labels)
         count_out_of_domain(v.model_id, api, int(len(answers) - in_domain.sum()))
         for i, answer in enumerate(answers):
             answer.update(domain_fields(in_domain, typicality, i), abstained=False)

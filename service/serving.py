@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -45,7 +46,8 @@ class ServedVersion:
     domain: object | None = None  # its out-of-domain rule (inference/domain.py), None without calibration
     prototype_quality: dict[int, dict | None] = field(default_factory=dict)  # id -> quality figures
 
-    @property
+    # Read on every request: worked out once (a loaded version never changes).
+    @functools.cached_property
     def manifest(self):
         return self.model.bundle.manifest
 
@@ -53,15 +55,15 @@ class ServedVersion:
     def active(self) -> np.ndarray:
         return self.model.active
 
-    @property
+    @functools.cached_property
     def model_id(self) -> tuple[str, str]:
         return self.manifest.name, self.manifest.version
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
         return self.manifest.version
 
-    @property
+    @functools.cached_property
     def prototype_ids(self) -> list[int]:
         return [row.id for row in self.manifest.prototypes]
 
