@@ -116,9 +116,16 @@ class Protoserve:
     def _prepare(self, v: ServedVersion) -> ServedVersion:
         """Give a loaded version its batcher, answer headers, out-of-domain rule and metric series (before
         it takes any request)."""
-        # /predict's adaptive batching (service/batching.py): concurrent requests share one session run.
-        v.classify = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
-                                     lambda size: labelled(metrics().batch_size, *v.model_id).observe(size))
+        # Adaptive batching (service/batching.py): concurrent requests share one session run. /predict's
+        # batcher counts the answers of each run at once (service/metrics.py); score_batch has its own, which
+        # counts scored images instead (service/score_task.py).
+        def observe_batch(size: int) -> None:
+            labelled(metrics().batch_size, *v.model_id).observe(size)
+
+        v.classify = AdaptiveBatcher(lambda images: self._classify(v, images, record=True), MAX_BATCH_SIZE,
+                                     MAX_LATENCY_MS, observe_batch)
+        v.score = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
+                                  observe_batch)
         v.headers = {**SERVER_HEADER, **self.worker_header, "x-model-version": v.version}
         v.domain = domain_rule(v.manifest, v.active)  # None: the bundle has no calibration
         # The explanation-quality report's per-prototype figures (None each when the bundle has no report).
@@ -163,12 +170,14 @@ class Protoserve:
             held["not_loaded"] = list(self.follower.failed.values())[-3:]
         return held
 
-    @staticmethod
-    def _classify(v: ServedVersion, images: np.ndarray) -> np.ndarray:
+    def _classify(self, v: ServedVersion, images: np.ndarray, record: bool = False) -> np.ndarray:
         """[N, C, H, W] model input -> [N, K + M + 2]: the probabilities, the distances to the prototypes, then
-        the out-of-domain judgement (in_domain as 1/0, typicality; NaN without calibration). The judgement is
-        per image and vectorised, so the images of a merged batch are judged in one call, not one per request."""
+        the out-of-domain judgement (in_domain as 1/0, typicality; NaN without calibration); with `record`,
+        the answers counted in the metrics. Both are per image and vectorised, so the images of a merged batch
+        are judged and counted at once, not request by request."""
         probabilities, distances = v.model.classify(images.astype(np.float32, copy=False))
+        if record:
+            self._record_answers(v, probabilities, distances)
         if v.domain is None:
             judged = np.full((len(images), 2), np.nan)
         else:
@@ -208,7 +217,7 @@ class Protoserve:
         finally:
             self.predicting -= 1
         probabilities, distances, judged = output[:, :K], output[:, K:-2], output[:, -2:]
-        self._record(v, probabilities, distances, "predict", started)
+        labelled(metrics().inference_seconds, *v.model_id, "predict").observe(time.perf_counter() - started)
         answers = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "predict", abstain,
                               judged)
         return self._answer(v, {"model": v.ref(), "predictions": answers})
@@ -235,7 +244,8 @@ class Protoserve:
             return self._answer(v, self._refuse(e, v), e.status)
         outputs = {name: value[0] for name, value in v.model.outputs(x[None]).items()}  # one image: no batching
         probabilities, distances = outputs["probabilities"][None], outputs["distances"][None]
-        self._record(v, probabilities, distances, "explain", started)
+        self._record_answers(v, probabilities, distances)
+        labelled(metrics().inference_seconds, *v.model_id, "explain").observe(time.perf_counter() - started)
         prediction = predictions(probabilities, v.manifest.class_names)[0]
         nearest = nearest_prototypes(distances[0], k, v.active)
         rows = prototype_rows(v.manifest, distances[0], nearest, prediction["label"])
@@ -293,7 +303,7 @@ class Protoserve:
         v = self.current
         try:
             abstain = parse_flag(abstain, "abstain", self.abstain)
-            return await score_images(v.manifest, images, top_k, v.classify, abstain)
+            return await score_images(v.manifest, images, top_k, v.score, abstain)
         except InputError as e:
             ctx.response.status_code = e.status
             return self._refuse(e, v)
@@ -340,15 +350,13 @@ class Protoserve:
         return {**error.body(), "model": v.ref()}
 
     @staticmethod
-    def _record(v: ServedVersion, probabilities: np.ndarray, distances: np.ndarray, api: str,
-                started: float) -> None:
+    def _record_answers(v: ServedVersion, probabilities: np.ndarray, distances: np.ndarray) -> None:
         # The nearest active prototype: the first smallest distance with masked ones out of reach (the
         # same index as nearest_prototypes_batch's stable order, in one pass).
         masked = np.where(v.active, distances, np.inf)
         nearest = masked.argmin(axis=1)
         record_answers(v.model_id, v.manifest.class_names, v.prototype_ids, probabilities, nearest,
                        masked[np.arange(len(masked)), nearest])
-        labelled(metrics().inference_seconds, *v.model_id, api).observe(time.perf_counter() - started)
 
 
 def quality_summary(manifest) -> dict | None:

@@ -39,7 +39,8 @@ POLL_SECONDS = float(os.environ.get("PROTOSERVE_POLL_SECONDS", "0.5"))
 class ServedVersion:
     model: LoadedModel
     generation: int | None  # the registry generation it was loaded for (None: a fixed bundle)
-    classify: Callable | None = None  # the version's adaptive batcher, set by the service
+    classify: Callable | None = None  # the version's adaptive batcher for /predict, set by the service
+    score: Callable | None = None  # and for score_batch
     pictures: dict[int, str | None] = field(default_factory=dict)
     source_pictures: dict[int, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)  # on every answer: worker and version
