@@ -13,11 +13,17 @@ def distance_profile(distances: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(distances, 0.0, dtype=np.float64))
 
 
+def squared_mahalanobis(z: np.ndarray, labels: np.ndarray, class_means: np.ndarray,
+                        precision: np.ndarray) -> np.ndarray:
+    """[N] (z - mean_label)' P (z - mean_label) of feature vectors z [N, D] (latent_mahalanobis)."""
+    r = z - class_means[labels]
+    return np.einsum("nm,nm->n", r @ precision, r)
+
+
 def mahalanobis(distances: np.ndarray, labels: np.ndarray, class_means: np.ndarray,
                 precision: np.ndarray) -> np.ndarray:
-    """[N] (z - mean_label)' P (z - mean_label) of the distance profiles z."""
-    r = distance_profile(distances) - class_means[labels]
-    return np.einsum("nm,nm->n", r @ precision, r)
+    """[N] squared Mahalanobis distance of the distance profiles (prototype_mahalanobis)."""
+    return squared_mahalanobis(distance_profile(distances), labels, class_means, precision)
 
 
 def distance_scores(distances: np.ndarray, labels: np.ndarray, active: np.ndarray,
