@@ -238,6 +238,8 @@ class BatchScorer:
             p, d, *f = infer(good[lo:lo + RUN_BATCH])
             probabilities[lo:lo + RUN_BATCH], distances[lo:lo + RUN_BATCH] = p, d
             if self.features:
+                if not f:
+                    raise ValueError(f"infer must return the {self.features!r} output the out-of-domain rule reads")
                 features[lo:lo + RUN_BATCH] = f[0]
         return self.rows(start, input_ids, ok, errors, probabilities, distances, features)
 
