@@ -42,7 +42,7 @@ def rule_cost(path: str, images: np.ndarray) -> dict:
     session, _ = open_session(bundle.model_path, device="cpu", threads=1)
     base = ["probabilities", "distances"]
     parts = {k: v for k, v in (rule.components or {}).items() if k != "latent_mahalanobis"}
-    without = dataclasses.replace(rule, components=parts)  # the distances-only combination
+    without = dataclasses.replace(rule, components=parts, joint_means=None, joint_precision=None)  # distances only
     result = {"score": rule.calibration.score, "features": rule.outputs}
     for n in SIZES:
         x = images[:n]

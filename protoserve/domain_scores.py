@@ -20,6 +20,15 @@ def squared_mahalanobis(z: np.ndarray, labels: np.ndarray, class_means: np.ndarr
     return (r @ precision * r).sum(axis=1)
 
 
+def paired_mahalanobis(z: np.ndarray, labels: np.ndarray, class_means: np.ndarray, precision: np.ndarray,
+                       split: int) -> tuple[np.ndarray, np.ndarray]:
+    """squared_mahalanobis of z[:, :split] and of z[:, split:] at once, for a block-diagonal precision
+    (the two blocks' precisions): one matrix product per request instead of two."""
+    r = z - class_means[labels]
+    both = np.add.reduceat(r @ precision * r, [0, split], axis=1)
+    return both[:, 0], both[:, 1]
+
+
 def mahalanobis(distances: np.ndarray, labels: np.ndarray, class_means: np.ndarray,
                 precision: np.ndarray) -> np.ndarray:
     """[N] squared Mahalanobis distance of the distance profiles (prototype_mahalanobis)."""
@@ -45,7 +54,12 @@ P_FLOOR = 1e-4
 def upper_tail(scores: np.ndarray, quantiles, levels) -> np.ndarray:
     """[N] scores -> [N] share of the validation images that scored higher (piecewise linear in the
     validation scores' quantiles at levels)."""
-    return 1.0 - np.interp(scores, quantiles, levels, left=0.0, right=1.0)
+    return tail_at(scores, quantiles, 1.0 - np.asarray(levels))
+
+
+def tail_at(scores: np.ndarray, quantiles, tails: np.ndarray) -> np.ndarray:
+    """upper_tail with the tails (1 - levels) computed once."""
+    return np.interp(scores, quantiles, tails, left=1.0, right=0.0)
 
 
 def fisher(tails: list[np.ndarray]) -> np.ndarray:

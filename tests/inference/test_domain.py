@@ -76,3 +76,20 @@ def test_an_older_bundle_without_the_features_still_loads_and_is_judged(tiny_pro
     rows = scorer.score(0, [str(i) for i in range(len(x))], list(x[:, 0].tolist()), model.classify)
     np.testing.assert_array_equal(rows.in_domain, in_domain)
     np.testing.assert_allclose(rows.typicality, typicality, atol=1e-6)
+
+
+def test_the_joint_product_scores_as_the_parts_do(tiny_bundle, test_images):
+    """Both Mahalanobis parts from one block-diagonal product give the scores of the two separate products
+    (the calibration's definitions in protoserve/domain_scores.py)."""
+    import dataclasses
+
+    manifest = read_bundle(tiny_bundle).manifest
+    rule = domain_rule(manifest, active_mask(manifest))
+    assert rule.joint_means is not None
+    separate = dataclasses.replace(rule, joint_means=None, joint_precision=None)
+    session, _ = open_session(read_bundle(tiny_bundle).model_path, "cpu")
+    x = np.concatenate([test_images[:200], np.ones((3, 1, 28, 28), np.float32), 1.0 - test_images[:20]])
+    p, d, f = classify(session, x, "latent")
+    y = p.argmax(axis=1)
+    np.testing.assert_allclose(rule.score(d, y, f), separate.score(d, y, f), rtol=1e-12)
+    np.testing.assert_array_equal(rule.judge(d, y, f)[0], separate.judge(d, y, f)[0])
