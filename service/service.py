@@ -122,9 +122,9 @@ class Protoserve:
         def observe_batch(size: int) -> None:
             labelled(metrics().batch_size, *v.model_id).observe(size)
 
-        v.classify = AdaptiveBatcher(lambda images: self._classify(v, images, record=True), MAX_BATCH_SIZE,
-                                     MAX_LATENCY_MS, observe_batch)
-        v.score = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
+        v.classify = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
+                                     observe_batch)
+        v.score = AdaptiveBatcher(lambda images: self._outputs(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
                                   observe_batch)
         v.headers = {**SERVER_HEADER, **self.worker_header, "x-model-version": v.version}
         v.domain = domain_rule(v.manifest, v.active)  # None: the bundle has no calibration
@@ -170,20 +170,26 @@ class Protoserve:
             held["not_loaded"] = list(self.follower.failed.values())[-3:]
         return held
 
-    def _classify(self, v: ServedVersion, images: np.ndarray, record: bool = False) -> np.ndarray:
-        """[N, C, H, W] model input -> [N, K + M + 2]: the probabilities, the distances to the prototypes, then
-        the out-of-domain judgement (in_domain as 1/0, typicality; NaN without calibration); with `record`,
-        the answers counted in the metrics. Both are per image and vectorised, so the images of a merged batch
-        are judged and counted at once, not request by request."""
-        probabilities, distances = v.model.classify(images.astype(np.float32, copy=False))
-        if record:
-            self._record_answers(v, probabilities, distances)
+    def _classify(self, v: ServedVersion, images: np.ndarray) -> np.ndarray:
+        """/predict's session run: [N, C, H, W] model input -> [N, K + M + 2]: the probabilities, the distances
+        to the prototypes, then the out-of-domain judgement (in_domain as 1/0, typicality; NaN without
+        calibration), the answers counted in the metrics. Both are per image and vectorised, so the images of
+        a merged batch are judged and counted at once, not request by request."""
+        probabilities, distances, *features = v.model.classify(images.astype(np.float32, copy=False), v.features)
+        self._record_answers(v, probabilities, distances)
         if v.domain is None:
             judged = np.full((len(images), 2), np.nan)
         else:
-            in_domain, typicality = v.domain.judge(distances, probabilities.argmax(axis=1))
+            in_domain, typicality = v.domain.judge(distances, probabilities.argmax(axis=1),
+                                                   features[0] if features else None)
             judged = np.stack([in_domain, typicality], axis=1)
         return np.concatenate([probabilities, distances, judged], axis=1)
+
+    @staticmethod
+    def _outputs(v: ServedVersion, images: np.ndarray) -> np.ndarray:
+        """score_batch's session run: [N, C, H, W] model input -> [N, K + M (+ D)]: the probabilities, the
+        distances to the prototypes (and the features the out-of-domain rule reads)."""
+        return np.concatenate(v.model.classify(images.astype(np.float32, copy=False), v.features), axis=1)
 
     # The APIs return their JSON as a ready JSONResponse: BentoML passes a Response through, where for
     # a dict it rebuilds the return type's JSON schema on every response (README "Serving speed"). The
@@ -219,7 +225,7 @@ class Protoserve:
         probabilities, distances, judged = output[:, :K], output[:, K:-2], output[:, -2:]
         labelled(metrics().inference_seconds, *v.model_id, "predict").observe(time.perf_counter() - started)
         answers = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "predict", abstain,
-                              judged)
+                              judged=judged)
         return self._answer(v, {"model": v.ref(), "predictions": answers})
 
     @bentoml.api(route="/explain")
@@ -249,7 +255,8 @@ class Protoserve:
         prediction = predictions(probabilities, v.manifest.class_names)[0]
         nearest = nearest_prototypes(distances[0], k, v.active)
         rows = prototype_rows(v.manifest, distances[0], nearest, prediction["label"])
-        prediction = self._judge(v, [prediction], distances, "explain", abstain)[0]
+        prediction = self._judge(v, [prediction], distances, "explain", abstain,
+                                 outputs[v.features][None] if v.features else None)[0]
         for row in rows:
             row["image"] = v.pictures[row["id"]]
         answer = {"model": v.ref(), "prediction": prediction, "prototypes": rows}
@@ -309,10 +316,11 @@ class Protoserve:
             return self._refuse(e, v)
 
     def _judge(self, v: ServedVersion, answers: list[dict], distances: np.ndarray, api: str,
-               abstain: bool, judged: np.ndarray | None = None) -> list[dict]:
+               abstain: bool, features: np.ndarray | None = None, judged: np.ndarray | None = None) -> list[dict]:
         """Add in_domain and typicality to each prediction (null without calibration), count the
         out-of-domain ones, and turn them into abstentions when asked; `judged` is _classify's judgement
-        of these images, else they are judged here."""
+        of these images, else they are judged here (`features`: the output the rule reads besides the
+        distances, v.features)."""
         if v.domain is None:
             for answer in answers:
                 answer.update(in_domain=None, typicality=None, abstained=False)
@@ -321,7 +329,7 @@ class Protoserve:
             in_domain, typicality = judged[:, 0] == 1.0, judged[:, 1]
         else:
             labels = np.fromiter((a["label"] for a in answers), dtype=np.int64, count=len(answers))
-            in_domain, typicality = v.domain.judge(distances, labels)
+            in_domain, typicality = v.domain.judge(distances, labels, features if v.features else None)
         count_out_of_domain(v.model_id, api, int(len(answers) - in_domain.sum()))
         for i, answer in enumerate(answers):
             answer.update(domain_fields(in_domain, typicality, i), abstained=False)

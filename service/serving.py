@@ -56,6 +56,11 @@ class ServedVersion:
     def active(self) -> np.ndarray:
         return self.model.active
 
+    @property
+    def features(self) -> str | None:
+        """The model.onnx output its out-of-domain rule reads besides the distances (None: none)."""
+        return self.domain.outputs[0] if self.domain is not None and self.domain.outputs else None
+
     @functools.cached_property
     def model_id(self) -> tuple[str, str]:
         return self.manifest.name, self.manifest.version
