@@ -4,7 +4,10 @@ One BentoML service, two workers, each with its own ONNX Runtime sessions (GPU w
 really gets one). /predict has adaptive batching: the public API checks and converts the images,
 then awaits BentoML's batching dispatcher (service/batching.py), which merges the images of
 concurrent requests into one session run; the answer keeps the public shape of ARCHITECTURE.md.
-/explain runs its one image directly: there is nothing to batch.
+/explain runs its one image directly: there is nothing to batch. The request gate (service/middleware.py)
+answers both routes through the same handlers the APIs call (answer_predict, answer_explain), with the
+request it has already parsed, instead of handing the body on to BentoML's routing and validation
+(README "Serving speed" has the trade-off).
 
 A worker serves one version at a time (service/serving.py): a fixed bundle, or with a registry
 (PROTOSERVE_REGISTRY) the registry's active version, followed without a restart; every answer names
