@@ -1,29 +1,32 @@
-"""Adaptive batching inside a worker: BentoML's own dispatcher, without an HTTP hop.
+"""Adaptive batching inside a worker: small calls merged on the event loop, large ones by BentoML's dispatcher.
 
-BentoML batches an API declared `batchable=True` by routing each call through a CorkDispatcher
-(bentoml._internal.marshal.dispatcher, the CORK algorithm with its latency optimiser): calls that
-arrive while a batch runs are merged into the next one, waiting only as long as the optimiser
-expects a fuller batch to pay off, and refused past `max_latency_ms`. A batchable API takes and
-returns one array, so /predict cannot be one and keep its public shape; calling a batchable API
-from the wrapper goes through the service's in-process client: a second pass through the ASGI
-stack and JSON of every array, far slower than the model run. So the
-wrapper calls the same dispatcher directly. The dispatcher is BentoML-internal: it is reached only
-through protoserve/bentoml_internals.py, whose test names what changed after a BentoML upgrade;
+Small calls (at most `coalesce_max_size` images: /predict's one-image calls) are merged with the small
+calls that reach the batcher in the same turns of the event loop and run there, on the loop itself:
+the first one schedules a run for the loop's next turn (call_soon), and every small call that arrives
+before that turn joins it. No timer and no thread: a session run on a few 28x28 images costs less than
+handing it to a thread and back (two thread wake-ups, which on a busy machine take milliseconds), and
+while a run holds the loop the next requests queue in the sockets, to be read and merged into the next
+run. At concurrency 1 a call runs alone one loop turn after it arrives.
+
+Larger calls (many images per call) go through BentoML's adaptive batching: its CorkDispatcher
+(bentoml._internal.marshal.dispatcher, the CORK algorithm with its latency optimiser) merges the calls
+that arrive while a batch runs into the next one, waiting only as long as the optimiser expects a fuller
+batch to pay off, refusing them past `max_latency_ms`, and runs each batch in a thread so the loop keeps
+accepting requests meanwhile. A call that finds the worker idle (no batch running, none queued) runs at
+once in a thread instead of waiting for the dispatcher's controller, which polls every millisecond.
+A batchable BentoML API takes and returns one array, so /predict cannot be one and keep its public
+shape; calling one from the wrapper would go through the service's in-process client (a second pass
+through the ASGI stack, JSON of every array), so the wrapper drives the dispatcher directly, reached
+only through protoserve/bentoml_internals.py, whose test names what changed after a BentoML upgrade;
 tests/service/test_batching.py checks the behaviour relied on here.
 
-Fast path: a call that finds the worker idle (no batch running, none queued) runs at once instead
-of entering the dispatcher, whose controller polls every millisecond and may wait for a batch to
-fill: at concurrency 1 that added milliseconds to every answer. The fast run holds the dispatcher's
-one-batch semaphore, so calls arriving meanwhile queue in the dispatcher and run merged after it.
-A fast call the caller marks `inline` (the service does so for a request of at most a few images
-when it is the only one in flight) runs on the event loop itself: handing a 0.1 ms model run to a
-worker thread and back costs two thread wake-ups, which on a busy machine take milliseconds
-(README "Serving speed"). Other calls, and every merged batch, go to a thread so the loop keeps
-accepting requests while the model runs, and those requests can be merged into the next batch.
+One run at a time: every run, on the loop or in a thread, holds the dispatcher's one-batch semaphore.
+Small calls that find a large batch running go into the dispatcher's queue and run merged after it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 
 import anyio
@@ -45,30 +48,91 @@ class AdaptiveBatcher:
     """`await batcher(x)` for x [n, ...] -> run([x1; x2; ...])[rows of x]: concurrent calls share one run."""
 
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_latency_ms: int,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, coalesce_max_size: int = 0):
         self.run = run
         self.on_batch = on_batch
+        self.coalesce_max_size = min(coalesce_max_size, max_batch_size)
         dispatcher = cork_dispatcher(max_latency_ms, max_batch_size, fallback=_overloaded)
         self._dispatcher = dispatcher
         self._call = dispatcher(self._run_merged)
+        self._waiting: list[tuple[np.ndarray, asyncio.Future]] = []  # small calls for the next run on the loop
+        self._run_due = False
 
-    async def __call__(self, x: np.ndarray, inline: bool = False) -> np.ndarray:
+    async def __call__(self, x: np.ndarray) -> np.ndarray:
+        if len(x) <= self.coalesce_max_size:
+            return await self._coalesced(x)
         d = self._dispatcher
         if len(x) > d.max_batch_size or not acquire_if_idle(d):
             return await self._call(x)
         try:  # idle: run now, holding the semaphore so the dispatcher queues what arrives meanwhile
-            if self.on_batch is not None:
-                self.on_batch(len(x))
-            if inline:
-                return self.run(x)
+            self._count(len(x))
             return await anyio.to_thread.run_sync(self.run, x)
         finally:
             release(d)
 
     async def _run_merged(self, parts: Sequence[np.ndarray]) -> list[np.ndarray]:
-        sizes = [len(p) for p in parts]
         merged = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        if self.on_batch is not None:
-            self.on_batch(len(merged))
+        self._count(len(merged))
         out = await anyio.to_thread.run_sync(self.run, merged)
-        return np.split(out, np.cumsum(sizes)[:-1])
+        return _split(out, parts)
+
+    async def _coalesced(self, x: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiting.append((x, future))
+        if not self._run_due:
+            self._run_due = True
+            loop.call_soon(self._run_waiting)
+        return await future
+
+    def _run_waiting(self) -> None:
+        """The loop's turn for the small calls waiting: up to max_batch_size images in one run, the rest in
+        the next turn; behind the dispatcher's queue when a large batch is running."""
+        taken = size = 0
+        for part, _ in self._waiting:
+            if size + len(part) > self._dispatcher.max_batch_size:
+                break
+            size, taken = size + len(part), taken + 1
+        calls, self._waiting = self._waiting[:taken], self._waiting[taken:]
+        self._run_due = bool(self._waiting)
+        if self._run_due:
+            asyncio.get_running_loop().call_soon(self._run_waiting)
+        if not acquire_if_idle(self._dispatcher):
+            for part, future in calls:
+                asyncio.ensure_future(self._through_dispatcher(part, future))
+            return
+        parts = [part for part, _ in calls]
+        try:
+            self._count(size)
+            answers = _split(self.run(parts[0] if len(parts) == 1 else np.concatenate(parts)), parts)
+        except Exception as e:  # every caller of the run gets its error
+            answers = [e] * len(calls)
+        finally:
+            release(self._dispatcher)
+        for (_, future), answer in zip(calls, answers, strict=True):
+            _settle(future, answer)
+
+    async def _through_dispatcher(self, x: np.ndarray, future: asyncio.Future) -> None:
+        try:
+            answer = await self._call(x)
+        except Exception as e:
+            answer = e
+        _settle(future, answer)
+
+    def _count(self, size: int) -> None:
+        if self.on_batch is not None:
+            self.on_batch(size)
+
+
+def _split(out: np.ndarray, parts: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The rows of a merged run's output, one array per part, in order."""
+    return np.split(out, np.cumsum([len(p) for p in parts])[:-1])
+
+
+def _settle(future: asyncio.Future, answer: np.ndarray | Exception) -> None:
+    if future.done():  # the caller went away (cancelled)
+        return
+    if isinstance(answer, Exception):
+        future.set_exception(answer)
+    else:
+        future.set_result(answer)

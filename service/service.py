@@ -2,8 +2,9 @@
 
 One BentoML service, two workers, each with its own ONNX Runtime sessions (GPU when a session
 really gets one). /predict has adaptive batching: the public API checks and converts the images,
-then awaits BentoML's batching dispatcher (service/batching.py), which merges the images of
-concurrent requests into one session run; the answer keeps the public shape of ARCHITECTURE.md.
+then awaits the batcher (service/batching.py), which merges the images of concurrent requests into
+one session run (small calls on the event loop, many-image calls through BentoML's batching
+dispatcher); the answer keeps the public shape of ARCHITECTURE.md.
 /explain runs its one image directly: there is nothing to batch. The request gate (service/middleware.py)
 answers both routes through the same handlers the APIs call (answer_predict, answer_explain), with the
 request it has already parsed, instead of handing the body on to BentoML's routing and validation
@@ -15,7 +16,6 @@ the version that computed it. With a registry the review API and page are mounte
 (service/review.py).
 """
 
-import asyncio
 import logging
 import os
 import time
@@ -57,11 +57,9 @@ log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from 
 MAX_BATCH_SIZE = int(os.environ.get("PROTOSERVE_MAX_BATCH_SIZE", str(DEFAULT_LIMITS.max_batch)))
 MAX_LATENCY_MS = int(os.environ.get("PROTOSERVE_MAX_LATENCY_MS", "2000"))
 WORKERS = int(os.environ.get("PROTOSERVE_WORKERS", "2"))
-# A /predict call of up to this many images, alone in its worker, runs on the event loop, not in a
-# thread (service/batching.py): a few small images run in less time than a hand-off to a thread takes.
-# With other requests in flight it goes to a thread through the batcher: the model runs outside the
-# GIL while the loop reads the next requests, and those share the next session run. Run inline under
-# load, calls would be answered one at a time with nothing to merge, a slower way to serve many.
+# /predict calls of up to this many images are merged with the others that arrive in the same turns of
+# the event loop and run on the loop (service/batching.py): a few small images run in less time than a
+# hand-off to a thread takes. Larger calls go through BentoML's adaptive batching, in a thread.
 INLINE_MAX_SIZE = int(os.environ.get("PROTOSERVE_INLINE_MAX_SIZE", "8"))
 
 # BentoML's per-request work that this service does not need by default: the access log (a formatted
@@ -112,7 +110,6 @@ class Protoserve:
         self.abstain = abstain_default()
         self.current = self._prepare(served_version(load_model(path), generation))
         self.follower = None
-        self.predicting = 0  # /predict requests in this worker past preprocessing, not yet answered
         global _worker
         _worker = self
 
@@ -126,7 +123,7 @@ class Protoserve:
             labelled(metrics().batch_size, *v.model_id).observe(size)
 
         v.classify = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
-                                     observe_batch)
+                                     observe_batch, coalesce_max_size=INLINE_MAX_SIZE)
         v.score = AdaptiveBatcher(lambda images: self._outputs(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
                                   observe_batch)
         v.headers = {**SERVER_HEADER, **self.worker_header, "x-model-version": v.version}
@@ -215,16 +212,10 @@ class Protoserve:
         except InputError as e:
             return self._answer(v, self._refuse(e, v), e.status)
         K = len(v.manifest.class_names)
-        self.predicting += 1
         try:
-            # Requests that arrived with this one are tasks not yet started: one turn of the event loop
-            # brings them here, so `predicting` counts them and this call runs inline only when alone.
-            await asyncio.sleep(0)
-            output = await v.classify(batch, inline=self.predicting == 1 and len(batch) <= INLINE_MAX_SIZE)
+            output = await v.classify(batch)
         except Overloaded as e:
             return self._answer(v, {"error": str(e), "reason": OVERLOADED, "model": v.ref()}, 503)
-        finally:
-            self.predicting -= 1
         probabilities, distances, judged = output[:, :K], output[:, K:-2], output[:, -2:]
         labelled(metrics().inference_seconds, *v.model_id, "predict").observe(time.perf_counter() - started)
         answers = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "predict", abstain,
