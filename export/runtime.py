@@ -130,9 +130,10 @@ def session_options(threads: int = DEFAULT_THREADS, optimization: str = DEFAULT_
     return options
 
 
-def open_session(path: str | Path, device: str = "auto", threads: int = DEFAULT_THREADS,
+def open_session(path: str | Path | bytes, device: str = "auto", threads: int = DEFAULT_THREADS,
                  optimization: str = DEFAULT_OPTIMIZATION):
-    """An InferenceSession on the best usable provider; returns (session, provider it runs on)."""
+    """An InferenceSession on the best usable provider (`path`: a model file, or a serialized model);
+    returns (session, provider it runs on)."""
     import onnxruntime as ort
 
     providers = requested_providers(device)
@@ -143,7 +144,8 @@ def open_session(path: str | Path, device: str = "auto", threads: int = DEFAULT_
         # outcome; ONNX Runtime's error log about it is noise. The outcome is read from get_providers().
         ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(str(path), sess_options=session_options(threads, optimization),
+        model = path if isinstance(path, bytes) else str(path)
+        session = ort.InferenceSession(model, sess_options=session_options(threads, optimization),
                                        providers=providers)
     except Exception as e:  # ORT raises its own exception types for a bad file; all mean "not loadable"
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__

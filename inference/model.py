@@ -22,6 +22,7 @@ import numpy as np
 from export.bundle import Bundle, drift_quantiles
 from export.runtime import classify, load_probe, open_session, verify_bundle
 from export.store import bundle_dir
+from export.subgraph import restrict_outputs
 from inference.explain import active_mask, nearest_distance
 
 log = logging.getLogger("protoserve.service")
@@ -50,6 +51,11 @@ class LoadedModel:
     # quantile -> nearest-prototype distance on the bundle's test set (its manifest; the probe images
     # for a bundle exported before the manifest carried them): the drift alert's reference
     reference_distance: dict[str, float] = field(default_factory=dict)
+    # model.onnx cut to the outputs classify asks for (classifier_outputs), when it gives the same numbers
+    # as the whole graph on the probe images: ONNX Runtime runs every node of a graph on every call, and
+    # PrototypeDL's includes the decoder (export/subgraph.py). None: classify runs the whole graph.
+    classifier: object | None = None
+    classifier_reads: tuple[str, ...] = ()  # the outputs the classifier session has
 
     @property
     def name(self) -> str:
@@ -61,7 +67,8 @@ class LoadedModel:
 
     def classify(self, images: np.ndarray, features: str | None = None) -> tuple[np.ndarray, ...]:
         """[N, C, H, W] -> probabilities [N, K], distances [N, M] (and the output named `features`)."""
-        return classify(self.session, images, features)
+        cut = self.classifier is not None and (features is None or features in self.classifier_reads)
+        return classify(self.classifier if cut else self.session, images, features)
 
     def outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every output of model.onnx for [N, C, H, W] images, by name."""
@@ -84,9 +91,34 @@ def load_model(path: Path | None = None, device: str | None = None, threads: int
     decoder = open_session(bundle.decoder_path, device, threads=threads)[0] if bundle.decoder_path else None
     model = LoadedModel(bundle, session, decoder, provider, active_mask(bundle.manifest))
     model.reference_distance = warm_up(model)
+    model.classifier = classifier_session(model, device, threads)
+    model.classifier_reads = tuple(classifier_outputs(bundle)) if model.classifier is not None else ()
     log.info("protoserve: serving %s (%s) from %s on %s", bundle.manifest.tag, bundle.manifest.family,
              path, provider)
     return model
+
+
+def classifier_outputs(bundle: Bundle) -> list[str]:
+    """What classify reads: the probabilities, the distances and the output the out-of-domain rule reads."""
+    domain = bundle.manifest.domain
+    return ["probabilities", "distances", *([domain.features] if domain is not None and domain.features else [])]
+
+
+def classifier_session(model: LoadedModel, device: str, threads: int):
+    """A session on model.onnx cut to classifier_outputs, kept only when it computes the same numbers as
+    the whole graph on the probe images (None otherwise, or when the graph cannot be cut)."""
+    outputs = classifier_outputs(model.bundle)
+    cut = restrict_outputs(model.bundle.model_path.read_bytes(), outputs)
+    if cut is None:
+        return None
+    session = open_session(cut, device, threads=threads)[0]
+    images = load_probe(model.bundle)["input.image"].astype(np.float32)
+    whole = model.session.run(outputs, {"image": images})
+    if not all(np.array_equal(a, b) for a, b in zip(whole, session.run(outputs, {"image": images}), strict=True)):
+        log.warning("protoserve: %s: the graph cut to %s differs from the whole graph; classify runs the whole",
+                    model.bundle.manifest.tag, outputs)
+        return None
+    return session
 
 
 def warm_up(model: LoadedModel) -> dict[str, float]:

@@ -25,6 +25,20 @@ def test_load_verifies_warms_up_and_runs(tiny_bundle):
     assert 0 < ref["0.5"] <= ref["0.95"] <= ref["1.0"]
 
 
+def test_classify_runs_the_graph_cut_to_what_it_reads(tiny_bundle):
+    """PrototypeDL's decoder is not run by classify: its session has no reconstruction output, and the
+    numbers are those of the whole graph."""
+    model = load_model(tiny_bundle, device="cpu")
+    assert model.classifier is not None
+    names = [o.name for o in model.classifier.get_outputs()]
+    assert "reconstruction" in model.bundle.output_names and "reconstruction" not in names
+    with np.load(tiny_bundle / "probe.npz") as probe:
+        images = probe["input.image"].astype(np.float32)
+    whole = model.outputs(images)
+    for name, value in zip(("probabilities", "distances"), model.classify(images), strict=True):
+        np.testing.assert_array_equal(value, whole[name])
+
+
 def test_the_drift_reference_is_the_test_sets_nearest_distances(tiny_bundle, mnist_root):
     from scoring.rows import grey_levels_to_input
     from training.data import load_split
