@@ -171,7 +171,8 @@ def profile_asgi(args, image: str) -> None:
     if os.environ.get("PROFILE_DUMP"):
         stats.dump_stats(os.environ["PROFILE_DUMP"])
     total = sum(parts.values())
-    unseen = " (the event loop's: merged session runs are in a thread it does not see)" if args.concurrency > 1 else ""
+    # One-image calls run their merged session runs on the event loop; only many-image calls use a thread.
+    unseen = " (the event loop's thread only)" if args.concurrency > 1 else ""
     print(f"{args.system} {args.route}, in process, {args.concurrency} at a time: {best * 1e6:.0f} us of CPU per "
           f"request (best of 5 runs of {args.requests}); under cProfile, own time by part{unseen}:")
     for part, own in parts.most_common():
