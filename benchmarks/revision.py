@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train-subset", type=int, default=2000)
     parser.add_argument("--epochs", type=int, help="baseline epochs (default: 5 ProtoPNet, 6 PrototypeDL)")
+    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs-per-round", type=int, default=1)
     parser.add_argument("--test-images", type=int, default=1000)
@@ -256,7 +257,7 @@ def main() -> None:
             sets = load_decoy_mnist(root, seed, 1000, args.train_subset)
             checkpoint = train_baseline(family, seed, args, root, base / "baseline_run")
             done = results.setdefault(family, {}).setdefault(str(seed), {})
-            for name in CONDITIONS:
+            for name in args.conditions:
                 if name in done:
                     continue
                 print(f"{family} seed {seed} {name} ({(time.perf_counter() - started) / 60:.1f} min so far)",

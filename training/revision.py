@@ -99,7 +99,7 @@ class RevisionRun:
         self.optimizer = torch.optim.Adam(params)
         self.parent_vectors = self.prototype_vectors().clone()
         self.parent_identities = self.family.class_identities(model)
-        self._heads, self._before_fine_tuning, self._judged = None, None, None
+        self._heads, self._before_fine_tuning, self._judged, self._push_fallback = None, None, None, []
 
     # -- the rounds --------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> RevisionState:
@@ -140,20 +140,32 @@ class RevisionRun:
             pruned = prune_candidates(neighbours, self.family.class_identities(self.model))
             self.state.masked = sorted(set(self.state.masked) | set(pruned))
         else:
-            vectors = self.prototype_vectors()
-            self.state.antitypes += [{"prototype_id": j, "round": r, "vector": vectors[j].tolist()} for j in rejected]
+            vectors, sources = self.prototype_vectors(), self.family.sources(self.model)
+            self.state.antitypes += [{"prototype_id": j, "round": r, "vector": vectors[j].tolist(),
+                                      **({"source": sources[j].tolist()} if sources is not None else {})}
+                                     for j in rejected]
             for epoch in range(self.rc.epochs_per_round):
                 self.log(f"round {r} epoch {epoch + 1}/{self.rc.epochs_per_round}: "
                          + json.dumps({k: round(v, 4) for k, v in self.train_epoch().items()}))
-            self.family.push(self.model, self.data["train"].images, self.data["train"].labels)
+            self._push_fallback = self.family.push(self.model, self.data["train"].images, self.data["train"].labels,
+                                                   self.antitype_tensor())
+            if self._push_fallback:
+                self.log(f"round {r}: push found no patch clear of the antitypes for {self._push_fallback}")
         mask_columns(self.model.last_layer, self.state.masked)
         self._heads = self.eval_heads()
         self._before_fine_tuning = self.accuracies(self._heads)
         self.fit_last_layer()
 
     def antitype_tensor(self) -> torch.Tensor:
+        """Q [S, D]. An antitype stands for the patch it was rejected on: with the encoder trained, that
+        patch is re-encoded by the encoder as it is now (the stored vector would go stale as the latent
+        space moves, and the encoder could carry the rejected kind of patch away from it); with the
+        encoder frozen, or for a family whose prototypes are not patches, the stored vector is it."""
         if not self.state.antitypes:
             return torch.empty(0, self.prototype_vectors().shape[1], device=self.device)
+        if not self.rc.freeze_encoder and all("source" in a for a in self.state.antitypes):
+            sources = torch.tensor([a["source"] for a in self.state.antitypes])
+            return self.family.encode_sources(self.model, self.data["train"].images, sources).reshape(len(sources), -1)
         return torch.tensor([a["vector"] for a in self.state.antitypes], device=self.device)
 
     def train_epoch(self) -> dict:
@@ -173,6 +185,8 @@ class RevisionRun:
         for start in range(0, len(train), rc.batch_size):
             idx = order[start:start + rc.batch_size]
             x, y = train.images[idx].to(self.device), train.labels[idx].to(self.device)
+            if not rc.freeze_encoder:
+                antitypes = self.antitype_tensor()  # where the rejected patches lie in the latent space now
             base, terms = self.family.loss(model, x, y, self.config.loss)
             refine = refine_cost(model.prototypes, antitypes, rc.refine_epsilon)
             con = con_cost(model.prototypes)
@@ -238,6 +252,7 @@ class RevisionRun:
             "accuracy_before_fine_tuning": before,
             "accuracy": after,
             "con_outside": con_count(self.model.prototypes),
+            "push_fallback": list(self._push_fallback) if r > 0 else [],
             "seconds": seconds,
         }
 

@@ -59,7 +59,9 @@ class RevisionFamily:
     loss: Callable  # (model, x, y, loss_cfg) -> (total, {name: float})
     last_layer_penalty: Callable  # (model, loss_cfg) -> (weight -> tensor) or None
     encoder_modules: Callable  # model -> modules trained with the encoder (frozen together)
-    push: Callable  # (model, images, labels) -> None; moves prototypes onto training patches
+    push: Callable  # (model, images, labels, antitypes [S, D]) -> ids with no patch clear of the antitypes
+    sources: Callable  # model -> [M, 3] (push-set index, row, col) of each prototype's patch, or None
+    encode_sources: Callable  # (model, images, sources [S, 3]) -> [S, D] those patches under the current encoder
     judge: Callable  # (model, ObjectMasks) -> list[Judgement]
     class_identities: Callable  # model -> list[int]
     pictures: Callable  # (model, train Split, out_dir) -> {prototype id: [PNG paths]} for a person to judge
@@ -80,8 +82,21 @@ def _protopnet_penalty(model: ProtoPNet, cfg):
     return lambda weight: cfg.lambda_l1 * (weight * wrong).abs().sum()
 
 
-def _protopnet_push(model: ProtoPNet, images, labels) -> None:
-    push_prototypes(model, images, labels)
+def _protopnet_push(model: ProtoPNet, images, labels, antitypes=None) -> list[int]:
+    result = push_prototypes(model, images, labels, antitypes=antitypes)
+    return [] if result.fallback is None else result.fallback.nonzero().flatten().tolist()
+
+
+@torch.no_grad()
+def _protopnet_encode_sources(model: ProtoPNet, images, sources: torch.Tensor) -> torch.Tensor:
+    """The latent patches at sources [S, 3] (image index, row, col), batch-norm in evaluation mode."""
+    modes = [(m, m.training) for m in model.modules()]  # restored one by one: a frozen encoder stays in eval
+    model.eval()
+    unique, where = sources[:, 0].unique(return_inverse=True)
+    z = model.latent(images[unique].to(model.prototypes.device))  # [U, D, h, w]
+    for module, training in modes:
+        module.training = training
+    return z[where.to(z.device), :, sources[:, 1].to(z.device), sources[:, 2].to(z.device)]
 
 
 def _protopnet_judge(model: ProtoPNet, masks: ObjectMasks) -> list[Judgement]:
@@ -143,6 +158,8 @@ PROTOPNET_REVISION = RevisionFamily(
     last_layer_penalty=_protopnet_penalty,
     encoder_modules=lambda model: [model.features, model.add_on],
     push=_protopnet_push,
+    sources=lambda model: model.push_source.detach().cpu(),
+    encode_sources=_protopnet_encode_sources,
     judge=_protopnet_judge,
     class_identities=lambda model: model.class_identities(),
     pictures=_protopnet_pictures,
@@ -153,7 +170,9 @@ PROTOTYPEDL_REVISION = RevisionFamily(
     loss=_prototypedl_loss,
     last_layer_penalty=lambda model, cfg: None,
     encoder_modules=lambda model: [model.encoder, model.decoder],
-    push=lambda model, images, labels: None,
+    push=lambda model, images, labels, antitypes=None: [],
+    sources=lambda model: None,  # a prototype is a whole latent vector, not a patch of a training image
+    encode_sources=None,
     judge=_prototypedl_judge,
     class_identities=_prototypedl_identities,
     pictures=_prototypedl_pictures,
