@@ -142,7 +142,7 @@ class RevisionRun:
         else:
             vectors, sources = self.prototype_vectors(), self.family.sources(self.model)
             self.state.antitypes += [{"prototype_id": j, "round": r, "vector": vectors[j].tolist(),
-                                      **({"source": sources[j].tolist()} if sources is not None else {})}
+                                      **({"source": sources[j]} if sources is not None else {})}
                                      for j in rejected]
             for epoch in range(self.rc.epochs_per_round):
                 self.log(f"round {r} epoch {epoch + 1}/{self.rc.epochs_per_round}: "
@@ -157,14 +157,15 @@ class RevisionRun:
         self.fit_last_layer()
 
     def antitype_tensor(self) -> torch.Tensor:
-        """Q [S, D]. An antitype stands for the patch it was rejected on: with the encoder trained, that
-        patch is re-encoded by the encoder as it is now (the stored vector would go stale as the latent
-        space moves, and the encoder could carry the rejected kind of patch away from it); with the
-        encoder frozen, or for a family whose prototypes are not patches, the stored vector is it."""
+        """Q [S, D]. A ProtoPNet antitype stands for the training patch it was rejected on: with the
+        encoder trained, that patch is re-encoded by the encoder as it is now (the stored vector goes
+        stale as the latent space moves, and the encoder can carry the rejected kind of patch away from
+        it). With the encoder frozen, and for PrototypeDL (no source patch), the stored vector, the
+        rejected prototype itself, is the antitype (as the paper has it)."""
         if not self.state.antitypes:
             return torch.empty(0, self.prototype_vectors().shape[1], device=self.device)
         if not self.rc.freeze_encoder and all("source" in a for a in self.state.antitypes):
-            sources = torch.tensor([a["source"] for a in self.state.antitypes])
+            sources = [a["source"] for a in self.state.antitypes]
             return self.family.encode_sources(self.model, self.data["train"].images, sources).reshape(len(sources), -1)
         return torch.tensor([a["vector"] for a in self.state.antitypes], device=self.device)
 

@@ -60,8 +60,8 @@ class RevisionFamily:
     last_layer_penalty: Callable  # (model, loss_cfg) -> (weight -> tensor) or None
     encoder_modules: Callable  # model -> modules trained with the encoder (frozen together)
     push: Callable  # (model, images, labels, antitypes [S, D]) -> ids with no patch clear of the antitypes
-    sources: Callable  # model -> [M, 3] (push-set index, row, col) of each prototype's patch, or None
-    encode_sources: Callable  # (model, images, sources [S, 3]) -> [S, D] those patches under the current encoder
+    sources: Callable  # model -> per prototype, the training patch it stands for (JSON-able), or None
+    encode_sources: Callable  # (model, train images, [source]) -> [S, D] those under the current encoder
     judge: Callable  # (model, ObjectMasks) -> list[Judgement]
     class_identities: Callable  # model -> list[int]
     pictures: Callable  # (model, train Split, out_dir) -> {prototype id: [PNG paths]} for a person to judge
@@ -87,16 +87,32 @@ def _protopnet_push(model: ProtoPNet, images, labels, antitypes=None) -> list[in
     return [] if result.fallback is None else result.fallback.nonzero().flatten().tolist()
 
 
-@torch.no_grad()
-def _protopnet_encode_sources(model: ProtoPNet, images, sources: torch.Tensor) -> torch.Tensor:
-    """The latent patches at sources [S, 3] (image index, row, col), batch-norm in evaluation mode."""
-    modes = [(m, m.training) for m in model.modules()]  # restored one by one: a frozen encoder stays in eval
-    model.eval()
-    unique, where = sources[:, 0].unique(return_inverse=True)
+def _in_eval_mode(encode: Callable) -> Callable:
+    """encode(model, ...) with batch-norm in evaluation mode and no gradient; every module's mode is
+    restored one by one afterwards (a frozen encoder stays in evaluation mode during training)."""
+
+    @torch.no_grad()
+    def wrapped(model, *args):
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            return encode(model, *args)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    return wrapped
+
+
+@_in_eval_mode
+def _protopnet_encode_sources(model: ProtoPNet, images, sources: list) -> torch.Tensor:
+    """The latent patches at sources [(image index, row, col)] of the push set."""
+    at = torch.tensor(sources, dtype=torch.long)
+    unique, where = at[:, 0].unique(return_inverse=True)
     z = model.latent(images[unique].to(model.prototypes.device))  # [U, D, h, w]
-    for module, training in modes:
-        module.training = training
-    return z[where.to(z.device), :, sources[:, 1].to(z.device), sources[:, 2].to(z.device)]
+    return z[where.to(z.device), :, at[:, 1].to(z.device), at[:, 2].to(z.device)]
+
+
 
 
 def _protopnet_judge(model: ProtoPNet, masks: ObjectMasks) -> list[Judgement]:
@@ -158,7 +174,7 @@ PROTOPNET_REVISION = RevisionFamily(
     last_layer_penalty=_protopnet_penalty,
     encoder_modules=lambda model: [model.features, model.add_on],
     push=_protopnet_push,
-    sources=lambda model: model.push_source.detach().cpu(),
+    sources=lambda model: model.push_source.detach().cpu().tolist(),
     encode_sources=_protopnet_encode_sources,
     judge=_protopnet_judge,
     class_identities=lambda model: model.class_identities(),
@@ -171,7 +187,10 @@ PROTOTYPEDL_REVISION = RevisionFamily(
     last_layer_penalty=lambda model, cfg: None,
     encoder_modules=lambda model: [model.encoder, model.decoder],
     push=lambda model, images, labels, antitypes=None: [],
-    sources=lambda model: None,  # a prototype is a whole latent vector, not a patch of a training image
+    # A prototype is a whole latent vector, not a training patch; its decoded picture re-encoded lands
+    # far from it (the autoencoder does not map a prototype back onto itself), so the antitype stays
+    # the rejected vector.
+    sources=lambda model: None,
     encode_sources=None,
     judge=_prototypedl_judge,
     class_identities=_prototypedl_identities,
