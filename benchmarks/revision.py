@@ -36,8 +36,9 @@ CONDITIONS = {  # name -> revision settings (None: the baseline as trained)
     "baseline": None,
     "pruning": {"mode": "prune"},
     "masking": {"mode": "mask"},
-    "revision_frozen": {"mode": "revise", "freeze_encoder": True},
-    "revision_trained": {"mode": "revise", "freeze_encoder": False},
+    # Alg. 1 as written: all N rounds train, also after a round with nothing left to reject
+    "revision_frozen": {"mode": "revise", "freeze_encoder": True, "all_rounds": True},
+    "revision_trained": {"mode": "revise", "freeze_encoder": False, "all_rounds": True},
 }
 EVAL_SETS = {"clean": "test_clean", "decoy": "test", "adversarial": "test_adversarial"}
 

@@ -55,6 +55,7 @@ class RevisionConfig:
     batch_size: int = 100
     eval_batch_size: int = 1000
     seed: int = 0
+    all_rounds: bool = False  # train every round as Alg. 1 does, also after a round that rejects nothing
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -117,7 +118,7 @@ class RevisionRun:
             given = [] if self.rc.mode == "prune" else self.consult(r, self.model, judged)
             self.state.verdicts += [asdict(v) for v in given]
             rejected = [j for j in rejected_ids(given) if j not in self.state.masked]
-            if self.rc.mode == "revise" and not rejected:
+            if self.rc.mode == "revise" and not rejected and not self.rc.all_rounds:
                 self.state.finished = True  # nothing left to revise: Alg. 1 has converged
                 self.log(f"round {r}: no prototype rejected, revision done")
                 break

@@ -84,6 +84,22 @@ def test_resume_between_rounds_is_exact(tmp_path, decoy_protopnet, freeze_encode
     assert torch.allclose(whole.antitype_tensor(), stored) == freeze_encoder
 
 
+@pytest.mark.slow
+def test_all_rounds_trains_on_after_a_round_that_rejects_nothing(tmp_path, decoy_protopnet):
+    from protoserve.verdicts import verdict
+    from training.revision import file_consult
+
+    def consult():  # round 1 rejects prototype 0, round 2 rejects nothing
+        return file_consult([verdict(0, "reject", 1, "tester"), verdict(0, "accept", 2, "tester")])
+
+    stops = _run(decoy_protopnet, tmp_path / "stops", consult())
+    assert stops.run().round == 1 and stops.state.finished  # converged: nothing left to revise
+    goes_on = _run(decoy_protopnet, tmp_path / "all", consult(), all_rounds=True)
+    state = goes_on.run()
+    assert state.round == 2 and [h["verdicts_given"] for h in state.history] == [0, 1, 0]
+    assert not torch.equal(goes_on.model.prototypes, stops.model.prototypes)  # round 2 trained on
+
+
 def test_a_changed_revision_config_is_refused_on_resume(tmp_path, decoy_protopnet):
     _run(decoy_protopnet, tmp_path).run(stop_after=1)
     with pytest.raises(Exception, match="different revision config"):
