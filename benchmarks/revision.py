@@ -1,5 +1,6 @@
 """Interactive prototype revision on Decoy-MNIST: baseline, pruning, masking, and Alg. 1 with the
-encoder frozen and trained, for ProtoPNet and PrototypeDL, over several seeds.
+encoder frozen and trained (all rounds, and stopping after a round that rejects nothing), for
+ProtoPNet and PrototypeDL, over several seeds.
 
     PYTHONPATH=. python benchmarks/revision.py [--out runs/revision_bench] [--seeds 0 1 2]
         [--families protopnet prototypedl] [--train-subset 2000] [--epochs N] [--rounds 5]
@@ -39,6 +40,9 @@ CONDITIONS = {  # name -> revision settings (None: the baseline as trained)
     # Alg. 1 as written: all N rounds train, also after a round with nothing left to reject
     "revision_frozen": {"mode": "revise", "freeze_encoder": True, "all_rounds": True},
     "revision_trained": {"mode": "revise", "freeze_encoder": False, "all_rounds": True},
+    # the CLI's default: stop after the first round in which the user rejects nothing
+    "revision_frozen_stop": {"mode": "revise", "freeze_encoder": True, "all_rounds": False},
+    "revision_trained_stop": {"mode": "revise", "freeze_encoder": False, "all_rounds": False},
 }
 EVAL_SETS = {"clean": "test_clean", "decoy": "test", "adversarial": "test_adversarial"}
 
