@@ -105,6 +105,7 @@ bench-score: setup
 .PHONY: bench-ood
 bench-ood: setup
 	$(PY) -m benchmarks.ood --bundles $(DEFAULT_MODEL)/bundle models/protopnet_mnist/bundle --out runs/ood_benchmark.json
+	$(PY) -m benchmarks.ood_cost --bundles $(DEFAULT_MODEL)/bundle models/protopnet_mnist/bundle
 
 clean:
 	rm -rf runs/demo .pytest_cache

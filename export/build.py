@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from export.bundle import (
+    FAMILY_DOMAIN_FEATURES,
     Bundle,
     CanonicalForm,
     DomainCalibration,
@@ -172,13 +173,17 @@ def calibrate_domain(model_file: Path, validation: Split, manifest: Manifest, fa
     images = validation.images[torch.arange(len(validation))] if not isinstance(validation.images, torch.Tensor) \
         else validation.images
 
-    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    features = FAMILY_DOMAIN_FEATURES[manifest.family]
+    features = features if manifest.model.output(features) is not None else None
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         out = run_onnx(session, x.astype(np.float32, copy=False))
-        return out["probabilities"], out["distances"]
+        return out["probabilities"], out["distances"], out[features] if features else None
 
     class_of = np.array([row.class_identity for row in manifest.prototypes])
     active = np.array([row.status == "active" for row in manifest.prototypes])
-    domain = calibrate(run, images.numpy(), active, class_of, len(manifest.class_names), false_alarm_rate)
+    domain = calibrate(run, images.numpy(), active, class_of, len(manifest.class_names), false_alarm_rate,
+                       features=features)
     log(f"out-of-domain score {domain.score} (validation AUROC against {domain.proxy}: {domain.candidates}); "
         f"threshold {domain.threshold:.4g} for a {false_alarm_rate:g} false-alarm rate on {domain.images} "
         "validation images")

@@ -51,6 +51,10 @@ FAMILY_OUTPUTS = {
     "protopnet": ["logits", "probabilities", "distances", "similarity_maps"],
 }
 FAMILY_HAS_DECODER = {"prototypedl": True, "protopnet": False}
+# The model.onnx output each family gives the out-of-domain score as the input's place in the latent
+# space ([N, D]). Optional: a bundle exported before ProtoPNet's output existed lacks it and is scored
+# from its distances alone (its calibration says which parts it uses).
+FAMILY_DOMAIN_FEATURES = {"prototypedl": "latent", "protopnet": "pooled_latent"}
 
 
 class BundleError(ProtoserveError):
@@ -126,6 +130,10 @@ class ParityFigures(_Strict):
     top3_ties: int  # images whose top-3 differed only at an exact tie
     probability_atol: float
     distance_rtol: float
+    # The out-of-domain features output (FAMILY_DOMAIN_FEATURES): its largest difference relative to
+    # its largest magnitude (None: a bundle exported before it was compared).
+    max_rel_feature_diff: float | None = None
+    feature_rtol: float | None = None
 
 
 DRIFT_QUANTILES = ("0.5", "0.95", "1.0")
@@ -150,9 +158,9 @@ class Metrics(_Strict):
 
 
 DOMAIN_SCORES = ("nearest_distance", "class_nearest_distance", "mean3_distance", "prototype_mahalanobis",
-                 "nearest_and_mahalanobis")
+                 "nearest_and_mahalanobis", "latent_mahalanobis", "latent_and_prototypes")
 DomainScore = Literal["nearest_distance", "class_nearest_distance", "mean3_distance", "prototype_mahalanobis",
-                      "nearest_and_mahalanobis"]
+                      "nearest_and_mahalanobis", "latent_mahalanobis", "latent_and_prototypes"]
 
 
 class DomainCalibration(_Strict):
@@ -161,7 +169,8 @@ class DomainCalibration(_Strict):
     An input's `score` (larger = further from every case the model knows) above `threshold` is out of
     domain; `threshold` is the validation scores' (1 - false_alarm_rate) quantile. `quantiles` holds
     the validation scores at `levels` (typicality: the share of validation images scoring higher).
-    `candidates` records each score's validation AUROC against the proxy set the choice was made on.
+    `candidates` records each score's validation AUROC against `proxy` (bundles calibrated by choosing
+    the best of them; newer ones use a fixed score and keep the figures as a check).
     """
 
     score: DomainScore
@@ -180,8 +189,14 @@ class DomainCalibration(_Strict):
     class_means: list[list[float]] | None = None
     precision: list[list[float]] | None = None
     fit_images: int | None = None
-    # nearest_and_mahalanobis: each part's validation scores at `levels` (its tail probabilities are combined)
+    # nearest_and_mahalanobis, latent_and_prototypes: each part's validation scores at `levels` (their
+    # tail probabilities are combined)
     components: dict[str, list[float]] | None = None
+    # latent_mahalanobis (and latent_and_prototypes): the model.onnx output holding the input's place in
+    # the latent space, its mean per predicted class [K][D] and the shared precision [D][D] (fit half)
+    features: str | None = None
+    feature_means: list[list[float]] | None = None
+    feature_precision: list[list[float]] | None = None
 
 
 class ProbeSpec(_Strict):
@@ -387,6 +402,8 @@ def _check_consistency(m: Manifest, manifest_path: Path) -> None:
     missing = [n for n in FAMILY_OUTPUTS[m.family] if m.model.output(n) is None]
     if missing:
         problems.append(f"model outputs lack {missing} required for family {m.family!r}")
+    if m.domain is not None and m.domain.features is not None and m.model.output(m.domain.features) is None:
+        problems.append(f"the out-of-domain calibration reads output {m.domain.features!r}, which model.onnx lacks")
     if [t.name for t in m.model.inputs] != [m.input.name]:
         problems.append(f"model inputs {[t.name for t in m.model.inputs]} are not [{m.input.name!r}]")
     if FAMILY_HAS_DECODER[m.family] and m.decoder is None:

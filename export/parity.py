@@ -1,7 +1,8 @@
 """Parity: ONNX Runtime against PyTorch eval mode on the same images, and the limits export demands.
 
-Limits: probabilities within 1e-5 absolute, distances within 1e-4 relative, the same
-argmax for every image, the same top-3 nearest prototype ids except where an exact tie makes
+Limits: probabilities within 1e-5 absolute, distances within 1e-4 relative, the out-of-domain
+features (FAMILY_DOMAIN_FEATURES, where the graph has them) within 1e-4 of their largest magnitude, the
+same argmax for every image, the same top-3 nearest prototype ids except where an exact tie makes
 the order ambiguous. Numpy only; the callers produce the two sets of outputs.
 
 A tie is equality to within float32 rounding (TIE_ULPS units in the last place) or to within the
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.bundle import ParityFigures
+from export.bundle import FAMILY_DOMAIN_FEATURES, ParityFigures
 
 PROBABILITY_ATOL = 1e-5
 DISTANCE_RTOL = 1e-4
+FEATURE_RTOL = 1e-4
 TOP_K = 3
 TIE_ULPS = 4
 
@@ -48,7 +50,7 @@ def top_k_disagreements(reference: np.ndarray, candidate: np.ndarray, k: int = T
 
 
 def parity_figures(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndarray]) -> ParityFigures:
-    """Compare `probabilities` and `distances` of both runtimes over the same images."""
+    """Compare `probabilities`, `distances` and the out-of-domain features of both runtimes over the same images."""
     p_ref, p = torch_out["probabilities"].astype(np.float64), onnx_out["probabilities"].astype(np.float64)
     d_ref, d = torch_out["distances"].astype(np.float64), onnx_out["distances"].astype(np.float64)
     rel = np.abs(d - d_ref) / np.maximum(np.abs(d_ref), np.finfo(np.float32).tiny)
@@ -64,7 +66,18 @@ def parity_figures(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndar
         top3_ties=ties,
         probability_atol=PROBABILITY_ATOL,
         distance_rtol=DISTANCE_RTOL,
+        **feature_parity(torch_out, onnx_out),
     )
+
+
+def feature_parity(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndarray]) -> dict:
+    """The features output's largest difference relative to its largest magnitude (none: no such output)."""
+    name = next((n for n in set(FAMILY_DOMAIN_FEATURES.values()) if n in torch_out and n in onnx_out), None)
+    if name is None:
+        return {}
+    ref, got = torch_out[name].astype(np.float64), onnx_out[name].astype(np.float64)
+    scale = max(float(np.abs(ref).max(initial=0.0)), np.finfo(np.float32).tiny)
+    return {"max_rel_feature_diff": float(np.abs(got - ref).max(initial=0.0)) / scale, "feature_rtol": FEATURE_RTOL}
 
 
 def parity_failures(f: ParityFigures) -> list[str]:
@@ -75,6 +88,9 @@ def parity_failures(f: ParityFigures) -> list[str]:
                         f"(limit {f.probability_atol:g})")
     if not f.max_rel_distance_diff <= f.distance_rtol:
         failures.append(f"distances differ by up to {f.max_rel_distance_diff:.3g} relative (limit {f.distance_rtol:g})")
+    if f.max_rel_feature_diff is not None and not f.max_rel_feature_diff <= f.feature_rtol:
+        failures.append(f"out-of-domain features differ by up to {f.max_rel_feature_diff:.3g} of their scale "
+                        f"(limit {f.feature_rtol:g})")
     if f.argmax_mismatches:
         failures.append(f"{f.argmax_mismatches} of {f.images} images get a different predicted class")
     if f.top3_mismatches:
@@ -85,5 +101,7 @@ def parity_failures(f: ParityFigures) -> list[str]:
 def describe(f: ParityFigures) -> str:
     return (f"parity on {f.images} images: max |dp| {f.max_abs_probability_diff:.2e} (limit {f.probability_atol:g}), "
             f"max rel dd {f.max_rel_distance_diff:.2e} (limit {f.distance_rtol:g}), "
-            f"argmax mismatches {f.argmax_mismatches}, top-{TOP_K} mismatches {f.top3_mismatches} "
+            + (f"features {f.max_rel_feature_diff:.2e} of their scale (limit {f.feature_rtol:g}), "
+               if f.max_rel_feature_diff is not None else "")
+            + f"argmax mismatches {f.argmax_mismatches}, top-{TOP_K} mismatches {f.top3_mismatches} "
             f"(ties excused: {f.top3_ties})")

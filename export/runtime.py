@@ -11,7 +11,8 @@ Public API:
     open_session(path, device, ...) -> (InferenceSession, provider)
     run_probe(bundle, device) -> ProbeResult    the golden probe through model.onnx (and decoder.onnx)
     verify_bundle(bundle, device) -> (Bundle, ProbeResult)   read_bundle + probe; BundleError on a miss
-    classify(session, images) -> (probabilities, distances)   the call every caller of model.onnx makes
+    classify(session, images, features=None) -> (probabilities, distances[, features])   the call every
+                                                caller of model.onnx makes
 """
 
 from __future__ import annotations
@@ -242,7 +243,8 @@ def verify_bundle(bundle: str | Path | Bundle, device: str = "cpu") -> tuple[Bun
     return bundle, result
 
 
-def classify(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """model.onnx on [N, C, H, W] model input -> probabilities [N, K], distances [N, M]."""
-    probabilities, distances = session.run(["probabilities", "distances"], {"image": images})
-    return probabilities, distances
+def classify(session, images: np.ndarray, features: str | None = None) -> tuple[np.ndarray, ...]:
+    """model.onnx on [N, C, H, W] model input -> probabilities [N, K], distances [N, M], and the output
+    named `features` [N, D] as a third value when one is named (the out-of-domain rule's `outputs`)."""
+    return tuple(session.run(["probabilities", "distances", features] if features else ["probabilities", "distances"],
+                             {"image": images}))

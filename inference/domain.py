@@ -10,6 +10,12 @@ Scores (larger = less like the validation images), from the distances [N, M] to 
                              with class means and a shared precision P fitted on validation images
     nearest_and_mahalanobis  both at once (Fisher's method): -log p_nearest - log p_mahalanobis, each p
                              the share of validation images scoring higher on that part
+    latent_mahalanobis       how unusual the input's place in the latent space (the model.onnx output
+                             the calibration names in `features`: PrototypeDL's encoding, ProtoPNet's
+                             latent patches averaged over positions) is for the predicted class, with
+                             class means and a shared precision fitted on validation images
+    latent_and_prototypes    Fisher's method over nearest_distance, prototype_mahalanobis and
+                             latent_mahalanobis (what export calibrates when the graph has the features)
 An input is in domain when its score is at most the calibrated threshold (chosen for a stated
 false-alarm rate on the validation split); its typicality is the share of validation images that
 scored higher (1: as typical as they come, 0: beyond every validation image).
@@ -29,7 +35,15 @@ import numpy as np
 
 from export.bundle import DomainCalibration, Manifest
 from inference.explain import nearest_distance
-from protoserve.domain_scores import distance_scores, fisher, mahalanobis, upper_tail
+from protoserve.domain_scores import (
+    distance_profile,
+    distance_scores,
+    fisher,
+    mahalanobis,
+    paired_mahalanobis,
+    squared_mahalanobis,
+    tail_at,
+)
 from protoserve.errors import InputError
 
 ABSTAIN_ENV = "PROTOSERVE_ABSTAIN"
@@ -45,43 +59,86 @@ class DomainRule:
     class_of: np.ndarray  # [M] the class each prototype stands for
     quantiles: np.ndarray
     levels: np.ndarray
+    tails: np.ndarray  # 1 - levels: the share of validation images above each quantile
     class_means: np.ndarray | None = None  # the Mahalanobis scores only
     precision: np.ndarray | None = None
-    components: dict[str, np.ndarray] | None = None  # nearest_and_mahalanobis only
+    components: dict[str, np.ndarray] | None = None  # the combined scores only: each part's validation quantiles
+    feature_means: np.ndarray | None = None  # the latent scores only
+    feature_precision: np.ndarray | None = None
+    # both Mahalanobis parts in one product: [K, M + D] means and the block-diagonal precision
+    joint_means: np.ndarray | None = None
+    joint_precision: np.ndarray | None = None
 
-    def score(self, distances: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        name = self.calibration.score
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The model.onnx outputs the score reads besides the distances: pass the first as `features`."""
+        return (self.calibration.features,) if self.calibration.features else ()
+
+    def part(self, name: str, distances: np.ndarray, labels: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+        """One part's [N] scores."""
         if name == "prototype_mahalanobis":
             return mahalanobis(distances, labels, self.class_means, self.precision)
-        if name == "nearest_and_mahalanobis":
-            nearest = nearest_distance(distances, self.active)
-            far = mahalanobis(distances, labels, self.class_means, self.precision)
-            return fisher([upper_tail(nearest, self.components["nearest_distance"], self.levels),
-                           upper_tail(far, self.components["prototype_mahalanobis"], self.levels)])
+        if name == "latent_mahalanobis":
+            self.require(features)
+            return squared_mahalanobis(features.astype(np.float64, copy=False), labels, self.feature_means,
+                                       self.feature_precision)
         if name == "nearest_distance":
             return nearest_distance(distances, self.active)
         return distance_scores(distances, labels, self.active, self.class_of)[name]
 
-    def judge(self, distances: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[N, M] distances and [N] predicted labels -> (in_domain [N] bool, typicality [N] float)."""
-        scores = self.score(distances, labels)
-        return scores <= self.calibration.threshold, upper_tail(scores, self.quantiles, self.levels)
+    def score(self, distances: np.ndarray, labels: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """[N] scores of [N, M] distances (and [N, D] features, for the latent scores) of inputs predicted as labels."""
+        if self.components is None:
+            return self.part(self.calibration.score, distances, labels, features)
+        known = self.mahalanobis_parts(distances, labels, features) if self.joint_means is not None else {}
+        return fisher([tail_at(known[name] if name in known else self.part(name, distances, labels, features),
+                               quantiles, self.tails) for name, quantiles in self.components.items()])
+
+    def mahalanobis_parts(self, distances: np.ndarray, labels: np.ndarray,
+                          features: np.ndarray | None) -> dict[str, np.ndarray]:
+        """prototype_mahalanobis and latent_mahalanobis from one product (the joint block-diagonal form)."""
+        self.require(features)
+        z = np.concatenate([distance_profile(distances), features], axis=1)
+        profile, latent = paired_mahalanobis(z, labels, self.joint_means, self.joint_precision, distances.shape[1])
+        return {"prototype_mahalanobis": profile, "latent_mahalanobis": latent}
+
+    def require(self, features: np.ndarray | None) -> None:
+        if features is None:
+            raise ValueError(f"the out-of-domain score needs model.onnx's {self.calibration.features!r} output")
+
+    def judge(self, distances: np.ndarray, labels: np.ndarray,
+              features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """[N, M] distances, [N] predicted labels (and [N, D] features when `outputs` names them) ->
+        (in_domain [N] bool, typicality [N] float)."""
+        scores = self.score(distances, labels, features)
+        return scores <= self.calibration.threshold, tail_at(scores, self.quantiles, self.tails)
 
 
 def domain_rule(manifest: Manifest, active: np.ndarray) -> DomainRule | None:
     """The bundle's rule, or None when its manifest has no calibration."""
-    c = manifest.domain
-    if c is None:
+    if manifest.domain is None:
         return None
-    class_of = np.array([row.class_identity for row in manifest.prototypes], dtype=np.int64)
-    fitted = {}
-    if c.class_means is not None:
-        fitted = {"class_means": np.asarray(c.class_means, np.float64),
-                  "precision": np.asarray(c.precision, np.float64)}
-    if c.components is not None:
-        fitted["components"] = {name: np.asarray(q, np.float64) for name, q in c.components.items()}
-    return DomainRule(c, active, class_of, np.asarray(c.quantiles, np.float64), np.asarray(c.levels, np.float64),
-                      **fitted)
+    return rule_of(manifest.domain, active, np.array([row.class_identity for row in manifest.prototypes], np.int64))
+
+
+def rule_of(c: DomainCalibration, active: np.ndarray, class_of: np.ndarray) -> DomainRule:
+    """The rule of one calibration, for prototypes with these active flags and classes."""
+    def array(value) -> np.ndarray | None:
+        return None if value is None else np.asarray(value, np.float64)
+
+    components = None if c.components is None else {name: array(q) for name, q in c.components.items()}
+    joint = {}
+    if {"prototype_mahalanobis", "latent_mahalanobis"} <= set(components or ()):
+        m, d = len(c.precision), len(c.feature_precision)
+        precision = np.zeros((m + d, m + d))
+        precision[:m, :m], precision[m:, m:] = c.precision, c.feature_precision
+        joint = {"joint_means": np.concatenate([array(c.class_means), array(c.feature_means)], axis=1),
+                 "joint_precision": precision}
+    levels = array(c.levels)
+    return DomainRule(c, active, class_of, array(c.quantiles), levels, 1.0 - levels, class_means=array(c.class_means),
+                      precision=array(c.precision), components=components, feature_means=array(c.feature_means),
+                      feature_precision=array(c.feature_precision), **joint)
 
 
 def abstain_default() -> bool:

@@ -59,9 +59,9 @@ class LoadedModel:
     def version(self) -> str:
         return self.bundle.manifest.version
 
-    def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[N, C, H, W] -> probabilities [N, K], distances [N, M]."""
-        return classify(self.session, images)
+    def classify(self, images: np.ndarray, features: str | None = None) -> tuple[np.ndarray, ...]:
+        """[N, C, H, W] -> probabilities [N, K], distances [N, M] (and the output named `features`)."""
+        return classify(self.session, images, features)
 
     def outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every output of model.onnx for [N, C, H, W] images, by name."""

@@ -46,7 +46,7 @@ def run_local(job: Job, pending: list[int], advance) -> None:
     def infer(x: np.ndarray):
         if not hasattr(local, "session"):
             local.session = sessions.pop()  # list.pop is atomic: each thread takes its own
-        return classify(local.session, x)
+        return classify(local.session, x, job.scorer.features)
 
     def score(k: int, start: int, ids: list[str], values) -> Future:
         return committer.submit(commit, k, job.scorer.score(start, ids, values, infer))

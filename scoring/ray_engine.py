@@ -48,9 +48,10 @@ class ChunkScorer:
         import pyarrow as pa
 
         tables = []
+        features = self.job.scorer.features
         for k in batch["chunk"]:
             start, ids, values = self.job.read_inputs(int(k))
-            table = to_table(self.job.scorer.score(start, ids, values, lambda x: classify(self.session, x)))
+            table = to_table(self.job.scorer.score(start, ids, values, lambda x: classify(self.session, x, features)))
             tables.append(table.add_column(0, "chunk", pa.array([int(k)] * table.num_rows, pa.int64())))
         return pa.concat_tables(tables)
 

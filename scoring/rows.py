@@ -50,7 +50,8 @@ ROW_FIELDS = ("index", "input_id", "label", "class_name", "probabilities", "prot
 RUN_BATCH = 256
 
 # [N, C, H, W] model input -> (probabilities [N, K], distances [N, M])
-Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# model input -> (probabilities, distances[, features]): export.runtime.classify with the scorer's `features`
+Infer = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 
 
 @dataclass
@@ -189,6 +190,10 @@ class BatchScorer:
         self.prototype_ids = np.array([row.id for row in manifest.prototypes], dtype=np.int64)
         self.weights = np.array([row.weights for row in manifest.prototypes], dtype=np.float64)  # [M, K]
         self.domain = domain_rule(manifest, self.active)  # None: the bundle has no calibration
+        # the model.onnx output the rule reads besides the distances (None: none), and its width
+        self.features = self.domain.outputs[0] if self.domain is not None and self.domain.outputs else None
+        spec = manifest.model.output(self.features) if self.features else None
+        self.feature_width = int(spec.shape[1]) if spec is not None else 0
 
     def prepare(self, inputs: Sequence[object] | np.ndarray) -> tuple[np.ndarray, list[InputError | None]]:
         """Inputs -> (model input [n, C, H, W], per-input error or None).
@@ -228,21 +233,27 @@ class BatchScorer:
         K, M = len(self.manifest.class_names), len(self.manifest.prototypes)
         probabilities = np.empty((len(good), K), np.float32)
         distances = np.empty((len(good), M), np.float32)
+        features = np.empty((len(good), self.feature_width), np.float32)
         for lo in range(0, len(good), RUN_BATCH):
-            p, d = infer(good[lo:lo + RUN_BATCH])
+            p, d, *f = infer(good[lo:lo + RUN_BATCH])
             probabilities[lo:lo + RUN_BATCH], distances[lo:lo + RUN_BATCH] = p, d
-        return self.rows(start, input_ids, ok, errors, probabilities, distances)
+            if self.features:
+                if not f:
+                    raise ValueError(f"infer must return the {self.features!r} output the out-of-domain rule reads")
+                features[lo:lo + RUN_BATCH] = f[0]
+        return self.rows(start, input_ids, ok, errors, probabilities, distances, features)
 
     def rows(self, start: int, input_ids: Sequence[str], ok: np.ndarray, errors: Sequence[InputError | None],
-             probabilities: np.ndarray, distances: np.ndarray) -> Columns:
-        """Outputs of the good inputs (in order) + the errors of the others -> one row per input."""
+             probabilities: np.ndarray, distances: np.ndarray, features: np.ndarray | None = None) -> Columns:
+        """Outputs of the good inputs (in order) + the errors of the others -> one row per input;
+        `features` [n, D]: the output named by self.features, which the out-of-domain rule needs."""
         nearest = nearest_prototypes_batch(distances, self.top_k, self.active)
         labels = probabilities.argmax(axis=1).astype(np.int64)
         near = np.take_along_axis(distances, nearest, axis=1).astype(np.float64)
         sims = similarity(near)
         # The same numbers as inference.explain.prototype_rows, with the weights for the predicted class.
         contributions = family(self.manifest.family).contribution(self.weights[nearest, labels[:, None]], near, sims)
-        in_domain, typicality = self.domain.judge(distances, labels) if self.domain else (None, None)
+        in_domain, typicality = self.domain.judge(distances, labels, features) if self.domain else (None, None)
         return Columns(index=np.arange(start, start + len(input_ids), dtype=np.int64), input_id=list(input_ids),
                        ok=ok, label=labels, probabilities=probabilities.astype(np.float32, copy=False),
                        prototype_ids=self.prototype_ids[nearest].astype(np.int32),

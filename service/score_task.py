@@ -58,8 +58,8 @@ def check_request(images: object, top_k: object, n_active: int) -> int:
 
 async def score_images(manifest: Manifest, images: object, top_k: object, classify, abstain: bool = False) -> dict:
     """Score a list of images with the batch core; `classify` is the service's adaptive batcher
-    ([N, C, H, W] -> [N, K + M]: probabilities, then distances); `abstain` withholds the label of
-    out-of-domain rows."""
+    ([N, C, H, W] -> [N, K + M (+ D)]: probabilities, distances, then the out-of-domain rule's features
+    if it reads any); `abstain` withholds the label of out-of-domain rows."""
     k = check_request(images, top_k, int(active_mask(manifest).sum()))
     scorer = BatchScorer(manifest, k)
     x, errors = await asyncio.to_thread(scorer.prepare, images)
@@ -68,9 +68,10 @@ async def score_images(manifest: Manifest, images: object, top_k: object, classi
     K = len(manifest.class_names)
     outputs = [np.asarray(await classify(good[lo:lo + DEFAULT_LIMITS.max_batch]))
                for lo in range(0, len(good), DEFAULT_LIMITS.max_batch)]
-    both = np.concatenate(outputs) if outputs else np.zeros((0, K + len(manifest.prototypes)), np.float32)
+    KM = K + len(manifest.prototypes)
+    both = np.concatenate(outputs) if outputs else np.zeros((0, KM + scorer.feature_width), np.float32)
     ids = [f"images[{i}]" for i in range(len(images))]
-    columns = scorer.rows(0, ids, ok, errors, both[:, :K], both[:, K:])
+    columns = scorer.rows(0, ids, ok, errors, both[:, :K], both[:, K:KM], both[:, KM:])
     counter = metrics().batch_images
     counter.labels("scored").inc(int(ok.sum()))
     counter.labels("failed").inc(columns.failed)

@@ -161,9 +161,9 @@ class Protoserve:
 
     @staticmethod
     def _classify(v: ServedVersion, images: np.ndarray) -> np.ndarray:
-        """[N, C, H, W] model input -> [N, K + M]: the probabilities, then the distances to the prototypes."""
-        probabilities, distances = v.model.classify(images.astype(np.float32, copy=False))
-        return np.concatenate([probabilities, distances], axis=1)
+        """[N, C, H, W] model input -> [N, K + M (+ D)]: the probabilities, the distances to the prototypes
+        (and the features the out-of-domain rule reads)."""
+        return np.concatenate(v.model.classify(images.astype(np.float32, copy=False), v.features), axis=1)
 
     # The APIs return their JSON as a ready JSONResponse: BentoML passes a Response through, where for
     # a dict it rebuilds the return type's JSON schema on every response (README "Serving speed"). The
@@ -192,9 +192,11 @@ class Protoserve:
             return self._answer(v, {"error": str(e), "reason": OVERLOADED, "model": v.ref()}, 503)
         finally:
             self.predicting -= 1
-        probabilities, distances = output[:, :K], output[:, K:]
+        KM = K + len(v.manifest.prototypes)
+        probabilities, distances = output[:, :K], output[:, K:KM]
         self._record(v, probabilities, distances, "predict", started)
-        answers = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "predict", abstain)
+        answers = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "predict", abstain,
+                              output[:, KM:])
         return self._answer(v, {"model": v.ref(), "predictions": answers})
 
     @bentoml.api(route="/explain")
@@ -218,7 +220,8 @@ class Protoserve:
         prediction = predictions(probabilities, v.manifest.class_names)[0]
         nearest = nearest_prototypes(distances[0], k, v.active)
         rows = prototype_rows(v.manifest, distances[0], nearest, prediction["label"])
-        prediction = self._judge(v, [prediction], distances, "explain", abstain)[0]
+        prediction = self._judge(v, [prediction], distances, "explain", abstain,
+                                 outputs[v.features][None] if v.features else None)[0]
         for row in rows:
             row["image"] = v.pictures[row["id"]]
         answer = {"model": v.ref(), "prediction": prediction, "prototypes": rows}
@@ -278,15 +281,16 @@ class Protoserve:
             return self._refuse(e, v)
 
     def _judge(self, v: ServedVersion, answers: list[dict], distances: np.ndarray, api: str,
-               abstain: bool) -> list[dict]:
+               abstain: bool, features: np.ndarray | None = None) -> list[dict]:
         """Add in_domain and typicality to each prediction (null without calibration), count the
-        out-of-domain ones, and turn them into abstentions when asked."""
+        out-of-domain ones, and turn them into abstentions when asked; `features`: the output the
+        rule reads besides the distances (v.features)."""
         if v.domain is None:
             for answer in answers:
                 answer.update(in_domain=None, typicality=None, abstained=False)
             return answers
         labels = np.fromiter((a["label"] for a in answers), dtype=np.int64, count=len(answers))
-        in_domain, typicality = v.domain.judge(distances, labels)
+        in_domain, typicality = v.domain.judge(distances, labels, features if v.features else None)
         count_out_of_domain(v.model_id, api, int(len(answers) - in_domain.sum()))
         for i, answer in enumerate(answers):
             answer.update(domain_fields(in_domain, typicality, i), abstained=False)

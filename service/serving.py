@@ -54,6 +54,11 @@ class ServedVersion:
         return self.model.active
 
     @property
+    def features(self) -> str | None:
+        """The model.onnx output its out-of-domain rule reads besides the distances (None: none)."""
+        return self.domain.outputs[0] if self.domain is not None and self.domain.outputs else None
+
+    @property
     def model_id(self) -> tuple[str, str]:
         return self.manifest.name, self.manifest.version
 

@@ -129,14 +129,17 @@ def _prototypedl_records(model: PrototypeDL, push_set=None, mean=None, std=None)
 def _protopnet_outputs(model: ProtoPNet) -> dict[str, list]:
     c, h = model.cfg, model.map_size
     return {"logits": [BATCH, c.n_classes], "probabilities": [BATCH, c.n_classes],
-            "distances": [BATCH, c.n_prototypes], "similarity_maps": [BATCH, c.n_prototypes, h, h]}
+            "distances": [BATCH, c.n_prototypes], "similarity_maps": [BATCH, c.n_prototypes, h, h],
+            "pooled_latent": [BATCH, c.prototype_dim]}
 
 
 def _protopnet_forward(model: ProtoPNet, image: torch.Tensor) -> tuple:
     # Distances by subtraction: the expanded square of training loses small distances to float32
     # cancellation, and with it the parity of the similarities (log(1/d) near 0).
     out = model(image, exact=True)
-    return out.logits, torch.softmax(out.logits, dim=1), out.distances, out.similarity_maps
+    # pooled_latent: z averaged over positions, the input's place in the latent space for the
+    # out-of-domain score (export/calibration.py)
+    return out.logits, torch.softmax(out.logits, dim=1), out.distances, out.similarity_maps, out.latent.mean(dim=(2, 3))
 
 
 class UnpushedPrototypes(FamilyError):

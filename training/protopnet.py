@@ -55,6 +55,7 @@ class Output:
     distance_maps: torch.Tensor  # [N, M, h, w]
     similarity_maps: torch.Tensor  # [N, M, h, w]
     similarities: torch.Tensor  # [N, M]
+    latent: torch.Tensor | None = None  # [N, D, h, w] the add-on output z the prototypes are compared with
 
 
 class ProtoPNet(nn.Module):
@@ -97,13 +98,14 @@ class ProtoPNet(nn.Module):
     def forward(self, x: torch.Tensor, exact: bool = False) -> Output:
         """exact=True computes the distances by subtraction (export); the default expands the square."""
         distance_maps = subtracted_distance_maps if exact else squared_distance_maps
-        maps = distance_maps(self.latent(x), self.prototypes)  # [N, M, h, w]
+        z = self.latent(x)
+        maps = distance_maps(z, self.prototypes)  # [N, M, h, w]
         # The minimum over positions as a max-pool whose kernel is fixed at construction (the map
         # size for this input size), so an exported graph keeps its batch axis dynamic.
         distances = -F.max_pool2d(-maps, kernel_size=self.map_size).flatten(1)  # [N, M]
         similarities = similarity(distances)
         return Output(logits=self.last_layer(similarities), distances=distances, distance_maps=maps,
-                      similarity_maps=similarity(maps), similarities=similarities)
+                      similarity_maps=similarity(maps), similarities=similarities, latent=z)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x).logits

@@ -148,7 +148,8 @@ def test_protopnet_adds_outputs_not_a_new_format(tiny_bundle, tmp_path):
     rows = [p.model_copy(update={"provenance": {"image_index": 3, "patch_box": [0, 0, 1, 1]}, "image": None})
             for p in m.prototypes]
     protopnet = m.model_copy(update={"family": "protopnet", "decoder": None, "prototypes": rows, "quality": None,
-                                     "model": m.model.model_copy(update={"outputs": outputs})})
+                                     "model": m.model.model_copy(update={"outputs": outputs}),
+                                     "domain": m.domain.model_copy(update={"features": None})})
     folder = tmp_path / "protopnet"
     folder.mkdir()
     for name in ("model.onnx", "probe.npz"):
@@ -161,6 +162,15 @@ def test_protopnet_adds_outputs_not_a_new_format(tiny_bundle, tmp_path):
     without = protopnet.model_copy(update={"model": m.model.model_copy(update={"outputs": outputs[:-1]})})
     with pytest.raises(BundleError, match=r"model outputs lack \['similarity_maps'\]"):
         write_manifest(folder, without)
+
+
+def test_a_calibration_must_find_the_output_it_reads(tiny_bundle, bundle_copy):
+    """The out-of-domain rule reads the output its calibration names; a graph without it is refused."""
+    m = read_bundle(tiny_bundle).manifest
+    assert m.domain.features == "latent" and m.model.output("latent") is not None
+    with pytest.raises(BundleError, match="reads output 'pooled_latent', which model.onnx lacks"):
+        write_manifest(bundle_copy, m.model_copy(update={"domain": m.domain.model_copy(
+            update={"features": "pooled_latent"})}))
 
 
 def test_prototypedl_needs_its_decoder(tiny_bundle, bundle_copy):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from export.bundle import manifest_digest, read_bundle
-from export.calibration import auroc, calibrate, fpr_at_tpr, shuffled_pixels
-from inference.domain import domain_rule
+from export.calibration import PROXIES, auroc, calibrate, fpr_at_tpr, proxy_sets
+from inference.domain import domain_rule, rule_of
 from inference.explain import active_mask
 from scoring.rows import BatchScorer
 
@@ -22,22 +22,23 @@ SHIPPED = {"prototypedl": REPO / "models" / "prototypedl_mnist" / "bundle",
 # The share of each set the shipped bundles' thresholds must flag (README "Knowing when not to answer":
 # measured by benchmarks/ood.py, less a margin for the smaller samples here).
 FLAGGED_AT_LEAST = {
-    "prototypedl": {"uniform_noise": 0.99, "gaussian_noise": 0.99, "blank": 0.99, "constant": 0.6,
-                    "inverted_digits": 0.99, "glyphs": 0.25, "rotated_digits": 0.3, "digit_pairs": 0.6},
+    "prototypedl": {"uniform_noise": 0.99, "gaussian_noise": 0.99, "blank": 0.99, "constant": 0.85,
+                    "inverted_digits": 0.99, "glyphs": 0.35, "rotated_digits": 0.6, "digit_pairs": 0.7},
     "protopnet": {"uniform_noise": 0.99, "gaussian_noise": 0.99, "blank": 0.99, "constant": 0.99,
-                  "inverted_digits": 0.35, "glyphs": 0.25, "rotated_digits": 0.35, "digit_pairs": 0.4},
+                  "inverted_digits": 0.95, "glyphs": 0.35, "rotated_digits": 0.5, "digit_pairs": 0.8},
 }
 
-
-def synthetic_model(n_classes: int = 3, n_prototypes: int = 6, seed: int = 0):
-    """A stand-in model whose 'images' are distance vectors: run returns them with one-hot-ish probabilities."""
+def synthetic_model(n_classes: int = 3, n_prototypes: int = 6, latent: bool = False):
+    """A stand-in model whose 'images' are distance vectors: run returns them with one-hot-ish probabilities
+    (and, with `latent`, a feature vector: the distances' logarithms plus a class-dependent shift)."""
     class_of = np.arange(n_prototypes) % n_classes
 
     def run(x: np.ndarray):
         d = x.reshape(len(x), -1)[:, :n_prototypes].astype(np.float64)
         logits = -np.stack([d[:, class_of == k].min(axis=1) for k in range(n_classes)], axis=1)
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return p / p.sum(axis=1, keepdims=True), d
+        features = np.log(d + 0.1) + p.argmax(axis=1)[:, None] if latent else None
+        return p / p.sum(axis=1, keepdims=True), d, features
 
     def sample(n: int, rng) -> np.ndarray:
         d = rng.gamma(4.0, 0.5, (n, n_prototypes))
@@ -47,36 +48,55 @@ def synthetic_model(n_classes: int = 3, n_prototypes: int = 6, seed: int = 0):
     return run, sample, class_of
 
 
-@pytest.mark.parametrize("rate", [0.01, 0.05])
-def test_the_threshold_keeps_its_false_alarm_rate_on_held_out_in_domain_data(rate):
-    run, sample, class_of = synthetic_model()
+@pytest.mark.parametrize(("rate", "latent"), [(0.01, False), (0.05, False), (0.01, True)])
+def test_the_threshold_keeps_its_false_alarm_rate_on_held_out_in_domain_data(rate, latent):
+    run, sample, class_of = synthetic_model(latent=latent)
     rng = np.random.default_rng(0)
-    c = calibrate(run, sample(8000, rng), np.ones(6, bool), class_of, 3, false_alarm_rate=rate)
+    c = calibrate(run, sample(8000, rng), np.ones(6, bool), class_of, 3, false_alarm_rate=rate,
+                  features="latent" if latent else None)
     assert c.false_alarm_rate == rate and c.split == "validation" and c.images == 4000
     assert c.validation_false_alarm_rate == pytest.approx(rate, abs=0.002)
     held_out = sample(20000, np.random.default_rng(1))
-    p, d = run(held_out)
-    in_domain, typicality = domain_rule_of(c, class_of).judge(d, p.argmax(axis=1))
+    p, d, f = run(held_out)
+    in_domain, typicality = domain_rule_of(c, class_of).judge(d, p.argmax(axis=1), f)
     assert np.mean(~in_domain) == pytest.approx(rate, rel=0.3)
     assert 0.0 <= typicality.min() and typicality.max() <= 1.0
     assert np.mean(typicality < rate) == pytest.approx(np.mean(~in_domain), abs=0.003)
 
 
-def domain_rule_of(calibration, class_of):
-    from inference.domain import DomainRule
+def test_the_score_is_fixed_by_what_the_graph_gives_not_chosen_by_a_proxy():
+    """With a features output: Fisher's combination of the nearest distance, the distance profile and the
+    latent; without: of the first two. The proxies' AUROCs are recorded as a check for every candidate."""
+    run, sample, class_of = synthetic_model(latent=True)
+    images = sample(4000, np.random.default_rng(0))
+    with_latent = calibrate(run, images, np.ones(6, bool), class_of, 3, features="latent")
+    assert with_latent.score == "latent_and_prototypes" and with_latent.features == "latent"
+    assert set(with_latent.components) == {"nearest_distance", "prototype_mahalanobis", "latent_mahalanobis"}
+    assert np.asarray(with_latent.feature_precision).shape == (6, 6)
+    assert {"latent_mahalanobis", "latent_and_prototypes", "nearest_and_mahalanobis"} <= set(with_latent.candidates)
+    assert all(name in with_latent.proxy for name in PROXIES)
 
-    fitted = {}
-    if calibration.class_means is not None:
-        fitted = {"class_means": np.asarray(calibration.class_means), "precision": np.asarray(calibration.precision)}
-    if calibration.components is not None:
-        fitted["components"] = {k: np.asarray(v) for k, v in calibration.components.items()}
-    return DomainRule(calibration, np.ones(len(class_of), bool), class_of, np.asarray(calibration.quantiles),
-                      np.asarray(calibration.levels), **fitted)
+    def distances_only(x):
+        return run(x)[:2] + (None,)
+
+    without = calibrate(distances_only, images, np.ones(6, bool), class_of, 3)
+    assert without.score == "nearest_and_mahalanobis" and without.features is None
+    assert without.feature_means is None and "latent_mahalanobis" not in without.candidates
+    p, d, f = run(images[:5])
+    rule = domain_rule_of(with_latent, class_of)
+    assert rule.outputs == ("latent",)
+    with pytest.raises(ValueError, match="latent"):
+        rule.judge(d, p.argmax(axis=1))  # the latent part cannot be skipped silently
+    assert domain_rule_of(without, class_of).outputs == ()
+
+
+def domain_rule_of(calibration, class_of):
+    return rule_of(calibration, np.ones(len(class_of), bool), class_of)
 
 
 def test_calibration_reads_only_the_validation_split(tiny_checkpoint, mnist_root, tmp_path, monkeypatch):
     """Export hands calibrate the validation split's images, and calibrate runs the model on nothing
-    but those images and their shuffled-pixel proxies."""
+    but those images and the proxies made from its held-out half."""
     import export.build as build
     from training.data import load_dataset
 
@@ -97,11 +117,13 @@ def test_calibration_reads_only_the_validation_split(tiny_checkpoint, mnist_root
                                  test_images=200, log=lambda s: None)
     val = load_dataset(mnist_root, "mnist", 500, 0)["val"].images.numpy()
     assert np.array_equal(seen[0], val)
-    allowed = {row.tobytes() for row in val} | {row.tobytes() for row in shuffled_pixels(val)}
+    held = val[np.random.default_rng(0).permutation(len(val))[len(val) // 2:]]
+    allowed = {row.tobytes() for row in val} | {row.tobytes() for proxy in proxy_sets(held) for row in proxy}
     for batch in seen[1:]:
         assert all(row.tobytes() in allowed for row in batch)
     domain = result.bundle.manifest.domain
     assert domain.images == 250 and domain.split == "validation"
+    assert domain.score == "latent_and_prototypes" and domain.features == "latent"
 
 
 def test_a_bundle_without_calibration_still_loads_and_says_unknown(tiny_bundle, tmp_path):

@@ -1,4 +1,5 @@
-"""ProtoPNet checkpoint -> bundle: the same format, `similarity_maps` added, dynamic batch, parity, provenance."""
+"""ProtoPNet checkpoint -> bundle: the same format, `similarity_maps` and `pooled_latent` added, dynamic batch,
+parity, provenance."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from export.runtime import open_session, verify_bundle
 from training.checkpoint import load_checkpoint
 from training.data import load_dataset
 
-OUTPUTS = ["logits", "probabilities", "distances", "similarity_maps"]
+OUTPUTS = ["logits", "probabilities", "distances", "similarity_maps", "pooled_latent"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,8 @@ def test_graph_keeps_the_batch_axis_dynamic_and_the_pool_kernel_fixed(tiny_proto
     for n in (1, 7, 64):
         out = dict(zip(OUTPUTS, session.run(None, {"image": test_images[:n].numpy()}), strict=True))
         assert {k: v.shape for k, v in out.items()} == {"logits": (n, 10), "probabilities": (n, 10),
-                                                        "distances": (n, 20), "similarity_maps": (n, 20, 7, 7)}
+                                                        "distances": (n, 20), "similarity_maps": (n, 20, 7, 7),
+                                                        "pooled_latent": (n, 16)}
         d = out["distances"]
         np.testing.assert_allclose(out["similarity_maps"].max(axis=(2, 3)), np.log((d + 1) / (d + 1e-4)), rtol=1e-5)
 
@@ -75,11 +77,15 @@ def test_parity_with_the_training_model_and_the_golden_probe(tiny_protopnet_bund
     onnx_out = run_onnx(session, images.numpy())
     figures = parity_figures(run_torch(model, images), onnx_out)
     assert parity_failures(figures) == []
+    assert figures.max_rel_feature_diff <= figures.feature_rtol  # pooled_latent, the out-of-domain features
     assert bundle.manifest.metrics.parity.images == 1000
+    assert bundle.manifest.metrics.parity.max_rel_feature_diff is not None
     # The graph computes the distances by subtraction; the training model by expanding the square.
     with torch.no_grad():
         trained = model(images[:200])
+        pooled = model.latent(images[:200]).mean(dim=(2, 3)).numpy()  # z averaged over positions
     np.testing.assert_allclose(onnx_out["distances"][:200], trained.distances.numpy(), rtol=1e-2, atol=1e-5)
+    np.testing.assert_allclose(onnx_out["pooled_latent"][:200], pooled, rtol=1e-4, atol=1e-6)
     assert (onnx_out["probabilities"][:200].argmax(1) == trained.logits.argmax(1).numpy()).mean() >= 0.99
     verify_bundle(tiny_protopnet_bundle)
 

@@ -7,7 +7,7 @@ import pytest
 from scoring_helpers import png_bytes
 
 from export.bundle import InputSpec, read_bundle
-from export.runtime import open_session
+from export.runtime import classify, open_session
 from inference.explain import nearest_prototypes, nearest_prototypes_batch, prototype_rows
 from inference.preprocess import to_input
 from scoring.rows import BatchScorer, records_to_input
@@ -53,8 +53,8 @@ def test_scorer_rows_match_the_graph_and_keep_bad_inputs(tiny_bundle, digits):
     session, _ = open_session(bundle.model_path, "cpu")
     scorer = BatchScorer(bundle.manifest, top_k=2)
 
-    def infer(x):
-        return tuple(session.run(["probabilities", "distances"], {"image": x}))
+    def infer(x):  # what the engines pass: the outputs the scorer's out-of-domain rule needs
+        return classify(session, x, scorer.features)
 
     inputs = [png_bytes(digits[0]), b"not a picture", digits[1], png_bytes(digits[2], "JPEG"), [[0.5] * 3]]
     cols = scorer.score(10, [f"i{j}" for j in range(5)], inputs, infer)
@@ -62,7 +62,7 @@ def test_scorer_rows_match_the_graph_and_keep_bad_inputs(tiny_bundle, digits):
     assert [r["index"] for r in rows] == [10, 11, 12, 13, 14]
     assert [r["error"] is None for r in rows] == [True, False, True, True, False]
     assert rows[1]["error"].startswith("not_an_image:") and rows[4]["error"].startswith("wrong_shape:")
-    p, d = infer(np.stack([to_input(png_bytes(digits[0]), bundle.manifest.input)]))
+    p, d, *_ = infer(np.stack([to_input(png_bytes(digits[0]), bundle.manifest.input)]))
     assert rows[0]["probabilities"] == pytest.approx(p[0].tolist(), abs=1e-6)
     assert rows[0]["label"] == int(p[0].argmax())
     assert rows[0]["class_name"] == bundle.manifest.class_names[rows[0]["label"]]
@@ -70,7 +70,7 @@ def test_scorer_rows_match_the_graph_and_keep_bad_inputs(tiny_bundle, digits):
     nearest = nearest_prototypes(d[0], 2, active)
     assert rows[0]["prototype_ids"] == [bundle.manifest.prototypes[j].id for j in nearest]
     assert rows[0]["prototype_distances"] == pytest.approx(d[0][nearest].tolist(), rel=1e-6)
-    p2, _ = infer(np.stack([to_input(png_bytes(digits[1]), bundle.manifest.input)]))
+    p2, *_ = infer(np.stack([to_input(png_bytes(digits[1]), bundle.manifest.input)]))
     assert rows[2]["probabilities"] == pytest.approx(p2[0].tolist(), abs=1e-6)  # a uint8 record = its PNG
     assert {r["model_name"] for r in rows} == {bundle.manifest.name}
 
@@ -83,13 +83,13 @@ def test_rows_carry_the_explanations_ids_and_scores(which, request, digits):
     session, _ = open_session(bundle.model_path, "cpu")
     scorer = BatchScorer(bundle.manifest, top_k=3)
 
-    def infer(x):
-        return tuple(session.run(["probabilities", "distances"], {"image": x}))
+    def infer(x):  # what the engines pass: the outputs the scorer's out-of-domain rule needs
+        return classify(session, x, scorer.features)
 
     rows = scorer.score(0, ["a", "b", "c"], [png_bytes(digits[i]) for i in range(3)], infer).records()
     active = np.array([r.status == "active" for r in bundle.manifest.prototypes])
     for i, row in enumerate(rows):
-        p, d = infer(to_input(png_bytes(digits[i]), bundle.manifest.input)[None])
+        p, d, *_ = infer(to_input(png_bytes(digits[i]), bundle.manifest.input)[None])
         label = int(p[0].argmax())
         want = prototype_rows(bundle.manifest, d[0], nearest_prototypes(d[0], 3, active), label)
         assert row["prototype_ids"] == [w["id"] for w in want]

@@ -21,8 +21,11 @@ def test_job_rows_carry_the_service_rule(tiny_bundle, digits, tmp_path):
     idx = write_idx(tmp_path / "images-idx3-ubyte", images)
     manifest = read_bundle(tiny_bundle).manifest
     session, _ = open_session(read_bundle(tiny_bundle).model_path, "cpu")
-    p, d = session.run(["probabilities", "distances"], {"image": (images[:, None] / 255.0).astype(np.float32)})
-    want_in, want_typical = domain_rule(manifest, active_mask(manifest)).judge(d, p.argmax(axis=1))
+    rule = domain_rule(manifest, active_mask(manifest))
+    assert rule.outputs == ("latent",)  # the latent space is one part of the score
+    x = (images[:, None] / 255.0).astype(np.float32)
+    p, d, f = session.run(["probabilities", "distances", "latent"], {"image": x})
+    want_in, want_typical = rule.judge(d, p.argmax(axis=1), f)
     for out in (tmp_path / "rows.jsonl", tmp_path / "rows.parquet"):
         run_job(JobSpec(str(tiny_bundle), [str(idx)], out), progress=False)
         rows = [json.loads(line) for line in out.read_text().splitlines()] if out.suffix == ".jsonl" \

@@ -1,0 +1,95 @@
+"""The out-of-domain rule on the serving side: a bundle reads the features its calibration names, and a
+bundle exported before ProtoPNet's graph had `pooled_latent` still loads and is judged from its distances."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from export.bundle import read_bundle, write_manifest
+from export.calibration import calibrate
+from export.runtime import classify, open_session, verify_bundle
+from inference.domain import domain_rule
+from inference.explain import active_mask
+from inference.model import load_model
+from scoring.rows import BatchScorer
+from training.data import load_split
+
+
+@pytest.fixture(scope="module")
+def test_images(mnist_root) -> np.ndarray:
+    """The first 2,000 MNIST test digits as model input [2000, 1, 28, 28]."""
+    images, _ = load_split(mnist_root, "mnist", "test")
+    return (images[:2000].astype(np.float32) / 255.0)[:, None]
+
+
+def older_protopnet_bundle(bundle, folder, images):
+    """`bundle` as an export before the features output wrote it: no pooled_latent in the graph or the
+    manifest, and a calibration of the distances alone (on `images`, standing in for the validation split)."""
+    shutil.copytree(bundle, folder)
+    m = read_bundle(bundle).manifest
+    session, _ = open_session(read_bundle(bundle).model_path, "cpu")
+    class_of = np.array([row.class_identity for row in m.prototypes])
+    domain = calibrate(lambda x: (*classify(session, x), None), images, active_mask(m), class_of, len(m.class_names))
+    graph = onnx.load(str(folder / "model.onnx"))
+    kept = [o for o in graph.graph.output if o.name != "pooled_latent"]
+    del graph.graph.output[:]
+    graph.graph.output.extend(kept)
+    onnx.save(graph, str(folder / "model.onnx"))
+    outputs = [t for t in m.model.outputs if t.name != "pooled_latent"]
+    write_manifest(folder, m.model_copy(update={"model": m.model.model_copy(update={"outputs": outputs}),
+                                                "domain": domain}))
+    return folder
+
+
+def test_a_new_protopnet_bundle_reads_its_pooled_latent(tiny_protopnet_bundle, test_images):
+    manifest = read_bundle(tiny_protopnet_bundle).manifest
+    rule = domain_rule(manifest, active_mask(manifest))
+    assert manifest.domain.score == "latent_and_prototypes" and rule.outputs == ("pooled_latent",)
+    session, _ = open_session(read_bundle(tiny_protopnet_bundle).model_path, "cpu")
+    p, d, f = classify(session, test_images[:50], "pooled_latent")
+    assert f.shape == (50, 16)
+    in_domain, _ = rule.judge(d, p.argmax(axis=1), f)
+    assert in_domain.mean() > 0.8  # test digits are mostly in domain
+    white = np.ones((2, 1, 28, 28), np.float32)
+    p, d, f = classify(session, white, "pooled_latent")
+    assert not rule.judge(d, p.argmax(axis=1), f)[0].any()
+
+
+def test_an_older_bundle_without_the_features_still_loads_and_is_judged(tiny_protopnet_bundle, test_images,
+                                                                        tmp_path):
+    old = older_protopnet_bundle(tiny_protopnet_bundle, tmp_path / "older", test_images[1000:])
+    bundle, _ = verify_bundle(old)  # checksums and the golden probe
+    assert "pooled_latent" not in bundle.output_names
+    model = load_model(old)
+    rule = domain_rule(bundle.manifest, model.active)
+    assert rule.outputs == () and bundle.manifest.domain.score == "nearest_and_mahalanobis"
+    x = np.concatenate([test_images[:20], np.ones((2, 1, 28, 28), np.float32)])
+    p, d = model.classify(x)
+    in_domain, typicality = rule.judge(d, p.argmax(axis=1))
+    assert not in_domain[-2:].any() and in_domain[:20].mean() > 0.8
+    scorer = BatchScorer(bundle.manifest)
+    assert scorer.features is None and scorer.feature_width == 0
+    rows = scorer.score(0, [str(i) for i in range(len(x))], list(x[:, 0].tolist()), model.classify)
+    np.testing.assert_array_equal(rows.in_domain, in_domain)
+    np.testing.assert_allclose(rows.typicality, typicality, atol=1e-6)
+
+
+def test_the_joint_product_scores_as_the_parts_do(tiny_bundle, test_images):
+    """Both Mahalanobis parts from one block-diagonal product give the scores of the two separate products
+    (the calibration's definitions in protoserve/domain_scores.py)."""
+    import dataclasses
+
+    manifest = read_bundle(tiny_bundle).manifest
+    rule = domain_rule(manifest, active_mask(manifest))
+    assert rule.joint_means is not None
+    separate = dataclasses.replace(rule, joint_means=None, joint_precision=None)
+    session, _ = open_session(read_bundle(tiny_bundle).model_path, "cpu")
+    x = np.concatenate([test_images[:200], np.ones((3, 1, 28, 28), np.float32), 1.0 - test_images[:20]])
+    p, d, f = classify(session, x, "latent")
+    y = p.argmax(axis=1)
+    np.testing.assert_allclose(rule.score(d, y, f), separate.score(d, y, f), rtol=1e-12)
+    np.testing.assert_array_equal(rule.judge(d, y, f)[0], separate.judge(d, y, f)[0])
