@@ -177,10 +177,9 @@ class RevisionRun:
         encoder = self.family.encoder_modules(model)
         for module in encoder:
             module.train(not rc.freeze_encoder)  # frozen: batch-norm statistics stay the parent's too
-            for p in module.parameters():
-                p.requires_grad_(not rc.freeze_encoder)
-        model.last_layer.weight.requires_grad_(False)
-        model.prototypes.requires_grad_(True)
+        trained = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        for p in model.parameters():  # only what the optimizer moves (never the last layer, nor a frozen part)
+            p.requires_grad_(id(p) in trained)
         antitypes = self.antitype_tensor()
         order = torch.randperm(len(train), generator=self.shuffle_rng)
         sums, n = {}, 0

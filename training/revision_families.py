@@ -4,8 +4,10 @@ each the `revision` hooks of its entry in the family table (training/families.py
 ProtoPNet: a prototype is a patch vector [D, 1, 1], pushed onto its nearest own-class patch; the
 last layer reads similarities; the encoder is the backbone plus the add-on layers.
 PrototypeDL: a prototype is a whole latent vector [q], shown through the decoder and never
-pushed; the last layer reads distances; the encoder and decoder train together (R keeps the
-decoder's pictures of the prototypes faithful).
+pushed; the last layer reads distances. With the encoder trained, the decoder stays frozen: it
+draws the pictures a person (or the simulated user) judged, and a decoder that kept training would
+change what a rejected picture means, and could paint the square back into a prototype that had
+moved away from its antitype.
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ PROTOTYPEDL_REVISION = RevisionFamily(
     head_inputs=lambda model, x: model(x).distances,
     loss=_prototypedl_loss,
     last_layer_penalty=lambda model, cfg: None,
-    encoder_modules=lambda model: [model.encoder, model.decoder],
+    encoder_modules=lambda model: [model.encoder],  # the decoder stays frozen (module docstring)
     push=lambda model, images, labels, antitypes=None: [],
     # A prototype is a whole latent vector, not a training patch; its decoded picture re-encoded lands
     # far from it (the autoencoder does not map a prototype back onto itself), so the antitype stays

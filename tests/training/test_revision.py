@@ -128,3 +128,21 @@ def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path
     assert (moved > 0.1).all()
     assert float(refine_cost(model.prototypes.detach(), antitypes)) < float(refine_cost(start, antitypes))
     assert state.history[-1]["verdicts_given"] == 2 and state.history[-1]["masked"] == []
+
+
+def test_prototypedl_with_the_encoder_trained_keeps_its_decoder(tmp_path, tiny_checkpoint, mnist_root):
+    """The decoder draws what the person judged: it stays as it was while the encoder trains."""
+    from protoserve.verdicts import verdict
+    from training.data import load_dataset
+    from training.revision import file_consult
+
+    model, config, _ = load_checkpoint(tiny_checkpoint)
+    d = config.data
+    data = load_dataset(mnist_root, d.dataset, d.val_size, d.split_seed, d.train_subset)
+    decoder = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    encoder = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    settings = RevisionConfig(rounds=1, epochs_per_round=1, batch_size=100, last_layer_epochs=1, freeze_encoder=False)
+    RevisionRun(model, config, settings, data, tmp_path, file_consult([verdict(1, "reject", 1, "tester")]),
+                eval_sets={"val": data["val"]}, log=lambda s: None).run()
+    assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in decoder.items())
+    assert not all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in encoder.items())
