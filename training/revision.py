@@ -151,7 +151,7 @@ class RevisionRun:
             self._push_fallback = self.family.push(self.model, self.data["train"].images, self.data["train"].labels,
                                                    self.antitype_tensor())
             if self._push_fallback:
-                self.log(f"round {r}: push found no patch clear of the antitypes for {self._push_fallback}")
+                self.log(f"push in round {r}: no patch clear of the antitypes for {self._push_fallback}")
         mask_columns(self.model.last_layer, self.state.masked)
         self._heads = self.eval_heads()
         self._before_fine_tuning = self.accuracies(self._heads)
