@@ -2,7 +2,7 @@
 
     .venv/bin/pip install py-spy      # a tool for this script, not a dependency of protoserve
     python benchmarks/profile_serve.py --clients 64 --requests 6000 [--system floor] [--route /explain]
-    python benchmarks/profile_serve.py --asgi [--system floor] [--route /explain]
+    python benchmarks/profile_serve.py --asgi [--concurrency 64] [--system floor] [--route /explain]
 
 HTTP (default): starts the service (or the framework floor, benchmarks/floor_service.py) as
 benchmarks/serve.py does, samples each API worker with `py-spy record --format raw` (non-blocking,
@@ -11,10 +11,11 @@ by the innermost frame that belongs to a known part and prints the sampled worke
 (ms) by part, both workers summed. On a shared machine the samples include time spent waiting for a
 core, so compare parts within one run.
 --asgi: builds the same service's ASGI app in this process (the app a worker serves: every middleware,
-BentoML's included) and calls it directly, one request at a time: the CPU time per request (best of
-five runs, no profiler, no HTTP parsing or client), then a cProfile (thread CPU time) of the same calls
-with each function's own time given to its part. A profiler slows Python code more than C, so the
-parts' shares are the figure to read there.
+BentoML's included) and calls it directly, one request at a time (--concurrency N: N in flight, so
+/predict's adaptive batching merges them): the CPU time per request (best of five runs, no profiler,
+no HTTP parsing or client; the batcher's thread included), then a cProfile (thread CPU time) of the
+same calls with each function's own time given to its part. A profiler slows Python code more than C,
+so the parts' shares are the figure to read there.
 """
 
 from __future__ import annotations
@@ -92,28 +93,40 @@ def asgi_app(system: str):
     return service.to_asgi(is_main=True)
 
 
-async def asgi_calls(app, route: str, body: bytes, n: int) -> None:
-    """n POSTs of `body` to `route`, one after another, each checked for a 200."""
+async def asgi_calls(app, route: str, body: bytes, n: int, concurrency: int = 1) -> None:
+    """n POSTs of `body` to `route`, `concurrency` at a time (each caller sends its next when answered), each
+    checked for a 200."""
+    remaining = n
+
+    async def caller():
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await asgi_call(app, route, body)
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+
+
+async def asgi_call(app, route: str, body: bytes) -> None:
     headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode())]
-    for _ in range(n):
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": route, "raw_path": route.encode(), "query_string": b"", "root_path": "",
-                 "headers": headers, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 3000), "state": {}}
-        messages = [{"type": "http.request", "body": body, "more_body": False}]
-        sent = []
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": route, "raw_path": route.encode(), "query_string": b"", "root_path": "",
+             "headers": headers, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 3000), "state": {}}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = []
 
-        async def receive(messages=messages):
-            if messages:
-                return messages.pop()
-            await asyncio.sleep(3600)  # the client stays connected
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(3600)  # the client stays connected
 
-        async def send(message, sent=sent):
-            sent.append(message)
+    async def send(message):
+        sent.append(message)
 
-        await app(scope, receive, send)
-        if sent[0]["status"] != 200:
-            raise SystemExit(f"{route}: HTTP {sent[0]['status']}: {sent[1:]}")
+    await app(scope, receive, send)
+    if sent[0]["status"] != 200:
+        raise SystemExit(f"{route}: HTTP {sent[0]['status']}: {sent[1:]}")
 
 
 def profile_asgi(args, image: str) -> None:
@@ -137,11 +150,11 @@ def profile_asgi(args, image: str) -> None:
         best = float("inf")
         for _ in range(5):
             started = time.process_time()
-            await asgi_calls(app, args.route, body, args.requests)
+            await asgi_calls(app, args.route, body, args.requests, args.concurrency)
             best = min(best, (time.process_time() - started) / args.requests)
         profile = cProfile.Profile(time.thread_time)
         profile.enable()
-        await asgi_calls(app, args.route, body, args.requests)
+        await asgi_calls(app, args.route, body, args.requests, args.concurrency)
         profile.disable()
         lifespan.cancel()
         return best, pstats.Stats(profile)
@@ -158,8 +171,9 @@ def profile_asgi(args, image: str) -> None:
     if os.environ.get("PROFILE_DUMP"):
         stats.dump_stats(os.environ["PROFILE_DUMP"])
     total = sum(parts.values())
-    print(f"{args.system} {args.route}, in process: {best * 1e6:.0f} us of CPU per request (best of 5 runs of "
-          f"{args.requests}); under cProfile, own time by part:")
+    unseen = " (the event loop's: merged session runs are in a thread it does not see)" if args.concurrency > 1 else ""
+    print(f"{args.system} {args.route}, in process, {args.concurrency} at a time: {best * 1e6:.0f} us of CPU per "
+          f"request (best of 5 runs of {args.requests}); under cProfile, own time by part{unseen}:")
     for part, own in parts.most_common():
         print(f"  {own / total * 100:5.1f}%  {best * own / total * 1e6:6.0f} us  {part}")
 
@@ -181,6 +195,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second per worker")
     parser.add_argument("--out", default=str(REPO / "runs/profile_serve"))
     parser.add_argument("--asgi", action="store_true", help="in process, no HTTP: CPU per request and cProfile")
+    parser.add_argument("--concurrency", type=int, default=1, help="--asgi: requests in flight at a time")
     args = parser.parse_args()
     if args.asgi:
         os.environ.setdefault("PROTOSERVE_BUNDLE", str(Path(args.bundle).resolve()))

@@ -13,7 +13,8 @@ Four systems in one run, on the same test digit (a 28x28 PNG, base64 in JSON, on
                 write instead (the shape of the public ProtoPNet HTTP API)
 For each server: latency p50/p95/p99 and throughput of /predict (and protoserve's /explain) with 1,
 8 and 64 clients in a closed loop (each sends its next request when the last one is answered), in
-alternating rounds (medians reported), and the resident memory of each API worker afterwards.
+alternating rounds (medians reported), the CPU time its processes spent per request, and the resident
+memory of each API worker afterwards.
 The load generator (aiohttp) runs on the same machine and shares its cores with the servers.
 This file may import torch (the naive baseline); the service never does."""
 
@@ -254,27 +255,48 @@ def worker_memory_mb(server: Server) -> list[float]:
     return sorted(p.memory_info().rss / 2**20 for p in workers)
 
 
+def server_cpu_seconds(server: Server) -> float:
+    """CPU time (user + system) used so far by a server's processes: the server and all its workers."""
+    import psutil
+
+    total = 0.0
+    root = psutil.Process(server.process.pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # a process that ended meanwhile
+            continue
+        total += times.user + times.system
+    return total
+
+
 def median_row(rows: list[dict]) -> dict:
-    """One row of medians over the rounds, with each round's p50 and throughput kept beside it."""
-    keys = ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "requests_per_s")
+    """One row of medians over the rounds, with each round's p50, throughput and server CPU kept beside it."""
+    keys = ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "requests_per_s", "server_cpu_us")
     row = {"clients": rows[0]["clients"], "requests": sum(r["requests"] for r in rows),
-           "errors": sum(r["errors"] for r in rows), **{k: float(np.median([r[k] for r in rows])) for k in keys}}
-    row["rounds"] = [{"p50_ms": r["p50_ms"], "requests_per_s": r["requests_per_s"]} for r in rows]
+           "errors": sum(r["errors"] for r in rows),
+           **{k: float(np.median([r[k] for r in rows])) for k in keys if k in rows[0]}}
+    row["rounds"] = [{k: r[k] for k in ("p50_ms", "requests_per_s", "server_cpu_us") if k in r} for r in rows]
     return row
 
 
-def alternating_rounds(systems: dict[str, tuple[str, dict]], rounds: int, scale: float) -> dict[str, list[dict]]:
+def alternating_rounds(systems: dict[str, tuple[str, dict, Server]], rounds: int,
+                       scale: float) -> dict[str, list[dict]]:
     """Every system at every concurrency, `rounds` times, the systems taking turns at each level, so a
-    change in the machine's load (the cores are shared) falls on all alike; medians over the rounds."""
+    change in the machine's load (the cores are shared) falls on all alike; medians over the rounds. Each
+    row also has the CPU time the server's processes spent per request (server_cpu_us): unlike the
+    throughput, it hardly moves with what else the machine is running."""
     raw: dict[str, dict[int, list[dict]]] = {key: {c: [] for c in CONCURRENCY} for key in systems}
     for r in range(rounds):
         for c in CONCURRENCY:
-            for key, (url, body) in systems.items():
+            for key, (url, body, server) in systems.items():
+                cpu = server_cpu_seconds(server)
                 row = asyncio.run(closed_loop(url, body, c, requests_for(c, scale)))
+                row["server_cpu_us"] = (server_cpu_seconds(server) - cpu) / max(row["requests"], 1) * 1e6
                 raw[key][c].append(row)
                 print(f"  round {r + 1} {key:20s} c={c:<3d} p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f}  "
-                      f"p99 {row['p99_ms']:7.2f}  {row['requests_per_s']:7.1f} req/s  errors {row['errors']}",
-                      flush=True)
+                      f"p99 {row['p99_ms']:7.2f}  {row['requests_per_s']:7.1f} req/s  errors {row['errors']}  "
+                      f"server CPU {row['server_cpu_us']:5.0f} us/request", flush=True)
     return {key: [median_row(raw[key][c]) for c in CONCURRENCY] for key in systems}
 
 
@@ -291,7 +313,10 @@ def floor_ratios(result: dict) -> dict:
         ratios[f"c{mine['clients']}"] = {
             "throughput": per_round(mine, floor, lambda m, f: m["requests_per_s"] / f["requests_per_s"]),
             "p50": per_round(mine, floor, lambda m, f: m["p50_ms"] / f["p50_ms"]),
-            "p50_minus_floor_ms": per_round(mine, floor, lambda m, f: m["p50_ms"] - f["p50_ms"])}
+            "p50_minus_floor_ms": per_round(mine, floor, lambda m, f: m["p50_ms"] - f["p50_ms"]),
+            # /proc counts CPU time in ticks: a short run can show none (NaN then).
+            "server_cpu": per_round(mine, floor, lambda m, f: m["server_cpu_us"] / f["server_cpu_us"]
+                                    if f["server_cpu_us"] > 0 else float("nan"))}
     return ratios
 
 
@@ -328,10 +353,11 @@ def compare_servers(args, bundle: Path, checkpoint: Path, out: Path, image: str,
     naive, naive_url = start_naive(checkpoint, out.with_suffix(".naive.log"))
     try:
         result.update(alternating_rounds({
-            "protoserve_predict": (f"{url}/predict", {"images": [image]}),
-            "floor_predict": (f"{floor_url}/predict", {"images": [image]}),
-            "naive_predict": (f"{naive_url}/predict", {"image": image}),
-            "protoserve_explain": (f"{url}/explain", {"image": image, "top_k": 3})}, args.rounds, args.scale))
+            "protoserve_predict": (f"{url}/predict", {"images": [image]}, server),
+            "floor_predict": (f"{floor_url}/predict", {"images": [image]}, floor),
+            "naive_predict": (f"{naive_url}/predict", {"image": image}, naive),
+            "protoserve_explain": (f"{url}/explain", {"image": image, "top_k": 3}, server)}, args.rounds,
+            args.scale))
         result["worker_memory_mb"] = {"protoserve": worker_memory_mb(server), "floor": worker_memory_mb(floor)}
         print(f"  resident memory per API worker after the runs: protoserve "
               f"{', '.join(f'{m:.0f}' for m in result['worker_memory_mb']['protoserve'])} MB, floor "
@@ -408,7 +434,8 @@ def main() -> None:
 
     result["floor_ratios"] = floor_ratios(result)
     print("protoserve /predict / floor, medians of the per-round ratios: " + "; ".join(
-        f"{c}: p50 x{r['p50']:.2f} (+{r['p50_minus_floor_ms']:.2f} ms), throughput x{r['throughput']:.2f}"
+        f"{c}: p50 x{r['p50']:.2f} (+{r['p50_minus_floor_ms']:.2f} ms), throughput x{r['throughput']:.2f}, "
+        f"server CPU per request x{r['server_cpu']:.2f}"
         for c, r in result["floor_ratios"].items()))
     result["targets"] = targets(result)
     result["machine"]["loadavg_after"] = os.getloadavg()

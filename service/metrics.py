@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
+
 # Nearest-prototype distances span both families: PrototypeDL's test images sit at ~0.3 (median) from
 # their nearest prototype, ProtoPNet's nearest patch at ~0.005. The drift alert compares the live
 # median with the test set's 95th percentile, so the buckets must resolve both scales
@@ -88,17 +90,49 @@ def _children(metric, labels: tuple[str, ...]):
 
 def record_answers(model: tuple[str, str], class_names: list[str], prototype_ids: list[int],
                    probabilities, nearest_index, nearest_distance) -> None:
-    """Count one batch of answers: predicted class, confidence, nearest prototype and its distance."""
+    """Count one batch of answers: predicted class, confidence, nearest prototype and its distance. A
+    batch of several images is counted at once: one update per class, prototype and histogram bucket it
+    holds, not one per image (in multiprocess mode every update writes to the worker's file)."""
     m = metrics()
     labels = probabilities.argmax(axis=1)
-    confidence = labelled(m.confidence, *model)
-    distance = labelled(m.nearest_distance, *model)
-    for label, probs, j, d in zip(labels.tolist(), probabilities, nearest_index.tolist(),
-                                  nearest_distance.tolist(), strict=True):
+    confidence, distance = labelled(m.confidence, *model), labelled(m.nearest_distance, *model)
+    if len(labels) == 1:  # one image: the plain updates cost less than the counting below
+        label, j = int(labels[0]), int(nearest_index[0])
         labelled(m.predictions, *model, class_names[label]).inc()
-        confidence.observe(float(probs[label]))
         labelled(m.nearest_prototype, *model, str(prototype_ids[j])).inc()
-        distance.observe(d)
+        confidence.observe(float(probabilities[0, label]))
+        distance.observe(float(nearest_distance[0]))
+        return
+    for label, n in nonzero_counts(labels, len(class_names)):
+        labelled(m.predictions, *model, class_names[label]).inc(n)
+    for j, n in nonzero_counts(nearest_index, len(prototype_ids)):
+        labelled(m.nearest_prototype, *model, str(prototype_ids[j])).inc(n)
+    observe_many(confidence, probabilities[np.arange(len(labels)), labels])
+    observe_many(distance, nearest_distance)
+
+
+def nonzero_counts(index, size: int) -> list[tuple[int, int]]:
+    """(i, how many times i occurs in index) for each i in 0..size-1 that occurs."""
+    counts = np.bincount(index, minlength=size)
+    present = np.flatnonzero(counts)
+    return list(zip(present.tolist(), counts[present].tolist(), strict=True))
+
+
+def observe_many(histogram, values) -> None:
+    """histogram.observe(v) for each of `values`, written as one update per bucket they fall in and one of
+    the sum. prometheus_client has no public call for it: this reads the histogram's bounds and bucket
+    values (tests/service/test_metrics.py checks it against observe), else observes one at a time."""
+    values = np.asarray(values, dtype=np.float64)
+    bounds, buckets, total = (getattr(histogram, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values.tolist():
+            histogram.observe(value)
+        return
+    index = np.searchsorted(np.asarray(bounds), values, side="left")  # observe's bucket: the first bound >= v
+    for i, n in nonzero_counts(index, len(bounds) + 1):  # len(bounds): NaN, in no bucket
+        if i < len(bounds):
+            buckets[i].inc(n)
+    total.inc(float(values.sum()))
 
 
 def count_out_of_domain(model: tuple[str, str], api: str, count: int) -> None:

@@ -9,6 +9,12 @@ and catalogue routes it refuses bodies that are not a JSON object with a 400 tha
 problem, in the service's error shape (BentoML's own parse errors have another). Every refusal is
 counted in protoserve_rejected_inputs_total{reason}. GET /docs.json answers the document built by
 service/openapi.py instead of BentoML's untyped one.
+
+With `answer` (the service's image-route handlers), a checked POST to an image route is answered here,
+with the request it has already parsed, instead of being handed on to BentoML's router, request
+context, input validation and API wrapper, which would parse the body again to call the same
+handler. `answer` is the one implementation of those routes (the BentoML APIs call it too); it says
+None when it cannot answer yet, and the request goes on to BentoML.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ class RequestGate:
     def __init__(self, app, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  image_routes: tuple[str, ...] = ("/predict", "/explain"),
                  catalogue_routes: tuple[str, ...] = ("/metadata", "/prototypes"), max_files: int = 64,
-                 model: dict | None = None, document=None, describe=None):
+                 model: dict | None = None, document=None, describe=None, answer=None):
         self.app = app
+        self.answer = answer  # async (route, request dict) -> the response, or None: hand it on to the app
         self.document = document  # () -> the OpenAPI document as a dict, built on the first GET /docs.json
         self._document: dict | None = None
         self.model = model  # {"name", "version"}: named in refusals too, like every other answer
@@ -55,11 +62,11 @@ class RequestGate:
             return await self._catalogue_get(scope, receive, send)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        request = None
         try:
             body = await read_body(scope, receive, self.max_body_bytes)
             if path in self.image_routes:
-                body = await self._to_json(scope, body)
-                scope = _as_json_post(scope, body)
+                request, multipart = await self._to_request(scope, body)
             elif path in self.catalogue_routes:  # the catalogue takes no arguments: an empty body or any object
                 if request_media_type(scope) != "application/json":
                     raise InputError("unsupported_media_type", f"{path} takes no uploads: send application/json "
@@ -73,6 +80,13 @@ class RequestGate:
             model = held["model"] if held else self.model  # the version this worker holds now
             body = {**e.body(), "model": model} if model else e.body()
             return await JSONResponse(body, status_code=e.status)(scope, receive, send)
+        if request is not None:
+            if self.answer is not None and scope["path"] == path:  # "/predict/" goes on: BentoML redirects it
+                response = await self.answer(path, request)
+                if response is not None:
+                    return await response(scope, receive, send)
+            body = json.dumps(request).encode() if multipart else body
+            scope = _as_json_post(scope, body)
         return await self.app(scope, _replay(body, receive), send)
 
     async def _readyz(self, scope, receive, send):
@@ -91,12 +105,12 @@ class RequestGate:
             return await response(scope, receive, send)
         return await self.app(_as_json_post(scope, b"{}"), _replay(b"{}", receive), send)
 
-    async def _to_json(self, scope, body: bytes) -> bytes:
+    async def _to_request(self, scope, body: bytes) -> tuple[dict, bool]:
+        """An image route's body as the request object, and whether it came as multipart/form-data."""
         if request_media_type(scope) == "multipart/form-data":
             fields = await self._form_fields(scope, body)
-            return json.dumps(_form_to_request(fields, scope["path"].rstrip("/"))).encode()
-        json_object(body)
-        return body
+            return _form_to_request(fields, scope["path"].rstrip("/")), True
+        return json_object(body), False
 
     async def _form_fields(self, scope, body: bytes) -> list[tuple[str, object]]:
         request = Request(scope, _replay(body))

@@ -4,7 +4,10 @@ One BentoML service, two workers, each with its own ONNX Runtime sessions (GPU w
 really gets one). /predict has adaptive batching: the public API checks and converts the images,
 then awaits BentoML's batching dispatcher (service/batching.py), which merges the images of
 concurrent requests into one session run; the answer keeps the public shape of ARCHITECTURE.md.
-/explain runs its one image directly: there is nothing to batch.
+/explain runs its one image directly: there is nothing to batch. The request gate (service/middleware.py)
+answers both routes through the same handlers the APIs call (answer_predict, answer_explain), with the
+request it has already parsed, instead of handing the body on to BentoML's routing and validation
+(README "Serving speed" has the trade-off).
 
 A worker serves one version at a time (service/serving.py): a fixed bundle, or with a registry
 (PROTOSERVE_REGISTRY) the registry's active version, followed without a restart; every answer names
@@ -41,7 +44,6 @@ from service.batching import AdaptiveBatcher, Overloaded
 from service.metrics import count_out_of_domain, count_rejection, labelled, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
 from service.openapi import OVERLOADED, api_document
-from service.review import app as review_app
 from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
 from service.serving import ActiveVersionFollower, ServedVersion, initial_location, served_version
 
@@ -67,7 +69,12 @@ INLINE_MAX_SIZE = int(os.environ.get("PROTOSERVE_INLINE_MAX_SIZE", "8"))
 # is configured, but still built per request).
 # PROTOSERVE_ACCESS_LOG=1 and PROTOSERVE_TRACE_IMAGE_ROUTES=1 turn them back on.
 ACCESS_LOG = os.environ.get("PROTOSERVE_ACCESS_LOG", "0") == "1"
-UNTRACED = [] if os.environ.get("PROTOSERVE_TRACE_IMAGE_ROUTES", "0") == "1" else ["/predict", "/explain"]
+TRACE_IMAGE_ROUTES = os.environ.get("PROTOSERVE_TRACE_IMAGE_ROUTES", "0") == "1"
+UNTRACED = [] if TRACE_IMAGE_ROUTES else ["/predict", "/explain"]
+SERVICE_NAME = "protoserve"
+# The header BentoML puts on its API answers, on the answers the request gate gives itself too.
+SERVER_HEADER = {"server": f"BentoML Service/{SERVICE_NAME}"}
+UNEXPECTED = "An unexpected error has occurred, please check the server log."  # BentoML's 500 body
 
 INPUT_DOC = """IMAGE is a base64 PNG/JPEG string (a data: URL is fine) or a nested numeric array
 ([H][W] for one-channel models, or [C][H][W], of exactly the model's size, values in its value
@@ -93,7 +100,7 @@ to the ink, fit it into 20x20, centre it by mass in 28x28): for photographed or 
 a model without a canonical form refuses it (reason no_canonical_form)."""
 
 
-@bentoml.service(name="protoserve", workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60},
+@bentoml.service(name=SERVICE_NAME, workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60},
                  logging={"access": {"enabled": ACCESS_LOG}}, tracing={"excluded_urls": UNTRACED})
 class Protoserve:
     """Predict and explain with a prototype network; every answer names the model and its version."""
@@ -112,10 +119,17 @@ class Protoserve:
     def _prepare(self, v: ServedVersion) -> ServedVersion:
         """Give a loaded version its batcher, answer headers, out-of-domain rule and metric series (before
         it takes any request)."""
-        # /predict's adaptive batching (service/batching.py): concurrent requests share one session run.
+        # Adaptive batching (service/batching.py): concurrent requests share one session run. /predict's
+        # batcher counts the answers of each run at once (service/metrics.py); score_batch has its own, which
+        # counts scored images instead (service/score_task.py).
+        def observe_batch(size: int) -> None:
+            labelled(metrics().batch_size, *v.model_id).observe(size)
+
         v.classify = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
-                                     lambda size: labelled(metrics().batch_size, *v.model_id).observe(size))
-        v.headers = {**self.worker_header, "x-model-version": v.version}
+                                     observe_batch)
+        v.score = AdaptiveBatcher(lambda images: self._outputs(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
+                                  observe_batch)
+        v.headers = {**SERVER_HEADER, **self.worker_header, "x-model-version": v.version}
         v.domain = domain_rule(v.manifest, v.active)  # None: the bundle has no calibration
         # The explanation-quality report's per-prototype figures (None each when the bundle has no report).
         quality = v.manifest.quality
@@ -159,10 +173,25 @@ class Protoserve:
             held["not_loaded"] = list(self.follower.failed.values())[-3:]
         return held
 
+    def _classify(self, v: ServedVersion, images: np.ndarray) -> np.ndarray:
+        """/predict's session run: [N, C, H, W] model input -> [N, K + M + 2]: the probabilities, the distances
+        to the prototypes, then the out-of-domain judgement (in_domain as 1/0, typicality; NaN without
+        calibration), the answers counted in the metrics. Both are per image and vectorised, so the images of
+        a merged batch are judged and counted at once, not request by request."""
+        probabilities, distances, *features = v.model.classify(images.astype(np.float32, copy=False), v.features)
+        self._record_answers(v, probabilities, distances)
+        if v.domain is None:
+            judged = np.full((len(images), 2), np.nan)
+        else:
+            in_domain, typicality = v.domain.judge(distances, probabilities.argmax(axis=1),
+                                                   features[0] if features else None)
+            judged = np.stack([in_domain, typicality], axis=1)
+        return np.concatenate([probabilities, distances, judged], axis=1)
+
     @staticmethod
-    def _classify(v: ServedVersion, images: np.ndarray) -> np.ndarray:
-        """[N, C, H, W] model input -> [N, K + M (+ D)]: the probabilities, the distances to the prototypes
-        (and the features the out-of-domain rule reads)."""
+    def _outputs(v: ServedVersion, images: np.ndarray) -> np.ndarray:
+        """score_batch's session run: [N, C, H, W] model input -> [N, K + M (+ D)]: the probabilities, the
+        distances to the prototypes (and the features the out-of-domain rule reads)."""
         return np.concatenate(v.model.classify(images.astype(np.float32, copy=False), v.features), axis=1)
 
     # The APIs return their JSON as a ready JSONResponse: BentoML passes a Response through, where for
@@ -175,6 +204,10 @@ class Protoserve:
     async def predict(self, images: Any = None, abstain: Any = None, canonicalize: Any = None) -> dict:
         """Classify a batch: {"images": [IMAGE, ...], "abstain": false, "canonicalize": false} -> one
         prediction per image, in order, each with in_domain and typicality."""
+        return await self.answer_predict(images, abstain, canonicalize)
+
+    async def answer_predict(self, images: Any = None, abstain: Any = None, canonicalize: Any = None) -> JSONResponse:
+        """/predict's answer (the API above and the request gate's fast path both call this)."""
         started, v = time.perf_counter(), self.current
         try:
             abstain = parse_flag(abstain, "abstain", self.abstain)
@@ -192,11 +225,10 @@ class Protoserve:
             return self._answer(v, {"error": str(e), "reason": OVERLOADED, "model": v.ref()}, 503)
         finally:
             self.predicting -= 1
-        KM = K + len(v.manifest.prototypes)
-        probabilities, distances = output[:, :K], output[:, K:KM]
-        self._record(v, probabilities, distances, "predict", started)
+        probabilities, distances, judged = output[:, :K], output[:, K:-2], output[:, -2:]
+        labelled(metrics().inference_seconds, *v.model_id, "predict").observe(time.perf_counter() - started)
         answers = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "predict", abstain,
-                              output[:, KM:])
+                              judged=judged)
         return self._answer(v, {"model": v.ref(), "predictions": answers})
 
     @bentoml.api(route="/explain")
@@ -205,6 +237,11 @@ class Protoserve:
         """Explain one image: {"image": IMAGE, "top_k": 3, "abstain": false, "canonicalize": false} -> the
         prediction (with in_domain and typicality) and the top_k nearest prototypes (nearest first) with
         their pictures; PrototypeDL adds the input's reconstruction."""
+        return await self.answer_explain(image, top_k, abstain, canonicalize)
+
+    async def answer_explain(self, image: Any = None, top_k: Any = None, abstain: Any = None,
+                             canonicalize: Any = None) -> JSONResponse:
+        """/explain's answer (the API above and the request gate's fast path both call this)."""
         started, v = time.perf_counter(), self.current
         try:
             if image is None:
@@ -216,7 +253,8 @@ class Protoserve:
             return self._answer(v, self._refuse(e, v), e.status)
         outputs = {name: value[0] for name, value in v.model.outputs(x[None]).items()}  # one image: no batching
         probabilities, distances = outputs["probabilities"][None], outputs["distances"][None]
-        self._record(v, probabilities, distances, "explain", started)
+        self._record_answers(v, probabilities, distances)
+        labelled(metrics().inference_seconds, *v.model_id, "explain").observe(time.perf_counter() - started)
         prediction = predictions(probabilities, v.manifest.class_names)[0]
         nearest = nearest_prototypes(distances[0], k, v.active)
         rows = prototype_rows(v.manifest, distances[0], nearest, prediction["label"])
@@ -275,22 +313,26 @@ class Protoserve:
         v = self.current
         try:
             abstain = parse_flag(abstain, "abstain", self.abstain)
-            return await score_images(v.manifest, images, top_k, v.classify, abstain)
+            return await score_images(v.manifest, images, top_k, v.score, abstain)
         except InputError as e:
             ctx.response.status_code = e.status
             return self._refuse(e, v)
 
     def _judge(self, v: ServedVersion, answers: list[dict], distances: np.ndarray, api: str,
-               abstain: bool, features: np.ndarray | None = None) -> list[dict]:
+               abstain: bool, features: np.ndarray | None = None, judged: np.ndarray | None = None) -> list[dict]:
         """Add in_domain and typicality to each prediction (null without calibration), count the
-        out-of-domain ones, and turn them into abstentions when asked; `features`: the output the
-        rule reads besides the distances (v.features)."""
+        out-of-domain ones, and turn them into abstentions when asked; `judged` is _classify's judgement
+        of these images, else they are judged here (`features`: the output the rule reads besides the
+        distances, v.features)."""
         if v.domain is None:
             for answer in answers:
                 answer.update(in_domain=None, typicality=None, abstained=False)
             return answers
-        labels = np.fromiter((a["label"] for a in answers), dtype=np.int64, count=len(answers))
-        in_domain, typicality = v.domain.judge(distances, labels, features if v.features else None)
+        if judged is not None:
+            in_domain, typicality = judged[:, 0] == 1.0, judged[:, 1]
+        else:
+            labels = np.fromiter((a["label"] for a in answers), dtype=np.int64, count=len(answers))
+            in_domain, typicality = v.domain.judge(distances, labels, features if v.features else None)
         count_out_of_domain(v.model_id, api, int(len(answers) - in_domain.sum()))
         for i, answer in enumerate(answers):
             answer.update(domain_fields(in_domain, typicality, i), abstained=False)
@@ -319,15 +361,13 @@ class Protoserve:
         return {**error.body(), "model": v.ref()}
 
     @staticmethod
-    def _record(v: ServedVersion, probabilities: np.ndarray, distances: np.ndarray, api: str,
-                started: float) -> None:
+    def _record_answers(v: ServedVersion, probabilities: np.ndarray, distances: np.ndarray) -> None:
         # The nearest active prototype: the first smallest distance with masked ones out of reach (the
         # same index as nearest_prototypes_batch's stable order, in one pass).
         masked = np.where(v.active, distances, np.inf)
         nearest = masked.argmin(axis=1)
         record_answers(v.model_id, v.manifest.class_names, v.prototype_ids, probabilities, nearest,
                        masked[np.arange(len(masked)), nearest])
-        labelled(metrics().inference_seconds, *v.model_id, api).observe(time.perf_counter() - started)
 
 
 def quality_summary(manifest) -> dict | None:
@@ -345,7 +385,24 @@ def describe_worker() -> dict | None:
     return _worker.describe() if _worker is not None else None
 
 
+async def answer_in_gate(route: str, request: dict) -> JSONResponse | None:
+    """Answer an image route from the request gate (service/middleware.py): the same handler the BentoML
+    API calls, given the fields of the parsed request the API declares (BentoML ignores any other), an
+    unexpected error answered as BentoML answers it. None before the worker's instance exists."""
+    worker = _worker
+    if worker is None:
+        return None
+    name = route.lstrip("/")
+    try:
+        return await getattr(worker, f"answer_{name}")(**{k: request[k] for k in _API_FIELDS[name] if k in request})
+    except Exception:
+        log.exception("Exception on %s [POST]", route)
+        return JSONResponse({"error": UNEXPECTED}, 500, SERVER_HEADER)
+
+
 if registry_location() is not None:  # the review API and page exist only where there is a registry to review
+    from service.review import app as review_app  # FastAPI and the review models: only where they are served
+
     Protoserve = bentoml.asgi_app(review_app, path="/review")(Protoserve)
 
 # A missing or damaged bundle must stop `bentoml serve` itself (which imports this module before it
@@ -357,9 +414,12 @@ def _document() -> dict:
     return api_document(Protoserve.openapi_spec.asdict(), _manifest, DEFAULT_LIMITS.max_batch, MAX_TASK_IMAGES)
 
 
+# The request gate answers the image routes itself (answer_in_gate), except with tracing on for them: then
+# BentoML's API layer answers, with its request id header.
+_API_FIELDS = {name: tuple(Protoserve.apis[name].input_spec.model_fields) for name in ("predict", "explain")}
 Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
                                model={"name": _manifest.name, "version": _manifest.version}, document=_document,
-                               describe=describe_worker)
+                               describe=describe_worker, answer=None if TRACE_IMAGE_ROUTES else answer_in_gate)
 Protoserve.add_asgi_middleware(ScoreGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)  # /score_batch submissions
 for _api in ("predict", "explain"):  # the OpenAPI description of the image routes
     Protoserve.apis[_api].doc = f"{Protoserve.apis[_api].doc}\n\n{INPUT_DOC}"

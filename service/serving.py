@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -38,14 +39,16 @@ POLL_SECONDS = float(os.environ.get("PROTOSERVE_POLL_SECONDS", "0.5"))
 class ServedVersion:
     model: LoadedModel
     generation: int | None  # the registry generation it was loaded for (None: a fixed bundle)
-    classify: Callable | None = None  # the version's adaptive batcher, set by the service
+    classify: Callable | None = None  # the version's adaptive batcher for /predict, set by the service
+    score: Callable | None = None  # and for score_batch
     pictures: dict[int, str | None] = field(default_factory=dict)
     source_pictures: dict[int, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)  # on every answer: worker and version
     domain: object | None = None  # its out-of-domain rule (inference/domain.py), None without calibration
     prototype_quality: dict[int, dict | None] = field(default_factory=dict)  # id -> quality figures
 
-    @property
+    # Read on every request: worked out once (a loaded version never changes).
+    @functools.cached_property
     def manifest(self):
         return self.model.bundle.manifest
 
@@ -58,15 +61,15 @@ class ServedVersion:
         """The model.onnx output its out-of-domain rule reads besides the distances (None: none)."""
         return self.domain.outputs[0] if self.domain is not None and self.domain.outputs else None
 
-    @property
+    @functools.cached_property
     def model_id(self) -> tuple[str, str]:
         return self.manifest.name, self.manifest.version
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
         return self.manifest.version
 
-    @property
+    @functools.cached_property
     def prototype_ids(self) -> list[int]:
         return [row.id for row in self.manifest.prototypes]
 

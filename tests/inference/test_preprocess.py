@@ -21,6 +21,7 @@ from inference.preprocess import (
     parse_top_k,
     picture_to_input,
     picture_to_pixels,
+    plain_png,
     to_batch,
     to_input,
 )
@@ -144,12 +145,15 @@ def test_truncated_and_damaged_files():
     refused("corrupt_image", to_input, bytes(damaged), MNIST)
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims width x height pixels and holds one tiny IDAT: a decompression bomb's header."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 10))
+            + png_chunk(b"IEND", b""))
 
 
 def test_huge_dimensions_are_refused_from_the_header():
@@ -164,6 +168,63 @@ def test_a_real_decompression_bomb_is_refused_quickly():
     bomb = encode(Image.new("L", (6000, 6000)))  # 36 Mpixels of zeros: ~35 KB of PNG
     assert len(bomb) < 100_000
     refused("image_too_large", open_image, bomb)
+
+
+def pil_read(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "LA", "RGBA"])
+def test_plain_pngs_decode_to_the_pixels_of_pils_reader(mode):
+    rng = np.random.default_rng(3)
+    bands = len(mode)
+    for width, height in ((1, 1), (28, 28), (37, 5), (300, 200)):
+        smooth = np.cumsum(rng.integers(0, 9, (height, width, bands)), axis=1) % 256  # every PNG filter gets used
+        noisy = rng.integers(0, 256, (height, width, bands))
+        for pixels in (smooth, noisy):
+            img = Image.fromarray(pixels.astype(np.uint8).squeeze(axis=2) if bands == 1 else pixels.astype(np.uint8),
+                                  mode)
+            for options in ({}, {"compress_level": 0}, {"optimize": True}):
+                buffer = io.BytesIO()
+                img.save(buffer, "PNG", **options)
+                data = buffer.getvalue()
+                fast, reference = plain_png(data), pil_read(data)
+                assert fast is not None, (mode, width, height, options)
+                assert (fast.mode, fast.size) == (reference.mode, reference.size)
+                assert fast.tobytes() == reference.tobytes()
+                assert open_image(data).tobytes() == reference.tobytes()
+
+
+def test_plain_pngs_with_every_row_filter():
+    """Rows filtered None, Sub, Up, Average and Paeth in turn (PNG's five filters), written by hand."""
+    rng = np.random.default_rng(5)
+    for colour, bands in ((0, 1), (2, 3), (6, 4)):
+        width, height = 9, 10
+        rows = [bytes([r % 5]) + rng.integers(0, 256, width * bands, dtype=np.uint8).tobytes() for r in range(height)]
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
+        data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"".join(rows))) + \
+            png_chunk(b"IEND", b"")
+        assert plain_png(data).tobytes() == pil_read(data).tobytes()
+
+
+def test_other_pngs_are_left_to_pils_reader():
+    img = digit()
+    buffer = io.BytesIO()
+    img.save(buffer, "PNG", dpi=(72, 72))  # a pHYs chunk
+    assert plain_png(buffer.getvalue()) is None
+    for other in (img.convert("P"), img.convert("I;16"), img.convert("1")):
+        assert plain_png(encode(other)) is None
+    data = encode(img)
+    assert plain_png(data) is not None
+    assert plain_png(data[: len(data) // 2]) is None  # truncated: PIL's reader refuses it (above)
+    damaged = bytearray(data)
+    damaged[-20] ^= 0xFF  # inside the last IDAT: its checksum no longer matches
+    assert plain_png(bytes(damaged)) is None
+    assert plain_png(png_header_only(60, 60), Limits(max_pixels=3000)) is None
+    assert plain_png(png_header_only(28, 28)) is None  # too little image data
+    refused("corrupt_image", open_image, png_header_only(28, 28))
 
 
 def test_oversized_file_and_base64():

@@ -147,3 +147,34 @@ def test_score_gate_turns_not_finished_into_409_and_refuses_cancel():
     assert c.get("/score_batch/get").status_code == 400  # no task_id: the request is wrong
     r = c.put("/score_batch/cancel", params={"task_id": "1"})
     assert r.status_code == 404 and "cannot cancel" in r.json()["error"]
+
+
+def test_the_gate_answers_image_routes_with_the_request_it_parsed():
+    answered = []
+
+    async def answer(route: str, request: dict):
+        answered.append((route, request))
+        return None if request.get("top_k") == 1 else JSONResponse({"answered": route})
+
+    c = TestClient(RequestGate(Starlette(routes=[Route(p, echo, methods=["POST"]) for p in ("/predict", "/explain",
+                                                                                             "/predict/")]),
+                               max_body_bytes=1000, answer=answer))
+    assert c.post("/predict", json={"images": [1], "x": 2}).json() == {"answered": "/predict"}
+    r = c.post("/explain", files=[("image", ("a.png", b"PNG-A", "image/png"))], data={"top_k": "2"})
+    assert r.json() == {"answered": "/explain"}
+    assert answered == [("/predict", {"images": [1], "x": 2}),
+                        ("/explain", {"image": base64.b64encode(b"PNG-A").decode(), "top_k": 2})]
+    # Not ready to answer (None): the app gets the request, multipart as JSON.
+    r = c.post("/explain", files=[("image", ("a.png", b"A", "image/png"))], data={"top_k": "1"})
+    assert json.loads(r.json()["body"])["top_k"] == 1 and r.json()["type"] == "application/json"
+    # Refusals stay the gate's and are counted; the answer is never asked.
+    count = len(answered)
+    before = rejected("invalid_json")
+    expect_refusal(c.post("/predict", content=b"{bad", headers={"content-type": "application/json"}), 400,
+                   "invalid_json", before)
+    before = rejected("body_too_large")
+    expect_refusal(c.post("/predict", content=b"x" * 1001, headers={"content-type": "application/json"}), 413,
+                   "body_too_large", before)
+    assert len(answered) == count
+    # Another spelling of the route goes on to the app (BentoML redirects "/predict/").
+    assert c.post("/predict/", json={"images": []}).json()["method"] == "POST"

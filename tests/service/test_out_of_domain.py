@@ -48,6 +48,26 @@ def test_every_prediction_carries_in_domain_and_typicality(server, digits):
     assert np.mean([p["in_domain"] for p in answer["predictions"]]) >= 0.8  # test digits: in domain
 
 
+def test_predict_judges_each_image_as_explain_does_in_a_batch_or_alone(server, digits, far_image):
+    """/predict judges the images of a session run together (in the batcher), /explain one at a time: the same
+    in_domain and typicality for every image, in a many-image call and in concurrent one-image calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [digits[i, 0].tolist() for i in range(len(digits))] + [far_image]
+    together = httpx.post(f"{server}/predict", json={"images": images}, timeout=30).json()["predictions"]
+
+    def alone(image):
+        one = httpx.post(f"{server}/predict", json={"images": [image]}, timeout=30).json()["predictions"][0]
+        explained = httpx.post(f"{server}/explain", json={"image": image, "top_k": 1}, timeout=30).json()
+        return one, explained["prediction"]
+
+    with ThreadPoolExecutor(8) as pool:
+        for p, (one, explained) in zip(together, pool.map(alone, images), strict=True):
+            assert (p["in_domain"], p["typicality"]) == (one["in_domain"], one["typicality"])
+            assert (p["in_domain"], p["typicality"]) == (explained["in_domain"], explained["typicality"])
+    assert together[-1]["in_domain"] is False
+
+
 def test_abstention_keeps_the_public_shape_of_predict(server, digits, far_image):
     body = {"images": [digits[0, 0].tolist(), far_image], "abstain": True}
     answer = httpx.post(f"{server}/predict", json=body, timeout=30).json()

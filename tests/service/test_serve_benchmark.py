@@ -29,7 +29,8 @@ def test_serve_benchmark_reports_all_systems_and_levels(tiny_checkpoint, tiny_bu
             assert r["errors"] == 0 and r["requests"] >= 20 and len(r["rounds"]) == 2
             assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["requests_per_s"] > 0
     assert set(figures["floor_ratios"]) == {"c1", "c8", "c64"}
-    assert all(r["throughput"] > 0 and r["p50"] > 0 for r in figures["floor_ratios"].values())
+    assert all(r["throughput"] > 0 and r["p50"] > 0 and "server_cpu" in r for r in figures["floor_ratios"].values())
+    assert all(r["server_cpu_us"] >= 0 for system in ("protoserve_predict", "floor_predict") for r in figures[system])
     memory = figures["worker_memory_mb"]
     assert len(memory["protoserve"]) == len(memory["floor"]) == 2 and min(memory["floor"]) > 10
     assert set(figures["targets"]) == {"predict_c1_p50_minus_floor_minus_raw_ms", "predict_c64_throughput_vs_floor",

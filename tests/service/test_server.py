@@ -68,6 +68,9 @@ def test_predict_png_jpeg_and_arrays_in_order(server, digits, tiny_bundle):
     body = {"images": [b64(png(images[0])), b64(png(images[1], "JPEG")), images[2].tolist(), images[3][0].tolist()]}
     r = httpx.post(f"{server}/predict", json=body, timeout=30)
     assert r.status_code == 200, r.text
+    # The request gate answers /predict with the headers BentoML's API layer gives its own answers.
+    assert r.headers["server"] == httpx.post(f"{server}/metadata", timeout=30).headers["server"] == \
+        "BentoML Service/protoserve"
     answer = r.json()
     manifest = read_bundle(tiny_bundle).manifest
     assert answer["model"] == {"name": manifest.name, "version": manifest.version}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -28,3 +31,14 @@ def test_a_worker_without_a_gpu_maps_no_cuda_library(server, tiny_bundle):
         cuda = sorted(name for name in mapped if name.startswith(CUDA_LIBRARIES))
         if not gpu_present(gpu_evidence()):
             assert cuda == [], f"worker {pid} maps {cuda}"
+
+
+def test_without_a_registry_a_worker_imports_no_review_api(tiny_bundle):
+    """The review API (FastAPI, its models) is imported only where a registry is served."""
+    code = "import sys, service.service; print(sorted({'fastapi', 'service.review'} & set(sys.modules)))"
+    env = {k: v for k, v in os.environ.items() if k != "PROTOSERVE_REGISTRY"}
+    env.update(PROTOSERVE_BUNDLE=str(tiny_bundle), PYTHONPATH=str(Path(__file__).resolve().parents[2]),
+               BENTOML_DO_NOT_TRACK="True")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
