@@ -99,7 +99,7 @@ def _revise(args) -> None:
 
     settings = RevisionConfig(mode=args.mode, rounds=args.rounds, epochs_per_round=args.epochs_per_round,
                               freeze_encoder=not args.train_encoder, lambda_refine=args.lambda_refine,
-                              lambda_con=args.lambda_con, seed=args.seed,
+                              lambda_con=args.lambda_con, seed=args.seed, all_rounds=args.all_rounds,
                               **({"lr_prototypes": args.lr_prototypes} if args.lr_prototypes else {}))
     settings.check()
     parent = resolve_parent(args.checkpoint, args.bundle)
@@ -342,6 +342,8 @@ def _bundle_verbs(sub) -> None:
     p.add_argument("--interactive", action="store_true", help="judge each prototype at the terminal")
     p.add_argument("--reviewer", default=os.environ.get("USER", "user"), help="source name for --interactive")
     p.add_argument("--rounds", type=int, default=5, help="revision rounds (mode revise)")
+    p.add_argument("--all-rounds", action="store_true",
+                   help="train all --rounds as Alg. 1 does (default: stop after a round that rejects nothing)")
     p.add_argument("--epochs-per-round", type=int, default=2)
     p.add_argument("--freeze-encoder", dest="train_encoder", action="store_false", default=False,
                    help="train the prototypes only (the default)")

@@ -260,7 +260,7 @@ class Lineage(_Strict):
     mode: Literal["mask", "prune", "revise"]
     rounds: int = Field(ge=0)
     verdicts: list[dict] = []  # protoserve/verdicts.py objects, in the order they were given
-    antitypes: list[dict] = []  # {"prototype_id", "round", "vector"}: the rejected prototypes' vectors
+    antitypes: list[dict] = []  # {"prototype_id", "round", "vector"[, "source": ProtoPNet (push index, row, col)]}
     masked: list[int] = []
     config: dict = {}  # the revision settings (training/revision.py RevisionConfig)
     comparison: dict = {}  # accuracies, prototypes moved / masked / changed class, non-object counts

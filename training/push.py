@@ -7,6 +7,21 @@ the push set, the patch position, its receptive-field box in the source image, a
 high-activation box: the smallest box holding the pixels where the similarity map, upsampled to
 the image, reaches its 95th percentile.
 
+Push during interactive revision (training/revision.py) may be given antitypes q_s, the vectors of
+prototypes a user rejected. It then never projects a prototype onto a patch the antitypes stand for:
+
+    patch z is excluded  when  min_s ||z - q_s||^2 < min_k ||z - p_k||^2
+
+i.e. the antitypes and the prototypes (all of them, as they are before this push) split the latent
+space by nearest neighbour, and a patch in an antitype's cell is not a candidate: p_j becomes the
+nearest own-class patch outside every antitype's cell. Refine has moved the prototypes away from
+the antitypes, so this keeps the push from undoing that by landing on another patch of a rejected
+kind (empty background looks alike everywhere). The cells are taken against every prototype, not
+only p_j, because Refine can move p_j far from all patches, where every patch would be nearer to
+some antitype than to p_j alone. Where all own-class patches are excluded, the prototype falls back
+to its nearest own-class patch, and the result says so. The rule uses only latent distances, never
+object masks.
+
 Under torch.distributed each rank searches its shard of the push set (global indices) and the
 candidates are gathered: the winner is the smallest (distance, image index, row, col), the same
 rule a single process applies, so both pick the same patches.
@@ -24,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from protoserve.colours import overlay_heat
-from training.protopnet import ProtoPNet, similarity, squared_distance_maps
+from training.protopnet import ProtoPNet, similarity, squared_distance_maps, subtracted_distance_maps
 
 ACTIVATION_PERCENTILE = 95
 
@@ -34,6 +49,7 @@ class PushResult:
     distances: torch.Tensor  # [M] distance from the old prototype to the chosen patch
     source: torch.Tensor  # [M, 3] push-set index, row, col
     vectors: torch.Tensor  # [M, D] the chosen patches
+    fallback: torch.Tensor | None = None  # [M] bool: every own-class patch was antitype-like (antitypes given)
 
 
 def _distributed() -> bool:
@@ -42,36 +58,69 @@ def _distributed() -> bool:
 
 @torch.no_grad()
 def nearest_own_class_patches(model: ProtoPNet, images, labels: torch.Tensor, indices: torch.Tensor,
-                              batch_size: int = 500) -> PushResult:
-    """Search images (a tensor or any indexable of [B, C, H, W] batches) with their push-set indices."""
+                              batch_size: int = 500, antitypes: torch.Tensor | None = None) -> PushResult:
+    """Search images (a tensor or any indexable of [B, C, H, W] batches) with their push-set indices.
+
+    antitypes [S, D] (optional): patches nearer to an antitype than to every prototype are excluded
+    (module docstring); a prototype with no allowed patch takes its nearest own-class patch."""
     M, D = model.prototypes.shape[:2]
     device = model.prototypes.device
     identity = model.prototype_class_identity.argmax(dim=1)  # [M]
-    best_d = torch.full((M,), torch.inf, device=device)
-    best_src = torch.full((M, 3), -1, dtype=torch.long, device=device)
-    best_vec = model.prototypes.detach().view(M, D).clone()
-    h = w = model.map_size
+    screen = antitypes is not None and antitypes.numel() > 0
+    anti = antitypes.reshape(-1, D, 1, 1).to(model.prototypes) if screen else None
+    best = [_Best(M, D, model.prototypes, device) for _ in range(2 if screen else 1)]  # [allowed, any]
     for start in range(0, len(labels), batch_size):
         x = images[start:start + batch_size].to(device)
         y = labels[start:start + batch_size].to(device)
         z = model.latent(x)  # [B, D, h, w]
-        maps = squared_distance_maps(z, model.prototypes)  # [B, M, h, w]
+        # Screening compares two small distances: the subtracted form keeps them exact to float32.
+        maps = (subtracted_distance_maps if screen else squared_distance_maps)(z, model.prototypes)  # [B, M, h, w]
         own = (y[:, None] == identity[None, :])[:, :, None, None]  # [B, M, 1, 1]
+        nearest_prototype = maps.amin(dim=1, keepdim=True)  # [B, 1, h, w]
         maps = torch.where(own, maps, torch.full_like(maps, torch.inf))
+        batch_indices = indices[start:start + batch_size].to(device)
+        if screen:
+            nearest_antitype = subtracted_distance_maps(z, anti).amin(dim=1, keepdim=True)  # [B, 1, h, w]
+            excluded = (nearest_antitype < nearest_prototype).expand_as(maps)
+            allowed = torch.where(excluded, torch.full_like(maps, torch.inf), maps)
+            best[0].update(allowed, z, batch_indices)
+        best[-1].update(maps, z, batch_indices)
+    if _distributed():
+        for b in best:
+            b.d, b.src, b.vec = _gather_best(b.d, b.src, b.vec)
+    if not screen:
+        return PushResult(distances=best[0].d, source=best[0].src, vectors=best[0].vec)
+    fallback = best[0].src[:, 0] < 0
+    return PushResult(distances=_pick(fallback, best[1].d, best[0].d), source=_pick(fallback, best[1].src, best[0].src),
+                      vectors=_pick(fallback, best[1].vec, best[0].vec), fallback=fallback)
+
+
+def _pick(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a where rows [M] is true, else b (row-wise, any trailing shape)."""
+    return torch.where(rows.view(-1, *[1] * (a.dim() - 1)), a, b)
+
+
+class _Best:
+    """The running nearest patch per prototype over the batches of a push."""
+
+    def __init__(self, M: int, D: int, prototypes: torch.Tensor, device):
+        self.d = torch.full((M,), torch.inf, device=device)
+        self.src = torch.full((M, 3), -1, dtype=torch.long, device=device)
+        self.vec = prototypes.detach().view(M, D).clone()
+
+    def update(self, maps: torch.Tensor, z: torch.Tensor, indices: torch.Tensor) -> None:
+        M, h, w = maps.shape[1], maps.shape[2], maps.shape[3]
         flat = maps.permute(1, 0, 2, 3).reshape(M, -1)  # [M, B*h*w], image-major then row-major
         d, where = flat.min(dim=1)  # the first minimum: lowest image, then row, then col
-        better = d < best_d
+        better = d < self.d
         if better.any():
             b, pos = where // (h * w), where % (h * w)
             row, col = pos // w, pos % w
-            src = torch.stack([indices[start:start + batch_size].to(device)[b], row, col], dim=1)
+            src = torch.stack([indices[b], row, col], dim=1)
             vec = z[b, :, row, col]  # [M, D]
-            best_d = torch.where(better, d, best_d)
-            best_src = torch.where(better[:, None], src, best_src)
-            best_vec = torch.where(better[:, None], vec, best_vec)
-    if _distributed():
-        best_d, best_src, best_vec = _gather_best(best_d, best_src, best_vec)
-    return PushResult(distances=best_d, source=best_src, vectors=best_vec)
+            self.d = torch.where(better, d, self.d)
+            self.src = torch.where(better[:, None], src, self.src)
+            self.vec = torch.where(better[:, None], vec, self.vec)
 
 
 def _gather_best(d: torch.Tensor, src: torch.Tensor, vec: torch.Tensor):
@@ -133,18 +182,20 @@ def upsample(similarity_map: torch.Tensor, image_size: int) -> np.ndarray:
 
 @torch.no_grad()
 def push_prototypes(model: ProtoPNet, images, labels: torch.Tensor, indices: torch.Tensor | None = None,
-                    batch_size: int = 500, source_images=None) -> PushResult:
+                    batch_size: int = 500, source_images=None, antitypes: torch.Tensor | None = None) -> PushResult:
     """Project every prototype onto its nearest own-class patch and record where it came from.
 
     `images`/`labels` are this process's part of the push set and `indices` their positions in the
     whole push set (default 0..n-1). `source_images(index)` returns one push-set image [C, H, W]
     by global index (default: images[index], right when this process holds the whole set).
+    `antitypes` [S, D]: never land on a patch nearer to an antitype than to every prototype (module
+    docstring).
     """
     was_training = model.training
     model.eval()
     if indices is None:
         indices = torch.arange(len(labels))
-    result = nearest_own_class_patches(model, images, labels, indices, batch_size)
+    result = nearest_own_class_patches(model, images, labels, indices, batch_size, antitypes)
     missing = (result.source[:, 0] < 0).nonzero().flatten().tolist()
     if missing:
         raise ValueError(f"push: no image of the class of prototype(s) {missing[:5]} in the push set")

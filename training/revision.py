@@ -55,6 +55,7 @@ class RevisionConfig:
     batch_size: int = 100
     eval_batch_size: int = 1000
     seed: int = 0
+    all_rounds: bool = False  # train every round as Alg. 1 does, also after a round that rejects nothing
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -99,7 +100,7 @@ class RevisionRun:
         self.optimizer = torch.optim.Adam(params)
         self.parent_vectors = self.prototype_vectors().clone()
         self.parent_identities = self.family.class_identities(model)
-        self._heads, self._before_fine_tuning, self._judged = None, None, None
+        self._heads, self._before_fine_tuning, self._judged, self._push_fallback = None, None, None, []
 
     # -- the rounds --------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> RevisionState:
@@ -117,7 +118,7 @@ class RevisionRun:
             given = [] if self.rc.mode == "prune" else self.consult(r, self.model, judged)
             self.state.verdicts += [asdict(v) for v in given]
             rejected = [j for j in rejected_ids(given) if j not in self.state.masked]
-            if self.rc.mode == "revise" and not rejected:
+            if self.rc.mode == "revise" and not rejected and not self.rc.all_rounds:
                 self.state.finished = True  # nothing left to revise: Alg. 1 has converged
                 self.log(f"round {r}: no prototype rejected, revision done")
                 break
@@ -140,20 +141,33 @@ class RevisionRun:
             pruned = prune_candidates(neighbours, self.family.class_identities(self.model))
             self.state.masked = sorted(set(self.state.masked) | set(pruned))
         else:
-            vectors = self.prototype_vectors()
-            self.state.antitypes += [{"prototype_id": j, "round": r, "vector": vectors[j].tolist()} for j in rejected]
+            vectors, sources = self.prototype_vectors(), self.family.sources(self.model)
+            self.state.antitypes += [{"prototype_id": j, "round": r, "vector": vectors[j].tolist(),
+                                      **({"source": sources[j]} if sources is not None else {})}
+                                     for j in rejected]
             for epoch in range(self.rc.epochs_per_round):
                 self.log(f"round {r} epoch {epoch + 1}/{self.rc.epochs_per_round}: "
                          + json.dumps({k: round(v, 4) for k, v in self.train_epoch().items()}))
-            self.family.push(self.model, self.data["train"].images, self.data["train"].labels)
+            self._push_fallback = self.family.push(self.model, self.data["train"].images, self.data["train"].labels,
+                                                   self.antitype_tensor())
+            if self._push_fallback:
+                self.log(f"push in round {r}: no patch clear of the antitypes for {self._push_fallback}")
         mask_columns(self.model.last_layer, self.state.masked)
         self._heads = self.eval_heads()
         self._before_fine_tuning = self.accuracies(self._heads)
         self.fit_last_layer()
 
     def antitype_tensor(self) -> torch.Tensor:
+        """Q [S, D]. A ProtoPNet antitype stands for the training patch it was rejected on: with the
+        encoder trained, that patch is re-encoded by the encoder as it is now (the stored vector goes
+        stale as the latent space moves, and the encoder can carry the rejected kind of patch away from
+        it). With the encoder frozen, and for PrototypeDL (no source patch), the stored vector, the
+        rejected prototype itself, is the antitype (as the paper has it)."""
         if not self.state.antitypes:
             return torch.empty(0, self.prototype_vectors().shape[1], device=self.device)
+        if not self.rc.freeze_encoder and all("source" in a for a in self.state.antitypes):
+            sources = [a["source"] for a in self.state.antitypes]
+            return self.family.encode_sources(self.model, self.data["train"].images, sources).reshape(len(sources), -1)
         return torch.tensor([a["vector"] for a in self.state.antitypes], device=self.device)
 
     def train_epoch(self) -> dict:
@@ -163,16 +177,17 @@ class RevisionRun:
         encoder = self.family.encoder_modules(model)
         for module in encoder:
             module.train(not rc.freeze_encoder)  # frozen: batch-norm statistics stay the parent's too
-            for p in module.parameters():
-                p.requires_grad_(not rc.freeze_encoder)
-        model.last_layer.weight.requires_grad_(False)
-        model.prototypes.requires_grad_(True)
+        trained = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        for p in model.parameters():  # only what the optimizer moves (never the last layer, nor a frozen part)
+            p.requires_grad_(id(p) in trained)
         antitypes = self.antitype_tensor()
         order = torch.randperm(len(train), generator=self.shuffle_rng)
         sums, n = {}, 0
         for start in range(0, len(train), rc.batch_size):
             idx = order[start:start + rc.batch_size]
             x, y = train.images[idx].to(self.device), train.labels[idx].to(self.device)
+            if not rc.freeze_encoder:
+                antitypes = self.antitype_tensor()  # where the rejected patches lie in the latent space now
             base, terms = self.family.loss(model, x, y, self.config.loss)
             refine = refine_cost(model.prototypes, antitypes, rc.refine_epsilon)
             con = con_cost(model.prototypes)
@@ -238,6 +253,7 @@ class RevisionRun:
             "accuracy_before_fine_tuning": before,
             "accuracy": after,
             "con_outside": con_count(self.model.prototypes),
+            "push_fallback": list(self._push_fallback) if r > 0 else [],
             "seconds": seconds,
         }
 

@@ -4,8 +4,10 @@ each the `revision` hooks of its entry in the family table (training/families.py
 ProtoPNet: a prototype is a patch vector [D, 1, 1], pushed onto its nearest own-class patch; the
 last layer reads similarities; the encoder is the backbone plus the add-on layers.
 PrototypeDL: a prototype is a whole latent vector [q], shown through the decoder and never
-pushed; the last layer reads distances; the encoder and decoder train together (R keeps the
-decoder's pictures of the prototypes faithful).
+pushed; the last layer reads distances. With the encoder trained, the decoder stays frozen: it
+draws the pictures a person (or the simulated user) judged, and a decoder that kept training would
+change what a rejected picture means, and could paint the square back into a prototype that had
+moved away from its antitype.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ class RevisionFamily:
     loss: Callable  # (model, x, y, loss_cfg) -> (total, {name: float})
     last_layer_penalty: Callable  # (model, loss_cfg) -> (weight -> tensor) or None
     encoder_modules: Callable  # model -> modules trained with the encoder (frozen together)
-    push: Callable  # (model, images, labels) -> None; moves prototypes onto training patches
+    push: Callable  # (model, images, labels, antitypes [S, D]) -> ids with no patch clear of the antitypes
+    sources: Callable  # model -> per prototype, the training patch it stands for (JSON-able), or None
+    encode_sources: Callable  # (model, train images, [source]) -> [S, D] those under the current encoder
     judge: Callable  # (model, ObjectMasks) -> list[Judgement]
     class_identities: Callable  # model -> list[int]
     pictures: Callable  # (model, train Split, out_dir) -> {prototype id: [PNG paths]} for a person to judge
@@ -80,8 +84,37 @@ def _protopnet_penalty(model: ProtoPNet, cfg):
     return lambda weight: cfg.lambda_l1 * (weight * wrong).abs().sum()
 
 
-def _protopnet_push(model: ProtoPNet, images, labels) -> None:
-    push_prototypes(model, images, labels)
+def _protopnet_push(model: ProtoPNet, images, labels, antitypes=None) -> list[int]:
+    result = push_prototypes(model, images, labels, antitypes=antitypes)
+    return [] if result.fallback is None else result.fallback.nonzero().flatten().tolist()
+
+
+def _in_eval_mode(encode: Callable) -> Callable:
+    """encode(model, ...) with batch-norm in evaluation mode and no gradient; every module's mode is
+    restored one by one afterwards (a frozen encoder stays in evaluation mode during training)."""
+
+    @torch.no_grad()
+    def wrapped(model, *args):
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            return encode(model, *args)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    return wrapped
+
+
+@_in_eval_mode
+def _protopnet_encode_sources(model: ProtoPNet, images, sources: list) -> torch.Tensor:
+    """The latent patches at sources [(image index, row, col)] of the push set."""
+    at = torch.tensor(sources, dtype=torch.long)
+    unique, where = at[:, 0].unique(return_inverse=True)
+    z = model.latent(images[unique].to(model.prototypes.device))  # [U, D, h, w]
+    return z[where.to(z.device), :, at[:, 1].to(z.device), at[:, 2].to(z.device)]
+
+
 
 
 def _protopnet_judge(model: ProtoPNet, masks: ObjectMasks) -> list[Judgement]:
@@ -143,6 +176,8 @@ PROTOPNET_REVISION = RevisionFamily(
     last_layer_penalty=_protopnet_penalty,
     encoder_modules=lambda model: [model.features, model.add_on],
     push=_protopnet_push,
+    sources=lambda model: model.push_source.detach().cpu().tolist(),
+    encode_sources=_protopnet_encode_sources,
     judge=_protopnet_judge,
     class_identities=lambda model: model.class_identities(),
     pictures=_protopnet_pictures,
@@ -152,8 +187,13 @@ PROTOTYPEDL_REVISION = RevisionFamily(
     head_inputs=lambda model, x: model(x).distances,
     loss=_prototypedl_loss,
     last_layer_penalty=lambda model, cfg: None,
-    encoder_modules=lambda model: [model.encoder, model.decoder],
-    push=lambda model, images, labels: None,
+    encoder_modules=lambda model: [model.encoder],  # the decoder stays frozen (module docstring)
+    push=lambda model, images, labels, antitypes=None: [],
+    # A prototype is a whole latent vector, not a training patch; its decoded picture re-encoded lands
+    # far from it (the autoencoder does not map a prototype back onto itself), so the antitype stays
+    # the rejected vector.
+    sources=lambda model: None,
+    encode_sources=None,
     judge=_prototypedl_judge,
     class_identities=_prototypedl_identities,
     pictures=_prototypedl_pictures,

@@ -22,6 +22,8 @@ def test_revised_bundle_traces_back_to_its_parent_and_verdicts():
     antitypes = {(a["round"], a["prototype_id"]) for a in r.lineage.antitypes}
     assert antitypes == {(k, j) for k in range(1, r.lineage.rounds + 1) for j in rejected_ids(file_verdicts, round=k)}
     assert r.lineage.comparison["non_object"]["revised"] == 0
+    assert all(a["source"][0] >= 0 for a in r.lineage.antitypes)  # the training patch each antitype stands for
+    assert p.domain is not None and r.domain is not None  # both calibrated for out-of-domain answers
 
 
 def read_verdicts_line(raw: dict) -> str:

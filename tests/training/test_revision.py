@@ -32,11 +32,12 @@ def decoy_protopnet(tmp_path_factory, mnist_root):
     return out / "last.pt", trainer.data, ObjectMasks.from_decoy(sets["train"]), evals
 
 
-def _run(decoy_protopnet, out, **overrides):
+def _run(decoy_protopnet, out, consult=None, **overrides):
     checkpoint, data, masks, evals = decoy_protopnet
     model, config, _ = load_checkpoint(checkpoint)
     settings = RevisionConfig(**{**SETTINGS, **overrides})
-    return RevisionRun(model, config, settings, data, out, simulated_consult(), masks, evals, log=lambda s: None)
+    return RevisionRun(model, config, settings, data, out, consult or simulated_consult(), masks, evals,
+                       log=lambda s: None)
 
 
 @pytest.mark.slow
@@ -53,15 +54,22 @@ def test_rounds_reduce_the_non_object_count_and_grow_the_antitypes(tmp_path, dec
 
 
 @pytest.mark.slow
-def test_resume_between_rounds_is_exact(tmp_path, decoy_protopnet):
-    slow = {"lr_prototypes": 3e-3}  # prototypes move slowly, so round 2 has rejections to train on
-    whole = _run(decoy_protopnet, tmp_path / "whole", **slow)
+@pytest.mark.parametrize("freeze_encoder", [True, False])
+def test_resume_between_rounds_is_exact(tmp_path, decoy_protopnet, freeze_encoder):
+    from protoserve.verdicts import verdict
+    from training.revision import file_consult
+
+    def consult():  # a rejection in each round, so both rounds train
+        return file_consult([verdict(0, "reject", 1, "tester"), verdict(1, "reject", 2, "tester")])
+
+    settings = {"freeze_encoder": freeze_encoder}
+    whole = _run(decoy_protopnet, tmp_path / "whole", consult(), **settings)
     whole.run()
     assert whole.state.round == 2  # both rounds trained
-    first = _run(decoy_protopnet, tmp_path / "split", **slow)
+    first = _run(decoy_protopnet, tmp_path / "split", consult(), **settings)
     first.run(stop_after=1)
     assert first.state.round == 1 and not first.state.finished
-    second = _run(decoy_protopnet, tmp_path / "split", **slow)
+    second = _run(decoy_protopnet, tmp_path / "split", consult(), **settings)
     second.resume()
     second.run()
     assert second.state.round == whole.state.round
@@ -70,6 +78,26 @@ def test_resume_between_rounds_is_exact(tmp_path, decoy_protopnet):
     strip = [{k: v for k, v in h.items() if k != "seconds"} for h in whole.state.history]
     assert [{k: v for k, v in h.items() if k != "seconds"} for h in second.state.history] == strip
     assert second.state.antitypes == whole.state.antitypes
+    assert [a["source"][0] >= 0 for a in whole.state.antitypes] == [True, True]  # the patch each stands for
+    stored = torch.tensor([a["vector"] for a in whole.state.antitypes])
+    # Encoder trained: an antitype follows its patch through the changing encoder; frozen: it is the vector.
+    assert torch.allclose(whole.antitype_tensor(), stored) == freeze_encoder
+
+
+@pytest.mark.slow
+def test_all_rounds_trains_on_after_a_round_that_rejects_nothing(tmp_path, decoy_protopnet):
+    from protoserve.verdicts import verdict
+    from training.revision import file_consult
+
+    def consult():  # round 1 rejects prototype 0, round 2 rejects nothing
+        return file_consult([verdict(0, "reject", 1, "tester"), verdict(0, "accept", 2, "tester")])
+
+    stops = _run(decoy_protopnet, tmp_path / "stops", consult())
+    assert stops.run().round == 1 and stops.state.finished  # converged: nothing left to revise
+    goes_on = _run(decoy_protopnet, tmp_path / "all", consult(), all_rounds=True)
+    state = goes_on.run()
+    assert state.round == 2 and [h["verdicts_given"] for h in state.history] == [0, 1, 0]
+    assert not torch.equal(goes_on.model.prototypes, stops.model.prototypes)  # round 2 trained on
 
 
 def test_a_changed_revision_config_is_refused_on_resume(tmp_path, decoy_protopnet):
@@ -100,3 +128,21 @@ def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path
     assert (moved > 0.1).all()
     assert float(refine_cost(model.prototypes.detach(), antitypes)) < float(refine_cost(start, antitypes))
     assert state.history[-1]["verdicts_given"] == 2 and state.history[-1]["masked"] == []
+
+
+def test_prototypedl_with_the_encoder_trained_keeps_its_decoder(tmp_path, tiny_checkpoint, mnist_root):
+    """The decoder draws what the person judged: it stays as it was while the encoder trains."""
+    from protoserve.verdicts import verdict
+    from training.data import load_dataset
+    from training.revision import file_consult
+
+    model, config, _ = load_checkpoint(tiny_checkpoint)
+    d = config.data
+    data = load_dataset(mnist_root, d.dataset, d.val_size, d.split_seed, d.train_subset)
+    decoder = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    encoder = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    settings = RevisionConfig(rounds=1, epochs_per_round=1, batch_size=100, last_layer_epochs=1, freeze_encoder=False)
+    RevisionRun(model, config, settings, data, tmp_path, file_consult([verdict(1, "reject", 1, "tester")]),
+                eval_sets={"val": data["val"]}, log=lambda s: None).run()
+    assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in decoder.items())
+    assert not all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in encoder.items())
