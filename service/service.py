@@ -16,6 +16,7 @@ the version that computed it. With a registry the review API and page are mounte
 (service/review.py).
 """
 
+import gc
 import logging
 import os
 import time
@@ -144,6 +145,7 @@ class Protoserve:
     def _switch(self, new: ServedVersion) -> None:
         """Serve `new` from the next request on; requests in flight finish on the version they took."""
         old, self.current = self.current, self._prepare(new)
+        gc.unfreeze()  # the startup's objects, the version being replaced among them, are collectable again
         if old.model_id != new.model_id:
             # A multiprocess gauge keeps a removed series in the worker's file: 0 says "not served here".
             # The old version's drift reference stays: it is a fact about that version, and its
@@ -152,7 +154,12 @@ class Protoserve:
 
     @bentoml.on_startup
     async def follow_registry(self) -> None:
-        """In registry mode, poll the registry and switch to the active version when it changes."""
+        """In registry mode, poll the registry and switch to the active version when it changes. Then
+        freeze what the worker built at startup out of the garbage collector's reach: a full collection
+        would walk every object of BentoML, numpy and the model again and again (tens of milliseconds,
+        every request of the worker waiting); the first version switch unfreezes them."""
+        gc.collect()
+        gc.freeze()  # before the follower starts: its first switch unfreezes
         if self.registry is not None:
             self.follower = ActiveVersionFollower(self.registry, self.current.generation, self.current.version,
                                                   self._switch)
