@@ -44,7 +44,12 @@ CONDITIONS = {  # name -> revision settings (None: the baseline as trained)
     # the CLI's default: stop after the first round in which the user rejects nothing
     "revision_frozen_stop": {"mode": "revise", "freeze_encoder": True, "all_rounds": False},
     "revision_trained_stop": {"mode": "revise", "freeze_encoder": False, "all_rounds": False},
+    # controls, only when asked for: the same rounds of training with a user who rejects nothing, to
+    # tell what the verdicts change from what more training alone changes
+    "continued_frozen": {"mode": "revise", "freeze_encoder": True, "all_rounds": True, "user": False},
+    "continued_trained": {"mode": "revise", "freeze_encoder": False, "all_rounds": True, "user": False},
 }
+DEFAULT_CONDITIONS = [name for name, settings in CONDITIONS.items() if (settings or {}).get("user", True)]
 EVAL_SETS = {"clean": "test_clean", "decoy": "test", "adversarial": "test_adversarial"}
 # the Decoy-MNIST settings: the issue's 4x4 square in a random corner, and the same square always in
 # the top-left corner, which the small baselines lean on (it never touches the central 20x20 digit)
@@ -88,21 +93,29 @@ def train_baseline(family: str, seed: int, args, root: Path, out: Path) -> Path:
     return out / "last.pt"
 
 
+def condition_settings(name: str, rounds: int, epochs_per_round: int, seed: int) -> tuple[RevisionConfig, bool]:
+    """The revision settings of condition `name` and whether the simulated user gives verdicts (the
+    baseline runs one round that changes nothing; the controls train every round with no verdicts)."""
+    settings = dict(CONDITIONS[name] or {})
+    user = bool(settings) and settings.pop("user", True)
+    rc = RevisionConfig(**(settings or {"mode": "mask"}), rounds=rounds if settings else 1,
+                        epochs_per_round=epochs_per_round, seed=seed)
+    return rc, user
+
+
 def run_condition(name: str, checkpoint: Path, sets: dict, args, out: Path, seed: int) -> dict:
     model, config, _ = load_checkpoint(checkpoint)
     data = {"train": sets["train"].split(), "val": sets["val"].split()}
     evals = {k: sets[v].split() for k, v in EVAL_SETS.items()}
     evals = {k: Split(v.images[:args.test_images], v.labels[:args.test_images]) for k, v in evals.items()}
-    settings = CONDITIONS[name]
-    rc = RevisionConfig(**(settings or {"mode": "mask"}), rounds=args.rounds if settings else 1,
-                        epochs_per_round=args.epochs_per_round, seed=seed)
-    consult = simulated_consult() if settings else file_consult([])  # the baseline: no verdicts, nothing changes
+    rc, user = condition_settings(name, args.rounds, args.epochs_per_round, seed)
+    consult = simulated_consult() if user else file_consult([])  # baseline and controls: no verdicts
     run = RevisionRun(model, config, rc, data, out, consult, ObjectMasks.from_decoy(sets["train"]), evals,
                       log=lambda s: print(f"  [{name}] {s}", flush=True))
     if (out / STATE_FILE).exists():
         run.resume()
     started = time.perf_counter()
-    if settings is None:
+    if CONDITIONS[name] is None:
         run.state.history = [run.figures(0, [], 0.0)] if not run.state.history else run.state.history
         run.state.finished = True
     else:
@@ -261,7 +274,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train-subset", type=int, default=2000)
     parser.add_argument("--epochs", type=int, help="baseline epochs (default: 5 ProtoPNet, 6 PrototypeDL)")
-    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    parser.add_argument("--conditions", nargs="+", default=DEFAULT_CONDITIONS, choices=list(CONDITIONS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs-per-round", type=int, default=1)
     parser.add_argument("--test-images", type=int, default=1000)

@@ -99,3 +99,15 @@ def test_revision_benchmark_confounder_settings():
     assert baseline_config("protopnet", 0, 100, 1).data.decoy_position == "random_corner"
     assert output_dir("square") == "runs/revision_bench" != output_dir("fixed-corner")
     assert picture_prefix("protopnet", "square") == "protopnet" != picture_prefix("protopnet", "fixed-corner")
+
+
+def test_revision_benchmark_controls_train_every_round_without_a_user():
+    from benchmarks.revision import DEFAULT_CONDITIONS, condition_settings
+
+    assert "continued_trained" not in DEFAULT_CONDITIONS and "revision_trained" in DEFAULT_CONDITIONS
+    control, user = condition_settings("continued_trained", 5, 1, 0)
+    revision, revision_user = condition_settings("revision_trained", 5, 1, 0)
+    assert not user and revision_user
+    assert control == revision  # the same rounds and training: only the verdicts differ
+    baseline, baseline_user = condition_settings("baseline", 5, 1, 0)
+    assert not baseline_user and baseline.rounds == 1
