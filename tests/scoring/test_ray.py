@@ -52,7 +52,7 @@ def test_ray_engine_resumes_a_job_the_local_engine_started(local_ray, tiny_bundl
     job = Job(spec)
     job.start()
     for k in (0, 3):  # two chunks committed by a local run that was then killed
-        job.commit(k, job.scorer.score(*job.read_inputs(k), infer=_session(tiny_bundle)))
+        job.commit(k, job.scorer.score(*job.read_inputs(k), infer=_session(tiny_bundle, job.scorer.features)))
     summary = run_job(spec, engine="ray", progress=False)
     assert summary.scored_now == 200
     reference = tmp_path / "reference.jsonl"
@@ -62,11 +62,11 @@ def test_ray_engine_resumes_a_job_the_local_engine_started(local_ray, tiny_bundl
     assert [r["prototype_ids"] for r in rows] == [r["prototype_ids"] for r in read_rows(reference)]
 
 
-def _session(bundle):
-    from export.runtime import open_session
+def _session(bundle, features):
+    from export.runtime import classify, open_session
 
     session, _ = open_session(bundle / "model.onnx", "cpu")
-    return lambda x: tuple(session.run(["probabilities", "distances"], {"image": x}))
+    return lambda x: classify(session, x, features)
 
 
 def test_cli_joins_an_existing_cluster(local_ray, tiny_bundle, digits, tmp_path):
