@@ -7,8 +7,9 @@ ProtoPNet and PrototypeDL, over several seeds.
         [--confounder square | fixed-corner]
     PYTHONPATH=. python benchmarks/revision.py --shipped models/protopnet_mnist/checkpoint.pt
 
-Per family and seed: a baseline trained on Decoy-MNIST (the square's shade gives the label away),
-then each condition from that same baseline, the simulated user (training/simulated_user.py)
+Per family and seed: a baseline trained on Decoy-MNIST (the square's shade gives the label away;
+--confounder picks where the square goes), then each condition from that same baseline (the controls
+continued_* only when named: the same rounds with no verdicts), the simulated user (training/simulated_user.py)
 giving the verdicts. Per condition and round: non-object prototypes, verdicts given (rejections:
 the user's clicks), accuracy on the clean, randomised-decoy and adversarial-decoy test images
 before and after the last layer is re-fitted, wall time. Writes <out>/results.json, results.md
