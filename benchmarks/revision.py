@@ -4,10 +4,12 @@ ProtoPNet and PrototypeDL, over several seeds.
 
     PYTHONPATH=. python benchmarks/revision.py [--out runs/revision_bench] [--seeds 0 1 2]
         [--families protopnet prototypedl] [--train-subset 2000] [--epochs N] [--rounds 5]
+        [--confounder square | fixed-corner]
     PYTHONPATH=. python benchmarks/revision.py --shipped models/protopnet_mnist/checkpoint.pt
 
-Per family and seed: a baseline trained on Decoy-MNIST (the square's shade gives the label away),
-then each condition from that same baseline, the simulated user (training/simulated_user.py)
+Per family and seed: a baseline trained on Decoy-MNIST (the square's shade gives the label away;
+--confounder picks where the square goes), then each condition from that same baseline (the controls
+continued_* only when named: the same rounds with no verdicts), the simulated user (training/simulated_user.py)
 giving the verdicts. Per condition and round: non-object prototypes, verdicts given (rejections:
 the user's clicks), accuracy on the clean, randomised-decoy and adversarial-decoy test images
 before and after the last layer is re-fitted, wall time. Writes <out>/results.json, results.md
@@ -28,7 +30,7 @@ import torch
 from training.checkpoint import load_checkpoint
 from training.config import Config
 from training.data import Split, resolve_data_root
-from training.decoy_mnist import load_decoy_mnist
+from training.decoy_mnist import Confounder, load_decoy_mnist
 from training.families import family as family_entry
 from training.revision import STATE_FILE, RevisionConfig, RevisionRun, file_consult, simulated_consult
 from training.revision_families import ObjectMasks, revision_family_named
@@ -43,8 +45,17 @@ CONDITIONS = {  # name -> revision settings (None: the baseline as trained)
     # the CLI's default: stop after the first round in which the user rejects nothing
     "revision_frozen_stop": {"mode": "revise", "freeze_encoder": True, "all_rounds": False},
     "revision_trained_stop": {"mode": "revise", "freeze_encoder": False, "all_rounds": False},
+    # controls, only when asked for: the same rounds of training with a user who rejects nothing, to
+    # tell what the verdicts change from what more training alone changes
+    "continued_frozen": {"mode": "revise", "freeze_encoder": True, "all_rounds": True, "user": False},
+    "continued_trained": {"mode": "revise", "freeze_encoder": False, "all_rounds": True, "user": False},
 }
+DEFAULT_CONDITIONS = [name for name, settings in CONDITIONS.items() if (settings or {}).get("user", True)]
 EVAL_SETS = {"clean": "test_clean", "decoy": "test", "adversarial": "test_adversarial"}
+# the Decoy-MNIST settings: the issue's 4x4 square in a random corner, and the same square always in
+# the top-left corner, which the small baselines lean on (it never touches the central 20x20 digit)
+CONFOUNDERS = {"square": Confounder(), "fixed-corner": Confounder(position="top_left")}
+DEFAULT_OUT = "runs/revision_bench"
 
 
 def _protopnet_sections(epochs: int) -> dict:
@@ -61,16 +72,19 @@ BASELINES = {"protopnet": _protopnet_sections, "prototypedl": _prototypedl_secti
 EPOCHS = {"protopnet": 5, "prototypedl": 6}  # baseline training epochs unless --epochs
 
 
-def baseline_config(family: str, seed: int, train_subset: int, epochs: int) -> Config:
+def baseline_config(family: str, seed: int, train_subset: int, epochs: int,
+                    confounder: Confounder = CONFOUNDERS["square"]) -> Config:
     """A small model of `family` on Decoy-MNIST, no augmentation (a deformation would smear the square)."""
     train = {"epochs": epochs, "batch_size": 100, "lr": 2e-3, "elastic": False, "seed": seed,
              "checkpoint_every": epochs, "eval_batch_size": 1000, "num_threads": 2}
-    data = {"dataset": "decoy_mnist", "val_size": 1000, "split_seed": seed, "train_subset": train_subset}
+    data = {"dataset": "decoy_mnist", "val_size": 1000, "split_seed": seed, "train_subset": train_subset,
+            "decoy_position": confounder.position}
     return Config.from_dict({"data": data, "train": train, **BASELINES[family](epochs)})
 
 
 def train_baseline(family: str, seed: int, args, root: Path, out: Path) -> Path:
-    config = baseline_config(family, seed, args.train_subset, args.epochs or EPOCHS[family])
+    config = baseline_config(family, seed, args.train_subset, args.epochs or EPOCHS[family],
+                             CONFOUNDERS[args.confounder])
     trainer_class = family_entry(family).trainer_class()
     trainer = trainer_class(config, out, data_root=root,
                             log=lambda s: print(f"  [{family} seed {seed}] {s}", flush=True))
@@ -80,21 +94,29 @@ def train_baseline(family: str, seed: int, args, root: Path, out: Path) -> Path:
     return out / "last.pt"
 
 
+def condition_settings(name: str, rounds: int, epochs_per_round: int, seed: int) -> tuple[RevisionConfig, bool]:
+    """The revision settings of condition `name` and whether the simulated user gives verdicts (the
+    baseline runs one round that changes nothing; the controls train every round with no verdicts)."""
+    settings = dict(CONDITIONS[name] or {})
+    user = bool(settings) and settings.pop("user", True)
+    rc = RevisionConfig(**(settings or {"mode": "mask"}), rounds=rounds if settings else 1,
+                        epochs_per_round=epochs_per_round, seed=seed)
+    return rc, user
+
+
 def run_condition(name: str, checkpoint: Path, sets: dict, args, out: Path, seed: int) -> dict:
     model, config, _ = load_checkpoint(checkpoint)
     data = {"train": sets["train"].split(), "val": sets["val"].split()}
     evals = {k: sets[v].split() for k, v in EVAL_SETS.items()}
     evals = {k: Split(v.images[:args.test_images], v.labels[:args.test_images]) for k, v in evals.items()}
-    settings = CONDITIONS[name]
-    rc = RevisionConfig(**(settings or {"mode": "mask"}), rounds=args.rounds if settings else 1,
-                        epochs_per_round=args.epochs_per_round, seed=seed)
-    consult = simulated_consult() if settings else file_consult([])  # the baseline: no verdicts, nothing changes
+    rc, user = condition_settings(name, args.rounds, args.epochs_per_round, seed)
+    consult = simulated_consult() if user else file_consult([])  # baseline and controls: no verdicts
     run = RevisionRun(model, config, rc, data, out, consult, ObjectMasks.from_decoy(sets["train"]), evals,
                       log=lambda s: print(f"  [{name}] {s}", flush=True))
     if (out / STATE_FILE).exists():
         run.resume()
     started = time.perf_counter()
-    if settings is None:
+    if CONDITIONS[name] is None:
         run.state.history = [run.figures(0, [], 0.0)] if not run.state.history else run.state.history
         run.state.finished = True
     else:
@@ -153,7 +175,12 @@ def markdown(table: dict, seeds: int) -> str:
     return head + "\n".join(lines) + "\n" + note
 
 
-def pictures(results: dict, table: dict, out: Path) -> list[Path]:
+def picture_prefix(family: str, confounder: str) -> str:
+    """The pictures' name stem: the family, and the confounder setting unless it is the default square."""
+    return family if confounder == "square" else f"{family}_{confounder.replace('-', '_')}"
+
+
+def pictures(results: dict, table: dict, out: Path, confounder: str = "square") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,16 +207,16 @@ def pictures(results: dict, table: dict, out: Path) -> list[Path]:
         b.set_ylabel("test accuracy")
         b.set_ylim(0, 1)
         b.legend(fontsize=7, ncol=3)
-        fig.suptitle(f"{family} on Decoy-MNIST")
+        fig.suptitle(f"{family} on Decoy-MNIST" + ("" if confounder == "square" else f" ({confounder} confounder)"))
         fig.tight_layout()
-        path = out / f"{family}_revision.png"
+        path = out / f"{picture_prefix(family, confounder)}_revision.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
 
 
-def prototype_figure(family: str, base: Path, sets: dict, out: Path) -> Path | None:
+def prototype_figure(family: str, base: Path, sets: dict, out: Path, confounder: str = "square") -> Path | None:
     """Seed 0's baseline non-object prototypes before and after revision (encoder frozen), side by side:
     ProtoPNet the source image with the patch (yellow) and high-activation (red) boxes, PrototypeDL
     the decoded prototype."""
@@ -214,7 +241,7 @@ def prototype_figure(family: str, base: Path, sets: dict, out: Path) -> Path | N
     for c, column in enumerate(columns):
         for r, picture in enumerate(column):
             sheet.paste(picture.resize(size), (c * (size[0] + 8), r * (size[1] + 4)))
-    path = out / f"{family}_prototypes_before_after.png"
+    path = out / f"{picture_prefix(family, confounder)}_prototypes_before_after.png"
     sheet.save(path)
     return path
 
@@ -233,15 +260,22 @@ def shipped_non_object(checkpoint: Path, root: Path) -> None:
         print(f"  prototype {j.prototype_id}: {j.object_overlap:.3f} of its box on the digit")
 
 
+def output_dir(confounder: str) -> str:
+    """Where a confounder setting's runs go unless --out says: each setting its own directory."""
+    return DEFAULT_OUT if confounder == "square" else f"{DEFAULT_OUT}_{confounder.replace('-', '_')}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/revision_bench")
+    parser.add_argument("--out", help=f"default {DEFAULT_OUT}, {DEFAULT_OUT}_<confounder> for another confounder")
+    parser.add_argument("--confounder", choices=list(CONFOUNDERS), default="square",
+                        help="square: 4x4 in a random corner (the issue's); fixed-corner: 4x4 always top left")
     parser.add_argument("--data-root")
     parser.add_argument("--families", nargs="+", default=["protopnet", "prototypedl"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train-subset", type=int, default=2000)
     parser.add_argument("--epochs", type=int, help="baseline epochs (default: 5 ProtoPNet, 6 PrototypeDL)")
-    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    parser.add_argument("--conditions", nargs="+", default=DEFAULT_CONDITIONS, choices=list(CONDITIONS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs-per-round", type=int, default=1)
     parser.add_argument("--test-images", type=int, default=1000)
@@ -252,14 +286,15 @@ def main() -> None:
     root = resolve_data_root(args.data_root)
     if args.shipped:
         return shipped_non_object(args.shipped, root)
-    out = Path(args.out)
+    out = Path(args.out or output_dir(args.confounder))
+    confounder = CONFOUNDERS[args.confounder]
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     started = time.perf_counter()
     for family in args.families:
         for seed in args.seeds:
             base = out / family / f"seed{seed}"
-            sets = load_decoy_mnist(root, seed, 1000, args.train_subset)
+            sets = load_decoy_mnist(root, seed, 1000, args.train_subset, confounder)
             checkpoint = train_baseline(family, seed, args, root, base / "baseline_run")
             done = results.setdefault(family, {}).setdefault(str(seed), {})
             for name in args.conditions:
@@ -275,12 +310,12 @@ def main() -> None:
     md = markdown(table, len(args.seeds))
     (out / "results.md").write_text(md)
     print(md)
-    for path in pictures(results, table, out):
+    for path in pictures(results, table, out, args.confounder):
         print(path)
     for family in args.families:
         seed = args.seeds[0]
-        sheet = prototype_figure(family, out / family / f"seed{seed}", load_decoy_mnist(root, seed, 1000,
-                                 args.train_subset), out)
+        sets = load_decoy_mnist(root, seed, 1000, args.train_subset, confounder)
+        sheet = prototype_figure(family, out / family / f"seed{seed}", sets, out, args.confounder)
         if sheet:
             print(sheet)
     print(f"wall time {(time.perf_counter() - started) / 60:.1f} min")

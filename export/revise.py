@@ -62,9 +62,10 @@ def object_masks(config, root: Path, data: dict):
     """What the simulated user knows: Decoy-MNIST's digit and decoy masks, MNIST-like ink; else None."""
     d = config.data
     if d.dataset == "decoy_mnist":
-        from training.decoy_mnist import load_decoy_mnist
+        from training.decoy_mnist import Confounder, load_decoy_mnist
 
-        return ObjectMasks.from_decoy(load_decoy_mnist(root, d.split_seed, d.val_size, d.train_subset)["train"])
+        return ObjectMasks.from_decoy(load_decoy_mnist(root, d.split_seed, d.val_size, d.train_subset,
+                                   Confounder(position=d.decoy_position))["train"])
     if d.dataset in ("mnist", "fashion_mnist"):
         return ObjectMasks.from_split(data["train"])
     return None

@@ -15,6 +15,8 @@ import yaml
 
 from protoserve.errors import ProtoserveError
 
+DECOY_POSITIONS = ("random_corner", "top_left", "top_right", "bottom_left", "bottom_right")
+
 
 class ConfigError(ProtoserveError):
     pass
@@ -28,6 +30,8 @@ class DataConfig:
     split_seed: int = 0
     train_subset: int | None = None  # use only the first N training images (tests, demos)
     crop_to_bbox: bool = True  # cub: crop each image to its bounding box (bounding_boxes.txt), as the paper
+    # decoy_mnist: where the square goes, "random_corner" or one corner's name for every image
+    decoy_position: str = "random_corner"
 
 
 @dataclass
@@ -128,6 +132,8 @@ class Config:
         checks = [
             (self.data.dataset in ("mnist", "fashion_mnist", "cub", "decoy_mnist"),
              "data.dataset must be 'mnist', 'fashion_mnist', 'decoy_mnist' or 'cub'"),
+            (self.data.decoy_position in DECOY_POSITIONS,
+             f"data.decoy_position must be one of {', '.join(repr(p) for p in DECOY_POSITIONS)}"),
             (0 < self.data.val_size < 60000, "data.val_size must be between 1 and 59,999"),
             (m.family in FAMILIES, f"model.family must be {' or '.join(repr(name) for name in FAMILIES)}"),
             (m.hidden_activation in ("relu", "sigmoid"), "model.hidden_activation must be 'relu' or 'sigmoid'"),

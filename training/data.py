@@ -142,12 +142,13 @@ def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
 
 
 def load_dataset(root: Path, dataset: str = "mnist", val_size: int = 5000, split_seed: int = 0,
-                 train_subset: int | None = None) -> dict[str, Split]:
-    """The paper's split: 55,000 train / 5,000 validation (fixed seed) / 10,000 test."""
+                 train_subset: int | None = None, decoy_position: str = "random_corner") -> dict[str, Split]:
+    """The paper's split: 55,000 train / 5,000 validation (fixed seed) / 10,000 test. `decoy_position`:
+    where decoy_mnist's square goes (training/decoy_mnist.py Confounder.position)."""
     if dataset == "decoy_mnist":  # MNIST with a confounder square; training/decoy_mnist.py
-        from training.decoy_mnist import load_decoy_dataset
+        from training.decoy_mnist import Confounder, load_decoy_dataset
 
-        return load_decoy_dataset(root, val_size, split_seed, train_subset)
+        return load_decoy_dataset(root, val_size, split_seed, train_subset, Confounder(position=decoy_position))
     images, labels = load_split(root, dataset, "train")
     order = np.random.default_rng(split_seed).permutation(len(images))
     val_idx, train_idx = order[:val_size], order[val_size:]

@@ -14,7 +14,7 @@ def load_run_data(config: Config, root: Path) -> dict[str, Split]:
     d = config.data
     if d.dataset == "cub":
         return load_cub(root, config.model.input_size, d.val_size, d.split_seed, d.train_subset, d.crop_to_bbox)
-    return load_dataset(root, d.dataset, d.val_size, d.split_seed, d.train_subset)
+    return load_dataset(root, d.dataset, d.val_size, d.split_seed, d.train_subset, d.decoy_position)
 
 
 def input_normalization(dataset: str) -> tuple[list[float] | None, list[float] | None]:

@@ -138,7 +138,7 @@ class Trainer(ResumableRun):
         self.device = resolve_device(t.device)
         root = data_root or resolve_data_root(None, config.data.root)
         d = config.data
-        self.data = load_dataset(root, d.dataset, d.val_size, d.split_seed, d.train_subset)
+        self.data = load_dataset(root, d.dataset, d.val_size, d.split_seed, d.train_subset, d.decoy_position)
         torch.manual_seed(t.seed)
         self.model = build_model(config).to(self.device)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=t.lr)

@@ -161,7 +161,8 @@ def prototypedl_figures(model: PrototypeDL, config: Config, out: Path, data_root
                         seed: int = 0) -> list[Path]:
     """The paper's Fig. 2 and 3 and Tables 1 and 2 as PNGs."""
     d = config.data
-    data = load_dataset(resolve_data_root(data_root, d.root), d.dataset, d.val_size, d.split_seed)
+    data = load_dataset(resolve_data_root(data_root, d.root), d.dataset, d.val_size, d.split_seed,
+                        decoy_position=d.decoy_position)
     names = CLASS_NAMES[d.dataset] if config.model.n_classes == len(CLASS_NAMES[d.dataset]) else \
         [str(c) for c in range(config.model.n_classes)]
     rng = np.random.default_rng(seed)

@@ -69,9 +69,10 @@ def validation_split(config: Config, root: Path) -> Split:
     ({name: bool [N, H, W]}), as Decoy-MNIST's does (its digits and its decoy squares)."""
     d = config.data
     if d.dataset == "decoy_mnist":
-        from training.decoy_mnist import load_decoy_mnist
+        from training.decoy_mnist import Confounder, load_decoy_mnist
 
-        decoys = load_decoy_mnist(root, d.split_seed, d.val_size, d.train_subset)["val"]
+        decoys = load_decoy_mnist(root, d.split_seed, d.val_size, d.train_subset,
+                                  Confounder(position=d.decoy_position))["val"]
         split = decoys.split()
         split.masks = {"object": decoys.object_masks, "decoy": decoys.decoy_masks}
         return split

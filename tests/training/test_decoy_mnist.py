@@ -67,3 +67,47 @@ def test_seeded_and_parametrised():
     assert (big["train"].decoy_masks.sum(axis=(1, 2)) == 36).all()
     assert (big["train"].corners == 3).all()
     assert (big["train"].shades == 255 - 20 * big["train"].labels).all()
+
+
+def test_config_decoy_position_reaches_the_training_data(mnist_root):
+    from training.config import Config
+    from training.datasets import load_run_data
+
+    raw = {"data": {"dataset": "decoy_mnist", "val_size": 20, "train_subset": 50, "decoy_position": "top_left"}}
+    data = load_run_data(Config.from_dict(raw), mnist_root)
+    for name in ("train", "val", "test"):
+        corner = data[name].images[:, 0, :4, :4]
+        assert (corner == corner[:, :1, :1]).all() and (corner > 0).all(), name  # a full square, every image
+    shades = (data["train"].images[:, 0, 0, 0] * 255).round().long()
+    assert (shades == 255 - 25 * data["train"].labels).all()
+    default = load_run_data(Config.from_dict({"data": {**raw["data"], "decoy_position": "random_corner"}}), mnist_root)
+    assert (default["train"].images[:, 0, :4, :4].amin(dim=(1, 2)) == 0).any()  # other corners too
+
+
+def test_config_refuses_an_unknown_decoy_position():
+    from training.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match="data.decoy_position must be one of"):
+        Config.from_dict({"data": {"dataset": "decoy_mnist", "decoy_position": "centre"}})
+
+
+def test_revision_benchmark_confounder_settings():
+    from benchmarks.revision import CONFOUNDERS, baseline_config, output_dir, picture_prefix
+
+    config = baseline_config("protopnet", 0, 100, 1, CONFOUNDERS["fixed-corner"])
+    assert config.data.decoy_position == "top_left" and CONFOUNDERS["fixed-corner"].size == 4
+    assert baseline_config("protopnet", 0, 100, 1).data.decoy_position == "random_corner"
+    assert output_dir("square") == "runs/revision_bench" != output_dir("fixed-corner")
+    assert picture_prefix("protopnet", "square") == "protopnet" != picture_prefix("protopnet", "fixed-corner")
+
+
+def test_revision_benchmark_controls_train_every_round_without_a_user():
+    from benchmarks.revision import DEFAULT_CONDITIONS, condition_settings
+
+    assert "continued_trained" not in DEFAULT_CONDITIONS and "revision_trained" in DEFAULT_CONDITIONS
+    control, user = condition_settings("continued_trained", 5, 1, 0)
+    revision, revision_user = condition_settings("revision_trained", 5, 1, 0)
+    assert not user and revision_user
+    assert control == revision  # the same rounds and training: only the verdicts differ
+    baseline, baseline_user = condition_settings("baseline", 5, 1, 0)
+    assert not baseline_user and baseline.rounds == 1
