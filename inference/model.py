@@ -107,18 +107,26 @@ def classifier_outputs(bundle: Bundle) -> list[str]:
 def classifier_session(model: LoadedModel, device: str, threads: int):
     """A session on model.onnx cut to classifier_outputs, kept only when it computes the same numbers as
     the whole graph on the probe images (None otherwise, or when the graph cannot be cut)."""
-    outputs = classifier_outputs(model.bundle)
-    cut = restrict_outputs(model.bundle.model_path.read_bytes(), outputs)
+    cut = classifier_graph(model.bundle, model.session, device, threads)
+    return cut[1] if cut is not None else None
+
+
+def classifier_graph(bundle: Bundle, whole, device: str, threads: int = 1) -> tuple[bytes, object] | None:
+    """model.onnx cut to classifier_outputs (export/subgraph.py: ONNX Runtime runs every node of a graph
+    whatever is asked of it, PrototypeDL's decoder included) and a session on it, when that session gives
+    the numbers of `whole` (a session on the whole graph) on the probe images; None otherwise."""
+    outputs = classifier_outputs(bundle)
+    cut = restrict_outputs(bundle.model_path.read_bytes(), outputs)
     if cut is None:
         return None
     session = open_session(cut, device, threads=threads)[0]
-    images = load_probe(model.bundle)["input.image"].astype(np.float32)
-    whole = model.session.run(outputs, {"image": images})
-    if not all(np.array_equal(a, b) for a, b in zip(whole, session.run(outputs, {"image": images}), strict=True)):
+    images = load_probe(bundle)["input.image"].astype(np.float32)
+    reference = whole.run(outputs, {"image": images})
+    if not all(np.array_equal(a, b) for a, b in zip(reference, session.run(outputs, {"image": images}), strict=True)):
         log.warning("protoserve: %s: the graph cut to %s differs from the whole graph; classify runs the whole",
-                    model.bundle.manifest.tag, outputs)
+                    bundle.manifest.tag, outputs)
         return None
-    return session
+    return cut, session
 
 
 def warm_up(model: LoadedModel) -> dict[str, float]:

@@ -9,6 +9,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import numpy as np
 
 from export.runtime import CUDA, classify, open_session, verify_bundle
+from inference.model import classifier_graph
 from scoring.job import Job
 from scoring.rows import Columns
 
@@ -20,16 +21,19 @@ def default_workers() -> int:
 
 def open_sessions(job: Job) -> list:
     """One session per worker thread (one in all on a GPU unless --workers says otherwise), after the
-    golden probe passed. They are opened here, not inside the threads: opening one sets ONNX Runtime's
-    process-wide log level for a moment (export/runtime.open_session)."""
+    golden probe passed, on the graph cut to what the rows read where that gives the same numbers
+    (inference.model.classifier_graph). They are opened here, not inside the threads: opening one sets
+    ONNX Runtime's process-wide log level for a moment (export/runtime.open_session)."""
     workers = job.spec.workers or default_workers()
     threads = max(1, default_workers() // workers)  # intra-op threads per session: the cores, shared out
     verify_bundle(job.bundle, job.spec.device)
     first, provider = open_session(job.bundle.model_path, job.spec.device, threads=threads)
     if provider == CUDA and not job.spec.workers:
         workers = 1  # one session keeps a GPU busy; more would only take turns on it
-    return [first] + [open_session(job.bundle.model_path, job.spec.device, threads=threads)[0]
-                      for _ in range(workers - 1)]
+    cut = classifier_graph(job.bundle, first, job.spec.device, threads)
+    graph = job.bundle.model_path if cut is None else cut[0]
+    first = first if cut is None else cut[1]
+    return [first] + [open_session(graph, job.spec.device, threads=threads)[0] for _ in range(workers - 1)]
 
 
 def run_local(job: Job, pending: list[int], advance) -> None:

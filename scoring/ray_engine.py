@@ -18,6 +18,7 @@ import os
 
 from export.bundle import read_bundle
 from export.runtime import classify, open_session
+from inference.model import classifier_graph
 from scoring.job import Job, JobError, JobSpec
 from scoring.outputs import to_table
 
@@ -42,7 +43,11 @@ class ChunkScorer:
             if self.job.plan[part] != plan[part]:
                 raise JobError(f"Ray worker on {os.uname().nodename}: its view of the {part} differs from the "
                                "driver's (every node must see the same bundle and inputs at the same paths)")
-        self.session = open_session(self.job.bundle.model_path, "cuda" if use_gpu else "cpu", threads=1)[0]
+        device = "cuda" if use_gpu else "cpu"
+        self.session = open_session(self.job.bundle.model_path, device, threads=1)[0]
+        cut = classifier_graph(self.job.bundle, self.session, device)  # the graph without what rows never read
+        if cut is not None:
+            self.session = cut[1]
 
     def __call__(self, batch: dict) -> object:
         import pyarrow as pa

@@ -97,3 +97,22 @@ def test_rows_carry_the_explanations_ids_and_scores(which, request, digits):
         assert row["prototype_contributions"] == pytest.approx([w["contribution"] for w in want], rel=1e-5, abs=1e-6)
     if bundle.manifest.family == "protopnet":  # nearest first = most similar first
         assert all(r["prototype_similarities"] == sorted(r["prototype_similarities"], reverse=True) for r in rows)
+
+
+def test_local_sessions_run_the_graph_cut_to_what_rows_read(tiny_bundle, tmp_path):
+    """Batch scoring, like the service, does not run PrototypeDL's decoder: every worker's session
+    lacks the reconstruction output and gives the whole graph's numbers."""
+    from inference.model import classifier_outputs
+    from scoring.job import Job, JobSpec
+    from scoring.local_engine import open_sessions
+
+    job = Job(JobSpec(str(tiny_bundle), [], tmp_path / "out.jsonl", workers=2))
+    sessions = open_sessions(job)
+    assert len(sessions) == 2
+    with np.load(tiny_bundle / "probe.npz") as probe:
+        images = probe["input.image"].astype(np.float32)
+    whole, _ = open_session(tiny_bundle / "model.onnx", "cpu")
+    for session in sessions:
+        assert [o.name for o in session.get_outputs()] == classifier_outputs(job.bundle)
+        for cut, reference in zip(classify(session, images), classify(whole, images), strict=True):
+            np.testing.assert_array_equal(cut, reference)
