@@ -48,7 +48,7 @@ class Scorer:
             raise SystemExit(f"{bundle_path}: no out-of-domain calibration in the manifest; re-export it")
 
     def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        names = ["logits", "probabilities", "distances", *self.rule.outputs]
+        names = ["logits", "probabilities", "distances", *([self.rule.features] if self.rule.features else [])]
         parts = [self.session.run(names, {"image": x[i:i + BATCH].astype(np.float32)}) for i in range(0, len(x), BATCH)]
         return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(names)}
 
@@ -57,7 +57,7 @@ class Scorer:
         out = self.outputs(x)
         logits, labels = out["logits"].astype(np.float64), out["probabilities"].argmax(axis=1)
         top = logits.max(axis=1)
-        features = out[self.rule.outputs[0]] if self.rule.outputs else None
+        features = out[self.rule.features] if self.rule.features else None
         in_domain, _ = self.rule.judge(out["distances"], labels, features)
         return {"prototype": self.rule.score(out["distances"], labels, features),
                 "max_softmax": -out["probabilities"].max(axis=1),

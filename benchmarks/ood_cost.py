@@ -41,16 +41,17 @@ def rule_cost(path: str, images: np.ndarray) -> dict:
     rule = domain_rule(bundle.manifest, active_mask(bundle.manifest))
     session, _ = open_session(bundle.model_path, device="cpu", threads=1)
     base = ["probabilities", "distances"]
+    extra = [rule.features] if rule.features else []
     parts = {k: v for k, v in (rule.components or {}).items() if k != "latent_mahalanobis"}
     without = dataclasses.replace(rule, components=parts, joint_means=None, joint_precision=None)  # distances only
-    result = {"score": rule.calibration.score, "features": rule.outputs}
+    result = {"score": rule.calibration.score, "features": rule.features}
     for n in SIZES:
         x = images[:n]
-        p, d, *f = session.run(base + list(rule.outputs), {"image": x})
+        p, d, *f = session.run(base + extra, {"image": x})
         labels = p.argmax(axis=1)
         features = f[0] if f else None
         result[n] = per_image({"run": lambda x=x: session.run(base, {"image": x}),
-                               "run_with_features": lambda x=x: session.run(base + list(rule.outputs), {"image": x})},
+                               "run_with_features": lambda x=x: session.run(base + extra, {"image": x})},
                               n, calls=50)
         result[n] |= per_image({"judge_distances_only": lambda d=d, y=labels: without.judge(d, y),
                                 "judge": lambda d=d, y=labels, f=features: rule.judge(d, y, f)}, n)
@@ -58,7 +59,8 @@ def rule_cost(path: str, images: np.ndarray) -> dict:
 
 
 def print_cost(name: str, r: dict) -> None:
-    print(f"\n{name}: per-image cost of the out-of-domain rule ({r['score']}, reads {list(r['features'])}), µs")
+    reads = r["features"] or "the distances only"
+    print(f"\n{name}: per-image cost of the out-of-domain rule ({r['score']}, reads {reads}), µs")
     print(f"{'batch':>6s} {'run':>8s} {'run+feat':>9s} {'judge w/o latent':>17s} {'judge':>8s} {'added':>7s}")
     for n in SIZES:
         c = r[n]

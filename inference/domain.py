@@ -71,9 +71,9 @@ class DomainRule:
 
 
     @property
-    def outputs(self) -> tuple[str, ...]:
-        """The model.onnx outputs the score reads besides the distances: pass the first as `features`."""
-        return (self.calibration.features,) if self.calibration.features else ()
+    def features(self) -> str | None:
+        """The model.onnx output the score reads besides the distances (None: none): pass it as `features`."""
+        return self.calibration.features or None
 
     def part(self, name: str, distances: np.ndarray, labels: np.ndarray, features: np.ndarray | None) -> np.ndarray:
         """One part's [N] scores."""

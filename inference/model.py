@@ -91,8 +91,9 @@ def load_model(path: Path | None = None, device: str | None = None, threads: int
     decoder = open_session(bundle.decoder_path, device, threads=threads)[0] if bundle.decoder_path else None
     model = LoadedModel(bundle, session, decoder, provider, active_mask(bundle.manifest))
     model.reference_distance = warm_up(model)
-    model.classifier = classifier_session(model, device, threads)
-    model.classifier_reads = tuple(classifier_outputs(bundle)) if model.classifier is not None else ()
+    cut = classifier_graph(bundle, session, device, threads)
+    if cut is not None:
+        model.classifier, model.classifier_reads = cut[1], tuple(classifier_outputs(bundle))
     log.info("protoserve: serving %s (%s) from %s on %s", bundle.manifest.tag, bundle.manifest.family,
              path, provider)
     return model
@@ -102,13 +103,6 @@ def classifier_outputs(bundle: Bundle) -> list[str]:
     """What classify reads: the probabilities, the distances and the output the out-of-domain rule reads."""
     domain = bundle.manifest.domain
     return ["probabilities", "distances", *([domain.features] if domain is not None and domain.features else [])]
-
-
-def classifier_session(model: LoadedModel, device: str, threads: int):
-    """A session on model.onnx cut to classifier_outputs, kept only when it computes the same numbers as
-    the whole graph on the probe images (None otherwise, or when the graph cannot be cut)."""
-    cut = classifier_graph(model.bundle, model.session, device, threads)
-    return cut[1] if cut is not None else None
 
 
 def classifier_graph(bundle: Bundle, whole, device: str, threads: int = 1) -> tuple[bytes, object] | None:

@@ -191,7 +191,7 @@ class BatchScorer:
         self.weights = np.array([row.weights for row in manifest.prototypes], dtype=np.float64)  # [M, K]
         self.domain = domain_rule(manifest, self.active)  # None: the bundle has no calibration
         # the model.onnx output the rule reads besides the distances (None: none), and its width
-        self.features = self.domain.outputs[0] if self.domain is not None and self.domain.outputs else None
+        self.features = self.domain.features if self.domain is not None else None
         spec = manifest.model.output(self.features) if self.features else None
         self.feature_width = int(spec.shape[1]) if spec is not None else 0
 

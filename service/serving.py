@@ -59,7 +59,7 @@ class ServedVersion:
     @property
     def features(self) -> str | None:
         """The model.onnx output its out-of-domain rule reads besides the distances (None: none)."""
-        return self.domain.outputs[0] if self.domain is not None and self.domain.outputs else None
+        return self.domain.features if self.domain is not None else None
 
     @functools.cached_property
     def model_id(self) -> tuple[str, str]:

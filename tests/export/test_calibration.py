@@ -84,10 +84,10 @@ def test_the_score_is_fixed_by_what_the_graph_gives_not_chosen_by_a_proxy():
     assert without.feature_means is None and "latent_mahalanobis" not in without.candidates
     p, d, f = run(images[:5])
     rule = domain_rule_of(with_latent, class_of)
-    assert rule.outputs == ("latent",)
+    assert rule.features == "latent"
     with pytest.raises(ValueError, match="latent"):
         rule.judge(d, p.argmax(axis=1))  # the latent part cannot be skipped silently
-    assert domain_rule_of(without, class_of).outputs == ()
+    assert domain_rule_of(without, class_of).features is None
 
 
 def domain_rule_of(calibration, class_of):

@@ -48,7 +48,7 @@ def older_protopnet_bundle(bundle, folder, images):
 def test_a_new_protopnet_bundle_reads_its_pooled_latent(tiny_protopnet_bundle, test_images):
     manifest = read_bundle(tiny_protopnet_bundle).manifest
     rule = domain_rule(manifest, active_mask(manifest))
-    assert manifest.domain.score == "latent_and_prototypes" and rule.outputs == ("pooled_latent",)
+    assert manifest.domain.score == "latent_and_prototypes" and rule.features == "pooled_latent"
     session, _ = open_session(read_bundle(tiny_protopnet_bundle).model_path, "cpu")
     p, d, f = classify(session, test_images[:50], "pooled_latent")
     assert f.shape == (50, 16)
@@ -66,7 +66,7 @@ def test_an_older_bundle_without_the_features_still_loads_and_is_judged(tiny_pro
     assert "pooled_latent" not in bundle.output_names
     model = load_model(old)
     rule = domain_rule(bundle.manifest, model.active)
-    assert rule.outputs == () and bundle.manifest.domain.score == "nearest_and_mahalanobis"
+    assert rule.features is None and bundle.manifest.domain.score == "nearest_and_mahalanobis"
     x = np.concatenate([test_images[:20], np.ones((2, 1, 28, 28), np.float32)])
     p, d = model.classify(x)
     in_domain, typicality = rule.judge(d, p.argmax(axis=1))

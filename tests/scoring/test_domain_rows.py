@@ -22,7 +22,7 @@ def test_job_rows_carry_the_service_rule(tiny_bundle, digits, tmp_path):
     manifest = read_bundle(tiny_bundle).manifest
     session, _ = open_session(read_bundle(tiny_bundle).model_path, "cpu")
     rule = domain_rule(manifest, active_mask(manifest))
-    assert rule.outputs == ("latent",)  # the latent space is one part of the score
+    assert rule.features == "latent"  # the latent space is one part of the score
     x = (images[:, None] / 255.0).astype(np.float32)
     p, d, f = session.run(["probabilities", "distances", "latent"], {"image": x})
     want_in, want_typical = rule.judge(d, p.argmax(axis=1), f)
