@@ -392,23 +392,21 @@ def secondary_figures(url: str, image: str, scale: float, result: dict) -> None:
           "images/s)", flush=True)
 
 
+# (result key, setting, environment variable, values, what the heading says it is)
+SWEEPS = (("batch_size_sweep", "max_batch_size", "PROTOSERVE_MAX_BATCH_SIZE", (1, 16, 64), "max batch size"),
+          ("max_latency_sweep", "max_latency_ms", "PROTOSERVE_MAX_LATENCY_MS", (20, 200, 2000),
+           "max latency (the dispatcher answers 503 past it)"))
+
+
 def batching_sweeps(bundle: Path, out: Path, image: str, scale: float, result: dict) -> None:
-    print("adaptive batching: /predict at c=64 by max batch size", flush=True)
-    result["batch_size_sweep"] = []
-    for size in (1, 16, 64):
-        row = predict_c64(bundle, out.with_suffix(f".sweep{size}.log"), image, scale,
-                          PROTOSERVE_MAX_BATCH_SIZE=str(size))
-        print(f"  max_batch_size {size:3d}: c=64 p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
-              f"{row['requests_per_s']:.1f} req/s", flush=True)
-        result["batch_size_sweep"].append({"max_batch_size": size, **row})
-    print("adaptive batching: /predict at c=64 by max latency (the dispatcher answers 503 past it)", flush=True)
-    result["max_latency_sweep"] = []
-    for latency in (20, 200, 2000):
-        row = predict_c64(bundle, out.with_suffix(f".latency{latency}.log"), image, scale,
-                          PROTOSERVE_MAX_LATENCY_MS=str(latency))
-        print(f"  max_latency_ms {latency:5d}: c=64 p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
-              f"{row['requests_per_s']:.1f} req/s, {row['errors']} of {row['requests']} refused", flush=True)
-        result["max_latency_sweep"].append({"max_latency_ms": latency, **row})
+    for key, setting, variable, values, heading in SWEEPS:
+        print(f"adaptive batching: /predict at c=64 by {heading}", flush=True)
+        result[key] = []
+        for value in values:
+            row = predict_c64(bundle, out.with_suffix(f".{key}{value}.log"), image, scale, **{variable: str(value)})
+            print(f"  {setting} {value:5d}: c=64 p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
+                  f"{row['requests_per_s']:.1f} req/s, {row['errors']} of {row['requests']} refused", flush=True)
+            result[key].append({setting: value, **row})
 
 
 def main() -> None:
