@@ -177,3 +177,26 @@ def test_shipped_bundles_flag_the_ood_sets_and_about_their_rate_of_the_test_set(
     for name, x in ood_sets(test[5000:], 300).items():
         share = scorer.scores(x)["flagged"].mean()
         assert share >= FLAGGED_AT_LEAST[family][name], f"{family} {name}: {share:.2%} flagged"
+
+
+def test_fpr_with_the_rest_of_the_set_caught_is_the_floor_a_part_sets():
+    from benchmarks.ood import fpr_rest_caught
+
+    clean, ood = np.arange(100.0), np.arange(50.0, 150.0)
+    everything = np.ones(100, bool)
+    assert fpr_rest_caught(clean, ood, everything) == fpr_at_tpr(clean, ood)
+    small = np.arange(100) < 5  # 95 others caught: 95% without any of the part
+    assert fpr_rest_caught(clean, ood, small) == 0.0
+    part = np.arange(100) < 20  # the 20 most typical (50..69): 15 of them must be caught, 54 and up
+    assert fpr_rest_caught(clean, ood, part) == 0.46
+
+
+def test_glyph_characters_name_their_images():
+    from benchmarks.ood_sets import STROKES, glyphs, glyphs_with_characters
+
+    images, characters = glyphs_with_characters(200, seed=3)
+    assert len(images) == len(characters) == 200 and np.array_equal(images, glyphs(200, seed=3))
+    bars = images[characters == "|"][:, 0]
+    assert len(bars) and all((bar.sum(axis=0) > 0.5).sum() <= 6 for bar in bars)  # a tall narrow stroke
+    letters = images[~np.isin(characters, list(STROKES))][:, 0]
+    assert np.median([(x.sum(axis=0) > 0.5).sum() for x in letters]) > 6
