@@ -7,7 +7,9 @@ For each shipped checkpoint and each of its convolution layers (in the order the
                         (Lee et al. 2018, one layer at a time)
     layer deep kNN      distance to the 10th nearest of 20,000 training images, activations flattened
                         and L2-normalised (Sun et al. 2022)
-and, model-free, the pixel distance to the 5th nearest of the 55,000 training images. Each row gives
+and, model-free, the pixel distance to the 5th nearest of the 55,000 training images; then every
+layer's Mahalanobis score and the bundle's own calibrated score (models/<name>/bundle beside the
+checkpoint) in one, by Fisher's method as the bundle combines its parts. Each row gives
 AUROC / FPR at 95% TPR against the MNIST test set, for the strokes and for the other glyphs, as
 benchmarks/ood.py measures them. An AUROC under 0.5 means the view finds the strokes *more* typical
 than the test digits.
@@ -24,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.ood import Scorer
 from benchmarks.ood_sets import STROKES, glyphs_with_characters
-from export.calibration import auroc, fit_gaussian, fpr_at_tpr
-from protoserve.domain_scores import squared_mahalanobis
+from export.calibration import LEVELS, auroc, fit_gaussian, fpr_at_tpr
+from protoserve.domain_scores import fisher, squared_mahalanobis, upper_tail
 from training.checkpoint import load_checkpoint
 from training.data import load_dataset, resolve_data_root
 
@@ -69,6 +72,23 @@ def row(name: str, test: np.ndarray, glyph: np.ndarray, stroke: np.ndarray) -> s
     return f"{name:34s} {parts[0]:>16s} {parts[1]:>16s}"
 
 
+def layer_mahalanobis(fit: list[torch.Tensor], fit_labels: np.ndarray,
+                      views: dict[str, tuple[list[torch.Tensor], np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Per layer, each view's [N] Mahalanobis scores of its channel statistics, class-conditional on its
+    predicted labels, fitted on the `fit` activations."""
+    out = []
+    for i, a_fit in enumerate(fit):
+        means, precision = fit_gaussian(channel_stats(a_fit), fit_labels, 10)
+        out.append({view: squared_mahalanobis(channel_stats(layers[i]), labels, means, precision)
+                    for view, (layers, labels) in views.items()})
+    return out
+
+
+def combined(parts: list[dict[str, np.ndarray]], view: str) -> np.ndarray:
+    """Fisher's combination of the parts' tails under their scores on the held-out validation half."""
+    return fisher([upper_tail(part[view], np.quantile(part["held"], LEVELS), LEVELS) for part in parts])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoints", nargs="+", default=CHECKPOINTS)
@@ -77,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     data = load_dataset(resolve_data_root(args.data_root))
     train, val, test = data["train"].images, data["val"].images, data["test"].images
+    order = np.random.default_rng(0).permutation(len(val))  # fit on one half, tails from the other
+    fit_half, held_half = val[order[:len(val) // 2]], val[order[len(val) // 2:]]
     images, characters = glyphs_with_characters()
     glyph = torch.from_numpy(images)
     stroke = np.isin(characters, list(STROKES))
@@ -88,19 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.checkpoints:
         model, config, _ = load_checkpoint(Path(path))
         family = config.model.family
-        fit, fit_labels = layer_activations(model, val)
-        on_test, test_labels = layer_activations(model, test)
-        on_glyphs, glyph_labels = layer_activations(model, glyph)
+        fit, fit_labels = layer_activations(model, fit_half)
+        views = {"held": layer_activations(model, held_half), "test": layer_activations(model, test),
+                 "glyphs": layer_activations(model, glyph)}
         bank, _ = layer_activations(model, train[:BANK])
-        print(f"{family}: strokes predicted as 1: {np.mean(glyph_labels[stroke] == 1):.1%}")
-        for i, (a_fit, a_test, a_glyph, a_bank) in enumerate(zip(fit, on_test, on_glyphs, bank, strict=True)):
-            means, precision = fit_gaussian(channel_stats(a_fit), fit_labels, 10)
-            print(row(f"{family} conv {i}, Mahalanobis",
-                      squared_mahalanobis(channel_stats(a_test), test_labels, means, precision),
-                      squared_mahalanobis(channel_stats(a_glyph), glyph_labels, means, precision), stroke))
-            normal = [nn.functional.normalize(a.flatten(1), dim=1) for a in (a_test, a_glyph, a_bank)]
-            print(row(f"{family} conv {i}, deep kNN", kth_distance(normal[0], normal[2], 10),
-                      kth_distance(normal[1], normal[2], 10), stroke))
+        print(f"{family}: strokes predicted as 1: {np.mean(views['glyphs'][1][stroke] == 1):.1%}")
+        layers = layer_mahalanobis(fit, fit_labels, views)
+        for i, scores in enumerate(layers):
+            print(row(f"{family} conv {i}, Mahalanobis", scores["test"], scores["glyphs"], stroke))
+            normal = [nn.functional.normalize(views[v][0][i].flatten(1), dim=1) for v in ("test", "glyphs")]
+            bank_i = nn.functional.normalize(bank[i].flatten(1), dim=1)
+            print(row(f"{family} conv {i}, deep kNN", kth_distance(normal[0], bank_i, 10),
+                      kth_distance(normal[1], bank_i, 10), stroke))
+        scorer = Scorer(str(Path(path).parent / "bundle"))
+        bundle = {"held": scorer.scores(held_half.numpy())["prototype"],
+                  "test": scorer.scores(test.numpy())["prototype"], "glyphs": scorer.scores(images)["prototype"]}
+        for name, parts in (("bundle score", [bundle]), ("all layers + bundle score", [*layers, bundle])):
+            clean, ood = combined(parts, "test"), combined(parts, "glyphs")
+            print(row(f"{family} {name}", clean, ood, stroke) + f"   all glyphs {auroc(clean, ood):.3f} / "
+                  f"{fpr_at_tpr(clean, ood):.3f}")
     return 0
 
 
