@@ -105,7 +105,8 @@ def _revise(args) -> None:
     parent = resolve_parent(args.checkpoint, args.bundle)
     result = revise(parent, Path(args.out), settings, verdicts=args.verdicts, simulate=args.simulate,
                     interactive=args.interactive, reviewer=args.reviewer, data_root=args.data_root, name=args.name,
-                    version=args.version, resume=args.resume, export=not args.no_export)
+                    version=args.version, resume=args.resume, export=not args.no_export,
+                    train_subset=args.train_subset)
     if result is None:
         print(f"revised checkpoint written to {Path(args.out) / 'checkpoint.pt'}")
         return
@@ -353,6 +354,7 @@ def _bundle_verbs(sub) -> None:
     p.add_argument("--lambda-con", type=float, default=1.0)
     p.add_argument("--lr-prototypes", type=float, help="default: training/revision.py RevisionConfig")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-subset", type=int, help="revise on the first N training images only")
     p.add_argument("--name", help="bundle name (default: the parent's)")
     p.add_argument("--version", help="bundle version (default: the parent's version + '-' + mode)")
     p.add_argument("--data-root")

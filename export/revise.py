@@ -9,7 +9,7 @@ new bundle version whose manifest carries the lineage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from export.build import ExportResult, export_bundle
@@ -104,12 +104,18 @@ def make_consult(mode: str, verdicts: str | None, simulate: bool, interactive: b
 def revise(parent: Parent, out: Path, settings: RevisionConfig, verdicts: str | None = None, simulate: bool = False,
            interactive: bool = False, reviewer: str = "user", data_root: str | None = None,
            name: str | None = None, version: str | None = None, resume: bool = False, export: bool = True,
-           log=print) -> ExportResult | None:
+           train_subset: int | None = None, log=print) -> ExportResult | None:
     """Run the revision into `out` (revision_last.pt after each round; checkpoint.pt at the end, beside
     bundle/ as in models/) and export `out`/bundle as name:version (default: the parent's name, its
-    version + "-" + mode)."""
+    version + "-" + mode). `train_subset`: revise on the first N of the parent's training images only
+    (recorded in the revised checkpoint's config)."""
     out = Path(out)
     model, config, payload = load_checkpoint(parent.checkpoint)
+    if train_subset is not None:
+        if train_subset < 1:
+            raise RevisionError(f"train subset {train_subset}: must be at least 1 training image")
+        config = replace(config, data=replace(config.data, train_subset=min(train_subset, config.data.train_subset
+                                                                            or train_subset)))
     root = resolve_data_root(data_root, config.data.root)
     data = load_run_data(config, root)
     masks = object_masks(config, root, data) if simulate else None

@@ -165,7 +165,8 @@ def revise_version(registry: Registry, job: dict, data_root: str | None, beat: H
     beat.stage("revising")
     result = revise(Parent(Path(parent.checkpoint), f"{parent.name}:{parent.version}", parent.name, parent.version),
                     run, revision, verdicts=str(verdicts), data_root=data_root, version=version,
-                    resume=(run / "revision_last.pt").exists(), log=beat.log)
+                    resume=(run / "revision_last.pt").exists(), train_subset=settings.get("train_subset"),
+                    log=beat.log)
     beat.stage("registering")
     row = registry.register(result.bundle.path, run / "checkpoint.pt", parent=parent.version, status="candidate",
                             job_id=job["id"])

@@ -27,6 +27,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, tiny_protopnet_check
         (base + ["--interactive"], "--interactive needs --verdicts"),
         (base + ["--mode", "mask"], "--mode mask needs verdicts"),
         (base + ["--rounds", "0", "--simulate"], "rounds must be >= 1"),
+        (base + ["--train-subset", "0", "--simulate"], "train subset 0: must be at least 1"),
         (["revise", "--bundle", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")], "not a bundle directory"),
     ]
     bad = tmp_path / "bad.jsonl"

@@ -45,6 +45,19 @@ def test_worker_registers_a_candidate_with_its_comparison(protopnet_registry, mn
     assert registry.store.active().version == candidate.version
 
 
+def test_a_job_with_a_train_subset_revises_on_that_many_images(protopnet_registry, mnist_root):
+    from training.checkpoint import read_checkpoint
+
+    registry = protopnet_registry
+    parent_subset = read_checkpoint(registry.store.version("0.1.0").checkpoint)["config"]["data"]["train_subset"]
+    job = queue_revision(registry, train_subset=parent_subset // 5)
+    run_worker(registry, str(mnist_root), once=True, lease=30, log=lambda s: None)
+    done = registry.store.job(job["id"])
+    assert done["status"] == "done", done["error"]
+    revised = read_checkpoint(registry.store.version(done["result"]["candidate"]).checkpoint)
+    assert revised["config"]["data"]["train_subset"] == parent_subset // 5
+
+
 def test_automatic_promotion_only_through_the_gates(protopnet_registry, mnist_root):
     registry = protopnet_registry
     job = queue_revision(registry, mode="mask", auto_promote=True, max_accuracy_drop=1.0)
