@@ -87,6 +87,7 @@ def _map_figures(run: Run, split) -> None:
     models = {"randomised": probes.randomised_backbone(run.model, o.seed), "untrained": probes.random_model(run.bundle,
                                                                                                           o.seed)}
     values: dict[str, list] = {}
+    maps: dict[str, list[np.ndarray]] = {"trained": [], "randomised": []}  # small: [h, w] per pair
     step = max(1, CHUNK_PIXELS // (sample.shape[2] * sample.shape[3]))
     for start in range(0, len(sample), step):
         chunk = slice(start, start + step)
@@ -101,10 +102,33 @@ def _map_figures(run: Run, split) -> None:
         _collect(values, "untrained_stable", _same_cell(pairs.untrained, pairs.untrained_noisy, o.grid))
         _collect(values, "rho", [measures.rank_correlation(a, b) for a, b in zip(pairs.raw, pairs.randomised,
                                                                                   strict=True)])
-    per = {k: _per_prototype(np.asarray(v, dtype=float), np.asarray(values["prototype"]), len(run.identities))
+        maps["trained"].append(pairs.raw)
+        maps["randomised"].append(pairs.randomised)
+    prototype = np.asarray(values.get("prototype", []), dtype=int)
+    if len(prototype):
+        values |= _image_dependence(np.concatenate(maps["trained"]), np.concatenate(maps["randomised"]), prototype)
+    per = {k: _per_prototype(np.asarray(v, dtype=float), prototype, len(run.identities))
            for k, v in values.items() if k != "prototype"}
     run.settings["masks"] = sorted(masks)
     _report_maps(run, per, sorted(masks), n_pairs=len(values.get("prototype", [])))
+
+
+def _image_dependence(trained: np.ndarray, randomised: np.ndarray, prototype: np.ndarray) -> dict[str, list]:
+    """Per pair, what the sanity check's one number mixes: `rho_across_images`, the rank correlation of
+    the pair's trained map with the same prototype's trained map of another sampled image (a map that
+    is mostly *where* and not *what* repeats across images, and a randomised backbone keeps such a
+    pattern too); `rho_centred`, the sanity check on the maps with the prototype's mean map over the
+    sample removed (what depends on the image). NaN where a prototype has one pair only."""
+    across, centred = np.full(len(prototype), np.nan), np.full(len(prototype), np.nan)
+    for j in np.unique(prototype):
+        rows = np.flatnonzero(prototype == j)
+        if len(rows) < 2:
+            continue
+        a, b = trained[rows] - trained[rows].mean(axis=0), randomised[rows] - randomised[rows].mean(axis=0)
+        centred[rows] = [measures.rank_correlation(x, y) for x, y in zip(a, b, strict=True)]
+        across[rows] = [measures.rank_correlation(trained[r], trained[o])
+                        for r, o in zip(rows, np.roll(rows, 1), strict=True)]
+    return {"rho_across_images": across.tolist(), "rho_centred": centred.tolist()}
 
 
 def _collect(values: dict, key: str, new) -> None:
@@ -116,7 +140,10 @@ def _same_cell(a: np.ndarray, b: np.ndarray, cells: int) -> list[bool]:
 
 
 def _per_prototype(values: np.ndarray, prototype: np.ndarray, M: int) -> list[float | None]:
-    return [float(values[prototype == j].mean()) if (prototype == j).any() else None for j in range(M)]
+    """Each prototype's mean over its pairs (NaN pairs left out; None without any)."""
+    kept = ~np.isnan(values)
+    return [float(values[(prototype == j) & kept].mean()) if ((prototype == j) & kept).any() else None
+            for j in range(M)]
 
 
 def _mean(values: list) -> float | None:
@@ -137,8 +164,11 @@ def _report_maps(run: Run, per: dict, mask_names: list[str], n_pairs: int) -> No
     run.each("sanity_rank_correlation", _rounded(per["rho"]))
     run.summary("sanity_rank_correlation", per["rho"], "limit (1: maps unchanged by a randomised backbone)",
                 SANITY_LIMIT, higher_is_better=False, pairs=n_pairs)
-    value = run.figures["sanity_rank_correlation"].value
-    run.figures["sanity_rank_correlation"].detail["passes"] = value is not None and value < SANITY_LIMIT
+    figure = run.figures["sanity_rank_correlation"]
+    figure.detail["passes"] = figure.value is not None and figure.value < SANITY_LIMIT
+    for name in ("across_images", "centred"):
+        kept = [v for j, v in enumerate(per[f"rho_{name}"]) if run.active[j] and v is not None]
+        figure.detail[name] = round(float(np.mean(kept)), 4) if kept else None
 
 
 def _rounded(values: list) -> list:

@@ -18,7 +18,11 @@ Computed on the validation split (never the test set), part of it drawn with a f
     deletion_auc, insertion_auc  the top prototype's similarity while pixels are removed from (added to
                                  a blank) image in its map's order; reference: random order
     sanity_rank_correlation      rank correlation of the similarity maps before and after
-                                 re-initialising the backbone (Adebayo et al. 2018); passes below 0.5
+                                 re-initialising the backbone (Adebayo et al. 2018); passes below 0.5.
+                                 Its detail separates what the number mixes: `across_images`, the
+                                 same prototype's trained maps of two different images (the part of a
+                                 map that is position, not content); `centred`, the check with each
+                                 prototype's mean map over the sample removed
     decoded_prototypes_own_class decoded prototypes an independent model (the shipped ProtoPNet
                                  bundle, through ONNX Runtime) puts in their own class
 What a model has decides which figures apply (similarity maps, push sources, a decoder, object

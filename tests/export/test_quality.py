@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from export.bundle import MANIFEST_FILE, BundleError, Manifest, QualityReport, read_bundle
@@ -44,7 +45,8 @@ def test_exported_bundles_carry_their_report(tiny_bundle, tiny_protopnet_bundle)
     assert set(q.not_applicable) == {"decoded_prototypes_own_class"}
     precision = q.figures["activation_precision.object"]
     assert 0.0 < precision.reference < 0.5  # the share of inked pixels
-    assert isinstance(q.figures["sanity_rank_correlation"].detail["passes"], bool)
+    sanity = q.figures["sanity_rank_correlation"].detail
+    assert isinstance(sanity["passes"], bool) and all(-1 <= sanity[k] <= 1 for k in ("across_images", "centred"))
     assert all("stability" in p.figures and "activation_precision.object" in p.figures for p in q.prototypes)
 
 
@@ -177,3 +179,19 @@ def test_shipped_bundles_carry_their_reports_and_a_revision_shows_how_each_numbe
     assert parent.quality.figures["activation_precision.decoy"].higher_is_better is False
     moved = quality_changes(parent.quality, revised.quality)["figures"]
     assert moved["activation_precision.object"]["improved"] is True  # revised away from the background
+
+
+def test_the_sanity_check_detail_separates_position_from_content():
+    from export.quality.map_figures import _image_dependence
+
+    rng = np.random.default_rng(0)
+    where = rng.normal(0, 3, (7, 7))  # one prototype's map pattern shared by every image
+    content = rng.normal(0, 1, (40, 7, 7))
+    trained = where + content
+    prototype = np.zeros(40, int)
+    shared = _image_dependence(trained, where + rng.normal(0, 1, (40, 7, 7)), prototype)  # backbone gone, pattern kept
+    assert np.mean(shared["rho_across_images"]) > 0.8 and abs(np.mean(shared["rho_centred"])) < 0.15
+    same = _image_dependence(trained, 2 * trained + 1, prototype)  # maps that follow the image
+    assert np.mean(same["rho_centred"]) > 0.99
+    one = _image_dependence(trained[:1], trained[:1], prototype[:1])  # one pair: nothing to compare with
+    assert np.isnan(one["rho_centred"]).all() and np.isnan(one["rho_across_images"]).all()
