@@ -10,6 +10,7 @@ import numpy as np
 
 from export.runtime import CUDA, classify, open_session, verify_bundle
 from inference.model import classifier_graph
+from protoserve.blas import one_blas_thread
 from scoring.job import Job
 from scoring.rows import Columns
 
@@ -43,6 +44,7 @@ def run_local(job: Job, pending: list[int], advance) -> None:
     thread writes the committed chunks, so the sessions never wait on the disk; at most
     2 x workers + 1 chunks are in memory at once, whatever the input size.
     """
+    one_blas_thread()  # the rows' numpy products would otherwise spin threads beside the sessions
     sessions = open_sessions(job)
     workers = len(sessions)
     local = threading.local()

@@ -19,6 +19,7 @@ import os
 from export.bundle import read_bundle
 from export.runtime import classify, open_session
 from inference.model import classifier_graph
+from protoserve.blas import one_blas_thread
 from scoring.job import Job, JobError, JobSpec
 from scoring.outputs import to_table
 
@@ -44,6 +45,7 @@ class ChunkScorer:
                 raise JobError(f"Ray worker on {os.uname().nodename}: its view of the {part} differs from the "
                                "driver's (every node must see the same bundle and inputs at the same paths)")
         device = "cuda" if use_gpu else "cpu"
+        one_blas_thread()  # one session per actor: the rows' numpy products stay on its thread
         self.session = open_session(self.job.bundle.model_path, device, threads=1)[0]
         cut = classifier_graph(self.job.bundle, self.session, device)  # the graph without what rows never read
         if cut is not None:

@@ -39,6 +39,7 @@ from inference.explain import (
 from inference.families import family
 from inference.model import load_model
 from inference.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
+from protoserve.blas import one_blas_thread
 from protoserve.errors import InputError
 from registry.versions import registry_location
 from service.batching import AdaptiveBatcher, Overloaded
@@ -107,6 +108,7 @@ class Protoserve:
     def __init__(self) -> None:
         # Each worker verifies the bundle (checksums, golden probe), opens its sessions and warms them up.
         path, generation, self.registry = initial_location()
+        one_blas_thread()  # concurrency comes from workers and the batcher; BLAS threads would only spin
         self.worker_header = {"x-protoserve-worker": str(os.getpid())}
         self.abstain = abstain_default()
         self.current = self._prepare(served_version(load_model(path), generation))

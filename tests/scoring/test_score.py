@@ -280,3 +280,21 @@ def test_output_inside_the_input_folder_is_not_an_input(tiny_bundle, digits, tmp
     again = run_cli(*args)
     assert again.returncode == 0 and "already complete" in again.stdout, again.stderr
     assert [r["input_id"].rsplit("/", 1)[1] for r in read_rows(folder / "scores.jsonl")] == ["0.png", "1.png", "2.png"]
+
+
+def test_the_job_runs_numpy_blas_on_one_thread(tiny_bundle, digits, tmp_path):
+    """A job's BLAS threads would spin beside its sessions (protoserve/blas.py): the job limits them to one."""
+    import os
+    import sys
+
+    idx = write_idx(tmp_path / "images-idx3-ubyte", digits[:3])
+    code = ("import json, sys, numpy; from threadpoolctl import threadpool_info; from cli.main import main\n"
+            "def blas(): return [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']\n"
+            "before = blas(); main(sys.argv[1:]); print(json.dumps([before, blas()]))")
+    result = subprocess.run([sys.executable, "-c", code, "score", "--model", str(tiny_bundle), "--input", str(idx),
+                             "--output", str(tmp_path / "o.parquet"), "--quiet", "--workers", "2"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OPENBLAS_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr
+    before, after = json.loads(result.stdout.strip().splitlines()[-1])
+    assert before == [2] and after == [1]
