@@ -107,15 +107,14 @@ def revise(parent: Parent, out: Path, settings: RevisionConfig, verdicts: str | 
            train_subset: int | None = None, log=print) -> ExportResult | None:
     """Run the revision into `out` (revision_last.pt after each round; checkpoint.pt at the end, beside
     bundle/ as in models/) and export `out`/bundle as name:version (default: the parent's name, its
-    version + "-" + mode). `train_subset`: revise on the first N of the parent's training images only
-    (recorded in the revised checkpoint's config)."""
+    version + "-" + mode). `train_subset`: revise on the first N training images of the parent's split
+    (recorded in the revised checkpoint's config, where a later revision starts from)."""
     out = Path(out)
     model, config, payload = load_checkpoint(parent.checkpoint)
     if train_subset is not None:
         if train_subset < 1:
             raise RevisionError(f"train subset {train_subset}: must be at least 1 training image")
-        config = replace(config, data=replace(config.data, train_subset=min(train_subset, config.data.train_subset
-                                                                            or train_subset)))
+        config = replace(config, data=replace(config.data, train_subset=train_subset))
     root = resolve_data_root(data_root, config.data.root)
     data = load_run_data(config, root)
     masks = object_masks(config, root, data) if simulate else None
