@@ -310,7 +310,9 @@ class RevisionRun:
         path = self.out_dir / STATE_FILE
         model, _, payload = load_checkpoint(path, expect_config=self.config)
         record, state = payload.get("revision") or {}, payload.get("training_state") or {}
-        if record.get("config") != asdict(self.rc):
+        # A setting added after the state was written takes its default: what the revision did then.
+        started = {**asdict(RevisionConfig()), **(record.get("config") or {})}
+        if started != asdict(self.rc):
             raise CheckpointError(f"{path}: the revision was started with a different revision config "
                                   f"({record.get('config')}); resume with the same settings")
         self.model.load_state_dict(model.state_dict())

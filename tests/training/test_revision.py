@@ -106,6 +106,21 @@ def test_a_changed_revision_config_is_refused_on_resume(tmp_path, decoy_protopne
         _run(decoy_protopnet, tmp_path, rounds=3).resume()
 
 
+def test_a_state_written_before_a_setting_existed_resumes_with_its_default(tmp_path, decoy_protopnet):
+    from training.checkpoint import read_checkpoint
+    from training.revision import STATE_FILE
+
+    _run(decoy_protopnet, tmp_path).run(stop_after=1)
+    payload = read_checkpoint(tmp_path / STATE_FILE)
+    del payload["revision"]["config"]["all_rounds"]  # as written before --all-rounds existed
+    torch.save(payload, tmp_path / STATE_FILE)
+    resumed = _run(decoy_protopnet, tmp_path)
+    resumed.resume()
+    assert resumed.state.round == 1
+    with pytest.raises(Exception, match="different revision config"):  # its default is not what it asks for
+        _run(decoy_protopnet, tmp_path, all_rounds=True).resume()
+
+
 def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path, tiny_checkpoint, mnist_root):
     from protoserve.verdicts import verdict
     from training.data import load_dataset
