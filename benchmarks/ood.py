@@ -157,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     test = (images.astype(np.float32) / 255.0)[:, None]
     # The sets' digits come from the second half of the test set, the photos from the first: the
     # clean side of every comparison is the whole test set.
-    sets = ood_sets(test[len(test) // 2:], args.n)
-    stroke = np.isin(glyphs_with_characters(args.n)[1], list(STROKES))
+    glyph_set, characters = glyphs_with_characters(args.n)  # rendered once: the images and what each shows
+    sets = ood_sets(test[len(test) // 2:], args.n, glyph_set=glyph_set)
+    stroke = np.isin(characters, list(STROKES))
     parts = {"glyphs: strokes": ("glyphs", stroke), "glyphs: others": ("glyphs", ~stroke)}
     print("out-of-domain sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
     results, missed = {}, []

@@ -43,18 +43,17 @@ def layer_activations(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Ten
     found: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: found.append(out)) for m in model.modules()
              if isinstance(m, nn.Conv2d)]
-    layers, labels = None, []
+    batches, labels = [], []
     try:
         with torch.no_grad():
             for i in range(0, len(x), BATCH):
                 found.clear()
                 labels.append(model(x[i:i + BATCH]).logits.argmax(dim=1))
-                layers = [a.clone() for a in found] if layers is None else \
-                    [torch.cat([kept, a]) for kept, a in zip(layers, found, strict=True)]
+                batches.append(list(found))
     finally:
         for hook in hooks:
             hook.remove()
-    return layers, torch.cat(labels).numpy()
+    return [torch.cat(layer) for layer in zip(*batches, strict=True)], torch.cat(labels).numpy()
 
 
 def kth_distance(x: torch.Tensor, bank: torch.Tensor, k: int) -> np.ndarray:

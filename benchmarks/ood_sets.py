@@ -124,10 +124,12 @@ def photo_like(digits: np.ndarray, seed: int = 0, size: int = 200) -> list[bytes
     return out
 
 
-def ood_sets(test_digits: np.ndarray, n: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
-    """All the sets, n images each (glyphs: at most the fonts' glyphs), from the given test digits [>=n, 1, 28, 28]."""
+def ood_sets(test_digits: np.ndarray, n: int = 1000, seed: int = 0,
+             glyph_set: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """All the sets, n images each (glyphs: at most the fonts' glyphs), from the given test digits [>=n, 1, 28, 28];
+    `glyph_set`: glyphs(n, seed) when the caller rendered them already."""
     digits = test_digits[:n]
     return {"uniform_noise": uniform_noise(n, seed), "gaussian_noise": gaussian_noise(n, seed),
             "blank": blank(n, seed), "constant": constant(n, seed), "inverted_digits": inverted_digits(digits),
-            "glyphs": glyphs(n, seed), "rotated_digits": rotated_digits(digits),
+            "glyphs": glyphs(n, seed) if glyph_set is None else glyph_set, "rotated_digits": rotated_digits(digits),
             "digit_pairs": digit_pairs(digits, seed)}

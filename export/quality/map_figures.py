@@ -110,7 +110,7 @@ def _map_figures(run: Run, split) -> None:
     per = {k: _per_prototype(np.asarray(v, dtype=float), prototype, len(run.identities))
            for k, v in values.items() if k != "prototype"}
     run.settings["masks"] = sorted(masks)
-    _report_maps(run, per, sorted(masks), n_pairs=len(values.get("prototype", [])))
+    _report_maps(run, per, sorted(masks), n_pairs=len(prototype))
 
 
 def _image_dependence(trained: np.ndarray, randomised: np.ndarray, prototype: np.ndarray) -> dict[str, list]:
