@@ -45,6 +45,12 @@ class ModelConfig:
     n_prototypes: int = 15
     n_classes: int = 10
     fixed_identity_weights: bool = False  # the paper's special case m = K, W = -I (not learned)
+    # The paper's ablation: "prototypes" (the prototype layer) | "fully_connected" (a linear layer of
+    # n_prototypes outputs in its place); decoder: false drops the decoder and its loss term R;
+    # latent_activation: the last encoder layer's ("sigmoid" keeps the latent in the unit hypercube).
+    classifier: str = "prototypes"
+    decoder: bool = True
+    latent_activation: str = "sigmoid"
     # ProtoPNet (n_prototypes, n_classes, in_channels and input_size are shared with PrototypeDL)
     backbone: str = "small_cnn"  # training/backbones.py: resnet18/34/50, vgg11/16/19, densenet121, small_cnn
     backbone_weights: str | None = None  # None: random initialisation; e.g. "IMAGENET1K_V1" if cached
@@ -70,6 +76,7 @@ class TrainConfig:
     schedule: str = "constant"  # "constant" | "cosine" (with linear warm-up)
     warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights
     elastic: bool = True
     elastic_sigma: float = 4.0
     elastic_alpha: float = 20.0
@@ -137,6 +144,12 @@ class Config:
             (0 < self.data.val_size < 60000, "data.val_size must be between 1 and 59,999"),
             (m.family in FAMILIES, f"model.family must be {' or '.join(repr(name) for name in FAMILIES)}"),
             (m.hidden_activation in ("relu", "sigmoid"), "model.hidden_activation must be 'relu' or 'sigmoid'"),
+            (m.latent_activation in ("relu", "sigmoid"), "model.latent_activation must be 'relu' or 'sigmoid'"),
+            (m.classifier in ("prototypes", "fully_connected"),
+             "model.classifier must be 'prototypes' or 'fully_connected'"),
+            (m.classifier == "prototypes" or not m.fixed_identity_weights,
+             "model.fixed_identity_weights needs classifier 'prototypes'"),
+            (0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
             (m.n_prototypes > 0 and m.n_classes > 1, "model.n_prototypes must be > 0 and n_classes > 1"),
             (not m.fixed_identity_weights or m.n_prototypes == m.n_classes,
              "model.fixed_identity_weights needs n_prototypes == n_classes"),

@@ -45,10 +45,14 @@ def split_accuracies(model: nn.Module, data: dict[str, Split], batch_size: int) 
 
 
 def evaluate_prototypedl(model: PrototypeDL, data: dict[str, Split], batch_size: int = 1000) -> dict:
-    """Accuracies and the undeformed training-set reconstruction error."""
-    return {**split_accuracies(model, data, batch_size),
-            "train_reconstruction_error": reconstruction_error(model, data["train"].images, batch_size),
-            "class_identities": class_identities(model.last_layer.weight)}
+    """Accuracies, the undeformed training-set reconstruction error and the prototypes' classes
+    (the last two where the model has a decoder and prototypes: the ablation's variants may not)."""
+    figures = split_accuracies(model, data, batch_size)
+    if model.decoder is not None:
+        figures["train_reconstruction_error"] = reconstruction_error(model, data["train"].images, batch_size)
+    if model.prototypes is not None:
+        figures["class_identities"] = class_identities(model.last_layer.weight)
+    return figures
 
 
 def evaluate_protopnet(model: ProtoPNet, data: dict[str, Split], batch_size: int = 1000) -> dict:

@@ -5,6 +5,10 @@
     z --decoder g--> reconstruction of x; prototypes --g--> their pictures
 
 Loss (eq. 7): E + lambda R + lambda1 R1 + lambda2 R2.
+
+The paper's ablation is the same module under other configs: `classifier: fully_connected` puts a
+linear layer of m outputs where the prototype layer was (no distances, so no R1 and R2), and
+`decoder: false` drops the decoder (no reconstruction, no R): with ReLU throughout, a plain CNN.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ class Encoder(nn.Module):
         layers = []
         for i in range(len(maps) - 1):
             last = i == len(maps) - 2
-            layers += [nn.Conv2d(maps[i], maps[i + 1], 3, stride=2, padding=1),
-                       nn.Sigmoid() if last else ACTIVATIONS[cfg.hidden_activation]()]
+            activation = cfg.latent_activation if last else cfg.hidden_activation
+            layers += [nn.Conv2d(maps[i], maps[i + 1], 3, stride=2, padding=1), ACTIVATIONS[activation]()]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x):  # [N, C, H, W] -> [N, latent_maps, h, w]
@@ -74,8 +78,8 @@ def squared_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor
 @dataclass
 class Output:
     latent: torch.Tensor  # [N, q]
-    reconstruction: torch.Tensor  # [N, C, H, W]
-    distances: torch.Tensor  # [N, m]
+    reconstruction: torch.Tensor | None  # [N, C, H, W]; None without a decoder
+    distances: torch.Tensor | None  # [N, m]; None without the prototype layer
     logits: torch.Tensor  # [N, K]
 
 
@@ -84,12 +88,17 @@ class PrototypeDL(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.decoder = Decoder(cfg) if cfg.decoder else None
         h = conv_sizes(cfg.input_size, len(cfg.widths) + 1)[-1]
         self.latent_shape = (cfg.latent_maps, h, h)
         self.latent_dim = cfg.latent_maps * h * h
-        # The latent is a sigmoid, so the unit hypercube is where encoded inputs live.
-        self.prototypes = nn.Parameter(torch.rand(cfg.n_prototypes, self.latent_dim))
+        if cfg.classifier == "prototypes":
+            # The latent is a sigmoid, so the unit hypercube is where encoded inputs live.
+            self.prototypes = nn.Parameter(torch.rand(cfg.n_prototypes, self.latent_dim))
+        else:
+            self.prototypes = None
+            self.fully_connected = nn.Sequential(nn.Linear(self.latent_dim, cfg.n_prototypes),
+                                                 ACTIVATIONS[cfg.hidden_activation]())
         self.last_layer = nn.Linear(cfg.n_prototypes, cfg.n_classes, bias=False)  # W: K x m
         if cfg.fixed_identity_weights:
             self.last_layer.weight.data.copy_(-torch.eye(cfg.n_classes))
@@ -103,12 +112,19 @@ class PrototypeDL(nn.Module):
 
     def forward(self, x) -> Output:
         z = self.encode(x)
-        d = squared_distances(z, self.prototypes)
-        return Output(latent=z, reconstruction=self.decode(z), distances=d, logits=self.last_layer(d))
+        if self.prototypes is None:
+            d, features = None, self.fully_connected(z)
+        else:
+            d = features = squared_distances(z, self.prototypes)
+        reconstruction = self.decode(z) if self.decoder is not None else None
+        return Output(latent=z, reconstruction=reconstruction, distances=d, logits=self.last_layer(features))
 
     def classify(self, x):
         """Logits only, skipping the decoder (evaluation)."""
-        return self.last_layer(squared_distances(self.encode(x), self.prototypes))
+        z = self.encode(x)
+        if self.prototypes is None:
+            return self.last_layer(self.fully_connected(z))
+        return self.last_layer(squared_distances(z, self.prototypes))
 
 
 @dataclass
@@ -126,9 +142,13 @@ class LossTerms:
 def prototypedl_loss(out: Output, x: torch.Tensor, y: torch.Tensor, cfg: LossConfig) -> LossTerms:
     """The paper's eq. 7 on one minibatch (R1's minimum taken over the minibatch, as in the paper)."""
     E = F.cross_entropy(out.logits, y)
-    R = ((out.reconstruction - x) ** 2).flatten(1).sum(dim=1).mean()
-    R1 = out.distances.min(dim=0).values.mean()  # [N, m] -> nearest input per prototype
-    R2 = out.distances.min(dim=1).values.mean()  # [N, m] -> nearest prototype per input
+    zero = E.new_zeros(())  # a term whose part of the model is absent (the ablation's variants)
+    R = ((out.reconstruction - x) ** 2).flatten(1).sum(dim=1).mean() if out.reconstruction is not None else zero
+    if out.distances is None:
+        R1 = R2 = zero
+    else:
+        R1 = out.distances.min(dim=0).values.mean()  # [N, m] -> nearest input per prototype
+        R2 = out.distances.min(dim=1).values.mean()  # [N, m] -> nearest prototype per input
     total = E + cfg.lambda_R * R + cfg.lambda_R1 * R1 + cfg.lambda_R2 * R2
     return LossTerms(total=total, E=E, R=R, R1=R1, R2=R2)
 

@@ -10,6 +10,7 @@ A run directory holds:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -72,6 +73,11 @@ class ResumableRun:
 
     rank = 0
 
+    @property
+    def kept_model(self):
+        """The model that best.pt and the epoch checkpoints hold."""
+        return self.model
+
     def optimizer_states(self) -> dict:
         raise TypeError(f"{type(self).__name__} must name its optimizers and schedulers")
 
@@ -93,9 +99,9 @@ class ResumableRun:
         state = self.training_state()
         save_checkpoint(self.out_dir / "last.pt", self.model, self.config, self.epoch, metrics, state)
         if is_best:
-            save_checkpoint(self.out_dir / "best.pt", self.model, self.config, self.epoch, metrics, state)
+            save_checkpoint(self.out_dir / "best.pt", self.kept_model, self.config, self.epoch, metrics, state)
         if self.epoch % self.config.train.checkpoint_every == 0 or self.epoch == self.config.train.epochs:
-            save_checkpoint(self.out_dir / "checkpoints" / f"epoch_{self.epoch:04d}.pt", self.model,
+            save_checkpoint(self.out_dir / "checkpoints" / f"epoch_{self.epoch:04d}.pt", self.kept_model,
                             self.config, self.epoch, metrics, state)
 
     def resume(self) -> None:
@@ -146,12 +152,31 @@ class Trainer(ResumableRun):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, self.steps_per_epoch))
         self.shuffle_rng = torch.Generator().manual_seed(t.seed + 1)
         self.augment_rng = torch.Generator(device=self.device).manual_seed(t.seed + 2)
+        # The weights that are validated and kept as best.pt: the trained ones, or their moving average.
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if t.ema_decay > 0 else None
         self.epoch = 0
         self.best_val_accuracy = -1.0
         self.wall_seconds = 0.0
 
     def optimizer_states(self) -> dict:
-        return {"optimizer": self.optimizer, "scheduler": self.scheduler}
+        states = {"optimizer": self.optimizer, "scheduler": self.scheduler}
+        if self.ema is not None:
+            states["ema"] = self.ema
+        return states
+
+    @property
+    def kept_model(self):
+        """The moving average when there is one: validation reads it and best.pt holds it."""
+        return self.ema if self.ema is not None else self.model
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """ema <- d ema + (1 - d) weights, d ramped up over the first steps (as TensorFlow's
+        ExponentialMovingAverage with num_updates) so the random start is forgotten quickly."""
+        step = self.scheduler.last_epoch
+        decay = min(self.config.train.ema_decay, (1 + step) / (10 + step))
+        averaged = list(self.ema.parameters())
+        torch._foreach_lerp_(averaged, list(self.model.parameters()), 1 - decay)
 
     # -- the loop --------------------------------------------------------------------------
     def train_epoch(self) -> dict:
@@ -175,6 +200,8 @@ class Trainer(ResumableRun):
             terms.total.backward()
             self.optimizer.step()
             self.scheduler.step()
+            if self.ema is not None:
+                self.update_average()
             for k, v in terms.as_floats().items():
                 sums[k] += v * len(y)
             correct += int((out.logits.argmax(1) == y).sum())
@@ -193,7 +220,8 @@ class Trainer(ResumableRun):
             started = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             metrics = self.train_epoch()
-            val = validation_figures(self.model, self.data["val"], t.eval_batch_size, self.device, self.config.loss)
+            val = validation_figures(self.kept_model, self.data["val"], t.eval_batch_size, self.device,
+                                     self.config.loss)
             self.epoch += 1
             seconds = time.perf_counter() - started
             self.wall_seconds += seconds
