@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.bundle import read_bundle
+from bundle.manifest import read_bundle
+from bundle.runtime import CPU, open_session
 from export.onnx_export import classifier_graph
-from export.runtime import CPU, open_session
 from training.checkpoint import load_checkpoint
 
 BATCH_SIZES = [1, 16, 64, 256]

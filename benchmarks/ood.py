@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.ood_sets import STROKES, glyphs_with_characters, ood_sets, photo_like
-from export.bundle import read_bundle
+from bundle.manifest import read_bundle
+from bundle.runtime import open_session
 from export.calibration import auroc, fpr_at_tpr
-from export.runtime import open_session
 from inference.domain import domain_rule
 from inference.explain import active_mask
 from inference.preprocess import to_input

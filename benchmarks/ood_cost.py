@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from export.bundle import read_bundle
-from export.runtime import open_session
+from bundle.manifest import read_bundle
+from bundle.runtime import open_session
 from inference.domain import domain_rule
 from inference.explain import active_mask
 

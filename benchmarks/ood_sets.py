@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from export.bundle import CanonicalForm
+from bundle.manifest import CanonicalForm
 from inference.canonical import canonicalize
 
 MNIST_FORM = CanonicalForm(ink="light_on_dark", box=20, centre="mass")

@@ -34,7 +34,7 @@ from serve import closed_loop, start_protoserve, test_digit  # noqa: E402
 
 def make_registry(bundle: Path, root: Path):
     """A registry with the bundle as its version and a copy as version `<version>-b`."""
-    from export.bundle import read_bundle, write_manifest
+    from bundle.manifest import read_bundle, write_manifest
     from registry.versions import Registry
 
     registry = Registry(root)

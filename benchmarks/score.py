@@ -31,9 +31,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from export.bundle import read_bundle  # noqa: E402
-from export.runtime import open_session  # noqa: E402
-from export.subgraph import restrict_outputs  # noqa: E402
+from bundle.manifest import read_bundle  # noqa: E402
+from bundle.runtime import open_session  # noqa: E402
+from bundle.subgraph import restrict_outputs  # noqa: E402
 from inference.model import classifier_outputs  # noqa: E402
 from scoring.job import JobSpec  # noqa: E402
 from scoring.local_engine import default_workers  # noqa: E402

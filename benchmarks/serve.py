@@ -56,8 +56,8 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 def test_digit(bundle: Path) -> tuple[np.ndarray, str]:
     """The bundle's first probe image as the model input [1, C, H, W] and as a base64 PNG."""
-    from export.bundle import read_bundle
-    from export.runtime import load_probe
+    from bundle.manifest import read_bundle
+    from bundle.runtime import load_probe
     from inference.explain import pixels_to_picture, png_bytes
     from inference.preprocess import denormalize
 
@@ -70,9 +70,9 @@ def test_digit(bundle: Path) -> tuple[np.ndarray, str]:
 def bench_raw(bundle: Path, x: np.ndarray, seconds: float) -> dict:
     """session.run on one image in a loop, with the service's session options: on the whole model.onnx, and
     on the graph cut to the outputs /predict reads (the session the service's classify runs)."""
-    from export.bundle import read_bundle
-    from export.runtime import open_session
-    from export.subgraph import restrict_outputs
+    from bundle.manifest import read_bundle
+    from bundle.runtime import open_session
+    from bundle.subgraph import restrict_outputs
     from inference.model import classifier_outputs
 
     loaded = read_bundle(bundle)

@@ -116,7 +116,7 @@ def _revise(args) -> None:
 
 
 def _verify(args) -> None:
-    from export.runtime import verify_bundle
+    from bundle.runtime import verify_bundle
 
     bundle, probe = verify_bundle(Path(args.bundle), device=args.device)
     worst = max(probe.max_abs_diff.values(), default=0.0)
@@ -125,14 +125,14 @@ def _verify(args) -> None:
 
 
 def _import(args) -> None:
-    from export.store import import_bundle
+    from bundle.store import import_bundle
 
     stored = import_bundle(Path(args.bundle), force=args.force)
     print(f"imported {stored.tag} into the BentoML model store ({stored.path})")
 
 
 def _models(args) -> None:
-    from export.store import bentoml_home, list_models
+    from bundle.store import bentoml_home, list_models
 
     rows = list_models()
     if not rows:
@@ -172,7 +172,7 @@ def _score(args) -> None:
 def _serve(args) -> None:
     import os
 
-    from export.bundle import read_bundle
+    from bundle.manifest import read_bundle
 
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ)

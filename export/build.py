@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from export.bundle import (
+from bundle.manifest import (
     FAMILY_DOMAIN_FEATURES,
     Bundle,
     CanonicalForm,
@@ -40,6 +40,7 @@ from export.bundle import (
     sha256_file,
     write_manifest,
 )
+from bundle.runtime import open_session, verify_bundle
 from export.calibration import DEFAULT_FALSE_ALARM_RATE, calibrate
 from export.onnx_export import (
     classifier_graph,
@@ -51,7 +52,6 @@ from export.onnx_export import (
 )
 from export.parity import describe, parity_failures, parity_figures
 from export.quality.report import QualityOptions, write_quality_report
-from export.runtime import open_session, verify_bundle
 from protoserve.errors import ProtoserveError
 from training.checkpoint import load_checkpoint
 from training.cub import class_names as cub_class_names

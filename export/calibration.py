@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from export.bundle import DomainCalibration
+from bundle.manifest import DomainCalibration
 from protoserve.domain_scores import (
     distance_profile,
     distance_scores,

@@ -18,7 +18,7 @@ import onnx
 import torch
 import torch.nn as nn
 
-from export.bundle import GraphSpec, TensorSpec
+from bundle.manifest import GraphSpec, TensorSpec
 from training.families import BATCH, family_of
 
 OPSET = 17

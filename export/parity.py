@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.bundle import FAMILY_DOMAIN_FEATURES, ParityFigures
+from bundle.manifest import FAMILY_DOMAIN_FEATURES, ParityFigures
 
 PROBABILITY_ATOL = 1e-5
 DISTANCE_RTOL = 1e-4

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bundle.manifest import read_bundle, sha256_file
 from export.build import ExportResult, export_bundle
-from export.bundle import read_bundle, sha256_file
 from protoserve.errors import ProtoserveError
 from protoserve.verdicts import append_verdicts, check_ids, read_verdicts
 from training.checkpoint import load_checkpoint

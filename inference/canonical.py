@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from export.bundle import CanonicalForm
+from bundle.manifest import CanonicalForm
 
 # A pixel is ink for the bounding box when it is this far above the background, as a fraction of
 # the brightest ink: JPEG ringing and paper texture stay below it, MNIST's anti-aliased edges above.

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export.bundle import DomainCalibration, Manifest
+from bundle.manifest import DomainCalibration, Manifest
 from inference.explain import nearest_distance
 from protoserve.domain_scores import (
     distance_profile,

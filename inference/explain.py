@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from export.bundle import Manifest
+from bundle.manifest import Manifest
 from inference.families import family
 from protoserve.colours import overlay_heat, unit_scale
 from protoserve.similarity import similarity

@@ -3,7 +3,7 @@
 Each family is registered once in FAMILIES and looked up with `family(name)` (the manifest's
 `family`); nothing else on the serving side branches on the family name. An entry says which
 outputs model.onnx has and whether a decoder.onnx comes with it (the schema data the bundle
-reader checks, export/bundle.py), what the last layer multiplies (so what a prototype contributes
+reader checks, bundle/manifest.py), what the last layer multiplies (so what a prototype contributes
 to a logit), and which picture /explain adds: the decoder's reconstruction of the input, or a
 heatmap per prototype of where it was found. The training side's counterpart is
 training/families.py.
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from export.bundle import FAMILY_HAS_DECODER, FAMILY_OUTPUTS
+from bundle.manifest import FAMILY_HAS_DECODER, FAMILY_OUTPUTS
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from export.bundle import Bundle, drift_quantiles
-from export.runtime import classify, load_probe, open_session, verify_bundle
-from export.store import bundle_dir
-from export.subgraph import restrict_outputs
+from bundle.manifest import Bundle, drift_quantiles
+from bundle.runtime import classify, load_probe, open_session, verify_bundle
+from bundle.store import bundle_dir
+from bundle.subgraph import restrict_outputs
 from inference.explain import active_mask, nearest_distance
 
 log = logging.getLogger("protoserve.service")
@@ -53,7 +53,7 @@ class LoadedModel:
     reference_distance: dict[str, float] = field(default_factory=dict)
     # model.onnx cut to the outputs classify asks for (classifier_outputs), when it gives the same numbers
     # as the whole graph on the probe images: ONNX Runtime runs every node of a graph on every call, and
-    # PrototypeDL's includes the decoder (export/subgraph.py). None: classify runs the whole graph.
+    # PrototypeDL's includes the decoder (bundle/subgraph.py). None: classify runs the whole graph.
     classifier: object | None = None
     classifier_reads: tuple[str, ...] = ()  # the outputs the classifier session has
 
@@ -106,7 +106,7 @@ def classifier_outputs(bundle: Bundle) -> list[str]:
 
 
 def classifier_graph(bundle: Bundle, whole, device: str, threads: int = 1) -> tuple[bytes, object] | None:
-    """model.onnx cut to classifier_outputs (export/subgraph.py: ONNX Runtime runs every node of a graph
+    """model.onnx cut to classifier_outputs (bundle/subgraph.py: ONNX Runtime runs every node of a graph
     whatever is asked of it, PrototypeDL's decoder included) and a session on it, when that session gives
     the numbers of `whole` (a session on the whole graph) on the probe images; None otherwise."""
     outputs = classifier_outputs(bundle)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, JpegImagePlugin, PngImagePlugin
 
-from export.bundle import InputSpec
+from bundle.manifest import InputSpec
 from inference.canonical import canonicalize
 from protoserve.errors import InputError
 

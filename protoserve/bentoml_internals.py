@@ -3,7 +3,7 @@
 BentoML's public API has no way to batch calls inside a worker without an HTTP hop, nor to point
 the model store at a directory other than the first $BENTOML_HOME the process saw. So
 service/batching.py drives BentoML's CorkDispatcher (its adaptive batching) directly, and
-export/store.py opens a ModelStore on a path of its choice. Both reach BentoML only through this
+bundle/store.py opens a ModelStore on a path of its choice. Both reach BentoML only through this
 module; `check_internals()` lists what no longer matches, and tests/protoserve/
 test_bentoml_internals.py fails with that list when a BentoML upgrade changes any of it
 (pyproject.toml pins bentoml).

@@ -15,8 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from export.bundle import Bundle, BundleError
-from export.runtime import verify_bundle
+from bundle.manifest import Bundle, BundleError
+from bundle.runtime import verify_bundle
 from registry.store import DB_FILE, Active, RegistryError, Store, VersionRow
 
 ENV = "PROTOSERVE_REGISTRY"

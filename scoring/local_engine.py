@@ -8,7 +8,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
-from export.runtime import CUDA, classify, open_session, verify_bundle
+from bundle.runtime import CUDA, classify, open_session, verify_bundle
 from inference.model import classifier_graph
 from protoserve.blas import one_blas_thread
 from scoring.job import Job

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 
-from export.bundle import read_bundle
-from export.runtime import classify, open_session
+from bundle.manifest import read_bundle
+from bundle.runtime import classify, open_session
 from inference.model import classifier_graph
 from protoserve.blas import one_blas_thread
 from scoring.job import Job, JobError, JobSpec

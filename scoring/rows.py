@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export.bundle import InputSpec, Manifest
+from bundle.manifest import InputSpec, Manifest
 from inference.domain import domain_rule
 from inference.explain import active_mask, nearest_prototypes_batch, similarity
 from inference.families import family
@@ -50,7 +50,7 @@ ROW_FIELDS = ("index", "input_id", "label", "class_name", "probabilities", "prot
 RUN_BATCH = 256
 
 # [N, C, H, W] model input -> (probabilities [N, K], distances [N, M])
-# model input -> (probabilities, distances[, features]): export.runtime.classify with the scorer's `features`
+# model input -> (probabilities, distances[, features]): bundle.runtime.classify with the scorer's `features`
 Infer = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 
 

@@ -17,8 +17,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from export.bundle import read_bundle
-from export.runtime import load_probe
+from bundle.manifest import read_bundle
+from bundle.runtime import load_probe
 from inference.explain import pixels_to_picture, png_bytes
 from inference.model import REPO, bundle_location
 from inference.preprocess import denormalize

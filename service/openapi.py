@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 
-from export.bundle import Manifest
+from bundle.manifest import Manifest
 from protoserve.errors import REASONS
 
 # The 400 reasons a schema-valid body can still get: the image bytes themselves are bad.

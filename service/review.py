@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from export.bundle import Bundle, read_bundle
+from bundle.manifest import Bundle, read_bundle
 from protoserve.verdicts import VerdictError, verdict
 from registry.store import RegistryError
 from registry.versions import ENV as REGISTRY_ENV

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
-from export.bundle import Manifest
+from bundle.manifest import Manifest
 from inference.domain import parse_flag
 from inference.explain import active_mask
 from inference.preprocess import DEFAULT_LIMITS, parse_top_k
@@ -132,7 +132,7 @@ class ScoreGate:
     def manifest(self) -> Manifest:
         """The served bundle's manifest (read on first use, in the worker: the app is built before)."""
         if self._manifest is None:
-            from export.bundle import read_bundle
+            from bundle.manifest import read_bundle
             from inference.model import bundle_location
 
             self._manifest = read_bundle(bundle_location()).manifest

@@ -26,7 +26,7 @@ import bentoml
 import numpy as np
 from starlette.responses import JSONResponse
 
-from export.bundle import read_bundle
+from bundle.manifest import read_bundle
 from inference.domain import abstain_default, abstention, domain_fields, domain_rule, parse_flag
 from inference.explain import (
     heatmap_overlay,

@@ -285,7 +285,7 @@ class RevisionRun:
                 "comparison": self.comparison()}
 
     def lineage(self, parent: str | None = None, parent_checkpoint_sha256: str | None = None) -> dict:
-        """The bundle manifest's `lineage` (export/bundle.py Lineage) of this revision."""
+        """The bundle manifest's `lineage` (bundle/manifest.py Lineage) of this revision."""
         return {"parent": parent, "parent_checkpoint_sha256": parent_checkpoint_sha256, "mode": self.rc.mode,
                 "rounds": self.state.round, "verdicts": list(self.state.verdicts),
                 "antitypes": list(self.state.antitypes), "masked": list(self.state.masked),

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from export.bundle import BundleError, InputSpec, read_bundle
+from bundle.manifest import BundleError, InputSpec, read_bundle
+from bundle.runtime import open_session
 from export.quality import probes
 from export.quality.run import DEFAULT_JUDGE, Run
-from export.runtime import open_session
 
 
 def _decoded_own_class(run: Run, split) -> None:

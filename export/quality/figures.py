@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from export.bundle import Manifest, QualityReport  # noqa: E402
+from bundle.manifest import Manifest, QualityReport  # noqa: E402
 
 PICTURE, PAGE = "quality.png", "quality.html"
 

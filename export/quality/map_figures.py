@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from export.bundle import QualityFigure
+from bundle.manifest import QualityFigure
 from export.quality import measures, probes
 from export.quality.run import SANITY_LIMIT, Run
 

@@ -19,9 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from export.bundle import Bundle, BundleError
+from bundle.manifest import Bundle, BundleError
+from bundle.runtime import load_probe
 from export.onnx_export import classifier_graph, classifier_outputs, decoder_graph
-from export.runtime import load_probe
 from protoserve.similarity import similarity
 from training.checkpoint import build_model
 from training.config import Config

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.bundle import Bundle, PrototypeQuality, QualityFigure, QualityReport, read_bundle, write_manifest
+from bundle.manifest import Bundle, PrototypeQuality, QualityFigure, QualityReport, read_bundle, write_manifest
 from export.quality import measures, probes
 from export.quality.decoded_figures import DECODED_STAGES
 from export.quality.figures import write_figures

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.bundle import Bundle, QualityFigure
+from bundle.manifest import Bundle, QualityFigure
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_JUDGE = REPO / "models" / "protopnet_mnist" / "bundle"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.bundle import manifest_digest, read_bundle
+from bundle.manifest import manifest_digest, read_bundle
 from export.calibration import PROXIES, auroc, calibrate, fpr_at_tpr, proxy_sets
 from inference.domain import domain_rule, rule_of
 from inference.explain import active_mask
@@ -147,7 +147,7 @@ def test_a_bundle_without_calibration_still_loads_and_says_unknown(tiny_bundle, 
 
 
 def probe_outputs(bundle: Path, images: np.ndarray):
-    from export.runtime import open_session
+    from bundle.runtime import open_session
 
     session, _ = open_session(read_bundle(bundle).model_path, device="cpu")
     return session.run(["probabilities", "distances"], {"image": images.astype(np.float32)})

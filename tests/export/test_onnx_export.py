@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from bundle.manifest import read_bundle
+from bundle.runtime import open_session
 from export.build import ParityError, export_bundle, run_onnx, run_torch
-from export.bundle import read_bundle
 from export.onnx_export import PROTOTYPE_INITIALIZER, prototype_vectors, replace_initializer
 from export.parity import parity_failures, parity_figures
-from export.runtime import open_session
 from training.checkpoint import load_checkpoint
 from training.data import load_dataset
 from training.prototypedl import class_identities

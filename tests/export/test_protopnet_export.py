@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from bundle.manifest import read_bundle
+from bundle.runtime import open_session, verify_bundle
 from export.build import run_onnx, run_torch
-from export.bundle import read_bundle
 from export.onnx_export import PROTOTYPE_INITIALIZER, prototype_vectors, replace_initializer
 from export.parity import parity_failures, parity_figures
-from export.runtime import open_session, verify_bundle
 from training.checkpoint import load_checkpoint
 from training.data import load_dataset
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.bundle import MANIFEST_FILE, BundleError, Manifest, QualityReport, read_bundle
-from export.runtime import verify_bundle
+from bundle.manifest import MANIFEST_FILE, BundleError, Manifest, QualityReport, read_bundle
+from bundle.runtime import verify_bundle
 
 COMMON = {"class_discrimination_auroc", "last_layer_used_share", "near_duplicate_pairs", "prototype_nearest_encoding"}
 PROTOTYPEDL_FIGURES = COMMON | {"decoded_prototypes_own_class"}
@@ -63,7 +63,7 @@ def test_the_quality_field_round_trips_and_an_edit_is_caught(tiny_protopnet_bund
 
 
 def test_a_bundle_without_a_report_still_reads(tiny_bundle, tmp_path):
-    from export.bundle import write_manifest
+    from bundle.manifest import write_manifest
 
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
     for name in ("quality.png", "quality.html"):
@@ -132,8 +132,8 @@ def test_each_named_mask_of_a_split_gets_its_activation_precision(tiny_protopnet
 
 
 def test_quality_changes_say_how_each_figure_moved(tiny_protopnet_bundle):
-    from export.bundle import QualityFigure
-    from export.quality.compare import quality_changes
+    from bundle.manifest import QualityFigure
+    from bundle.quality_changes import quality_changes
 
     before = read_bundle(tiny_protopnet_bundle).manifest.quality
     figures = dict(before.figures)
@@ -168,7 +168,7 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 def test_shipped_bundles_carry_their_reports_and_a_revision_shows_how_each_number_moved():
-    from export.quality.compare import quality_changes
+    from bundle.quality_changes import quality_changes
 
     for name in ("prototypedl_mnist/bundle", "protopnet_mnist/bundle"):
         q = verify_bundle(MODELS / name)[0].manifest.quality

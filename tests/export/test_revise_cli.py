@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from bundle.manifest import read_bundle
 from cli.main import main
-from export.bundle import read_bundle
 from export.review_terminal import terminal_consult
 from protoserve.verdicts import read_verdicts, verdict
 from training.checkpoint import load_checkpoint

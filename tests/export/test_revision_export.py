@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from bundle.runtime import open_session
 from export.build import export_bundle
 from export.onnx_export import PROTOTYPE_INITIALIZER, prototype_vectors, replace_initializer
-from export.runtime import open_session
 from protoserve.verdicts import verdict
 from training.checkpoint import load_checkpoint
 from training.data import Split

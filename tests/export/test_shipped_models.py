@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.runtime import open_session, verify_bundle
+from bundle.runtime import open_session, verify_bundle
 from scoring.rows import grey_levels_to_input
 from training.data import load_split
 

@@ -3,7 +3,7 @@ lineage names its parent, keeps every prototype id and records the verdicts that
 
 from pathlib import Path
 
-from export.runtime import verify_bundle
+from bundle.runtime import verify_bundle
 from protoserve.verdicts import read_verdicts, rejected_ids
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "protopnet_decoy_mnist"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.bundle import CanonicalForm, InputSpec
+from bundle.manifest import CanonicalForm, InputSpec
 from inference.canonical import canonicalize
 from inference.preprocess import to_input
 from protoserve.errors import InputError

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 
-from export.bundle import read_bundle, write_manifest
+from bundle.manifest import read_bundle, write_manifest
+from bundle.runtime import classify, open_session, verify_bundle
 from export.calibration import calibrate
-from export.runtime import classify, open_session, verify_bundle
 from inference.domain import domain_rule
 from inference.explain import active_mask
 from inference.model import load_model

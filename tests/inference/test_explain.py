@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.bundle import GraphSpec, InputSpec, Manifest, Metrics, ProbeSpec, PrototypeRow, TensorSpec, TrainingInfo
+from bundle.manifest import GraphSpec, InputSpec, Manifest, Metrics, ProbeSpec, PrototypeRow, TensorSpec, TrainingInfo
 from inference.explain import (
     nearest_distance,
     nearest_prototypes,

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from export.bundle import BundleError
+from bundle.manifest import BundleError
 from inference.model import bundle_location, load_model
 
 
@@ -53,7 +53,7 @@ def test_the_drift_reference_is_the_test_sets_nearest_distances(tiny_bundle, mni
 
 
 def test_a_bundle_without_test_set_quantiles_falls_back_to_its_probe(tiny_bundle, tmp_path):
-    from export.bundle import read_bundle, write_manifest
+    from bundle.manifest import read_bundle, write_manifest
 
     old = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, old)
@@ -83,8 +83,8 @@ def test_bundle_location_from_the_environment(monkeypatch, tmp_path):
 
 
 def test_bundle_from_the_bentoml_model_store(monkeypatch, tmp_path, tiny_bundle):
-    from export.bundle import read_bundle
-    from export.store import import_bundle
+    from bundle.manifest import read_bundle
+    from bundle.store import import_bundle
 
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("PROTOSERVE_BUNDLE", raising=False)

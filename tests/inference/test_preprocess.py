@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.bundle import InputSpec
+from bundle.manifest import InputSpec
 from inference.preprocess import (
     Limits,
     decode_base64,

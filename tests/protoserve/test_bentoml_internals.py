@@ -7,7 +7,7 @@ from protoserve.bentoml_internals import acquire_if_idle, check_internals, cork_
 
 def test_bentoml_internals_are_as_the_adapter_assumes():
     problems = check_internals()
-    assert not problems, ("BentoML changed internals that service/batching.py and export/store.py rely on "
+    assert not problems, ("BentoML changed internals that service/batching.py and bundle/store.py rely on "
                           "(adapt protoserve/bentoml_internals.py): " + "; ".join(problems))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from export.bundle import read_bundle, write_manifest
+from bundle.manifest import read_bundle, write_manifest
 
 
 def retag(bundle: Path, version: str, out: Path) -> Path:

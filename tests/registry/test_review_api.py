@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 from fastapi.testclient import TestClient
 
-from export.bundle import read_bundle
+from bundle.manifest import read_bundle
 from protoserve.verdicts import verdict
 from service.review import app
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scoring_helpers import png_bytes
 
-from export.bundle import InputSpec, read_bundle
-from export.runtime import classify, open_session
+from bundle.manifest import InputSpec, read_bundle
+from bundle.runtime import classify, open_session
 from inference.explain import nearest_prototypes, nearest_prototypes_batch, prototype_rows
 from inference.preprocess import to_input
 from scoring.rows import BatchScorer, records_to_input

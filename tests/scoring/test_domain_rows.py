@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from scoring_helpers import write_idx
 
-from export.bundle import read_bundle
-from export.runtime import open_session
+from bundle.manifest import read_bundle
+from bundle.runtime import open_session
 from inference.domain import domain_rule
 from inference.explain import active_mask
 from scoring.job import JobSpec

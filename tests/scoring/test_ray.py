@@ -63,7 +63,7 @@ def test_ray_engine_resumes_a_job_the_local_engine_started(local_ray, tiny_bundl
 
 
 def _session(bundle, features):
-    from export.runtime import classify, open_session
+    from bundle.runtime import classify, open_session
 
     session, _ = open_session(bundle / "model.onnx", "cpu")
     return lambda x: classify(session, x, features)

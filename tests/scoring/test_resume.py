@@ -185,7 +185,7 @@ def test_a_second_run_of_a_running_job_is_refused_and_a_killed_holder_blocks_not
 
 
 def test_the_parquet_output_grows_in_chunk_order_while_chunks_commit_out_of_order(tiny_bundle, digits, tmp_path):
-    from export.runtime import classify, open_session
+    from bundle.runtime import classify, open_session
     from scoring.job import Job
 
     np.save(tmp_path / "d.npy", digits[:10])

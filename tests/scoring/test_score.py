@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scoring_helpers import png_bytes, read_rows, run_cli, write_idx, write_parquet
 
-from export.bundle import read_bundle, write_manifest
+from bundle.manifest import read_bundle, write_manifest
 from scoring.job import JobError, JobSpec
 from scoring.run import run_job
 
@@ -259,7 +259,7 @@ def test_parquet_struct_column_chosen_by_name(tiny_bundle, digits, tmp_path):
 
 
 def test_model_by_store_tag(tiny_bundle, digits, tmp_path, monkeypatch):
-    from export.store import import_bundle
+    from bundle.store import import_bundle
 
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
     stored = import_bundle(tiny_bundle)

@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
-from export.bundle import read_bundle
+from bundle.manifest import read_bundle
 from service.openapi import IMAGE_CONTENT_REASONS
 
 pytestmark = pytest.mark.slow

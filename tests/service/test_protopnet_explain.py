@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.bundle import read_bundle
+from bundle.manifest import read_bundle
 from inference.explain import heatmap_overlay, similarity
 
 

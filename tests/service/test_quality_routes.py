@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from export.bundle import read_bundle
+from bundle.manifest import read_bundle
 
 
 def test_metadata_and_catalogue_expose_the_quality_report(server, tiny_bundle):

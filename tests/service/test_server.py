@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.bundle import read_bundle
+from bundle.manifest import read_bundle
 
 pytestmark = pytest.mark.slow
 

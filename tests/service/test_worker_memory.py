@@ -1,4 +1,4 @@
-"""What a served worker holds: no CUDA library where the machine shows no GPU (export/runtime.py)."""
+"""What a served worker holds: no CUDA library where the machine shows no GPU (bundle/runtime.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from export.runtime import gpu_evidence, gpu_present
+from bundle.runtime import gpu_evidence, gpu_present
 
 CUDA_LIBRARIES = ("libcublas", "libcublasLt", "libcudnn", "libcufft", "libcurand", "libnvrtc", "libcudart")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_configs import tiny_config_dict, tiny_protopnet_dict
 
-from export.bundle import FAMILY_HAS_DECODER, FAMILY_OUTPUTS
+from bundle.manifest import FAMILY_HAS_DECODER, FAMILY_OUTPUTS
 from inference.families import FAMILIES as SERVING_FAMILIES
 from training.config import Config
 from training.families import FAMILIES, FamilyError, family, family_of

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from bundle.manifest import read_bundle
+from bundle.store import StoreError, bundle_dir, import_bundle, list_models, load_stored_bundle
 from cli.main import main
-from export.bundle import read_bundle
-from export.store import StoreError, bundle_dir, import_bundle, list_models, load_stored_bundle
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_import_then_list(tiny_bundle, bentoml_home, capsys):
 def test_labels_and_metadata_come_from_the_manifest(tiny_bundle, bentoml_home):
     import bentoml
 
-    from export.store import _model_store
+    from bundle.store import _model_store
 
     import_bundle(tiny_bundle)
     model = bentoml.models.get("tiny-prototypedl:0.1.0", _model_store=_model_store())

@@ -6,7 +6,7 @@ page can call it.
 
 from __future__ import annotations
 
-from export.bundle import QualityReport
+from bundle.manifest import QualityReport
 
 
 def quality_changes(before: QualityReport | None, after: QualityReport | None) -> dict:

@@ -16,7 +16,7 @@ Public API (kept small; the service depends on it):
     write_manifest(dir, manifest)     fills in files + digest, writes manifest.json, re-reads it
     sha256_file(path) -> str
 
-Running the graphs (ONNX Runtime provider choice, the golden probe) lives in export/runtime.py,
+Running the graphs (ONNX Runtime provider choice, the golden probe) lives in bundle/runtime.py,
 which has no torch import either.
 
 A bundle is one immutable model version:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from export.bundle import MANIFEST_FILE, SCHEMA_VERSION, BundleError, Manifest, read_bundle, write_manifest
-from export.runtime import verify_bundle
+from bundle.manifest import MANIFEST_FILE, SCHEMA_VERSION, BundleError, Manifest, read_bundle, write_manifest
+from bundle.runtime import verify_bundle
 
 
 @pytest.fixture
@@ -140,7 +140,7 @@ def test_verify_command(tiny_bundle, bundle_copy):
 
 def test_protopnet_adds_outputs_not_a_new_format(tiny_bundle, tmp_path):
     """A ProtoPNet bundle is the same schema: one more output, provenance rows, no decoder."""
-    from export.bundle import TensorSpec
+    from bundle.manifest import TensorSpec
 
     m = read_bundle(tiny_bundle).manifest
     outputs = [t for t in m.model.outputs if t.name not in ("latent", "reconstruction")]

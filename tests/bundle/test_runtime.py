@@ -10,8 +10,8 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from export.bundle import read_bundle
-from export.runtime import (
+from bundle.manifest import read_bundle
+from bundle.runtime import (
     CPU,
     CUDA,
     GpuEvidence,
@@ -64,7 +64,7 @@ def test_gpu_evidence_of_this_machine_matches_its_device_nodes():
 def test_auto_session_maps_cuda_libraries_only_where_a_gpu_is(tiny_bundle):
     """In a fresh process (this one may have loaded CUDA through torch): an "auto" session, then the
     process's memory map. Without a GPU no CUDA library is loaded; with one, the session runs on CUDA."""
-    script = ("import sys\nfrom export.bundle import read_bundle\nfrom export.runtime import gpu_evidence, "
+    script = ("import sys\nfrom bundle.manifest import read_bundle\nfrom bundle.runtime import gpu_evidence, "
               "gpu_present, open_session\n_, provider = open_session(read_bundle(sys.argv[1]).model_path, 'auto')\n"
               "print(provider, gpu_present(gpu_evidence()))\nprint(open('/proc/self/maps').read())")
     out = subprocess.run([sys.executable, "-c", script, str(tiny_bundle)], capture_output=True, text=True,

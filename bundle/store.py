@@ -13,8 +13,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.bundle import Bundle, Manifest, read_bundle
-from export.runtime import verify_bundle
+from bundle.manifest import Bundle, Manifest, read_bundle
+from bundle.runtime import verify_bundle
 from protoserve.bentoml_internals import model_store
 from protoserve.errors import ProtoserveError
 

@@ -1,4 +1,4 @@
-"""export/subgraph.py: a model cut to some outputs computes them as the whole graph does, with fewer nodes."""
+"""bundle/subgraph.py: a model cut to some outputs computes them as the whole graph does, with fewer nodes."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from export.bundle import read_bundle
-from export.runtime import load_probe, session_options
-from export.subgraph import restrict_outputs
+from bundle.manifest import read_bundle
+from bundle.runtime import load_probe, session_options
+from bundle.subgraph import restrict_outputs
 from inference.model import REPO
 
 BUNDLE = REPO / "models" / "prototypedl_mnist" / "bundle"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.bundle import Bundle, BundleError, read_bundle
+from bundle.manifest import Bundle, BundleError, read_bundle
 from protoserve.errors import ProtoserveError
 
 CUDA = "CUDAExecutionProvider"
