@@ -1,7 +1,8 @@
 """Every `make` target and `protoserve` verb and flag shown in README.md or docs/*.md exists.
 
 Commands are read from the fenced code blocks, and from inline code spans that begin with one
-(`make ...`, `protoserve ...`), such as the command column of the results' tables.
+(`make ...`, `protoserve ...`), such as the command column of the results' tables. The documents'
+relative links (pages, pictures) must lead to files of the repository too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ PROTOSERVE = re.compile(r"(?:^|[\s/])(?:protoserve|-m\s+cli\.main)\s+([a-z][\w-]
 MAKE = re.compile(r"^\s*make\s+(.*)$")
 FLAG = re.compile(r"(?<![\w-])(--[a-z][\w-]*)")
 MAKE_RULE = re.compile(r"^([A-Za-z0-9_.][^:=#$]*?)\s*::?(?!=)")
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 class Command(NamedTuple):
@@ -144,6 +146,15 @@ def test_documented_protoserve_verbs_and_flags_exist():
     verbs = verb_options(build_parser())
     problems = [p for c in documented_commands() for p in protoserve_problems(c, verbs)]
     assert not problems, "\n".join(problems)
+
+
+def test_relative_links_lead_to_files():
+    missing = [f"{path.relative_to(REPO)}:{number}: {target}"
+               for path in DOCUMENTS for number, line, fenced in _lines(path) if not fenced
+               for target in LINK.findall(line)
+               if "://" not in target and not target.startswith("#")
+               and not (path.parent / target.split("#")[0]).exists()]
+    assert not missing, "\n".join(missing)
 
 
 def test_the_walk_finds_the_documented_commands():
