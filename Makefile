@@ -71,7 +71,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-# The shipped default model (models/prototypedl_mnist; its wall time is in the README results), resumable.
+# The shipped default model (models/prototypedl_mnist; its wall time is in docs/results.md), resumable.
 train-default: setup
 	$(PROTOSERVE) train --config configs/prototypedl_mnist_fast.yaml --out runs/prototypedl_mnist_fast $$(test -f runs/prototypedl_mnist_fast/last.pt && echo --resume)
 
@@ -83,32 +83,32 @@ bundle-default: setup
 		--name prototypedl-mnist --version 1.0.0 $$(test -d $(DEFAULT_MODEL)/bundle && echo --force)
 	$(PROTOSERVE) verify $(DEFAULT_MODEL)/bundle
 
-# ONNX Runtime CPU against PyTorch eager on the shipped model (figures in the README).
+# ONNX Runtime CPU against PyTorch eager on the shipped model (figures in docs/results.md).
 bench-inference: setup
 	$(PY) benchmarks/inference.py --checkpoint $(DEFAULT_MODEL)/checkpoint.pt --bundle $(DEFAULT_MODEL)/bundle \
 		--out runs/inference_benchmark.json
 
 # Serving latency and throughput: protoserve against the raw ORT session and a naive FastAPI +
-# PyTorch server, concurrency 1, 8, 64 (figures in the README).
+# PyTorch server, concurrency 1, 8, 64 (figures in docs/results.md).
 bench-serve: setup
 	$(PY) benchmarks/serve.py --bundle $(DEFAULT_MODEL)/bundle --checkpoint $(DEFAULT_MODEL)/checkpoint.pt \
 		--out runs/serve_benchmark.json --sweep
 
 # Batch scoring: `protoserve score` against the raw ONNX Runtime session on the 70,000 MNIST images,
-# and peak memory at 10k, 100k and 1M generated images (figures and run time in the README).
+# and peak memory at 10k, 100k and 1M generated images (figures and run time in docs/results.md).
 .PHONY: bench-score
 bench-score: setup
 	$(PY) benchmarks/score.py --bundle $(DEFAULT_MODEL)/bundle --out runs/score_benchmark.json
 
 # Knowing when not to answer: the bundles' calibrated out-of-domain score against max-softmax and energy
-# on out-of-domain sets built here, and photo-like uploads with and without canonicalize (README; ~1 min).
+# on out-of-domain sets built here, and photo-like uploads with and without canonicalize (docs/results.md; ~1 min).
 .PHONY: bench-ood
 bench-ood: setup
 	$(PY) -m benchmarks.ood --bundles $(DEFAULT_MODEL)/bundle models/protopnet_mnist/bundle --out runs/ood_benchmark.json
 	$(PY) -m benchmarks.ood_cost --bundles $(DEFAULT_MODEL)/bundle models/protopnet_mnist/bundle
 
 # Why the glyph target is missed: the single-stroke symbols under every layer of both shipped
-# checkpoints and in pixel space (README; a few minutes).
+# checkpoints and in pixel space (docs/results.md; a few minutes).
 .PHONY: bench-ood-glyphs
 bench-ood-glyphs: setup
 	$(PY) -m benchmarks.ood_glyphs --checkpoints $(DEFAULT_MODEL)/checkpoint.pt models/protopnet_mnist/checkpoint.pt
