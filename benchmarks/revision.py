@@ -9,7 +9,7 @@ ProtoPNet and PrototypeDL, over several seeds.
 
 Per family and seed: a baseline trained on Decoy-MNIST (the square's shade gives the label away;
 --confounder picks where the square goes), then each condition from that same baseline (the controls
-continued_* only when named: the same rounds with no verdicts), the simulated user (training/simulated_user.py)
+continued_* only when named: the same rounds with no verdicts), the simulated user (revision/simulated_user.py)
 giving the verdicts. Per condition and round: non-object prototypes, verdicts given (rejections:
 the user's clicks), accuracy on the clean, randomised-decoy and adversarial-decoy test images
 before and after the last layer is re-fitted, wall time. Writes <out>/results.json, results.md
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
+from revision.families import ObjectMasks, revision_family_named
+from revision.rounds import STATE_FILE, RevisionConfig, RevisionRun, file_consult, simulated_consult
 from training.checkpoint import load_checkpoint
 from training.config import Config
 from training.data import Split, resolve_data_root
 from training.decoy_mnist import Confounder, load_decoy_mnist
 from training.families import family as family_entry
-from training.revision import STATE_FILE, RevisionConfig, RevisionRun, file_consult, simulated_consult
-from training.revision_families import ObjectMasks, revision_family_named
 
 CONDITIONS = {  # name -> revision settings (None: the baseline as trained)
     "baseline": None,

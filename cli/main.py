@@ -94,8 +94,8 @@ def _report(args) -> None:
 
 
 def _revise(args) -> None:
-    from export.revise import resolve_parent, revise
-    from training.revision import RevisionConfig
+    from revision.revise import resolve_parent, revise
+    from revision.rounds import RevisionConfig
 
     settings = RevisionConfig(mode=args.mode, rounds=args.rounds, epochs_per_round=args.epochs_per_round,
                               freeze_encoder=not args.train_encoder, lambda_refine=args.lambda_refine,
@@ -243,7 +243,7 @@ def _registry(args) -> None:
 
 def _worker(args) -> None:
     from registry.versions import open_registry
-    from worker.revision_job import run_worker
+    from worker.loop import run_worker
 
     done = run_worker(open_registry(args.registry), args.data_root, once=args.once, poll_seconds=args.poll,
                       lease=args.lease)
@@ -352,7 +352,7 @@ def _bundle_verbs(sub) -> None:
                    help="train the encoder with the prototypes")
     p.add_argument("--lambda-refine", type=float, default=1.0)
     p.add_argument("--lambda-con", type=float, default=1.0)
-    p.add_argument("--lr-prototypes", type=float, help="default: training/revision.py RevisionConfig")
+    p.add_argument("--lr-prototypes", type=float, help="default: revision/rounds.py RevisionConfig")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-subset", type=int, help="revise on the first N training images only")
     p.add_argument("--name", help="bundle name (default: the parent's)")

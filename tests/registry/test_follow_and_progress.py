@@ -7,7 +7,7 @@ from pathlib import Path
 
 from protoserve.verdicts import verdict
 from service.serving import ActiveVersionFollower
-from worker.revision_job import Heartbeat
+from worker.loop import Heartbeat
 
 
 def test_follower_switches_on_a_new_generation_and_skips_a_broken_version(two_versions):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from protoserve.verdicts import verdict
-from worker.revision_job import run_worker
+from worker.loop import run_worker
 
 pytestmark = pytest.mark.slow
 

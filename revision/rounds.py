@@ -10,7 +10,7 @@
                         (last layer frozen; the encoder frozen or trained by config)
         push, then re-fit the last layer (masked columns held at zero); judge
     Modes "mask" and "prune" run one round without training: the rejected (mask) or the
-    automatically pruned (prune, training/prune.py) prototypes are masked and the last layer re-fitted.
+    automatically pruned (prune, revision/prune.py) prototypes are masked and the last layer re-fitted.
 
 After every round the whole state (model, optimizer, antitypes, verdicts, RNGs, figures) goes to
 <out>/revision_last.pt, so an interrupted revision resumes at the next round exactly.
@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 
 from protoserve.verdicts import Verdict, parse_verdict, rejected_ids
+from revision.families import ObjectMasks, revision_family
+from revision.masking import fit_last_layer, mask_columns
+from revision.prune import nearest_labels, prune_candidates
+from revision.refine import REFINE_EPSILON, con_cost, con_count, refine_cost
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import Config
 from training.data import Split
-from training.masking import fit_last_layer, mask_columns
-from training.prune import nearest_labels, prune_candidates
-from training.refine import REFINE_EPSILON, con_cost, con_count, refine_cost
-from training.revision_families import ObjectMasks, revision_family
 
 MODES = ("mask", "prune", "revise")
 STATE_FILE = "revision_last.pt"

@@ -3,7 +3,7 @@
 A worker claims the oldest queued job (registry/store.py claim_job) under a lease it renews every
 few seconds from a heartbeat thread, together with the job's progress (round, epoch, ETA) and the
 tail of its log. It revises the parent version from its checkpoint with the job's verdicts
-(export/revise.py: training/revision.py's rounds, then export with the parity check), and
+(revision/revise.py: revision/rounds.py's rounds, then export with the parity check), and
 registers the result as a *candidate* version (verified again, golden probe included) whose
 lineage compares it with its parent, with its prototypes' nearest training images
 (worker/neighbours.py). Promotion stays explicit unless the job asked for automatic
@@ -144,8 +144,8 @@ def run_job(registry: Registry, job: dict, worker: str, data_root: str | None, l
 
 def revise_version(registry: Registry, job: dict, data_root: str | None, beat: Heartbeat) -> dict:
     """The revision itself: verdicts file, revise + export, register the candidate, optional promotion."""
-    from export.revise import Parent, revise
-    from training.revision import RevisionConfig
+    from revision.revise import Parent, revise
+    from revision.rounds import RevisionConfig
 
     settings, parent = job["settings"], registry.store.version(job["parent"])
     if parent.checkpoint is None:

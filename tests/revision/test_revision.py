@@ -5,12 +5,12 @@ import pytest
 import torch
 from tiny_configs import tiny_protopnet_dict
 
+from revision.families import ObjectMasks
+from revision.rounds import RevisionConfig, RevisionRun, simulated_consult
 from training.checkpoint import load_checkpoint
 from training.config import Config
 from training.data import Split
 from training.decoy_mnist import load_decoy_mnist
-from training.revision import RevisionConfig, RevisionRun, simulated_consult
-from training.revision_families import ObjectMasks
 from training.train_protopnet import ProtoPNetTrainer
 
 SETTINGS = dict(rounds=2, epochs_per_round=1, batch_size=100, last_layer_epochs=1, eval_batch_size=500)
@@ -57,7 +57,7 @@ def test_rounds_reduce_the_non_object_count_and_grow_the_antitypes(tmp_path, dec
 @pytest.mark.parametrize("freeze_encoder", [True, False])
 def test_resume_between_rounds_is_exact(tmp_path, decoy_protopnet, freeze_encoder):
     from protoserve.verdicts import verdict
-    from training.revision import file_consult
+    from revision.rounds import file_consult
 
     def consult():  # a rejection in each round, so both rounds train
         return file_consult([verdict(0, "reject", 1, "tester"), verdict(1, "reject", 2, "tester")])
@@ -87,7 +87,7 @@ def test_resume_between_rounds_is_exact(tmp_path, decoy_protopnet, freeze_encode
 @pytest.mark.slow
 def test_all_rounds_trains_on_after_a_round_that_rejects_nothing(tmp_path, decoy_protopnet):
     from protoserve.verdicts import verdict
-    from training.revision import file_consult
+    from revision.rounds import file_consult
 
     def consult():  # round 1 rejects prototype 0, round 2 rejects nothing
         return file_consult([verdict(0, "reject", 1, "tester"), verdict(0, "accept", 2, "tester")])
@@ -107,8 +107,8 @@ def test_a_changed_revision_config_is_refused_on_resume(tmp_path, decoy_protopne
 
 
 def test_a_state_written_before_a_setting_existed_resumes_with_its_default(tmp_path, decoy_protopnet):
+    from revision.rounds import STATE_FILE
     from training.checkpoint import read_checkpoint
-    from training.revision import STATE_FILE
 
     _run(decoy_protopnet, tmp_path).run(stop_after=1)
     payload = read_checkpoint(tmp_path / STATE_FILE)
@@ -123,9 +123,9 @@ def test_a_state_written_before_a_setting_existed_resumes_with_its_default(tmp_p
 
 def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path, tiny_checkpoint, mnist_root):
     from protoserve.verdicts import verdict
+    from revision.refine import refine_cost
+    from revision.rounds import file_consult
     from training.data import load_dataset
-    from training.refine import refine_cost
-    from training.revision import file_consult
 
     model, config, _ = load_checkpoint(tiny_checkpoint)
     d = config.data
@@ -148,8 +148,8 @@ def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path
 def test_prototypedl_with_the_encoder_trained_keeps_its_decoder(tmp_path, tiny_checkpoint, mnist_root):
     """The decoder draws what the person judged: it stays as it was while the encoder trains."""
     from protoserve.verdicts import verdict
+    from revision.rounds import file_consult
     from training.data import load_dataset
-    from training.revision import file_consult
 
     model, config, _ = load_checkpoint(tiny_checkpoint)
     d = config.data

@@ -3,7 +3,7 @@
 `protoserve revise` runs it in the foreground; the parent is a checkpoint, or a bundle (its
 checkpoint is the `checkpoint.pt` beside it, checked against the manifest's sha256). The
 consultation comes from a verdict file, the simulated user (data with object masks), or a person
-at the terminal (training/revision.py runs the rounds). The revised checkpoint is exported as a
+at the terminal (revision/rounds.py runs the rounds). The revised checkpoint is exported as a
 new bundle version whose manifest carries the lineage.
 """
 
@@ -16,9 +16,8 @@ from bundle.manifest import read_bundle, sha256_file
 from export.build import ExportResult, export_bundle
 from protoserve.errors import ProtoserveError
 from protoserve.verdicts import append_verdicts, check_ids, read_verdicts
-from training.checkpoint import load_checkpoint
-from training.data import resolve_data_root
-from training.revision import (
+from revision.families import ObjectMasks
+from revision.rounds import (
     STATE_FILE,
     RevisionConfig,
     RevisionRun,
@@ -26,7 +25,8 @@ from training.revision import (
     load_revision_record,
     simulated_consult,
 )
-from training.revision_families import ObjectMasks
+from training.checkpoint import load_checkpoint
+from training.data import resolve_data_root
 from training.train_protopnet import load_run_data
 
 
@@ -78,7 +78,7 @@ def make_consult(mode: str, verdicts: str | None, simulate: bool, interactive: b
     if interactive:
         if not verdicts:
             raise RevisionError("--interactive needs --verdicts FILE (the answers are written there as they come)")
-        from export.review_terminal import terminal_consult
+        from revision.terminal_review import terminal_consult
 
         return terminal_consult(Path(verdicts), out / "rounds", reviewer, train)
     if simulate:
