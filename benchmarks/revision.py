@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from protoserve.revision_settings import RevisionSettings
 from revision.families import ObjectMasks, revision_family_named
-from revision.rounds import STATE_FILE, RevisionConfig, RevisionRun, file_consult, simulated_consult
+from revision.rounds import STATE_FILE, RevisionRun, file_consult, simulated_consult
 from training.checkpoint import load_checkpoint
 from training.config import Config
 from training.data import Split, resolve_data_root
@@ -94,13 +95,13 @@ def train_baseline(family: str, seed: int, args, root: Path, out: Path) -> Path:
     return out / "last.pt"
 
 
-def condition_settings(name: str, rounds: int, epochs_per_round: int, seed: int) -> tuple[RevisionConfig, bool]:
+def condition_settings(name: str, rounds: int, epochs_per_round: int, seed: int) -> tuple[RevisionSettings, bool]:
     """The revision settings of condition `name` and whether the simulated user gives verdicts (the
     baseline runs one round that changes nothing; the controls train every round with no verdicts)."""
     settings = dict(CONDITIONS[name] or {})
     user = bool(settings) and settings.pop("user", True)
-    rc = RevisionConfig(**(settings or {"mode": "mask"}), rounds=rounds if settings else 1,
-                        epochs_per_round=epochs_per_round, seed=seed)
+    rc = RevisionSettings(**(settings or {"mode": "mask"}), rounds=rounds if settings else 1,
+                          epochs_per_round=epochs_per_round, seed=seed)
     return rc, user
 
 

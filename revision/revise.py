@@ -1,10 +1,11 @@
-"""The revision worker: a model version + verdicts -> a revised checkpoint -> a new bundle version.
+"""The one way into a revision: a parent model + settings + verdicts -> a revised checkpoint -> a new bundle.
 
-`protoserve revise` runs it in the foreground; the parent is a checkpoint, or a bundle (its
-checkpoint is the `checkpoint.pt` beside it, checked against the manifest's sha256). The
-consultation comes from a verdict file, the simulated user (data with object masks), or a person
-at the terminal (revision/rounds.py runs the rounds). The revised checkpoint is exported as a
-new bundle version whose manifest carries the lineage.
+`protoserve revise`, the registry's jobs (revision/job.py, run by the worker) and
+benchmarks/revision.py all call `revise`. The parent is a checkpoint, or a bundle (its checkpoint
+is the `checkpoint.pt` beside it, checked against the manifest's sha256). The consultation is the
+verdicts given (objects; a verdict file is read by the CLI), the simulated user (data with object
+masks), or a person at the terminal; revision/rounds.py runs the rounds. The revised checkpoint
+is exported as a new bundle version whose manifest carries the lineage.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from pathlib import Path
 from bundle.manifest import read_bundle, sha256_file
 from export.build import ExportResult, export_bundle
 from protoserve.errors import ProtoserveError
-from protoserve.verdicts import append_verdicts, check_ids, read_verdicts
+from protoserve.revision_settings import RevisionSettings
+from protoserve.verdicts import Verdict, append_verdicts, check_ids, read_verdicts
 from revision.families import ObjectMasks
 from revision.rounds import (
     STATE_FILE,
-    RevisionConfig,
+    Progress,
     RevisionRun,
     file_consult,
     load_revision_record,
@@ -71,59 +73,78 @@ def object_masks(config, root: Path, data: dict):
     return None
 
 
-def make_consult(mode: str, verdicts: str | None, simulate: bool, interactive: bool, n_prototypes: int,
-                 out: Path, reviewer: str, train=None):
-    if sum([simulate, interactive]) > 1:
-        raise RevisionError("--simulate and --interactive exclude each other")
-    if interactive:
-        if not verdicts:
+@dataclass(frozen=True)
+class Consultation:
+    """Where a revision's verdicts come from: the verdicts given, the simulated user, or a person at the
+    terminal. The simulated user's and the person's answers are appended to `record` when it is set."""
+
+    verdicts: list[Verdict] | None = None  # None: none given
+    simulate: bool = False
+    interactive: bool = False
+    record: Path | None = None
+    reviewer: str = "user"
+    source: str = "verdicts"  # what the verdicts are called in an error: a file, a job
+
+    @classmethod
+    def from_flags(cls, verdicts: str | None, simulate: bool, interactive: bool, reviewer: str) -> Consultation:
+        """`protoserve revise`'s flags: --verdicts FILE is read, or (with --simulate / --interactive) appended to."""
+        if simulate and interactive:
+            raise RevisionError("--simulate and --interactive exclude each other")
+        if interactive and not verdicts:
             raise RevisionError("--interactive needs --verdicts FILE (the answers are written there as they come)")
+        if simulate or interactive:
+            return cls(simulate=simulate, interactive=interactive, reviewer=reviewer,
+                       record=Path(verdicts) if verdicts else None)
+        return cls(read_verdicts(verdicts) if verdicts else None, source=verdicts or "verdicts")
+
+
+def make_consult(consultation: Consultation, mode: str, n_prototypes: int, out: Path, train=None):
+    c = consultation
+    if c.interactive:
         from revision.terminal_review import terminal_consult
 
-        return terminal_consult(Path(verdicts), out / "rounds", reviewer, train)
-    if simulate:
-        inner = simulated_consult()
-        if not verdicts:
-            return inner
-
-        def consult_and_record(r, model, judgements):
-            given = inner(r, model, judgements)
-            append_verdicts(verdicts, given)
-            return given
-
-        return consult_and_record
-    if verdicts:
-        given = read_verdicts(verdicts)
-        check_ids(given, n_prototypes, verdicts)
-        return file_consult(given)
+        return terminal_consult(c.record, out / "rounds", c.reviewer, train)
+    if c.simulate:
+        return simulated_consult() if c.record is None else _recorded(simulated_consult(), c.record)
+    if c.verdicts is not None:
+        check_ids(c.verdicts, n_prototypes, c.source)
+        return file_consult(c.verdicts)
     if mode != "prune":
         raise RevisionError(f"--mode {mode} needs verdicts: --verdicts FILE, --simulate or --interactive")
     return file_consult([])
 
 
-def revise(parent: Parent, out: Path, settings: RevisionConfig, verdicts: str | None = None, simulate: bool = False,
-           interactive: bool = False, reviewer: str = "user", data_root: str | None = None,
-           name: str | None = None, version: str | None = None, resume: bool = False, export: bool = True,
-           train_subset: int | None = None, log=print) -> ExportResult | None:
+def _recorded(consult, path: Path):
+    """A consult whose verdicts are also appended to the verdict file at `path`."""
+
+    def consult_and_record(r, model, judgements):
+        given = consult(r, model, judgements)
+        append_verdicts(path, given)
+        return given
+
+    return consult_and_record
+
+
+def revise(parent: Parent, settings: RevisionSettings, consultation: Consultation, out: Path,
+           data_root: str | None = None, name: str | None = None, version: str | None = None,
+           resume: bool = False, export: bool = True, progress: Progress | None = None,
+           log=print) -> ExportResult | None:
     """Run the revision into `out` (revision_last.pt after each round; checkpoint.pt at the end, beside
     bundle/ as in models/) and export `out`/bundle as name:version (default: the parent's name, its
-    version + "-" + mode). `train_subset`: revise on the first N training images of the parent's split
-    (recorded in the revised checkpoint's config, where a later revision starts from)."""
+    version + "-" + mode). `settings.train_subset`: revise on the first N training images of the parent's
+    split (recorded in the revised checkpoint's config, where a later revision starts from)."""
     out = Path(out)
     model, config, payload = load_checkpoint(parent.checkpoint)
-    if train_subset is not None:
-        if train_subset < 1:
-            raise RevisionError(f"train subset {train_subset}: must be at least 1 training image")
-        config = replace(config, data=replace(config.data, train_subset=train_subset))
+    if settings.train_subset is not None:
+        config = replace(config, data=replace(config.data, train_subset=settings.train_subset))
     root = resolve_data_root(data_root, config.data.root)
     data = load_run_data(config, root)
-    masks = object_masks(config, root, data) if simulate else None
-    if simulate and masks is None:
+    masks = object_masks(config, root, data) if consultation.simulate else None
+    if consultation.simulate and masks is None:
         raise RevisionError(f"--simulate needs object masks; data set {config.data.dataset!r} has none")
-    consult = make_consult(settings.mode, verdicts, simulate, interactive, model.prototypes.shape[0], out, reviewer,
-                           data["train"])
+    consult = make_consult(consultation, settings.mode, model.prototypes.shape[0], out, data["train"])
     run = RevisionRun(model, config, settings, data, out, consult, masks,
-                      parent_masked=load_revision_record(payload).get("masked"), log=log)
+                      parent_masked=load_revision_record(payload).get("masked"), log=log, progress=progress)
     if resume:
         run.resume()
     elif (out / STATE_FILE).exists():

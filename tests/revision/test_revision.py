@@ -5,8 +5,9 @@ import pytest
 import torch
 from tiny_configs import tiny_protopnet_dict
 
+from protoserve.revision_settings import RevisionSettings
 from revision.families import ObjectMasks
-from revision.rounds import RevisionConfig, RevisionRun, simulated_consult
+from revision.rounds import RevisionRun, simulated_consult
 from training.checkpoint import load_checkpoint
 from training.config import Config
 from training.data import Split
@@ -35,7 +36,7 @@ def decoy_protopnet(tmp_path_factory, mnist_root):
 def _run(decoy_protopnet, out, consult=None, **overrides):
     checkpoint, data, masks, evals = decoy_protopnet
     model, config, _ = load_checkpoint(checkpoint)
-    settings = RevisionConfig(**{**SETTINGS, **overrides})
+    settings = RevisionSettings(**{**SETTINGS, **overrides})
     return RevisionRun(model, config, settings, data, out, consult or simulated_consult(), masks, evals,
                        log=lambda s: None)
 
@@ -133,9 +134,14 @@ def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path
     rejected = [1, 4]
     start = model.prototypes.detach().clone()
     consult = file_consult([verdict(j, "reject", 1, "tester") for j in rejected])
-    run = RevisionRun(model, config, RevisionConfig(rounds=1, epochs_per_round=1, batch_size=100, last_layer_epochs=1),
-                      data, tmp_path, consult, eval_sets={"val": data["val"]}, log=lambda s: None)
+    events = []
+    settings = RevisionSettings(rounds=1, epochs_per_round=1, batch_size=100, last_layer_epochs=1)
+    run = RevisionRun(model, config, settings, data, tmp_path, consult, eval_sets={"val": data["val"]},
+                      log=lambda s: None, progress=events.append)
     state = run.run()
+    assert [(e.round, e.rounds, e.epoch, e.epochs, e.stage) for e in events] == [(1, 1, 1, 1, "training"),
+                                                                                (1, 1, 1, 1, "round done")]
+    assert events[-1].eta_seconds == 0.0
     assert [a["prototype_id"] for a in state.antitypes] == rejected
     antitypes = torch.tensor([a["vector"] for a in state.antitypes])
     assert torch.equal(antitypes, start[rejected])  # antitypes are the rejected prototypes as they were
@@ -156,8 +162,16 @@ def test_prototypedl_with_the_encoder_trained_keeps_its_decoder(tmp_path, tiny_c
     data = load_dataset(mnist_root, d.dataset, d.val_size, d.split_seed, d.train_subset)
     decoder = {k: v.clone() for k, v in model.decoder.state_dict().items()}
     encoder = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    settings = RevisionConfig(rounds=1, epochs_per_round=1, batch_size=100, last_layer_epochs=1, freeze_encoder=False)
+    settings = RevisionSettings(rounds=1, epochs_per_round=1, batch_size=100, last_layer_epochs=1, freeze_encoder=False)
     RevisionRun(model, config, settings, data, tmp_path, file_consult([verdict(1, "reject", 1, "tester")]),
                 eval_sets={"val": data["val"]}, log=lambda s: None).run()
     assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in decoder.items())
     assert not all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in encoder.items())
+
+
+def test_the_eta_is_the_time_per_epoch_times_the_epochs_left():
+    from revision.rounds import eta_seconds
+
+    assert eta_seconds(10.0, 0, 4) is None
+    assert eta_seconds(10.0, 1, 4) == 30.0
+    assert eta_seconds(10.0, 4, 4) == 0.0
