@@ -29,6 +29,7 @@ import torch
 
 from protoserve.revision_settings import RevisionSettings
 from revision.families import ObjectMasks, revision_family_named
+from revision.revise import revise_model
 from revision.rounds import STATE_FILE, RevisionRun, file_consult, simulated_consult
 from training.checkpoint import load_checkpoint
 from training.config import Config
@@ -112,16 +113,15 @@ def run_condition(name: str, checkpoint: Path, sets: dict, args, out: Path, seed
     evals = {k: Split(v.images[:args.test_images], v.labels[:args.test_images]) for k, v in evals.items()}
     rc, user = condition_settings(name, args.rounds, args.epochs_per_round, seed)
     consult = simulated_consult() if user else file_consult([])  # baseline and controls: no verdicts
-    run = RevisionRun(model, config, rc, data, out, consult, ObjectMasks.from_decoy(sets["train"]), evals,
-                      log=lambda s: print(f"  [{name}] {s}", flush=True))
-    if (out / STATE_FILE).exists():
-        run.resume()
+    masks, log = ObjectMasks.from_decoy(sets["train"]), lambda s: print(f"  [{name}] {s}", flush=True)
     started = time.perf_counter()
-    if CONDITIONS[name] is None:
-        run.state.history = [run.figures(0, [], 0.0)] if not run.state.history else run.state.history
+    if CONDITIONS[name] is None:  # the parent's figures only: round 0 of a revision that runs no round
+        run = RevisionRun(model, config, rc, data, out, consult, masks, evals, log=log)
+        run.state.history = [run.figures(0, [], 0.0)]
         run.state.finished = True
     else:
-        run.run()
+        run = revise_model(model, config, rc, data, consult, out, masks=masks, eval_sets=evals,
+                           resume=(out / STATE_FILE).exists(), log=log)
     if name == "revision_frozen" and seed == args.seeds[0]:
         run.save_revised(out / "revised.pt", parent=None)
     return {"history": run.state.history, "seconds": time.perf_counter() - started,

@@ -262,7 +262,7 @@ class Lineage(_Strict):
     verdicts: list[dict] = []  # protoserve/verdicts.py objects, in the order they were given
     antitypes: list[dict] = []  # {"prototype_id", "round", "vector"[, "source": ProtoPNet (push index, row, col)]}
     masked: list[int] = []
-    config: dict = {}  # the revision settings (revision/rounds.py RevisionConfig)
+    config: dict = {}  # the revision settings (protoserve/revision_settings.py RevisionSettings)
     comparison: dict = {}  # accuracies, prototypes moved / masked / changed class, non-object counts
     history: list[dict] = []  # per round: non-object count, verdicts given, accuracies, seconds
 

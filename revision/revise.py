@@ -21,6 +21,7 @@ from protoserve.verdicts import Verdict, append_verdicts, check_ids, read_verdic
 from revision.families import ObjectMasks
 from revision.rounds import (
     STATE_FILE,
+    Consult,
     Progress,
     RevisionRun,
     file_consult,
@@ -28,7 +29,8 @@ from revision.rounds import (
     simulated_consult,
 )
 from training.checkpoint import load_checkpoint
-from training.data import resolve_data_root
+from training.config import Config
+from training.data import Split, resolve_data_root
 from training.train_protopnet import load_run_data
 
 
@@ -125,6 +127,22 @@ def _recorded(consult, path: Path):
     return consult_and_record
 
 
+def revise_model(model, config: Config, settings: RevisionSettings, data: dict[str, Split], consult: Consult, out: Path,
+                 masks: ObjectMasks | None = None, eval_sets: dict[str, Split] | None = None,
+                 parent_masked: list[int] | None = None, resume: bool = False, progress: Progress | None = None,
+                 log=print) -> RevisionRun:
+    """The rounds of one revision of a loaded model on loaded data, into `out` (resumed with `resume`):
+    what `revise` runs, and benchmarks/revision.py with its own data and evaluation sets."""
+    run = RevisionRun(model, config, settings, data, out, consult, masks, eval_sets, parent_masked, log=log,
+                      progress=progress)
+    if resume:
+        run.resume()
+    elif (out / STATE_FILE).exists():
+        raise RevisionError(f"{out}: holds a revision already; pass --resume to continue it or choose another --out")
+    run.run()
+    return run
+
+
 def revise(parent: Parent, settings: RevisionSettings, consultation: Consultation, out: Path,
            data_root: str | None = None, name: str | None = None, version: str | None = None,
            resume: bool = False, export: bool = True, progress: Progress | None = None,
@@ -143,13 +161,8 @@ def revise(parent: Parent, settings: RevisionSettings, consultation: Consultatio
     if consultation.simulate and masks is None:
         raise RevisionError(f"--simulate needs object masks; data set {config.data.dataset!r} has none")
     consult = make_consult(consultation, settings.mode, model.prototypes.shape[0], out, data["train"])
-    run = RevisionRun(model, config, settings, data, out, consult, masks,
-                      parent_masked=load_revision_record(payload).get("masked"), log=log, progress=progress)
-    if resume:
-        run.resume()
-    elif (out / STATE_FILE).exists():
-        raise RevisionError(f"{out}: holds a revision already; pass --resume to continue it or choose another --out")
-    run.run()
+    run = revise_model(model, config, settings, data, consult, out, masks=masks, resume=resume,
+                       parent_masked=load_revision_record(payload).get("masked"), progress=progress, log=log)
     run.save_revised(out / "checkpoint.pt", parent.tag, sha256_file(parent.checkpoint))
     if not export:
         return None
