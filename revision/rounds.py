@@ -84,7 +84,7 @@ class RevisionRun:
                  parent_masked: list[int] | None = None, log=print, progress: Progress | None = None):
         self.model, self.config, self.rc, self.data = model, config, revision, data
         self.out_dir, self.consult, self.masks, self.log = Path(out_dir), consult, masks, log
-        self.progress, self.started = progress or (lambda event: None), time.monotonic()
+        self.progress, self.started, self.first_round = progress or (lambda event: None), time.monotonic(), 0
         self.eval_sets = eval_sets or {"val": data["val"]}
         self.family = revision_family(model)
         self.state = RevisionState(masked=sorted(parent_masked or []))
@@ -103,7 +103,7 @@ class RevisionRun:
     # -- the rounds --------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> RevisionState:
         """Rounds up to revision.rounds (or only up to round stop_after, as an interruption would)."""
-        self.started = time.monotonic()
+        self.started, self.first_round = time.monotonic(), self.state.round  # the ETA counts this run's epochs
         last = min(self.rc.rounds_run, stop_after or self.rc.rounds_run)
         if not self.state.history:
             self.family.push(self.model, self.data["train"].images, self.data["train"].labels)
@@ -164,9 +164,9 @@ class RevisionRun:
     def report(self, r: int, epoch: int, stage: str) -> None:
         """Tell the progress callback where the rounds are and the time left."""
         epochs, rounds = self.epochs_per_round, self.rc.rounds_run
-        done = (r - 1) * epochs + epoch
+        done, total = (r - 1 - self.first_round) * epochs + epoch, (rounds - self.first_round) * epochs
         self.progress(ProgressEvent(r, rounds, epoch, epochs, stage,
-                                    eta_seconds(time.monotonic() - self.started, done, rounds * epochs)))
+                                    eta_seconds(time.monotonic() - self.started, done, total)))
 
     def antitype_tensor(self) -> torch.Tensor:
         """Q [S, D]. A ProtoPNet antitype stands for the training patch it was rejected on: with the
