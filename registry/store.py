@@ -319,7 +319,7 @@ class Store:
                 (parent,)).fetchall()]
             if not open_ids and settings.mode != "prune":
                 raise RegistryError(f"version {parent!r} has no open verdicts to revise with")
-            stored = QueuedRevision(**settings.model_dump(), verdict_ids=open_ids).model_dump_json()
+            stored = QueuedRevision(**settings.settings().model_dump(), verdict_ids=open_ids).model_dump_json()
             job_id = db.execute("INSERT INTO jobs (parent, settings, status, created_at) VALUES (?, ?, 'queued', ?)",
                                 (parent, stored, now())).lastrowid
             db.executemany("UPDATE verdicts SET job_id = ? WHERE id = ?", [(job_id, i) for i in open_ids])
