@@ -28,6 +28,7 @@ from revision.rounds import (
     load_revision_record,
     simulated_consult,
 )
+from revision.terminal_review import terminal_consult
 from training.checkpoint import load_checkpoint
 from training.config import Config
 from training.data import Split, resolve_data_root
@@ -103,8 +104,6 @@ class Consultation:
 def make_consult(consultation: Consultation, mode: str, n_prototypes: int, out: Path, train=None):
     c = consultation
     if c.interactive:
-        from revision.terminal_review import terminal_consult
-
         return terminal_consult(c.record, out / "rounds", c.reviewer, train)
     if c.simulate:
         return simulated_consult() if c.record is None else _recorded(simulated_consult(), c.record)
