@@ -9,7 +9,7 @@ ProtoPNet and PrototypeDL, over several seeds.
 
 Per family and seed: a baseline trained on Decoy-MNIST (the square's shade gives the label away;
 --confounder picks where the square goes), then each condition from that same baseline (the controls
-continued_* only when named: the same rounds with no verdicts), the simulated user (training/simulated_user.py)
+continued_* only when named: the same rounds with no verdicts), the simulated user (revision/simulated_user.py)
 giving the verdicts. Per condition and round: non-object prototypes, verdicts given (rejections:
 the user's clicks), accuracy on the clean, randomised-decoy and adversarial-decoy test images
 before and after the last layer is re-fitted, wall time. Writes <out>/results.json, results.md
@@ -27,13 +27,15 @@ from pathlib import Path
 
 import torch
 
+from protoserve.revision_settings import RevisionSettings
+from revision.families import ObjectMasks, revision_family_named
+from revision.revise import revise_model
+from revision.rounds import STATE_FILE, RevisionRun, file_consult, simulated_consult
 from training.checkpoint import load_checkpoint
 from training.config import Config
 from training.data import Split, resolve_data_root
 from training.decoy_mnist import Confounder, load_decoy_mnist
 from training.families import family as family_entry
-from training.revision import STATE_FILE, RevisionConfig, RevisionRun, file_consult, simulated_consult
-from training.revision_families import ObjectMasks, revision_family_named
 
 CONDITIONS = {  # name -> revision settings (None: the baseline as trained)
     "baseline": None,
@@ -94,13 +96,13 @@ def train_baseline(family: str, seed: int, args, root: Path, out: Path) -> Path:
     return out / "last.pt"
 
 
-def condition_settings(name: str, rounds: int, epochs_per_round: int, seed: int) -> tuple[RevisionConfig, bool]:
+def condition_settings(name: str, rounds: int, epochs_per_round: int, seed: int) -> tuple[RevisionSettings, bool]:
     """The revision settings of condition `name` and whether the simulated user gives verdicts (the
     baseline runs one round that changes nothing; the controls train every round with no verdicts)."""
     settings = dict(CONDITIONS[name] or {})
     user = bool(settings) and settings.pop("user", True)
-    rc = RevisionConfig(**(settings or {"mode": "mask"}), rounds=rounds if settings else 1,
-                        epochs_per_round=epochs_per_round, seed=seed)
+    rc = RevisionSettings(**(settings or {"mode": "mask"}), rounds=rounds if settings else 1,
+                          epochs_per_round=epochs_per_round, seed=seed)
     return rc, user
 
 
@@ -111,16 +113,15 @@ def run_condition(name: str, checkpoint: Path, sets: dict, args, out: Path, seed
     evals = {k: Split(v.images[:args.test_images], v.labels[:args.test_images]) for k, v in evals.items()}
     rc, user = condition_settings(name, args.rounds, args.epochs_per_round, seed)
     consult = simulated_consult() if user else file_consult([])  # baseline and controls: no verdicts
-    run = RevisionRun(model, config, rc, data, out, consult, ObjectMasks.from_decoy(sets["train"]), evals,
-                      log=lambda s: print(f"  [{name}] {s}", flush=True))
-    if (out / STATE_FILE).exists():
-        run.resume()
+    masks, log = ObjectMasks.from_decoy(sets["train"]), lambda s: print(f"  [{name}] {s}", flush=True)
     started = time.perf_counter()
-    if CONDITIONS[name] is None:
-        run.state.history = [run.figures(0, [], 0.0)] if not run.state.history else run.state.history
+    if CONDITIONS[name] is None:  # the parent's figures only: round 0 of a revision that runs no round
+        run = RevisionRun(model, config, rc, data, out, consult, masks, evals, log=log)
+        run.state.history = [run.figures(0, [], 0.0)]
         run.state.finished = True
     else:
-        run.run()
+        run = revise_model(model, config, rc, data, consult, out, masks=masks, eval_sets=evals,
+                           resume=(out / STATE_FILE).exists(), log=log)
     if name == "revision_frozen" and seed == args.seeds[0]:
         run.save_revised(out / "revised.pt", parent=None)
     return {"history": run.state.history, "seconds": time.perf_counter() - started,

@@ -28,12 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from protoserve.revision_settings import RevisionSettings  # noqa: E402
 from protoserve.verdicts import verdict  # noqa: E402
 from registry.versions import Registry  # noqa: E402
 
 SHIPPED = REPO / "models" / "protopnet_mnist"
-PAGE_OPTIONS = {"rounds": 1, "epochs_per_round": 1, "freeze_encoder": True, "train_subset": None,
-                "auto_promote": False, "max_accuracy_drop": 0.01}  # service/review.py JobIn as the page posts it
+PAGE_OPTIONS = {"rounds": 1, "epochs_per_round": 1, "auto_promote": False,
+                "max_accuracy_drop": 0.01}  # what the review page posts with its own defaults
 
 
 def shipped_registry(root: Path) -> tuple[Registry, str]:
@@ -90,7 +91,7 @@ def main() -> None:
         for mode in args.modes:
             for j in args.reject:
                 registry.store.add_verdict(parent, verdict(j, "reject", 1, "benchmark", note="revision_job.py"))
-            job = registry.store.add_job(parent, {"mode": mode, **PAGE_OPTIONS})
+            job = registry.store.add_job(parent, RevisionSettings(mode=mode, **PAGE_OPTIONS))
             print(f"job {job['id']} ({mode}, rejecting {args.reject}): running protoserve worker --once ...")
             wall, rss = run_worker(registry, args.data_root, work / "worker.log")
             rows.append({"mode": mode, "wall": wall, "rss": rss, **job_figures(registry, job["id"])})

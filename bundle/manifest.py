@@ -252,7 +252,7 @@ class QualityReport(_Strict):
 
 
 class Lineage(_Strict):
-    """How a revised version came from its parent (training/revision.py): enough to trace a served
+    """How a revised version came from its parent (revision/rounds.py): enough to trace a served
     model back to every verdict that made it. Absent on a version that was trained, not revised."""
 
     parent: str | None = None  # name:version of the parent bundle; None when revised from a bare checkpoint
@@ -262,7 +262,7 @@ class Lineage(_Strict):
     verdicts: list[dict] = []  # protoserve/verdicts.py objects, in the order they were given
     antitypes: list[dict] = []  # {"prototype_id", "round", "vector"[, "source": ProtoPNet (push index, row, col)]}
     masked: list[int] = []
-    config: dict = {}  # the revision settings (training/revision.py RevisionConfig)
+    config: dict = {}  # the revision settings (protoserve/revision_settings.py RevisionSettings)
     comparison: dict = {}  # accuracies, prototypes moved / masked / changed class, non-object counts
     history: list[dict] = []  # per round: non-object count, verdicts given, accuracies, seconds
 

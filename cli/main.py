@@ -93,20 +93,41 @@ def _report(args) -> None:
     print(f"quality written into {Path(args.bundle) / 'manifest.json'}, {report.picture} and {report.page}")
 
 
-def _revise(args) -> None:
-    from export.revise import resolve_parent, revise
-    from training.revision import RevisionConfig
+# `protoserve revise` flags that set a RevisionSettings field (protoserve/revision_settings.py holds the
+# defaults and help); a flag left out takes the field's default.
+SETTINGS_FLAGS = ("mode", "rounds", "all_rounds", "epochs_per_round", "lambda_refine", "lambda_con", "lr_prototypes",
+                  "seed", "train_subset")
 
-    settings = RevisionConfig(mode=args.mode, rounds=args.rounds, epochs_per_round=args.epochs_per_round,
-                              freeze_encoder=not args.train_encoder, lambda_refine=args.lambda_refine,
-                              lambda_con=args.lambda_con, seed=args.seed, all_rounds=args.all_rounds,
-                              **({"lr_prototypes": args.lr_prototypes} if args.lr_prototypes else {}))
-    settings.check()
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    from protoserve.revision_settings import RevisionSettings
+
+    fields = RevisionSettings.model_fields
+    for name in SETTINGS_FLAGS:
+        f = fields[name]
+        flag, text = "--" + name.replace("_", "-"), f"{f.description} (default: {f.default})"
+        if f.annotation is bool:
+            p.add_argument(flag, action="store_true", default=None, help=text)
+        elif name == "mode":
+            p.add_argument(flag, choices=["mask", "prune", "revise"], help=text)
+        else:
+            p.add_argument(flag, type=float if f.annotation is float else int, help=text)
+    p.add_argument("--freeze-encoder", dest="freeze_encoder", action="store_true", default=None,
+                   help=f"{fields['freeze_encoder'].description} (the default)")
+    p.add_argument("--train-encoder", dest="freeze_encoder", action="store_false",
+                   help="train the encoder with the prototypes")
+
+
+def _revise(args) -> None:
+    from protoserve.revision_settings import RevisionSettings
+    from revision.revise import Consultation, resolve_parent, revise
+
+    given = {name: getattr(args, name) for name in (*SETTINGS_FLAGS, "freeze_encoder")}
+    settings = RevisionSettings.of(**{k: v for k, v in given.items() if v is not None})
     parent = resolve_parent(args.checkpoint, args.bundle)
-    result = revise(parent, Path(args.out), settings, verdicts=args.verdicts, simulate=args.simulate,
-                    interactive=args.interactive, reviewer=args.reviewer, data_root=args.data_root, name=args.name,
-                    version=args.version, resume=args.resume, export=not args.no_export,
-                    train_subset=args.train_subset)
+    consultation = Consultation.from_flags(args.verdicts, args.simulate, args.interactive, args.reviewer)
+    result = revise(parent, settings, consultation, Path(args.out), data_root=args.data_root, name=args.name,
+                    version=args.version, resume=args.resume, export=not args.no_export)
     if result is None:
         print(f"revised checkpoint written to {Path(args.out) / 'checkpoint.pt'}")
         return
@@ -224,7 +245,7 @@ def _registry(args) -> None:
         active = registry.rollback(actor="cli")
         print(f"active: {active.version} (previous {active.previous}, generation {active.generation})")
     elif args.action == "neighbours":
-        from worker.neighbours import write_neighbours
+        from revision.neighbours import write_neighbours
 
         version = args.version or registry.store.active().version
         print(f"written {write_neighbours(registry, version, args.data_root, limit=args.images)}")
@@ -243,7 +264,7 @@ def _registry(args) -> None:
 
 def _worker(args) -> None:
     from registry.versions import open_registry
-    from worker.revision_job import run_worker
+    from worker.loop import run_worker
 
     done = run_worker(open_registry(args.registry), args.data_root, once=args.once, poll_seconds=args.poll,
                       lease=args.lease)
@@ -337,24 +358,11 @@ def _bundle_verbs(sub) -> None:
     p.add_argument("--checkpoint", help="the parent checkpoint (default with --bundle: checkpoint.pt beside it)")
     p.add_argument("--bundle", help="the parent bundle (its name:version becomes the lineage's parent)")
     p.add_argument("--out", required=True, help="folder for the revision state, checkpoint.pt and bundle/")
-    p.add_argument("--mode", default="revise", choices=["mask", "prune", "revise"])
     p.add_argument("--verdicts", help="JSON-lines verdict file (read; with --interactive/--simulate: appended to)")
     p.add_argument("--simulate", action="store_true", help="the simulated user judges (data with object masks)")
     p.add_argument("--interactive", action="store_true", help="judge each prototype at the terminal")
     p.add_argument("--reviewer", default=os.environ.get("USER", "user"), help="source name for --interactive")
-    p.add_argument("--rounds", type=int, default=5, help="revision rounds (mode revise)")
-    p.add_argument("--all-rounds", action="store_true",
-                   help="train all --rounds as Alg. 1 does (default: stop after a round that rejects nothing)")
-    p.add_argument("--epochs-per-round", type=int, default=2)
-    p.add_argument("--freeze-encoder", dest="train_encoder", action="store_false", default=False,
-                   help="train the prototypes only (the default)")
-    p.add_argument("--train-encoder", dest="train_encoder", action="store_true",
-                   help="train the encoder with the prototypes")
-    p.add_argument("--lambda-refine", type=float, default=1.0)
-    p.add_argument("--lambda-con", type=float, default=1.0)
-    p.add_argument("--lr-prototypes", type=float, help="default: training/revision.py RevisionConfig")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-subset", type=int, help="revise on the first N training images only")
+    _add_settings_flags(p)
     p.add_argument("--name", help="bundle name (default: the parent's)")
     p.add_argument("--version", help="bundle version (default: the parent's version + '-' + mode)")
     p.add_argument("--data-root")

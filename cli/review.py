@@ -29,7 +29,7 @@ def run_review(bundle: Path, checkpoint: Path, root: Path, port: int, data_root:
         row = registry.register(bundle, checkpoint)
         registry.promote(row.version, actor="protoserve review")
         try:
-            from worker.neighbours import write_neighbours
+            from revision.neighbours import write_neighbours
 
             write_neighbours(registry, row.version, data_root)
         except Exception as e:  # the page works without them (no training install, no data)

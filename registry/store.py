@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from protoserve.errors import ProtoserveError
+from protoserve.revision_settings import QueuedRevision, RevisionSettings
 from protoserve.verdicts import Verdict
 
 DB_FILE = "registry.sqlite"
@@ -96,7 +97,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 """
 
-JOB_STATES = ("queued", "running", "done", "failed")
 LOG_TAIL_CHARS = 8_000
 MAX_ATTEMPTS = 2  # a job whose worker died twice is failed, not retried forever
 
@@ -308,18 +308,20 @@ class Store:
         return {r["version"]: r["n"] for r in rows}
 
     # -- revision jobs -----------------------------------------------------------------------
-    def add_job(self, parent: str, settings: dict) -> dict:
-        """Queue a revision of `parent` using its open verdicts (they are tied to the job)."""
+    def add_job(self, parent: str, settings: RevisionSettings) -> dict:
+        """Queue a revision of `parent` using its open verdicts (they are tied to the job, and their ids
+        stored with its settings: protoserve/revision_settings.py QueuedRevision)."""
         with self._write() as db:
             if not db.execute("SELECT 1 FROM versions WHERE version = ?", (parent,)).fetchone():
                 raise RegistryError(f"version {parent!r} is not registered")
             open_ids = [r["id"] for r in db.execute(
                 "SELECT id FROM verdicts WHERE version = ? AND withdrawn_at IS NULL AND job_id IS NULL ORDER BY id",
                 (parent,)).fetchall()]
-            if not open_ids and settings.get("mode") != "prune":
+            if not open_ids and settings.mode != "prune":
                 raise RegistryError(f"version {parent!r} has no open verdicts to revise with")
+            stored = QueuedRevision(**settings.settings().model_dump(), verdict_ids=open_ids).model_dump_json()
             job_id = db.execute("INSERT INTO jobs (parent, settings, status, created_at) VALUES (?, ?, 'queued', ?)",
-                                (parent, json.dumps({**settings, "verdict_ids": open_ids}), now())).lastrowid
+                                (parent, stored, now())).lastrowid
             db.executemany("UPDATE verdicts SET job_id = ? WHERE id = ?", [(job_id, i) for i in open_ids])
         return self.job(job_id)
 
@@ -329,6 +331,14 @@ class Store:
         if row is None:
             raise RegistryError(f"job {job_id} does not exist")
         return _job_row(row)
+
+    def job_settings(self, job_id: int) -> QueuedRevision:
+        """A job's settings and verdict ids, parsed back into the object they were stored from."""
+        with self._connect() as db:
+            row = db.execute("SELECT settings FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise RegistryError(f"job {job_id} does not exist")
+        return QueuedRevision.model_validate_json(row["settings"])
 
     def jobs(self) -> list[dict]:
         with self._connect() as db:

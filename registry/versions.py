@@ -20,7 +20,7 @@ from bundle.runtime import verify_bundle
 from registry.store import DB_FILE, Active, RegistryError, Store, VersionRow
 
 ENV = "PROTOSERVE_REGISTRY"
-NEIGHBOURS_FILE = "neighbours.json"  # a version's nearest training images (worker/neighbours.py writes it)
+NEIGHBOURS_FILE = "neighbours.json"  # a version's nearest training images (revision/neighbours.py writes it)
 
 
 def registry_location() -> Path | None:

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from bundle.manifest import Bundle, read_bundle
+from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import VerdictError, verdict
 from registry.store import RegistryError
 from registry.versions import ENV as REGISTRY_ENV
@@ -152,19 +153,11 @@ class VerdictIn(BaseModel):
     note: str | None = Field(None, max_length=2000)
 
 
-class JobIn(BaseModel):
-    """A revision of a version from its checkpoint, using its open verdicts."""
+class JobIn(RevisionSettings):
+    """A revision of a version from its checkpoint, using its open verdicts: the revision's settings
+    (protoserve/revision_settings.py) and the version to revise."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)  # no false for 0, no "1" for 1
     parent: str | None = Field(None, description="the version to revise (default: the active one)")
-    mode: Literal["mask", "prune", "revise"] = "revise"
-    rounds: int = Field(1, ge=1, le=10)
-    epochs_per_round: int = Field(1, ge=0, le=50)
-    freeze_encoder: bool = True
-    train_subset: int | None = Field(None, ge=100, description="train on the first N training images only")
-    auto_promote: bool = Field(False, description="promote the candidate if it passes the gates: verified, "
-                               "parity, accuracy at most max_accuracy_drop below its parent")
-    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
 
 
 class PromoteIn(BaseModel):
@@ -191,7 +184,7 @@ def versions() -> dict:
 @app.get("/api/versions/{version}/prototypes", **READING, summary="A version's prototypes with pictures and verdicts")
 def prototypes(version: str) -> dict:
     """Each prototype: class, weight, status, its pictures (URLs), the training patch it was pushed onto
-    (ProtoPNet provenance), its nearest training images (when computed: worker/neighbours.py), its
+    (ProtoPNet provenance), its nearest training images (when computed: revision/neighbours.py), its
     explanation-quality figures (when the bundle has the report), its latest verdict and how many it has."""
     reg = registry()
     version = version_or_active(reg, None if version == "active" else version)
@@ -292,7 +285,7 @@ def start_job(body: JobIn) -> dict:
     if reg.store.version(parent).checkpoint is None:
         raise ReviewError(409, "no_checkpoint", f"version {parent} was registered without its checkpoint: "
                           "it cannot be revised")
-    return reg.store.add_job(parent, body.model_dump(exclude={"parent"}))
+    return reg.store.add_job(parent, body.settings())
 
 
 @app.post("/api/promote", **CHANGING, summary="Verify a version and make it active")

@@ -34,7 +34,7 @@ def build_model(config: Config, initial_weights: bool = True) -> nn.Module:
 def save_checkpoint(path: Path, model, config: Config, epoch: int, metrics: dict,
                     training_state: dict | None = None, revision: dict | None = None) -> None:
     """Write atomically (temp file + rename), so an interruption never leaves half a checkpoint.
-    `revision` (training/revision.py) records masked prototype ids, antitypes, verdicts and lineage."""
+    `revision` (revision/rounds.py) records masked prototype ids, antitypes, verdicts and lineage."""
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

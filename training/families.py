@@ -60,7 +60,6 @@ class Family:
     config_checks: Callable[[Config], list[tuple[bool, str]]]  # (holds?, message) for its own config fields
     pictures: str | None  # "module:function" (model, config, out, data_root, seed) -> PNGs of a checkpoint
     pictures_note: str = ""  # where its pictures come from instead, when `pictures` is None
-    revision: str | None = None  # "module:attribute" of its revision hooks (training/revision_families.py)
 
     def trainer_class(self) -> type:
         """The family's trainer class (imported now)."""
@@ -69,12 +68,6 @@ class Family:
     def evaluation(self) -> Callable[..., dict]:
         """The family's evaluation function (imported now)."""
         return _resolve(self.evaluate)
-
-    def revision_hooks(self):
-        """What interactive revision needs of the family (imported now): a RevisionFamily."""
-        if self.revision is None:
-            raise FamilyError(f"family {self.name!r} has no revision hooks")
-        return _resolve(self.revision)
 
     def picture_function(self) -> Callable[..., list]:
         """The family's picture function (imported now; only when `pictures` is set)."""
@@ -195,16 +188,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            distributed=False, graph_outputs=_prototypedl_outputs, graph_forward=_prototypedl_forward,
            encode=lambda model, x: model.encode(x)[:, None, :], backbone=lambda model: model.encoder,
            decoder=PrototypeDLDecoder, prototype_records=_prototypedl_records, config_checks=lambda config: [],
-           pictures="training.visualize:prototypedl_figures",
-           revision="training.revision_families:PROTOTYPEDL_REVISION"),
+           pictures="training.visualize:prototypedl_figures"),
     Family(name="protopnet", build=_build_protopnet,
            trainer="training.train_protopnet:ProtoPNetTrainer", evaluate="training.evaluate:evaluate_protopnet",
            distributed=True, graph_outputs=_protopnet_outputs, graph_forward=_protopnet_forward,
            encode=lambda model, x: model.latent(x).flatten(2).transpose(1, 2), backbone=lambda model: model.features,
            decoder=lambda model: None, prototype_records=_protopnet_records, config_checks=_protopnet_config_checks,
            pictures=None, pictures_note="push writes each prototype's pictures into the run's push/epoch_NNNN/ "
-                                       "folders, and the bundle holds those of the exported model",
-           revision="training.revision_families:PROTOPNET_REVISION"),
+                                       "folders, and the bundle holds those of the exported model"),
 )}
 
 

@@ -7,7 +7,7 @@ the push set, the patch position, its receptive-field box in the source image, a
 high-activation box: the smallest box holding the pixels where the similarity map, upsampled to
 the image, reaches its 95th percentile.
 
-Push during interactive revision (training/revision.py) may be given antitypes q_s, the vectors of
+Push during interactive revision (revision/rounds.py) may be given antitypes q_s, the vectors of
 prototypes a user rejected. It then never projects a prototype onto a patch the antitypes stand for:
 
     patch z is excluded  when  min_s ||z - q_s||^2 < min_k ||z - p_k||^2

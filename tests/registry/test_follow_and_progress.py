@@ -1,13 +1,15 @@
-"""Without a server: the follower's switching rules, and a revision job's progress from its log lines."""
+"""Without a server: the follower's switching rules, and a revision job's progress from its callback."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
+from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
+from revision.rounds import ProgressEvent, eta_seconds
 from service.serving import ActiveVersionFollower
-from worker.revision_job import Heartbeat
+from worker.loop import Heartbeat
 
 
 def test_follower_switches_on_a_new_generation_and_skips_a_broken_version(two_versions):
@@ -32,16 +34,18 @@ def test_follower_switches_on_a_new_generation_and_skips_a_broken_version(two_ve
     assert list(follower.failed.values())[0].startswith(f"{v1}: ") and len(follower.failed) == 1
 
 
-def test_progress_and_eta_from_the_revision_log(two_versions):
+def test_progress_and_eta_from_the_revision_callback(two_versions):
     registry, v1, _ = two_versions
     registry.store.add_verdict(v1, verdict(1, "reject", 1, "ada"))
-    registry.store.add_job(v1, {"mode": "revise", "rounds": 2, "epochs_per_round": 2})
+    registry.store.add_job(v1, RevisionSettings(mode="revise", rounds=2, epochs_per_round=2))
     job = registry.store.claim_job("w", 60)
-    beat = Heartbeat(registry, job, "w", 60)
-    beat.started -= 10.0  # ten seconds in
-    beat.log("round 1 epoch 1/2: {}")
+    beat = Heartbeat(registry, job, registry.store.job_settings(job["id"]), "w", 60)
+    assert (beat.progress["rounds"], beat.progress["epochs"]) == (2, 2)
+    beat.log("round 1 epoch 1/2: {}")  # for people: the log tail, not the progress
+    assert beat.progress["epoch"] == 0
+    beat.record(ProgressEvent(1, 2, 1, 2, "training", eta_seconds(10.0, 1, 4)))  # ten seconds in
     assert (beat.progress["round"], beat.progress["epoch"], beat.progress["eta_seconds"]) == (1, 1, 30.0)
-    beat.log("round 1: non-object None, rejected 1")
+    beat.record(ProgressEvent(1, 2, 2, 2, "round done", eta_seconds(10.0, 2, 4)))
     assert beat.progress["eta_seconds"] == 10.0
     beat.stage("revising")
     stored = registry.store.job(job["id"])

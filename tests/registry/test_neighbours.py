@@ -8,8 +8,8 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from revision.neighbours import nearest_training_images, write_neighbours
 from service.review import app
-from worker.neighbours import nearest_training_images, write_neighbours
 
 
 def test_nearest_images_are_the_smallest_distances(tiny_checkpoint, mnist_root):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
 from registry.store import RegistryError, Store
 from registry.versions import Registry
@@ -112,7 +113,7 @@ def test_job_lease_expires_then_fails(two_versions):
     registry, v1, _ = two_versions
     store = registry.store
     store.add_verdict(v1, verdict(3, "reject", 1, "ada"))
-    job = store.add_job(v1, {"mode": "mask", "rounds": 1})
+    job = store.add_job(v1, RevisionSettings(mode="mask", rounds=1))
     assert job["status"] == "queued" and job["settings"]["verdict_ids"]
     assert store.claim_job("w1", lease_seconds=-1)["status"] == "running"  # lease already run out: w1 "died"
     again = store.claim_job("w2", lease_seconds=-1)

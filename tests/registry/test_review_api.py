@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bundle.manifest import read_bundle
+from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
 from service.review import app
 
@@ -110,6 +111,19 @@ def test_bad_requests_name_the_problem(client):
         assert http.post("/api/verdicts", json=body, headers=admin()).status_code == status, body
     assert http.post("/api/promote", json={"version": "7.7.7"}, headers=admin()).status_code == 404
     assert http.post("/api/verdicts/12345/withdraw", headers=admin()).status_code == 404
+
+
+def test_a_job_body_is_the_revision_settings(client):
+    """POST /api/jobs takes protoserve/revision_settings.py RevisionSettings: its refusals name the field."""
+    http, _ = client
+    cases = [({"rounds": 0}, "greater than or equal to 1"), ({"train_subset": 0}, "train subset 0"),
+             ({"mode": "erase"}, "'mask', 'prune' or 'revise'"), ({"rounds": "2"}, "valid integer"),
+             ({"epochs": 2}, "Extra inputs")]
+    for body, message in cases:
+        answer = http.post("/api/jobs", json=body, headers=admin())
+        assert answer.status_code == 422 and message in answer.text, (body, answer.text)
+    document = app.openapi()["components"]["schemas"]["JobIn"]["properties"]
+    assert set(RevisionSettings.model_fields) < set(document) and document["rounds"]["description"]
 
 
 def test_without_a_registry_the_routes_say_so(monkeypatch):

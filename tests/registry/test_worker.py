@@ -11,8 +11,9 @@ import time
 
 import pytest
 
+from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
-from worker.revision_job import run_worker
+from worker.loop import run_worker
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +21,8 @@ pytestmark = pytest.mark.slow
 def queue_revision(registry, rejected=(1, 4), **settings):
     for j in rejected:
         registry.store.add_verdict("0.1.0", verdict(j, "reject", 1, "ada", note="background"))
-    return registry.store.add_job("0.1.0", {"mode": "revise", "rounds": 1, "epochs_per_round": 1,
-                                            "freeze_encoder": True, **settings})
+    return registry.store.add_job("0.1.0", RevisionSettings(**{"mode": "revise", "rounds": 1, "epochs_per_round": 1,
+                                                                "freeze_encoder": True, **settings}))
 
 
 def test_worker_registers_a_candidate_with_its_comparison(protopnet_registry, mnist_root):

@@ -5,12 +5,13 @@ import pytest
 import torch
 from tiny_configs import tiny_protopnet_dict
 
+from protoserve.revision_settings import RevisionSettings
+from revision.families import ObjectMasks
+from revision.rounds import RevisionRun, simulated_consult
 from training.checkpoint import load_checkpoint
 from training.config import Config
 from training.data import Split
 from training.decoy_mnist import load_decoy_mnist
-from training.revision import RevisionConfig, RevisionRun, simulated_consult
-from training.revision_families import ObjectMasks
 from training.train_protopnet import ProtoPNetTrainer
 
 SETTINGS = dict(rounds=2, epochs_per_round=1, batch_size=100, last_layer_epochs=1, eval_batch_size=500)
@@ -35,7 +36,7 @@ def decoy_protopnet(tmp_path_factory, mnist_root):
 def _run(decoy_protopnet, out, consult=None, **overrides):
     checkpoint, data, masks, evals = decoy_protopnet
     model, config, _ = load_checkpoint(checkpoint)
-    settings = RevisionConfig(**{**SETTINGS, **overrides})
+    settings = RevisionSettings(**{**SETTINGS, **overrides})
     return RevisionRun(model, config, settings, data, out, consult or simulated_consult(), masks, evals,
                        log=lambda s: None)
 
@@ -57,7 +58,7 @@ def test_rounds_reduce_the_non_object_count_and_grow_the_antitypes(tmp_path, dec
 @pytest.mark.parametrize("freeze_encoder", [True, False])
 def test_resume_between_rounds_is_exact(tmp_path, decoy_protopnet, freeze_encoder):
     from protoserve.verdicts import verdict
-    from training.revision import file_consult
+    from revision.rounds import file_consult
 
     def consult():  # a rejection in each round, so both rounds train
         return file_consult([verdict(0, "reject", 1, "tester"), verdict(1, "reject", 2, "tester")])
@@ -87,7 +88,7 @@ def test_resume_between_rounds_is_exact(tmp_path, decoy_protopnet, freeze_encode
 @pytest.mark.slow
 def test_all_rounds_trains_on_after_a_round_that_rejects_nothing(tmp_path, decoy_protopnet):
     from protoserve.verdicts import verdict
-    from training.revision import file_consult
+    from revision.rounds import file_consult
 
     def consult():  # round 1 rejects prototype 0, round 2 rejects nothing
         return file_consult([verdict(0, "reject", 1, "tester"), verdict(0, "accept", 2, "tester")])
@@ -107,8 +108,8 @@ def test_a_changed_revision_config_is_refused_on_resume(tmp_path, decoy_protopne
 
 
 def test_a_state_written_before_a_setting_existed_resumes_with_its_default(tmp_path, decoy_protopnet):
+    from revision.rounds import STATE_FILE
     from training.checkpoint import read_checkpoint
-    from training.revision import STATE_FILE
 
     _run(decoy_protopnet, tmp_path).run(stop_after=1)
     payload = read_checkpoint(tmp_path / STATE_FILE)
@@ -123,9 +124,9 @@ def test_a_state_written_before_a_setting_existed_resumes_with_its_default(tmp_p
 
 def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path, tiny_checkpoint, mnist_root):
     from protoserve.verdicts import verdict
+    from revision.refine import refine_cost
+    from revision.rounds import file_consult
     from training.data import load_dataset
-    from training.refine import refine_cost
-    from training.revision import file_consult
 
     model, config, _ = load_checkpoint(tiny_checkpoint)
     d = config.data
@@ -133,9 +134,14 @@ def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path
     rejected = [1, 4]
     start = model.prototypes.detach().clone()
     consult = file_consult([verdict(j, "reject", 1, "tester") for j in rejected])
-    run = RevisionRun(model, config, RevisionConfig(rounds=1, epochs_per_round=1, batch_size=100, last_layer_epochs=1),
-                      data, tmp_path, consult, eval_sets={"val": data["val"]}, log=lambda s: None)
+    events = []
+    settings = RevisionSettings(rounds=1, epochs_per_round=1, batch_size=100, last_layer_epochs=1)
+    run = RevisionRun(model, config, settings, data, tmp_path, consult, eval_sets={"val": data["val"]},
+                      log=lambda s: None, progress=events.append)
     state = run.run()
+    assert [(e.round, e.rounds, e.epoch, e.epochs, e.stage) for e in events] == [(1, 1, 1, 1, "training"),
+                                                                                (1, 1, 1, 1, "round done")]
+    assert events[-1].eta_seconds == 0.0
     assert [a["prototype_id"] for a in state.antitypes] == rejected
     antitypes = torch.tensor([a["vector"] for a in state.antitypes])
     assert torch.equal(antitypes, start[rejected])  # antitypes are the rejected prototypes as they were
@@ -148,16 +154,24 @@ def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path
 def test_prototypedl_with_the_encoder_trained_keeps_its_decoder(tmp_path, tiny_checkpoint, mnist_root):
     """The decoder draws what the person judged: it stays as it was while the encoder trains."""
     from protoserve.verdicts import verdict
+    from revision.rounds import file_consult
     from training.data import load_dataset
-    from training.revision import file_consult
 
     model, config, _ = load_checkpoint(tiny_checkpoint)
     d = config.data
     data = load_dataset(mnist_root, d.dataset, d.val_size, d.split_seed, d.train_subset)
     decoder = {k: v.clone() for k, v in model.decoder.state_dict().items()}
     encoder = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    settings = RevisionConfig(rounds=1, epochs_per_round=1, batch_size=100, last_layer_epochs=1, freeze_encoder=False)
+    settings = RevisionSettings(rounds=1, epochs_per_round=1, batch_size=100, last_layer_epochs=1, freeze_encoder=False)
     RevisionRun(model, config, settings, data, tmp_path, file_consult([verdict(1, "reject", 1, "tester")]),
                 eval_sets={"val": data["val"]}, log=lambda s: None).run()
     assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in decoder.items())
     assert not all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in encoder.items())
+
+
+def test_the_eta_is_the_time_per_epoch_times_the_epochs_left():
+    from revision.rounds import eta_seconds
+
+    assert eta_seconds(10.0, 0, 4) is None
+    assert eta_seconds(10.0, 1, 4) == 30.0
+    assert eta_seconds(10.0, 4, 4) == 0.0

@@ -1,5 +1,5 @@
 """What interactive revision needs to know about each model family: one RevisionFamily per family,
-each the `revision` hooks of its entry in the family table (training/families.py).
+looked up by the name of its entry in the training family table (training/families.py).
 
 ProtoPNet: a prototype is a patch vector [D, 1, 1], pushed onto its nearest own-class patch; the
 last layer reads similarities; the encoder is the backbone plus the add-on layers.
@@ -20,16 +20,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.families import family, family_of
-from training.protopnet import ProtoPNet, protopnet_loss
-from training.prototypedl import PrototypeDL, class_identities, prototypedl_loss
-from training.push import push_prototypes, write_push_pictures
-from training.simulated_user import (
+from revision.simulated_user import (
     Judgement,
     box_judgements,
     clean_reference,
     decoded_judgements,
 )
+from training.families import FamilyError, family_of
+from training.protopnet import ProtoPNet, protopnet_loss
+from training.prototypedl import PrototypeDL, class_identities, prototypedl_loss
+from training.push import push_prototypes, write_push_pictures
 
 
 @dataclass
@@ -200,11 +200,17 @@ PROTOTYPEDL_REVISION = RevisionFamily(
 )
 
 
+REVISION_FAMILIES: dict[str, RevisionFamily] = {"protopnet": PROTOPNET_REVISION, "prototypedl": PROTOTYPEDL_REVISION}
+
+
 def revision_family(model) -> RevisionFamily:
     """The revision hooks of a built model's family (its entry in training/families.py)."""
-    return family_of(model).revision_hooks()
+    return revision_family_named(family_of(model).name)
 
 
 def revision_family_named(name: str) -> RevisionFamily:
-    return family(name).revision_hooks()
+    """The revision hooks of the training family called `name`; a family without hooks is refused."""
+    if name not in REVISION_FAMILIES:
+        raise FamilyError(f"family {name!r} has no revision hooks (revision/families.py REVISION_FAMILIES)")
+    return REVISION_FAMILIES[name]
 

@@ -2,9 +2,9 @@
 
 import torch
 
+from revision.prune import nearest_labels, prune_candidates
 from training.checkpoint import load_checkpoint
 from training.data import load_dataset
-from training.prune import nearest_labels, prune_candidates
 
 
 def test_prune_rule_by_hand():

@@ -10,10 +10,11 @@
                         (last layer frozen; the encoder frozen or trained by config)
         push, then re-fit the last layer (masked columns held at zero); judge
     Modes "mask" and "prune" run one round without training: the rejected (mask) or the
-    automatically pruned (prune, training/prune.py) prototypes are masked and the last layer re-fitted.
+    automatically pruned (prune, revision/prune.py) prototypes are masked and the last layer re-fitted.
 
 After every round the whole state (model, optimizer, antitypes, verdicts, RNGs, figures) goes to
-<out>/revision_last.pt, so an interrupted revision resumes at the next round exactly.
+<out>/revision_last.pt, so an interrupted revision resumes at the next round exactly. Where the
+rounds are goes to a `progress` callback as ProgressEvent values; the log lines are for people.
 """
 
 from __future__ import annotations
@@ -25,47 +26,44 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
-from protoserve.verdicts import Verdict, parse_verdict, rejected_ids
+from protoserve.revision_settings import RevisionSettings, one_line
+from protoserve.verdicts import Verdict, rejected_ids
+from revision.families import ObjectMasks, revision_family
+from revision.masking import fit_last_layer, mask_columns
+from revision.prune import nearest_labels, prune_candidates
+from revision.refine import con_cost, con_count, refine_cost
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import Config
 from training.data import Split
-from training.masking import fit_last_layer, mask_columns
-from training.prune import nearest_labels, prune_candidates
-from training.refine import REFINE_EPSILON, con_cost, con_count, refine_cost
-from training.revision_families import ObjectMasks, revision_family
 
-MODES = ("mask", "prune", "revise")
 STATE_FILE = "revision_last.pt"
-
-
-@dataclass
-class RevisionConfig:
-    mode: str = "revise"  # "mask" | "prune" | "revise"
-    rounds: int = 5  # N
-    epochs_per_round: int = 2  # M
-    freeze_encoder: bool = True
-    lambda_refine: float = 1.0  # lambda_3
-    lambda_con: float = 1.0  # lambda_4
-    refine_epsilon: float = REFINE_EPSILON
-    lr_prototypes: float = 3e-2  # Adam steps of this size let a prototype leave its antitype within an epoch
-    lr_encoder: float = 1e-3
-    last_layer_epochs: int = 5
-    lr_last_layer: float = 3e-3
-    batch_size: int = 100
-    eval_batch_size: int = 1000
-    seed: int = 0
-    all_rounds: bool = False  # train every round as Alg. 1 does, also after a round that rejects nothing
-
-    def check(self) -> None:
-        if self.mode not in MODES:
-            raise CheckpointError(f"revision mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.rounds < 1 or self.epochs_per_round < 0 or self.batch_size < 1:
-            raise CheckpointError("revision: rounds must be >= 1, epochs_per_round >= 0, batch_size >= 1")
-
 
 # consult(round, model, judgements or None) -> the verdicts given in that round
 Consult = Callable[[int, torch.nn.Module, list | None], list[Verdict]]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Where a revision is: epoch `epoch` of `epochs` in round `round` of `rounds`, and the time left."""
+
+    round: int
+    rounds: int
+    epoch: int
+    epochs: int
+    stage: str  # "training" after an epoch, "round done" after a round's push and re-fit
+    eta_seconds: float | None
+
+
+Progress = Callable[[ProgressEvent], None]
+
+
+def eta_seconds(elapsed: float, done: int, total: int) -> float | None:
+    """The time left when `done` of `total` epochs took `elapsed` seconds (None before the first)."""
+    if not done:
+        return None
+    return round(elapsed / done * (total - done), 1) if total > done else 0.0
 
 
 @dataclass
@@ -81,12 +79,12 @@ class RevisionState:
 class RevisionRun:
     """One revision of a model: rounds of consult, train, push, re-fit; resumable after any round."""
 
-    def __init__(self, model, config: Config, revision: RevisionConfig, data: dict[str, Split], out_dir: Path,
+    def __init__(self, model, config: Config, revision: RevisionSettings, data: dict[str, Split], out_dir: Path,
                  consult: Consult, masks: ObjectMasks | None = None, eval_sets: dict[str, Split] | None = None,
-                 parent_masked: list[int] | None = None, log=print):
-        revision.check()
+                 parent_masked: list[int] | None = None, log=print, progress: Progress | None = None):
         self.model, self.config, self.rc, self.data = model, config, revision, data
         self.out_dir, self.consult, self.masks, self.log = Path(out_dir), consult, masks, log
+        self.progress, self.started, self.first_round = progress or (lambda event: None), time.monotonic(), 0
         self.eval_sets = eval_sets or {"val": data["val"]}
         self.family = revision_family(model)
         self.state = RevisionState(masked=sorted(parent_masked or []))
@@ -105,8 +103,8 @@ class RevisionRun:
     # -- the rounds --------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> RevisionState:
         """Rounds up to revision.rounds (or only up to round stop_after, as an interruption would)."""
-        last = self.rc.rounds if self.rc.mode == "revise" else 1
-        last = min(last, stop_after or last)
+        self.started, self.first_round = time.monotonic(), self.state.round  # the ETA counts this run's epochs
+        last = min(self.rc.rounds_run, stop_after or self.rc.rounds_run)
         if not self.state.history:
             self.family.push(self.model, self.data["train"].images, self.data["train"].labels)
             self.state.history.append(self.figures(0, verdicts=[], seconds=0.0))
@@ -126,9 +124,9 @@ class RevisionRun:
             self.state.round = r
             self.state.history.append(self.figures(r, given, time.perf_counter() - started))
             self.log(self.describe(self.state.history[-1]))
+            self.report(r, self.epochs_per_round, "round done")
             self.save()
-        self.state.finished = self.state.finished or self.state.round >= (self.rc.rounds if self.rc.mode == "revise"
-                                                                          else 1)
+        self.state.finished = self.state.finished or self.state.round >= self.rc.rounds_run
         self.save()
         return self.state
 
@@ -148,6 +146,7 @@ class RevisionRun:
             for epoch in range(self.rc.epochs_per_round):
                 self.log(f"round {r} epoch {epoch + 1}/{self.rc.epochs_per_round}: "
                          + json.dumps({k: round(v, 4) for k, v in self.train_epoch().items()}))
+                self.report(r, epoch + 1, "training")
             self._push_fallback = self.family.push(self.model, self.data["train"].images, self.data["train"].labels,
                                                    self.antitype_tensor())
             if self._push_fallback:
@@ -156,6 +155,18 @@ class RevisionRun:
         self._heads = self.eval_heads()
         self._before_fine_tuning = self.accuracies(self._heads)
         self.fit_last_layer()
+
+    @property
+    def epochs_per_round(self) -> int:
+        """Epochs a round counts for progress: one in mask and prune mode, and when it trains none."""
+        return max(1, self.rc.epochs_per_round) if self.rc.mode == "revise" else 1
+
+    def report(self, r: int, epoch: int, stage: str) -> None:
+        """Tell the progress callback where the rounds are and the time left."""
+        epochs, rounds = self.epochs_per_round, self.rc.rounds_run
+        done, total = (r - 1 - self.first_round) * epochs + epoch, (rounds - self.first_round) * epochs
+        self.progress(ProgressEvent(r, rounds, epoch, epochs, stage,
+                                    eta_seconds(time.monotonic() - self.started, done, total)))
 
     def antitype_tensor(self) -> torch.Tensor:
         """Q [S, D]. A ProtoPNet antitype stands for the training patch it was rejected on: with the
@@ -281,15 +292,16 @@ class RevisionRun:
     # -- state -------------------------------------------------------------------------------
     def revision_record(self) -> dict:
         """What a checkpoint of the revised model carries: masked ids, antitypes, verdicts, figures."""
-        return {"masked": list(self.state.masked), "config": asdict(self.rc), "state": _plain_state(self.state),
-                "comparison": self.comparison()}
+        return {"masked": list(self.state.masked), "config": self.rc.model_dump(mode="json"),
+                "state": _plain_state(self.state), "comparison": self.comparison()}
 
     def lineage(self, parent: str | None = None, parent_checkpoint_sha256: str | None = None) -> dict:
         """The bundle manifest's `lineage` (bundle/manifest.py Lineage) of this revision."""
         return {"parent": parent, "parent_checkpoint_sha256": parent_checkpoint_sha256, "mode": self.rc.mode,
                 "rounds": self.state.round, "verdicts": list(self.state.verdicts),
                 "antitypes": list(self.state.antitypes), "masked": list(self.state.masked),
-                "config": asdict(self.rc), "comparison": self.comparison(), "history": list(self.state.history)}
+                "config": self.rc.model_dump(mode="json"), "comparison": self.comparison(),
+                "history": list(self.state.history)}
 
     def save_revised(self, path: Path, parent: str | None = None, parent_checkpoint_sha256: str | None = None) -> None:
         """The revised model's checkpoint: what `protoserve export` turns into a bundle with lineage."""
@@ -311,8 +323,11 @@ class RevisionRun:
         model, _, payload = load_checkpoint(path, expect_config=self.config)
         record, state = payload.get("revision") or {}, payload.get("training_state") or {}
         # A setting added after the state was written takes its default: what the revision did then.
-        started = {**asdict(RevisionConfig()), **(record.get("config") or {})}
-        if started != asdict(self.rc):
+        try:
+            started = RevisionSettings.model_validate(record.get("config") or {})
+        except ValidationError as e:
+            raise CheckpointError(f"{path}: its revision settings do not validate: {one_line(e)}") from None
+        if started != self.rc:
             raise CheckpointError(f"{path}: the revision was started with a different revision config "
                                   f"({record.get('config')}); resume with the same settings")
         self.model.load_state_dict(model.state_dict())
@@ -359,11 +374,3 @@ def load_revision_record(payload: dict) -> dict:
     """A checkpoint payload's revision record ({} for a model never revised)."""
     return payload.get("revision") or {}
 
-
-def verdicts_of(record: dict) -> list[Verdict]:
-    return [parse_verdict(v, "checkpoint revision record") for v in (record.get("state") or {}).get("verdicts", [])]
-
-
-def mask_model(model, masked: list[int]) -> None:
-    """Apply a record's masked ids to a freshly loaded model (their columns are already zero)."""
-    mask_columns(model.last_layer, masked)

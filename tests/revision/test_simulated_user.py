@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from training.simulated_user import box_judgements, clean_reference, decoded_judgements
+from revision.simulated_user import box_judgements, clean_reference, decoded_judgements
 
 
 def test_box_rule_rejects_only_boxes_off_the_object():

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from training.refine import con_cost, con_count, refine_cost
+from revision.refine import con_cost, con_count, refine_cost
 
 
 def test_refine_matches_hand_computation():

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-REFINE_EPSILON = 1e-4  # the same eps as ProtoPNet's similarity, so Refine of a coinciding pair is 1
+from protoserve.revision_settings import REFINE_EPSILON
 
 
 def refine_cost(prototypes: torch.Tensor, antitypes: torch.Tensor, eps: float = REFINE_EPSILON) -> torch.Tensor:

@@ -8,10 +8,11 @@ import torch
 from bundle.runtime import open_session
 from export.build import export_bundle
 from export.onnx_export import PROTOTYPE_INITIALIZER, prototype_vectors, replace_initializer
+from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
+from revision.rounds import RevisionRun, file_consult
 from training.checkpoint import load_checkpoint
 from training.data import Split
-from training.revision import RevisionConfig, RevisionRun, file_consult
 from training.train_protopnet import load_run_data
 
 MASKED = [0, 5]
@@ -23,7 +24,7 @@ def _masked_run(checkpoint, mnist_root, out):
     small = {"val": Split(data["val"].images[:200], data["val"].labels[:200])}
     consult = file_consult([verdict(j, "reject", 1, "tester", note="background") for j in MASKED]
                            + [verdict(1, "accept", 1, "tester")])
-    run = RevisionRun(model, config, RevisionConfig(mode="mask", last_layer_epochs=2, batch_size=100), data, out,
+    run = RevisionRun(model, config, RevisionSettings(mode="mask", last_layer_epochs=2, batch_size=100), data, out,
                       consult, eval_sets=small, log=lambda s: None)
     run.run()
     return run, model, data

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from protoserve.verdicts import Verdict, append_verdicts, verdict
-from training.revision_families import revision_family
+from revision.families import revision_family
 
 ANSWERS = {"a": "accept", "r": "reject", "u": "unsure", "s": None, "q": "quit"}
 
@@ -38,7 +38,7 @@ def ask(prompt: str, read: Callable[[str], str]) -> str | None:
 
 def terminal_consult(verdict_path: Path, pictures_dir: Path, reviewer: str, train=None,
                      read: Callable[[str], str] = input, write=print):
-    """A Consult (training/revision.py) that asks a person about each active prototype."""
+    """A Consult (revision/rounds.py) that asks a person about each active prototype."""
 
     def consult(r: int, model, judgements) -> list[Verdict]:
         family = revision_family(model)
