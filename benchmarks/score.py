@@ -38,7 +38,7 @@ from inference.model import classifier_outputs  # noqa: E402
 from scoring.job import JobSpec  # noqa: E402
 from scoring.local_engine import default_workers  # noqa: E402
 from scoring.rows import RUN_BATCH  # noqa: E402
-from scoring.run import run_job  # noqa: E402
+from scoring.run import run_scoring_job  # noqa: E402
 
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
 
@@ -81,7 +81,7 @@ def job_rate(bundle: Path, inputs: list[Path], work: Path, workers: int) -> tupl
     converting, scoring, committing chunks, assembling the Parquet output."""
     out = work / "mnist70k.parquet"
     started, cpu = time.perf_counter(), time.process_time()
-    summary = run_job(JobSpec(str(bundle), [str(p) for p in inputs], out, workers=workers), restart=True,
+    summary = run_scoring_job(JobSpec(str(bundle), [str(p) for p in inputs], out, workers=workers), restart=True,
                       progress=False)
     assert summary.images == 70_000, summary
     return _rate(summary.images, started, cpu)

@@ -147,7 +147,7 @@ def _score(args) -> None:
 
     from scoring.job import CHUNK_SIZE, JobSpec
     from scoring.metrics import publish
-    from scoring.run import run_job
+    from scoring.run import run_scoring_job
 
     spec = JobSpec(model=args.model, inputs=args.input, output=Path(args.output), top_k=args.top_k,
                    chunk_size=CHUNK_SIZE if args.chunk_size is None else args.chunk_size, workers=args.workers,
@@ -155,7 +155,7 @@ def _score(args) -> None:
                    image_column=args.image_column)
     started = time.time()
     try:
-        summary = run_job(spec, engine=args.engine, restart=args.restart, progress=not args.quiet,
+        summary = run_scoring_job(spec, engine=args.engine, restart=args.restart, progress=not args.quiet,
                           ray_address=args.ray_address)
     except ProtoserveError:
         if args.pushgateway or args.metrics_file:
@@ -193,7 +193,7 @@ def _serve(args) -> None:
 
         read_bundle(env.get("PROTOSERVE_BUNDLE") or DEFAULT_BUNDLE)  # one readable line before BentoML starts
     os.chdir(repo)
-    command = [sys.executable, "-m", "bentoml", "serve", "service.service:Protoserve", "--host", args.host,
+    command = [sys.executable, "-m", "bentoml", "serve", "service.api:Protoserve", "--host", args.host,
                "--port", str(args.port)]
     os.execve(sys.executable, command, env)
 

@@ -51,7 +51,7 @@ def running_service(bundle: Path, port: int, log: Path, timeout: float = 180.0, 
     url = f"http://127.0.0.1:{port}"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service.service:Protoserve",
+        process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service.api:Protoserve",
                                     "--host", host, "--port", str(port)], cwd=REPO, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:

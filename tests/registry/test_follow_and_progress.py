@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from protoserve.verdicts import verdict
-from service.serving import ActiveVersionFollower
+from service.served_version import ActiveVersionFollower
 from worker.revision_job import Heartbeat
 
 

@@ -1,4 +1,4 @@
-"""The predict-and-explain service: `bentoml serve service.service:Protoserve`.
+"""The predict-and-explain service: `bentoml serve service.api:Protoserve`.
 
 One BentoML service, two workers, each with its own ONNX Runtime sessions (GPU when a session
 really gets one). /predict has adaptive batching: the public API checks and converts the images,
@@ -10,7 +10,7 @@ answers both routes through the same handlers the APIs call (answer_predict, ans
 request it has already parsed, instead of handing the body on to BentoML's routing and validation
 (README "Serving speed" has the trade-off).
 
-A worker serves one version at a time (service/serving.py): a fixed bundle, or with a registry
+A worker serves one version at a time (service/served_version.py): a fixed bundle, or with a registry
 (PROTOSERVE_REGISTRY) the registry's active version, followed without a restart; every answer names
 the version that computed it. With a registry the review API and page are mounted at /review
 (service/review.py).
@@ -47,7 +47,7 @@ from service.metrics import count_out_of_domain, count_rejection, labelled, metr
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
 from service.openapi import OVERLOADED, api_document
 from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
-from service.serving import ActiveVersionFollower, ServedVersion, initial_location, served_version
+from service.served_version import ActiveVersionFollower, ServedVersion, initial_location, served_version
 
 log = logging.getLogger("protoserve.service")
 log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from loggers not its own
