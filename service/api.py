@@ -44,7 +44,7 @@ from protoserve.errors import InputError
 from registry.versions import registry_location
 from service.batching import AdaptiveBatcher, Overloaded
 from service.metrics import count_out_of_domain, count_rejection, labelled, metrics, record_answers
-from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
+from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate, ServiceHandle
 from service.openapi import OVERLOADED, api_document
 from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
 from service.served_version import ActiveVersionFollower, ServedVersion, initial_location, served_version
@@ -75,6 +75,8 @@ SERVICE_NAME = "protoserve"
 # The header BentoML puts on its API answers, on the answers the request gate gives itself too.
 SERVER_HEADER = {"server": f"BentoML Service/{SERVICE_NAME}"}
 UNEXPECTED = "An unexpected error has occurred, please check the server log."  # BentoML's 500 body
+# How the request gate reaches this worker's Protoserve instance, which registers itself when built.
+SERVICE_HANDLE = ServiceHandle()
 
 INPUT_DOC = """IMAGE is a base64 PNG/JPEG string (a data: URL is fine) or a nested numeric array
 ([H][W] for one-channel models, or [C][H][W], of exactly the model's size, values in its value
@@ -113,8 +115,7 @@ class Protoserve:
         self.abstain = abstain_default()
         self.current = self._prepare(served_version(load_model(path), generation))
         self.follower = None
-        global _worker
-        _worker = self
+        SERVICE_HANDLE.register(self)  # the request gate reaches this instance from here on
 
     def _prepare(self, v: ServedVersion) -> ServedVersion:
         """Give a loaded version its batcher, answer headers, out-of-domain rule and metric series (before
@@ -178,6 +179,17 @@ class Protoserve:
         if self.follower is not None and self.follower.failed:
             held["not_loaded"] = list(self.follower.failed.values())[-3:]
         return held
+
+    async def answer_route(self, route: str, request: dict) -> JSONResponse:
+        """Answer an image route for the request gate (service/middleware.py): the same handler the BentoML API
+        calls, given the fields of the parsed request the API declares (BentoML ignores any other), an
+        unexpected error answered as BentoML answers it."""
+        name = route.lstrip("/")
+        try:
+            return await getattr(self, f"answer_{name}")(**{k: request[k] for k in _API_FIELDS[name] if k in request})
+        except Exception:
+            log.exception("Exception on %s [POST]", route)
+            return JSONResponse({"error": UNEXPECTED}, 500, SERVER_HEADER)
 
     def _classify(self, v: ServedVersion, images: np.ndarray) -> np.ndarray:
         """/predict's session run: [N, C, H, W] model input -> [N, K + M + 2]: the probabilities, the distances
@@ -377,29 +389,6 @@ def quality_summary(manifest) -> dict | None:
     return manifest.quality.model_dump(mode="json", exclude={"prototypes"})
 
 
-_worker = None  # this worker's Protoserve instance, for /readyz (service/middleware.py)
-
-
-def describe_worker() -> dict | None:
-    """The version this worker serves, or None before its instance exists (not ready)."""
-    return _worker.describe() if _worker is not None else None
-
-
-async def answer_in_gate(route: str, request: dict) -> JSONResponse | None:
-    """Answer an image route from the request gate (service/middleware.py): the same handler the BentoML
-    API calls, given the fields of the parsed request the API declares (BentoML ignores any other), an
-    unexpected error answered as BentoML answers it. None before the worker's instance exists."""
-    worker = _worker
-    if worker is None:
-        return None
-    name = route.lstrip("/")
-    try:
-        return await getattr(worker, f"answer_{name}")(**{k: request[k] for k in _API_FIELDS[name] if k in request})
-    except Exception:
-        log.exception("Exception on %s [POST]", route)
-        return JSONResponse({"error": UNEXPECTED}, 500, SERVER_HEADER)
-
-
 if registry_location() is not None:  # the review API and page exist only where there is a registry to review
     from service.review import app as review_app  # FastAPI and the review models: only where they are served
 
@@ -414,12 +403,12 @@ def _document() -> dict:
     return api_document(Protoserve.openapi_spec.asdict(), _manifest, DEFAULT_LIMITS.max_batch, MAX_TASK_IMAGES)
 
 
-# The request gate answers the image routes itself (answer_in_gate), except with tracing on for them: then
-# BentoML's API layer answers, with its request id header.
+# The request gate answers the image routes itself (Protoserve.answer_route), except with tracing on for
+# them: then BentoML's API layer answers, with its request id header.
 _API_FIELDS = {name: tuple(Protoserve.apis[name].input_spec.model_fields) for name in ("predict", "explain")}
 Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
                                model={"name": _manifest.name, "version": _manifest.version}, document=_document,
-                               describe=describe_worker, answer=None if TRACE_IMAGE_ROUTES else answer_in_gate)
+                               service=SERVICE_HANDLE, answer_images=not TRACE_IMAGE_ROUTES)
 Protoserve.add_asgi_middleware(ScoreGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)  # /score_batch submissions
 for _api in ("predict", "explain"):  # the OpenAPI description of the image routes
     Protoserve.apis[_api].doc = f"{Protoserve.apis[_api].doc}\n\n{INPUT_DOC}"
