@@ -170,28 +170,28 @@ def _score(args) -> None:
 
 
 def _serve(args) -> None:
-    import os
-
     from bundle.manifest import read_bundle
+    from protoserve.settings import Settings, environ
 
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ)
     if args.bundle:
-        env["PROTOSERVE_BUNDLE"] = str(Path(args.bundle).resolve())
+        env.update(environ(bundle=Path(args.bundle).resolve()))
     if args.model:
-        env["PROTOSERVE_MODEL_TAG"] = args.model
+        env.update(environ(model_tag=args.model))
     if args.registry:
-        env["PROTOSERVE_REGISTRY"] = str(Path(args.registry).resolve())
-    env.update({"PROTOSERVE_DEVICE": args.device, "PROTOSERVE_WORKERS": str(args.workers),
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))})
-    if env.get("PROTOSERVE_REGISTRY"):
+        env.update(environ(registry=Path(args.registry).resolve()))
+    env.update(environ(device=args.device, workers=args.workers))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    served = Settings.from_env(env)  # a bad PROTOSERVE_* value: one readable line before BentoML starts
+    if served.registry is not None:
         from registry.versions import Registry
 
-        read_bundle(Registry(env["PROTOSERVE_REGISTRY"]).active_bundle())  # one readable line before BentoML
+        read_bundle(Registry(served.registry).active_bundle())  # one readable line before BentoML
     elif not args.model:
         from inference.model import DEFAULT_BUNDLE
 
-        read_bundle(env.get("PROTOSERVE_BUNDLE") or DEFAULT_BUNDLE)  # one readable line before BentoML starts
+        read_bundle(served.bundle or DEFAULT_BUNDLE)  # one readable line before BentoML starts
     os.chdir(repo)
     command = [sys.executable, "-m", "bentoml", "serve", "service.api:Protoserve", "--host", args.host,
                "--port", str(args.port)]

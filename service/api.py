@@ -27,7 +27,7 @@ import numpy as np
 from starlette.responses import JSONResponse
 
 from bundle.manifest import read_bundle
-from inference.domain import abstain_default, abstention, domain_fields, domain_rule, parse_flag
+from inference.domain import abstention, domain_fields, domain_rule, parse_flag
 from inference.explain import (
     heatmap_overlay,
     nearest_prototypes,
@@ -41,6 +41,7 @@ from inference.model import load_model
 from inference.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
 from protoserve.blas import one_blas_thread
 from protoserve.errors import InputError
+from protoserve.settings import settings
 from registry.versions import registry_location
 from service.batching import AdaptiveBatcher, Overloaded
 from service.metrics import count_out_of_domain, count_rejection, labelled, metrics, record_answers
@@ -52,25 +53,22 @@ from service.served_version import ActiveVersionFollower, ServedVersion, initial
 log = logging.getLogger("protoserve.service")
 log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from loggers not its own
 
-# Adaptive batching: batches of up to 64 images (the per-request limit too). BentoML's dispatcher
+# Read when `bentoml serve` imports this module: the service's shape (workers, logging, tracing) is fixed then.
+SETTINGS = settings()
+# Adaptive batching: batches of up to the per-request image limit by default. BentoML's dispatcher
 # decides how long to wait for a batch to fill from its own latency model; max_latency_ms is the cap
-# past which it answers 503, so it is set well above what a loaded 2-core machine needs rather than
-# as a wait time.
-MAX_BATCH_SIZE = int(os.environ.get("PROTOSERVE_MAX_BATCH_SIZE", str(DEFAULT_LIMITS.max_batch)))
-MAX_LATENCY_MS = int(os.environ.get("PROTOSERVE_MAX_LATENCY_MS", "2000"))
-WORKERS = int(os.environ.get("PROTOSERVE_WORKERS", "2"))
-# /predict calls of up to this many images are merged with the others that arrive in the same turns of
-# the event loop and run on the loop (service/batching.py): a few small images run in less time than a
-# hand-off to a thread takes. Larger calls go through BentoML's adaptive batching, in a thread.
-INLINE_MAX_SIZE = int(os.environ.get("PROTOSERVE_INLINE_MAX_SIZE", "8"))
+# past which it answers 503, so it is set well above what a loaded machine needs rather than as a
+# wait time.
+MAX_BATCH_SIZE = SETTINGS.max_batch_size or DEFAULT_LIMITS.max_batch
+# /predict calls of up to SETTINGS.inline_max_size images are merged with the others that arrive in the
+# same turns of the event loop and run on the loop (service/batching.py): a few small images take less
+# time than a hand-off to a thread. Larger calls go through BentoML's adaptive batching, in a thread.
 
 # BentoML's per-request work that this service does not need by default: the access log (a formatted
 # log line per request) and OpenTelemetry spans on the image routes (sampled at rate 0 unless tracing
-# is configured, but still built per request).
-# PROTOSERVE_ACCESS_LOG=1 and PROTOSERVE_TRACE_IMAGE_ROUTES=1 turn them back on.
-ACCESS_LOG = os.environ.get("PROTOSERVE_ACCESS_LOG", "0") == "1"
-TRACE_IMAGE_ROUTES = os.environ.get("PROTOSERVE_TRACE_IMAGE_ROUTES", "0") == "1"
-UNTRACED = [] if TRACE_IMAGE_ROUTES else ["/predict", "/explain"]
+# is configured, but still built per request). PROTOSERVE_ACCESS_LOG=1 and PROTOSERVE_TRACE_IMAGE_ROUTES=1
+# turn them back on.
+UNTRACED = [] if SETTINGS.trace_image_routes else ["/predict", "/explain"]
 SERVICE_NAME = "protoserve"
 # The header BentoML puts on its API answers, on the answers the request gate gives itself too.
 SERVER_HEADER = {"server": f"BentoML Service/{SERVICE_NAME}"}
@@ -102,8 +100,8 @@ to the ink, fit it into 20x20, centre it by mass in 28x28): for photographed or 
 a model without a canonical form refuses it (reason no_canonical_form)."""
 
 
-@bentoml.service(name=SERVICE_NAME, workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60},
-                 logging={"access": {"enabled": ACCESS_LOG}}, tracing={"excluded_urls": UNTRACED})
+@bentoml.service(name=SERVICE_NAME, workers=SETTINGS.workers, resources={"gpu": 1}, traffic={"timeout": 60},
+                 logging={"access": {"enabled": SETTINGS.access_log}}, tracing={"excluded_urls": UNTRACED})
 class Protoserve:
     """Predict and explain with a prototype network; every answer names the model and its version."""
 
@@ -112,7 +110,7 @@ class Protoserve:
         path, generation, self.registry = initial_location()
         one_blas_thread()  # concurrency comes from workers and the batcher; BLAS threads would only spin
         self.worker_header = {"x-protoserve-worker": str(os.getpid())}
-        self.abstain = abstain_default()
+        self.abstain = settings().abstain  # PROTOSERVE_ABSTAIN: the requests' default
         self.current = self._prepare(served_version(load_model(path), generation))
         self.follower = None
         SERVICE_HANDLE.register(self)  # the request gate reaches this instance from here on
@@ -126,10 +124,10 @@ class Protoserve:
         def observe_batch(size: int) -> None:
             labelled(metrics().batch_size, *v.model_id).observe(size)
 
-        v.classify = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
-                                     observe_batch, coalesce_max_size=INLINE_MAX_SIZE)
-        v.score = AdaptiveBatcher(lambda images: self._outputs(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
-                                  observe_batch)
+        latency = SETTINGS.max_latency_ms
+        v.classify = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, latency,
+                                     observe_batch, coalesce_max_size=SETTINGS.inline_max_size)
+        v.score = AdaptiveBatcher(lambda images: self._outputs(v, images), MAX_BATCH_SIZE, latency, observe_batch)
         v.headers = {**SERVER_HEADER, **self.worker_header, "x-model-version": v.version}
         v.domain = domain_rule(v.manifest, v.active)  # None: the bundle has no calibration
         # The explanation-quality report's per-prototype figures (None each when the bundle has no report).
@@ -408,7 +406,7 @@ def _document() -> dict:
 _API_FIELDS = {name: tuple(Protoserve.apis[name].input_spec.model_fields) for name in ("predict", "explain")}
 Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
                                model={"name": _manifest.name, "version": _manifest.version}, document=_document,
-                               service=SERVICE_HANDLE, answer_images=not TRACE_IMAGE_ROUTES)
+                               service=SERVICE_HANDLE, answer_images=not SETTINGS.trace_image_routes)
 Protoserve.add_asgi_middleware(ScoreGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)  # /score_batch submissions
 for _api in ("predict", "explain"):  # the OpenAPI description of the image routes
     Protoserve.apis[_api].doc = f"{Protoserve.apis[_api].doc}\n\n{INPUT_DOC}"
