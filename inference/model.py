@@ -49,7 +49,7 @@ class LoadedModel:
     provider: str
     active: np.ndarray  # [M] bool, False for masked prototypes
     # quantile -> nearest-prototype distance on the bundle's test set (its manifest; the probe images
-    # for a bundle exported before the manifest carried them): the drift alert's reference
+    # for a bundle whose manifest carries none): the drift alert's reference
     reference_distance: dict[str, float] = field(default_factory=dict)
     # model.onnx cut to the outputs classify asks for (classifier_outputs), when it gives the same numbers
     # as the whole graph on the probe images: ONNX Runtime runs every node of a graph on every call, and

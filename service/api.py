@@ -7,8 +7,8 @@ one session run (small calls on the event loop, many-image calls through BentoML
 dispatcher); the answer keeps the public shape of ARCHITECTURE.md.
 /explain runs its one image directly: there is nothing to batch. The request gate (service/middleware.py)
 answers both routes through the same handlers the APIs call (answer_predict, answer_explain), with the
-request it has already parsed, instead of handing the body on to BentoML's routing and validation
-(README "Serving speed" has the trade-off).
+request it has already parsed, instead of handing the body on to BentoML's routing and validation,
+which would parse the body again to call the same handler.
 
 A worker serves one version at a time (service/served_version.py): a fixed bundle, or with a registry
 (PROTOSERVE_REGISTRY) the registry's active version, followed without a restart; every answer names
@@ -157,8 +157,8 @@ class Protoserve:
     async def follow_registry(self) -> None:
         """In registry mode, poll the registry and switch to the active version when it changes. Then
         freeze what the worker built at startup out of the garbage collector's reach: a full collection
-        would walk every object of BentoML, numpy and the model again and again (tens of milliseconds,
-        every request of the worker waiting); the first version switch unfreezes them."""
+        would walk every object of BentoML, numpy and the model again and again, every request of the
+        worker waiting; the first version switch unfreezes them."""
         gc.collect()
         gc.freeze()  # before the follower starts: its first switch unfreezes
         if self.registry is not None:
@@ -211,7 +211,7 @@ class Protoserve:
         return np.concatenate(v.model.classify(images.astype(np.float32, copy=False), v.features), axis=1)
 
     # The APIs return their JSON as a ready JSONResponse: BentoML passes a Response through, where for
-    # a dict it rebuilds the return type's JSON schema on every response (README "Serving speed"). The
+    # a dict it rebuilds the return type's JSON schema on every response. The
     # request and answer shapes are documented by service/openapi.py. The image routes set their status
     # and headers on that response and take no bentoml.Context: BentoML copies a context's status,
     # headers and cookies onto every response of an API that has one.
