@@ -47,7 +47,7 @@ PARTS = (
     ("protoserve gate (middleware)", ("service/middleware.py",)),
     ("batching (dispatcher, threads)", ("service/batching.py", "marshal/dispatcher.py", "anyio/", "threading.py",
                                         "concurrent/futures")),
-    ("protoserve API code", ("service/service.py", "numpy/")),
+    ("protoserve API code", ("service/api.py", "numpy/")),
     ("BentoML request handling (validation, context, middleware)", ("_bentoml_sdk/", "_bentoml_impl/", "bentoml/",
                                                                     "pydantic", "starlette/", "opentelemetry/")),
     ("HTTP + event loop (uvicorn, httptools, asyncio)", ("uvicorn/", "httptools", "asyncio/", "uvloop")),
@@ -89,7 +89,7 @@ def asgi_app(system: str):
     if system == "floor":
         from benchmarks.floor_service import Floor as service
     else:
-        from service.service import Protoserve as service
+        from service.api import Protoserve as service
     return service.to_asgi(is_main=True)
 
 

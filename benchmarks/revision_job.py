@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from protoserve.revision_settings import RevisionSettings  # noqa: E402
+from protoserve.settings import settings  # noqa: E402
 from protoserve.verdicts import verdict  # noqa: E402
 from registry.versions import Registry  # noqa: E402
 
@@ -77,7 +78,7 @@ def job_figures(registry: Registry, job_id: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root", default=os.environ.get("PROTOSERVE_DATA_ROOT"), help="MNIST IDX files")
+    p.add_argument("--data-root", default=settings().data_root, help="MNIST IDX files")
     p.add_argument("--reject", type=int, nargs=2, default=[6, 0], metavar="ID", help="the two prototypes rejected")
     p.add_argument("--modes", nargs="+", default=["mask", "revise"], choices=["mask", "revise"])
     p.add_argument("--keep", action="store_true", help="keep the temporary registry and the worker log")

@@ -35,10 +35,11 @@ from bundle.manifest import read_bundle  # noqa: E402
 from bundle.runtime import open_session  # noqa: E402
 from bundle.subgraph import restrict_outputs  # noqa: E402
 from inference.model import classifier_outputs  # noqa: E402
+from protoserve.settings import settings  # noqa: E402
 from scoring.job import JobSpec  # noqa: E402
 from scoring.local_engine import default_workers  # noqa: E402
 from scoring.rows import RUN_BATCH  # noqa: E402
-from scoring.run import run_job  # noqa: E402
+from scoring.run import run_scoring_job  # noqa: E402
 
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
 
@@ -81,7 +82,7 @@ def job_rate(bundle: Path, inputs: list[Path], work: Path, workers: int) -> tupl
     converting, scoring, committing chunks, assembling the Parquet output."""
     out = work / "mnist70k.parquet"
     started, cpu = time.perf_counter(), time.process_time()
-    summary = run_job(JobSpec(str(bundle), [str(p) for p in inputs], out, workers=workers), restart=True,
+    summary = run_scoring_job(JobSpec(str(bundle), [str(p) for p in inputs], out, workers=workers), restart=True,
                       progress=False)
     assert summary.images == 70_000, summary
     return _rate(summary.images, started, cpu)
@@ -175,8 +176,7 @@ def memory(bundle: Path, data_root: Path, sizes: list[int], workers: int) -> lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default=str(REPO / "models" / "prototypedl_mnist" / "bundle"))
-    parser.add_argument("--data-root", default=os.environ.get("PROTOSERVE_DATA_ROOT",
-                                                              str(REPO.parent / "shared" / "data" / "mnist")))
+    parser.add_argument("--data-root", default=str(settings().data_root or REPO.parent / "shared" / "data" / "mnist"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0, help="job sessions (default: one per core)")
     parser.add_argument("--sizes", default="10000,100000,1000000")

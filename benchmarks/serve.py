@@ -5,7 +5,7 @@
 
 Four systems in one run, on the same test digit (a 28x28 PNG, base64 in JSON, one image per call):
   raw ORT       the bundle's model.onnx in this process, session.run on one image (the limit)
-  protoserve    `bentoml serve service.service:Protoserve` (2 API workers, adaptive batching)
+  protoserve    `bentoml serve service.api:Protoserve` (2 API workers, adaptive batching)
   floor         `bentoml serve benchmarks.floor_service:Floor`: bare BentoML with protoserve's settings
                 answering a fixed JSON of /predict's shape (no middleware, decoding, model or metrics):
                 what the framework itself costs per request; protoserve is reported as a ratio of it
@@ -186,7 +186,7 @@ def start_protoserve(bundle: Path, log: Path, **env_extra: str) -> tuple[Server,
     port = free_port()
     env = {**os.environ, "PROTOSERVE_BUNDLE": str(bundle.resolve()), "PYTHONPATH": str(REPO),
            "BENTOML_DO_NOT_TRACK": "True", **env_extra}
-    command = [sys.executable, "-m", "bentoml", "serve", "service.service:Protoserve", "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "bentoml", "serve", "service.api:Protoserve", "--host", "127.0.0.1",
                "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     return Server(command, env, f"{url}/readyz", log), url

@@ -168,7 +168,7 @@ def _score(args) -> None:
 
     from scoring.job import CHUNK_SIZE, JobSpec
     from scoring.metrics import publish
-    from scoring.run import run_job
+    from scoring.run import run_scoring_job
 
     spec = JobSpec(model=args.model, inputs=args.input, output=Path(args.output), top_k=args.top_k,
                    chunk_size=CHUNK_SIZE if args.chunk_size is None else args.chunk_size, workers=args.workers,
@@ -176,7 +176,7 @@ def _score(args) -> None:
                    image_column=args.image_column)
     started = time.time()
     try:
-        summary = run_job(spec, engine=args.engine, restart=args.restart, progress=not args.quiet,
+        summary = run_scoring_job(spec, engine=args.engine, restart=args.restart, progress=not args.quiet,
                           ray_address=args.ray_address)
     except ProtoserveError:
         if args.pushgateway or args.metrics_file:
@@ -191,30 +191,30 @@ def _score(args) -> None:
 
 
 def _serve(args) -> None:
-    import os
-
     from bundle.manifest import read_bundle
+    from protoserve.settings import Settings, environ
 
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ)
     if args.bundle:
-        env["PROTOSERVE_BUNDLE"] = str(Path(args.bundle).resolve())
+        env.update(environ(bundle=Path(args.bundle).resolve()))
     if args.model:
-        env["PROTOSERVE_MODEL_TAG"] = args.model
+        env.update(environ(model_tag=args.model))
     if args.registry:
-        env["PROTOSERVE_REGISTRY"] = str(Path(args.registry).resolve())
-    env.update({"PROTOSERVE_DEVICE": args.device, "PROTOSERVE_WORKERS": str(args.workers),
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))})
-    if env.get("PROTOSERVE_REGISTRY"):
+        env.update(environ(registry=Path(args.registry).resolve()))
+    env.update(environ(device=args.device, workers=args.workers))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    served = Settings.from_env(env)  # a bad PROTOSERVE_* value: one readable line before BentoML starts
+    if served.registry is not None:
         from registry.versions import Registry
 
-        read_bundle(Registry(env["PROTOSERVE_REGISTRY"]).active_bundle())  # one readable line before BentoML
+        read_bundle(Registry(served.registry).active_bundle())  # one readable line before BentoML
     elif not args.model:
         from inference.model import DEFAULT_BUNDLE
 
-        read_bundle(env.get("PROTOSERVE_BUNDLE") or DEFAULT_BUNDLE)  # one readable line before BentoML starts
+        read_bundle(served.bundle or DEFAULT_BUNDLE)  # one readable line before BentoML starts
     os.chdir(repo)
-    command = [sys.executable, "-m", "bentoml", "serve", "service.service:Protoserve", "--host", args.host,
+    command = [sys.executable, "-m", "bentoml", "serve", "service.api:Protoserve", "--host", args.host,
                "--port", str(args.port)]
     os.execve(sys.executable, command, env)
 

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from registry.versions import ENV as REGISTRY_ENV
+from protoserve.settings import environ, settings
 from registry.versions import Registry
 from service.demo import REPO, running_service, stop
 
@@ -34,9 +34,9 @@ def run_review(bundle: Path, checkpoint: Path, root: Path, port: int, data_root:
             write_neighbours(registry, row.version, data_root)
         except Exception as e:  # the page works without them (no training install, no data)
             print(f"nearest training images not computed ({type(e).__name__}: {e})")
-    key = os.environ.get("PROTOSERVE_ADMIN_KEY") or secrets.token_urlsafe(18)
-    made = "PROTOSERVE_ADMIN_KEY" not in os.environ
-    env = {"PROTOSERVE_ADMIN_KEY": key, REGISTRY_ENV: str(root.resolve()), "PROTOSERVE_WORKERS": "2"}
+    key = settings().admin_key or secrets.token_urlsafe(18)
+    made = settings().admin_key is None
+    env = environ(admin_key=key, registry=root.resolve(), workers=2)
     worker_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
     log_dir = root.parent
     worker_cmd = [sys.executable, "-m", "cli.main", "worker", "--registry", str(root.resolve())]

@@ -22,13 +22,12 @@ scored higher (1: as typical as they come, 0: beyond every validation image).
 
 Abstention (the request option "abstain", or PROTOSERVE_ABSTAIN=1 for every request): an
 out-of-domain answer withholds its label and says why; the nearest prototypes are still shown.
-A bundle without calibration (exported before it existed) answers in_domain and typicality null
+A bundle without calibration answers in_domain and typicality null
 and never abstains: the service cannot say, so it does not pretend to.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +45,6 @@ from protoserve.domain_scores import (
 )
 from protoserve.errors import InputError
 
-ABSTAIN_ENV = "PROTOSERVE_ABSTAIN"
 ABSTAIN_REASON = "out_of_domain"
 
 
@@ -139,11 +137,6 @@ def rule_of(c: DomainCalibration, active: np.ndarray, class_of: np.ndarray) -> D
     return DomainRule(c, active, class_of, array(c.quantiles), levels, 1.0 - levels, class_means=array(c.class_means),
                       precision=array(c.precision), components=components, feature_means=array(c.feature_means),
                       feature_precision=array(c.feature_precision), **joint)
-
-
-def abstain_default() -> bool:
-    """The service setting: PROTOSERVE_ABSTAIN=1 makes every out-of-domain answer an abstention."""
-    return os.environ.get(ABSTAIN_ENV, "0") == "1"
 
 
 def parse_flag(value: object, name: str, default: bool) -> bool:

@@ -1,19 +1,17 @@
 """One loaded bundle: its verified manifest and ONNX Runtime sessions on the best usable provider.
 
-Where the bundle comes from (first that is set):
+Where the bundle comes from (first that is set, protoserve/settings.py):
     PROTOSERVE_BUNDLE      a bundle directory
     PROTOSERVE_MODEL_TAG   a tag (name:version) in the BentoML model store (`protoserve import`)
     the shipped default    models/prototypedl_mnist/bundle
-PROTOSERVE_DEVICE (auto | cuda | cpu, default auto) and PROTOSERVE_THREADS (ONNX Runtime intra-op
-threads per session, 0 = one per core) tune the sessions. The default is 1: the service runs one
-worker per core, and a multi-thread pool in each worker's sessions spins on cores that the other
-worker and the HTTP stack need (README "Measured choices").
+PROTOSERVE_DEVICE and PROTOSERVE_THREADS (ONNX Runtime intra-op threads per session) tune the
+sessions. Threads default to 1: the service runs one worker per core, and a multi-thread pool in
+each worker's sessions would spin on cores that the other worker and the HTTP stack need.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from bundle.runtime import classify, load_probe, open_session, verify_bundle
 from bundle.store import bundle_dir
 from bundle.subgraph import restrict_outputs
 from inference.explain import active_mask, nearest_distance
+from protoserve.settings import settings
 
 log = logging.getLogger("protoserve.service")
 
@@ -33,10 +32,11 @@ DEFAULT_BUNDLE = REPO / "models" / "prototypedl_mnist" / "bundle"
 
 def bundle_location() -> Path:
     """The bundle directory the environment asks for (see the module docstring)."""
-    if os.environ.get("PROTOSERVE_BUNDLE"):
-        return Path(os.environ["PROTOSERVE_BUNDLE"])
-    if os.environ.get("PROTOSERVE_MODEL_TAG"):
-        return bundle_dir(os.environ["PROTOSERVE_MODEL_TAG"])
+    s = settings()
+    if s.bundle is not None:
+        return s.bundle
+    if s.model_tag is not None:
+        return bundle_dir(s.model_tag)
     return DEFAULT_BUNDLE
 
 
@@ -49,7 +49,7 @@ class LoadedModel:
     provider: str
     active: np.ndarray  # [M] bool, False for masked prototypes
     # quantile -> nearest-prototype distance on the bundle's test set (its manifest; the probe images
-    # for a bundle exported before the manifest carried them): the drift alert's reference
+    # for a bundle whose manifest carries none): the drift alert's reference
     reference_distance: dict[str, float] = field(default_factory=dict)
     # model.onnx cut to the outputs classify asks for (classifier_outputs), when it gives the same numbers
     # as the whole graph on the probe images: ONNX Runtime runs every node of a graph on every call, and
@@ -84,8 +84,8 @@ class LoadedModel:
 def load_model(path: Path | None = None, device: str | None = None, threads: int | None = None) -> LoadedModel:
     """Read and verify the bundle (checksums and golden probe), open sessions and warm them up."""
     path = Path(path) if path else bundle_location()
-    device = device or os.environ.get("PROTOSERVE_DEVICE", "auto")
-    threads = int(os.environ.get("PROTOSERVE_THREADS", "1")) if threads is None else threads
+    device = device or settings().device
+    threads = settings().threads if threads is None else threads
     bundle, _ = verify_bundle(path, device)  # checksums and the golden probe, or BundleError
     session, provider = open_session(bundle.model_path, device, threads=threads)
     decoder = open_session(bundle.decoder_path, device, threads=threads)[0] if bundle.decoder_path else None

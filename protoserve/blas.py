@@ -1,10 +1,10 @@
 """numpy's BLAS on one thread, in processes whose parallelism is their own (ONNX Runtime sessions side by
 side, service workers).
 
-numpy's wheels bring OpenBLAS, which runs a matrix product over [N, 55] (the out-of-domain rule's
-Mahalanobis parts) on every core once N is above ~90, and its threads keep spinning after each
-product. Beside the scoring job's one-thread sessions that cost 40% of the job's wall time on this
-2-core machine (README "Batch scoring"); the products are too small to gain from more threads.
+numpy's wheels bring OpenBLAS, which spreads a matrix product over every core once it is large
+enough (the out-of-domain rule's Mahalanobis parts on a batch), and its threads keep spinning after
+each product, taking the cores the one-thread ONNX Runtime sessions beside them need. The products
+are too small to gain from more threads, so one is enough.
 """
 
 from __future__ import annotations

@@ -17,16 +17,16 @@ from pathlib import Path
 
 from bundle.manifest import Bundle, BundleError
 from bundle.runtime import verify_bundle
+from protoserve.settings import settings, variable
 from registry.store import DB_FILE, Active, RegistryError, Store, VersionRow
 
-ENV = "PROTOSERVE_REGISTRY"
+ENV = variable("registry")
 NEIGHBOURS_FILE = "neighbours.json"  # a version's nearest training images (revision/neighbours.py writes it)
 
 
 def registry_location() -> Path | None:
     """The registry directory the environment names (PROTOSERVE_REGISTRY), or None: a fixed bundle."""
-    value = os.environ.get(ENV)
-    return Path(value) if value else None
+    return settings().registry
 
 
 def open_registry(root: str | Path | None = None) -> Registry:

@@ -34,7 +34,6 @@ except ImportError:  # pragma: no cover - a platform without its wheel
 
 IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-ARRAY_SUFFIXES = (".npy", ".npz", ".parquet", ".pq")
 SAMPLE_BYTES = 64 * 1024
 MAX_FILE_BYTES = 64 * 1024 * 1024  # an image file past this is refused unread (recorded as an error)
 

@@ -40,11 +40,10 @@ from scoring.inputs import Inputs, open_inputs
 from scoring.outputs import ParquetAssembly, to_table, write_jsonl
 from scoring.rows import BatchScorer, Columns
 
-# Inputs per committed chunk: about 0.4 s of one core for MNIST. Larger chunks mean fewer commits,
-# thread hand-offs and row groups; smaller ones less work redone after a kill (README "Batch scoring").
+# Inputs per committed chunk. Larger chunks mean fewer commits, thread hand-offs and row groups;
+# smaller ones less work redone after a kill.
 CHUNK_SIZE = 4096
-# The row format's version (3: rows gained in_domain and typicality); a job started under another
-# version is refused.
+# The row format's version; a job started under another version is refused.
 PLAN_VERSION = 3
 JOB_FILE, DONE_FILE = "job.json", "complete.json"
 CHUNK_METADATA = b"protoserve.chunk"

@@ -81,8 +81,8 @@ def domain_columns(c: Columns, full) -> list:
 class ParquetAssembly:
     """The Parquet output, written in chunk order into `path` as chunks become available: row groups
     of up to PARQUET_GROUP_CHUNKS chunks. Dictionary encoding only for the repetitive strings and
-    statistics only for the integer keys: pyarrow's defaults (both on every column) are much slower
-    on the float lists and give a larger file (README "Measured choices")."""
+    statistics only for the integer keys: pyarrow's defaults (both on every column) spend time on
+    the float lists that neither encoding nor statistics help, and give a larger file."""
 
     def __init__(self, path: Path, plan: dict, chunks: int, read_rows: ReadRows, done: set[int]):
         import pyarrow.parquet as pq

@@ -45,8 +45,8 @@ from protoserve.errors import InputError
 ROW_FIELDS = ("index", "input_id", "label", "class_name", "probabilities", "prototype_ids",
               "prototype_distances", "prototype_similarities", "prototype_contributions", "in_domain",
               "typicality", "model_name", "model_version", "error")
-# Images per session.run: larger runs are no faster (README "Measured choices"); smaller slices keep
-# the job's memory per worker small and leave the service's batcher room.
+# Images per session.run: enough to keep a session busy; smaller slices keep the job's memory per
+# worker small and leave the service's batcher room.
 RUN_BATCH = 256
 
 # [N, C, H, W] model input -> (probabilities [N, K], distances [N, M])

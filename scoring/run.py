@@ -35,7 +35,7 @@ class Summary:
                 f"{self.seconds:.1f} s wall time, {self.rate:.0f} images/s")
 
 
-def run_job(spec: JobSpec, engine: str = "local", restart: bool = False, progress: bool = True,
+def run_scoring_job(spec: JobSpec, engine: str = "local", restart: bool = False, progress: bool = True,
             ray_address: str | None = None) -> Summary:
     """Score every input of `spec` into its output; resumes a killed job with the same arguments."""
     started = time.perf_counter()

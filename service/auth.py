@@ -9,13 +9,14 @@ and neither the key nor the header is ever logged or echoed.
 from __future__ import annotations
 
 import hmac
-import os
 from typing import Annotated
 
 from fastapi import Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-ENV = "PROTOSERVE_ADMIN_KEY"
+from protoserve.settings import settings, variable
+
+ENV = variable("admin_key")
 
 
 class AuthError(Exception):
@@ -43,4 +44,4 @@ bearer = HTTPBearer(auto_error=False, scheme_name="adminKey",
 def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> None:
     """FastAPI dependency: the request carries the admin key (see the module docstring)."""
     header = f"{credentials.scheme} {credentials.credentials}" if credentials is not None else None
-    check_key(header, os.environ.get(ENV))
+    check_key(header, settings().admin_key)

@@ -3,10 +3,10 @@
 Small calls (at most `coalesce_max_size` images: /predict's one-image calls) are merged with the small
 calls that reach the batcher in the same turns of the event loop and run there, on the loop itself:
 the first one schedules a run for the loop's next turn (call_soon), and every small call that arrives
-before that turn joins it. No timer and no thread: a session run on a few 28x28 images costs less than
-handing it to a thread and back (two thread wake-ups, which on a busy machine take milliseconds), and
-while a run holds the loop the next requests queue in the sockets, to be read and merged into the next
-run. At concurrency 1 a call runs alone one loop turn after it arrives.
+before that turn joins it. No timer and no thread: a session run on a few small images costs less than
+handing it to a thread and back (two thread wake-ups, slow on a busy machine), and while a run holds
+the loop the next requests queue in the sockets, to be read and merged into the next run. At
+concurrency 1 a call runs alone one loop turn after it arrives.
 
 Larger calls (many images per call) go through BentoML's adaptive batching: its CorkDispatcher
 (bentoml._internal.marshal.dispatcher, the CORK algorithm with its latency optimiser) merges the calls

@@ -23,6 +23,7 @@ from inference.explain import pixels_to_picture, png_bytes
 from inference.model import REPO, bundle_location
 from inference.preprocess import denormalize
 from protoserve.errors import ProtoserveError
+from protoserve.settings import environ, variable
 from service.figure import explanation_figure
 
 
@@ -45,13 +46,13 @@ def running_service(bundle: Path, port: int, log: Path, timeout: float = 180.0, 
     """
     import httpx
 
-    env = {**os.environ, "PROTOSERVE_BUNDLE": str(Path(bundle).resolve()), "BENTOML_DO_NOT_TRACK": "True",
+    env = {**os.environ, **environ(bundle=Path(bundle).resolve()), "BENTOML_DO_NOT_TRACK": "True",
            "PYTHONPATH": str(REPO), **(env or {})}
-    env.pop("PROTOSERVE_MODEL_TAG", None)
+    env.pop(variable("model_tag"), None)
     url = f"http://127.0.0.1:{port}"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service.service:Protoserve",
+        process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service.api:Protoserve",
                                     "--host", host, "--port", str(port)], cwd=REPO, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:

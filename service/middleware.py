@@ -10,21 +10,23 @@ problem, in the service's error shape (BentoML's own parse errors have another).
 counted in protoserve_rejected_inputs_total{reason}. GET /docs.json answers the document built by
 service/openapi.py instead of BentoML's untyped one.
 
-With `answer` (the service's image-route handlers), a checked POST to an image route is answered here,
-with the request it has already parsed, instead of being handed on to BentoML's router, request
-context, input validation and API wrapper, which would parse the body again to call the same
-handler. `answer` is the one implementation of those routes (the BentoML APIs call it too); it says
-None when it cannot answer yet, and the request goes on to BentoML.
+The gate reaches the worker's service instance through a `ServiceHandle`, with which the instance
+registers itself when it is built. Through it /readyz names the version the worker serves, and a
+checked POST to an image route is answered here, with the request the gate has already parsed,
+instead of being handed on to BentoML's router, request context, input validation and API wrapper,
+which would parse the body again to call the same handler (the BentoML APIs call it too). Until an
+instance has registered, the handle answers nothing and the request goes on to BentoML.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from typing import Protocol
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from protoserve.errors import InputError
 from service.metrics import count_rejection
@@ -32,17 +34,46 @@ from service.metrics import count_rejection
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
+class GatedService(Protocol):
+    """What the gate asks of the service instance."""
+
+    def describe(self) -> dict:
+        """The version this worker serves: {"worker", "model", "generation", ...}."""
+
+    async def answer_route(self, route: str, request: dict) -> Response:
+        """An image route's answer to the parsed request."""
+
+
+class ServiceHandle:
+    """The gate's hop into this worker's service instance, which calls `register(self)` when it is built."""
+
+    def __init__(self) -> None:
+        self._service: GatedService | None = None
+
+    def register(self, service: GatedService) -> None:
+        self._service = service
+
+    def describe(self) -> dict | None:
+        """The version this worker serves, or None before its instance exists (not ready)."""
+        return self._service.describe() if self._service is not None else None
+
+    async def answer(self, route: str, request: dict) -> Response | None:
+        """The image route's answer, or None before the instance exists: the request goes on to the app."""
+        return await self._service.answer_route(route, request) if self._service is not None else None
+
+
 class RequestGate:
     def __init__(self, app, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  image_routes: tuple[str, ...] = ("/predict", "/explain"),
                  catalogue_routes: tuple[str, ...] = ("/metadata", "/prototypes"), max_files: int = 64,
-                 model: dict | None = None, document=None, describe=None, answer=None):
+                 model: dict | None = None, document=None, service: ServiceHandle | None = None,
+                 answer_images: bool = True):
         self.app = app
-        self.answer = answer  # async (route, request dict) -> the response, or None: hand it on to the app
+        self.service = service  # the worker's service instance, once it has registered
+        self.answer_images = answer_images and service is not None  # False: BentoML answers the image routes
         self.document = document  # () -> the OpenAPI document as a dict, built on the first GET /docs.json
         self._document: dict | None = None
         self.model = model  # {"name", "version"}: named in refusals too, like every other answer
-        self.describe = describe  # () -> the version this worker serves, None until it is ready
         self.max_body_bytes = max_body_bytes
         self.image_routes = image_routes
         self.catalogue_routes = catalogue_routes
@@ -52,7 +83,7 @@ class RequestGate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"].rstrip("/") or "/"
-        if path == "/readyz" and scope["method"] == "GET" and self.describe is not None:
+        if path == "/readyz" and scope["method"] == "GET" and self.service is not None:
             return await self._readyz(scope, receive, send)
         if scope["method"] == "GET" and path == "/docs.json" and self.document is not None:
             if self._document is None:
@@ -76,13 +107,13 @@ class RequestGate:
                 scope = _as_json_post(scope, body)
         except InputError as e:
             count_rejection(e.reason)
-            held = self.describe() if self.describe is not None else None
+            held = self.service.describe() if self.service is not None else None
             model = held["model"] if held else self.model  # the version this worker holds now
             body = {**e.body(), "model": model} if model else e.body()
             return await JSONResponse(body, status_code=e.status)(scope, receive, send)
         if request is not None:
-            if self.answer is not None and scope["path"] == path:  # "/predict/" goes on: BentoML redirects it
-                response = await self.answer(path, request)
+            if self.answer_images and scope["path"] == path:  # "/predict/" goes on: BentoML redirects it
+                response = await self.service.answer(path, request)
                 if response is not None:
                     return await response(scope, receive, send)
             body = json.dumps(request).encode() if multipart else body
@@ -91,7 +122,7 @@ class RequestGate:
 
     async def _readyz(self, scope, receive, send):
         """Ready: 200 with the version this worker holds (body and X-Model-Version); else BentoML's 503."""
-        held = self.describe()
+        held = self.service.describe()
         if held is None:
             return await self.app(scope, receive, send)
         headers = {"x-model-version": held["model"]["version"], "x-protoserve-worker": str(held["worker"])}

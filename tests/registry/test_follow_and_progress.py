@@ -8,7 +8,7 @@ from pathlib import Path
 from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
 from revision.rounds import ProgressEvent, eta_seconds
-from service.serving import ActiveVersionFollower
+from service.served_version import ActiveVersionFollower
 from worker.loop import Heartbeat
 
 

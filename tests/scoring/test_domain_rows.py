@@ -13,7 +13,7 @@ from bundle.runtime import open_session
 from inference.domain import domain_rule
 from inference.explain import active_mask
 from scoring.job import JobSpec
-from scoring.run import run_job
+from scoring.run import run_scoring_job
 
 
 def test_job_rows_carry_the_service_rule(tiny_bundle, digits, tmp_path):
@@ -27,7 +27,7 @@ def test_job_rows_carry_the_service_rule(tiny_bundle, digits, tmp_path):
     p, d, f = session.run(["probabilities", "distances", "latent"], {"image": x})
     want_in, want_typical = rule.judge(d, p.argmax(axis=1), f)
     for out in (tmp_path / "rows.jsonl", tmp_path / "rows.parquet"):
-        run_job(JobSpec(str(tiny_bundle), [str(idx)], out), progress=False)
+        run_scoring_job(JobSpec(str(tiny_bundle), [str(idx)], out), progress=False)
         rows = [json.loads(line) for line in out.read_text().splitlines()] if out.suffix == ".jsonl" \
             else pq.read_table(out).to_pylist()
         assert [r["in_domain"] for r in rows] == want_in.tolist()

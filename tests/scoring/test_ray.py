@@ -7,7 +7,7 @@ import pytest
 from scoring_helpers import png_bytes, read_rows, write_idx, write_parquet
 
 from scoring.job import Job, JobSpec
-from scoring.run import run_job
+from scoring.run import run_scoring_job
 
 ray = pytest.importorskip("ray", reason="protoserve[batch] (ray[data]) is not installed")
 
@@ -32,9 +32,9 @@ def test_ray_engine_equals_the_local_engine(local_ray, tiny_bundle, digits, tmp_
     inputs = [str(folder), str(idx), str(parquet)]
 
     local = tmp_path / "local.parquet"
-    run_job(JobSpec(str(tiny_bundle), inputs, local, chunk_size=64), progress=False)
+    run_scoring_job(JobSpec(str(tiny_bundle), inputs, local, chunk_size=64), progress=False)
     on_ray = tmp_path / "ray.parquet"
-    summary = run_job(JobSpec(str(tiny_bundle), inputs, on_ray, chunk_size=64, workers=2), engine="ray",
+    summary = run_scoring_job(JobSpec(str(tiny_bundle), inputs, on_ray, chunk_size=64, workers=2), engine="ray",
                       progress=False)
     assert summary.images == 21 + 300 + 31 and summary.failed == 2
     expected, got = read_rows(local), read_rows(on_ray)
@@ -53,10 +53,10 @@ def test_ray_engine_resumes_a_job_the_local_engine_started(local_ray, tiny_bundl
     job.start()
     for k in (0, 3):  # two chunks committed by a local run that was then killed
         job.commit(k, job.scorer.score(*job.read_inputs(k), infer=_session(tiny_bundle, job.scorer.features)))
-    summary = run_job(spec, engine="ray", progress=False)
+    summary = run_scoring_job(spec, engine="ray", progress=False)
     assert summary.scored_now == 200
     reference = tmp_path / "reference.jsonl"
-    run_job(JobSpec(str(tiny_bundle), [str(idx)], reference, chunk_size=50), progress=False)
+    run_scoring_job(JobSpec(str(tiny_bundle), [str(idx)], reference, chunk_size=50), progress=False)
     rows = read_rows(tmp_path / "out.jsonl")
     assert [r["index"] for r in rows] == list(range(300))
     assert [r["prototype_ids"] for r in rows] == [r["prototype_ids"] for r in read_rows(reference)]
@@ -79,7 +79,7 @@ def test_cli_joins_an_existing_cluster(local_ray, tiny_bundle, digits, tmp_path)
                      "--engine", "ray", "--ray-address", address, "--workers", "1", "--chunk-size", "50", "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "120 images" in result.stdout
-    run_job(JobSpec(str(tiny_bundle), [str(idx)], tmp_path / "local.jsonl"), progress=False)
+    run_scoring_job(JobSpec(str(tiny_bundle), [str(idx)], tmp_path / "local.jsonl"), progress=False)
     got, want = read_rows(tmp_path / "o.jsonl"), read_rows(tmp_path / "local.jsonl")
     assert [r["prototype_ids"] for r in got] == [r["prototype_ids"] for r in want]
     assert [r["input_id"] for r in got] == [r["input_id"] for r in want]

@@ -15,7 +15,7 @@ import pytest
 from scoring_helpers import REPO, png_bytes, read_rows, write_idx
 
 from scoring.job import JobSpec
-from scoring.run import run_job
+from scoring.run import run_scoring_job
 
 CHUNK = 250
 CHUNKS = 49  # 12,000 records and 150 files
@@ -38,7 +38,7 @@ def job_inputs(digits, tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(tiny_bundle, job_inputs, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("reference") / "reference.parquet"
-    run_job(JobSpec(str(tiny_bundle), job_inputs, out, chunk_size=CHUNK, workers=2), progress=False)
+    run_scoring_job(JobSpec(str(tiny_bundle), job_inputs, out, chunk_size=CHUNK, workers=2), progress=False)
     return read_rows(out)
 
 
@@ -151,11 +151,11 @@ def test_killed_while_dropping_the_chunks_of_a_finished_job(tiny_bundle, job_inp
     """complete.json is written before the chunks go: a rerun finds the job done and drops what is left."""
     out = tmp_path / "out.parquet"
     spec = JobSpec(str(tiny_bundle), job_inputs, out, chunk_size=CHUNK, workers=2)
-    run_job(spec, progress=False)
+    run_scoring_job(spec, progress=False)
     job_dir = tmp_path / "out.parquet.job"
     for k in (3, 7):  # as if SIGKILLed between unlinking chunk 2 and chunk 3
         (job_dir / f"chunk-{k:06d}.arrow").write_bytes(b"left over")
-    run_job(spec, progress=False)
+    run_scoring_job(spec, progress=False)
     check_exactly_once(out, reference, "rerun of a finished job")
 
 

@@ -16,12 +16,12 @@ from scoring_helpers import png_bytes, read_rows, run_cli, write_idx, write_parq
 
 from bundle.manifest import read_bundle, write_manifest
 from scoring.job import JobError, JobSpec
-from scoring.run import run_job
+from scoring.run import run_scoring_job
 
 
 def score(tmp_path: Path, bundle: Path, inputs: list, name: str = "out.parquet", **kw) -> list[dict]:
     out = tmp_path / name
-    run_job(JobSpec(str(bundle), [str(i) for i in inputs], out, **kw), progress=False)
+    run_scoring_job(JobSpec(str(bundle), [str(i) for i in inputs], out, **kw), progress=False)
     return read_rows(out)
 
 
@@ -123,7 +123,7 @@ def test_changed_input_or_model_is_refused_unless_restart(tiny_bundle, digits, t
     manifest = read_bundle(other).manifest
     write_manifest(other, manifest.model_copy(update={"version": "0.1.1"}))
     with pytest.raises(JobError, match="the model changed"):
-        run_job(JobSpec(str(other), [str(folder)], out), progress=False)
+        run_scoring_job(JobSpec(str(other), [str(folder)], out), progress=False)
 
     theirs = tmp_path / "someone_elses.parquet"
     theirs.write_text("not ours")
@@ -235,7 +235,7 @@ def test_job_metrics_textfile_and_pushgateway(tiny_bundle, digits, tmp_path, pus
 def test_job_plan_is_atomic_json(tiny_bundle, digits, tmp_path):
     idx = write_idx(tmp_path / "images-idx3-ubyte", digits[:10])
     out = tmp_path / "o.parquet"
-    run_job(JobSpec(str(tiny_bundle), [str(idx)], out, chunk_size=4), progress=False)
+    run_scoring_job(JobSpec(str(tiny_bundle), [str(idx)], out, chunk_size=4), progress=False)
     plan = json.loads((tmp_path / "o.parquet.job" / "job.json").read_text())
     assert plan["chunks"] == 3 and plan["inputs"]["items"] == 10
     assert sorted(p.name for p in (tmp_path / "o.parquet.job").iterdir()) == ["complete.json", "job.json"]

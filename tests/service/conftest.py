@@ -16,7 +16,7 @@ def serve_env(home: Path, **extra: str) -> dict[str, str]:
 
 @contextmanager
 def bentoml_serve(bundle: Path, env: dict[str, str], log: Path, timeout: float = 180.0):
-    """Start `bentoml serve service.service:Protoserve`, wait for /readyz, yield its URL, stop it."""
+    """Start `bentoml serve service.api:Protoserve`, wait for /readyz, yield its URL, stop it."""
     try:
         with running_service(bundle, free_port(), log, timeout, env=env) as url:
             yield url

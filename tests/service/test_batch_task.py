@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from scoring.job import JobSpec
-from scoring.run import run_job
+from scoring.run import run_scoring_job
 from service.score_task import MAX_TASK_IMAGES
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_task_returns_the_rows_of_protoserve_score(server, tiny_bundle, digits, 
     pictures.mkdir()
     for i in range(6):
         (pictures / f"{i}.png").write_bytes(png(digits[i]))
-    run_job(JobSpec(str(tiny_bundle), [str(pictures)], tmp_path / "cli.jsonl", top_k=2), progress=False)
+    run_scoring_job(JobSpec(str(tiny_bundle), [str(pictures)], tmp_path / "cli.jsonl", top_k=2), progress=False)
     cli_rows = [json.loads(line) for line in (tmp_path / "cli.jsonl").read_text().splitlines()]
     before = scrape_batch_images(server)
 

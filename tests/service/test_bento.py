@@ -40,7 +40,7 @@ def test_bentoml_build(tiny_bundle, tmp_path):
     assert "torch" not in requirements
     assert (bento / "env" / "docker" / "Dockerfile").is_file()
     src = bento / "src"
-    assert (src / "service" / "service.py").is_file() and (src / "export" / "bundle.py").is_file()
+    assert (src / "service" / "api.py").is_file() and (src / "bundle" / "manifest.py").is_file()
     assert not (src / "training").exists() and not (src / "export" / "build.py").exists()
     assert (src / "service" / "review_page.html").is_file()
     ours = {path.name for path in REPO.iterdir() if (path / "__init__.py").is_file()}
@@ -100,7 +100,7 @@ def requirement_closure(requirements: str) -> set[str]:
 
 def test_service_code_never_imports_torch(tiny_bundle):
     code = ("import sys\n"
-            "import service.service\n"
+            "import service.api\n"
             "from inference.model import load_model\n"
             f"model = load_model({str(tiny_bundle)!r}, device='cpu')\n"
             "assert model.provider == 'CPUExecutionProvider'\n"

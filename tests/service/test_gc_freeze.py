@@ -7,12 +7,12 @@ import asyncio
 import gc
 
 from inference.model import DEFAULT_BUNDLE, load_model
-from service.serving import served_version
+from service.served_version import served_version
 
 
 def test_startup_freezes_and_a_switch_unfreezes(monkeypatch):
     monkeypatch.delenv("PROTOSERVE_REGISTRY", raising=False)
-    from service.service import Protoserve
+    from service.api import Protoserve
 
     worker = Protoserve.inner()
     try:

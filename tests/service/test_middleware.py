@@ -13,7 +13,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from service.metrics import metrics
-from service.middleware import RequestGate
+from service.middleware import RequestGate, ServiceHandle
 
 
 async def echo(request: Request) -> JSONResponse:
@@ -149,24 +149,39 @@ def test_score_gate_turns_not_finished_into_409_and_refuses_cancel():
     assert r.status_code == 404 and "cannot cancel" in r.json()["error"]
 
 
+class FakeService:
+    """A registered service instance: answers every image route, records what it was asked."""
+
+    def __init__(self):
+        self.answered = []
+
+    def describe(self) -> dict:
+        return {"worker": 7, "model": {"name": "m", "version": "v2"}, "generation": 3}
+
+    async def answer_route(self, route: str, request: dict):
+        self.answered.append((route, request))
+        return JSONResponse({"answered": route})
+
+
 def test_the_gate_answers_image_routes_with_the_request_it_parsed():
-    answered = []
-
-    async def answer(route: str, request: dict):
-        answered.append((route, request))
-        return None if request.get("top_k") == 1 else JSONResponse({"answered": route})
-
+    handle = ServiceHandle()
     c = TestClient(RequestGate(Starlette(routes=[Route(p, echo, methods=["POST"]) for p in ("/predict", "/explain",
                                                                                              "/predict/")]),
-                               max_body_bytes=1000, answer=answer))
+                               max_body_bytes=1000, service=handle))
+    # No instance registered yet: the app gets the request, multipart as JSON.
+    r = c.post("/explain", files=[("image", ("a.png", b"A", "image/png"))], data={"top_k": "1"})
+    assert json.loads(r.json()["body"])["top_k"] == 1 and r.json()["type"] == "application/json"
+    assert c.get("/readyz").status_code == 404  # not ready: the app answers (BentoML's 503)
+    service = FakeService()
+    handle.register(service)
+    r = c.get("/readyz")
+    assert r.json()["model"]["version"] == "v2" and r.headers["x-model-version"] == "v2"
+    answered = service.answered
     assert c.post("/predict", json={"images": [1], "x": 2}).json() == {"answered": "/predict"}
     r = c.post("/explain", files=[("image", ("a.png", b"PNG-A", "image/png"))], data={"top_k": "2"})
     assert r.json() == {"answered": "/explain"}
     assert answered == [("/predict", {"images": [1], "x": 2}),
                         ("/explain", {"image": base64.b64encode(b"PNG-A").decode(), "top_k": 2})]
-    # Not ready to answer (None): the app gets the request, multipart as JSON.
-    r = c.post("/explain", files=[("image", ("a.png", b"A", "image/png"))], data={"top_k": "1"})
-    assert json.loads(r.json()["body"])["top_k"] == 1 and r.json()["type"] == "application/json"
     # Refusals stay the gate's and are counted; the answer is never asked.
     count = len(answered)
     before = rejected("invalid_json")

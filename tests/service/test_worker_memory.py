@@ -35,7 +35,7 @@ def test_a_worker_without_a_gpu_maps_no_cuda_library(server, tiny_bundle):
 
 def test_without_a_registry_a_worker_imports_no_review_api(tiny_bundle):
     """The review API (FastAPI, its models) is imported only where a registry is served."""
-    code = "import sys, service.service; print(sorted({'fastapi', 'service.review'} & set(sys.modules)))"
+    code = "import sys, service.api; print(sorted({'fastapi', 'service.review'} & set(sys.modules)))"
     env = {k: v for k, v in os.environ.items() if k != "PROTOSERVE_REGISTRY"}
     env.update(PROTOSERVE_BUNDLE=str(tiny_bundle), PYTHONPATH=str(Path(__file__).resolve().parents[2]),
                BENTOML_DO_NOT_TRACK="True")

@@ -7,7 +7,7 @@ worker switches while the request is in flight; the old version is dropped when 
 has answered.
 
 In registry mode (PROTOSERVE_REGISTRY) a background task polls the registry's generation counter
-every PROTOSERVE_POLL_SECONDS (0.5 s): one indexed single-row read, off the request path, so
+every PROTOSERVE_POLL_SECONDS (protoserve/settings.py): one indexed single-row read, off the request path, so
 /predict pays nothing for it. A new generation loads the active version in a thread (checksums,
 golden probe, warm-up) while the old one keeps answering, then swaps. A version that fails to load
 is logged and skipped until the generation moves again; the old one keeps serving.
@@ -19,7 +19,6 @@ import asyncio
 import base64
 import functools
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from inference.model import LoadedModel, load_model
+from protoserve.settings import settings
 from registry.store import RegistryError
 from registry.versions import Registry
 
 log = logging.getLogger("protoserve.service")
-
-POLL_SECONDS = float(os.environ.get("PROTOSERVE_POLL_SECONDS", "0.5"))
 
 
 @dataclass
@@ -111,9 +109,10 @@ class ActiveVersionFollower:
     """Polls the registry; on a new generation loads the active version and hands it to `switch`."""
 
     def __init__(self, registry: Registry, generation: int, version: str,
-                 switch: Callable[[ServedVersion], None], poll_seconds: float = POLL_SECONDS):
+                 switch: Callable[[ServedVersion], None], poll_seconds: float | None = None):
         self.registry, self.generation, self.version = registry, generation, version
-        self.switch, self.poll_seconds = switch, poll_seconds
+        self.switch = switch
+        self.poll_seconds = settings().poll_seconds if poll_seconds is None else poll_seconds
         self.failed: dict[int, str] = {}  # generation -> why its version was not loaded
         self.task: asyncio.Task | None = None
 

@@ -1,4 +1,4 @@
-"""The predict-and-explain service: `bentoml serve service.service:Protoserve`.
+"""The predict-and-explain service: `bentoml serve service.api:Protoserve`.
 
 One BentoML service, two workers, each with its own ONNX Runtime sessions (GPU when a session
 really gets one). /predict has adaptive batching: the public API checks and converts the images,
@@ -7,10 +7,10 @@ one session run (small calls on the event loop, many-image calls through BentoML
 dispatcher); the answer keeps the public shape of ARCHITECTURE.md.
 /explain runs its one image directly: there is nothing to batch. The request gate (service/middleware.py)
 answers both routes through the same handlers the APIs call (answer_predict, answer_explain), with the
-request it has already parsed, instead of handing the body on to BentoML's routing and validation
-(README "Serving speed" has the trade-off).
+request it has already parsed, instead of handing the body on to BentoML's routing and validation,
+which would parse the body again to call the same handler.
 
-A worker serves one version at a time (service/serving.py): a fixed bundle, or with a registry
+A worker serves one version at a time (service/served_version.py): a fixed bundle, or with a registry
 (PROTOSERVE_REGISTRY) the registry's active version, followed without a restart; every answer names
 the version that computed it. With a registry the review API and page are mounted at /review
 (service/review.py).
@@ -27,7 +27,7 @@ import numpy as np
 from starlette.responses import JSONResponse
 
 from bundle.manifest import read_bundle
-from inference.domain import abstain_default, abstention, domain_fields, domain_rule, parse_flag
+from inference.domain import abstention, domain_fields, domain_rule, parse_flag
 from inference.explain import (
     heatmap_overlay,
     nearest_prototypes,
@@ -41,40 +41,40 @@ from inference.model import load_model
 from inference.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
 from protoserve.blas import one_blas_thread
 from protoserve.errors import InputError
+from protoserve.settings import settings
 from registry.versions import registry_location
 from service.batching import AdaptiveBatcher, Overloaded
 from service.metrics import count_out_of_domain, count_rejection, labelled, metrics, record_answers
-from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate
+from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate, ServiceHandle
 from service.openapi import OVERLOADED, api_document
 from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
-from service.serving import ActiveVersionFollower, ServedVersion, initial_location, served_version
+from service.served_version import ActiveVersionFollower, ServedVersion, initial_location, served_version
 
 log = logging.getLogger("protoserve.service")
 log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from loggers not its own
 
-# Adaptive batching: batches of up to 64 images (the per-request limit too). BentoML's dispatcher
+# Read when `bentoml serve` imports this module: the service's shape (workers, logging, tracing) is fixed then.
+SETTINGS = settings()
+# Adaptive batching: batches of up to the per-request image limit by default. BentoML's dispatcher
 # decides how long to wait for a batch to fill from its own latency model; max_latency_ms is the cap
-# past which it answers 503, so it is set well above what a loaded 2-core machine needs rather than
-# as a wait time.
-MAX_BATCH_SIZE = int(os.environ.get("PROTOSERVE_MAX_BATCH_SIZE", str(DEFAULT_LIMITS.max_batch)))
-MAX_LATENCY_MS = int(os.environ.get("PROTOSERVE_MAX_LATENCY_MS", "2000"))
-WORKERS = int(os.environ.get("PROTOSERVE_WORKERS", "2"))
-# /predict calls of up to this many images are merged with the others that arrive in the same turns of
-# the event loop and run on the loop (service/batching.py): a few small images run in less time than a
-# hand-off to a thread takes. Larger calls go through BentoML's adaptive batching, in a thread.
-INLINE_MAX_SIZE = int(os.environ.get("PROTOSERVE_INLINE_MAX_SIZE", "8"))
+# past which it answers 503, so it is set well above what a loaded machine needs rather than as a
+# wait time.
+MAX_BATCH_SIZE = SETTINGS.max_batch_size or DEFAULT_LIMITS.max_batch
+# /predict calls of up to SETTINGS.inline_max_size images are merged with the others that arrive in the
+# same turns of the event loop and run on the loop (service/batching.py): a few small images take less
+# time than a hand-off to a thread. Larger calls go through BentoML's adaptive batching, in a thread.
 
 # BentoML's per-request work that this service does not need by default: the access log (a formatted
 # log line per request) and OpenTelemetry spans on the image routes (sampled at rate 0 unless tracing
-# is configured, but still built per request).
-# PROTOSERVE_ACCESS_LOG=1 and PROTOSERVE_TRACE_IMAGE_ROUTES=1 turn them back on.
-ACCESS_LOG = os.environ.get("PROTOSERVE_ACCESS_LOG", "0") == "1"
-TRACE_IMAGE_ROUTES = os.environ.get("PROTOSERVE_TRACE_IMAGE_ROUTES", "0") == "1"
-UNTRACED = [] if TRACE_IMAGE_ROUTES else ["/predict", "/explain"]
+# is configured, but still built per request). PROTOSERVE_ACCESS_LOG=1 and PROTOSERVE_TRACE_IMAGE_ROUTES=1
+# turn them back on.
+UNTRACED = [] if SETTINGS.trace_image_routes else ["/predict", "/explain"]
 SERVICE_NAME = "protoserve"
 # The header BentoML puts on its API answers, on the answers the request gate gives itself too.
 SERVER_HEADER = {"server": f"BentoML Service/{SERVICE_NAME}"}
 UNEXPECTED = "An unexpected error has occurred, please check the server log."  # BentoML's 500 body
+# How the request gate reaches this worker's Protoserve instance, which registers itself when built.
+SERVICE_HANDLE = ServiceHandle()
 
 INPUT_DOC = """IMAGE is a base64 PNG/JPEG string (a data: URL is fine) or a nested numeric array
 ([H][W] for one-channel models, or [C][H][W], of exactly the model's size, values in its value
@@ -100,8 +100,8 @@ to the ink, fit it into 20x20, centre it by mass in 28x28): for photographed or 
 a model without a canonical form refuses it (reason no_canonical_form)."""
 
 
-@bentoml.service(name=SERVICE_NAME, workers=WORKERS, resources={"gpu": 1}, traffic={"timeout": 60},
-                 logging={"access": {"enabled": ACCESS_LOG}}, tracing={"excluded_urls": UNTRACED})
+@bentoml.service(name=SERVICE_NAME, workers=SETTINGS.workers, resources={"gpu": 1}, traffic={"timeout": 60},
+                 logging={"access": {"enabled": SETTINGS.access_log}}, tracing={"excluded_urls": UNTRACED})
 class Protoserve:
     """Predict and explain with a prototype network; every answer names the model and its version."""
 
@@ -110,11 +110,10 @@ class Protoserve:
         path, generation, self.registry = initial_location()
         one_blas_thread()  # concurrency comes from workers and the batcher; BLAS threads would only spin
         self.worker_header = {"x-protoserve-worker": str(os.getpid())}
-        self.abstain = abstain_default()
+        self.abstain = settings().abstain  # PROTOSERVE_ABSTAIN: the requests' default
         self.current = self._prepare(served_version(load_model(path), generation))
         self.follower = None
-        global _worker
-        _worker = self
+        SERVICE_HANDLE.register(self)  # the request gate reaches this instance from here on
 
     def _prepare(self, v: ServedVersion) -> ServedVersion:
         """Give a loaded version its batcher, answer headers, out-of-domain rule and metric series (before
@@ -125,10 +124,10 @@ class Protoserve:
         def observe_batch(size: int) -> None:
             labelled(metrics().batch_size, *v.model_id).observe(size)
 
-        v.classify = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
-                                     observe_batch, coalesce_max_size=INLINE_MAX_SIZE)
-        v.score = AdaptiveBatcher(lambda images: self._outputs(v, images), MAX_BATCH_SIZE, MAX_LATENCY_MS,
-                                  observe_batch)
+        latency = SETTINGS.max_latency_ms
+        v.classify = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, latency,
+                                     observe_batch, coalesce_max_size=SETTINGS.inline_max_size)
+        v.score = AdaptiveBatcher(lambda images: self._outputs(v, images), MAX_BATCH_SIZE, latency, observe_batch)
         v.headers = {**SERVER_HEADER, **self.worker_header, "x-model-version": v.version}
         v.domain = domain_rule(v.manifest, v.active)  # None: the bundle has no calibration
         # The explanation-quality report's per-prototype figures (None each when the bundle has no report).
@@ -158,8 +157,8 @@ class Protoserve:
     async def follow_registry(self) -> None:
         """In registry mode, poll the registry and switch to the active version when it changes. Then
         freeze what the worker built at startup out of the garbage collector's reach: a full collection
-        would walk every object of BentoML, numpy and the model again and again (tens of milliseconds,
-        every request of the worker waiting); the first version switch unfreezes them."""
+        would walk every object of BentoML, numpy and the model again and again, every request of the
+        worker waiting; the first version switch unfreezes them."""
         gc.collect()
         gc.freeze()  # before the follower starts: its first switch unfreezes
         if self.registry is not None:
@@ -178,6 +177,17 @@ class Protoserve:
         if self.follower is not None and self.follower.failed:
             held["not_loaded"] = list(self.follower.failed.values())[-3:]
         return held
+
+    async def answer_route(self, route: str, request: dict) -> JSONResponse:
+        """Answer an image route for the request gate (service/middleware.py): the same handler the BentoML API
+        calls, given the fields of the parsed request the API declares (BentoML ignores any other), an
+        unexpected error answered as BentoML answers it."""
+        name = route.lstrip("/")
+        try:
+            return await getattr(self, f"answer_{name}")(**{k: request[k] for k in _API_FIELDS[name] if k in request})
+        except Exception:
+            log.exception("Exception on %s [POST]", route)
+            return JSONResponse({"error": UNEXPECTED}, 500, SERVER_HEADER)
 
     def _classify(self, v: ServedVersion, images: np.ndarray) -> np.ndarray:
         """/predict's session run: [N, C, H, W] model input -> [N, K + M + 2]: the probabilities, the distances
@@ -201,7 +211,7 @@ class Protoserve:
         return np.concatenate(v.model.classify(images.astype(np.float32, copy=False), v.features), axis=1)
 
     # The APIs return their JSON as a ready JSONResponse: BentoML passes a Response through, where for
-    # a dict it rebuilds the return type's JSON schema on every response (README "Serving speed"). The
+    # a dict it rebuilds the return type's JSON schema on every response. The
     # request and answer shapes are documented by service/openapi.py. The image routes set their status
     # and headers on that response and take no bentoml.Context: BentoML copies a context's status,
     # headers and cookies onto every response of an API that has one.
@@ -377,29 +387,6 @@ def quality_summary(manifest) -> dict | None:
     return manifest.quality.model_dump(mode="json", exclude={"prototypes"})
 
 
-_worker = None  # this worker's Protoserve instance, for /readyz (service/middleware.py)
-
-
-def describe_worker() -> dict | None:
-    """The version this worker serves, or None before its instance exists (not ready)."""
-    return _worker.describe() if _worker is not None else None
-
-
-async def answer_in_gate(route: str, request: dict) -> JSONResponse | None:
-    """Answer an image route from the request gate (service/middleware.py): the same handler the BentoML
-    API calls, given the fields of the parsed request the API declares (BentoML ignores any other), an
-    unexpected error answered as BentoML answers it. None before the worker's instance exists."""
-    worker = _worker
-    if worker is None:
-        return None
-    name = route.lstrip("/")
-    try:
-        return await getattr(worker, f"answer_{name}")(**{k: request[k] for k in _API_FIELDS[name] if k in request})
-    except Exception:
-        log.exception("Exception on %s [POST]", route)
-        return JSONResponse({"error": UNEXPECTED}, 500, SERVER_HEADER)
-
-
 if registry_location() is not None:  # the review API and page exist only where there is a registry to review
     from service.review import app as review_app  # FastAPI and the review models: only where they are served
 
@@ -414,12 +401,12 @@ def _document() -> dict:
     return api_document(Protoserve.openapi_spec.asdict(), _manifest, DEFAULT_LIMITS.max_batch, MAX_TASK_IMAGES)
 
 
-# The request gate answers the image routes itself (answer_in_gate), except with tracing on for them: then
-# BentoML's API layer answers, with its request id header.
+# The request gate answers the image routes itself (Protoserve.answer_route), except with tracing on for
+# them: then BentoML's API layer answers, with its request id header.
 _API_FIELDS = {name: tuple(Protoserve.apis[name].input_spec.model_fields) for name in ("predict", "explain")}
 Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
                                model={"name": _manifest.name, "version": _manifest.version}, document=_document,
-                               describe=describe_worker, answer=None if TRACE_IMAGE_ROUTES else answer_in_gate)
+                               service=SERVICE_HANDLE, answer_images=not SETTINGS.trace_image_routes)
 Protoserve.add_asgi_middleware(ScoreGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)  # /score_batch submissions
 for _api in ("predict", "explain"):  # the OpenAPI description of the image routes
     Protoserve.apis[_api].doc = f"{Protoserve.apis[_api].doc}\n\n{INPUT_DOC}"
