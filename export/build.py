@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from bundle.families import family as serving_family
 from bundle.manifest import (
-    FAMILY_DOMAIN_FEATURES,
     Bundle,
     CanonicalForm,
     DomainCalibration,
@@ -173,7 +173,7 @@ def calibrate_domain(model_file: Path, validation: Split, manifest: Manifest, fa
     images = validation.images[torch.arange(len(validation))] if not isinstance(validation.images, torch.Tensor) \
         else validation.images
 
-    features = FAMILY_DOMAIN_FEATURES[manifest.family]
+    features = serving_family(manifest.family).domain_features
     features = features if manifest.model.output(features) is not None else None
 
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

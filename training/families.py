@@ -5,7 +5,7 @@ Each family is registered once in FAMILIES; callers look it up with `family(name
 model, which trainer and evaluation run it, whether it trains under torchrun, what its ONNX graph
 returns (names, shapes, the forward pass the exporter traces, the decoder graph if any) and what
 its prototypes look like in a bundle (pictures and provenance). The torch-free counterpart, for
-code that reads bundles, is inference/families.py.
+code that reads bundles, is bundle/families.py.
 
 The trainers and the evaluation look the table up themselves (through training/checkpoint.py), so
 the table names them as "module:attribute" and imports them when asked.
