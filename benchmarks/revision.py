@@ -29,11 +29,11 @@ import torch
 
 from training.checkpoint import load_checkpoint
 from training.config import Config
-from training.data import Split, resolve_data_root
 from training.decoy_mnist import Confounder, load_decoy_mnist
 from training.families import family as family_entry
 from training.revision import STATE_FILE, RevisionConfig, RevisionRun, file_consult, simulated_consult
 from training.revision_families import ObjectMasks, revision_family_named
+from training.splits import Split, resolve_data_root
 
 CONDITIONS = {  # name -> revision settings (None: the baseline as trained)
     "baseline": None,

@@ -29,11 +29,11 @@ import torch
 from protoserve.verdicts import Verdict, parse_verdict, rejected_ids
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import Config
-from training.data import Split
 from training.masking import fit_last_layer, mask_columns
 from training.prune import nearest_labels, prune_candidates
 from training.refine import REFINE_EPSILON, con_cost, con_count, refine_cost
 from training.revision_families import ObjectMasks, revision_family
+from training.splits import Split
 
 MODES = ("mask", "prune", "revise")
 STATE_FILE = "revision_last.pt"

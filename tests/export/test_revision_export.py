@@ -10,8 +10,8 @@ from export.build import export_bundle
 from export.onnx_export import PROTOTYPE_INITIALIZER, prototype_vectors, replace_initializer
 from protoserve.verdicts import verdict
 from training.checkpoint import load_checkpoint
-from training.data import Split
 from training.revision import RevisionConfig, RevisionRun, file_consult
+from training.splits import Split
 from training.train_protopnet import load_run_data
 
 MASKED = [0, 5]
