@@ -123,7 +123,7 @@ PROTOPNET_RUN := runs/protopnet_mnist
 PROTOPNET_MODEL := models/protopnet_mnist
 train-protopnet: setup
 	$(PROTOSERVE) train --config configs/protopnet_mnist.yaml --out $(PROTOPNET_RUN) $$(test -f $(PROTOPNET_RUN)/last.pt && echo --resume)
-	$(PY) -m training.ship_protopnet --run $(PROTOPNET_RUN) --out $(PROTOPNET_MODEL)
+	$(PROTOSERVE) ship --run $(PROTOPNET_RUN) --out $(PROTOPNET_MODEL)
 
 evaluate-protopnet: setup
 	$(PROTOSERVE) evaluate --checkpoint $(PROTOPNET_MODEL)/checkpoint.pt --out $(PROTOPNET_MODEL)/evaluation.json

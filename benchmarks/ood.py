@@ -29,7 +29,8 @@ from export.calibration import auroc, fpr_at_tpr
 from inference.domain import domain_rule
 from inference.explain import active_mask
 from inference.preprocess import to_input
-from training.data import load_split, resolve_data_root
+from training.mnist import load_split
+from training.splits import resolve_data_root
 
 BUNDLES = ["models/prototypedl_mnist/bundle", "models/protopnet_mnist/bundle"]
 SCORES = ("prototype", "max_softmax", "energy")

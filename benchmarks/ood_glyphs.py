@@ -31,7 +31,8 @@ from benchmarks.ood_sets import STROKES, glyphs_with_characters
 from export.calibration import LEVELS, auroc, fit_gaussian, fpr_at_tpr
 from protoserve.domain_scores import fisher, squared_mahalanobis, upper_tail
 from training.checkpoint import load_checkpoint
-from training.data import load_dataset, resolve_data_root
+from training.mnist import load_mnist
+from training.splits import resolve_data_root
 
 CHECKPOINTS = ["models/prototypedl_mnist/checkpoint.pt", "models/protopnet_mnist/checkpoint.pt"]
 BANK = 20_000  # training images in the deep kNN bank
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    data = load_dataset(resolve_data_root(args.data_root))
+    data = load_mnist(resolve_data_root(args.data_root))
     train, val, test = data["train"].images, data["val"].images, data["test"].images
     order = np.random.default_rng(0).permutation(len(val))  # fit on one half, tails from the other
     fit_half, held_half = val[order[:len(val) // 2]], val[order[len(val) // 2:]]

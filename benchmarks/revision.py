@@ -33,9 +33,9 @@ from revision.revise import revise_model
 from revision.rounds import STATE_FILE, RevisionRun, file_consult, simulated_consult
 from training.checkpoint import load_checkpoint
 from training.config import Config
-from training.data import Split, resolve_data_root
 from training.decoy_mnist import Confounder, load_decoy_mnist
 from training.families import family as family_entry
+from training.splits import Split, resolve_data_root
 
 CONDITIONS = {  # name -> revision settings (None: the baseline as trained)
     "baseline": None,

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from training.config import Config
-from training.data import load_dataset, resolve_data_root
 from training.elastic import elastic_deform
+from training.mnist import load_mnist
 from training.prototypedl import PrototypeDL, prototypedl_loss
+from training.splits import resolve_data_root
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    train = load_dataset(resolve_data_root(args.data_root))["train"]
+    train = load_mnist(resolve_data_root(args.data_root))["train"]
     batches = [(train.images[i:i + 250], train.labels[i:i + 250]) for i in range(0, 250 * args.steps, 250)]
     model = PrototypeDL(Config().model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

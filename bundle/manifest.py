@@ -3,7 +3,7 @@
 Pure Python (pydantic, hashlib, json): no torch, no onnx, so the service imports it freely.
 
 Public API (kept small; the service depends on it):
-    SCHEMA_VERSION, MANIFEST_FILE, FAMILY_OUTPUTS
+    SCHEMA_VERSION, MANIFEST_FILE
     BundleError(ProtoserveError)     one line: "<file>: <problem>"
     Manifest and its parts            InputSpec, TensorSpec, GraphSpec, PrototypeRow, Metrics,
                                       ParityFigures, ProbeSpec, TrainingInfo, Lineage (optional),
@@ -39,22 +39,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bundle.families import FAMILIES, family
 from protoserve.errors import ProtoserveError
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
-# Outputs every model.onnx of a family must have (it may have more); all have a leading batch axis N.
-# Schema data: the torch-free family table (inference/families.py) refers to these two tables.
-FAMILY_OUTPUTS = {
-    "prototypedl": ["logits", "probabilities", "distances", "latent", "reconstruction"],
-    "protopnet": ["logits", "probabilities", "distances", "similarity_maps"],
-}
-FAMILY_HAS_DECODER = {"prototypedl": True, "protopnet": False}
-# The model.onnx output each family gives the out-of-domain score as the input's place in the latent
-# space ([N, D]). Optional: a bundle exported before ProtoPNet's output existed lacks it and is scored
-# from its distances alone (its calibration says which parts it uses).
-FAMILY_DOMAIN_FEATURES = {"prototypedl": "latent", "protopnet": "pooled_latent"}
+# The family names the schema accepts: the serving-side registry's (bundle/families.py).
+FamilyName = Literal[tuple(FAMILIES)]
 
 
 class BundleError(ProtoserveError):
@@ -130,7 +122,7 @@ class ParityFigures(_Strict):
     top3_ties: int  # images whose top-3 differed only at an exact tie
     probability_atol: float
     distance_rtol: float
-    # The out-of-domain features output (FAMILY_DOMAIN_FEATURES): its largest difference relative to
+    # The out-of-domain features output (bundle/families.py domain_features): its largest difference relative to
     # its largest magnitude (None: a bundle exported before it was compared).
     max_rel_feature_diff: float | None = None
     feature_rtol: float | None = None
@@ -157,8 +149,6 @@ class Metrics(_Strict):
     nearest_distance_quantiles: dict[str, float] | None = None
 
 
-DOMAIN_SCORES = ("nearest_distance", "class_nearest_distance", "mean3_distance", "prototype_mahalanobis",
-                 "nearest_and_mahalanobis", "latent_mahalanobis", "latent_and_prototypes")
 DomainScore = Literal["nearest_distance", "class_nearest_distance", "mean3_distance", "prototype_mahalanobis",
                       "nearest_and_mahalanobis", "latent_mahalanobis", "latent_and_prototypes"]
 
@@ -271,7 +261,7 @@ class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str = Field(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")  # a valid BentoML tag name
     version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    family: Literal["prototypedl", "protopnet"]
+    family: FamilyName  # type: ignore[valid-type]
     created_at: datetime
     class_names: list[str]
     input: InputSpec
@@ -399,14 +389,14 @@ def _check_consistency(m: Manifest, manifest_path: Path) -> None:
     """What the schema alone can't say: sizes agree, the family's outputs and files are there."""
     K = len(m.class_names)
     problems = []
-    missing = [n for n in FAMILY_OUTPUTS[m.family] if m.model.output(n) is None]
+    missing = [n for n in family(m.family).outputs if m.model.output(n) is None]
     if missing:
         problems.append(f"model outputs lack {missing} required for family {m.family!r}")
     if m.domain is not None and m.domain.features is not None and m.model.output(m.domain.features) is None:
         problems.append(f"the out-of-domain calibration reads output {m.domain.features!r}, which model.onnx lacks")
     if [t.name for t in m.model.inputs] != [m.input.name]:
         problems.append(f"model inputs {[t.name for t in m.model.inputs]} are not [{m.input.name!r}]")
-    if FAMILY_HAS_DECODER[m.family] and m.decoder is None:
+    if family(m.family).has_decoder and m.decoder is None:
         problems.append(f"family {m.family!r} needs a decoder")
     if len(m.input.mean) != m.input.channels or len(m.input.std) != m.input.channels:
         problems.append(f"input mean/std need {m.input.channels} values (one per channel)")

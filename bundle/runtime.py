@@ -17,6 +17,7 @@ Public API:
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import glob
 import os
@@ -70,8 +71,6 @@ def gpu_evidence() -> GpuEvidence:
 
 def _driver_device_count() -> int | None:
     """GPUs the NVIDIA driver reports (cuInit + cuDeviceGetCount), None without the driver library."""
-    import ctypes
-
     try:
         driver = ctypes.CDLL("libcuda.so.1")
     except OSError:

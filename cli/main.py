@@ -16,9 +16,9 @@ from protoserve.errors import ProtoserveError
 
 def _train(args) -> None:
     from training.config import load_config
-    from training.data import resolve_data_root
     from training.distributed import init_distributed, shutdown_distributed
     from training.families import config_family
+    from training.splits import resolve_data_root
 
     config = load_config(args.config)
     if args.epochs is not None:
@@ -60,8 +60,14 @@ def _visualize(args) -> None:
         print(path)
 
 
+def _ship(args) -> None:
+    from training.resumable import ship_run
+
+    print(f"shipped {ship_run(Path(args.run), Path(args.out), args.checkpoint)}")
+
+
 def _download(args) -> None:
-    from training.data import download
+    from training.mnist import download
 
     download(Path(args.data_root), args.dataset)
     print(f"{args.dataset} written under {args.data_root}")
@@ -318,6 +324,13 @@ def _training_verbs(sub) -> None:
     p.add_argument("--data-root")
     p.add_argument("--metrics", help="metrics.jsonl for the curves (default: beside the checkpoint)")
     p.set_defaults(func=_visualize)
+
+    p = sub.add_parser("ship", help="copy a finished run into a model folder: checkpoint.pt without optimizer "
+                       "state, config.yaml, metrics.jsonl and (ProtoPNet) the push pictures of that checkpoint")
+    p.add_argument("--run", required=True, help="the run folder (protoserve train --out)")
+    p.add_argument("--out", required=True, help="the model folder to write, e.g. models/protopnet_mnist")
+    p.add_argument("--checkpoint", default="best.pt", help="which checkpoint of the run (default best.pt)")
+    p.set_defaults(func=_ship)
 
     p = sub.add_parser("download", help="fetch MNIST or Fashion-MNIST with torchvision's downloader")
     p.add_argument("--data-root", required=True)

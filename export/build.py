@@ -22,10 +22,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from bundle.families import family as serving_family
 from bundle.manifest import (
-    FAMILY_DOMAIN_FEATURES,
     Bundle,
-    CanonicalForm,
     DomainCalibration,
     InputSpec,
     Lineage,
@@ -54,17 +53,11 @@ from export.parity import describe, parity_failures, parity_figures
 from export.quality.report import QualityOptions, write_quality_report
 from protoserve.errors import ProtoserveError
 from training.checkpoint import load_checkpoint
-from training.cub import class_names as cub_class_names
-from training.data import CLASS_NAMES, Split, resolve_data_root
-from training.datasets import input_normalization, load_run_data
+from training.datasets import class_names, dataset, input_normalization, load_run_data
 from training.families import PrototypeRecord, family_of
+from training.splits import Split, resolve_data_root
 
 REPO = Path(__file__).resolve().parents[1]
-# How MNIST's digits were made (LeCun et al.): light ink on dark, the ink's bounding box fitted into
-# 20x20 keeping its aspect ratio, then centred by its centre of mass in the 28x28 field.
-MNIST_FORM = CanonicalForm(ink="light_on_dark", box=20, centre="mass",
-                           description="light ink on a dark background; the ink's bounding box fitted into "
-                                       "20x20 (aspect ratio kept) and centred by its centre of mass in 28x28")
 PROBE_ATOL, PROBE_RTOL = 1e-5, 1e-4
 BATCH_SIZE = 500
 DEFAULT_QUALITY = QualityOptions()
@@ -147,11 +140,11 @@ def _build(model: nn.Module, config, payload: dict, checkpoint: Path, test: Spli
                       nearest_distance_quantiles=drift_quantiles(onnx_out["distances"].min(axis=1)))  # all active
     log(f"test accuracy {metrics.test_accuracy:.4f} (PyTorch), {metrics.onnx_test_accuracy:.4f} (ONNX Runtime)")
     probe_images = write_probe(model, test, staging / "probe.npz")
-    records = family_of(model).prototype_records(model, push_set, *input_normalization(config.data.dataset))
+    records = family_of(model).records_function()(model, push_set, *input_normalization(config.data.dataset))
     prototypes = mark_masked(write_prototypes(records, staging), payload.get("revision") or {})
     manifest = Manifest(
         name=name, version=version, family=model.cfg.family, created_at=datetime.now(UTC),
-        class_names=_class_names(config, root),
+        class_names=class_names(config, root),
         input=input_spec(config),
         model=model_spec, decoder=dec_spec,
         prototypes=prototypes,
@@ -173,7 +166,7 @@ def calibrate_domain(model_file: Path, validation: Split, manifest: Manifest, fa
     images = validation.images[torch.arange(len(validation))] if not isinstance(validation.images, torch.Tensor) \
         else validation.images
 
-    features = FAMILY_DOMAIN_FEATURES[manifest.family]
+    features = serving_family(manifest.family).domain_features
     features = features if manifest.model.output(features) is not None else None
 
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -205,25 +198,10 @@ def mark_masked(rows: list[PrototypeRow], revision: dict) -> list[PrototypeRow]:
 
 def input_spec(config) -> InputSpec:
     """The manifest's input spec: exactly the preprocessing the model was trained on."""
-    c = config.model
-    if config.data.dataset == "cub":
-        mean, std = input_normalization("cub")
-        return InputSpec(channels=c.in_channels, height=c.input_size, width=c.input_size, value_range=(0.0, 1.0),
-                         mean=mean, std=std,
-                         description="RGB divided by 255, resized to the input size (cropped to the bird's "
-                                     "bounding box in training), then normalised with the ImageNet mean and std")
+    c, row = config.model, dataset(config.data.dataset)
     return InputSpec(channels=c.in_channels, height=c.input_size, width=c.input_size, value_range=(0.0, 1.0),
-                     mean=[0.0] * c.in_channels, std=[1.0] * c.in_channels,
-                     description="grey levels divided by 255 (0 = black background, 1 = white ink), "
-                                 "as the IDX files store them; no normalisation",
-                     canonical=MNIST_FORM if config.data.dataset == "mnist" else None)
-
-
-def _class_names(config, root: Path | None) -> list[str]:
-    K = config.model.n_classes
-    if config.data.dataset == "cub":
-        return (cub_class_names(root) if root else None) or [str(k) for k in range(K)]
-    return CLASS_NAMES[config.data.dataset][:K]
+                     mean=row.mean or [0.0] * c.in_channels, std=row.std or [1.0] * c.in_channels,
+                     description=row.description, canonical=row.canonical)
 
 
 @torch.no_grad()

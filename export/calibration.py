@@ -8,7 +8,7 @@ false-alarm rate and the typicality quantiles.
 The score is fixed, not chosen by a proxy: Fisher's combination of every kind of evidence the graph
 gives, each part's tail probability under its own validation distribution:
     latent_and_prototypes     nearest_distance + prototype_mahalanobis + latent_mahalanobis, when
-                              model.onnx has the family's features output (FAMILY_DOMAIN_FEATURES)
+                              model.onnx has the family's features output (bundle/families.py)
     nearest_and_mahalanobis   nearest_distance + prototype_mahalanobis, when it has not
 The parts answer different questions (is any prototype near; is the pattern of distances usual for
 the predicted class; is the input's place in the latent space usual for that class), so no single

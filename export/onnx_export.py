@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 import torch
 import torch.nn as nn
+from onnx import numpy_helper
 
 from bundle.manifest import GraphSpec, TensorSpec
 from training.families import BATCH, family_of
@@ -111,8 +112,6 @@ def _set_output_shapes(path: Path, spec: GraphSpec) -> None:
 
 def prototype_vectors(path: Path, initializer: str = PROTOTYPE_INITIALIZER):
     """The prototype matrix [m, q] as stored in an ONNX file (numpy)."""
-    from onnx import numpy_helper
-
     proto = onnx.load(str(path))
     for init in proto.graph.initializer:
         if init.name == initializer:
@@ -122,8 +121,6 @@ def prototype_vectors(path: Path, initializer: str = PROTOTYPE_INITIALIZER):
 
 def replace_initializer(path: Path, out: Path, name: str, value) -> None:
     """Copy an ONNX file with one initializer overwritten by `value` (same shape)."""
-    from onnx import numpy_helper
-
     proto = onnx.load(str(path))
     for i, init in enumerate(proto.graph.initializer):
         if init.name == name:

@@ -1,7 +1,7 @@
 """Parity: ONNX Runtime against PyTorch eval mode on the same images, and the limits export demands.
 
 Limits: probabilities within 1e-5 absolute, distances within 1e-4 relative, the out-of-domain
-features (FAMILY_DOMAIN_FEATURES, where the graph has them) within 1e-4 of their largest magnitude, the
+features (bundle/families.py domain_features, where the graph has them) within 1e-4 of their largest magnitude, the
 same argmax for every image, the same top-3 nearest prototype ids except where an exact tie makes
 the order ambiguous. Numpy only; the callers produce the two sets of outputs.
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bundle.manifest import FAMILY_DOMAIN_FEATURES, ParityFigures
+from bundle.families import domain_feature_outputs
+from bundle.manifest import ParityFigures
 
 PROBABILITY_ATOL = 1e-5
 DISTANCE_RTOL = 1e-4
@@ -72,7 +73,7 @@ def parity_figures(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndar
 
 def feature_parity(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndarray]) -> dict:
     """The features output's largest difference relative to its largest magnitude (none: no such output)."""
-    name = next((n for n in set(FAMILY_DOMAIN_FEATURES.values()) if n in torch_out and n in onnx_out), None)
+    name = next((n for n in domain_feature_outputs() if n in torch_out and n in onnx_out), None)
     if name is None:
         return {}
     ref, got = torch_out[name].astype(np.float64), onnx_out[name].astype(np.float64)

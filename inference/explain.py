@@ -11,8 +11,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from bundle.families import family
 from bundle.manifest import Manifest
-from inference.families import family
 from protoserve.colours import overlay_heat, unit_scale
 from protoserve.similarity import similarity
 
@@ -61,7 +61,7 @@ def prototype_rows(manifest: Manifest, distances: np.ndarray, indices: np.ndarra
     """The explanation's prototype entries for one input predicted as `label`.
 
     weight is the prototype's last-layer weight for the predicted class; contribution is what it
-    adds to that class's logit (the family's contribution rule, inference/families.py).
+    adds to that class's logit (the family's contribution rule, bundle/families.py).
     """
     rows, entry = [], family(manifest.family)
     for j in indices:

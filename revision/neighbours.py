@@ -26,9 +26,9 @@ def nearest_training_images(checkpoint: Path, data_root: str | None, k: int = K,
                             batch_size: int = 500) -> tuple[list[list[tuple[int, int, float]]], torch.Tensor]:
     """Per prototype: [(training index, label, distance)] nearest first; and the images [n, C, H, W] in [0, 1]."""
     from training.checkpoint import load_checkpoint
-    from training.data import resolve_data_root
     from training.datasets import input_normalization, load_run_data
     from training.families import family_of
+    from training.splits import resolve_data_root
 
     model, config, _ = load_checkpoint(checkpoint)
     model.eval()

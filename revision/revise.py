@@ -31,8 +31,8 @@ from revision.rounds import (
 from revision.terminal_review import terminal_consult
 from training.checkpoint import load_checkpoint
 from training.config import Config
-from training.data import Split, resolve_data_root
-from training.train_protopnet import load_run_data
+from training.datasets import dataset, load_run_data
+from training.splits import Split, resolve_data_root
 
 
 class RevisionError(ProtoserveError):
@@ -65,13 +65,10 @@ def resolve_parent(checkpoint: str | None, bundle: str | None) -> Parent:
 
 def object_masks(config, root: Path, data: dict):
     """What the simulated user knows: Decoy-MNIST's digit and decoy masks, MNIST-like ink; else None."""
-    d = config.data
-    if d.dataset == "decoy_mnist":
-        from training.decoy_mnist import Confounder, load_decoy_mnist
-
-        return ObjectMasks.from_decoy(load_decoy_mnist(root, d.split_seed, d.val_size, d.train_subset,
-                                   Confounder(position=d.decoy_position))["train"])
-    if d.dataset in ("mnist", "fashion_mnist"):
+    row = dataset(config.data.dataset)
+    if row.decoy_sets is not None:
+        return ObjectMasks.from_decoy(row.decoy_sets(root, config.data)["train"])
+    if row.ink_masks:
         return ObjectMasks.from_split(data["train"])
     return None
 

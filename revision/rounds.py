@@ -36,7 +36,7 @@ from revision.prune import nearest_labels, prune_candidates
 from revision.refine import con_cost, con_count, refine_cost
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import Config
-from training.data import Split
+from training.splits import Split
 
 STATE_FILE = "revision_last.pt"
 

@@ -18,7 +18,7 @@ Row fields (`ROW_FIELDS`, one row per input, in input order):
     prototype_similarities  log((d + 1) / (d + 1e-4)) of each distance (protoserve/similarity.py;
                          /explain's "similarity")
     prototype_contributions what each adds to the predicted class's logit (/explain's "contribution";
-                         the family's rule, inference/families.py)
+                         the family's rule, bundle/families.py)
     in_domain            whether the input is like the model's validation images (inference/domain.py);
                          null when the bundle has no out-of-domain calibration
     typicality           the share of validation images that scored further from the prototypes (0-1)
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bundle.families import family
 from bundle.manifest import InputSpec, Manifest
 from inference.domain import domain_rule
 from inference.explain import active_mask, nearest_prototypes_batch, similarity
-from inference.families import family
 from inference.preprocess import DEFAULT_LIMITS, Limits, array_to_input, normalize, to_input
 from protoserve.errors import InputError
 

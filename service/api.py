@@ -26,6 +26,7 @@ import bentoml
 import numpy as np
 from starlette.responses import JSONResponse
 
+from bundle.families import family
 from bundle.manifest import read_bundle
 from inference.domain import abstention, domain_fields, domain_rule, parse_flag
 from inference.explain import (
@@ -36,7 +37,6 @@ from inference.explain import (
     predictions,
     prototype_rows,
 )
-from inference.families import family
 from inference.model import load_model
 from inference.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
 from protoserve.blas import one_blas_thread

@@ -47,12 +47,12 @@ def mnist_root() -> Path:
 def tiny_checkpoint(tmp_path_factory, mnist_root) -> Path:
     """A PrototypeDL trained for two short epochs on 1,000 MNIST images (seconds)."""
     from training.config import Config
-    from training.train import Trainer
+    from training.train_prototypedl import PrototypeDLTrainer
 
     out = tmp_path_factory.mktemp("tiny_run")
     config = tiny_config_dict(epochs=2)
     config["data"]["train_subset"] = 1000
-    trainer = Trainer(Config.from_dict(config), out, data_root=mnist_root, log=lambda s: None)
+    trainer = PrototypeDLTrainer(Config.from_dict(config), out, data_root=mnist_root, log=lambda s: None)
     trainer.fit()
     return out / "best.pt"
 

@@ -2,7 +2,8 @@
 
 `model.family` chooses the model: "prototypedl" (PrototypeDL) or "protopnet" (ProtoPNet). Each
 family reads its own fields and ignores the other's; the `schedule` section is ProtoPNet's. The
-family-specific checks are in the family's table entry (training/families.py `config_checks`).
+family-specific checks are in the family's registry row (training/families.py `config_checks`), the
+data-set names in the data-set table (training/datasets.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 import yaml
 
 from protoserve.errors import ProtoserveError
+from training.datasets import DATASETS
+from training.families import FAMILIES
 
 DECOY_POSITIONS = ("random_corner", "top_left", "top_right", "bottom_left", "bottom_right")
 
@@ -24,7 +27,9 @@ class ConfigError(ProtoserveError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # "mnist" | "fashion_mnist" | "decoy_mnist" | "cub" (any folder in the CUB-200-2011 layout)
+    # training/datasets.py: "mnist" | "fashion_mnist" | "decoy_mnist" | "cub" (a folder in the CUB-200-2011
+    # layout) | "folder" (one sub-folder of pictures per class)
+    dataset: str = "mnist"
     root: str | None = None  # None: --data-root, then $PROTOSERVE_DATA_ROOT
     val_size: int = 5000  # taken from the training images (MNIST: 55,000 / 5,000, as the paper)
     split_seed: int = 0
@@ -133,12 +138,9 @@ class Config:
         return config
 
     def validate(self, source: str = "config") -> None:
-        from training.families import FAMILIES  # the table imports this module's types
-
         m, t = self.model, self.train
         checks = [
-            (self.data.dataset in ("mnist", "fashion_mnist", "cub", "decoy_mnist"),
-             "data.dataset must be 'mnist', 'fashion_mnist', 'decoy_mnist' or 'cub'"),
+            (self.data.dataset in DATASETS, f"data.dataset must be one of {', '.join(repr(n) for n in DATASETS)}"),
             (self.data.decoy_position in DECOY_POSITIONS,
              f"data.decoy_position must be one of {', '.join(repr(p) for p in DECOY_POSITIONS)}"),
             (0 < self.data.val_size < 60000, "data.val_size must be between 1 and 59,999"),

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.data import DataError, Split
+from training.splits import DataError, Split
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

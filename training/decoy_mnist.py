@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.data import Split, load_split
+from training.mnist import load_split
+from training.splits import Split
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 
@@ -124,6 +125,6 @@ def load_decoy_mnist(root: Path, seed: int = 0, val_size: int = 5000, train_subs
 def load_decoy_dataset(root: Path, val_size: int = 5000, split_seed: int = 0,
                        train_subset: int | None = None, confounder: Confounder = Confounder()) -> dict[str, Split]:
     """train / val / test Splits of Decoy-MNIST (split_seed seeds the split and the decoys), the
-    shape training/data.py's load_dataset returns."""
+    shape every data set's loader returns (training/datasets.py)."""
     sets = load_decoy_mnist(root, split_seed, val_size, train_subset, confounder)
     return {name: sets[name].split() for name in ("train", "val", "test")}

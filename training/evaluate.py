@@ -10,12 +10,12 @@ import torch.nn as nn
 
 from training.checkpoint import load_checkpoint
 from training.config import Config
-from training.data import Split, resolve_data_root
 from training.datasets import load_run_data
 from training.families import config_family
 from training.protopnet import ProtoPNet
 from training.prototypedl import PrototypeDL, class_identities
 from training.push import push_purity
+from training.splits import Split, resolve_data_root
 
 
 @torch.no_grad()

@@ -1,14 +1,16 @@
-"""The training side's family table: everything that differs between PrototypeDL and ProtoPNet.
+"""The training side's family registry: everything that differs between the model families.
 
-Each family is registered once in FAMILIES; callers look it up with `family(name)` or
-`family_of(model)` and nothing else branches on the family name. An entry says how to build the
-model, which trainer and evaluation run it, whether it trains under torchrun, what its ONNX graph
-returns (names, shapes, the forward pass the exporter traces, the decoder graph if any) and what
-its prototypes look like in a bundle (pictures and provenance). The torch-free counterpart, for
-code that reads bundles, is inference/families.py.
+A family registers itself where it is defined, with `register_family(Family(...))` at the bottom of
+its module (training/prototypedl.py, training/protopnet.py; training/__init__.py imports them), as
+timm's `register_model` does; callers look it up with `family(name)` or `family_of(model)` and
+nothing else branches on a family name. A row says how to build the model, which trainer and
+evaluation run it, whether it trains under torchrun, what its ONNX graph returns (names, shapes,
+the forward pass the exporter traces, the decoder graph if any), what its prototypes look like in a
+bundle (pictures and provenance) and which config fields it checks. The torch-free counterpart, for
+code that reads bundles, is bundle/families.py.
 
-The trainers and the evaluation look the table up themselves (through training/checkpoint.py), so
-the table names them as "module:attribute" and imports them when asked.
+The trainers, the evaluation, the pictures and the prototype records import the family's model
+module, so a row names them as "module:attribute", imported when asked.
 """
 
 from __future__ import annotations
@@ -22,12 +24,6 @@ import torch.nn as nn
 from PIL import Image
 
 from protoserve.errors import ProtoserveError
-from training.backbones import BACKBONES
-from training.config import Config, ModelConfig
-from training.data import Split
-from training.protopnet import ProtoPNet
-from training.prototypedl import PrototypeDL, class_identities
-from training.push import object_overlaps, prototype_pictures
 
 BATCH = "N"  # the dynamic batch axis of every exported tensor
 
@@ -45,19 +41,19 @@ class PrototypeRecord:
 
 @dataclass(frozen=True)
 class Family:
-    """One family's entry in the training table (see the module docstring)."""
+    """One family's row in the training registry (see the module docstring)."""
     name: str
-    build: Callable[[ModelConfig, bool], nn.Module]  # (config, initial backbone weights?) -> model
+    build: Callable[..., nn.Module]  # (model config, initial backbone weights?) -> model
     trainer: str  # "module:Class" of its trainer (constructor: config, out_dir, data_root)
     evaluate: str  # "module:function" (model, data splits, batch_size) -> its figures
     distributed: bool  # trains under torchrun with DistributedDataParallel
     graph_outputs: Callable[[nn.Module], dict[str, list]]  # model.onnx output name -> shape, in graph order
     graph_forward: Callable[[nn.Module, torch.Tensor], tuple]  # image -> those outputs, as traced for export
     decoder: Callable[[nn.Module], nn.Module | None]  # latent -> image graph (decoder.onnx), or None
-    prototype_records: Callable[..., list[PrototypeRecord]]  # (model, push_set, mean, std) -> one per prototype
+    prototype_records: str  # "module:function" (model, push_set, mean, std) -> a PrototypeRecord per prototype
     encode: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # images -> [N, P, D]: what prototypes are compared with
     backbone: Callable[[nn.Module], nn.Module]  # its feature extractor (the quality report's sanity check)
-    config_checks: Callable[[Config], list[tuple[bool, str]]]  # (holds?, message) for its own config fields
+    config_checks: Callable[..., list[tuple[bool, str]]]  # (run config) -> (holds?, message) for its own fields
     pictures: str | None  # "module:function" (model, config, out, data_root, seed) -> PNGs of a checkpoint
     pictures_note: str = ""  # where its pictures come from instead, when `pictures` is None
 
@@ -68,6 +64,10 @@ class Family:
     def evaluation(self) -> Callable[..., dict]:
         """The family's evaluation function (imported now)."""
         return _resolve(self.evaluate)
+
+    def records_function(self) -> Callable[..., list[PrototypeRecord]]:
+        """The family's prototype records function (imported now)."""
+        return _resolve(self.prototype_records)
 
     def picture_function(self) -> Callable[..., list]:
         """The family's picture function (imported now; only when `pictures` is set)."""
@@ -83,124 +83,19 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), name)
 
 
-# -- PrototypeDL ------------------------------------------------------------------------------------
-def _prototypedl_outputs(model: PrototypeDL) -> dict[str, list]:
-    c = model.cfg
-    return {"logits": [BATCH, c.n_classes], "probabilities": [BATCH, c.n_classes],
-            "distances": [BATCH, c.n_prototypes], "latent": [BATCH, model.latent_dim],
-            "reconstruction": [BATCH, c.in_channels, c.input_size, c.input_size]}
+FAMILIES: dict[str, Family] = {}
 
 
-def _prototypedl_forward(model: PrototypeDL, image: torch.Tensor) -> tuple:
-    out = model(image)
-    return out.logits, torch.softmax(out.logits, dim=1), out.distances, out.latent, out.reconstruction
-
-
-class PrototypeDLDecoder(nn.Module):
-    """decoder.onnx: latent [N, q] -> image [N, C, H, W]."""
-
-    def __init__(self, model: PrototypeDL):
-        super().__init__()
-        self.model = model
-
-    def forward(self, latent):
-        return self.model.decode(latent)
-
-
-@torch.no_grad()
-def _prototypedl_records(model: PrototypeDL, push_set=None, mean=None, std=None) -> list[PrototypeRecord]:
-    """Each prototype decoded to a picture; its class is that of its most negative weight."""
-    pictures = model.decode(model.prototypes).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
-    W = model.last_layer.weight.detach()  # [K, m]
-    identities = class_identities(W)
-    return [PrototypeRecord(class_identity=identities[j], weights=W[:, j].tolist(),
-                            pictures={"image": Image.fromarray(p[0] if p.shape[0] == 1 else p.transpose(1, 2, 0))})
-            for j, p in enumerate(pictures)]  # p: [C, H, W]
-
-
-# -- ProtoPNet --------------------------------------------------------------------------------------
-def _protopnet_outputs(model: ProtoPNet) -> dict[str, list]:
-    c, h = model.cfg, model.map_size
-    return {"logits": [BATCH, c.n_classes], "probabilities": [BATCH, c.n_classes],
-            "distances": [BATCH, c.n_prototypes], "similarity_maps": [BATCH, c.n_prototypes, h, h],
-            "pooled_latent": [BATCH, c.prototype_dim]}
-
-
-def _protopnet_forward(model: ProtoPNet, image: torch.Tensor) -> tuple:
-    # Distances by subtraction: the expanded square of training loses small distances to float32
-    # cancellation, and with it the parity of the similarities (log(1/d) near 0).
-    out = model(image, exact=True)
-    # pooled_latent: z averaged over positions, the input's place in the latent space for the
-    # out-of-domain score (export/calibration.py)
-    return out.logits, torch.softmax(out.logits, dim=1), out.distances, out.similarity_maps, out.latent.mean(dim=(2, 3))
-
-
-class UnpushedPrototypes(FamilyError):
-    """A ProtoPNet checkpoint whose prototypes were not all pushed onto training patches."""
-
-
-@torch.no_grad()
-def _protopnet_records(model: ProtoPNet, push_set: Split, mean=None, std=None) -> list[PrototypeRecord]:
-    """Per pushed prototype: the patch, its source image with the receptive-field box (yellow) and the
-    high-activation box (red), the activation map; the push provenance."""
-    unpushed = (model.push_source[:, 0] < 0).nonzero().flatten().tolist()
-    if unpushed:
-        raise UnpushedPrototypes(f"prototypes {unpushed[:5]} were never pushed; export a checkpoint written "
-                                 "after a push")
-    W = model.last_layer.weight.detach()  # [K, M]
-    identities = model.class_identities()
-    overlaps = object_overlaps(model, push_set.images)  # None each without a segmentation mask
-    records = []
-    for j in range(model.prototypes.shape[0]):
-        index, row, col = model.push_source[j].tolist()
-        boxes = {name: dict(zip(("y0", "y1", "x0", "x1"), box[j].tolist(), strict=True))
-                 for name, box in (("receptive_field_box", model.push_rf_box),
-                                   ("activation_box", model.push_activation_box))}
-        provenance = {"push_set": "train split (unaugmented)", "source_index": index,
-                      "source_label": int(push_set.labels[index]), "patch": {"row": row, "col": col}, **boxes}
-        if overlaps[j] is not None:  # the fraction of the activation box on the object (CUB masks)
-            provenance["activation_box_on_object"] = overlaps[j]
-        records.append(PrototypeRecord(class_identity=identities[j], weights=W[:, j].tolist(),
-                                       pictures=prototype_pictures(model, j, push_set.images[index], mean, std),
-                                       provenance=provenance))
-    return records
-
-
-def _protopnet_config_checks(config: Config) -> list[tuple[bool, str]]:
-    m, s = config.model, config.schedule
-    return [
-        (m.backbone in BACKBONES, f"model.backbone must be one of {', '.join(BACKBONES)}"),
-        (m.n_prototypes % m.n_classes == 0, "model.n_prototypes must be a multiple of n_classes (ProtoPNet)"),
-        (m.prototype_dim > 0, "model.prototype_dim must be > 0"),
-        (s.warm_epochs >= 0 and s.push_start > 0 and s.push_every > 0 and s.last_layer_epochs >= 0,
-         "schedule: warm_epochs and last_layer_epochs must be >= 0, push_start and push_every > 0"),
-        (s.lr_step_epochs > 0 and 0 < s.lr_gamma <= 1, "schedule.lr_step_epochs must be > 0, lr_gamma in (0, 1]"),
-    ]
-
-
-def _build_protopnet(config: ModelConfig, initial_weights: bool = True) -> ProtoPNet:
-    return ProtoPNet(config, backbone_weights=config.backbone_weights if initial_weights else None)
-
-
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family(name="prototypedl", build=lambda config, initial_weights=True: PrototypeDL(config),
-           trainer="training.train:Trainer", evaluate="training.evaluate:evaluate_prototypedl",
-           distributed=False, graph_outputs=_prototypedl_outputs, graph_forward=_prototypedl_forward,
-           encode=lambda model, x: model.encode(x)[:, None, :], backbone=lambda model: model.encoder,
-           decoder=PrototypeDLDecoder, prototype_records=_prototypedl_records, config_checks=lambda config: [],
-           pictures="training.visualize:prototypedl_figures"),
-    Family(name="protopnet", build=_build_protopnet,
-           trainer="training.train_protopnet:ProtoPNetTrainer", evaluate="training.evaluate:evaluate_protopnet",
-           distributed=True, graph_outputs=_protopnet_outputs, graph_forward=_protopnet_forward,
-           encode=lambda model, x: model.latent(x).flatten(2).transpose(1, 2), backbone=lambda model: model.features,
-           decoder=lambda model: None, prototype_records=_protopnet_records, config_checks=_protopnet_config_checks,
-           pictures=None, pictures_note="push writes each prototype's pictures into the run's push/epoch_NNNN/ "
-                                       "folders, and the bundle holds those of the exported model"),
-)}
+def register_family(entry: Family) -> Family:
+    """Add a family to the registry; its module calls this once, where the family is defined."""
+    if entry.name in FAMILIES:
+        raise FamilyError(f"family {entry.name!r} is registered twice")
+    FAMILIES[entry.name] = entry
+    return entry
 
 
 def family(name: str) -> Family:
-    """The table entry of a family name; FamilyError naming the known ones otherwise."""
+    """The registry's row of a family name; FamilyError naming the known ones otherwise."""
     try:
         return FAMILIES[name]
     except KeyError:
@@ -208,10 +103,10 @@ def family(name: str) -> Family:
 
 
 def family_of(model: nn.Module) -> Family:
-    """The entry of a built model (its config names its family)."""
+    """The row of a built model (its config names its family)."""
     return family(model.cfg.family)
 
 
-def config_family(config: Config) -> Family:
-    """The entry of the family a run config names."""
+def config_family(config) -> Family:
+    """The row of the family a run config names."""
     return family(config.model.family)

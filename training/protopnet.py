@@ -21,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from protoserve.similarity import similarity  # log((d + 1) / (d + eps)), shared with inference
-from training.backbones import build_backbone
-from training.config import LossConfig, ModelConfig
+from training.backbones import BACKBONES, build_backbone
+from training.config import Config, LossConfig, ModelConfig
+from training.families import BATCH, Family, register_family
 from training.receptive_field import ReceptiveField
 
 
@@ -144,3 +145,47 @@ def protopnet_loss(out: Output, y: torch.Tensor, model: ProtoPNet, cfg: LossConf
     l1 = l1_wrong_class(model)
     total = ce + cfg.lambda_cluster * cluster - cfg.lambda_separation * separation + cfg.lambda_l1 * l1
     return LossTerms(total=total, cross_entropy=ce, cluster_cost=cluster, separation_cost=separation, l1=l1)
+
+
+# -- the family's registry row (training/families.py): what export and the CLI need of ProtoPNet ----
+def graph_outputs(model: ProtoPNet) -> dict[str, list]:
+    c, h = model.cfg, model.map_size
+    return {"logits": [BATCH, c.n_classes], "probabilities": [BATCH, c.n_classes],
+            "distances": [BATCH, c.n_prototypes], "similarity_maps": [BATCH, c.n_prototypes, h, h],
+            "pooled_latent": [BATCH, c.prototype_dim]}
+
+
+def graph_forward(model: ProtoPNet, image: torch.Tensor) -> tuple:
+    # Distances by subtraction: the expanded square of training loses small distances to float32
+    # cancellation, and with it the parity of the similarities (log(1/d) near 0).
+    out = model(image, exact=True)
+    # pooled_latent: z averaged over positions, the input's place in the latent space for the
+    # out-of-domain score (export/calibration.py)
+    return out.logits, torch.softmax(out.logits, dim=1), out.distances, out.similarity_maps, out.latent.mean(dim=(2, 3))
+
+
+def config_checks(config: Config) -> list[tuple[bool, str]]:
+    m, s = config.model, config.schedule
+    return [
+        (m.backbone in BACKBONES, f"model.backbone must be one of {', '.join(BACKBONES)}"),
+        (m.n_prototypes % m.n_classes == 0, "model.n_prototypes must be a multiple of n_classes (ProtoPNet)"),
+        (m.prototype_dim > 0, "model.prototype_dim must be > 0"),
+        (s.warm_epochs >= 0 and s.push_start > 0 and s.push_every > 0 and s.last_layer_epochs >= 0,
+         "schedule: warm_epochs and last_layer_epochs must be >= 0, push_start and push_every > 0"),
+        (s.lr_step_epochs > 0 and 0 < s.lr_gamma <= 1, "schedule.lr_step_epochs must be > 0, lr_gamma in (0, 1]"),
+    ]
+
+
+def build(config: ModelConfig, initial_weights: bool = True) -> ProtoPNet:
+    return ProtoPNet(config, backbone_weights=config.backbone_weights if initial_weights else None)
+
+
+register_family(Family(
+    name="protopnet", build=build,
+    trainer="training.train_protopnet:ProtoPNetTrainer", evaluate="training.evaluate:evaluate_protopnet",
+    distributed=True, graph_outputs=graph_outputs, graph_forward=graph_forward,
+    encode=lambda model, x: model.latent(x).flatten(2).transpose(1, 2), backbone=lambda model: model.features,
+    decoder=lambda model: None, prototype_records="training.push:pushed_prototype_records",
+    config_checks=config_checks, pictures=None,
+    pictures_note="push writes each prototype's pictures into the run's push/epoch_NNNN/ folders, and the "
+                  "bundle holds those of the exported model"))

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from training.config import LossConfig, ModelConfig
+from training.families import BATCH, Family, PrototypeRecord, register_family
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
@@ -156,3 +158,47 @@ def prototypedl_loss(out: Output, x: torch.Tensor, y: torch.Tensor, cfg: LossCon
 def class_identities(weight: torch.Tensor) -> list[int]:
     """Each prototype's class: the class of its most negative weight (W is K x m)."""
     return weight.argmin(dim=0).tolist()
+
+
+# -- the family's registry row (training/families.py): what export and the CLI need of PrototypeDL ---
+def graph_outputs(model: PrototypeDL) -> dict[str, list]:
+    c = model.cfg
+    return {"logits": [BATCH, c.n_classes], "probabilities": [BATCH, c.n_classes],
+            "distances": [BATCH, c.n_prototypes], "latent": [BATCH, model.latent_dim],
+            "reconstruction": [BATCH, c.in_channels, c.input_size, c.input_size]}
+
+
+def graph_forward(model: PrototypeDL, image: torch.Tensor) -> tuple:
+    out = model(image)
+    return out.logits, torch.softmax(out.logits, dim=1), out.distances, out.latent, out.reconstruction
+
+
+class PrototypeDLDecoder(nn.Module):
+    """decoder.onnx: latent [N, q] -> image [N, C, H, W]."""
+
+    def __init__(self, model: PrototypeDL):
+        super().__init__()
+        self.model = model
+
+    def forward(self, latent):
+        return self.model.decode(latent)
+
+
+@torch.no_grad()
+def prototype_records(model: PrototypeDL, push_set=None, mean=None, std=None) -> list[PrototypeRecord]:
+    """Each prototype decoded to a picture; its class is that of its most negative weight."""
+    pictures = model.decode(model.prototypes).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    W = model.last_layer.weight.detach()  # [K, m]
+    identities = class_identities(W)
+    return [PrototypeRecord(class_identity=identities[j], weights=W[:, j].tolist(),
+                            pictures={"image": Image.fromarray(p[0] if p.shape[0] == 1 else p.transpose(1, 2, 0))})
+            for j, p in enumerate(pictures)]  # p: [C, H, W]
+
+
+register_family(Family(
+    name="prototypedl", build=lambda config, initial_weights=True: PrototypeDL(config),
+    trainer="training.train_prototypedl:PrototypeDLTrainer", evaluate="training.evaluate:evaluate_prototypedl",
+    distributed=False, graph_outputs=graph_outputs, graph_forward=graph_forward,
+    encode=lambda model, x: model.encode(x)[:, None, :], backbone=lambda model: model.encoder,
+    decoder=PrototypeDLDecoder, prototype_records="training.prototypedl:prototype_records",
+    config_checks=lambda config: [], pictures="training.visualize:prototypedl_figures"))

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from protoserve.colours import overlay_heat
+from training.families import FamilyError, PrototypeRecord
 from training.protopnet import ProtoPNet, similarity, squared_distance_maps, subtracted_distance_maps
 
 ACTIVATION_PERCENTILE = 95
@@ -277,3 +278,34 @@ def write_push_pictures(model: ProtoPNet, source_images, out_dir: Path, mean=Non
             img.save(path)
             written.append(path)
     return written
+
+
+class UnpushedPrototypes(FamilyError):
+    """A ProtoPNet checkpoint whose prototypes were not all pushed onto training patches."""
+
+
+@torch.no_grad()
+def pushed_prototype_records(model: ProtoPNet, push_set, mean=None, std=None) -> list[PrototypeRecord]:
+    """Per pushed prototype: the patch, its source image with the receptive-field box (yellow) and the
+    high-activation box (red), the activation map; the push provenance (ProtoPNet's bundle records)."""
+    unpushed = (model.push_source[:, 0] < 0).nonzero().flatten().tolist()
+    if unpushed:
+        raise UnpushedPrototypes(f"prototypes {unpushed[:5]} were never pushed; export a checkpoint written "
+                                 "after a push")
+    W = model.last_layer.weight.detach()  # [K, M]
+    identities = model.class_identities()
+    overlaps = object_overlaps(model, push_set.images)  # None each without a segmentation mask
+    records = []
+    for j in range(model.prototypes.shape[0]):
+        index, row, col = model.push_source[j].tolist()
+        boxes = {name: dict(zip(("y0", "y1", "x0", "x1"), box[j].tolist(), strict=True))
+                 for name, box in (("receptive_field_box", model.push_rf_box),
+                                   ("activation_box", model.push_activation_box))}
+        provenance = {"push_set": "train split (unaugmented)", "source_index": index,
+                      "source_label": int(push_set.labels[index]), "patch": {"row": row, "col": col}, **boxes}
+        if overlaps[j] is not None:  # the fraction of the activation box on the object (CUB masks)
+            provenance["activation_box_on_object"] = overlaps[j]
+        records.append(PrototypeRecord(class_identity=identities[j], weights=W[:, j].tolist(),
+                                       pictures=prototype_pictures(model, j, push_set.images[index], mean, std),
+                                       provenance=provenance))
+    return records

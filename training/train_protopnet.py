@@ -34,13 +34,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training.checkpoint import build_model
 from training.config import Config
-from training.data import Split, resolve_data_root
-from training.datasets import input_normalization, load_run_data
+from training.datasets import dataset, input_normalization, load_run_data
 from training.elastic import elastic_deform
 from training.evaluate import accuracy
 from training.protopnet import ProtoPNet, l1_wrong_class, protopnet_loss
 from training.push import object_overlaps, push_prototypes, push_purity, write_push_pictures
-from training.train import ResumableRun, _duration, resolve_device
+from training.resumable import ResumableRun, duration, resolve_device
+from training.splits import Split, resolve_data_root
 
 
 class ProtoPNetTrainer(ResumableRun):
@@ -55,6 +55,7 @@ class ProtoPNetTrainer(ResumableRun):
         root = data_root or resolve_data_root(None, config.data.root)
         self.data = load_run_data(config, root)
         self.mean, self.std = input_normalization(config.data.dataset)
+        self.elastic = t.elastic and dataset(config.data.dataset).elastic
         torch.manual_seed(t.seed)
         self.model: ProtoPNet = build_model(config).to(self.device)
         m = self.model
@@ -120,7 +121,7 @@ class ProtoPNetTrainer(ResumableRun):
             idx = self._local(order[start:start + t.batch_size])
             x = train.images[idx].to(self.device)
             y = train.labels[idx].to(self.device)
-            if t.elastic and self.config.data.dataset != "cub":
+            if self.elastic:
                 x = elastic_deform(x, t.elastic_sigma, t.elastic_alpha, generator=self.augment_rng)
             out = module(x)
             terms = protopnet_loss(out, y, self.model, self.config.loss)
@@ -232,7 +233,7 @@ class ProtoPNetTrainer(ResumableRun):
                  f"(CE {m['train_cross_entropy']:.4f} clst {m['train_cluster_cost']:.4f} "
                  f"sep {m['train_separation_cost']:.4f})  train acc {m['train_accuracy']:.4f}  "
                  f"val acc {m['val_accuracy_before_push']:.4f}{push}{' *' if is_best else ''}  "
-                 f"{m['epoch_seconds']:.1f}s/epoch  ETA {_duration(eta)}")
+                 f"{m['epoch_seconds']:.1f}s/epoch  ETA {duration(eta)}")
 
 
 class _Subset:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,9 +16,10 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.config import Config  # noqa: E402
-from training.data import CLASS_NAMES, load_dataset, resolve_data_root  # noqa: E402
+from training.datasets import dataset, load_run_data  # noqa: E402
 from training.families import FamilyError, config_family  # noqa: E402
 from training.prototypedl import PrototypeDL, class_identities  # noqa: E402
+from training.splits import resolve_data_root  # noqa: E402
 
 
 def _show(ax, image: torch.Tensor) -> None:
@@ -161,10 +163,11 @@ def prototypedl_figures(model: PrototypeDL, config: Config, out: Path, data_root
                         seed: int = 0) -> list[Path]:
     """The paper's Fig. 2 and 3 and Tables 1 and 2 as PNGs."""
     d = config.data
-    data = load_dataset(resolve_data_root(data_root, d.root), d.dataset, d.val_size, d.split_seed,
-                        decoy_position=d.decoy_position)
-    names = CLASS_NAMES[d.dataset] if config.model.n_classes == len(CLASS_NAMES[d.dataset]) else \
-        [str(c) for c in range(config.model.n_classes)]
+    root = resolve_data_root(data_root, d.root)
+    data = load_run_data(dataclasses.replace(config, data=dataclasses.replace(d, train_subset=None)), root)
+    names = dataset(d.dataset).class_names(root)
+    if not names or len(names) != config.model.n_classes:
+        names = [str(c) for c in range(config.model.n_classes)]
     rng = np.random.default_rng(seed)
     picks = torch.from_numpy(rng.choice(len(data["train"]), size=10, replace=False))
     test = data["test"]

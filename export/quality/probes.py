@@ -23,6 +23,7 @@ from bundle.manifest import Bundle, BundleError
 from bundle.runtime import load_probe
 from export.onnx_export import classifier_graph, classifier_outputs, decoder_graph
 from protoserve.similarity import similarity
+from training import datasets
 from training.checkpoint import build_model
 from training.config import Config
 from training.families import family_of
@@ -92,7 +93,8 @@ def decoded_prototypes(model: nn.Module) -> np.ndarray | None:
 def object_masks(split, index: np.ndarray, images: torch.Tensor, dataset: str) -> dict[str, np.ndarray]:
     """Named bool masks [n, H, W] of the sampled images: the split's own `masks` (a dict of name ->
     [N, H, W], e.g. a decoy data set's object and decoy masks), else a folder's segmentations
-    (`images.mask(i)`, CUB layout), else, for grey-level digits, the pixels with ink."""
+    (`images.mask(i)`, CUB layout), else, where the data set's objects are ink (grey-level digits,
+    training/datasets.py), the pixels with ink."""
     own = getattr(split, "masks", None)
     if own:
         return {name: np.asarray(m)[index].astype(bool) for name, m in own.items()}
@@ -102,7 +104,7 @@ def object_masks(split, index: np.ndarray, images: torch.Tensor, dataset: str) -
         if any(m is None for m in found):
             return {}
         return {"object": np.stack(found)}
-    if dataset in ("mnist", "fashion_mnist"):
+    if datasets.dataset(dataset).ink_masks:
         return {"object": images[:, 0].numpy() > INK}
     return {}
 

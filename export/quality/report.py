@@ -46,8 +46,9 @@ from export.quality.decoded_figures import DECODED_STAGES
 from export.quality.figures import write_figures
 from export.quality.map_figures import MAP_STAGES
 from export.quality.run import SANITY_LIMIT, QualityOptions, Run
+from training import datasets
 from training.config import Config
-from training.data import Split, resolve_data_root
+from training.splits import Split, resolve_data_root
 
 
 def write_quality_report(bundle_dir: str | Path, data_root: str | None = None,
@@ -71,18 +72,13 @@ def write_quality_report(bundle_dir: str | Path, data_root: str | None = None,
 def validation_split(config: Config, root: Path) -> Split:
     """The split the model was selected on; a split may carry named object masks as `masks`
     ({name: bool [N, H, W]}), as Decoy-MNIST's does (its digits and its decoy squares)."""
-    d = config.data
-    if d.dataset == "decoy_mnist":
-        from training.decoy_mnist import Confounder, load_decoy_mnist
-
-        decoys = load_decoy_mnist(root, d.split_seed, d.val_size, d.train_subset,
-                                  Confounder(position=d.decoy_position))["val"]
+    row = datasets.dataset(config.data.dataset)
+    if row.decoy_sets is not None:
+        decoys = row.decoy_sets(root, config.data)["val"]
         split = decoys.split()
         split.masks = {"object": decoys.object_masks, "decoy": decoys.decoy_masks}
         return split
-    from training.datasets import load_run_data
-
-    return load_run_data(config, root)["val"]
+    return datasets.load_run_data(config, root)["val"]
 
 
 def compute_quality(bundle: Bundle, split: Split, dataset: str, options: QualityOptions, log=print,

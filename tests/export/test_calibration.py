@@ -98,7 +98,7 @@ def test_calibration_reads_only_the_validation_split(tiny_checkpoint, mnist_root
     """Export hands calibrate the validation split's images, and calibrate runs the model on nothing
     but those images and the proxies made from its held-out half."""
     import export.build as build
-    from training.data import load_dataset
+    from training.mnist import load_mnist
 
     seen: list[np.ndarray] = []
     real = build.calibrate
@@ -115,7 +115,7 @@ def test_calibration_reads_only_the_validation_split(tiny_checkpoint, mnist_root
     monkeypatch.setattr(build, "calibrate", recording)
     result = build.export_bundle(tiny_checkpoint, tmp_path / "bundle", "tiny", "0.1.0", data_root=str(mnist_root),
                                  test_images=200, log=lambda s: None)
-    val = load_dataset(mnist_root, "mnist", 500, 0)["val"].images.numpy()
+    val = load_mnist(mnist_root, "mnist", 500, 0)["val"].images.numpy()
     assert np.array_equal(seen[0], val)
     held = val[np.random.default_rng(0).permutation(len(val))[len(val) // 2:]]
     allowed = {row.tobytes() for row in val} | {row.tobytes() for proxy in proxy_sets(held) for row in proxy}
@@ -165,7 +165,7 @@ def test_auroc_and_fpr_at_tpr():
 def test_shipped_bundles_flag_the_ood_sets_and_about_their_rate_of_the_test_set(family, mnist_root):
     from benchmarks.ood import Scorer
     from benchmarks.ood_sets import ood_sets
-    from training.data import load_split
+    from training.mnist import load_split
 
     scorer = Scorer(str(SHIPPED[family]))
     calibration = scorer.rule.calibration

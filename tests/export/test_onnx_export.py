@@ -14,7 +14,7 @@ from export.build import ParityError, export_bundle, run_onnx, run_torch
 from export.onnx_export import PROTOTYPE_INITIALIZER, prototype_vectors, replace_initializer
 from export.parity import parity_failures, parity_figures
 from training.checkpoint import load_checkpoint
-from training.data import load_dataset
+from training.mnist import load_mnist
 from training.prototypedl import class_identities
 
 OUTPUTS = ["logits", "probabilities", "distances", "latent", "reconstruction"]
@@ -22,7 +22,7 @@ OUTPUTS = ["logits", "probabilities", "distances", "latent", "reconstruction"]
 
 @pytest.fixture(scope="module")
 def test_images(mnist_root) -> torch.Tensor:
-    return load_dataset(mnist_root)["test"].images
+    return load_mnist(mnist_root)["test"].images
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ from export.build import run_onnx, run_torch
 from export.onnx_export import PROTOTYPE_INITIALIZER, prototype_vectors, replace_initializer
 from export.parity import parity_failures, parity_figures
 from training.checkpoint import load_checkpoint
-from training.data import load_dataset
+from training.mnist import load_mnist
 
 OUTPUTS = ["logits", "probabilities", "distances", "similarity_maps", "pooled_latent"]
 
 
 @pytest.fixture(scope="module")
 def test_images(mnist_root) -> torch.Tensor:
-    return load_dataset(mnist_root)["test"].images
+    return load_mnist(mnist_root)["test"].images
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from bundle.runtime import open_session, verify_bundle
 from scoring.rows import grey_levels_to_input
-from training.data import load_split
+from training.mnist import load_split
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 SHIPPED = {"prototypedl_mnist": 0.99, "protopnet_mnist": 0.99}  # the accuracy each shipped model must keep

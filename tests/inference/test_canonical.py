@@ -19,7 +19,7 @@ SPEC = InputSpec(channels=1, height=28, width=28, mean=[0.0], std=[1.0], canonic
 
 @pytest.fixture(scope="module")
 def digits(mnist_root) -> np.ndarray:
-    from training.data import load_split
+    from training.mnist import load_split
 
     images, _ = load_split(mnist_root, "mnist", "test")
     return images[:20].astype(np.float32) / 255.0

@@ -16,7 +16,7 @@ from inference.domain import domain_rule
 from inference.explain import active_mask
 from inference.model import load_model
 from scoring.rows import BatchScorer
-from training.data import load_split
+from training.mnist import load_split
 
 
 @pytest.fixture(scope="module")

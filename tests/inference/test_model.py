@@ -41,7 +41,7 @@ def test_classify_runs_the_graph_cut_to_what_it_reads(tiny_bundle):
 
 def test_the_drift_reference_is_the_test_sets_nearest_distances(tiny_bundle, mnist_root):
     from scoring.rows import grey_levels_to_input
-    from training.data import load_split
+    from training.mnist import load_split
 
     model = load_model(tiny_bundle, device="cpu")
     n = model.bundle.manifest.metrics.test_images

@@ -4,7 +4,7 @@ import torch
 
 from revision.prune import nearest_labels, prune_candidates
 from training.checkpoint import load_checkpoint
-from training.data import load_dataset
+from training.mnist import load_mnist
 
 
 def test_prune_rule_by_hand():
@@ -18,7 +18,7 @@ def test_prune_rule_by_hand():
 def test_nearest_labels_finds_the_image_a_prototype_sits_on(tiny_checkpoint, mnist_root):
     model, config, _ = load_checkpoint(tiny_checkpoint)
     d = config.data
-    train = load_dataset(mnist_root, d.dataset, d.val_size, d.split_seed, d.train_subset)["train"]
+    train = load_mnist(mnist_root, d.dataset, d.val_size, d.split_seed, d.train_subset)["train"]
     with torch.no_grad():
         model.prototypes[:3] = model.encode(train.images[[10, 20, 30]])  # prototypes 0-2 sit on images 10, 20, 30
     labels = nearest_labels(model, train.images, train.labels)

@@ -10,8 +10,8 @@ from revision.families import ObjectMasks
 from revision.rounds import RevisionRun, simulated_consult
 from training.checkpoint import load_checkpoint
 from training.config import Config
-from training.data import Split
 from training.decoy_mnist import load_decoy_mnist
+from training.splits import Split
 from training.train_protopnet import ProtoPNetTrainer
 
 SETTINGS = dict(rounds=2, epochs_per_round=1, batch_size=100, last_layer_epochs=1, eval_batch_size=500)
@@ -126,11 +126,11 @@ def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path
     from protoserve.verdicts import verdict
     from revision.refine import refine_cost
     from revision.rounds import file_consult
-    from training.data import load_dataset
+    from training.mnist import load_mnist
 
     model, config, _ = load_checkpoint(tiny_checkpoint)
     d = config.data
-    data = load_dataset(mnist_root, d.dataset, d.val_size, d.split_seed, d.train_subset)
+    data = load_mnist(mnist_root, d.dataset, d.val_size, d.split_seed, d.train_subset)
     rejected = [1, 4]
     start = model.prototypes.detach().clone()
     consult = file_consult([verdict(j, "reject", 1, "tester") for j in rejected])
@@ -155,11 +155,11 @@ def test_prototypedl_with_the_encoder_trained_keeps_its_decoder(tmp_path, tiny_c
     """The decoder draws what the person judged: it stays as it was while the encoder trains."""
     from protoserve.verdicts import verdict
     from revision.rounds import file_consult
-    from training.data import load_dataset
+    from training.mnist import load_mnist
 
     model, config, _ = load_checkpoint(tiny_checkpoint)
     d = config.data
-    data = load_dataset(mnist_root, d.dataset, d.val_size, d.split_seed, d.train_subset)
+    data = load_mnist(mnist_root, d.dataset, d.val_size, d.split_seed, d.train_subset)
     decoder = {k: v.clone() for k, v in model.decoder.state_dict().items()}
     encoder = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     settings = RevisionSettings(rounds=1, epochs_per_round=1, batch_size=100, last_layer_epochs=1, freeze_encoder=False)

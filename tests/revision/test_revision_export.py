@@ -12,7 +12,7 @@ from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
 from revision.rounds import RevisionRun, file_consult
 from training.checkpoint import load_checkpoint
-from training.data import Split
+from training.splits import Split
 from training.train_protopnet import load_run_data
 
 MASKED = [0, 5]

@@ -42,9 +42,9 @@ def protopnet_server(start_service, tiny_protopnet_bundle, tmp_path_factory):
 
 @pytest.mark.slow
 def test_explain_a_protopnet_bundle_over_http(protopnet_server, tiny_protopnet_bundle, mnist_root):
-    from training.data import load_dataset
+    from training.mnist import load_mnist
 
-    test = load_dataset(mnist_root)["test"]
+    test = load_mnist(mnist_root)["test"]
     image = test.images[0, 0].numpy()
     manifest = read_bundle(tiny_protopnet_bundle).manifest
     r = httpx.post(f"{protopnet_server}/explain", json={"image": image.tolist(), "top_k": 4}, timeout=60)

@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from training.config import Config  # noqa: E402
-from training.data import load_dataset  # noqa: E402
 from training.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from training.mnist import load_mnist  # noqa: E402
 from training.protopnet import ProtoPNet  # noqa: E402
 from training.push import push_prototypes  # noqa: E402
 
@@ -31,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(1)
     assert init_distributed("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
-    train = load_dataset(root, val_size=500, train_subset=n)["train"]
+    train = load_mnist(root, val_size=500, train_subset=n)["train"]
     model = seeded_model()
     shard = torch.arange(len(train))[rank::world]
     push_prototypes(model, train.images[shard], train.labels[shard], shard, batch_size=64,

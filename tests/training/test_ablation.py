@@ -12,7 +12,7 @@ from training.checkpoint import load_checkpoint
 from training.config import Config, ConfigError
 from training.evaluate import evaluate_prototypedl
 from training.prototypedl import PrototypeDL
-from training.train import Trainer
+from training.train_prototypedl import PrototypeDLTrainer as Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 FULLY_CONNECTED = {"classifier": "fully_connected"}

@@ -76,3 +76,17 @@ def test_train_refuses_to_overwrite_a_run(tmp_path, tiny_checkpoint, mnist_root)
     out = tiny_checkpoint.parent
     result = run("train", "--config", str(out / "config.yaml"), "--out", str(out), env_root=mnist_root)
     assert_one_line_error(result, "pass --resume")
+
+
+def test_ship_copies_a_finished_run_into_a_model_folder(tiny_protopnet_checkpoint, tmp_path):
+    from training.checkpoint import read_checkpoint
+
+    run_dir, out = tiny_protopnet_checkpoint.parent, tmp_path / "model"
+    result = run("ship", "--run", str(run_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    payload = read_checkpoint(out / "checkpoint.pt")
+    assert payload["training_state"] is None and payload["epoch"] == read_checkpoint(tiny_protopnet_checkpoint)["epoch"]
+    assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
+    assert any((out / "push").glob("*.png"))
+    missing = run("ship", "--run", str(tmp_path / "nowhere"), "--out", str(out))
+    assert_one_line_error(missing, "checkpoint not found")

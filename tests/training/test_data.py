@@ -4,11 +4,12 @@ import shutil
 import numpy as np
 import pytest
 
-from training.data import DataError, load_dataset, read_idx, resolve_data_root
+from training.mnist import load_mnist, read_idx
+from training.splits import DataError, resolve_data_root
 
 
 def test_paper_split_sizes_and_pixel_range(mnist_root):
-    data = load_dataset(mnist_root)
+    data = load_mnist(mnist_root)
     assert {k: len(v) for k, v in data.items()} == {"train": 55000, "val": 5000, "test": 10000}
     x = data["train"].images
     assert x.shape[1:] == (1, 28, 28)
@@ -17,9 +18,9 @@ def test_paper_split_sizes_and_pixel_range(mnist_root):
 
 
 def test_split_is_fixed_by_seed_and_disjoint(mnist_root):
-    a, b = load_dataset(mnist_root, split_seed=0), load_dataset(mnist_root, split_seed=0)
+    a, b = load_mnist(mnist_root, split_seed=0), load_mnist(mnist_root, split_seed=0)
     assert (a["val"].images == b["val"].images).all()
-    c = load_dataset(mnist_root, split_seed=1)
+    c = load_mnist(mnist_root, split_seed=1)
     assert not (a["val"].labels == c["val"].labels).all()
     # No validation image also appears in the training part.
     train_rows = {row.tobytes() for row in (a["train"].images[:, 0] * 255).byte().numpy()}
@@ -48,7 +49,7 @@ def test_corrupt_file_is_refused_by_name(mnist_root, tmp_path):
     data[100] ^= 0xFF  # one flipped label byte: header and size still fine, checksum not
     target.write_bytes(gzip.compress(bytes(data)))
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: md5"):
-        load_dataset(root)
+        load_mnist(root)
 
 
 def test_truncated_gzip_is_refused_by_name(mnist_root, tmp_path):
@@ -56,7 +57,7 @@ def test_truncated_gzip_is_refused_by_name(mnist_root, tmp_path):
     target = root / "t10k-images-idx3-ubyte.gz"
     target.write_bytes(target.read_bytes()[:5000])
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: cannot read"):
-        load_dataset(root)
+        load_mnist(root)
 
 
 def test_bad_header_is_refused_without_checksum(tmp_path):
@@ -73,7 +74,7 @@ def test_missing_file_and_root_are_named(mnist_root, tmp_path):
     root = _copy_root(mnist_root, tmp_path)
     (root / "train-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match="train-labels-idx1-ubyte.*missing mnist file"):
-        load_dataset(root)
+        load_mnist(root)
     with pytest.raises(DataError, match="no such directory"):
         resolve_data_root(str(tmp_path / "nowhere"))
 

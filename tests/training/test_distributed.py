@@ -14,7 +14,7 @@ import yaml
 from tiny_configs import tiny_protopnet_dict
 
 from training.checkpoint import load_checkpoint
-from training.data import load_dataset
+from training.mnist import load_mnist
 from training.push import push_prototypes
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +36,7 @@ def test_push_across_two_ranks_picks_the_same_prototypes_as_one_process(tmp_path
     torchrun(str(HERE / "ddp_push.py"), str(mnist_root), "300", str(tmp_path / "ddp.pt"))
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
 
-    train = load_dataset(mnist_root, val_size=500, train_subset=300)["train"]
+    train = load_mnist(mnist_root, val_size=500, train_subset=300)["train"]
     single = seeded_model()
     push_prototypes(single, train.images, train.labels, batch_size=64)
     assert torch.equal(ddp["push_source"], single.push_source)

@@ -1,5 +1,5 @@
 """The training family table: every family is complete, agrees with the bundle schema and the
-torch-free table, and a verb a family lacks is refused with one line."""
+torch-free registry, and a verb a family lacks is refused with one line."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import pytest
 import torch
 from tiny_configs import tiny_config_dict, tiny_protopnet_dict
 
-from bundle.manifest import FAMILY_HAS_DECODER, FAMILY_OUTPUTS
-from inference.families import FAMILIES as SERVING_FAMILIES
+from bundle.families import FAMILIES as SERVING_FAMILIES
 from training.config import Config
 from training.families import FAMILIES, FamilyError, family, family_of
 
 
 def test_both_tables_and_the_bundle_schema_name_the_same_families():
-    assert set(FAMILIES) == set(SERVING_FAMILIES) == set(FAMILY_OUTPUTS) == set(FAMILY_HAS_DECODER)
+    assert set(FAMILIES) == set(SERVING_FAMILIES)
 
 
 @pytest.mark.parametrize("name,raw", [("prototypedl", tiny_config_dict()), ("protopnet", tiny_protopnet_dict())])
@@ -24,14 +23,14 @@ def test_a_built_model_exports_what_its_bundle_must_hold(name, raw):
     model = entry.build(config.model, False).eval()
     assert family_of(model) is entry
     outputs = entry.graph_outputs(model)
-    assert set(FAMILY_OUTPUTS[name]) <= set(outputs)
+    assert set(SERVING_FAMILIES[name].outputs) <= set(outputs)
     image = torch.rand(2, config.model.in_channels, config.model.input_size, config.model.input_size)
     with torch.no_grad():
         values = entry.graph_forward(model, image)
     assert len(values) == len(outputs)
     for (output, shape), value in zip(outputs.items(), values, strict=True):
         assert list(value.shape) == [2, *shape[1:]], output
-    assert (entry.decoder(model) is not None) == FAMILY_HAS_DECODER[name] == SERVING_FAMILIES[name].has_decoder
+    assert (entry.decoder(model) is not None) == SERVING_FAMILIES[name].has_decoder
     assert callable(entry.trainer_class()) and callable(entry.evaluation())
 
 

@@ -6,11 +6,11 @@ from tiny_configs import tiny_config_dict
 
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import Config
-from training.train import Trainer, lr_lambda
+from training.train_prototypedl import PrototypeDLTrainer, lr_lambda
 
 
 def _trainer(config_dict, out, mnist_root):
-    return Trainer(Config.from_dict(config_dict), out, data_root=mnist_root, log=lambda s: None)
+    return PrototypeDLTrainer(Config.from_dict(config_dict), out, data_root=mnist_root, log=lambda s: None)
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, mnist_root):

@@ -14,7 +14,7 @@ from cli.main import main
 from training.checkpoint import load_checkpoint
 from training.config import Config
 from training.cub import class_names, load_cub, segmentation_mask
-from training.data import DataError
+from training.splits import DataError
 from training.train_protopnet import ProtoPNetTrainer
 
 

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from protoserve.errors import ProtoserveError
-
-DATA_ROOT_ENV = "PROTOSERVE_DATA_ROOT"
+from training.splits import DataError, Split
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -52,28 +48,12 @@ CHECKSUMS = {
 
 CLASS_NAMES = {
     "mnist": [str(d) for d in range(10)],
-    "decoy_mnist": [str(d) for d in range(10)],
     "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
 }
 
 # torchvision's downloader puts the files here under the root.
 TORCHVISION_DIRS = {"mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw"}
-
-
-class DataError(ProtoserveError):
-    pass
-
-
-def resolve_data_root(cli_value: str | None, config_value: str | None = None) -> Path:
-    """--data-root, else the config's data.root, else $PROTOSERVE_DATA_ROOT."""
-    root = cli_value or config_value or os.environ.get(DATA_ROOT_ENV)
-    if not root:
-        raise DataError(f"no data root: pass --data-root DIR or set ${DATA_ROOT_ENV}")
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise DataError(f"data root {path}: no such directory")
-    return path
 
 
 def _find(root: Path, dataset: str, name: str) -> Path:
@@ -125,30 +105,15 @@ def load_split(root: Path, dataset: str, split: str) -> tuple[np.ndarray, np.nda
     return images, labels
 
 
-@dataclass
-class Split:
-    """Images as float32 [N, 1, H, W] in [0, 1] and int64 labels, kept in memory."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
 def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     return Split(x, torch.from_numpy(labels.astype(np.int64)))
 
 
-def load_dataset(root: Path, dataset: str = "mnist", val_size: int = 5000, split_seed: int = 0,
-                 train_subset: int | None = None, decoy_position: str = "random_corner") -> dict[str, Split]:
-    """The paper's split: 55,000 train / 5,000 validation (fixed seed) / 10,000 test. `decoy_position`:
-    where decoy_mnist's square goes (training/decoy_mnist.py Confounder.position)."""
-    if dataset == "decoy_mnist":  # MNIST with a confounder square; training/decoy_mnist.py
-        from training.decoy_mnist import Confounder, load_decoy_dataset
-
-        return load_decoy_dataset(root, val_size, split_seed, train_subset, Confounder(position=decoy_position))
+def load_mnist(root: Path, dataset: str = "mnist", val_size: int = 5000, split_seed: int = 0,
+               train_subset: int | None = None) -> dict[str, Split]:
+    """The paper's split of an IDX data set ("mnist" or "fashion_mnist"): 55,000 train / 5,000
+    validation (fixed seed) / 10,000 test."""
     images, labels = load_split(root, dataset, "train")
     order = np.random.default_rng(split_seed).permutation(len(images))
     val_idx, train_idx = order[:val_size], order[val_size:]

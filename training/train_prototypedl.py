@@ -1,4 +1,5 @@
-"""The PrototypeDL training loop: a plain loop, one epoch at a time, resumable exactly.
+"""The PrototypeDL training loop: a plain loop, one epoch at a time, resumable exactly
+(training/resumable.py).
 
 A run directory holds:
     config.yaml            the run's full config
@@ -11,7 +12,6 @@ A run directory holds:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 import time
@@ -21,17 +21,13 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from training.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from training.checkpoint import build_model
 from training.config import Config
-from training.data import Split, load_dataset, resolve_data_root
+from training.datasets import dataset, load_run_data
 from training.elastic import elastic_deform
 from training.prototypedl import PrototypeDL, prototypedl_loss
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from training.resumable import ResumableRun, duration, resolve_device
+from training.splits import Split, resolve_data_root
 
 
 def lr_lambda(cfg, steps_per_epoch: int):
@@ -66,76 +62,7 @@ def validation_figures(model: PrototypeDL, split: Split, batch_size: int, device
     return {"accuracy": correct / n, **{k: v / n for k, v in sums.items()}}
 
 
-class ResumableRun:
-    """Exact resume for a trainer: its optimizers and schedulers (named by optimizer_states()),
-    the data-order and augmentation RNGs, the best validation accuracy and the wall time so far; and
-    the files an epoch leaves (metrics.jsonl, last.pt, best.pt, checkpoints/)."""
-
-    rank = 0
-
-    @property
-    def kept_model(self):
-        """The model that best.pt and the epoch checkpoints hold."""
-        return self.model
-
-    def optimizer_states(self) -> dict:
-        raise TypeError(f"{type(self).__name__} must name its optimizers and schedulers")
-
-    def training_state(self) -> dict:
-        return {
-            **{name: obj.state_dict() for name, obj in self.optimizer_states().items()},
-            "shuffle_rng": self.shuffle_rng.get_state(),
-            "augment_rng": self.augment_rng.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "best_val_accuracy": self.best_val_accuracy,
-            "wall_seconds": self.wall_seconds,
-        }
-
-    def _write(self, metrics: dict, is_best: bool) -> None:
-        # Metrics first: on resume, lines past the checkpoint's epoch are dropped, so a crash
-        # between the two writes neither loses nor duplicates an epoch.
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        state = self.training_state()
-        save_checkpoint(self.out_dir / "last.pt", self.model, self.config, self.epoch, metrics, state)
-        if is_best:
-            save_checkpoint(self.out_dir / "best.pt", self.kept_model, self.config, self.epoch, metrics, state)
-        if self.epoch % self.config.train.checkpoint_every == 0 or self.epoch == self.config.train.epochs:
-            save_checkpoint(self.out_dir / "checkpoints" / f"epoch_{self.epoch:04d}.pt", self.kept_model,
-                            self.config, self.epoch, metrics, state)
-
-    def resume(self) -> None:
-        path = self.out_dir / "last.pt"
-        model, config, payload = load_checkpoint(path, expect_config=self.config)
-        if _semantic(config) != _semantic(self.config):
-            raise CheckpointError(f"{path}: the run was started with a different config; "
-                                  f"resume with {self.out_dir / 'config.yaml'}")
-        state = payload["training_state"]
-        if state is None:
-            raise CheckpointError(f"{path}: holds no optimizer/RNG state, cannot resume from it")
-        self.model.load_state_dict(model.state_dict())
-        for name, obj in self.optimizer_states().items():
-            obj.load_state_dict(state[name])
-        self.shuffle_rng.set_state(state["shuffle_rng"])
-        self.augment_rng.set_state(state["augment_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        self.best_val_accuracy = state["best_val_accuracy"]
-        self.wall_seconds = state["wall_seconds"]
-        self.epoch = payload["epoch"]
-        if self.rank == 0:
-            self._truncate_metrics(self.epoch)
-        self.log(f"resumed {path} at epoch {self.epoch}")
-
-    def _truncate_metrics(self, epoch: int) -> None:
-        """Drop metric lines of epochs after the checkpoint (written before a crash)."""
-        path = self.out_dir / "metrics.jsonl"
-        if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln)["epoch"] <= epoch]
-            path.write_text("".join(ln + "\n" for ln in kept))
-
-
-class Trainer(ResumableRun):
+class PrototypeDLTrainer(ResumableRun):
     def __init__(self, config: Config, out_dir: Path, data_root: Path | None = None, log=print):
         self.config, self.out_dir, self.log = config, Path(out_dir), log
         t = config.train
@@ -143,8 +70,8 @@ class Trainer(ResumableRun):
             torch.set_num_threads(t.num_threads)
         self.device = resolve_device(t.device)
         root = data_root or resolve_data_root(None, config.data.root)
-        d = config.data
-        self.data = load_dataset(root, d.dataset, d.val_size, d.split_seed, d.train_subset, d.decoy_position)
+        self.data = load_run_data(config, root)
+        self.elastic = t.elastic and dataset(config.data.dataset).elastic
         torch.manual_seed(t.seed)
         self.model = build_model(config).to(self.device)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=t.lr)
@@ -192,7 +119,7 @@ class Trainer(ResumableRun):
             idx = order[start:start + t.batch_size]
             x = train.images[idx].to(self.device)
             y = train.labels[idx].to(self.device)
-            if t.elastic:
+            if self.elastic:
                 x = elastic_deform(x, t.elastic_sigma, t.elastic_alpha, generator=self.augment_rng)
             out = self.model(x)
             terms = prototypedl_loss(out, x, y, loss_cfg)
@@ -240,17 +167,4 @@ class Trainer(ResumableRun):
                  f"(E {m['train_E']:.4f} R {m['train_R']:.2f} R1 {m['train_R1']:.4f} R2 {m['train_R2']:.4f})  "
                  f"train acc {m['train_accuracy']:.4f}  val acc {m['val_accuracy']:.4f}"
                  f"{' *' if is_best else ''}  lr {m['lr']:.2e}  {m['epoch_seconds']:.1f}s/epoch  "
-                 f"ETA {_duration(eta)}")
-
-
-def _semantic(config: Config) -> dict:
-    """The config without the settings that only say where and how fast to run."""
-    d = config.to_dict()
-    for key in ("device", "num_threads", "eval_batch_size"):
-        d["train"].pop(key)
-    return d
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+                 f"ETA {duration(eta)}")
