@@ -40,6 +40,7 @@ from bundle.manifest import (
     sha256_file,
     write_manifest,
 )
+from bundle.parity import OTHER, output_limits
 from bundle.runtime import open_session, verify_bundle
 from export.calibration import DEFAULT_FALSE_ALARM_RATE, calibrate
 from export.onnx_export import (
@@ -65,7 +66,6 @@ REPO = Path(__file__).resolve().parents[1]
 MNIST_FORM = CanonicalForm(ink="light_on_dark", box=20, centre="mass",
                            description="light ink on a dark background; the ink's bounding box fitted into "
                                        "20x20 (aspect ratio kept) and centred by its centre of mass in 28x28")
-PROBE_ATOL, PROBE_RTOL = 1e-5, 1e-4
 BATCH_SIZE = 500
 DEFAULT_QUALITY = QualityOptions()
 
@@ -156,7 +156,8 @@ def _build(model: nn.Module, config, payload: dict, checkpoint: Path, test: Spli
         model=model_spec, decoder=dec_spec,
         prototypes=prototypes,
         metrics=metrics,
-        probe=ProbeSpec(file="probe.npz", images=probe_images, atol=PROBE_ATOL, rtol=PROBE_RTOL),
+        probe=ProbeSpec(file="probe.npz", images=probe_images, atol=OTHER.atol, rtol=OTHER.rtol,
+                        limits=output_limits(model.cfg.family, [t.name for t in model_spec.outputs])),
         training=TrainingInfo(config=payload["config"], epoch=payload.get("epoch"),
                               metrics=_plain(payload.get("metrics") or {}),
                               checkpoint_sha256=sha256_file(checkpoint), **source_commit()),
