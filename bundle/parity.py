@@ -62,7 +62,7 @@ def limit_used(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> floa
     diff, limit = np.abs(a - b), tol.atol + tol.rtol * np.abs(b)
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(diff == 0, 0.0, diff / limit)  # a zero limit admits only equality
-    return float(np.nan_to_num(share, nan=np.inf).max())
+    return float(np.where(np.isnan(share), np.inf, share).max())
 
 
 def within(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> bool:
