@@ -25,10 +25,11 @@ PROBABILITY_ATOL = 1e-5
 # Probabilities are shown on the fixed [0, 1] scale, where the absolute limit already is the one that
 # matters; a relative term would loosen nothing near 1 and protect nothing near 0.
 PROBABILITY_RTOL = 0.0
-# Float32 eps times ||z||^2 + ||p||^2, the magnitudes a float32 distance ||z||^2 - 2 z.p + ||p||^2
-# cancels: both families' latents and prototypes are sigmoid outputs of squared norm below 16 each, so
-# below 32 eps a near-zero distance (a prototype sitting on a patch of the input) has no digit two
-# float32 runtimes are bound to share.
+# Float32 eps times ||z||^2 + ||p||^2, the magnitudes that enter a float32 distance (training expands
+# ||z||^2 - 2 z.p + ||p||^2 and cancels them): the trained latents and prototypes of both families are
+# sigmoid outputs of squared norm below 16 each, so 32 eps is the resolution of a distance near 0 (a
+# prototype sitting on a patch of the input), where a relative limit alone asks for digits float32
+# does not hold.
 DISTANCE_ATOL = 32 * FLOAT32_EPS
 # Each latent value ends a chain of convolutions summing hundreds to thousands of float32 products in
 # an order each runtime chooses (rounding grows with the number of terms, ~1000 eps at most), and a
@@ -44,7 +45,7 @@ PROBABILITY = Tolerance(atol=PROBABILITY_ATOL, rtol=PROBABILITY_RTOL)
 DISTANCE = Tolerance(atol=DISTANCE_ATOL, rtol=DISTANCE_RTOL)
 FEATURE = Tolerance(atol=FEATURE_ATOL, rtol=FEATURE_RTOL)
 # Outputs no answer shows directly (logits, similarity maps, reconstructions): the probability's absolute
-# and the distance's relative limit, the golden probe's limits before they were set per output.
+# and the distance's relative limit (ProbeSpec.atol and rtol).
 OTHER = Tolerance(atol=PROBABILITY_ATOL, rtol=DISTANCE_RTOL)
 
 
