@@ -6,7 +6,7 @@ Public API (kept small; the service depends on it):
     SCHEMA_VERSION, MANIFEST_FILE
     BundleError(ProtoserveError)     one line: "<file>: <problem>"
     Manifest and its parts            InputSpec, TensorSpec, GraphSpec, PrototypeRow, Metrics,
-                                      ParityFigures, ProbeSpec, TrainingInfo, Lineage (optional),
+                                      ParityFigures, ProbeSpec, Tolerance, TrainingInfo, Lineage (optional),
                                       QualityReport (QualityFigure, PrototypeQuality): the optional `quality`
     Bundle                            a read and checked bundle: .path, .manifest, .model_path,
                                       .decoder_path (None when the family has no decoder),
@@ -111,6 +111,13 @@ class PrototypeRow(_Strict):
     image: str | None = None  # path inside the bundle
 
 
+class Tolerance(_Strict):
+    """Two arrays agree when |a - b| <= atol + rtol * |b| everywhere (b the reference; bundle/parity.py)."""
+
+    atol: float = Field(ge=0)
+    rtol: float = Field(ge=0)
+
+
 class ParityFigures(_Strict):
     """ONNX Runtime (CPU) against PyTorch eval mode on the same images, and the limits they met."""
 
@@ -126,6 +133,11 @@ class ParityFigures(_Strict):
     # its largest magnitude (None: a bundle exported before it was compared).
     max_rel_feature_diff: float | None = None
     feature_rtol: float | None = None
+    # The combined limit each compared output was held to (bundle/parity.py), and the largest share of
+    # it any element used (|a - b| / (atol + rtol * |b|); at most 1 passes). None: an older bundle, whose
+    # limits were the relative ones above.
+    limits: dict[str, Tolerance] | None = None
+    limit_used: dict[str, float] | None = None
 
 
 DRIFT_QUANTILES = ("0.5", "0.95", "1.0")
@@ -196,6 +208,9 @@ class ProbeSpec(_Strict):
     images: int
     atol: float
     rtol: float
+    # Per output name: its own limit (bundle/parity.py); outputs not named here, and every output of an
+    # older bundle, are held to atol and rtol above.
+    limits: dict[str, Tolerance] | None = None
 
 
 class TrainingInfo(_Strict):

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bundle.manifest import Bundle, BundleError, read_bundle
+from bundle.manifest import Bundle, BundleError, ProbeSpec, Tolerance, read_bundle
+from bundle.parity import limit_used
 from protoserve.errors import ProtoserveError
 
 CUDA = "CUDAExecutionProvider"
@@ -187,15 +188,21 @@ def load_probe(bundle: Bundle) -> dict[str, np.ndarray]:
         raise BundleError(f"{bundle.probe_path}: not a readable probe ({e})") from None
 
 
-def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> str | None:
-    """None if actual matches expected within |a - e| <= atol + rtol * |e|, else the problem."""
+def compare(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> str | None:
+    """None if actual matches expected within |a - e| <= atol + rtol * |e| (bundle/parity.py), else the problem."""
     if actual.shape != expected.shape:
         return f"{name}: shape {actual.shape}, expected {expected.shape}"
-    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
-    limit = atol + rtol * np.abs(expected.astype(np.float64))
-    if not np.all(diff <= limit):
-        return f"{name}: differs from the stored output by up to {diff.max():.3g} (limit {atol:g} + {rtol:g}*|x|)"
+    used = limit_used(actual, expected, tol)
+    if not used <= 1.0:
+        diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max()
+        return (f"{name}: differs from the stored output by up to {diff:.3g} "
+                f"({used:.3g} times the limit {tol.atol:.3g} + {tol.rtol:g}*|x|)")
     return None
+
+
+def probe_limit(spec: ProbeSpec, name: str) -> Tolerance:
+    """The output's own limit where the manifest names one, else the probe's atol and rtol."""
+    return (spec.limits or {}).get(name) or Tolerance(atol=spec.atol, rtol=spec.rtol)
 
 
 def run_probe(bundle: Bundle, device: str = "cpu") -> ProbeResult:
@@ -224,7 +231,7 @@ def run_probe(bundle: Bundle, device: str = "cpu") -> ProbeResult:
         if expected[name] is None:
             failures.append(f"{name}: no expected output stored in the probe")
             continue
-        problem = compare(name, value, expected[name], spec.atol, spec.rtol)
+        problem = compare(name, value, expected[name], probe_limit(spec, name))
         if problem:
             failures.append(problem)
         if value.shape == expected[name].shape:

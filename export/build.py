@@ -39,6 +39,7 @@ from bundle.manifest import (
     sha256_file,
     write_manifest,
 )
+from bundle.parity import OTHER, output_limits
 from bundle.runtime import open_session, verify_bundle
 from export.calibration import DEFAULT_FALSE_ALARM_RATE, calibrate
 from export.onnx_export import (
@@ -58,7 +59,6 @@ from training.families import PrototypeRecord, family_of
 from training.splits import Split, resolve_data_root
 
 REPO = Path(__file__).resolve().parents[1]
-PROBE_ATOL, PROBE_RTOL = 1e-5, 1e-4
 BATCH_SIZE = 500
 DEFAULT_QUALITY = QualityOptions()
 
@@ -149,7 +149,8 @@ def _build(model: nn.Module, config, payload: dict, checkpoint: Path, test: Spli
         model=model_spec, decoder=dec_spec,
         prototypes=prototypes,
         metrics=metrics,
-        probe=ProbeSpec(file="probe.npz", images=probe_images, atol=PROBE_ATOL, rtol=PROBE_RTOL),
+        probe=ProbeSpec(file="probe.npz", images=probe_images, atol=OTHER.atol, rtol=OTHER.rtol,
+                        limits=output_limits(model.cfg.family, [t.name for t in model_spec.outputs])),
         training=TrainingInfo(config=payload["config"], epoch=payload.get("epoch"),
                               metrics=_plain(payload.get("metrics") or {}),
                               checkpoint_sha256=sha256_file(checkpoint), **source_commit()),

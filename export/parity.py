@@ -1,9 +1,10 @@
 """Parity: ONNX Runtime against PyTorch eval mode on the same images, and the limits export demands.
 
-Limits: probabilities within 1e-5 absolute, distances within 1e-4 relative, the out-of-domain
-features (bundle/families.py domain_features, where the graph has them) within 1e-4 of their largest magnitude, the
-same argmax for every image, the same top-3 nearest prototype ids except where an exact tie makes
-the order ambiguous. Numpy only; the callers produce the two sets of outputs.
+The criterion is bundle/parity.py's, on what a served answer depends on: probabilities, distances and
+the out-of-domain features (bundle/families.py domain_features, where the graph has them) each within
+|onnx - torch| <= atol + rtol * |torch| in its own units; the same argmax for every image; the same
+top-3 nearest prototype ids in the same order, except where an exact tie makes the order ambiguous.
+Numpy only; the callers produce the two sets of outputs.
 
 A tie is equality to within float32 rounding (TIE_ULPS units in the last place) or to within the
 relative disagreement the two runtimes measurably have on the distances (itself held to the
@@ -17,11 +18,9 @@ from __future__ import annotations
 import numpy as np
 
 from bundle.families import domain_feature_outputs
-from bundle.manifest import ParityFigures
+from bundle.manifest import ParityFigures, Tolerance
+from bundle.parity import DISTANCE, DISTANCE_RTOL, FEATURE, PROBABILITY, limit_used
 
-PROBABILITY_ATOL = 1e-5
-DISTANCE_RTOL = 1e-4
-FEATURE_RTOL = 1e-4
 TOP_K = 3
 TIE_ULPS = 4
 
@@ -58,6 +57,7 @@ def parity_figures(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndar
     # Two distances nearer to each other than the runtimes' own disagreement can come in either order.
     agreement = min(float(rel.max(initial=0.0)), DISTANCE_RTOL)
     mismatches, ties = top_k_disagreements(torch_out["distances"], onnx_out["distances"], rtol=2 * agreement)
+    limits = {"probabilities": PROBABILITY, "distances": DISTANCE} | feature_limits(torch_out, onnx_out)
     return ParityFigures(
         images=len(p_ref),
         max_abs_probability_diff=float(np.abs(p - p_ref).max(initial=0.0)),
@@ -65,24 +65,56 @@ def parity_figures(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndar
         argmax_mismatches=int(np.sum(p_ref.argmax(1) != p.argmax(1))),
         top3_mismatches=mismatches,
         top3_ties=ties,
-        probability_atol=PROBABILITY_ATOL,
-        distance_rtol=DISTANCE_RTOL,
+        probability_atol=PROBABILITY.atol,
+        distance_rtol=DISTANCE.rtol,
+        limits=limits,
+        limit_used={name: limit_used(onnx_out[name], torch_out[name], tol) for name, tol in limits.items()},
         **feature_parity(torch_out, onnx_out),
     )
 
 
+def features_name(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndarray]) -> str | None:
+    """The out-of-domain features output both runtimes produced (None: the graph has none)."""
+    return next((n for n in domain_feature_outputs() if n in torch_out and n in onnx_out), None)
+
+
+def feature_limits(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndarray]) -> dict[str, Tolerance]:
+    name = features_name(torch_out, onnx_out)
+    return {name: FEATURE} if name else {}
+
+
 def feature_parity(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndarray]) -> dict:
     """The features output's largest difference relative to its largest magnitude (none: no such output)."""
-    name = next((n for n in domain_feature_outputs() if n in torch_out and n in onnx_out), None)
+    name = features_name(torch_out, onnx_out)
     if name is None:
         return {}
     ref, got = torch_out[name].astype(np.float64), onnx_out[name].astype(np.float64)
     scale = max(float(np.abs(ref).max(initial=0.0)), np.finfo(np.float32).tiny)
-    return {"max_rel_feature_diff": float(np.abs(got - ref).max(initial=0.0)) / scale, "feature_rtol": FEATURE_RTOL}
+    return {"max_rel_feature_diff": float(np.abs(got - ref).max(initial=0.0)) / scale, "feature_rtol": FEATURE.rtol}
 
 
 def parity_failures(f: ParityFigures) -> list[str]:
     """The limits `f` misses, as readable phrases; empty when parity holds."""
+    failures = limit_failures(f) if f.limit_used is not None else relative_failures(f)
+    if f.argmax_mismatches:
+        failures.append(f"{f.argmax_mismatches} of {f.images} images get a different predicted class")
+    if f.top3_mismatches:
+        failures.append(f"{f.top3_mismatches} of {f.images} images get different top-{TOP_K} nearest prototypes")
+    return failures
+
+
+def limit_failures(f: ParityFigures) -> list[str]:
+    """The outputs beyond their combined limit atol + rtol * |x|."""
+    return [f"{name} differ by up to {used:.3g} times their limit ({limit_text(f.limits[name])})"
+            for name, used in f.limit_used.items() if not used <= 1.0]
+
+
+def limit_text(tol: Tolerance) -> str:
+    return f"{tol.atol:.3g} + {tol.rtol:g} * |x|"
+
+
+def relative_failures(f: ParityFigures) -> list[str]:
+    """Figures of an older bundle, which hold only the relative limits."""
     failures = []
     if not f.max_abs_probability_diff <= f.probability_atol:
         failures.append(f"probabilities differ by up to {f.max_abs_probability_diff:.3g} "
@@ -92,17 +124,16 @@ def parity_failures(f: ParityFigures) -> list[str]:
     if f.max_rel_feature_diff is not None and not f.max_rel_feature_diff <= f.feature_rtol:
         failures.append(f"out-of-domain features differ by up to {f.max_rel_feature_diff:.3g} of their scale "
                         f"(limit {f.feature_rtol:g})")
-    if f.argmax_mismatches:
-        failures.append(f"{f.argmax_mismatches} of {f.images} images get a different predicted class")
-    if f.top3_mismatches:
-        failures.append(f"{f.top3_mismatches} of {f.images} images get different top-{TOP_K} nearest prototypes")
     return failures
 
 
 def describe(f: ParityFigures) -> str:
-    return (f"parity on {f.images} images: max |dp| {f.max_abs_probability_diff:.2e} (limit {f.probability_atol:g}), "
-            f"max rel dd {f.max_rel_distance_diff:.2e} (limit {f.distance_rtol:g}), "
-            + (f"features {f.max_rel_feature_diff:.2e} of their scale (limit {f.feature_rtol:g}), "
-               if f.max_rel_feature_diff is not None else "")
-            + f"argmax mismatches {f.argmax_mismatches}, top-{TOP_K} mismatches {f.top3_mismatches} "
-            f"(ties excused: {f.top3_ties})")
+    if f.limit_used is None:
+        limits = (f"max |dp| {f.max_abs_probability_diff:.2e} (limit {f.probability_atol:g}), "
+                  f"max rel dd {f.max_rel_distance_diff:.2e} (limit {f.distance_rtol:g}), ")
+    else:
+        limits = "".join(f"{name} at {used:.2g} of their limit ({limit_text(f.limits[name])}), "
+                         for name, used in f.limit_used.items())
+    return (f"parity on {f.images} images: {limits}max |dp| {f.max_abs_probability_diff:.2e}, "
+            f"max rel dd {f.max_rel_distance_diff:.2e}, argmax mismatches {f.argmax_mismatches}, "
+            f"top-{TOP_K} mismatches {f.top3_mismatches} (ties excused: {f.top3_ties})")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from protoserve.errors import ProtoserveError
-
-DATA_ROOT_ENV = "PROTOSERVE_DATA_ROOT"
+from protoserve.settings import settings, variable
 
 
 class DataError(ProtoserveError):
@@ -30,9 +28,9 @@ class Split:
 
 def resolve_data_root(cli_value: str | None, config_value: str | None = None) -> Path:
     """--data-root, else the config's data.root, else $PROTOSERVE_DATA_ROOT."""
-    root = cli_value or config_value or os.environ.get(DATA_ROOT_ENV)
+    root = cli_value or config_value or settings().data_root
     if not root:
-        raise DataError(f"no data root: pass --data-root DIR or set ${DATA_ROOT_ENV}")
+        raise DataError(f"no data root: pass --data-root DIR or set ${variable('data_root')}")
     path = Path(root).expanduser()
     if not path.is_dir():
         raise DataError(f"data root {path}: no such directory")

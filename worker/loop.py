@@ -22,11 +22,10 @@ from dataclasses import asdict
 
 from protoserve.errors import ProtoserveError
 from protoserve.revision_settings import QueuedRevision
+from protoserve.settings import settings as protoserve_settings
 from registry.versions import Registry
 from revision.job import revise_version
 from revision.rounds import ProgressEvent
-
-LEASE_SECONDS = float(os.environ.get("PROTOSERVE_JOB_LEASE_SECONDS", "60"))
 
 
 class JobLost(ProtoserveError):
@@ -93,9 +92,11 @@ def worker_name() -> str:
 
 
 def run_worker(registry: Registry, data_root: str | None = None, once: bool = False, poll_seconds: float = 2.0,
-               lease: float = LEASE_SECONDS, log=print) -> int:
-    """Claim and run jobs until interrupted (or, with `once`, until no job is queued). Returns jobs run."""
+               lease: float | None = None, log=print) -> int:
+    """Claim and run jobs until interrupted (or, with `once`, until no job is queued). Returns jobs run.
+    lease: seconds (default: the settings' job_lease_seconds)."""
     name, done = worker_name(), 0
+    lease = lease if lease is not None else protoserve_settings().job_lease_seconds
     log(f"protoserve worker {name}: watching {registry.root} for revision jobs")
     while True:
         job = registry.store.claim_job(name, lease)

@@ -113,7 +113,22 @@ def test_cpu_session_never_asks_for_cuda(tiny_bundle):
 def test_compare_limits():
     import numpy as np
 
-    a = np.array([0.0, 100.0], dtype=np.float32)
-    assert compare("x", a, a + np.array([5e-6, 5e-3], dtype=np.float32), atol=1e-5, rtol=1e-4) is None
-    assert "differs" in compare("x", a, a + np.array([5e-5, 0], dtype=np.float32), atol=1e-5, rtol=1e-4)
-    assert "shape" in compare("x", a, a[:1], atol=1e-5, rtol=1e-4)
+    from bundle.manifest import Tolerance
+
+    a, tol = np.array([0.0, 100.0], dtype=np.float32), Tolerance(atol=1e-5, rtol=1e-4)
+    assert compare("x", a, a + np.array([5e-6, 5e-3], dtype=np.float32), tol) is None
+    assert "differs" in compare("x", a, a + np.array([5e-5, 0], dtype=np.float32), tol)
+    assert "shape" in compare("x", a, a[:1], tol)
+    assert "differs" in compare("x", a, a + np.array([1e-30, 0], dtype=np.float32), Tolerance(atol=0, rtol=0))
+
+
+def test_probe_limits_per_output_with_the_older_bundles_fallback():
+    from bundle.manifest import ProbeSpec, Tolerance
+    from bundle.parity import DISTANCE
+    from bundle.runtime import probe_limit
+
+    common = Tolerance(atol=1e-5, rtol=1e-4)
+    older = ProbeSpec(images=10, atol=1e-5, rtol=1e-4)  # a manifest without per-output limits
+    assert probe_limit(older, "distances") == common
+    newer = ProbeSpec(images=10, atol=1e-5, rtol=1e-4, limits={"distances": DISTANCE})
+    assert probe_limit(newer, "distances") == DISTANCE and probe_limit(newer, "logits") == common

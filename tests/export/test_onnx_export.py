@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from bundle.manifest import read_bundle
+from bundle.parity import DISTANCE, FEATURE, OTHER, PROBABILITY
 from bundle.runtime import open_session
 from export.build import ParityError, export_bundle, run_onnx, run_torch
 from export.onnx_export import PROTOTYPE_INITIALIZER, prototype_vectors, replace_initializer
@@ -125,6 +126,14 @@ def test_parity_on_a_test_slice(tiny_bundle, model, test_images):
     assert parity_failures(figures) == []
     stored = read_bundle(tiny_bundle).manifest.metrics.parity
     assert stored.images == 1000 and stored.max_abs_probability_diff == figures.max_abs_probability_diff
+    assert stored.limits == {"probabilities": PROBABILITY, "distances": DISTANCE, "latent": FEATURE}
+    assert all(0 <= used <= 1 for used in stored.limit_used.values())
+
+
+def test_the_golden_probe_is_held_to_the_same_limits(tiny_bundle):
+    probe = read_bundle(tiny_bundle).manifest.probe
+    assert probe.limits == {"probabilities": PROBABILITY, "distances": DISTANCE, "latent": FEATURE}
+    assert (probe.atol, probe.rtol) == (OTHER.atol, OTHER.rtol)  # logits, reconstructions
 
 
 def test_parity_gate_finds_each_kind_of_miss(model, test_images):
@@ -154,6 +163,19 @@ def test_parity_gate_finds_each_kind_of_miss(model, test_images):
     flipped = ref["probabilities"].copy()
     flipped[0] = flipped[0][::-1]
     assert parity_figures(ref, dict(ref, probabilities=flipped)).argmax_mismatches == 1
+
+
+def test_parity_excuses_a_near_zero_distance_but_not_a_real_difference(model, test_images):
+    """A prototype on an input's latent: 1.15e-10 apart is 2.5e-4 relative, and the same answer."""
+    ref = run_torch(model, test_images[:200])
+    nearest = ref["distances"][0].argmin()
+    near_ref, near = ref["distances"].copy(), ref["distances"].copy()
+    near_ref[0, nearest], near[0, nearest] = np.float32(4.59154e-07), np.float32(4.59269e-07)
+    figures = parity_figures(dict(ref, distances=near_ref), dict(ref, distances=near))
+    assert figures.max_rel_distance_diff > 2e-4 and parity_failures(figures) == []
+    near[0, nearest] = np.float32(1e-4)  # the prototype moved off the patch
+    assert "distances differ" in " ".join(parity_failures(parity_figures(dict(ref, distances=near_ref),
+                                                                         dict(ref, distances=near))))
 
 
 def test_export_refuses_a_bundle_that_misses_parity(tiny_checkpoint, mnist_root, tmp_path, monkeypatch):

@@ -3,16 +3,29 @@ parity, provenance."""
 
 from __future__ import annotations
 
+import copy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 import torch
 from PIL import Image
 
-from bundle.manifest import read_bundle
+from bundle.manifest import MANIFEST_FILE, Manifest, read_bundle, write_manifest
 from bundle.runtime import open_session, verify_bundle
-from export.build import run_onnx, run_torch
-from export.onnx_export import PROTOTYPE_INITIALIZER, prototype_vectors, replace_initializer
+from export.build import ParityError, export_bundle, run_onnx, run_torch
+from export.onnx_export import (
+    PROTOTYPE_INITIALIZER,
+    classifier_graph,
+    classifier_spec,
+    export_graph,
+    prototype_vectors,
+    replace_initializer,
+)
 from export.parity import parity_failures, parity_figures
 from training.checkpoint import load_checkpoint
 from training.mnist import load_mnist
@@ -105,3 +118,53 @@ def test_prototype_layer_is_intact(tiny_protopnet_bundle, model, test_images, tm
     distances, maps = session.run(["distances", "similarity_maps"], {"image": test_images[:1].numpy()})
     assert distances[0, 3] < 1e-6
     assert np.unravel_index(maps[0, 3].argmax(), (7, 7)) == (2, 5)
+
+
+def test_a_prototype_on_an_inputs_patch_keeps_parity(model, test_images, tmp_path):
+    """The 2-round revision's case: a prototype sitting on a test image's latent patch (distance ~0),
+    where the runtimes differ by far less than float32 resolves at the latent's scale."""
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.prototypes[3, :, 0, 0] = moved.latent(test_images[:1])[0, :, 2, 5] + 1e-4
+    spec = classifier_spec(moved)
+    export_graph(classifier_graph(moved), spec, tmp_path / spec.file)
+    session, _ = open_session(tmp_path / spec.file, "cpu")
+    images = test_images[:200]
+    torch_out, onnx_out = run_torch(moved, images), run_onnx(session, images.numpy())
+    assert torch_out["distances"][0, 3] < 1e-5
+    assert parity_failures(parity_figures(torch_out, onnx_out)) == []
+
+
+def perturbed(path, spec):
+    """The graph's prototypes moved by 1e-3 per channel: a wrong graph, every output still plausible."""
+    name = spec.prototype_initializer
+    replace_initializer(path, path, name, prototype_vectors(path, name) + 1e-3)
+
+
+def test_export_refuses_a_graph_with_perturbed_prototypes(tiny_protopnet_checkpoint, mnist_root, tmp_path,
+                                                          monkeypatch):
+    import export.build
+
+    real_export_graph = export.build.export_graph
+
+    def drifted_export_graph(module, spec, path):
+        real_export_graph(module, spec, path)
+        perturbed(path, spec)
+
+    monkeypatch.setattr(export.build, "export_graph", drifted_export_graph)
+    out = tmp_path / "bundle"
+    with pytest.raises(ParityError, match="parity with PyTorch fails: .*distances differ"):
+        export_bundle(tiny_protopnet_checkpoint, out, "tiny", "0.0.1", data_root=str(mnist_root), test_images=200,
+                      log=lambda s: None)
+    assert not out.exists()
+
+
+def test_verify_refuses_a_resigned_graph_with_perturbed_prototypes(tiny_protopnet_bundle, tmp_path):
+    copied = Path(shutil.copytree(tiny_protopnet_bundle, tmp_path / "bundle"))
+    perturbed(copied / "model.onnx", read_bundle(copied).manifest.model)
+    write_manifest(copied, Manifest.model_validate_json((copied / MANIFEST_FILE).read_text()))  # re-signed
+    read_bundle(copied)
+    result = subprocess.run([sys.executable, "-m", "cli.main", "verify", str(copied)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"{copied / 'model.onnx'}: golden probe failed" in result.stderr
