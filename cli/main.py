@@ -461,7 +461,8 @@ def _serving_verbs(sub) -> None:
     p.add_argument("--data-root", help="the training data (default: $PROTOSERVE_DATA_ROOT)")
     p.add_argument("--once", action="store_true", help="run the queued jobs, then exit")
     p.add_argument("--poll", type=float, default=2.0, help="seconds between looks for a queued job")
-    p.add_argument("--lease", type=float, help="seconds a job stays ours without a heartbeat (default: PROTOSERVE_JOB_LEASE_SECONDS or 60)")
+    p.add_argument("--lease", type=float,
+                   help="seconds a job stays ours without a heartbeat (default: PROTOSERVE_JOB_LEASE_SECONDS or 60)")
     p.set_defaults(func=_worker)
 
     p = sub.add_parser("review", help="the review page on one machine: registry, service and revision worker")
