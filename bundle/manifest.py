@@ -257,12 +257,13 @@ class QualityReport(_Strict):
 
 
 class Lineage(_Strict):
-    """How a revised version came from its parent (revision/rounds.py): enough to trace a served
-    model back to every verdict that made it. Absent on a version that was trained, not revised."""
+    """How a version came from its parent: revised (revision/rounds.py: enough to trace a served model
+    back to every verdict that made it) or retrained on a new schedule ("retrain": no verdicts; the
+    comparison holds both test accuracies). Absent on a version trained with no parent named."""
 
     parent: str | None = None  # name:version of the parent bundle; None when revised from a bare checkpoint
     parent_checkpoint_sha256: str | None = None
-    mode: Literal["mask", "prune", "revise"]
+    mode: Literal["mask", "prune", "revise", "retrain"]
     rounds: int = Field(ge=0)
     verdicts: list[dict] = []  # protoserve/verdicts.py objects, in the order they were given
     antitypes: list[dict] = []  # {"prototype_id", "round", "vector"[, "source": ProtoPNet (push index, row, col)]}

@@ -81,7 +81,8 @@ def _export(args) -> None:
         raise SystemExit(f"--false-alarm-rate {args.false_alarm_rate} is not between 0 and 1")
     quality = None if args.no_quality else QualityOptions(sample=args.quality_sample)
     result = export_bundle(Path(args.checkpoint), Path(args.out), args.name, args.version, args.data_root,
-                           force=args.force, false_alarm_rate=args.false_alarm_rate, quality=quality)
+                           force=args.force, false_alarm_rate=args.false_alarm_rate, quality=quality,
+                           parent=Path(args.parent) if args.parent else None)
     m = result.bundle.manifest
     print(f"bundle {m.tag} written to {args.out} (test accuracy {m.metrics.test_accuracy:.4f})")
 
@@ -346,6 +347,7 @@ def _bundle_verbs(sub) -> None:
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--data-root", help="IDX files for the parity check (default: $PROTOSERVE_DATA_ROOT)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--parent", help="the bundle this checkpoint was retrained to replace (lineage mode retrain)")
     p.add_argument("--no-quality", action="store_true", help="skip the explanation-quality report")
     p.add_argument("--quality-sample", type=int, default=500, help="validation images for the report's "
                    "map-based figures (default 500)")

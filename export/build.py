@@ -80,13 +80,15 @@ class ExportResult:
 def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_root: str | None = None,
                   force: bool = False, test_images: int | None = None, log=print,
                   false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
-                  quality: QualityOptions | None = DEFAULT_QUALITY) -> ExportResult:
+                  quality: QualityOptions | None = DEFAULT_QUALITY, parent: Path | None = None) -> ExportResult:
     """Write the bundle of `checkpoint` to `out`; parity on the first `test_images` (default: all); the
     out-of-domain threshold calibrated on the validation split for `false_alarm_rate`; the
-    explanation-quality report on the validation split unless `quality` is None."""
+    explanation-quality report on the validation split unless `quality` is None. `parent`: the bundle
+    this checkpoint was retrained to replace (its lineage names it, mode "retrain")."""
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out}: exists; bundles are immutable, choose a new --out or pass --force")
+    parent_manifest = read_bundle(parent).manifest if parent is not None else None
     model, config, payload = load_checkpoint(checkpoint)
     root = resolve_data_root(data_root, config.data.root)
     data = load_run_data(config, root)
@@ -104,6 +106,8 @@ def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_roo
                                   push_set=data["train"], root=root)
         domain = calibrate_domain(staging / manifest.model.file, data["val"], manifest, false_alarm_rate, log)
         manifest = manifest.model_copy(update={"domain": domain})
+        if parent_manifest is not None:
+            manifest = manifest.model_copy(update={"lineage": retrain_lineage(parent_manifest, manifest)})
         write_manifest(staging, manifest)
         if quality is not None:
             write_quality_report(staging, str(root), options=quality, log=log)
@@ -182,6 +186,18 @@ def calibrate_domain(model_file: Path, validation: Split, manifest: Manifest, fa
         f"threshold {domain.threshold:.4g} for a {false_alarm_rate:g} false-alarm rate on {domain.images} "
         "validation images")
     return domain
+
+
+def retrain_lineage(parent: Manifest, manifest: Manifest) -> Lineage:
+    """The lineage of a version retrained to replace `parent`: no verdicts, both test accuracies."""
+    if manifest.lineage is not None:
+        raise ExportError(f"{manifest.tag}: a revised checkpoint carries its own lineage; export it without --parent")
+    if parent.family != manifest.family:
+        raise ExportError(f"--parent {parent.tag} is a {parent.family} model, the checkpoint a {manifest.family} model")
+    return Lineage(parent=parent.tag, parent_checkpoint_sha256=parent.training.checkpoint_sha256, mode="retrain",
+                   rounds=0, config=manifest.training.config.get("train", {}),
+                   comparison={"test_accuracy": {"parent": parent.metrics.test_accuracy,
+                                                 "retrained": manifest.metrics.test_accuracy}})
 
 
 def _lineage(revision: dict) -> Lineage | None:
