@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from protoserve.named_table import NamedTable
+
 
 @dataclass(frozen=True)
 class Family:
@@ -33,23 +35,17 @@ class Family:
         return weight * (distance if self.logit_input == "distance" else similarity)
 
 
-FAMILIES: dict[str, Family] = {}
+FAMILIES: NamedTable[Family] = NamedTable("model family")
 
 
 def register_family(entry: Family) -> Family:
     """Add a family to the registry (once per name)."""
-    if entry.name in FAMILIES:
-        raise ValueError(f"family {entry.name!r} is registered twice")
-    FAMILIES[entry.name] = entry
-    return entry
+    return FAMILIES.register(entry.name, entry)
 
 
 def family(name: str) -> Family:
     """The registry's row of a family name (a manifest's `family`)."""
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise KeyError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})") from None
+    return FAMILIES.lookup(name)
 
 
 def domain_feature_outputs() -> set[str]:

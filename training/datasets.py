@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bundle.manifest import CanonicalForm
 from protoserve.errors import ProtoserveError
+from protoserve.named_table import NamedTable
 from training import cub, image_folder
 from training.decoy_mnist import Confounder, DecoySet, load_decoy_dataset, load_decoy_mnist
 from training.mnist import CLASS_NAMES, load_mnist
@@ -59,7 +60,8 @@ def _mnist_row(name: str, **row) -> DataSet:
                    class_names=lambda root: CLASS_NAMES[name], description=GREY_DIGITS, ink_masks=True, **row)
 
 
-DATASETS: dict[str, DataSet] = {row.name: row for row in (
+DATASETS: NamedTable[DataSet] = NamedTable("data set", DatasetError)
+for _row in (
     _mnist_row("mnist", canonical=MNIST_FORM),
     _mnist_row("fashion_mnist"),
     DataSet(name="decoy_mnist", class_names=lambda root: CLASS_NAMES["mnist"], description=GREY_DIGITS,
@@ -78,15 +80,13 @@ DATASETS: dict[str, DataSet] = {row.name: row for row in (
             elastic=False,
             description="pixels divided by 255 (grey, RGB or RGBA as the model's channels), resized to the "
                         "input size; no normalisation"),
-)}
+):
+    DATASETS.register(_row.name, _row)
 
 
 def dataset(name: str) -> DataSet:
     """The table's row of a data-set name; DatasetError naming the known ones otherwise."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise DatasetError(f"unknown data set {name!r} (known: {', '.join(DATASETS)})") from None
+    return DATASETS.lookup(name)
 
 
 def load_run_data(config, root: Path) -> dict[str, Split]:

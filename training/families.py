@@ -24,6 +24,7 @@ import torch.nn as nn
 from PIL import Image
 
 from protoserve.errors import ProtoserveError
+from protoserve.named_table import NamedTable
 
 BATCH = "N"  # the dynamic batch axis of every exported tensor
 
@@ -83,23 +84,17 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), name)
 
 
-FAMILIES: dict[str, Family] = {}
+FAMILIES: NamedTable[Family] = NamedTable("model family", FamilyError)
 
 
 def register_family(entry: Family) -> Family:
     """Add a family to the registry; its module calls this once, where the family is defined."""
-    if entry.name in FAMILIES:
-        raise FamilyError(f"family {entry.name!r} is registered twice")
-    FAMILIES[entry.name] = entry
-    return entry
+    return FAMILIES.register(entry.name, entry)
 
 
 def family(name: str) -> Family:
     """The registry's row of a family name; FamilyError naming the known ones otherwise."""
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise FamilyError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})") from None
+    return FAMILIES.lookup(name)
 
 
 def family_of(model: nn.Module) -> Family:
