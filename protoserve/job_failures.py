@@ -19,6 +19,8 @@ FAILURES = {
               "revision from a version registered with its checkpoint.",
     "verdicts": "The job's verdicts do not fit the parent version (a prototype it does not have); withdraw them "
                 "and judge the parent's own prototypes.",
+    "train_subset": "The training subset of {images} images has no example of class {classes}, which the "
+                    "model's prototypes stand for; use a larger train_subset.",
     "data": "The worker could not load the training data; check the worker's data root (PROTOSERVE_DATA_ROOT) "
             "and the job's train_subset, then start a new revision.",
     "memory": "The worker ran out of memory; start a new revision with a smaller train_subset or batch_size.",
@@ -28,6 +30,11 @@ FAILURES = {
 }
 
 
-def failure_reason(kind: str) -> str:
-    """The sentence a reviewer reads for a failure of this kind (an unknown kind reads as "other")."""
-    return FAILURES.get(kind, FAILURES["other"])
+def failure_reason(kind: str, **details) -> str:
+    """The sentence a reviewer reads for a failure of this kind (an unknown kind reads as "other"), its
+    blanks filled from `details` (the exception's)."""
+    sentence = FAILURES.get(kind, FAILURES["other"])
+    try:
+        return sentence.format(**details)
+    except (KeyError, IndexError):  # details missing: the sentence still says what to change
+        return sentence

@@ -23,7 +23,7 @@ from protoserve.verdicts import FIELDS, Verdict, VerdictError, parse_verdict
 from registry.store import RegistryError
 from registry.versions import Registry
 from revision.neighbours import write_neighbours
-from revision.revise import Consultation, Parent, revise
+from revision.revise import Consultation, Parent, TrainSubsetError, revise
 from revision.rounds import STATE_FILE, ProgressEvent
 from training.checkpoint import CheckpointError
 from training.datasets import DatasetError
@@ -37,7 +37,8 @@ class ParentError(RegistryError):
 # A failure's kind (protoserve/job_failures.py's sentences), first match wins: ParityError before any
 # other export error, ParentError before any other registry error.
 FAILURE_KINDS = ((ParityError, "parity"), (BundleError, "verification"), (CheckpointError, "checkpoint"),
-                 (ParentError, "parent"), (VerdictError, "verdicts"), ((DataError, DatasetError), "data"),
+                 (ParentError, "parent"), (VerdictError, "verdicts"), (TrainSubsetError, "train_subset"),
+                 ((DataError, DatasetError), "data"),
                  ((MemoryError, torch.OutOfMemoryError), "memory"))
 
 
@@ -60,6 +61,11 @@ def job_verdicts(registry: Registry, ids: list[int]) -> list[Verdict]:
 def failure_kind(error: BaseException) -> str:
     """What kind of failure a job's exception is (a key of protoserve/job_failures.py FAILURES)."""
     return next((kind for types, kind in FAILURE_KINDS if isinstance(error, types)), "other")
+
+
+def failure_details(error: BaseException) -> dict:
+    """What a failure's sentence names (the training subset's size and missing classes), else nothing."""
+    return dict(getattr(error, "details", None) or {})
 
 
 def parent_row(registry: Registry, version: str):

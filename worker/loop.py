@@ -27,7 +27,7 @@ from protoserve.job_failures import failure_reason
 from protoserve.revision_settings import QueuedRevision
 from protoserve.settings import settings as protoserve_settings
 from registry.versions import Registry
-from revision.job import failure_kind, revise_version
+from revision.job import failure_details, failure_kind, revise_version
 from revision.rounds import ProgressEvent
 
 
@@ -139,4 +139,4 @@ def fail(registry: Registry, job_id: int, worker: str, error: Exception, beat: H
     beat.log(f"failed ({kind}): {type(error).__name__}: {error}")
     beat.beat()
     registry.store.finish_job(job_id, worker, error=f"{type(error).__name__}: {error}"[:2000],
-                              reason=failure_reason(kind))
+                              reason=failure_reason(kind, **failure_details(error)))

@@ -4,11 +4,13 @@ admin key in front of every change."""
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from bundle.manifest import read_bundle
+from protoserve.job_failures import FAILURES
 from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
 from service.review import app
@@ -124,6 +126,20 @@ def test_a_job_body_is_the_revision_settings(client):
         assert answer.status_code == 422 and message in answer.text, (body, answer.text)
     document = app.openapi()["components"]["schemas"]["JobIn"]["properties"]
     assert set(RevisionSettings.model_fields) < set(document) and document["rounds"]["description"]
+
+
+def test_a_failed_job_says_what_to_do(client, mnist_root):
+    """GET /api/jobs/{id} of a failed job: `reason` for the reviewer, `error` (and the log) for the detail."""
+    from worker.loop import run_worker
+
+    http, registry = client
+    http.post("/api/verdicts", json={"prototype_id": 4, "verdict": "reject", "source": "ada"}, headers=admin())
+    job = http.post("/api/jobs", json={"mode": "mask"}, headers=admin()).json()
+    Path(registry.store.version("0.1.0").checkpoint).unlink()
+    run_worker(registry, str(mnist_root), once=True, lease=30, log=lambda s: None)
+    failed = http.get(f"/api/jobs/{job['id']}").json()
+    assert failed["status"] == "failed" and failed["reason"] == FAILURES["checkpoint"]
+    assert failed["error"].startswith("CheckpointError: ") and failed["error"] in failed["log"]
 
 
 def test_without_a_registry_the_routes_say_so(monkeypatch):

@@ -10,7 +10,8 @@ from export.build import ExportError, ParityError
 from protoserve.job_failures import FAILURES, failure_reason
 from protoserve.verdicts import VerdictError
 from registry.store import RegistryError
-from revision.job import ParentError, failure_kind
+from revision.job import ParentError, failure_details, failure_kind
+from revision.revise import TrainSubsetError
 from training.checkpoint import CheckpointError
 from training.datasets import DatasetError
 from training.splits import DataError
@@ -33,6 +34,13 @@ from training.splits import DataError
 def test_failures_map_to_their_kind(error, kind):
     assert failure_kind(error) == kind
     assert failure_reason(kind) == FAILURES[kind]
+
+
+def test_a_missing_class_names_the_subset_and_the_class():
+    error = TrainSubsetError(50, [7])
+    assert failure_reason(failure_kind(error), **failure_details(error)) == (
+        "The training subset of 50 images has no example of class 7, which the model's prototypes stand for; "
+        "use a larger train_subset.")
 
 
 def test_every_reason_is_one_sentence_saying_what_to_do():
