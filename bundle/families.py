@@ -6,7 +6,8 @@ service/, scoring/) looks families up with `family(name)` (the manifest's `famil
 on the serving side branches on a family name. A row says which outputs model.onnx must have,
 whether a decoder.onnx comes with it, which output is the input's place in the latent space (the
 out-of-domain features), what the last layer multiplies (so what a prototype contributes to a
-logit), and which picture /explain adds. The training side's registry is training/families.py.
+logit), which picture /explain adds, and whether its prototypes are pushed onto training patches.
+The training side's registry is training/families.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class Family:
     domain_features: str
     logit_input: Literal["distance", "similarity"]  # what the last layer multiplies: logits = W x
     picture: Literal["reconstruction", "heatmap"]  # /explain: the input's reconstruction, or per-prototype heatmaps
+    # Each prototype is a training patch of its class (push): a revision's training images must hold an
+    # example of every class a prototype stands for.
+    pushed: bool = False
 
     def contribution(self, weight, distance, similarity):
         """What a prototype adds to a class's logit: its weight times what the last layer multiplies.
@@ -59,4 +63,4 @@ register_family(Family(name="prototypedl", outputs=("logits", "probabilities", "
 # logits = W sim (Chen et al. 2019)
 register_family(Family(name="protopnet", outputs=("logits", "probabilities", "distances", "similarity_maps"),
                        has_decoder=False, domain_features="pooled_latent", logit_input="similarity",
-                       picture="heatmap"))
+                       picture="heatmap", pushed=True))

@@ -10,7 +10,8 @@ both write) holds:
     changes    every promote and rollback, in order (who, when, from, to)
     verdicts   verdicts on prototypes (protoserve/verdicts.py's format) with the version they were
                given on; withdrawn ones keep their row with withdrawn_at set
-    jobs       revision jobs: queued -> running (a worker holds a lease it renews) -> done | failed
+    jobs       revision jobs: queued -> running (a worker holds a lease it renews) -> done | failed;
+               a failed one keeps its technical `error` and the sentence a reviewer reads, `reason`
 
 Each call opens its own connection and closes it: safe across threads and forked workers, and the
 cost (~0.1 ms) is paid only on review and job routes, never on /predict. Switching to PostgreSQL
@@ -30,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from protoserve.errors import ProtoserveError
+from protoserve.job_failures import failure_reason
 from protoserve.revision_settings import QueuedRevision, RevisionSettings
 from protoserve.verdicts import Verdict
 
@@ -93,9 +95,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     log          TEXT NOT NULL DEFAULT '',
     result       TEXT,
     error        TEXT,
+    reason       TEXT,
     finished_at  TEXT
 );
 """
+# Columns added since a table was first created: (table, column, type), added to an older database on open.
+ADDED_COLUMNS = (("jobs", "reason", "TEXT"),)
 
 LOG_TAIL_CHARS = 8_000
 MAX_ATTEMPTS = 2  # a job whose worker died twice is failed, not retried forever
@@ -144,6 +149,8 @@ class Store:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
             db.executescript(SCHEMA)
+            for table, column, kind in ADDED_COLUMNS:
+                _add_column(db, table, column, kind)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -351,9 +358,9 @@ class Store:
             for row in db.execute("SELECT id, attempts FROM jobs WHERE status = 'running' AND lease_until < ?",
                                   (t,)).fetchall():
                 if row["attempts"] >= MAX_ATTEMPTS:
-                    db.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
-                               (f"its worker stopped renewing the lease {row['attempts']} times (killed?)", now(),
-                                row["id"]))
+                    db.execute("UPDATE jobs SET status = 'failed', error = ?, reason = ?, finished_at = ? "
+                               "WHERE id = ?", (f"its worker stopped renewing the lease {row['attempts']} times "
+                                                "(killed?)", failure_reason("worker_lost"), now(), row["id"]))
             row = db.execute("SELECT id FROM jobs WHERE status = 'queued' OR (status = 'running' AND lease_until < ?) "
                              "ORDER BY id LIMIT 1", (t,)).fetchone()
             if row is None:
@@ -375,13 +382,28 @@ class Store:
                         log, job_id))
         return True
 
-    def finish_job(self, job_id: int, worker: str, result: dict | None = None, error: str | None = None) -> None:
+    def finish_job(self, job_id: int, worker: str, result: dict | None = None, error: str | None = None,
+                   reason: str | None = None) -> None:
+        """Done with its result, or (given an error) failed with the error and the reviewer's `reason`."""
         with self._write() as db:
             row = db.execute("SELECT status, worker FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["status"] != "running" or row["worker"] != worker:
                 raise RegistryError(f"job {job_id} is not running on {worker}")
-            db.execute("UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ?, lease_until = NULL "
-                       "WHERE id = ?", ("failed" if error else "done", _dump(result), error, now(), job_id))
+            db.execute("UPDATE jobs SET status = ?, result = ?, error = ?, reason = ?, finished_at = ?, "
+                       "lease_until = NULL WHERE id = ?",
+                       ("failed" if error else "done", _dump(result), error, reason if error else None, now(),
+                        job_id))
+
+
+def _add_column(db: sqlite3.Connection, table: str, column: str, kind: str) -> None:
+    """Add a column a database created by an older protoserve lacks (a no-op when it has it)."""
+    try:
+        db.execute(f"SELECT {column} FROM {table} LIMIT 0")
+    except sqlite3.OperationalError:
+        try:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        except sqlite3.OperationalError:  # another process added it between the two statements
+            db.execute(f"SELECT {column} FROM {table} LIMIT 0")
 
 
 def _dump(value) -> str | None:

@@ -67,6 +67,9 @@ class RevisionFamily:
     judge: Callable  # (model, ObjectMasks) -> list[Judgement]
     class_identities: Callable  # model -> list[int]
     pictures: Callable  # (model, train Split, out_dir) -> {prototype id: [PNG paths]} for a person to judge
+    # Push puts each prototype onto a training patch of its own class: the training images must hold every
+    # class a prototype stands for.
+    pushes_onto_own_class: bool = False
 
 
 def _protopnet_loss(model: ProtoPNet, x, y, cfg):
@@ -181,6 +184,7 @@ PROTOPNET_REVISION = RevisionFamily(
     judge=_protopnet_judge,
     class_identities=lambda model: model.class_identities(),
     pictures=_protopnet_pictures,
+    pushes_onto_own_class=True,
 )
 
 PROTOTYPEDL_REVISION = RevisionFamily(

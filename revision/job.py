@@ -14,13 +14,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
+from bundle.manifest import BundleError
+from export.build import ParityError
 from protoserve.revision_settings import QueuedRevision
-from protoserve.verdicts import FIELDS, Verdict, parse_verdict
+from protoserve.verdicts import FIELDS, Verdict, VerdictError, parse_verdict
 from registry.store import RegistryError
 from registry.versions import Registry
 from revision.neighbours import write_neighbours
-from revision.revise import Consultation, Parent, revise
+from revision.revise import Consultation, Parent, TrainSubsetError, revise
 from revision.rounds import STATE_FILE, ProgressEvent
+from training.checkpoint import CheckpointError
+from training.datasets import DatasetError
+from training.splits import DataError
+
+
+class ParentError(RegistryError):
+    """The job's parent version cannot be revised: no longer registered, or registered without its checkpoint."""
+
+
+# A failure's kind (protoserve/job_failures.py's sentences), first match wins: ParityError before any
+# other export error, ParentError before any other registry error.
+FAILURE_KINDS = ((ParityError, "parity"), (BundleError, "verification"), (CheckpointError, "checkpoint"),
+                 (ParentError, "parent"), (VerdictError, "verdicts"), (TrainSubsetError, "train_subset"),
+                 ((DataError, DatasetError), "data"),
+                 ((MemoryError, torch.OutOfMemoryError), "memory"))
 
 
 class JobReport(Protocol):
@@ -39,12 +58,31 @@ def job_verdicts(registry: Registry, ids: list[int]) -> list[Verdict]:
     return [parse_verdict({k: r[k] for k in FIELDS}, f"verdict {r['id']}") for r in rows]
 
 
+def failure_kind(error: BaseException) -> str:
+    """What kind of failure a job's exception is (a key of protoserve/job_failures.py FAILURES)."""
+    return next((kind for types, kind in FAILURE_KINDS if isinstance(error, types)), "other")
+
+
+def failure_details(error: BaseException) -> dict:
+    """What a failure's sentence names (the training subset's size and missing classes), else nothing."""
+    return dict(getattr(error, "details", None) or {})
+
+
+def parent_row(registry: Registry, version: str):
+    """The parent's registry row, or ParentError when it cannot be revised."""
+    try:
+        parent = registry.store.version(version)
+    except RegistryError as e:
+        raise ParentError(str(e)) from None
+    if parent.checkpoint is None:
+        raise ParentError(f"version {parent.version} has no checkpoint to revise")
+    return parent
+
+
 def revise_version(registry: Registry, job_id: int, parent_version: str, job: QueuedRevision,
                    data_root: str | None, report: JobReport) -> dict:
     """The revision itself: revise + export, register the candidate, optional promotion."""
-    parent = registry.store.version(parent_version)
-    if parent.checkpoint is None:
-        raise RegistryError(f"version {parent.version} has no checkpoint to revise")
+    parent = parent_row(registry, parent_version)
     run = registry.root / "jobs" / str(job_id) / "run"
     consultation = Consultation(job_verdicts(registry, job.verdict_ids), source=f"job {job_id}")
     report.stage("revising")

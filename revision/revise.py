@@ -18,7 +18,7 @@ from export.build import ExportResult, export_bundle
 from protoserve.errors import ProtoserveError
 from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import Verdict, append_verdicts, check_ids, read_verdicts
-from revision.families import ObjectMasks
+from revision.families import ObjectMasks, revision_family
 from revision.rounds import (
     STATE_FILE,
     Consult,
@@ -32,11 +32,30 @@ from revision.terminal_review import terminal_consult
 from training.checkpoint import load_checkpoint
 from training.config import Config
 from training.datasets import dataset, load_run_data
-from training.splits import Split, resolve_data_root
+from training.splits import DataError, Split, resolve_data_root
 
 
 class RevisionError(ProtoserveError):
     pass
+
+
+class TrainSubsetError(DataError):
+    """Training images without an example of a class the model's prototypes are pushed onto."""
+
+    def __init__(self, images: int, classes: list[int]):
+        super().__init__(f"the training subset of {images} images has no example of class(es) {classes}, which "
+                         "prototypes stand for (push puts each onto a patch of its class); use a larger train_subset")
+        self.details = {"images": images, "classes": ", ".join(str(c) for c in classes)}
+
+
+def check_push_classes(model, train: Split) -> None:
+    """TrainSubsetError when push needs a class the training images lack (families that push: ProtoPNet)."""
+    family = revision_family(model)
+    if not family.pushes_onto_own_class:
+        return
+    missing = sorted(set(family.class_identities(model)) - set(train.labels.tolist()))
+    if missing:
+        raise TrainSubsetError(len(train), missing)
 
 
 @dataclass
@@ -153,6 +172,7 @@ def revise(parent: Parent, settings: RevisionSettings, consultation: Consultatio
         config = replace(config, data=replace(config.data, train_subset=settings.train_subset))
     root = resolve_data_root(data_root, config.data.root)
     data = load_run_data(config, root)
+    check_push_classes(model, data["train"])
     masks = object_masks(config, root, data) if consultation.simulate else None
     if consultation.simulate and masks is None:
         raise RevisionError(f"--simulate needs object masks; data set {config.data.dataset!r} has none")

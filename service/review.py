@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from bundle.families import family
 from bundle.manifest import Bundle, read_bundle
 from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import VerdictError, verdict
@@ -132,7 +133,8 @@ class Refusal(BaseModel):
 READ_ERRORS = {404: {"model": Refusal, "description": "no such version, verdict, job or picture"},
                409: {"model": Refusal, "description": "no registry configured, or no active version"}}
 CHANGE_ERRORS = {**READ_ERRORS,
-                 400: {"model": Refusal, "description": "a prototype id the version does not have"},
+                 400: {"model": Refusal, "description": "a prototype id the version does not have, or a revision "
+                       "option its family cannot take"},
                  401: {"model": Refusal, "description": "missing or wrong admin key: nothing changed"},
                  403: {"model": Refusal, "description": "no admin key configured: changing routes are closed"}}
 
@@ -169,6 +171,13 @@ class PromoteIn(BaseModel):
 @app.get("/", response_class=HTMLResponse, summary="The review page")
 def page() -> HTMLResponse:
     return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+
+def min_train_subset(bundle: Bundle) -> int:
+    """The fewest training images a revision of the bundle can take: a family whose prototypes are pushed
+    needs an image of each class they stand for (the worker checks which classes the images hold)."""
+    m = bundle.manifest
+    return len({row.class_identity for row in m.prototypes}) if family(m.family).pushed else 1
 
 
 @app.get("/api/versions", **READING, summary="The versions, the active and previous one, the generation")
@@ -213,7 +222,8 @@ def prototypes(version: str) -> dict:
                      "quality": quality.get(row.id),
                      "verdict": history[-1] if history else None, "verdicts": len(history)})
     return {"version": version, "name": m.name, "family": m.family, "prototypes": rows,
-            "open_verdicts": reg.store.open_verdict_counts().get(version, 0)}
+            "open_verdicts": reg.store.open_verdict_counts().get(version, 0),
+            "min_train_subset": min_train_subset(bundle)}
 
 
 @app.get("/api/versions/{version}/files/{name:path}", **READING, summary="A picture of a version's bundle (PNG)")
@@ -282,10 +292,22 @@ def withdraw_verdict(verdict_id: int) -> dict:
 def start_job(body: JobIn) -> dict:
     reg = registry()
     parent = version_or_active(reg, body.parent)
-    if reg.store.version(parent).checkpoint is None:
+    row = reg.store.version(parent)
+    if row.checkpoint is None:
         raise ReviewError(409, "no_checkpoint", f"version {parent} was registered without its checkpoint: "
                           "it cannot be revised")
+    check_options(body, _bundle(row.bundle))
     return reg.store.add_job(parent, body.settings())
+
+
+def check_options(body: JobIn, bundle: Bundle) -> None:
+    """Refuse up front (400) a revision option the parent's family cannot take; the job is never queued."""
+    fewest = min_train_subset(bundle)
+    if body.train_subset is not None and body.train_subset < fewest:
+        m = bundle.manifest
+        raise ReviewError(400, "train_subset_too_small", f"train_subset {body.train_subset}: version {m.version} "
+                          f"({m.family}) has each prototype pushed onto a training image of its class, so a "
+                          f"revision needs at least {fewest} images (one of each class its prototypes stand for)")
 
 
 @app.post("/api/promote", **CHANGING, summary="Verify a version and make it active")

@@ -6,11 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from tiny_configs import tiny_config_dict, tiny_protopnet_dict
+from tiny_configs import TINY_QUALITY_OPTIONS, tiny_config_dict, tiny_protopnet_dict
 
 REPO = Path(__file__).resolve().parents[1]
-# The tiny bundles' quality report: a small sample keeps the fixtures fast (a few seconds).
-TINY_QUALITY_OPTIONS = {"sample": 64, "curve_images": 8, "steps": 10, "encodings": 1000}
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 CHECKOUT_MNIST = REPO / "data" / "mnist"  # where `make data` downloads MNIST when ../shared has none
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -1,5 +1,8 @@
 """Small run configs for tests (importable by name: tests/ is on sys.path through its conftest)."""
 
+# The tiny bundles' quality report: a small sample keeps the fixtures fast (a few seconds).
+TINY_QUALITY_OPTIONS = {"sample": 64, "curve_images": 8, "steps": 10, "encodings": 1000}
+
 
 def tiny_config_dict(**train_overrides) -> dict:
     """A small PrototypeDL config (full architecture, few images, no augmentation by default)."""

@@ -9,7 +9,8 @@ register the candidate, promote if asked and the gates pass) is revision/job.py.
 A worker that dies stops renewing its lease: the next claim after the lease ran out resumes the job
 from the revision's last finished round (`revision_last.pt` in the job's folder); a job that has
 outlived MAX_ATTEMPTS workers is marked failed with the reason. A job whose code raises is marked
-failed with the error. Nothing is ever left "running" without a live lease.
+failed with the error, and with the one sentence a reviewer reads (protoserve/job_failures.py).
+Nothing is ever left "running" without a live lease.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import os
 import socket
 import threading
 import time
+import traceback
 from dataclasses import asdict
 
 from protoserve.errors import ProtoserveError
+from protoserve.job_failures import failure_reason
 from protoserve.revision_settings import QueuedRevision
 from protoserve.settings import settings as protoserve_settings
 from registry.versions import Registry
-from revision.job import revise_version
+from revision.job import failure_details, failure_kind, revise_version
 from revision.rounds import ProgressEvent
 
 
@@ -121,10 +124,19 @@ def run_revision_job(registry: Registry, job: dict, worker: str, data_root: str 
             log(str(e))
             return
         except Exception as e:  # any failure of the revision is the job's outcome, reported through the API
-            beat.log(f"failed: {type(e).__name__}: {e}")
-            beat.beat()
-            registry.store.finish_job(job["id"], worker, error=f"{type(e).__name__}: {e}"[:2000])
+            fail(registry, job["id"], worker, e, beat)
             log(f"job {job['id']}: failed: {e}")
             return
     registry.store.finish_job(job["id"], worker, result=result)
     log(f"job {job['id']}: candidate {result['candidate']}" + (" promoted" if result.get("promoted") else ""))
+
+
+def fail(registry: Registry, job_id: int, worker: str, error: Exception, beat: Heartbeat) -> None:
+    """Mark the job failed: the technical detail in its log and `error`, the reviewer's sentence in `reason`."""
+    kind = failure_kind(error)
+    if kind == "other":  # not a failure the project knows: the traceback is what a report of it needs
+        beat.log("".join(traceback.format_exception(error)).rstrip())
+    beat.log(f"failed ({kind}): {type(error).__name__}: {error}")
+    beat.beat()
+    registry.store.finish_job(job_id, worker, error=f"{type(error).__name__}: {error}"[:2000],
+                              reason=failure_reason(kind, **failure_details(error)))

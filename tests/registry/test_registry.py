@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from protoserve.job_failures import FAILURES
 from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
 from registry.store import RegistryError, Store
@@ -121,7 +122,22 @@ def test_job_lease_expires_then_fails(two_versions):
     assert store.claim_job("w3", lease_seconds=60) is None  # a job that killed two workers is not retried
     failed = store.job(job["id"])
     assert failed["status"] == "failed" and "lease" in failed["error"]
+    assert failed["reason"] == FAILURES["worker_lost"]
     assert not store.heartbeat(job["id"], "w2", 60)
+
+
+def test_a_database_from_before_job_reasons_gains_the_column(tmp_path):
+    path = tmp_path / "registry.sqlite"
+    Store(path)
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE jobs DROP COLUMN reason")  # as an older protoserve created it
+    db.close()
+    Store(path)
+    db = sqlite3.connect(path)
+    try:
+        assert "reason" in [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+    finally:
+        db.close()
 
 
 def test_cli_verbs(two_versions):

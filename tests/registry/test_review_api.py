@@ -4,11 +4,13 @@ admin key in front of every change."""
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from bundle.manifest import read_bundle
+from protoserve.job_failures import FAILURES
 from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
 from service.review import app
@@ -124,6 +126,43 @@ def test_a_job_body_is_the_revision_settings(client):
         assert answer.status_code == 422 and message in answer.text, (body, answer.text)
     document = app.openapi()["components"]["schemas"]["JobIn"]["properties"]
     assert set(RevisionSettings.model_fields) < set(document) and document["rounds"]["description"]
+
+
+def test_an_option_the_family_cannot_take_is_refused_up_front(protopnet_registry, monkeypatch):
+    """A ProtoPNet pushes each prototype onto a training image of its class: fewer training images than
+    classes cannot revise it. 400 naming why; no job queued, the verdicts stay open."""
+    monkeypatch.setenv("PROTOSERVE_REGISTRY", str(protopnet_registry.root))
+    monkeypatch.setenv("PROTOSERVE_ADMIN_KEY", KEY)
+    http = TestClient(app, root_path="")
+    http.post("/api/verdicts", json={"prototype_id": 4, "verdict": "reject", "source": "ada"}, headers=admin())
+    assert http.get("/api/versions/0.1.0/prototypes").json()["min_train_subset"] == 10
+    for mode in ("mask", "prune", "revise"):
+        r = http.post("/api/jobs", json={"mode": mode, "train_subset": 5}, headers=admin())
+        assert r.status_code == 400 and r.json()["reason"] == "train_subset_too_small", r.text
+        assert "at least 10 images" in r.json()["error"]
+    assert protopnet_registry.store.jobs() == [] and protopnet_registry.store.open_verdict_counts() == {"0.1.0": 1}
+    assert http.post("/api/jobs", json={"mode": "mask", "train_subset": 10}, headers=admin()).status_code == 201
+
+
+def test_a_prototypedl_takes_any_training_subset(client):
+    http, registry = client
+    assert http.get("/api/versions/0.1.0/prototypes").json()["min_train_subset"] == 1
+    http.post("/api/verdicts", json={"prototype_id": 4, "verdict": "reject", "source": "ada"}, headers=admin())
+    assert http.post("/api/jobs", json={"mode": "mask", "train_subset": 5}, headers=admin()).status_code == 201
+
+
+def test_a_failed_job_says_what_to_do(client, mnist_root):
+    """GET /api/jobs/{id} of a failed job: `reason` for the reviewer, `error` (and the log) for the detail."""
+    from worker.loop import run_worker
+
+    http, registry = client
+    http.post("/api/verdicts", json={"prototype_id": 4, "verdict": "reject", "source": "ada"}, headers=admin())
+    job = http.post("/api/jobs", json={"mode": "mask"}, headers=admin()).json()
+    Path(registry.store.version("0.1.0").checkpoint).unlink()
+    run_worker(registry, str(mnist_root), once=True, lease=30, log=lambda s: None)
+    failed = http.get(f"/api/jobs/{job['id']}").json()
+    assert failed["status"] == "failed" and failed["reason"] == FAILURES["checkpoint"]
+    assert failed["error"].startswith("CheckpointError: ") and failed["error"] in failed["log"]
 
 
 def test_without_a_registry_the_routes_say_so(monkeypatch):

@@ -51,6 +51,13 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def choose_mode(browser, mode: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element(By.ID, "mode")).select_by_visible_text(mode)
+
+
 def test_reject_revise_promote_in_the_browser(protopnet_registry, mnist_root, tmp_path, browser):
     from selenium.webdriver.common.by import By
 
@@ -71,6 +78,12 @@ def test_reject_revise_promote_in_the_browser(protopnet_registry, mnist_root, tm
                 wait_for(lambda pid=pid: browser.find_element(By.CSS_SELECTOR, f'.card[data-id="{pid}"]')
                          .get_attribute("data-verdict-state") == "reject", 10, f"prototype {pid} rejected")
             assert browser.find_element(By.ID, "open-count").text == "2"
+            choose_mode(browser, "mask")  # one round without training: the training options are off
+            assert not browser.find_element(By.ID, "rounds").is_enabled()
+            assert not browser.find_element(By.ID, "train-encoder").is_enabled()
+            choose_mode(browser, "revise")
+            assert browser.find_element(By.ID, "rounds").is_enabled()
+            assert browser.find_element(By.ID, "train-subset").get_attribute("min") == "10"  # one image a class
             browser.save_screenshot(str(SCREENSHOTS / "1_rejected.png"))
             browser.find_element(By.ID, "start-revision").click()
             candidate = wait_for(lambda: browser.find_element(By.ID, "candidate").text, 240, "the candidate")

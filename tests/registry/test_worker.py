@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from protoserve.job_failures import FAILURES
 from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
 from worker.loop import run_worker
@@ -67,13 +68,32 @@ def test_automatic_promotion_only_through_the_gates(protopnet_registry, mnist_ro
     assert result["promoted"] and registry.store.active().version == result["candidate"]
 
 
-def test_a_failing_job_is_failed_with_its_reason(protopnet_registry, mnist_root):
+@pytest.mark.parametrize("damage", ["deleted", "corrupted"])
+def test_a_failing_job_tells_the_reviewer_what_to_do(protopnet_registry, mnist_root, damage):
     registry = protopnet_registry
     job = queue_revision(registry)
-    os.remove(registry.store.version("0.1.0").checkpoint)
+    checkpoint = registry.store.version("0.1.0").checkpoint
+    if damage == "deleted":
+        os.remove(checkpoint)
+    else:
+        with open(checkpoint, "r+b") as f:
+            f.truncate(100)
     run_worker(registry, str(mnist_root), once=True, lease=30, log=lambda s: None)
     failed = registry.store.job(job["id"])
     assert failed["status"] == "failed" and "checkpoint" in failed["error"].lower()
+    assert failed["reason"] == FAILURES["checkpoint"]  # one sentence: what failed, what to change
+    assert f"failed (checkpoint): CheckpointError: {checkpoint}" in failed["log"]  # the detail, for the log
+
+
+def test_a_training_subset_missing_a_class_is_failed_before_training(protopnet_registry, mnist_root):
+    registry = protopnet_registry
+    job = queue_revision(registry, train_subset=5)  # five images cannot hold all ten digits
+    run_worker(registry, str(mnist_root), once=True, lease=30, log=lambda s: None)
+    failed = registry.store.job(job["id"])
+    assert failed["status"] == "failed" and "TrainSubsetError" in failed["error"]
+    assert failed["reason"].startswith("The training subset of 5 images has no example of class ")
+    assert failed["reason"].endswith("; use a larger train_subset.")
+    assert failed["progress"]["round"] == 0  # refused before any training
 
 
 def test_a_killed_worker_leaves_the_job_to_the_next_one(protopnet_registry, mnist_root, tmp_path):
