@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from protoserve.errors import ProtoserveError
 
-# gt=0 would put a 3.1-style numeric exclusiveMinimum into the API document, which is OpenAPI 3.0
-# (BentoML's): positives are declared the 3.0 way and checked by _positive.
-POSITIVE = {"minimum": 0, "exclusiveMinimum": True}
+# Step sizes and eps must be positive. gt=0 writes an exclusiveMinimum that BentoML's OpenAPI 3.0
+# document cannot carry; a smallest value (ge) says the same in both schema dialects.
+SMALLEST_POSITIVE = 1e-12
 REFINE_EPSILON = 1e-4  # the same eps as ProtoPNet's similarity, so Refine of a coinciding pair is 1
 BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
           "less_than": ("<", "lt")}
@@ -41,14 +41,14 @@ class RevisionSettings(BaseModel):
                                      json_schema_extra={"minimum": 1})
     lambda_refine: float = Field(1.0, ge=0.0, description="weight of Refine, the antitypes' repulsion (lambda_3)")
     lambda_con: float = Field(1.0, ge=0.0, description="weight of Con, the latent hypercube constraint (lambda_4)")
-    refine_epsilon: float = Field(REFINE_EPSILON, json_schema_extra=POSITIVE,
+    refine_epsilon: float = Field(REFINE_EPSILON, ge=SMALLEST_POSITIVE,
                                   description="eps of Refine's log ratio")
-    lr_prototypes: float = Field(3e-2, json_schema_extra=POSITIVE, description="Adam step size of the prototypes "
+    lr_prototypes: float = Field(3e-2, ge=SMALLEST_POSITIVE, description="Adam step size of the prototypes "
                                  "(one epoch can move a prototype clear of its antitype)")
-    lr_encoder: float = Field(1e-3, json_schema_extra=POSITIVE,
+    lr_encoder: float = Field(1e-3, ge=SMALLEST_POSITIVE,
                               description="Adam step size of the encoder, when it is trained")
     last_layer_epochs: int = Field(5, ge=0, description="epochs of the last layer's re-fit after each round")
-    lr_last_layer: float = Field(3e-3, json_schema_extra=POSITIVE,
+    lr_last_layer: float = Field(3e-3, ge=SMALLEST_POSITIVE,
                                  description="step size of the last layer's re-fit")
     batch_size: int = Field(100, ge=1, description="training batch size")
     eval_batch_size: int = Field(1000, ge=1, description="batch size of evaluation and push")
@@ -57,13 +57,6 @@ class RevisionSettings(BaseModel):
                                "parity, accuracy at most max_accuracy_drop below its parent")
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="a job: the automatic promotion's largest "
                                      "allowed drop of test accuracy")
-
-    @field_validator("refine_epsilon", "lr_prototypes", "lr_encoder", "lr_last_layer")
-    @classmethod
-    def _positive(cls, value: float, info) -> float:
-        if not value > 0:
-            raise ValueError(f"{info.field_name} must be > 0")
-        return value
 
     @field_validator("train_subset")
     @classmethod
