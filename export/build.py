@@ -154,7 +154,7 @@ def _build(model: nn.Module, config, payload: dict, checkpoint: Path, test: Spli
         prototypes=prototypes,
         metrics=metrics,
         probe=ProbeSpec(file="probe.npz", images=probe_images, atol=OTHER.atol, rtol=OTHER.rtol,
-                        limits=output_limits(model.cfg.family, [t.name for t in model_spec.outputs])),
+                        limits=output_limits([t.name for t in model_spec.outputs])),
         training=TrainingInfo(config=payload["config"], epoch=payload.get("epoch"),
                               metrics=_plain(payload.get("metrics") or {}),
                               checkpoint_sha256=sha256_file(checkpoint), **source_commit()),

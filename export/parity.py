@@ -19,7 +19,7 @@ import numpy as np
 
 from bundle.families import domain_feature_outputs
 from bundle.manifest import ParityFigures, Tolerance
-from bundle.parity import DISTANCE, DISTANCE_RTOL, FEATURE, PROBABILITY, limit_used
+from bundle.parity import DISTANCE, DISTANCE_RTOL, FEATURE, PROBABILITY, limit_used, output_limits
 
 TOP_K = 3
 TIE_ULPS = 4
@@ -57,7 +57,7 @@ def parity_figures(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndar
     # Two distances nearer to each other than the runtimes' own disagreement can come in either order.
     agreement = min(float(rel.max(initial=0.0)), DISTANCE_RTOL)
     mismatches, ties = top_k_disagreements(torch_out["distances"], onnx_out["distances"], rtol=2 * agreement)
-    limits = {"probabilities": PROBABILITY, "distances": DISTANCE} | feature_limits(torch_out, onnx_out)
+    limits = output_limits([name for name in torch_out if name in onnx_out])
     return ParityFigures(
         images=len(p_ref),
         max_abs_probability_diff=float(np.abs(p - p_ref).max(initial=0.0)),
@@ -76,11 +76,6 @@ def parity_figures(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndar
 def features_name(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndarray]) -> str | None:
     """The out-of-domain features output both runtimes produced (None: the graph has none)."""
     return next((n for n in domain_feature_outputs() if n in torch_out and n in onnx_out), None)
-
-
-def feature_limits(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndarray]) -> dict[str, Tolerance]:
-    name = features_name(torch_out, onnx_out)
-    return {name: FEATURE} if name else {}
 
 
 def feature_parity(torch_out: dict[str, np.ndarray], onnx_out: dict[str, np.ndarray]) -> dict:
