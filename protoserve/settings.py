@@ -59,7 +59,7 @@ def _device(value: str) -> str:
 
 
 def _setting(default, parse: Callable[[str], object], meaning: str, **options):
-    """A field read from its variable with `parse`; `meaning` is its line in docs/settings.md."""
+    """A field read from its variable with `parse`; `meaning` documents it in one line."""
     return field(default=default, metadata={"parse": parse, "meaning": meaning}, **options)
 
 
@@ -118,11 +118,6 @@ class Settings:
 def variable(name: str) -> str:
     """The environment variable of a Settings field: "registry" -> "PROTOSERVE_REGISTRY"."""
     return PREFIX + name.upper()
-
-
-def meanings() -> dict[str, str]:
-    """Each variable's one-line meaning, by variable name (what docs/settings.md lists)."""
-    return {variable(f.name): f.metadata["meaning"] for f in dataclasses.fields(Settings)}
 
 
 def environ(**values: object) -> dict[str, str]:
