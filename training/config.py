@@ -85,6 +85,7 @@ class TrainConfig:
     elastic: bool = True
     elastic_sigma: float = 4.0
     elastic_alpha: float = 20.0
+    elastic_fade_epochs: int = 0  # > 0: alpha falls linearly to 0 over the last N epochs
     seed: int = 0
     checkpoint_every: int = 10
     eval_batch_size: int = 1000

@@ -52,3 +52,14 @@ def elastic_deform(images: torch.Tensor, sigma: float = 4.0, alpha: float = 20.0
     b, _, h, w = images.shape
     noise = torch.rand((b, 2, h, w), generator=generator, device=images.device) * 2 - 1
     return warp(images, displacement_field(noise, sigma, alpha))
+
+
+def faded_alpha(alpha: float, epoch: int, epochs: int, fade_epochs: int) -> float:
+    """The deformation strength of 0-based `epoch`: full until the last `fade_epochs` epochs,
+    then falling linearly so that the last epoch trains on nearly undeformed images (it reads
+    alpha / fade_epochs). The model underfits the deformed set; the fade lets it fit the digits
+    as they are while the learning rate is already low."""
+    if fade_epochs <= 0:
+        return alpha
+    left = epochs - epoch  # epochs still to run, this one included
+    return alpha * min(1.0, left / (fade_epochs + 1))

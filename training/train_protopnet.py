@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from training.checkpoint import build_model
 from training.config import Config
 from training.datasets import dataset, input_normalization, load_run_data
-from training.elastic import elastic_deform
+from training.elastic import elastic_deform, faded_alpha
 from training.evaluate import accuracy
 from training.protopnet import ProtoPNet, l1_wrong_class, protopnet_loss
 from training.push import object_overlaps, push_prototypes, push_purity, write_push_pictures
@@ -115,6 +115,7 @@ class ProtoPNetTrainer(ResumableRun):
         optimizer = self.warm_optimizer if phase == "warm" else self.joint_optimizer
         module = self._forward_module()
         self.model.train()
+        alpha = faded_alpha(t.elastic_alpha, self.epoch, t.epochs, t.elastic_fade_epochs)
         order = torch.randperm(len(train), generator=self.shuffle_rng)
         sums, correct, seen = {}, 0, 0
         for start in range(0, len(train), t.batch_size):
@@ -122,7 +123,7 @@ class ProtoPNetTrainer(ResumableRun):
             x = train.images[idx].to(self.device)
             y = train.labels[idx].to(self.device)
             if self.elastic:
-                x = elastic_deform(x, t.elastic_sigma, t.elastic_alpha, generator=self.augment_rng)
+                x = elastic_deform(x, t.elastic_sigma, alpha, generator=self.augment_rng)
             out = module(x)
             terms = protopnet_loss(out, y, self.model, self.config.loss)
             optimizer.zero_grad(set_to_none=True)

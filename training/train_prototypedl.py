@@ -24,7 +24,7 @@ from tqdm import tqdm
 from training.checkpoint import build_model
 from training.config import Config
 from training.datasets import dataset, load_run_data
-from training.elastic import elastic_deform
+from training.elastic import elastic_deform, faded_alpha
 from training.prototypedl import PrototypeDL, prototypedl_loss
 from training.resumable import ResumableRun, duration, resolve_device
 from training.splits import Split, resolve_data_root
@@ -110,6 +110,7 @@ class PrototypeDLTrainer(ResumableRun):
         t, loss_cfg = self.config.train, self.config.loss
         train = self.data["train"]
         self.model.train()
+        alpha = faded_alpha(t.elastic_alpha, self.epoch, t.epochs, t.elastic_fade_epochs)
         order = torch.randperm(len(train), generator=self.shuffle_rng)
         sums = {"total": 0.0, "E": 0.0, "R": 0.0, "R1": 0.0, "R2": 0.0}
         correct = 0
@@ -120,7 +121,7 @@ class PrototypeDLTrainer(ResumableRun):
             x = train.images[idx].to(self.device)
             y = train.labels[idx].to(self.device)
             if self.elastic:
-                x = elastic_deform(x, t.elastic_sigma, t.elastic_alpha, generator=self.augment_rng)
+                x = elastic_deform(x, t.elastic_sigma, alpha, generator=self.augment_rng)
             out = self.model(x)
             terms = prototypedl_loss(out, x, y, loss_cfg)
             self.optimizer.zero_grad(set_to_none=True)
