@@ -2,7 +2,7 @@
 what to change. The sentence is the job's `reason` (GET /review/api/jobs/{id}, the review page); the
 technical detail (exception type, message, traceback) goes to the job's log, and to its `error`.
 
-The worker (worker/loop.py, through revision/job.py `failure_kind`) and the registry's store (a job whose
+The worker (worker/loop.py, through revision/revise.py `failure_kind`) and the registry's store (a job whose
 workers died) both take their sentence from here. Torch-free: the store is on the serving side.
 """
 

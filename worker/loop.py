@@ -4,7 +4,7 @@ service never does).
 A worker claims the oldest queued job (registry/store.py claim_job) under a lease it renews every
 few seconds from a heartbeat thread, together with the job's progress (round, epoch, ETA: the
 revision's ProgressEvent values) and the tail of its log. The job itself (revise the parent,
-register the candidate, promote if asked and the gates pass) is revision/job.py.
+register the candidate, promote if asked and the gates pass) is revision/revise.py `revise_version`.
 
 A worker that dies stops renewing its lease: the next claim after the lease ran out resumes the job
 from the revision's last finished round (`revision_last.pt` in the job's folder); a job that has
@@ -27,7 +27,7 @@ from protoserve.job_failures import failure_reason
 from protoserve.revision_settings import QueuedRevision
 from protoserve.settings import settings as protoserve_settings
 from registry.versions import Registry
-from revision.job import failure_details, failure_kind, revise_version
+from revision.revise import failure_details, failure_kind, revise_version
 from revision.rounds import ProgressEvent
 
 

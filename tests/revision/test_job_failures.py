@@ -10,8 +10,7 @@ from export.build import ExportError, ParityError
 from protoserve.job_failures import FAILURES, failure_reason
 from protoserve.verdicts import VerdictError
 from registry.store import RegistryError
-from revision.job import ParentError, failure_details, failure_kind
-from revision.revise import TrainSubsetError
+from revision.revise import ParentError, TrainSubsetError, failure_details, failure_kind
 from training.checkpoint import CheckpointError
 from training.datasets import DatasetError
 from training.splits import DataError
