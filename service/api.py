@@ -13,7 +13,8 @@ which would parse the body again to call the same handler.
 A worker serves one version at a time (service/served_version.py): a fixed bundle, or with a registry
 (PROTOSERVE_REGISTRY) the registry's active version, followed without a restart; every answer names
 the version that computed it. With a registry the review API and page are mounted at /review
-(service/review.py).
+(service/review.py). The Open Inference Protocol v2 routes (/v2/..., service/open_inference.py) answer
+from the same version through /predict's batcher.
 """
 
 import gc
@@ -46,6 +47,9 @@ from registry.versions import registry_location
 from service.batching import AdaptiveBatcher, Overloaded
 from service.metrics import count_out_of_domain, count_rejection, labelled, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate, ServiceHandle
+from service.open_inference import API as INFER_API
+from service.open_inference import PREFIX as OPEN_INFERENCE_PREFIX
+from service.open_inference import OpenInference
 from service.openapi import OVERLOADED, api_document
 from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
 from service.served_version import ActiveVersionFollower, ServedVersion, initial_location, served_version
@@ -139,7 +143,7 @@ class Protoserve:
             m.reference_nearest_distance.labels(*v.model_id, level).set(value)
         if v.domain is not None:
             m.out_of_domain_expected.labels(*v.model_id).set(v.domain.calibration.false_alarm_rate)
-            for api in ("predict", "explain", "score_batch"):  # zero series, so rates exist from the start
+            for api in ("predict", "explain", "score_batch", INFER_API):  # zero series, so rates exist from the start
                 m.out_of_domain.labels(*v.model_id, api)
         return v
 
@@ -404,9 +408,10 @@ def _document() -> dict:
 # The request gate answers the image routes itself (Protoserve.answer_route), except with tracing on for
 # them: then BentoML's API layer answers, with its request id header.
 _API_FIELDS = {name: tuple(Protoserve.apis[name].input_spec.model_fields) for name in ("predict", "explain")}
-Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
-                               model={"name": _manifest.name, "version": _manifest.version}, document=_document,
-                               service=SERVICE_HANDLE, answer_images=not SETTINGS.trace_image_routes)
+_MODEL_REF = {"name": _manifest.name, "version": _manifest.version}
+Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES, model=_MODEL_REF, document=_document,
+                               service=SERVICE_HANDLE, answer_images=not SETTINGS.trace_image_routes,
+                               prefixed_apps={OPEN_INFERENCE_PREFIX: OpenInference(SERVICE_HANDLE, _MODEL_REF)})
 Protoserve.add_asgi_middleware(ScoreGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)  # /score_batch submissions
 for _api in ("predict", "explain"):  # the OpenAPI description of the image routes
     Protoserve.apis[_api].doc = f"{Protoserve.apis[_api].doc}\n\n{INPUT_DOC}"
