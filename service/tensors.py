@@ -93,7 +93,7 @@ def _input(spec: object, i: int, raw: bytes, offset: int) -> tuple[Tensor, int]:
     name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
     if not isinstance(name, str):
         raise InputError("missing_field", f'{where} needs a "name" string')
-    if datatype != "BYTES" and datatype not in DTYPES:
+    if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in DTYPES):
         raise InputError("wrong_type", f"{where} ({name}): datatype {datatype!r} is not one this service reads "
                          f"({', '.join(['BYTES', *DTYPES])})")
     if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
