@@ -13,7 +13,8 @@ which would parse the body again to call the same handler.
 A worker serves one version at a time (service/served_version.py): a fixed bundle, or with a registry
 (PROTOSERVE_REGISTRY) the registry's active version, followed without a restart; every answer names
 the version that computed it. With a registry the review API and page are mounted at /review
-(service/review.py). The Open Inference Protocol v2 routes (/v2/..., service/open_inference.py) answer
+(service/review.py), and a shadow version may be compared with the served one on a sample of /predict
+requests (service/shadow.py). The Open Inference Protocol v2 routes (/v2/..., service/open_inference.py) answer
 from the same version through /predict's batcher.
 """
 
@@ -53,6 +54,7 @@ from service.open_inference import OpenInference
 from service.openapi import OVERLOADED, api_document
 from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
 from service.served_version import ActiveVersionFollower, ServedVersion, initial_location, served_version
+from service.shadow import Shadow
 
 log = logging.getLogger("protoserve.service")
 log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from loggers not its own
@@ -117,6 +119,7 @@ class Protoserve:
         self.abstain = settings().abstain  # PROTOSERVE_ABSTAIN: the requests' default
         self.current = self._prepare(served_version(load_model(path), generation))
         self.follower = None
+        self.shadow: Shadow | None = None  # registry mode: a version compared on sampled /predict traffic
         SERVICE_HANDLE.register(self)  # the request gate reaches this instance from here on
 
     def _prepare(self, v: ServedVersion) -> ServedVersion:
@@ -169,6 +172,8 @@ class Protoserve:
             self.follower = ActiveVersionFollower(self.registry, self.current.generation, self.current.version,
                                                   self._switch)
             self.follower.start()
+            self.shadow = Shadow(self.registry)
+            self.shadow.start()
 
     def __is_ready__(self) -> bool:
         """BentoML builds the instance (load, verify, warm-up) before it serves: ready once it exists."""
@@ -243,7 +248,10 @@ class Protoserve:
         labelled(metrics().inference_seconds, *v.model_id, "predict").observe(time.perf_counter() - started)
         answers = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "predict", abstain,
                               judged=judged)
-        return self._answer(v, {"model": v.ref(), "predictions": answers})
+        answer = self._answer(v, {"model": v.ref(), "predictions": answers})
+        if self.shadow is not None:  # after the answer is made: the shadow runs off the response path
+            self.shadow.offer(v, batch, output)
+        return answer
 
     @bentoml.api(route="/explain")
     async def explain(self, image: Any = None, top_k: Any = None, abstain: Any = None,
