@@ -168,7 +168,8 @@ class ShadowIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     version: str
-    sample: float = Field(0.1, gt=0, le=1, description="the share of /predict requests the shadow also answers")
+    sample: float = Field(0.1, ge=0.001, le=1, description="the share of /predict requests the shadow also answers "
+                          "(OpenAPI 3.0 has no exclusiveMinimum number: 0.1% is the least)")
 
 
 class PromoteIn(BaseModel):
