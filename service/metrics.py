@@ -89,10 +89,11 @@ def metrics() -> Metrics:
                                "changed, by the served and the shadow's class", ["version", "served", "shadow"]),
         shadow_out_of_domain=Counter("protoserve_shadow_out_of_domain", "Shadowed images judged out of domain, by "
                                      "the served version and by the shadow", ["version", "by"]),
-        shadow_seconds=Histogram("protoserve_shadow_seconds", "Time of the shadow's run per sampled request",
+        shadow_seconds=Histogram("protoserve_shadow_seconds", "Time of each shadow run (the requests sampled "
+                                 "within 50 ms merged into one)",
                                  ["version"], buckets=SECONDS_BUCKETS),
-        shadow_failures=Counter("protoserve_shadow_failures", "Sampled requests the shadow failed on (the "
-                                "answers never see it)", ["version"]),
+        shadow_failures=Counter("protoserve_shadow_failures", "Sampled requests the shadow failed on, or "
+                                "skipped while it was behind (the answers never see it)", ["version"]),
     )
 
 

@@ -3,9 +3,11 @@
 In registry mode the registry holds at most one shadow (`POST /review/api/shadow {"version", "sample"}`,
 registry/store.py). Every worker polls it beside the active version, loads that version in a thread
 (checksums, golden probe, warm-up, as for a switch) and, after /predict has answered, runs a `sample`
-share of the requests through it off the response path: a task on the worker's loop whose session run
-is in a thread. What it compares per image, against the served answer: the label, the top-1 prototype
-(by stable id), the in-domain judgement; and how long its run took. The figures are Prometheus metrics
+share of the requests through it off the response path: the sampled requests of the last DRAIN_SECONDS
+are merged into one session run, in a thread, by a task on the worker's loop (one run, one comparison
+and one set of metric updates for many requests, so the shadow's cost per request stays small). What
+it compares per image, against the served answer: the label, the top-1 prototype (by stable id), the
+in-domain judgement; and how long its run took. The figures are Prometheus metrics
 (`protoserve_shadow_*{version}`, service/metrics.py) summed over the workers at scrape time, which the
 review page reads back (`GET /review/api/shadow`). A shadow that fails to load, or fails on a request,
 is counted and logged; the answer has already gone.
@@ -27,6 +29,8 @@ from protoserve.settings import settings
 from service.metrics import labelled, metrics
 
 log = logging.getLogger("protoserve.service")
+DRAIN_SECONDS = 0.05  # how long sampled requests wait to be merged into one shadow run
+MAX_PENDING_IMAGES = 4096  # past this, sampled requests are skipped until the shadow catches up (counted)
 
 
 @dataclass
@@ -95,7 +99,9 @@ class Shadow:
         self.poll_seconds = settings().poll_seconds if poll_seconds is None else poll_seconds
         self.current: ShadowVersion | None = None
         self.failed: dict[str, str] = {}  # version -> why it was not loaded
-        self.tasks: set[asyncio.Task] = set()  # comparisons in flight (held, so none is collected midway)
+        self.pending: list[tuple[object, np.ndarray, np.ndarray]] = []  # (served version, batch, output)
+        self.pending_images = 0
+        self.drain_task: asyncio.Task | None = None  # held, so it is not collected midway
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -135,9 +141,32 @@ class Shadow:
         shadow = self.current
         if shadow is None or random.random() >= shadow.sample:
             return
-        task = asyncio.get_running_loop().create_task(self.compare(shadow, served, batch, output))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        if self.pending_images + len(batch) > MAX_PENDING_IMAGES:
+            labelled(metrics().shadow_failures, shadow.version).inc()  # skipped: the shadow is behind
+            return
+        self.pending.append((served, batch, output))
+        self.pending_images += len(batch)
+        if self.drain_task is None:
+            self.drain_task = asyncio.get_running_loop().create_task(self.drain())
+
+    async def drain(self) -> None:
+        """After DRAIN_SECONDS, compare everything sampled meanwhile: one run per served version."""
+        await asyncio.sleep(DRAIN_SECONDS)
+        pending, self.pending, self.pending_images = self.pending, [], 0
+        shadow = self.current
+        try:
+            if shadow is None:  # ended meanwhile
+                return
+            by_version: dict[int, list] = {}
+            for served, batch, output in pending:
+                by_version.setdefault(id(served), []).append((served, batch, output))
+            for group in by_version.values():
+                await self.compare(shadow, group[0][0], np.concatenate([b for _, b, _ in group]),
+                                   np.concatenate([o for _, _, o in group]))
+        finally:
+            self.drain_task = None
+            if self.pending:  # sampled while this run was in its thread
+                self.drain_task = asyncio.get_running_loop().create_task(self.drain())
 
     async def compare(self, shadow: ShadowVersion, served, batch: np.ndarray, output: np.ndarray) -> None:
         try:
