@@ -112,7 +112,8 @@ def answer_tensors(v, probabilities: np.ndarray, distances: np.ndarray, judged: 
 
 
 @dataclass
-class Refusal(Exception):
+class ProtocolRefusal(Exception):
+    """A refusal that is not an input's fault (no route, not loaded, overloaded): its status and body."""
     status: int
     body: dict
 
@@ -135,7 +136,7 @@ class OpenInference:
             if e.reason != "unknown_model":
                 count_rejection(e.reason)
             response = self._error(e.status, {**e.body(), "model": self._model_ref()})
-        except Refusal as r:
+        except ProtocolRefusal as r:
             response = self._error(r.status, r.body)
         return await response(scope, receive, send)
 
@@ -148,7 +149,7 @@ class OpenInference:
             return self._only(method, "GET") or JSONResponse({kind: ready}, 200 if ready else 503)
         match = MODEL_ROUTE.match(path)
         if match is None:
-            raise Refusal(404, {"error": f"no route {path}: see /docs for the /v2 routes"})
+            raise ProtocolRefusal(404, {"error": f"no route {path}: see /docs for the /v2 routes"})
         action = match["action"]
         refused = self._only(method, "POST" if action == "/infer" else "GET")
         if refused is not None:
@@ -165,7 +166,7 @@ class OpenInference:
         """The served version when it is the one asked for; else a 404 naming what is served."""
         v = self.service.served()
         if v is None:
-            raise Refusal(503, {"error": "the model is not loaded yet"})
+            raise ProtocolRefusal(503, {"error": "the model is not loaded yet"})
         if name != v.manifest.name or version not in (None, v.version):
             asked = name if version is None else f"{name} version {version}"
             raise InputError("unknown_model", f"model {asked} is not served here; this service serves "
@@ -187,7 +188,7 @@ class OpenInference:
         try:
             output = await v.classify(batch)
         except Overloaded as e:
-            raise Refusal(503, {"error": str(e), "reason": OVERLOADED, "model": v.ref()}) from None
+            raise ProtocolRefusal(503, {"error": str(e), "reason": OVERLOADED, "model": v.ref()}) from None
         probabilities, distances, judged = output[:, :K], output[:, K:-2], output[:, -2:]
         tensors = answer_tensors(v, probabilities, distances, judged, k)
         if v.domain is not None:
