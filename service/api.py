@@ -410,7 +410,8 @@ _manifest = read_bundle(initial_location()[0]).manifest
 
 
 def _document() -> dict:
-    return api_document(Protoserve.openapi_spec.asdict(), _manifest, DEFAULT_LIMITS.max_batch, MAX_TASK_IMAGES)
+    return api_document(Protoserve.openapi_spec.asdict(), _manifest, DEFAULT_LIMITS.max_batch, MAX_TASK_IMAGES,
+                        fixed_version=registry_location() is None)
 
 
 # The request gate answers the image routes itself (Protoserve.answer_route), except with tracing on for

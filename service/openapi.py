@@ -277,8 +277,9 @@ def v2_infer_request(manifest: Manifest, max_images: int) -> dict:
                                        "description": "the outputs to send, by name (absent: all)"}}}
 
 
-def v2_paths(manifest: Manifest, max_images: int) -> dict[str, dict]:
-    """The /v2 routes (service/open_inference.py)."""
+def v2_paths(manifest: Manifest, max_images: int, fixed_version: bool = True) -> dict[str, dict]:
+    """The /v2 routes (service/open_inference.py); `fixed_version` False (registry mode): the version served
+    changes with the registry, so the document names none."""
     def get(summary: str, schema: dict, *errors: int, parameters=()) -> dict:
         responses = {"200": {"description": summary, "content": _json(schema)}}
         responses.update({str(s): {"description": V2_STATUSES[s], "content": _json(V2_ERROR)} for s in errors})
@@ -288,7 +289,7 @@ def v2_paths(manifest: Manifest, max_images: int) -> dict[str, dict]:
     name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": [manifest.name]},
             "description": "The served model's name (others: 404)"}
     version = {"name": "version", "in": "path", "required": True,
-               "schema": {"type": "string", "enum": [manifest.version]},
+               "schema": {"type": "string", "enum": [manifest.version]} if fixed_version else {"type": "string"},
                "description": "The served version (in registry mode the active one; others: 404)"}
     ready = {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}}
     model_ready = {"type": "object", "required": ["name", "ready"],
@@ -336,15 +337,17 @@ bytes are not a decodable PNG/JPEG, or a binary_data_size without the binary bod
 empty_batch, batch_too_large, not_an_image, corrupt_image, image_too_large, bad_base64, bad_binary_data)."""
 
 
-def api_document(spec: dict, manifest: Manifest, max_images: int, max_task_images: int) -> dict:
-    """BentoML's generated document (a dict) with protoserve's exact request and answer shapes."""
+def api_document(spec: dict, manifest: Manifest, max_images: int, max_task_images: int,
+                 fixed_version: bool = True) -> dict:
+    """BentoML's generated document (a dict) with protoserve's exact request and answer shapes
+    (`fixed_version` False: registry mode, the served version follows the registry)."""
     spec = copy.deepcopy(spec)
     for item in spec["paths"].values():  # BentoML keys its responses by int status
         for operation in item.values():
             operation["responses"] = {str(status): answer for status, answer in operation["responses"].items()}
     spec.setdefault("components", {}).setdefault("schemas", {}).update({**components(), **v2_components()})
     paths = spec["paths"]
-    paths.update(v2_paths(manifest, max_images))
+    paths.update(v2_paths(manifest, max_images, fixed_version))
     for route, schema in request_schemas(manifest, max_images, max_task_images).items():
         operation = paths[route]["post"]
         operation["requestBody"] = {"required": True, "content": {
