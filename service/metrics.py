@@ -9,6 +9,7 @@ first use inside the worker (never at import time, which may run before the vari
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,8 +172,6 @@ SHADOW_COMPARED = ("label", "prototype", "in_domain")
 def shadow_figures(version: str) -> dict:
     """The shadow's live figures summed over every worker (what /metrics shows): images, agreements and
     their shares, changed answers by class, out-of-domain counts, failures, mean latency."""
-    import os
-
     from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 
     registry = REGISTRY
