@@ -14,10 +14,15 @@ MNIST_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-
 
 setup: $(VENV)/.installed
 
+# The Open Inference Protocol clients of tests/service/test_open_inference.py, without their pins (the
+# dev extra in pyproject.toml lists what their REST clients import).
+OPEN_INFERENCE_CLIENTS := tritonclient==2.73.0 kserve==0.21.0
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[train,dev,batch]"
+	$(PY) -m pip install -q --no-deps $(OPEN_INFERENCE_CLIENTS)
 	touch $@
 
 # Main job: start the service on the shipped bundle, POST /predict and /explain, print the answer,

@@ -292,6 +292,30 @@ def to_batch(images: object, spec: InputSpec, limits: Limits = DEFAULT_LIMITS, c
     return batch
 
 
+def tensor_to_batch(values: np.ndarray, spec: InputSpec, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """A numeric [N, C, H, W] tensor, values in value_range (an Open Inference Protocol FP32 input) -> the model
+    input [N, C, H, W]: the checks and scaling of array_to_input, on the whole batch at once."""
+    expected = (spec.channels, spec.height, spec.width)
+    if values.ndim != 4 or values.shape[1:] != expected:
+        raise InputError("wrong_shape", f"tensor has shape {list(values.shape)}; expected [N, {spec.channels}, "
+                         f"{spec.height}, {spec.width}]")
+    if len(values) == 0:
+        raise InputError("empty_batch", "tensor holds no images (N = 0)")
+    if len(values) > limits.max_batch:
+        raise InputError("batch_too_large", f"tensor holds {len(values)} images; at most {limits.max_batch} "
+                         "per request")
+    if not np.isfinite(values).all():
+        raise InputError("non_finite", "tensor holds NaN or infinity")
+    low, high = spec.value_range
+    tolerance = 1e-6 * (high - low)
+    if values.min() < low - tolerance or values.max() > high + tolerance:
+        raise InputError("out_of_range", f"tensor values span [{values.min():g}, {values.max():g}]; "
+                         f"the model takes [{low:g}, {high:g}]")
+    mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
+    return ((values.astype(np.float32) - mean) / std).astype(np.float32)
+
+
 def parse_top_k(value: object, n_prototypes: int) -> int:
     if value is None:
         return 3 if n_prototypes >= 3 else n_prototypes

@@ -27,6 +27,10 @@ REASONS = (
     "out_of_range",  # array values outside the manifest's value range
     "top_k_out_of_range",
     "no_canonical_form",  # "canonicalize" asked of a model whose input spec has no canonical form
+    # Open Inference Protocol v2 (service/open_inference.py)
+    "bad_binary_data",  # the binary tensor data extension's sizes do not match the body
+    "unknown_tensor",  # an input or requested output the model does not have
+    "unknown_model",  # a model name or version this service does not serve (404)
 )
 
 

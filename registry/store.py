@@ -8,6 +8,8 @@ both write) holds:
     active     one row: the active version, the previous one and a generation counter that every
                promote and rollback increments (service workers poll it to follow the active model)
     changes    every promote and rollback, in order (who, when, from, to)
+    shadow     one row: the version run beside the active one on a sample of live traffic (or none), the
+               share sampled; promoting that version ends it
     verdicts   verdicts on prototypes (protoserve/verdicts.py's format) with the version they were
                given on; withdrawn ones keep their row with withdrawn_at set
     jobs       revision jobs: queued -> running (a worker holds a lease it renews) -> done | failed;
@@ -60,6 +62,14 @@ CREATE TABLE IF NOT EXISTS active (
     changed_at  TEXT
 );
 INSERT OR IGNORE INTO active (id, version, previous, generation) VALUES (1, NULL, NULL, 0);
+CREATE TABLE IF NOT EXISTS shadow (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    version     TEXT REFERENCES versions(version),
+    sample      REAL NOT NULL,
+    started_at  TEXT,
+    actor       TEXT
+);
+INSERT OR IGNORE INTO shadow (id, version, sample) VALUES (1, NULL, 0);
 CREATE TABLE IF NOT EXISTS changes (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     action      TEXT NOT NULL,
@@ -257,10 +267,37 @@ class Store:
 
     def _switch(self, db, action: str, version: str, replaced: str | None, generation: int, actor) -> None:
         at = now()
+        # The shadow was a trial of the version now active: it has nothing left to compare.
+        db.execute("UPDATE shadow SET version = NULL, sample = 0, started_at = ?, actor = ? WHERE id = 1 AND "
+                   "version = ?", (at, actor, version))
         db.execute("UPDATE active SET version = ?, previous = ?, generation = ?, changed_at = ? WHERE id = 1",
                    (version, replaced, generation, at))
         db.execute("INSERT INTO changes (action, version, replaced, generation, actor, at) VALUES (?, ?, ?, ?, ?, ?)",
                    (action, version, replaced, generation, actor, at))
+
+    # -- shadow ------------------------------------------------------------------------------
+    def shadow(self) -> tuple[str | None, float, str | None]:
+        """(version, sample, started_at) of the shadow; version None: no shadow. What service workers poll."""
+        with self._connect() as db:
+            row = db.execute("SELECT version, sample, started_at FROM shadow WHERE id = 1").fetchone()
+        return row["version"], row["sample"], row["started_at"]
+
+    def start_shadow(self, version: str, sample: float, actor: str | None = None) -> tuple[str | None, float, str]:
+        """Run `version` as the shadow on `sample` (0 to 1] of the requests; it replaces any other shadow."""
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM versions WHERE version = ?", (version,)).fetchone():
+                raise RegistryError(f"version {version!r} is not registered")
+            active = db.execute("SELECT version FROM active WHERE id = 1").fetchone()["version"]
+            if active == version:
+                raise RegistryError(f"version {version!r} is the active one: a shadow is a version beside it")
+            db.execute("UPDATE shadow SET version = ?, sample = ?, started_at = ?, actor = ? WHERE id = 1",
+                       (version, sample, now(), actor))
+        return self.shadow()
+
+    def end_shadow(self, actor: str | None = None) -> None:
+        with self._write() as db:
+            db.execute("UPDATE shadow SET version = NULL, sample = 0, started_at = ?, actor = ? WHERE id = 1",
+                       (now(), actor))
 
     def changes(self) -> list[dict]:
         with self._connect() as db:

@@ -13,7 +13,9 @@ which would parse the body again to call the same handler.
 A worker serves one version at a time (service/served_version.py): a fixed bundle, or with a registry
 (PROTOSERVE_REGISTRY) the registry's active version, followed without a restart; every answer names
 the version that computed it. With a registry the review API and page are mounted at /review
-(service/review.py).
+(service/review.py), and a shadow version may be compared with the served one on a sample of /predict
+requests (service/shadow.py). The Open Inference Protocol v2 routes (/v2/..., service/open_inference.py) answer
+from the same version through /predict's batcher.
 """
 
 import gc
@@ -46,9 +48,13 @@ from registry.versions import registry_location
 from service.batching import AdaptiveBatcher, Overloaded
 from service.metrics import count_out_of_domain, count_rejection, labelled, metrics, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate, ServiceHandle
+from service.open_inference import API as INFER_API
+from service.open_inference import PREFIX as OPEN_INFERENCE_PREFIX
+from service.open_inference import OpenInference
 from service.openapi import OVERLOADED, api_document
 from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
 from service.served_version import ActiveVersionFollower, ServedVersion, initial_location, served_version
+from service.shadow import Shadow
 
 log = logging.getLogger("protoserve.service")
 log.setLevel(logging.INFO)  # BentoML's server logging keeps only warnings from loggers not its own
@@ -113,6 +119,7 @@ class Protoserve:
         self.abstain = settings().abstain  # PROTOSERVE_ABSTAIN: the requests' default
         self.current = self._prepare(served_version(load_model(path), generation))
         self.follower = None
+        self.shadow: Shadow | None = None  # registry mode: a version compared on sampled /predict traffic
         SERVICE_HANDLE.register(self)  # the request gate reaches this instance from here on
 
     def _prepare(self, v: ServedVersion) -> ServedVersion:
@@ -139,7 +146,7 @@ class Protoserve:
             m.reference_nearest_distance.labels(*v.model_id, level).set(value)
         if v.domain is not None:
             m.out_of_domain_expected.labels(*v.model_id).set(v.domain.calibration.false_alarm_rate)
-            for api in ("predict", "explain", "score_batch"):  # zero series, so rates exist from the start
+            for api in ("predict", "explain", "score_batch", INFER_API):  # zero series, so rates exist from the start
                 m.out_of_domain.labels(*v.model_id, api)
         return v
 
@@ -165,6 +172,8 @@ class Protoserve:
             self.follower = ActiveVersionFollower(self.registry, self.current.generation, self.current.version,
                                                   self._switch)
             self.follower.start()
+            self.shadow = Shadow(self.registry)
+            self.shadow.start()
 
     def __is_ready__(self) -> bool:
         """BentoML builds the instance (load, verify, warm-up) before it serves: ready once it exists."""
@@ -239,7 +248,10 @@ class Protoserve:
         labelled(metrics().inference_seconds, *v.model_id, "predict").observe(time.perf_counter() - started)
         answers = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "predict", abstain,
                               judged=judged)
-        return self._answer(v, {"model": v.ref(), "predictions": answers})
+        answer = self._answer(v, {"model": v.ref(), "predictions": answers})
+        if self.shadow is not None:  # after the answer is made: the shadow runs off the response path
+            self.shadow.offer(v, batch, output)
+        return answer
 
     @bentoml.api(route="/explain")
     async def explain(self, image: Any = None, top_k: Any = None, abstain: Any = None,
@@ -398,15 +410,17 @@ _manifest = read_bundle(initial_location()[0]).manifest
 
 
 def _document() -> dict:
-    return api_document(Protoserve.openapi_spec.asdict(), _manifest, DEFAULT_LIMITS.max_batch, MAX_TASK_IMAGES)
+    return api_document(Protoserve.openapi_spec.asdict(), _manifest, DEFAULT_LIMITS.max_batch, MAX_TASK_IMAGES,
+                        fixed_version=registry_location() is None)
 
 
 # The request gate answers the image routes itself (Protoserve.answer_route), except with tracing on for
 # them: then BentoML's API layer answers, with its request id header.
 _API_FIELDS = {name: tuple(Protoserve.apis[name].input_spec.model_fields) for name in ("predict", "explain")}
-Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
-                               model={"name": _manifest.name, "version": _manifest.version}, document=_document,
-                               service=SERVICE_HANDLE, answer_images=not SETTINGS.trace_image_routes)
+_MODEL_REF = {"name": _manifest.name, "version": _manifest.version}
+Protoserve.add_asgi_middleware(RequestGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES, model=_MODEL_REF, document=_document,
+                               service=SERVICE_HANDLE, answer_images=not SETTINGS.trace_image_routes,
+                               prefixed_apps={OPEN_INFERENCE_PREFIX: OpenInference(SERVICE_HANDLE, _MODEL_REF)})
 Protoserve.add_asgi_middleware(ScoreGate, max_body_bytes=DEFAULT_MAX_BODY_BYTES)  # /score_batch submissions
 for _api in ("predict", "explain"):  # the OpenAPI description of the image routes
     Protoserve.apis[_api].doc = f"{Protoserve.apis[_api].doc}\n\n{INPUT_DOC}"

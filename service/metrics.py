@@ -9,6 +9,7 @@ first use inside the worker (never at import time, which may run before the vari
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,12 @@ class Metrics:
     batch_size: object
     out_of_domain: object
     out_of_domain_expected: object
+    shadow_images: object
+    shadow_agreed: object
+    shadow_changed: object
+    shadow_out_of_domain: object
+    shadow_seconds: object
+    shadow_failures: object
 
 
 @functools.cache
@@ -74,6 +81,20 @@ def metrics() -> Metrics:
         out_of_domain_expected=Gauge("protoserve_out_of_domain_expected_ratio", "Share of in-domain images the "
                                      "bundle's out-of-domain threshold flags (its calibrated false-alarm rate)",
                                      model, multiprocess_mode="livemax"),
+        # Shadow evaluation (service/shadow.py): `version` is the shadow's, compared with the served version.
+        shadow_images=Counter("protoserve_shadow_images", "Images answered by the served version and also run "
+                              "through the shadow version", ["version"]),
+        shadow_agreed=Counter("protoserve_shadow_agreed", "Shadowed images on which the shadow agreed with the "
+                              "served answer: label, top-1 prototype id, in_domain", ["version", "what"]),
+        shadow_changed=Counter("protoserve_shadow_changed_answers", "Shadowed images whose label the shadow "
+                               "changed, by the served and the shadow's class", ["version", "served", "shadow"]),
+        shadow_out_of_domain=Counter("protoserve_shadow_out_of_domain", "Shadowed images judged out of domain, by "
+                                     "the served version and by the shadow", ["version", "by"]),
+        shadow_seconds=Histogram("protoserve_shadow_seconds", "Time of each shadow run (the requests sampled "
+                                 "within 50 ms merged into one)",
+                                 ["version"], buckets=SECONDS_BUCKETS),
+        shadow_failures=Counter("protoserve_shadow_failures", "Sampled requests the shadow failed on, or "
+                                "skipped while it was behind (the answers never see it)", ["version"]),
     )
 
 
@@ -143,3 +164,43 @@ def count_out_of_domain(model: tuple[str, str], api: str, count: int) -> None:
 
 def count_rejection(reason: str) -> None:
     labelled(metrics().rejected_inputs, reason).inc()
+
+
+SHADOW_COMPARED = ("label", "prototype", "in_domain")
+
+
+def shadow_figures(version: str) -> dict:
+    """The shadow's live figures summed over every worker (what /metrics shows): images, agreements and
+    their shares, changed answers by class, out-of-domain counts, failures, mean latency."""
+    from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    values: dict[str, float] = {}
+    changed, out_of_domain = [], {"served": 0, "shadow": 0}
+    for family in registry.collect():
+        if not family.name.startswith("protoserve_shadow"):
+            continue
+        for sample in family.samples:
+            if sample.labels.get("version") != version:
+                continue
+            name, labels = sample.name, sample.labels
+            if name == "protoserve_shadow_changed_answers_total":
+                changed.append({"served": labels["served"], "shadow": labels["shadow"], "images": int(sample.value)})
+            elif name == "protoserve_shadow_out_of_domain_total":
+                out_of_domain[labels["by"]] += int(sample.value)
+            elif name == "protoserve_shadow_agreed_total":
+                values[f"agreed_{labels['what']}"] = values.get(f"agreed_{labels['what']}", 0) + sample.value
+            elif name in ("protoserve_shadow_images_total", "protoserve_shadow_failures_total",
+                          "protoserve_shadow_seconds_sum", "protoserve_shadow_seconds_count"):
+                values[name] = values.get(name, 0) + sample.value
+    images = int(values.get("protoserve_shadow_images_total", 0))
+    runs = values.get("protoserve_shadow_seconds_count", 0)
+    agreed = {what: int(values.get(f"agreed_{what}", 0)) for what in SHADOW_COMPARED}
+    return {"images": images, "agreed": agreed,
+            "agreement": {what: (n / images if images else None) for what, n in agreed.items()},
+            "changed_answers": sorted(changed, key=lambda c: -c["images"]), "out_of_domain": out_of_domain,
+            "failures": int(values.get("protoserve_shadow_failures_total", 0)),
+            "mean_seconds": values.get("protoserve_shadow_seconds_sum", 0) / runs if runs else None}

@@ -8,7 +8,8 @@ body the API takes (files become base64 strings), so one API function serves bot
 and catalogue routes it refuses bodies that are not a JSON object with a 400 that names the
 problem, in the service's error shape (BentoML's own parse errors have another). Every refusal is
 counted in protoserve_rejected_inputs_total{reason}. GET /docs.json answers the document built by
-service/openapi.py instead of BentoML's untyped one.
+service/openapi.py instead of BentoML's untyped one. Everything under a prefix of `prefixed_apps` (/v2,
+the Open Inference Protocol of service/open_inference.py) goes to that app.
 
 The gate reaches the worker's service instance through a `ServiceHandle`, with which the instance
 registers itself when it is built. Through it /readyz names the version the worker serves, and a
@@ -37,6 +38,8 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 class GatedService(Protocol):
     """What the gate asks of the service instance."""
 
+    current: object  # the ServedVersion answering new requests
+
     def describe(self) -> dict:
         """The version this worker serves: {"worker", "model", "generation", ...}."""
 
@@ -53,6 +56,11 @@ class ServiceHandle:
     def register(self, service: GatedService) -> None:
         self._service = service
 
+    def served(self):
+        """The version this worker serves (service/served_version.py ServedVersion), or None before its
+        instance exists."""
+        return self._service.current if self._service is not None else None
+
     def describe(self) -> dict | None:
         """The version this worker serves, or None before its instance exists (not ready)."""
         return self._service.describe() if self._service is not None else None
@@ -67,8 +75,11 @@ class RequestGate:
                  image_routes: tuple[str, ...] = ("/predict", "/explain"),
                  catalogue_routes: tuple[str, ...] = ("/metadata", "/prototypes"), max_files: int = 64,
                  model: dict | None = None, document=None, service: ServiceHandle | None = None,
-                 answer_images: bool = True):
+                 answer_images: bool = True, prefixed_apps: dict | None = None):
         self.app = app
+        # path prefix -> the ASGI app that answers everything under it (the /v2 protocol routes): it reads
+        # and checks the body itself
+        self.prefixed_apps = prefixed_apps or {}
         self.service = service  # the worker's service instance, once it has registered
         self.answer_images = answer_images and service is not None  # False: BentoML answers the image routes
         self.document = document  # () -> the OpenAPI document as a dict, built on the first GET /docs.json
@@ -83,6 +94,9 @@ class RequestGate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"].rstrip("/") or "/"
+        for prefix, app in self.prefixed_apps.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return await app(scope, receive, send)
         if path == "/readyz" and scope["method"] == "GET" and self.service is not None:
             return await self._readyz(scope, receive, send)
         if scope["method"] == "GET" and path == "/docs.json" and self.document is not None:

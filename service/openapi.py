@@ -190,14 +190,164 @@ def error_responses(statuses=(400, 413, 415)) -> dict:
     return {str(s): {"description": ERROR_STATUSES[s], "content": _json(ref)} for s in statuses}
 
 
-def api_document(spec: dict, manifest: Manifest, max_images: int, max_task_images: int) -> dict:
-    """BentoML's generated document (a dict) with protoserve's exact request and answer shapes."""
+# The Open Inference Protocol v2 routes (service/open_inference.py): outputs by name, and which need a calibration.
+V2_OUTPUTS = ("probabilities", "label", "prototype_ids", "prototype_distances")
+V2_DOMAIN_OUTPUTS = ("in_domain", "typicality")
+# The 400 reasons a schema-valid infer request can still get: what a schema cannot tie together (a tensor's
+# data against its shape, the batch size against N) or say about an image's bytes.
+V2_CONTENT_REASONS = (*IMAGE_CONTENT_REASONS, "wrong_shape", "empty_batch", "batch_too_large", "bad_binary_data")
+V2_ERROR = {"$ref": "#/components/schemas/V2Error"}
+
+
+def v2_components() -> dict[str, dict]:
+    tensor_metadata = {"type": "object", "required": ["name", "datatype", "shape"],
+                       "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
+                                      "shape": {"type": "array", "items": {"type": "integer"},
+                                                "description": "-1: varies per request"}}}
+    output = {"type": "object", "required": ["name", "datatype", "shape"],
+              "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
+                             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                             "data": {"type": "array", "description": "row-major, flat"},
+                             "parameters": {"type": "object", "properties": {
+                                 "binary_data_size": {"type": "integer", "minimum": 0,
+                                                      "description": "the tensor's bytes follow the JSON"}}}}}
+    return {
+        "V2Error": {"type": "object", "required": ["error"],
+                    "description": "The protocol's error; reason and model as on the native routes' refusals.",
+                    "properties": {"error": {"type": "string"},
+                                   "reason": {"type": "string", "enum": [*REASONS, OVERLOADED]},
+                                   "model": {"$ref": "#/components/schemas/ModelRef"}}},
+        "V2TensorMetadata": tensor_metadata,
+        "V2ModelMetadata": {"type": "object", "required": ["name", "versions", "platform", "inputs", "outputs"],
+                            "properties": {"name": {"type": "string"},
+                                           "versions": {"type": "array", "items": {"type": "string"}},
+                                           "platform": {"type": "string"},
+                                           "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/"
+                                                                                         "V2TensorMetadata"}},
+                                           "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/"
+                                                                                          "V2TensorMetadata"}}}},
+        "V2InferResponse": {"type": "object", "required": ["model_name", "outputs"],
+                            "properties": {"model_name": {"type": "string"}, "model_version": {"type": "string"},
+                                           "id": {"type": "string"},
+                                           "outputs": {"type": "array", "items": output}}},
+    }
+
+
+def v2_infer_request(manifest: Manifest, max_images: int) -> dict:
+    """The JSON infer request (the binary data extension's bodies are described in words)."""
+    spec = manifest.input
+    low, high = spec.value_range
+    n_active = sum(1 for row in manifest.prototypes if row.status == "active")
+    dims = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+    tensor_parameters = {"type": "object", "properties": {"binary_data_size": {
+        "type": "integer", "minimum": 0, "description": "binary data extension: the tensor's bytes follow the JSON"}}}
+    fp32 = {"type": "object", "required": ["name", "datatype", "shape", "data"], "title": "image: FP32 [N, C, H, W]",
+            "properties": {"name": {"type": "string", "enum": ["image"]},
+                           "datatype": {"type": "string", "enum": ["FP32"]},
+                           "shape": {**dims, "minItems": 4, "maxItems": 4,
+                                     "description": f"[N, {spec.channels}, {spec.height}, {spec.width}], N from 1 "
+                                                    f"to {max_images}"},
+                           "data": {"type": "array", "minItems": 1,
+                                    "items": {"type": "number", "minimum": low, "maximum": high},
+                                    "description": f"N x {spec.channels * spec.height * spec.width} values in "
+                                                   f"[{low:g}, {high:g}], row-major (flat or nested)"},
+                           "parameters": tensor_parameters}}
+    png = {"type": "string", "minLength": 1, "description": "A PNG or JPEG file, base64-encoded"}
+    files = {"type": "object", "required": ["name", "datatype", "shape", "data"], "title": "image_bytes: BYTES [N]",
+             "properties": {"name": {"type": "string", "enum": ["image_bytes"]},
+                            "datatype": {"type": "string", "enum": ["BYTES"]},
+                            "shape": {**dims, "minItems": 1, "maxItems": 1, "description": "[N]"},
+                            "data": {"type": "array", "items": png, "minItems": 1, "maxItems": max_images},
+                            "parameters": tensor_parameters}}
+    names = [*V2_OUTPUTS, *(V2_DOMAIN_OUTPUTS if manifest.domain is not None else ())]
+    binary = {"type": "boolean", "description": "send this output as binary data after the JSON"}
+    output = {"type": "object", "required": ["name"],
+              "properties": {"name": {"type": "string", "enum": names},
+                             "parameters": {"type": "object", "properties": {"binary_data": binary}}}}
+    parameters = {"type": "object", "properties": {
+        "top_k": {"type": "integer", "minimum": 1, "maximum": n_active,
+                  "description": "How many nearest active prototypes prototype_ids and prototype_distances hold "
+                                 f"(default {min(3, n_active)})"},
+        "binary_data_output": {"type": "boolean", "description": "every output as binary data"}}}
+    return {"type": "object", "required": ["inputs"],
+            "properties": {"id": {"type": "string"}, "parameters": parameters,
+                           "inputs": {"type": "array", "minItems": 1, "maxItems": 1,
+                                      "items": {"oneOf": [fp32, files]}},
+                           "outputs": {"type": "array", "items": output,
+                                       "description": "the outputs to send, by name (absent: all)"}}}
+
+
+def v2_paths(manifest: Manifest, max_images: int, fixed_version: bool = True) -> dict[str, dict]:
+    """The /v2 routes (service/open_inference.py); `fixed_version` False (registry mode): the version served
+    changes with the registry, so the document names none."""
+    def get(summary: str, schema: dict, *errors: int, parameters=()) -> dict:
+        responses = {"200": {"description": summary, "content": _json(schema)}}
+        responses.update({str(s): {"description": V2_STATUSES[s], "content": _json(V2_ERROR)} for s in errors})
+        return {"get": {"summary": summary, "tags": ["Open Inference Protocol v2"], "parameters": list(parameters),
+                        "responses": responses}}
+
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": [manifest.name]},
+            "description": "The served model's name (others: 404)"}
+    version = {"name": "version", "in": "path", "required": True,
+               "schema": {"type": "string", "enum": [manifest.version]} if fixed_version else {"type": "string"},
+               "description": "The served version (in registry mode the active one; others: 404)"}
+    ready = {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}}
+    model_ready = {"type": "object", "required": ["name", "ready"],
+                   "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}}}
+    metadata = {"$ref": "#/components/schemas/V2ModelMetadata"}
+    paths = {
+        "/v2": get("Server metadata", {"type": "object", "required": ["name", "version", "extensions"],
+                                       "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                                                      "extensions": {"type": "array", "items": {"type": "string"}}}}),
+        "/v2/health/live": get("Live", {"type": "object", "required": ["live"],
+                                        "properties": {"live": {"type": "boolean"}}}),
+        "/v2/health/ready": get("Ready (the model loaded and warmed up)", ready),
+    }
+    request = v2_infer_request(manifest, max_images)
+    binary_body = {"type": "string", "format": "binary",
+                   "description": "The binary data extension: the JSON (its length in Inference-Header-Content-"
+                                  "Length) followed by the outputs asked for with binary_data"}
+    for prefix, parameters in (("/v2/models/{name}", [name]), ("/v2/models/{name}/versions/{version}",
+                                                                 [name, version])):
+        paths[prefix] = get("Model metadata: inputs and outputs from the bundle", metadata, 404,
+                            parameters=parameters)
+        paths[f"{prefix}/ready"] = get("Model ready", model_ready, 404, parameters=parameters)
+        answer = {"description": "The outputs asked for", "content": {
+            **_json({"$ref": "#/components/schemas/V2InferResponse"}),
+            "application/octet-stream": {"schema": binary_body}}}
+        errors = {str(s): {"description": V2_STATUSES[s], "content": _json(V2_ERROR)} for s in V2_STATUSES}
+        paths[f"{prefix}/infer"] = {"post": {
+            "summary": "Infer: probabilities, label, nearest prototypes (and in_domain, typicality)",
+            "description": V2_INFER_DOC, "tags": ["Open Inference Protocol v2"], "parameters": parameters,
+            "requestBody": {"required": True, "content": _json(request)},
+            "responses": {"200": answer, **errors}}}
+    return paths
+
+
+V2_STATUSES = {400: ERROR_STATUSES[400], 404: "No such model or version here (this worker serves one)",
+               413: ERROR_STATUSES[413], 415: "Content type other than application/json or application/octet-stream",
+               503: ERROR_STATUSES[503]}
+V2_INFER_DOC = """Exactly one input: "image", FP32 [N, C, H, W] with values in the model's range (as /predict's
+arrays), or "image_bytes", BYTES [N] of PNG/JPEG files (base64 strings in JSON; raw files with the binary
+data extension). The binary data extension (header Inference-Header-Content-Length: the JSON's length,
+content type application/octet-stream) is taken for inputs ("parameters": {"binary_data_size"}) and
+outputs ("binary_data": true, or "binary_data_output": true for all). A schema-valid body can still get
+a 400 when its data does not fill its shape, N is outside 1 to the per-request limit, or an image's
+bytes are not a decodable PNG/JPEG, or a binary_data_size without the binary body (reason wrong_shape,
+empty_batch, batch_too_large, not_an_image, corrupt_image, image_too_large, bad_base64, bad_binary_data)."""
+
+
+def api_document(spec: dict, manifest: Manifest, max_images: int, max_task_images: int,
+                 fixed_version: bool = True) -> dict:
+    """BentoML's generated document (a dict) with protoserve's exact request and answer shapes
+    (`fixed_version` False: registry mode, the served version follows the registry)."""
     spec = copy.deepcopy(spec)
     for item in spec["paths"].values():  # BentoML keys its responses by int status
         for operation in item.values():
             operation["responses"] = {str(status): answer for status, answer in operation["responses"].items()}
-    spec.setdefault("components", {}).setdefault("schemas", {}).update(components())
+    spec.setdefault("components", {}).setdefault("schemas", {}).update({**components(), **v2_components()})
     paths = spec["paths"]
+    paths.update(v2_paths(manifest, max_images, fixed_version))
     for route, schema in request_schemas(manifest, max_images, max_task_images).items():
         operation = paths[route]["post"]
         operation["requestBody"] = {"required": True, "content": {

@@ -29,6 +29,7 @@ from registry.store import RegistryError
 from registry.versions import ENV as REGISTRY_ENV
 from registry.versions import Registry, registry_location
 from service.auth import AuthError, require_admin
+from service.metrics import shadow_figures
 
 # The service's /docs.json documents these routes; the app's own document and docs pages are not served.
 app = FastAPI(title="protoserve review", version="1", docs_url=None, redoc_url=None, openapi_url=None)
@@ -160,6 +161,15 @@ class JobIn(RevisionSettings):
     (protoserve/revision_settings.py) and the version to revise."""
 
     parent: str | None = Field(None, description="the version to revise (default: the active one)")
+
+
+class ShadowIn(BaseModel):
+    """A version to run beside the active one on a share of the live /predict requests."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    version: str
+    sample: float = Field(0.1, ge=0.001, le=1, description="the share of /predict requests the shadow also answers "
+                          "(OpenAPI 3.0 has no exclusiveMinimum number: 0.1% is the least)")
 
 
 class PromoteIn(BaseModel):
@@ -321,3 +331,33 @@ def rollback() -> dict:
     active = registry().rollback(actor="review")
     return {"active": active.version, "previous": active.previous, "generation": active.generation}
 
+
+
+# -- shadow evaluation (service/shadow.py) -------------------------------------------------------
+def shadow_state(reg: Registry) -> dict:
+    version, sample, started_at = reg.store.shadow()
+    return {"version": version, "sample": sample if version else None, "started_at": started_at,
+            "active": reg.store.active().version, "figures": shadow_figures(version) if version else None}
+
+
+@app.get("/api/shadow", **READING, summary="The shadow version and how it compares with the served one, live")
+def shadow() -> dict:
+    """The shadow (null: none) and its figures over every worker since the service started: images compared,
+    how many times it agreed with the served answer on the label, the top-1 prototype and in_domain, the
+    changed answers by class, the out-of-domain counts of each side, failures, mean run time."""
+    return shadow_state(registry())
+
+
+@app.post("/api/shadow", **CHANGING, summary="Run a version beside the active one on a sample of /predict")
+def start_shadow(body: ShadowIn) -> dict:
+    reg = registry()
+    reg.verify(body.version)
+    reg.store.start_shadow(body.version, body.sample, actor="review")
+    return shadow_state(reg)
+
+
+@app.delete("/api/shadow", **CHANGING, summary="End the shadow")
+def end_shadow() -> dict:
+    reg = registry()
+    reg.store.end_shadow(actor="review")
+    return shadow_state(reg)

@@ -22,6 +22,7 @@ from inference.preprocess import (
     picture_to_input,
     picture_to_pixels,
     plain_png,
+    tensor_to_batch,
     to_batch,
     to_input,
 )
@@ -95,6 +96,26 @@ def test_level_table_gives_the_numbers_of_the_per_pixel_steps(spec):
     stepwise = normalize(picture_to_pixels(img, spec) * (high - low) + low, spec)
     np.testing.assert_array_equal(picture_to_input(img, spec), stepwise)
     assert picture_to_input(img, spec).dtype == np.float32
+
+
+@pytest.mark.parametrize("spec", [MNIST, NORMALISED, RGB])
+def test_a_tensor_batch_gives_the_numbers_of_the_same_arrays_one_by_one(spec):
+    """The Open Inference Protocol's FP32 input: /predict's array checks and numbers, bit for bit."""
+    low, high = spec.value_range
+    values = (np.random.default_rng(1).random((3, spec.channels, spec.height, spec.width)) * (high - low) + low)
+    values = values.astype(np.float32)
+    one_by_one = to_batch([v.tolist() for v in values], spec)
+    np.testing.assert_array_equal(tensor_to_batch(values, spec), one_by_one)
+
+
+@pytest.mark.parametrize("values, reason", [
+    (np.zeros((1, 1, 28, 27), np.float32), "wrong_shape"), (np.zeros((1, 28, 28), np.float32), "wrong_shape"),
+    (np.zeros((0, 1, 28, 28), np.float32), "empty_batch"), (np.zeros((65, 1, 28, 28), np.float32), "batch_too_large"),
+    (np.full((1, 1, 28, 28), np.nan, np.float32), "non_finite"),
+    (np.full((1, 1, 28, 28), 2, np.float32), "out_of_range"),
+])
+def test_bad_tensors_are_refused_as_bad_arrays(values, reason):
+    refused(reason, tensor_to_batch, values, MNIST)
 
 
 def test_rgb_spec_with_a_0_255_range():

@@ -127,3 +127,29 @@ def test_a_damaged_version_is_not_loaded_and_the_old_one_serves(two_versions, tm
         assert answers == {v1}
         held = httpx.get(f"{url}/metadata").json()["worker"]
         assert any(v2 in reason for reason in held.get("not_loaded", []))
+
+
+def test_the_open_inference_version_routes_follow_the_active_version(two_versions, tmp_path):
+    registry, v1, v2 = two_versions
+    with registry_service(registry, tmp_path / "serve.log") as url:
+        name = httpx.get(f"{url}/metadata").json()["model"]["name"]
+        image = np.asarray(digits_of(registry.active_bundle())[:1], dtype=np.float32)[:, None]
+        body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape),
+                            "data": image.reshape(-1).tolist()}], "outputs": [{"name": "label"}]}
+
+        def answers(version: str) -> set[int]:
+            """The statuses of a few requests (a new connection each, so both workers answer) to `version`."""
+            with httpx.Client(timeout=30, headers={"Connection": "close"}) as http:
+                return {http.post(f"{url}/v2/models/{name}/versions/{version}/infer", json=body).status_code
+                        for _ in range(8)}
+
+        assert answers(v1) == {200} and answers(v2) == {404}
+        registry.promote(v2)
+        deadline = time.monotonic() + 10
+        while answers(v2) != {200} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert answers(v2) == {200} and answers(v1) == {404}
+        metadata = httpx.get(f"{url}/v2/models/{name}").json()
+        assert metadata["versions"] == [v2]
+        answer = httpx.post(f"{url}/v2/models/{name}/infer", json=body)
+        assert answer.json()["model_version"] == answer.headers["x-model-version"] == v2
