@@ -45,8 +45,14 @@ demo-train: setup
 serve: setup
 	$(PROTOSERVE) serve --bundle $(DEFAULT_MODEL)/bundle
 
+# The tests: `make test` runs all but the slow end-to-end cases (pytest's `slow` mark: whole jobs,
+# servers started per case, browser runs), `make test-slow` those; CI (.ci/run) runs both.
+.PHONY: test-slow
 test: setup lint prometheus pushgateway data review-browser
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -m "not slow"
+
+test-slow: setup prometheus pushgateway data review-browser
+	$(VENV)/bin/pytest -m slow
 
 # MNIST under the data root: when any IDX file is missing, fetched once with torchvision's downloader
 # (md5 of every archive and file checked); when that fails, one line says what is missing and how to get it.
