@@ -20,6 +20,7 @@ import hashlib
 import os
 import struct
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,32 @@ class InputsError(ProtoserveError):
     """An --input that cannot be read at all (missing, unknown format, no image column)."""
 
 
+class RecordIds(Sequence):
+    """The ids "<name>#<i>" of records lo..hi-1 of one file, made only when read: a chunk's ids go to
+    the output as one Arrow column (arrow()), never as a Python string per record."""
+
+    def __init__(self, name: str, lo: int, hi: int):
+        self.name, self.lo, self.hi = name, lo, hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return f"{self.name}#{self.lo + i % len(self)}"
+
+    def arrow(self):
+        """The ids as an Arrow string array, built column-wise."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        numbers = pc.cast(pa.array(np.arange(self.lo, self.hi, dtype=np.int64)), pa.string())
+        return pc.binary_join_element_wise(f"{self.name}#", numbers, "")
+
+
 class RecordSource:
     """Fixed-size records after a header: IDX files and .npy arrays (plain, gzip, or inside an .npz)."""
 
@@ -58,7 +85,7 @@ class RecordSource:
         return items + [(ids[i], InputError("corrupt_image", "file is truncated: record missing"))
                         for i in range(len(block), len(block) + missing)]
 
-    def read_block(self, lo: int, hi: int) -> tuple[list[str], np.ndarray, int]:
+    def read_block(self, lo: int, hi: int) -> tuple[RecordIds, np.ndarray, int]:
         """Records lo..hi-1 as one array: (ids, records [m, ...], how many are missing past the end)."""
         if self._file is None:
             self._file = self.opener()
@@ -67,7 +94,7 @@ class RecordSource:
         whole = len(data) // self.record_bytes if self.record_bytes else hi - lo
         block = np.frombuffer(data[:whole * self.record_bytes], self.dtype).reshape(whole, *self.shape)
         block = block.astype(self.dtype.newbyteorder("="), copy=False)
-        return [f"{self.name}#{i}" for i in range(lo, hi)], block, hi - lo - whole
+        return RecordIds(self.name, lo, hi), block, hi - lo - whole
 
     def close(self) -> None:
         if self._file is not None:
@@ -188,7 +215,7 @@ class Inputs:
     def n(self) -> int:
         return int(self.starts[-1])
 
-    def read_values(self, lo: int, hi: int) -> tuple[list[str], list[object] | np.ndarray]:
+    def read_values(self, lo: int, hi: int) -> tuple[Sequence[str], list[object] | np.ndarray]:
         """(ids, values) of items lo..hi-1: values is one array when they are whole records of one file."""
         k = int(np.searchsorted(self.starts, lo, side="right") - 1)
         source = self.sources[k] if k < len(self.sources) else None

@@ -107,6 +107,7 @@ class Job:
                                 "fingerprint": self.inputs.fingerprint(), "image_column": spec.image_column},
                      "top_k": spec.top_k, "chunk_size": spec.chunk_size, "chunks": self.chunks}
         self.assembly: ParquetAssembly | None = None  # the output, written while the chunks commit
+        self.failed: dict[int, int] = {}  # chunk -> rows with an error, for the chunks this run committed
 
     # -- state on disk --------------------------------------------------------------------------
     def start(self, restart: bool = False) -> bool:
@@ -179,9 +180,10 @@ class Job:
 
     def commit(self, k: int, columns: Columns) -> None:
         """Commit chunk k's rows (atomically) and hand them to the Parquet assembly if one runs."""
-        self.commit_table(k, to_table(columns))
+        table = to_table(columns)
+        self.commit_table(k, table)
         if self.assembly is not None:
-            self.assembly.add(k)
+            self.assembly.add(k, table)  # the rows in memory: the assembly need not read the file back
 
     def assemble_while_scoring(self, pending: list[int]) -> None:
         """Parquet output: append each chunk to the output's temporary file as soon as every chunk
@@ -198,6 +200,7 @@ class Job:
         if table.num_rows != hi - lo:
             raise JobError(f"chunk {k}: {table.num_rows} rows scored for {hi - lo} inputs")
         failed = table.num_rows - table.column("error").null_count  # rows with an error message
+        self.failed[k] = failed
         stats = json.dumps({"rows": table.num_rows, "failed": failed})
         table = table.replace_schema_metadata({CHUNK_METADATA: stats})
         tmp = self.chunk_path(k).with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
@@ -214,6 +217,9 @@ class Job:
 
         total = 0
         for k in range(self.chunks):  # the counts commit_table wrote into each chunk's schema
+            if k in self.failed:  # committed by this run: counted then
+                total += self.failed[k]
+                continue
             with pa.memory_map(str(self.chunk_path(k))) as source:
                 meta = pa.ipc.open_file(source).schema.metadata or {}
             total += json.loads(meta.get(CHUNK_METADATA, b'{"failed": 0}'))["failed"]

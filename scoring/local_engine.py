@@ -40,8 +40,9 @@ def open_sessions(job: Job) -> list:
 def run_local(job: Job, pending: list[int], advance) -> None:
     """Score the pending chunks with one thread per session; `advance(n)` after each commit.
 
-    The main thread reads inputs (files are read in order, so gzip and npz members stream); one
-    thread writes the committed chunks, so the sessions never wait on the disk; at most
+    The main thread reads inputs (files are read in order, so gzip and npz members stream) and converts
+    them to the model's input (pictures decoded, levels scaled); the worker threads only run their
+    session and shape the rows, column by column; one thread writes the committed chunks, so the sessions never wait on the disk; at most
     2 x workers + 1 chunks are in memory at once, whatever the input size.
     """
     one_blas_thread()  # the rows' numpy products would otherwise spin threads beside the sessions
@@ -54,8 +55,13 @@ def run_local(job: Job, pending: list[int], advance) -> None:
             local.session = sessions.pop()  # list.pop is atomic: each thread takes its own
         return classify(local.session, x, job.scorer.features)
 
-    def score(k: int, start: int, ids: list[str], values) -> Future:
-        return committer.submit(commit, k, job.scorer.score(start, ids, values, infer))
+    def score(k: int, start: int, ids, x: np.ndarray, errors) -> Future:
+        return committer.submit(commit, k, job.scorer.score_prepared(start, ids, x, errors, infer))
+
+    def read(k: int) -> tuple:
+        """Chunk k read and converted to model input, here in the reading thread while the sessions run."""
+        start, ids, values = job.read_inputs(k)
+        return (k, start, ids, *job.scorer.prepare(values))
 
     def commit(k: int, columns: Columns) -> int:
         job.commit(k, columns)
@@ -78,6 +84,6 @@ def run_local(job: Job, pending: list[int], advance) -> None:
     with ThreadPoolExecutor(workers, thread_name_prefix="protoserve-score") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="protoserve-commit") as committer:
         for k in pending:
-            inflight.add(pool.submit(score, k, *job.read_inputs(k)))
+            inflight.add(pool.submit(score, *read(k)))
             collect(2 * workers + 1)
         collect(1)

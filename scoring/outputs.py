@@ -57,8 +57,9 @@ def to_table(c: Columns):
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), value_type), mask=null)
 
     labels = full(c.label, np.int32)
-    names = pa.array(np.array(c.class_names, dtype=object)[labels], pa.string(), mask=~ok)
-    columns = [pa.array(c.index, pa.int64()), pa.array(c.input_id, pa.string()),
+    names = pa.array(c.class_names, pa.string()).take(pa.array(labels, pa.int32(), mask=~ok))
+    ids = c.input_id.arrow() if hasattr(c.input_id, "arrow") else pa.array(list(c.input_id), pa.string())
+    columns = [pa.array(c.index, pa.int64()), ids,
                pa.array(labels, pa.int32(), mask=~ok), names,
                lists(c.probabilities, pa.float32()), lists(c.prototype_ids, pa.int32()),
                lists(c.prototype_distances, pa.float32()), lists(c.prototype_similarities, pa.float32()),
@@ -89,6 +90,7 @@ class ParquetAssembly:
 
         self.path, self.chunks, self.read_rows = Path(path), chunks, read_rows
         self.done, self.next, self.group = set(done), 0, []
+        self.tables: dict = {}  # committed chunks' rows handed over in memory, until written
         self.schema = row_schema(plan)
         self.file = open(self.path, "wb")
         self.writer = pq.ParquetWriter(self.file, self.schema,
@@ -96,8 +98,11 @@ class ParquetAssembly:
                                        write_statistics=["index", "label"])
         self._drain()
 
-    def add(self, k: int) -> None:
+    def add(self, k: int, table=None) -> None:
+        """Chunk k is committed; `table`: its rows, when the caller has them in memory."""
         self.done.add(k)
+        if table is not None:
+            self.tables[k] = table
         self._drain()
 
     def complete(self) -> bool:
@@ -119,7 +124,8 @@ class ParquetAssembly:
 
     def _drain(self) -> None:
         while self.next in self.done:  # chunks in order, each once: the prefix that is complete
-            self.group.append(self.read_rows(self.next))
+            table = self.tables.pop(self.next, None)
+            self.group.append(table if table is not None else self.read_rows(self.next))
             self.next += 1
             if len(self.group) == PARQUET_GROUP_CHUNKS:
                 self._write_group()

@@ -60,7 +60,7 @@ class Columns:
     (where `ok`, in order); the other rows have nulls there and their reason in `error`."""
 
     index: np.ndarray  # int64 [n]
-    input_id: list[str]
+    input_id: Sequence[str]  # a list, or scoring.inputs.RecordIds (built as an Arrow column when written)
     ok: np.ndarray  # bool [n]
     label: np.ndarray  # int64 [n_ok]
     probabilities: np.ndarray  # float32 [n_ok, K]
@@ -227,7 +227,12 @@ class BatchScorer:
     def score(self, start: int, input_ids: Sequence[str], inputs: Sequence[object] | np.ndarray,
               infer: Infer) -> Columns:
         """Prepare, run the good inputs through `infer` in RUN_BATCH slices, and shape the rows."""
-        x, errors = self.prepare(inputs)
+        return self.score_prepared(start, input_ids, *self.prepare(inputs), infer)
+
+    def score_prepared(self, start: int, input_ids: Sequence[str], x: np.ndarray,
+                       errors: Sequence[InputError | None], infer: Infer) -> Columns:
+        """score() for inputs prepare() has converted already (the local engine converts in its reading
+        thread while the sessions run)."""
         ok = np.array([e is None for e in errors], dtype=bool)
         good = x[ok]
         K, M = len(self.manifest.class_names), len(self.manifest.prototypes)
@@ -254,7 +259,7 @@ class BatchScorer:
         # The same numbers as inference.explain.prototype_rows, with the weights for the predicted class.
         contributions = family(self.manifest.family).contribution(self.weights[nearest, labels[:, None]], near, sims)
         in_domain, typicality = self.domain.judge(distances, labels, features) if self.domain else (None, None)
-        return Columns(index=np.arange(start, start + len(input_ids), dtype=np.int64), input_id=list(input_ids),
+        return Columns(index=np.arange(start, start + len(input_ids), dtype=np.int64), input_id=input_ids,
                        ok=ok, label=labels, probabilities=probabilities.astype(np.float32, copy=False),
                        prototype_ids=self.prototype_ids[nearest].astype(np.int32),
                        prototype_distances=near.astype(np.float32),
