@@ -42,8 +42,8 @@ def run_local(job: Job, pending: list[int], advance) -> None:
 
     The main thread reads inputs (files are read in order, so gzip and npz members stream) and converts
     them to the model's input (pictures decoded, levels scaled); the worker threads only run their
-    session and shape the rows, column by column; one thread writes the committed chunks, so the sessions never wait on the disk; at most
-    2 x workers + 1 chunks are in memory at once, whatever the input size.
+    session and shape the rows, column by column; one thread writes the committed chunks, so the
+    sessions never wait on the disk; at most 2 x workers + 1 chunks are in memory at once, whatever the input size.
     """
     one_blas_thread()  # the rows' numpy products would otherwise spin threads beside the sessions
     sessions = open_sessions(job)
