@@ -12,6 +12,7 @@ from bundle.runtime import CUDA, classify, open_session, verify_bundle
 from inference.model import classifier_graph
 from protoserve.blas import one_blas_thread
 from scoring.job import Job
+from scoring.pictures import PictureWriter
 from scoring.rows import Columns
 
 
@@ -20,10 +21,11 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def open_sessions(job: Job) -> list:
+def open_sessions(job: Job) -> tuple[list, object]:
     """One session per worker thread (one in all on a GPU unless --workers says otherwise), after the
     golden probe passed, on the graph cut to what the rows read where that gives the same numbers
-    (inference.model.classifier_graph). They are opened here, not inside the threads: opening one sets
+    (inference.model.classifier_graph), and the session on the whole graph (for --pictures, which read
+    every output). They are opened here, not inside the threads: opening one sets
     ONNX Runtime's process-wide log level for a moment (export/runtime.open_session)."""
     workers = job.spec.workers or default_workers()
     threads = max(1, default_workers() // workers)  # intra-op threads per session: the cores, shared out
@@ -33,8 +35,8 @@ def open_sessions(job: Job) -> list:
         workers = 1  # one session keeps a GPU busy; more would only take turns on it
     cut = classifier_graph(job.bundle, first, job.spec.device, threads)
     graph = job.bundle.model_path if cut is None else cut[0]
-    first = first if cut is None else cut[1]
-    return [first] + [open_session(graph, job.spec.device, threads=threads)[0] for _ in range(workers - 1)]
+    whole, first = first, (first if cut is None else cut[1])
+    return [first] + [open_session(graph, job.spec.device, threads=threads)[0] for _ in range(workers - 1)], whole
 
 
 def run_local(job: Job, pending: list[int], advance) -> None:
@@ -46,8 +48,11 @@ def run_local(job: Job, pending: list[int], advance) -> None:
     sessions never wait on the disk; at most 2 x workers + 1 chunks are in memory at once, whatever the input size.
     """
     one_blas_thread()  # the rows' numpy products would otherwise spin threads beside the sessions
-    sessions = open_sessions(job)
+    sessions, whole = open_sessions(job)
     workers = len(sessions)
+    spec = job.spec
+    pictures = None if spec.pictures is None else PictureWriter(job.bundle, spec.pictures, spec.pictures_for, whole,
+                                                                 spec.top_k, spec.abstain)
     local = threading.local()
 
     def infer(x: np.ndarray):
@@ -55,13 +60,17 @@ def run_local(job: Job, pending: list[int], advance) -> None:
             local.session = sessions.pop()  # list.pop is atomic: each thread takes its own
         return classify(local.session, x, job.scorer.features)
 
-    def score(k: int, start: int, ids, x: np.ndarray, errors) -> Future:
-        return committer.submit(commit, k, job.scorer.score_prepared(start, ids, x, errors, infer))
+    def score(k: int, start: int, ids, truth: np.ndarray, x: np.ndarray, errors) -> Future:
+        columns = job.scorer.score_prepared(start, ids, x, errors, infer)
+        columns.true_label = truth
+        if pictures is not None:
+            pictures.write(columns, x)  # before the commit: a committed row's picture exists
+        return committer.submit(commit, k, columns)
 
     def read(k: int) -> tuple:
         """Chunk k read and converted to model input, here in the reading thread while the sessions run."""
         start, ids, values = job.read_inputs(k)
-        return (k, start, ids, *job.scorer.prepare(values))
+        return (k, start, ids, job.truth(k), *job.scorer.prepare(values))
 
     def commit(k: int, columns: Columns) -> int:
         job.commit(k, columns)

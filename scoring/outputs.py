@@ -35,16 +35,20 @@ def row_schema(plan: dict | None = None):
         ("probabilities", pa.list_(pa.float32())), ("prototype_ids", pa.list_(pa.int32())),
         ("prototype_distances", pa.list_(pa.float32())), ("prototype_similarities", pa.list_(pa.float32())),
         ("prototype_contributions", pa.list_(pa.float32())), ("in_domain", pa.bool_()), ("typicality", pa.float32()),
+        ("abstained", pa.bool_()), ("true_label", pa.int32()), ("picture", pa.string()),
         ("model_name", pa.string()), ("model_version", pa.string()), ("error", pa.string()),
     ], metadata=metadata)
 
 
 def to_table(c: Columns):
-    """Columns -> an Arrow table of row_schema (null prediction fields where a row has an error)."""
+    """Columns -> an Arrow table of row_schema (null prediction fields where a row has an error; null
+    label and class name where it abstained)."""
     import pyarrow as pa
 
     n, ok = len(c), c.ok
     null = pa.array(~ok)
+    withheld = ~ok
+    withheld[ok] = c.withheld()
 
     def full(values: np.ndarray, dtype) -> np.ndarray:
         out = np.zeros(n, dtype)
@@ -56,14 +60,18 @@ def to_table(c: Columns):
         offsets = np.concatenate([[0], np.cumsum(np.where(ok, width, 0))]).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), value_type), mask=null)
 
-    labels = full(c.label, np.int32)
-    names = pa.array(c.class_names, pa.string()).take(pa.array(labels, pa.int32(), mask=~ok))
+    labels = pa.array(full(c.label, np.int32), pa.int32(), mask=withheld)
+    names = pa.array(c.class_names, pa.string()).take(labels)
     ids = c.input_id.arrow() if hasattr(c.input_id, "arrow") else pa.array(list(c.input_id), pa.string())
     columns = [pa.array(c.index, pa.int64()), ids,
-               pa.array(labels, pa.int32(), mask=~ok), names,
+               labels, names,
                lists(c.probabilities, pa.float32()), lists(c.prototype_ids, pa.int32()),
                lists(c.prototype_distances, pa.float32()), lists(c.prototype_similarities, pa.float32()),
                lists(c.prototype_contributions, pa.float32()), *domain_columns(c, full),
+               pa.array(full(c.withheld(), bool), pa.bool_(), mask=~ok),
+               pa.nulls(n, pa.int32()) if c.true_label is None else pa.array(c.true_label, pa.int32(),
+                                                                               mask=c.true_label < 0),
+               pa.nulls(n, pa.string()) if c.picture is None else pa.array(c.picture, pa.string()),
                pa.repeat(pa.scalar(c.model_name), n),
                pa.repeat(pa.scalar(c.model_version), n), pa.array(c.error, pa.string())]
     return pa.Table.from_arrays(columns, schema=row_schema())
