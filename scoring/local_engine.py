@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
@@ -60,17 +61,22 @@ def run_local(job: Job, pending: list[int], advance) -> None:
             local.session = sessions.pop()  # list.pop is atomic: each thread takes its own
         return classify(local.session, x, job.scorer.features)
 
-    def score(k: int, start: int, ids, truth: np.ndarray, x: np.ndarray, errors) -> Future:
-        columns = job.scorer.score_prepared(start, ids, x, errors, infer)
-        columns.true_label = truth
-        if pictures is not None:
-            pictures.write(columns, x)  # before the commit: a committed row's picture exists
+    def score(k: int, start: int, ids, truth: np.ndarray, buffer: np.ndarray, x: np.ndarray, errors) -> Future:
+        try:
+            columns = job.scorer.score_prepared(start, ids, x, errors, infer)
+            columns.true_label = truth
+            if pictures is not None:
+                pictures.write(columns, x)  # before the commit: a committed row's picture exists
+        finally:
+            buffers.put(buffer)
         return committer.submit(commit, k, columns)
 
     def read(k: int) -> tuple:
-        """Chunk k read and converted to model input, here in the reading thread while the sessions run."""
+        """Chunk k read and converted to model input, here in the reading thread while the sessions run,
+        into a buffer of the pool: chunks in flight never allocate (and fault in) memory anew."""
         start, ids, values = job.read_inputs(k)
-        return (k, start, ids, job.truth(k), *job.scorer.prepare(values))
+        buffer = buffers.get()
+        return (k, start, ids, job.truth(k), buffer, *job.scorer.prepare(values, buffer))
 
     def commit(k: int, columns: Columns) -> int:
         job.commit(k, columns)
@@ -90,6 +96,11 @@ def run_local(job: Job, pending: list[int], advance) -> None:
 
     job.assemble_while_scoring(pending)  # commits come from the one committer thread below
     inflight: set[Future] = set()
+    spec_in = job.scorer.spec
+    shape = (min(job.spec.chunk_size, max(job.n, 1)), spec_in.channels, spec_in.height, spec_in.width)
+    buffers: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(2 * workers + 1):  # one per chunk in flight (collect's limit)
+        buffers.put(np.empty(shape, np.float32))
     with ThreadPoolExecutor(workers, thread_name_prefix="protoserve-score") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="protoserve-commit") as committer:
         for k in pending:

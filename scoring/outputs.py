@@ -61,7 +61,7 @@ def to_table(c: Columns):
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), value_type), mask=null)
 
     labels = pa.array(full(c.label, np.int32), pa.int32(), mask=withheld)
-    names = pa.array(c.class_names, pa.string()).take(labels)
+    names = pa.array(np.array(c.class_names, dtype=object)[full(c.label, np.int32)], pa.string(), mask=withheld)
     ids = c.input_id.arrow() if hasattr(c.input_id, "arrow") else pa.array(list(c.input_id), pa.string())
     columns = [pa.array(c.index, pa.int64()), ids,
                labels, names,

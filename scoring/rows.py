@@ -141,7 +141,8 @@ class Columns:
 
 
 
-def records_to_input(records: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, list[InputError | None]]:
+def records_to_input(records: np.ndarray, spec: InputSpec,
+                     out: np.ndarray | None = None) -> tuple[np.ndarray, list[InputError | None]]:
     """A stack of array records [n, H, W] or [n, C, H, W] -> (model input [n, C, H, W], errors).
 
     uint8 records are grey levels 0-255 (scaled like a decoded picture); other numbers must already
@@ -158,7 +159,7 @@ def records_to_input(records: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, 
         return np.zeros((n, *expected), np.float32), [error] * n
     low, high = spec.value_range
     if records.dtype == np.uint8:
-        return grey_levels_to_input(records, spec), [None] * n
+        return grey_levels_to_input(records, spec, out), [None] * n
     values = records.astype(np.float64)
     flat = values.reshape(n, -1)
     tolerance = 1e-6 * (high - low)
@@ -173,13 +174,18 @@ def records_to_input(records: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, 
     return normalize(values, spec), errors
 
 
-def grey_levels_to_input(records: np.ndarray, spec: InputSpec) -> np.ndarray:
+def grey_levels_to_input(records: np.ndarray, spec: InputSpec, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 [n, C, H, W] -> model input: the float32 steps of preprocess.picture_to_input and
-    normalize, in the same order (so the same numbers as a decoded picture), done in place."""
+    normalize, in the same order (so the same numbers as a decoded picture), done in place; into `out`
+    (float32, at least n rows) when given: a buffer used again, whose memory is not faulted in anew."""
     low, high = spec.value_range
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    x = records.astype(np.float32)
+    if out is None:
+        x = records.astype(np.float32)
+    else:
+        x = out[:len(records)]
+        np.copyto(x, records, casting="unsafe")
     x /= np.float32(255.0)
     # Steps that are identities for this spec (x 1, + 0) are skipped: the same numbers, fewer passes.
     if high - low != 1:
@@ -226,18 +232,24 @@ class BatchScorer:
         spec = manifest.model.output(self.features) if self.features else None
         self.feature_width = int(spec.shape[1]) if spec is not None else 0
 
-    def prepare(self, inputs: Sequence[object] | np.ndarray) -> tuple[np.ndarray, list[InputError | None]]:
-        """Inputs -> (model input [n, C, H, W], per-input error or None).
+    def prepare(self, inputs: Sequence[object] | np.ndarray,
+                out: np.ndarray | None = None) -> tuple[np.ndarray, list[InputError | None]]:
+        """Inputs -> (model input [n, C, H, W], per-input error or None); written into `out` (float32
+        [>= n, C, H, W], a buffer the caller uses again) when given.
 
         An input is picture bytes, a base64 string or nested list (as the service takes them), a
         numpy record (see records_to_input), or an InputError found while reading it; `inputs` may
         also be one array whose first axis runs over the inputs (records of one file).
         """
-        if isinstance(inputs, np.ndarray):
-            return self._canonical(*records_to_input(inputs, self.spec))  # a block of records from one file
+        if isinstance(inputs, np.ndarray):  # a block of records from one file
+            return self._canonical(*records_to_input(inputs, self.spec, out))
         n = len(inputs)
         arrays = [i for i, v in enumerate(inputs) if isinstance(v, np.ndarray)]
-        x = np.zeros((n, self.spec.channels, self.spec.height, self.spec.width), np.float32)
+        if out is None:
+            x = np.zeros((n, self.spec.channels, self.spec.height, self.spec.width), np.float32)
+        else:
+            x = out[:n]
+            x.fill(0.0)
         errors: list[InputError | None] = [None] * n
         for group in _same_shape_runs(inputs, arrays):
             x[group], group_errors = self._canonical(*records_to_input(np.stack([inputs[i] for i in group]),
@@ -274,7 +286,7 @@ class BatchScorer:
         """score() for inputs prepare() has converted already (the local engine converts in its reading
         thread while the sessions run)."""
         ok = np.array([e is None for e in errors], dtype=bool)
-        good = x[ok]
+        good = x if ok.all() else x[ok]  # no copy of a chunk that is all good
         K, M = len(self.manifest.class_names), len(self.manifest.prototypes)
         probabilities = np.empty((len(good), K), np.float32)
         distances = np.empty((len(good), M), np.float32)
