@@ -16,6 +16,9 @@ from scoring.job import Job
 from scoring.pictures import PictureWriter
 from scoring.rows import Columns
 
+# Scored chunks that may wait for the committer (their rows: about 0.5 MB each at the default chunk size).
+COMMIT_QUEUE = 16
+
 
 def default_workers() -> int:
     """The cores this process may run on."""
@@ -46,7 +49,8 @@ def run_local(job: Job, pending: list[int], advance) -> None:
     The main thread reads inputs (files are read in order, so gzip and npz members stream) and converts
     them to the model's input (pictures decoded, levels scaled); the worker threads only run their
     session and shape the rows, column by column; one thread writes the committed chunks, so the
-    sessions never wait on the disk; at most 2 x workers + 1 chunks are in memory at once, whatever the input size.
+    sessions never wait on the disk; at most 2 x workers + 1 chunks of inputs (and COMMIT_QUEUE of rows)
+    are in memory at once, whatever the input size.
     """
     one_blas_thread()  # the rows' numpy products would otherwise spin threads beside the sessions
     sessions, whole = open_sessions(job)
@@ -82,28 +86,31 @@ def run_local(job: Job, pending: list[int], advance) -> None:
         job.commit(k, columns)
         return len(columns)
 
-    def collect(limit: int) -> None:
-        """Wait until fewer than `limit` chunks are being scored or committed; count committed ones."""
-        while len(inflight) >= limit:
-            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+    def collect(scoring_limit: int, commit_limit: int) -> None:
+        """Wait until fewer than `scoring_limit` chunks are being scored and fewer than `commit_limit` wait
+        for their commit; count committed ones. Commits have their own limit: a slow disk (fsync) holds
+        back the reading only once many chunks wait for it, never the sessions at once."""
+        while len(scoring) >= scoring_limit or len(committing) >= commit_limit:
+            done, _ = wait(scoring | committing, return_when=FIRST_COMPLETED)
             for future in done:
-                inflight.discard(future)
-                result = future.result()
-                if isinstance(result, Future):
-                    inflight.add(result)  # scored; now being committed
+                if future in scoring:
+                    scoring.discard(future)
+                    committing.add(future.result())  # scored; now being committed
                 else:
-                    advance(result)
+                    committing.discard(future)
+                    advance(future.result())
 
     job.assemble_while_scoring(pending)  # commits come from the one committer thread below
-    inflight: set[Future] = set()
+    scoring: set[Future] = set()
+    committing: set[Future] = set()
     spec_in = job.scorer.spec
     shape = (min(job.spec.chunk_size, max(job.n, 1)), spec_in.channels, spec_in.height, spec_in.width)
     buffers: queue.SimpleQueue = queue.SimpleQueue()
-    for _ in range(2 * workers + 1):  # one per chunk in flight (collect's limit)
+    for _ in range(2 * workers + 1):  # one per chunk being scored (collect's scoring limit)
         buffers.put(np.empty(shape, np.float32))
     with ThreadPoolExecutor(workers, thread_name_prefix="protoserve-score") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="protoserve-commit") as committer:
         for k in pending:
-            inflight.add(pool.submit(score, *read(k)))
-            collect(2 * workers + 1)
-        collect(1)
+            scoring.add(pool.submit(score, *read(k)))
+            collect(2 * workers + 1, COMMIT_QUEUE)
+        collect(1, 1)
