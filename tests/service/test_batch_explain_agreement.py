@@ -45,21 +45,23 @@ def test_score_rows_are_the_services_explain_answers(server, tiny_bundle, tmp_pa
     folder.mkdir()
     for name, data in files.items():
         (folder / name).write_bytes(data)
-    out = tmp_path / "rows.parquet"
-    run_scoring_job(JobSpec(str(tiny_bundle), [str(folder)], out, top_k=2, canonicalize=True, abstain=True),
-                    progress=False)
-    rows = {r["input_id"].rsplit("/", 1)[1]: r for r in pq.read_table(out).to_pylist()}
     abstained = 0
-    for name, data in files.items():
-        answer = httpx.post(f"{server}/explain", json={"image": base64.b64encode(data).decode(), "top_k": 2,
-                                                       "abstain": True, "canonicalize": True}, timeout=30).json()
-        row, prediction = rows[name], answer["prediction"]
-        assert (row["label"], row["abstained"], row["in_domain"]) == \
-               (prediction["label"], prediction["abstained"], prediction["in_domain"]), name
-        assert row["prototype_ids"] == [p["id"] for p in answer["prototypes"]], name
-        np.testing.assert_allclose(row["prototype_distances"], [p["distance"] for p in answer["prototypes"]],
-                                   rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(row["probabilities"], prediction["probabilities"], rtol=1e-4, atol=1e-6)
-        assert row["typicality"] == pytest.approx(prediction["typicality"], abs=1e-5)
-        abstained += row["abstained"]
+    for canonicalize in (True, False):  # as uploaded, the photos are unlike the training digits: abstentions
+        out = tmp_path / f"rows-{canonicalize}.parquet"
+        run_scoring_job(JobSpec(str(tiny_bundle), [str(folder)], out, top_k=2, canonicalize=canonicalize,
+                                abstain=True), progress=False)
+        rows = {r["input_id"].rsplit("/", 1)[1]: r for r in pq.read_table(out).to_pylist()}
+        for name, data in files.items():
+            body = {"image": base64.b64encode(data).decode(), "top_k": 2, "abstain": True,
+                    "canonicalize": canonicalize}
+            answer = httpx.post(f"{server}/explain", json=body, timeout=30).json()
+            row, prediction = rows[name], answer["prediction"]
+            assert (row["label"], row["abstained"], row["in_domain"]) == \
+                   (prediction["label"], prediction["abstained"], prediction["in_domain"]), name
+            assert row["prototype_ids"] == [p["id"] for p in answer["prototypes"]], name
+            np.testing.assert_allclose(row["prototype_distances"], [p["distance"] for p in answer["prototypes"]],
+                                       rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(row["probabilities"], prediction["probabilities"], rtol=1e-4, atol=1e-6)
+            assert row["typicality"] == pytest.approx(prediction["typicality"], abs=1e-5)
+            abstained += row["abstained"]
     assert abstained > 0  # the abstention path was exercised
