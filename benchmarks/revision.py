@@ -87,7 +87,7 @@ def baseline_config(family: str, seed: int, train_subset: int, epochs: int,
 def train_baseline(family: str, seed: int, args, root: Path, out: Path) -> Path:
     config = baseline_config(family, seed, args.train_subset, args.epochs or EPOCHS[family],
                              CONFOUNDERS[args.confounder])
-    trainer_class = family_entry(family).trainer_class()
+    trainer_class = family_entry(family).trainer
     trainer = trainer_class(config, out, data_root=root,
                             log=lambda s: print(f"  [{family} seed {seed}] {s}", flush=True))
     if (out / "last.pt").exists():

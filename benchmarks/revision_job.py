@@ -1,12 +1,14 @@
 """How long a revision job of the shipped ProtoPNet takes through `protoserve worker`, and what it costs.
 
-    python benchmarks/revision_job.py [--data-root DIR] [--reject 6 0] [--keep]
+    python benchmarks/revision_job.py [--data-root DIR] [--reject 6 0] [--modes mask revise] [--keep]
+    python benchmarks/revision_job.py --modes revise --rounds 3 --train-encoder --all-rounds
 
 A throw-away registry in a temporary folder gets the shipped bundle and checkpoint
 (models/protopnet_mnist, read only) as its active version, as `make review` does. Then, per mode
 (`mask`, then `revise`): two reject verdicts on the given prototypes (#6 stands for class 1 while its
 nearest training images are 3s and a 5; #0 sits off the digit), a job with the options the review page
-sends (one round, one epoch, encoder frozen), and `protoserve worker --once` as its own process, which
+sends (one round, one epoch, encoder frozen; --rounds, --epochs-per-round, --train-encoder,
+--all-rounds and --train-subset change them), and `protoserve worker --once` as its own process, which
 revises, exports with the parity check on the test set, registers the candidate and computes its
 nearest training images. Prints per job: seconds from job start (the worker's claim) to the candidate
 registered and to the job done, from the registry's own records; the worker process's wall time
@@ -34,7 +36,7 @@ from protoserve.verdicts import verdict  # noqa: E402
 from registry.versions import Registry  # noqa: E402
 
 SHIPPED = REPO / "models" / "protopnet_mnist"
-PAGE_OPTIONS = {"rounds": 1, "epochs_per_round": 1, "auto_promote": False,
+PAGE_OPTIONS = {"rounds": 1, "epochs_per_round": 1, "freeze_encoder": True, "auto_promote": False,
                 "max_accuracy_drop": 0.01}  # what the review page posts with its own defaults
 
 
@@ -81,8 +83,16 @@ def main() -> None:
     p.add_argument("--data-root", default=settings().data_root, help="MNIST IDX files")
     p.add_argument("--reject", type=int, nargs=2, default=[6, 0], metavar="ID", help="the two prototypes rejected")
     p.add_argument("--modes", nargs="+", default=["mask", "revise"], choices=["mask", "revise"])
+    p.add_argument("--rounds", type=int, default=PAGE_OPTIONS["rounds"], help="revision rounds (mode revise)")
+    p.add_argument("--epochs-per-round", type=int, default=PAGE_OPTIONS["epochs_per_round"])
+    p.add_argument("--train-encoder", action="store_true", help="train the encoder too (the page's default freezes it)")
+    p.add_argument("--all-rounds", action="store_true", help="train every round, also after one that rejects nothing")
+    p.add_argument("--train-subset", type=int, default=None, help="revise on the first N training images only")
     p.add_argument("--keep", action="store_true", help="keep the temporary registry and the worker log")
     args = p.parse_args()
+    options = {**PAGE_OPTIONS, "rounds": args.rounds, "epochs_per_round": args.epochs_per_round,
+               "freeze_encoder": not args.train_encoder, "all_rounds": args.all_rounds,
+               "train_subset": args.train_subset}
 
     work = Path(tempfile.mkdtemp(prefix="revision_job_"))
     registry, parent = shipped_registry(work / "registry")
@@ -92,8 +102,8 @@ def main() -> None:
         for mode in args.modes:
             for j in args.reject:
                 registry.store.add_verdict(parent, verdict(j, "reject", 1, "benchmark", note="revision_job.py"))
-            job = registry.store.add_job(parent, RevisionSettings(mode=mode, **PAGE_OPTIONS))
-            print(f"job {job['id']} ({mode}, rejecting {args.reject}): running protoserve worker --once ...")
+            job = registry.store.add_job(parent, RevisionSettings(mode=mode, **options))
+            print(f"job {job['id']} ({mode}, rejecting {args.reject}, {options}): running protoserve worker --once ...")
             wall, rss = run_worker(registry, args.data_root, work / "worker.log")
             rows.append({"mode": mode, "wall": wall, "rss": rss, **job_figures(registry, job["id"])})
     finally:

@@ -30,7 +30,7 @@ def _train(args) -> None:
     family = config_family(config)
     if family.distributed:
         init_distributed(config.train.device)  # under torchrun: DistributedDataParallel, push across ranks
-    trainer = family.trainer_class()(config, out, data_root=root)
+    trainer = family.trainer(config, out, data_root=root)
     if args.resume:
         trainer.resume()
     elif (out / "last.pt").exists():

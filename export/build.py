@@ -144,7 +144,7 @@ def _build(model: nn.Module, config, payload: dict, checkpoint: Path, test: Spli
                       nearest_distance_quantiles=drift_quantiles(onnx_out["distances"].min(axis=1)))  # all active
     log(f"test accuracy {metrics.test_accuracy:.4f} (PyTorch), {metrics.onnx_test_accuracy:.4f} (ONNX Runtime)")
     probe_images = write_probe(model, test, staging / "probe.npz")
-    records = family_of(model).records_function()(model, push_set, *input_normalization(config.data.dataset))
+    records = family_of(model).prototype_records(model, push_set, *input_normalization(config.data.dataset))
     prototypes = mark_masked(write_prototypes(records, staging), payload.get("revision") or {})
     manifest = Manifest(
         name=name, version=version, family=model.cfg.family, created_at=datetime.now(UTC),

@@ -16,6 +16,10 @@ import torch
 from PIL import Image
 
 from registry.versions import NEIGHBOURS_FILE, Registry
+from training.checkpoint import load_checkpoint
+from training.datasets import input_normalization, load_run_data
+from training.families import family_of
+from training.splits import resolve_data_root
 
 K = 3
 LIMIT = 10_000
@@ -25,11 +29,6 @@ LIMIT = 10_000
 def nearest_training_images(checkpoint: Path, data_root: str | None, k: int = K, limit: int = LIMIT,
                             batch_size: int = 500) -> tuple[list[list[tuple[int, int, float]]], torch.Tensor]:
     """Per prototype: [(training index, label, distance)] nearest first; and the images [n, C, H, W] in [0, 1]."""
-    from training.checkpoint import load_checkpoint
-    from training.datasets import input_normalization, load_run_data
-    from training.families import family_of
-    from training.splits import resolve_data_root
-
     model, config, _ = load_checkpoint(checkpoint)
     model.eval()
     train = load_run_data(config, resolve_data_root(data_root, config.data.root))["train"]

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from bundle.manifest import Bundle, BundleError, read_bundle
+from bundle.store import load_stored_bundle
 from protoserve.errors import ProtoserveError
 from scoring import outputs
 from scoring.inputs import Inputs, open_inputs
@@ -77,8 +78,6 @@ def resolve_bundle(model: str) -> Bundle:
         return read_bundle(model)
     if "/" in model or model.startswith("."):
         raise BundleError(f"{model}: no such bundle directory")
-    from bundle.store import load_stored_bundle
-
     return load_stored_bundle(model)
 
 

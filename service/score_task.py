@@ -22,9 +22,10 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
-from bundle.manifest import Manifest
+from bundle.manifest import Manifest, read_bundle
 from inference.domain import parse_flag
 from inference.explain import active_mask
+from inference.model import bundle_location
 from inference.preprocess import DEFAULT_LIMITS, parse_top_k
 from protoserve.errors import InputError
 from scoring.rows import BatchScorer
@@ -132,9 +133,6 @@ class ScoreGate:
     def manifest(self) -> Manifest:
         """The served bundle's manifest (read on first use, in the worker: the app is built before)."""
         if self._manifest is None:
-            from bundle.manifest import read_bundle
-            from inference.model import bundle_location
-
             self._manifest = read_bundle(bundle_location()).manifest
         return self._manifest
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from inference.explanation import prototype_pictures
-from inference.model import LoadedModel, load_model
+from inference.model import LoadedModel, bundle_location, load_model
 from protoserve.settings import settings
 from registry.store import RegistryError
-from registry.versions import Registry
+from registry.versions import Registry, registry_location
 
 log = logging.getLogger("protoserve.service")
 
@@ -83,9 +83,6 @@ def served_version(model: LoadedModel, generation: int | None) -> ServedVersion:
 
 def initial_location() -> tuple[Path, int | None, Registry | None]:
     """(bundle directory, generation, registry): the registry's active version, else the fixed bundle."""
-    from inference.model import bundle_location
-    from registry.versions import registry_location
-
     root = registry_location()
     if root is None:
         return bundle_location(), None, None

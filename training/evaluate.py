@@ -68,7 +68,7 @@ def evaluate_checkpoint(path: Path, data_root: str | None = None, batch_size: in
     model, config, payload = load_checkpoint(path)
     data = run_data(config, data_root)
     return {"checkpoint": str(path), "epoch": payload["epoch"],
-            **config_family(config).evaluation()(model, data, batch_size)}
+            **config_family(config).evaluate(model, data, batch_size)}
 
 
 def run_data(config: Config, data_root: str | None = None) -> dict[str, Split]:

@@ -1,7 +1,8 @@
 """The training side's family registry: everything that differs between the model families.
 
 A family registers itself where it is defined, with `register_family(Family(...))` at the bottom of
-its module (training/prototypedl.py, training/protopnet.py; training/__init__.py imports them), as
+its trainer module (training/train_prototypedl.py, training/train_protopnet.py; training/__init__.py
+imports them), as
 timm's `register_model` does; callers look it up with `family(name)` or `family_of(model)` and
 nothing else branches on a family name. A row says how to build the model, which trainer and
 evaluation run it, whether it trains under torchrun, what its ONNX graph returns (names, shapes,
@@ -9,13 +10,13 @@ the forward pass the exporter traces, the decoder graph if any), what its protot
 bundle (pictures and provenance) and which config fields it checks. The torch-free counterpart, for
 code that reads bundles, is bundle/families.py.
 
-The trainers, the evaluation, the pictures and the prototype records import the family's model
-module, so a row names them as "module:attribute", imported when asked.
+The trainers, the evaluation and the pictures import the family's model module, so a family's row
+is registered by its trainer module (training/train_prototypedl.py, training/train_protopnet.py),
+which imports them all: the row holds the objects themselves, with no import deferred.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,43 +46,23 @@ class Family:
     """One family's row in the training registry (see the module docstring)."""
     name: str
     build: Callable[..., nn.Module]  # (model config, initial backbone weights?) -> model
-    trainer: str  # "module:Class" of its trainer (constructor: config, out_dir, data_root)
-    evaluate: str  # "module:function" (model, data splits, batch_size) -> its figures
+    trainer: type  # its trainer class (constructor: config, out_dir, data_root)
+    evaluate: Callable[..., dict]  # (model, data splits, batch_size) -> its figures
     distributed: bool  # trains under torchrun with DistributedDataParallel
     graph_outputs: Callable[[nn.Module], dict[str, list]]  # model.onnx output name -> shape, in graph order
     graph_forward: Callable[[nn.Module, torch.Tensor], tuple]  # image -> those outputs, as traced for export
     decoder: Callable[[nn.Module], nn.Module | None]  # latent -> image graph (decoder.onnx), or None
-    prototype_records: str  # "module:function" (model, push_set, mean, std) -> a PrototypeRecord per prototype
+    prototype_records: Callable[..., list[PrototypeRecord]]  # (model, push_set, mean, std) -> one per prototype
     encode: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # images -> [N, P, D]: what prototypes are compared with
     backbone: Callable[[nn.Module], nn.Module]  # its feature extractor (the quality report's sanity check)
     config_checks: Callable[..., list[tuple[bool, str]]]  # (run config) -> (holds?, message) for its own fields
-    pictures: str | None  # "module:function" (model, config, out, data_root, seed) -> PNGs of a checkpoint
+    pictures: Callable[..., list] | None  # (model, config, out, data_root, seed) -> PNGs of a checkpoint
     pictures_note: str = ""  # where its pictures come from instead, when `pictures` is None
 
-    def trainer_class(self) -> type:
-        """The family's trainer class (imported now)."""
-        return _resolve(self.trainer)
-
-    def evaluation(self) -> Callable[..., dict]:
-        """The family's evaluation function (imported now)."""
-        return _resolve(self.evaluate)
-
-    def records_function(self) -> Callable[..., list[PrototypeRecord]]:
-        """The family's prototype records function (imported now)."""
-        return _resolve(self.prototype_records)
-
-    def picture_function(self) -> Callable[..., list]:
-        """The family's picture function (imported now; only when `pictures` is set)."""
-        return _resolve(self.pictures)
 
 
 class FamilyError(ProtoserveError):
     """A family that is unknown, or that lacks what was asked of it."""
-
-
-def _resolve(target: str):
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 FAMILIES: NamedTable[Family] = NamedTable("model family", FamilyError)

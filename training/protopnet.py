@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from protoserve.similarity import similarity  # log((d + 1) / (d + eps)), shared with inference
 from training.backbones import BACKBONES, build_backbone
 from training.config import Config, LossConfig, ModelConfig
-from training.families import BATCH, Family, register_family
+from training.families import BATCH
 from training.receptive_field import ReceptiveField
 
 
@@ -178,14 +178,3 @@ def config_checks(config: Config) -> list[tuple[bool, str]]:
 
 def build(config: ModelConfig, initial_weights: bool = True) -> ProtoPNet:
     return ProtoPNet(config, backbone_weights=config.backbone_weights if initial_weights else None)
-
-
-register_family(Family(
-    name="protopnet", build=build,
-    trainer="training.train_protopnet:ProtoPNetTrainer", evaluate="training.evaluate:evaluate_protopnet",
-    distributed=True, graph_outputs=graph_outputs, graph_forward=graph_forward,
-    encode=lambda model, x: model.latent(x).flatten(2).transpose(1, 2), backbone=lambda model: model.features,
-    decoder=lambda model: None, prototype_records="training.push:pushed_prototype_records",
-    config_checks=config_checks, pictures=None,
-    pictures_note="push writes each prototype's pictures into the run's push/epoch_NNNN/ folders, and the "
-                  "bundle holds those of the exported model"))

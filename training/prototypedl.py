@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from training.config import LossConfig, ModelConfig
-from training.families import BATCH, Family, PrototypeRecord, register_family
+from training.families import BATCH, PrototypeRecord
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
@@ -193,12 +193,3 @@ def prototype_records(model: PrototypeDL, push_set=None, mean=None, std=None) ->
     return [PrototypeRecord(class_identity=identities[j], weights=W[:, j].tolist(),
                             pictures={"image": Image.fromarray(p[0] if p.shape[0] == 1 else p.transpose(1, 2, 0))})
             for j, p in enumerate(pictures)]  # p: [C, H, W]
-
-
-register_family(Family(
-    name="prototypedl", build=lambda config, initial_weights=True: PrototypeDL(config),
-    trainer="training.train_prototypedl:PrototypeDLTrainer", evaluate="training.evaluate:evaluate_prototypedl",
-    distributed=False, graph_outputs=graph_outputs, graph_forward=graph_forward,
-    encode=lambda model, x: model.encode(x)[:, None, :], backbone=lambda model: model.encoder,
-    decoder=PrototypeDLDecoder, prototype_records="training.prototypedl:prototype_records",
-    config_checks=lambda config: [], pictures="training.visualize:prototypedl_figures"))

@@ -36,9 +36,24 @@ from training.checkpoint import build_model
 from training.config import Config
 from training.datasets import dataset, input_normalization, load_run_data
 from training.elastic import elastic_deform, faded_alpha
-from training.evaluate import accuracy
-from training.protopnet import ProtoPNet, l1_wrong_class, protopnet_loss
-from training.push import object_overlaps, push_prototypes, push_purity, write_push_pictures
+from training.evaluate import accuracy, evaluate_protopnet
+from training.families import Family, register_family
+from training.protopnet import (
+    ProtoPNet,
+    build,
+    config_checks,
+    graph_forward,
+    graph_outputs,
+    l1_wrong_class,
+    protopnet_loss,
+)
+from training.push import (
+    object_overlaps,
+    push_prototypes,
+    push_purity,
+    pushed_prototype_records,
+    write_push_pictures,
+)
 from training.resumable import ResumableRun, duration, resolve_device
 from training.splits import Split, resolve_data_root
 
@@ -248,3 +263,14 @@ class _Subset:
 
     def __getitem__(self, index):
         return self.images[self.shard[index]]
+
+
+register_family(Family(
+    name="protopnet", build=build,
+    trainer=ProtoPNetTrainer, evaluate=evaluate_protopnet,
+    distributed=True, graph_outputs=graph_outputs, graph_forward=graph_forward,
+    encode=lambda model, x: model.latent(x).flatten(2).transpose(1, 2), backbone=lambda model: model.features,
+    decoder=lambda model: None, prototype_records=pushed_prototype_records,
+    config_checks=config_checks, pictures=None,
+    pictures_note="push writes each prototype's pictures into the run's push/epoch_NNNN/ folders, and the "
+                  "bundle holds those of the exported model"))

@@ -25,9 +25,19 @@ from training.checkpoint import build_model
 from training.config import Config
 from training.datasets import dataset, load_run_data
 from training.elastic import elastic_deform, faded_alpha
-from training.prototypedl import PrototypeDL, prototypedl_loss
+from training.evaluate import evaluate_prototypedl
+from training.families import Family, register_family
+from training.prototypedl import (
+    PrototypeDL,
+    PrototypeDLDecoder,
+    graph_forward,
+    graph_outputs,
+    prototype_records,
+    prototypedl_loss,
+)
 from training.resumable import ResumableRun, duration, resolve_device
 from training.splits import Split, resolve_data_root
+from training.visualize import prototypedl_figures
 
 
 def lr_lambda(cfg, steps_per_epoch: int):
@@ -169,3 +179,12 @@ class PrototypeDLTrainer(ResumableRun):
                  f"train acc {m['train_accuracy']:.4f}  val acc {m['val_accuracy']:.4f}"
                  f"{' *' if is_best else ''}  lr {m['lr']:.2e}  {m['epoch_seconds']:.1f}s/epoch  "
                  f"ETA {duration(eta)}")
+
+
+register_family(Family(
+    name="prototypedl", build=lambda config, initial_weights=True: PrototypeDL(config),
+    trainer=PrototypeDLTrainer, evaluate=evaluate_prototypedl,
+    distributed=False, graph_outputs=graph_outputs, graph_forward=graph_forward,
+    encode=lambda model, x: model.encode(x)[:, None, :], backbone=lambda model: model.encoder,
+    decoder=PrototypeDLDecoder, prototype_records=prototype_records,
+    config_checks=lambda config: [], pictures=prototypedl_figures))

@@ -152,7 +152,7 @@ def visualize_checkpoint(checkpoint: Path, out: Path, data_root: str | None = No
     if entry.pictures is None:
         raise FamilyError(f"{checkpoint}: {entry.name} has no pictures to draw from a checkpoint; "
                           f"{entry.pictures_note}")
-    written = entry.picture_function()(model, config, Path(out), data_root, seed)
+    written = entry.pictures(model, config, Path(out), data_root, seed)
     metrics_path = Path(metrics) if metrics else Path(checkpoint).parent / "metrics.jsonl"
     if metrics_path.is_file():
         written.append(plot_curves(metrics_path, Path(out) / "curves.png"))

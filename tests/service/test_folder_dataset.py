@@ -42,7 +42,7 @@ def folder_bundle(request, shapes, tmp_path_factory):
     raw = {"data": {"dataset": "folder", "val_size": 6, "split_seed": 0}, **CONFIGS[name]}
     config = Config.from_dict(raw, source="test")
     run = tmp_path_factory.mktemp(f"folder_{name}")
-    family(name).trainer_class()(config, run, data_root=shapes, log=lambda s: None).fit()
+    family(name).trainer(config, run, data_root=shapes, log=lambda s: None).fit()
     out = run / "bundle"
     export_bundle(run / "best.pt", out, f"shapes-{name}", "0.1.0", data_root=str(shapes), log=lambda s: None,
                   quality=QualityOptions(sample=6, curve_images=4, steps=4, encodings=60))

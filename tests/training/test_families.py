@@ -31,7 +31,7 @@ def test_a_built_model_exports_what_its_bundle_must_hold(name, raw):
     for (output, shape), value in zip(outputs.items(), values, strict=True):
         assert list(value.shape) == [2, *shape[1:]], output
     assert (entry.decoder(model) is not None) == SERVING_FAMILIES[name].has_decoder
-    assert callable(entry.trainer_class()) and callable(entry.evaluation())
+    assert isinstance(entry.trainer, type) and callable(entry.evaluate)
 
 
 def test_an_unknown_family_is_named():
