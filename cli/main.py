@@ -177,10 +177,13 @@ def _score(args) -> None:
     from scoring.metrics import publish
     from scoring.run import run_scoring_job
 
+    if args.pictures_for and not args.pictures:
+        raise ProtoserveError("--pictures-for needs --pictures DIR (the folder for the pictures)")
     spec = JobSpec(model=args.model, inputs=args.input, output=Path(args.output), top_k=args.top_k,
                    chunk_size=CHUNK_SIZE if args.chunk_size is None else args.chunk_size, workers=args.workers,
-                   device=args.device,
-                   image_column=args.image_column)
+                   device=args.device, image_column=args.image_column, canonicalize=args.canonicalize,
+                   abstain=args.abstain, pictures=Path(args.pictures) if args.pictures else None,
+                   pictures_for=args.pictures_for or "errors")
     started = time.time()
     try:
         summary = run_scoring_job(spec, engine=args.engine, restart=args.restart, progress=not args.quiet,
@@ -195,6 +198,14 @@ def _score(args) -> None:
                 pushgateway=args.pushgateway, metrics_file=args.metrics_file,
                 grouping_key={"output": Path(args.output).name})
     print(summary.line())
+
+
+def _explain(args) -> int:
+    from cli.explain import explain_files
+
+    return explain_files(args.images, Path(args.bundle) if args.bundle else None, Path(args.out) if args.out else None,
+                         canonicalize=args.canonicalize, top_k=args.top_k, abstain=args.abstain, as_json=args.json,
+                         device=args.device)
 
 
 def _serve(args) -> None:
@@ -419,8 +430,32 @@ def _score_verb(sub) -> None:
     p.add_argument("--pushgateway", help="push job metrics to this Prometheus Pushgateway (host:port or URL)")
     p.add_argument("--metrics-file", help="write job metrics here for the node exporter's textfile collector "
                    "(*.prom)")
+    p.add_argument("--canonicalize", action="store_true", help="make photo-like pictures the way the training "
+                   "images were made first (as /explain's \"canonicalize\"; the model's input.canonical)")
+    p.add_argument("--abstain", action="store_true", help="out-of-domain rows withhold their label (label and "
+                   "class_name null, abstained true), as /explain's \"abstain\"")
+    p.add_argument("--pictures", metavar="DIR", help="write the explanation picture of the rows --pictures-for "
+                   "names into DIR (<index>.png; the row's picture column names it)")
+    p.add_argument("--pictures-for", choices=["errors", "out-of-domain", "all"],
+                   help="which rows get a picture: errors (prediction differs from the input's class: an IDX labels "
+                   "file beside the images, a class sub-folder), out-of-domain, all (default: errors)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("explain", help="explain local image files without a server: the /explain answer and its "
+                       "picture for each")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    p.add_argument("--bundle", help="bundle folder (default: $PROTOSERVE_BUNDLE, else the shipped model)")
+    p.add_argument("--out", help="where the pictures go: a .png file for one IMAGE, else a folder "
+                   "(default: runs/explain/, <image name>.png)")
+    p.add_argument("--canonicalize", action="store_true", help="make photo-like pictures the way the training "
+                   "images were made first (as /explain's \"canonicalize\")")
+    p.add_argument("--top-k", type=int, help="nearest prototypes (default 3)")
+    p.add_argument("--abstain", action="store_true", help="an out-of-domain answer withholds its label")
+    p.add_argument("--json", action="store_true", help="print each answer as one line of JSON (the /explain body "
+                   "with \"input\" and \"picture\") instead of text")
+    p.add_argument("--device", default="cpu", choices=["auto", "cuda", "cpu"])
+    p.set_defaults(func=_explain)
 
 
 def _serving_verbs(sub) -> None:
@@ -486,14 +521,14 @@ def _serving_verbs(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)  # None, or the exit code of a verb that went on past bad inputs
     except ProtoserveError as e:
         print(f"protoserve {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"protoserve {args.verb}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -150,13 +150,6 @@ def parse_flag(value: object, name: str, default: bool) -> bool:
     raise InputError("wrong_type", f'"{name}" must be true or false, not {value!r}')
 
 
-def domain_fields(in_domain: np.ndarray | None, typicality: np.ndarray | None, i: int) -> dict:
-    """The answer's fields for image i: in_domain and typicality (null without calibration)."""
-    if in_domain is None:
-        return {"in_domain": None, "typicality": None}
-    return {"in_domain": bool(in_domain[i]), "typicality": round(float(typicality[i]), 6)}
-
-
 def abstention(answer: dict, calibration: DomainCalibration) -> dict:
     """Withhold an out-of-domain prediction's label (answer = {"label", "class_name", ...}) and say why."""
     answer.update(label=None, class_name=None, abstained=True, reason=ABSTAIN_REASON,

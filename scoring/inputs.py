@@ -9,6 +9,10 @@ be scored in any order and resumed.
 An item is (input_id, value): value is picture bytes, one numpy record, or an InputError saying why
 it could not be read (the job goes on; the row records it).
 
+truth() gives the inputs' classes where the input says them: an IDX labels file beside an IDX images
+file (`t10k-labels-idx1-ubyte.gz` beside `t10k-images-idx3-ubyte.gz`), or a folder's first-level
+sub-folder named as one of the model's classes (the `folder` data set's layout); -1 elsewhere.
+
 fingerprint() identifies the inputs as they are now (names, sizes, modification times, and a hash of
 each file's first and last 64 KiB) so a resumed job notices a changed input.
 """
@@ -20,6 +24,7 @@ import hashlib
 import os
 import struct
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +47,31 @@ class InputsError(ProtoserveError):
     """An --input that cannot be read at all (missing, unknown format, no image column)."""
 
 
+class RecordIds(Sequence):
+    """The ids "<name>#<i>" of records lo..hi-1 of one file, made only when the rows are written
+    (arrow(): straight into one Arrow column), never held as a list beside the records."""
+
+    def __init__(self, name: str, lo: int, hi: int):
+        self.name, self.lo, self.hi = name, lo, hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return f"{self.name}#{self.lo + i % len(self)}"
+
+    def arrow(self):
+        """The ids as an Arrow string array. (pyarrow.compute would join them without a Python string
+        each, but its first call in a process costs 0.2 s of CPU, more than a 70,000-image job's ids.)"""
+        import pyarrow as pa
+
+        return pa.array([f"{self.name}#{i}" for i in range(self.lo, self.hi)], pa.string())
+
+
 class RecordSource:
     """Fixed-size records after a header: IDX files and .npy arrays (plain, gzip, or inside an .npz)."""
 
@@ -51,6 +81,19 @@ class RecordSource:
         self.shape, self.dtype, self.n, self.files = shape, dtype, n, files
         self.record_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         self._file = None
+        self.labels_path: Path | None = None  # an IDX labels file of n records beside an IDX images file
+        self._labels: np.ndarray | None = None
+
+    def truth(self, lo: int, hi: int, class_names: list[str]) -> np.ndarray:
+        """Classes of records lo..hi-1 from the labels file beside this one; -1 without one."""
+        if self.labels_path is None:
+            return np.full(hi - lo, -1, np.int64)
+        if self._labels is None:
+            with _open_maybe_gzip(self.labels_path) as f:
+                f.seek(8)
+                self._labels = np.frombuffer(f.read(self.n), np.uint8).astype(np.int64)
+        labels = self._labels[lo:hi]
+        return np.where(labels < len(class_names), labels, -1)
 
     def read(self, lo: int, hi: int) -> list[tuple[str, object]]:
         ids, block, missing = self.read_block(lo, hi)
@@ -58,7 +101,7 @@ class RecordSource:
         return items + [(ids[i], InputError("corrupt_image", "file is truncated: record missing"))
                         for i in range(len(block), len(block) + missing)]
 
-    def read_block(self, lo: int, hi: int) -> tuple[list[str], np.ndarray, int]:
+    def read_block(self, lo: int, hi: int) -> tuple[RecordIds, np.ndarray, int]:
         """Records lo..hi-1 as one array: (ids, records [m, ...], how many are missing past the end)."""
         if self._file is None:
             self._file = self.opener()
@@ -67,9 +110,10 @@ class RecordSource:
         whole = len(data) // self.record_bytes if self.record_bytes else hi - lo
         block = np.frombuffer(data[:whole * self.record_bytes], self.dtype).reshape(whole, *self.shape)
         block = block.astype(self.dtype.newbyteorder("="), copy=False)
-        return [f"{self.name}#{i}" for i in range(lo, hi)], block, hi - lo - whole
+        return RecordIds(self.name, lo, hi), block, hi - lo - whole
 
     def close(self) -> None:
+        self._labels = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -88,6 +132,12 @@ class FolderSource:
         self.paths = files
         self.n = len(files)
         self.files = files
+
+    def truth(self, lo: int, hi: int, class_names: list[str]) -> np.ndarray:
+        """Classes of files lo..hi-1 from their first-level sub-folder's name; -1 where it names no class."""
+        index = {name: i for i, name in enumerate(class_names)}
+        return np.array([index.get(p.relative_to(self.root).parts[0], -1) if len(p.relative_to(self.root).parts) > 1
+                         else -1 for p in self.paths[lo:hi]], np.int64)
 
     def read(self, lo: int, hi: int) -> list[tuple[str, object]]:
         items: list[tuple[str, object]] = []
@@ -121,6 +171,9 @@ class ParquetSource:
         self.n = meta.num_rows
         self.group_starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
         self._cached: tuple[int, list] | None = None
+
+    def truth(self, lo: int, hi: int, class_names: list[str]) -> np.ndarray:
+        return np.full(hi - lo, -1, np.int64)
 
     def read(self, lo: int, hi: int) -> list[tuple[str, object]]:
         items: list[tuple[str, object]] = []
@@ -188,7 +241,7 @@ class Inputs:
     def n(self) -> int:
         return int(self.starts[-1])
 
-    def read_values(self, lo: int, hi: int) -> tuple[list[str], list[object] | np.ndarray]:
+    def read_values(self, lo: int, hi: int) -> tuple[Sequence[str], list[object] | np.ndarray]:
         """(ids, values) of items lo..hi-1: values is one array when they are whole records of one file."""
         k = int(np.searchsorted(self.starts, lo, side="right") - 1)
         source = self.sources[k] if k < len(self.sources) else None
@@ -198,6 +251,15 @@ class Inputs:
                 return ids, block
         items = self.read(lo, hi)
         return [i for i, _ in items], [v for _, v in items]
+
+    def truth(self, lo: int, hi: int, class_names: list[str]) -> np.ndarray:
+        """int64 [hi - lo]: the classes of items lo..hi-1 where the inputs say them, else -1."""
+        parts = []
+        for k, source in enumerate(self.sources):
+            s_lo, s_hi = max(lo, int(self.starts[k])), min(hi, int(self.starts[k + 1]))
+            if s_lo < s_hi:
+                parts.append(source.truth(s_lo - int(self.starts[k]), s_hi - int(self.starts[k]), class_names))
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def read(self, lo: int, hi: int) -> list[tuple[str, object]]:
         """Items lo..hi-1 of the job, in order."""
@@ -275,8 +337,29 @@ def _idx_source(path: Path, name: str) -> RecordSource:
         head = f.read(4)
         ndim = head[3]
         dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
-    return RecordSource(name, lambda: _open_maybe_gzip(path), 4 + 4 * ndim, tuple(dims[1:]), IDX_TYPES[head[2]],
-                        dims[0], [path])
+    source = RecordSource(name, lambda: _open_maybe_gzip(path), 4 + 4 * ndim, tuple(dims[1:]), IDX_TYPES[head[2]],
+                          dims[0], [path])
+    source.labels_path = _idx_labels(path, dims[0])
+    if source.labels_path is not None:
+        source.files = [path, source.labels_path]  # a changed labels file changes the job's true_label column
+    return source
+
+
+def _idx_labels(images: Path, n: int) -> Path | None:
+    """The IDX labels file beside an IDX images file (MNIST's names: -images-idx3- -> -labels-idx1-,
+    gzipped or not), when it holds n uint8 labels; None otherwise."""
+    if "-images-idx3-" not in images.name:
+        return None
+    stem = images.name.replace("-images-idx3-", "-labels-idx1-").removesuffix(".gz")
+    for candidate in (images.with_name(stem), images.with_name(stem + ".gz")):
+        try:
+            with _open_maybe_gzip(candidate) as f:
+                head = f.read(8)
+        except (OSError, EOFError):
+            continue
+        if len(head) == 8 and head[:4] == b"\0\0\x08\x01" and struct.unpack(">I", head[4:])[0] == n:
+            return candidate
+    return None
 
 
 def _npy_header(f, name: str) -> tuple[tuple[int, ...], np.dtype]:

@@ -39,13 +39,14 @@ from protoserve.errors import ProtoserveError
 from scoring import outputs
 from scoring.inputs import Inputs, open_inputs
 from scoring.outputs import ParquetAssembly, to_table, write_jsonl
+from scoring.pictures import PICTURES_FOR
 from scoring.rows import BatchScorer, Columns
 
 # Inputs per committed chunk. Larger chunks mean fewer commits, thread hand-offs and row groups;
 # smaller ones less work redone after a kill.
 CHUNK_SIZE = 4096
 # The row format's version; a job started under another version is refused.
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 JOB_FILE, DONE_FILE = "job.json", "complete.json"
 CHUNK_METADATA = b"protoserve.chunk"
 
@@ -65,6 +66,10 @@ class JobSpec:
     workers: int = 0  # 0: one ONNX Runtime session per core
     device: str = "auto"
     image_column: str | None = None
+    canonicalize: bool = False  # /explain's "canonicalize": photo-like pictures made like the training images
+    abstain: bool = False  # /explain's "abstain": out-of-domain rows withhold their label
+    pictures: Path | None = None  # a folder for the explanation pictures of the rows `pictures_for` names
+    pictures_for: str = "errors"  # errors | out-of-domain | all (scoring/pictures.py)
 
 
 def resolve_bundle(model: str) -> Bundle:
@@ -93,8 +98,10 @@ class Job:
         self.format = output_format(self.output)
         if spec.chunk_size < 1:
             raise JobError(f"chunk size {spec.chunk_size}: must be at least 1")
+        if spec.pictures_for not in PICTURES_FOR:
+            raise JobError(f"pictures for {spec.pictures_for!r}: expected {' or '.join(PICTURES_FOR)}")
         self.bundle = bundle or resolve_bundle(spec.model)
-        self.scorer = BatchScorer(self.bundle.manifest, spec.top_k)
+        self.scorer = BatchScorer(self.bundle.manifest, spec.top_k, canonical=spec.canonicalize, abstain=spec.abstain)
         self.dir = self.output.with_name(self.output.name + ".job")
         self.inputs: Inputs = open_inputs(spec.inputs, spec.image_column,
                                           exclude=(self.dir, self.output, lock_path(self.output)))
@@ -104,8 +111,12 @@ class Job:
         self.plan = {"plan_version": PLAN_VERSION, "model": {"tag": m.tag, "manifest_sha256": m.manifest_sha256},
                      "inputs": {"names": list(spec.inputs), "items": self.n,
                                 "fingerprint": self.inputs.fingerprint(), "image_column": spec.image_column},
-                     "top_k": spec.top_k, "chunk_size": spec.chunk_size, "chunks": self.chunks}
+                     "top_k": spec.top_k, "chunk_size": spec.chunk_size, "chunks": self.chunks,
+                     "canonicalize": spec.canonicalize, "abstain": spec.abstain,
+                     "pictures": None if spec.pictures is None else str(Path(spec.pictures).resolve()),
+                     "pictures_for": spec.pictures_for if spec.pictures is not None else None}
         self.assembly: ParquetAssembly | None = None  # the output, written while the chunks commit
+        self.failed: dict[int, int] = {}  # chunk -> rows with an error, for the chunks this run committed
 
     # -- state on disk --------------------------------------------------------------------------
     def start(self, restart: bool = False) -> bool:
@@ -176,11 +187,16 @@ class Job:
         lo, hi = self.chunk_range(k)
         return (lo, *self.inputs.read_values(lo, hi))
 
+    def truth(self, k: int) -> np.ndarray:
+        """int64: the classes of chunk k's inputs where the inputs say them, else -1 (the rows' true_label)."""
+        return self.inputs.truth(*self.chunk_range(k), list(self.bundle.manifest.class_names))
+
     def commit(self, k: int, columns: Columns) -> None:
         """Commit chunk k's rows (atomically) and hand them to the Parquet assembly if one runs."""
-        self.commit_table(k, to_table(columns))
+        table = to_table(columns)
+        self.commit_table(k, table)
         if self.assembly is not None:
-            self.assembly.add(k)
+            self.assembly.add(k, table)  # the rows in memory: the assembly need not read the file back
 
     def assemble_while_scoring(self, pending: list[int]) -> None:
         """Parquet output: append each chunk to the output's temporary file as soon as every chunk
@@ -197,6 +213,7 @@ class Job:
         if table.num_rows != hi - lo:
             raise JobError(f"chunk {k}: {table.num_rows} rows scored for {hi - lo} inputs")
         failed = table.num_rows - table.column("error").null_count  # rows with an error message
+        self.failed[k] = failed
         stats = json.dumps({"rows": table.num_rows, "failed": failed})
         table = table.replace_schema_metadata({CHUNK_METADATA: stats})
         tmp = self.chunk_path(k).with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
@@ -213,6 +230,9 @@ class Job:
 
         total = 0
         for k in range(self.chunks):  # the counts commit_table wrote into each chunk's schema
+            if k in self.failed:  # committed by this run: counted then
+                total += self.failed[k]
+                continue
             with pa.memory_map(str(self.chunk_path(k))) as source:
                 meta = pa.ipc.open_file(source).schema.metadata or {}
             total += json.loads(meta.get(CHUNK_METADATA, b'{"failed": 0}'))["failed"]
@@ -317,7 +337,7 @@ def _what_changed(saved: dict, plan: dict) -> str | None:
         return f"the model changed (was {saved['model']['tag']}, now {plan['model']['tag']})"
     if saved["inputs"] != plan["inputs"]:
         return "the input changed (files added, removed or modified)"
-    for key in ("top_k", "chunk_size"):
+    for key in ("top_k", "chunk_size", "canonicalize", "abstain", "pictures", "pictures_for"):
         if saved.get(key) != plan[key]:
             return f"{key} changed (was {saved.get(key)}, now {plan[key]})"
     return None

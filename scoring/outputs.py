@@ -35,16 +35,20 @@ def row_schema(plan: dict | None = None):
         ("probabilities", pa.list_(pa.float32())), ("prototype_ids", pa.list_(pa.int32())),
         ("prototype_distances", pa.list_(pa.float32())), ("prototype_similarities", pa.list_(pa.float32())),
         ("prototype_contributions", pa.list_(pa.float32())), ("in_domain", pa.bool_()), ("typicality", pa.float32()),
+        ("abstained", pa.bool_()), ("true_label", pa.int32()), ("picture", pa.string()),
         ("model_name", pa.string()), ("model_version", pa.string()), ("error", pa.string()),
     ], metadata=metadata)
 
 
 def to_table(c: Columns):
-    """Columns -> an Arrow table of row_schema (null prediction fields where a row has an error)."""
+    """Columns -> an Arrow table of row_schema (null prediction fields where a row has an error; null
+    label and class name where it abstained)."""
     import pyarrow as pa
 
     n, ok = len(c), c.ok
     null = pa.array(~ok)
+    withheld = ~ok
+    withheld[ok] = c.withheld()
 
     def full(values: np.ndarray, dtype) -> np.ndarray:
         out = np.zeros(n, dtype)
@@ -56,13 +60,18 @@ def to_table(c: Columns):
         offsets = np.concatenate([[0], np.cumsum(np.where(ok, width, 0))]).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), value_type), mask=null)
 
-    labels = full(c.label, np.int32)
-    names = pa.array(np.array(c.class_names, dtype=object)[labels], pa.string(), mask=~ok)
-    columns = [pa.array(c.index, pa.int64()), pa.array(c.input_id, pa.string()),
-               pa.array(labels, pa.int32(), mask=~ok), names,
+    labels = pa.array(full(c.label, np.int32), pa.int32(), mask=withheld)
+    names = pa.array(np.array(c.class_names, dtype=object)[full(c.label, np.int32)], pa.string(), mask=withheld)
+    ids = c.input_id.arrow() if hasattr(c.input_id, "arrow") else pa.array(list(c.input_id), pa.string())
+    columns = [pa.array(c.index, pa.int64()), ids,
+               labels, names,
                lists(c.probabilities, pa.float32()), lists(c.prototype_ids, pa.int32()),
                lists(c.prototype_distances, pa.float32()), lists(c.prototype_similarities, pa.float32()),
                lists(c.prototype_contributions, pa.float32()), *domain_columns(c, full),
+               pa.array(full(c.withheld(), bool), pa.bool_(), mask=~ok),
+               pa.nulls(n, pa.int32()) if c.true_label is None else pa.array(c.true_label, pa.int32(),
+                                                                               mask=c.true_label < 0),
+               pa.nulls(n, pa.string()) if c.picture is None else pa.array(c.picture, pa.string()),
                pa.repeat(pa.scalar(c.model_name), n),
                pa.repeat(pa.scalar(c.model_version), n), pa.array(c.error, pa.string())]
     return pa.Table.from_arrays(columns, schema=row_schema())
@@ -89,6 +98,7 @@ class ParquetAssembly:
 
         self.path, self.chunks, self.read_rows = Path(path), chunks, read_rows
         self.done, self.next, self.group = set(done), 0, []
+        self.tables: dict = {}  # committed chunks' rows handed over in memory, until written
         self.schema = row_schema(plan)
         self.file = open(self.path, "wb")
         self.writer = pq.ParquetWriter(self.file, self.schema,
@@ -96,8 +106,11 @@ class ParquetAssembly:
                                        write_statistics=["index", "label"])
         self._drain()
 
-    def add(self, k: int) -> None:
+    def add(self, k: int, table=None) -> None:
+        """Chunk k is committed; `table`: its rows, when the caller has them in memory."""
         self.done.add(k)
+        if table is not None:
+            self.tables[k] = table
         self._drain()
 
     def complete(self) -> bool:
@@ -119,7 +132,8 @@ class ParquetAssembly:
 
     def _drain(self) -> None:
         while self.next in self.done:  # chunks in order, each once: the prefix that is complete
-            self.group.append(self.read_rows(self.next))
+            table = self.tables.pop(self.next, None)
+            self.group.append(table if table is not None else self.read_rows(self.next))
             self.next += 1
             if len(self.group) == PARQUET_GROUP_CHUNKS:
                 self._write_group()

@@ -58,7 +58,9 @@ class ChunkScorer:
         features = self.job.scorer.features
         for k in batch["chunk"]:
             start, ids, values = self.job.read_inputs(int(k))
-            table = to_table(self.job.scorer.score(start, ids, values, lambda x: classify(self.session, x, features)))
+            columns = self.job.scorer.score(start, ids, values, lambda x: classify(self.session, x, features))
+            columns.true_label = self.job.truth(int(k))
+            table = to_table(columns)
             tables.append(table.add_column(0, "chunk", pa.array([int(k)] * table.num_rows, pa.int64())))
         return pa.concat_tables(tables)
 
@@ -67,6 +69,8 @@ def run_ray(job: Job, pending: list[int], advance, address: str | None = None) -
     """Score the pending chunks on Ray Data; the driver commits each chunk as its rows arrive."""
     import dataclasses
 
+    if job.spec.pictures is not None:
+        raise JobError("--pictures is written by the local engine only; run it with --engine local")
     ray = _import_ray()
     started_here = not ray.is_initialized()
     if started_here:

@@ -11,7 +11,7 @@ Row fields (`ROW_FIELDS`, one row per input, in input order):
     input_id             stable id: a file path (the folder as given + the path inside it), or
                          "<file>#<record>" in an IDX/.npy/Parquet file, "<file>:<array>#<record>"
                          in an .npz; "images[<i>]" in the HTTP task
-    label, class_name    the predicted class
+    label, class_name    the predicted class (null when the row abstained)
     probabilities        K floats
     prototype_ids        the top_k nearest active prototypes, nearest first (ids from the manifest)
     prototype_distances  their squared L2 distances
@@ -22,10 +22,14 @@ Row fields (`ROW_FIELDS`, one row per input, in input order):
     in_domain            whether the input is like the model's validation images (inference/domain.py);
                          null when the bundle has no out-of-domain calibration
     typicality           the share of validation images that scored further from the prototypes (0-1)
+    abstained            true when the row withholds its label: asked to abstain (`--abstain`, the
+                         /score_batch option "abstain") and out of domain; label and class_name are
+                         then null, the probabilities and nearest prototypes stay (as /explain's answer)
+    true_label           the input's class where the input says it (an IDX labels file beside an IDX
+                         images file, a folder's class sub-folder named as a class), else null
+    picture              the explanation picture written for the row (`--pictures`), else null
     model_name, model_version
     error                null when scored; else "<reason>: <message>"
-An abstaining scorer (the /score_batch option "abstain") leaves label and class_name null on rows
-with in_domain false; their probabilities and nearest prototypes stay.
 """
 
 from __future__ import annotations
@@ -39,12 +43,20 @@ from bundle.families import family
 from bundle.manifest import InputSpec, Manifest
 from inference.domain import domain_rule
 from inference.explain import active_mask, nearest_prototypes_batch, similarity
-from inference.preprocess import DEFAULT_LIMITS, Limits, array_to_input, normalize, to_input
+from inference.preprocess import (
+    DEFAULT_LIMITS,
+    Limits,
+    array_to_input,
+    canonical_input,
+    check_canonical,
+    normalize,
+    to_input,
+)
 from protoserve.errors import InputError
 
 ROW_FIELDS = ("index", "input_id", "label", "class_name", "probabilities", "prototype_ids",
               "prototype_distances", "prototype_similarities", "prototype_contributions", "in_domain",
-              "typicality", "model_name", "model_version", "error")
+              "typicality", "abstained", "true_label", "picture", "model_name", "model_version", "error")
 # Images per session.run: enough to keep a session busy; smaller slices keep the job's memory per
 # worker small and leave the service's batcher room.
 RUN_BATCH = 256
@@ -60,7 +72,7 @@ class Columns:
     (where `ok`, in order); the other rows have nulls there and their reason in `error`."""
 
     index: np.ndarray  # int64 [n]
-    input_id: list[str]
+    input_id: Sequence[str]  # a list, or scoring.inputs.RecordIds (built as an Arrow column when written)
     ok: np.ndarray  # bool [n]
     label: np.ndarray  # int64 [n_ok]
     probabilities: np.ndarray  # float32 [n_ok, K]
@@ -74,6 +86,9 @@ class Columns:
     error: list[str | None]
     in_domain: np.ndarray | None = None  # bool [n_ok]; None without calibration
     typicality: np.ndarray | None = None  # float32 [n_ok]
+    abstained: np.ndarray | None = None  # bool [n_ok]: the label is withheld; None: no row abstains
+    true_label: np.ndarray | None = None  # int64 [n], -1 where the input does not say; None: none says
+    picture: list[str | None] | None = None  # [n] the explanation picture written for each row
 
     def __len__(self) -> int:
         return len(self.input_id)
@@ -86,16 +101,26 @@ class Columns:
     def out_of_domain(self) -> int:
         return 0 if self.in_domain is None else int(len(self.in_domain) - self.in_domain.sum())
 
+    def withheld(self, abstain: bool = False) -> np.ndarray:
+        """bool [n_ok]: rows whose label is withheld (self.abstained, or out of domain when `abstain`)."""
+        withheld = np.zeros(len(self.label), bool) if self.abstained is None else self.abstained
+        if abstain and self.in_domain is not None:
+            withheld = withheld | ~self.in_domain
+        return withheld
+
     def records(self, abstain: bool = False) -> list[dict]:
         """The rows as JSON-ready dicts (the HTTP task's answer; JSON Lines lines hold the same);
         `abstain` withholds the label of out-of-domain rows."""
         rows, j = [], 0
+        withheld = self.withheld(abstain)
         for i in range(len(self)):
+            truth = None if self.true_label is None or self.true_label[i] < 0 else int(self.true_label[i])
             row = {"index": int(self.index[i]), "input_id": self.input_id[i], "label": None, "class_name": None,
                    "probabilities": None, "prototype_ids": None, "prototype_distances": None,
                    "prototype_similarities": None, "prototype_contributions": None, "in_domain": None,
-                   "typicality": None, "model_name": self.model_name, "model_version": self.model_version,
-                   "error": self.error[i]}
+                   "typicality": None, "abstained": None, "true_label": truth,
+                   "picture": None if self.picture is None else self.picture[i],
+                   "model_name": self.model_name, "model_version": self.model_version, "error": self.error[i]}
             if self.ok[i]:
                 label = int(self.label[j])
                 row.update(label=label, class_name=self.class_names[label],
@@ -106,8 +131,9 @@ class Columns:
                            prototype_contributions=[float(v) for v in self.prototype_contributions[j]])
                 if self.in_domain is not None:
                     row.update(in_domain=bool(self.in_domain[j]), typicality=float(self.typicality[j]))
-                    if abstain and not self.in_domain[j]:
-                        row.update(label=None, class_name=None)
+                row["abstained"] = bool(withheld[j])
+                if withheld[j]:
+                    row.update(label=None, class_name=None)
                 j += 1
             rows.append(row)
         return rows
@@ -115,7 +141,8 @@ class Columns:
 
 
 
-def records_to_input(records: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, list[InputError | None]]:
+def records_to_input(records: np.ndarray, spec: InputSpec,
+                     out: np.ndarray | None = None) -> tuple[np.ndarray, list[InputError | None]]:
     """A stack of array records [n, H, W] or [n, C, H, W] -> (model input [n, C, H, W], errors).
 
     uint8 records are grey levels 0-255 (scaled like a decoded picture); other numbers must already
@@ -132,7 +159,7 @@ def records_to_input(records: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, 
         return np.zeros((n, *expected), np.float32), [error] * n
     low, high = spec.value_range
     if records.dtype == np.uint8:
-        return grey_levels_to_input(records, spec), [None] * n
+        return grey_levels_to_input(records, spec, out), [None] * n
     values = records.astype(np.float64)
     flat = values.reshape(n, -1)
     tolerance = 1e-6 * (high - low)
@@ -147,13 +174,18 @@ def records_to_input(records: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, 
     return normalize(values, spec), errors
 
 
-def grey_levels_to_input(records: np.ndarray, spec: InputSpec) -> np.ndarray:
+def grey_levels_to_input(records: np.ndarray, spec: InputSpec, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 [n, C, H, W] -> model input: the float32 steps of preprocess.picture_to_input and
-    normalize, in the same order (so the same numbers as a decoded picture), done in place."""
+    normalize, in the same order (so the same numbers as a decoded picture), done in place; into `out`
+    (float32, at least n rows) when given: a buffer used again, whose memory is not faulted in anew."""
     low, high = spec.value_range
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    x = records.astype(np.float32)
+    if out is None:
+        x = records.astype(np.float32)
+    else:
+        x = out[:len(records)]
+        np.copyto(x, records, casting="unsafe")
     x /= np.float32(255.0)
     # Steps that are identities for this spec (x 1, + 0) are skipped: the same numbers, fewer passes.
     if high - low != 1:
@@ -178,9 +210,14 @@ def _array_error(value: np.ndarray, spec: InputSpec) -> InputError:
 class BatchScorer:
     """Turns inputs into rows for one model; the caller supplies the inference (a session or a service)."""
 
-    def __init__(self, manifest: Manifest, top_k: int = 3, limits: Limits = DEFAULT_LIMITS):
+    def __init__(self, manifest: Manifest, top_k: int = 3, limits: Limits = DEFAULT_LIMITS,
+                 canonical: bool = False, abstain: bool = False):
+        """`canonical`: inputs made the way the training images were (/explain's "canonicalize");
+        `abstain`: out-of-domain rows withhold their label (/explain's "abstain")."""
         self.manifest = manifest
         self.spec = manifest.input
+        check_canonical(canonical, self.spec)  # InputError no_canonical_form for a model without one
+        self.canonical, self.abstain = canonical, abstain
         self.active = active_mask(manifest)
         if not 1 <= top_k <= int(self.active.sum()):
             raise InputError("top_k_out_of_range", f"top_k is {top_k}; it must be between 1 and "
@@ -195,21 +232,28 @@ class BatchScorer:
         spec = manifest.model.output(self.features) if self.features else None
         self.feature_width = int(spec.shape[1]) if spec is not None else 0
 
-    def prepare(self, inputs: Sequence[object] | np.ndarray) -> tuple[np.ndarray, list[InputError | None]]:
-        """Inputs -> (model input [n, C, H, W], per-input error or None).
+    def prepare(self, inputs: Sequence[object] | np.ndarray,
+                out: np.ndarray | None = None) -> tuple[np.ndarray, list[InputError | None]]:
+        """Inputs -> (model input [n, C, H, W], per-input error or None); written into `out` (float32
+        [>= n, C, H, W], a buffer the caller uses again) when given.
 
         An input is picture bytes, a base64 string or nested list (as the service takes them), a
         numpy record (see records_to_input), or an InputError found while reading it; `inputs` may
         also be one array whose first axis runs over the inputs (records of one file).
         """
-        if isinstance(inputs, np.ndarray):
-            return records_to_input(inputs, self.spec)  # a block of records from one array file
+        if isinstance(inputs, np.ndarray):  # a block of records from one file
+            return self._canonical(*records_to_input(inputs, self.spec, out))
         n = len(inputs)
         arrays = [i for i, v in enumerate(inputs) if isinstance(v, np.ndarray)]
-        x = np.zeros((n, self.spec.channels, self.spec.height, self.spec.width), np.float32)
+        if out is None:
+            x = np.zeros((n, self.spec.channels, self.spec.height, self.spec.width), np.float32)
+        else:
+            x = out[:n]
+            x.fill(0.0)
         errors: list[InputError | None] = [None] * n
         for group in _same_shape_runs(inputs, arrays):
-            x[group], group_errors = records_to_input(np.stack([inputs[i] for i in group]), self.spec)
+            x[group], group_errors = self._canonical(*records_to_input(np.stack([inputs[i] for i in group]),
+                                                                       self.spec))
             for i, e in zip(group, group_errors, strict=True):
                 errors[i] = e
         for i, value in enumerate(inputs):
@@ -219,17 +263,30 @@ class BatchScorer:
                 errors[i] = value
                 continue
             try:
-                x[i] = to_input(value, self.spec, self.limits)
+                x[i] = to_input(value, self.spec, self.limits, self.canonical)
             except InputError as e:
                 errors[i] = e
+        return x, errors
+
+    def _canonical(self, x: np.ndarray, errors: list[InputError | None]) -> tuple[np.ndarray, list]:
+        """Records' model input made canonical one by one, as the service does a numeric array's."""
+        if self.canonical:
+            for i, e in enumerate(errors):
+                if e is None:
+                    x[i] = canonical_input(x[i], self.spec)
         return x, errors
 
     def score(self, start: int, input_ids: Sequence[str], inputs: Sequence[object] | np.ndarray,
               infer: Infer) -> Columns:
         """Prepare, run the good inputs through `infer` in RUN_BATCH slices, and shape the rows."""
-        x, errors = self.prepare(inputs)
+        return self.score_prepared(start, input_ids, *self.prepare(inputs), infer)
+
+    def score_prepared(self, start: int, input_ids: Sequence[str], x: np.ndarray,
+                       errors: Sequence[InputError | None], infer: Infer) -> Columns:
+        """score() for inputs prepare() has converted already (the local engine converts in its reading
+        thread while the sessions run)."""
         ok = np.array([e is None for e in errors], dtype=bool)
-        good = x[ok]
+        good = x if ok.all() else x[ok]  # no copy of a chunk that is all good
         K, M = len(self.manifest.class_names), len(self.manifest.prototypes)
         probabilities = np.empty((len(good), K), np.float32)
         distances = np.empty((len(good), M), np.float32)
@@ -254,7 +311,8 @@ class BatchScorer:
         # The same numbers as inference.explain.prototype_rows, with the weights for the predicted class.
         contributions = family(self.manifest.family).contribution(self.weights[nearest, labels[:, None]], near, sims)
         in_domain, typicality = self.domain.judge(distances, labels, features) if self.domain else (None, None)
-        return Columns(index=np.arange(start, start + len(input_ids), dtype=np.int64), input_id=list(input_ids),
+        abstained = ~in_domain if self.abstain and in_domain is not None else None
+        return Columns(index=np.arange(start, start + len(input_ids), dtype=np.int64), input_id=input_ids,
                        ok=ok, label=labels, probabilities=probabilities.astype(np.float32, copy=False),
                        prototype_ids=self.prototype_ids[nearest].astype(np.int32),
                        prototype_distances=near.astype(np.float32),
@@ -263,7 +321,7 @@ class BatchScorer:
                        class_names=list(self.manifest.class_names), model_name=self.manifest.name,
                        model_version=self.manifest.version,
                        error=[None if e is None else f"{e.reason}: {e}" for e in errors], in_domain=in_domain,
-                       typicality=None if typicality is None else typicality.astype(np.float32))
+                       typicality=None if typicality is None else typicality.astype(np.float32), abstained=abstained)
 
 
 def _same_shape_runs(inputs: Sequence[object], indices: list[int]) -> list[list[int]]:

@@ -28,19 +28,12 @@ import bentoml
 import numpy as np
 from starlette.responses import JSONResponse
 
-from bundle.families import family
 from bundle.manifest import read_bundle
-from inference.domain import abstention, domain_fields, domain_rule, parse_flag
-from inference.explain import (
-    heatmap_overlay,
-    nearest_prototypes,
-    pixels_to_picture,
-    png_base64,
-    predictions,
-    prototype_rows,
-)
+from inference.domain import domain_rule, parse_flag
+from inference.explain import predictions
+from inference.explanation import PrototypePictures, explanation, judge_answer
 from inference.model import load_model
-from inference.preprocess import DEFAULT_LIMITS, denormalize, parse_top_k, to_batch, to_input
+from inference.preprocess import DEFAULT_LIMITS, parse_top_k, to_batch, to_input
 from protoserve.blas import one_blas_thread
 from protoserve.errors import InputError
 from protoserve.settings import settings
@@ -277,22 +270,10 @@ class Protoserve:
         probabilities, distances = outputs["probabilities"][None], outputs["distances"][None]
         self._record_answers(v, probabilities, distances)
         labelled(metrics().inference_seconds, *v.model_id, "explain").observe(time.perf_counter() - started)
-        prediction = predictions(probabilities, v.manifest.class_names)[0]
-        nearest = nearest_prototypes(distances[0], k, v.active)
-        rows = prototype_rows(v.manifest, distances[0], nearest, prediction["label"])
-        prediction = self._judge(v, [prediction], distances, "explain", abstain,
+        prediction = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "explain", abstain,
                                  outputs[v.features][None] if v.features else None)[0]
-        for row in rows:
-            row["image"] = v.pictures[row["id"]]
-        answer = {"model": v.ref(), "prediction": prediction, "prototypes": rows}
-        if family(v.manifest.family).picture == "heatmap":  # where in the input each prototype was found
-            pixels = denormalize(x, v.manifest.input)
-            for row, j in zip(rows, nearest, strict=True):
-                row["heatmap"] = png_base64(heatmap_overlay(outputs["similarity_maps"][j], pixels))
-                row["source_image"] = v.source_pictures.get(row["id"])
-        else:  # "reconstruction": the decoder's picture of the input
-            answer["reconstruction"] = png_base64(pixels_to_picture(denormalize(outputs["reconstruction"],
-                                                                                v.manifest.input)))
+        answer = explanation(v.manifest, v.active, outputs, x, k, prediction,
+                             PrototypePictures(v.pictures, v.source_pictures), v.ref())
         return self._answer(v, answer)
 
     @bentoml.api(route="/metadata")
@@ -357,9 +338,7 @@ class Protoserve:
             in_domain, typicality = v.domain.judge(distances, labels, features if v.features else None)
         count_out_of_domain(v.model_id, api, int(len(answers) - in_domain.sum()))
         for i, answer in enumerate(answers):
-            answer.update(domain_fields(in_domain, typicality, i), abstained=False)
-            if abstain and not in_domain[i]:
-                abstention(answer, v.domain.calibration)
+            judge_answer(answer, in_domain[i], typicality[i], v.domain.calibration, abstain)
         return answers
 
     def _domain_summary(self, v: ServedVersion) -> dict | None:

@@ -20,11 +20,11 @@ from pathlib import Path
 from bundle.manifest import read_bundle
 from bundle.runtime import load_probe
 from inference.explain import pixels_to_picture, png_bytes
+from inference.figure import explanation_figure
 from inference.model import REPO, bundle_location
 from inference.preprocess import denormalize
 from protoserve.errors import ProtoserveError
 from protoserve.settings import environ, variable
-from service.figure import explanation_figure
 
 
 class DemoError(ProtoserveError):

@@ -16,7 +16,6 @@ is logged and skipped until the generation moves again; the old one keeps servin
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import logging
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.explanation import prototype_pictures
 from inference.model import LoadedModel, bundle_location, load_model
 from protoserve.settings import settings
 from registry.store import RegistryError
@@ -77,17 +77,8 @@ class ServedVersion:
 
 def served_version(model: LoadedModel, generation: int | None) -> ServedVersion:
     """A loaded model with its prototype pictures read once (base64 PNG)."""
-    bundle = model.bundle
-    pictures = {row.id: png_base64_file(bundle.file(row.image)) if row.image else None
-                for row in bundle.manifest.prototypes}
-    # ProtoPNet: each prototype's source image with its patch box (from the push provenance).
-    sources = {row.id: png_base64_file(bundle.file(row.provenance["source_image"]))
-               for row in bundle.manifest.prototypes if (row.provenance or {}).get("source_image")}
-    return ServedVersion(model, generation, pictures=pictures, source_pictures=sources)
-
-
-def png_base64_file(path) -> str:
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    pictures = prototype_pictures(model.bundle)  # ProtoPNet's sources: each prototype's training image, boxed
+    return ServedVersion(model, generation, pictures=pictures.images, source_pictures=pictures.sources)
 
 
 def initial_location() -> tuple[Path, int | None, Registry | None]:

@@ -107,7 +107,7 @@ def test_local_sessions_run_the_graph_cut_to_what_rows_read(tiny_bundle, tmp_pat
     from scoring.local_engine import open_sessions
 
     job = Job(JobSpec(str(tiny_bundle), [], tmp_path / "out.jsonl", workers=2))
-    sessions = open_sessions(job)
+    sessions, _ = open_sessions(job)
     assert len(sessions) == 2
     with np.load(tiny_bundle / "probe.npz") as probe:
         images = probe["input.image"].astype(np.float32)

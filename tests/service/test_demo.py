@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from inference.explain import png_base64
-from service.figure import MARGIN, SCALE, explanation_figure
+from inference.figure import MARGIN, SCALE, explanation_figure
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -34,12 +34,19 @@ def fit(img: Image.Image, side: int) -> Image.Image:
     return tile
 
 
+def input_caption(prediction: dict) -> list[str]:
+    """The input tile's caption: the prediction and its probability, or the abstention and the class withheld."""
+    probabilities = prediction["probabilities"]
+    if prediction.get("label") is None:  # abstained: out of domain, the label withheld
+        label = max(range(len(probabilities)), key=probabilities.__getitem__)
+        return ["input: abstained", f"(out of domain; {label}? p = {probabilities[label]:.3f})"]
+    return [f"input: {prediction['class_name']}", f"p = {probabilities[prediction['label']]:.3f}"]
+
+
 def explanation_figure(answer: dict, input_picture: Image.Image) -> Image.Image:
     """An /explain answer (and the picture that was sent) -> one RGB image of captioned tiles."""
-    prediction = answer["prediction"]
-    confidence = prediction["probabilities"][prediction["label"]]
     blank = Image.new("L", input_picture.size)
-    columns = [[(input_picture, [f"input: {prediction['class_name']}", f"p = {confidence:.3f}"])]]
+    columns = [[(input_picture, input_caption(answer["prediction"]))]]
     if answer.get("reconstruction"):
         columns.append([(picture_from_base64(answer["reconstruction"]), ["reconstruction", "(decoder)"])])
     for rank, row in enumerate(answer["prototypes"], start=1):
