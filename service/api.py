@@ -45,6 +45,7 @@ from service.open_inference import API as INFER_API
 from service.open_inference import PREFIX as OPEN_INFERENCE_PREFIX
 from service.open_inference import OpenInference
 from service.openapi import OVERLOADED, api_document
+from service.responses import JSONAnswer, raw_headers
 from service.score_task import MAX_TASK_IMAGES, ScoreGate, score_images
 from service.served_version import ActiveVersionFollower, ServedVersion, initial_location, served_version
 from service.shadow import Shadow
@@ -129,6 +130,7 @@ class Protoserve:
                                      observe_batch, coalesce_max_size=SETTINGS.inline_max_size)
         v.score = AdaptiveBatcher(lambda images: self._outputs(v, images), MAX_BATCH_SIZE, latency, observe_batch)
         v.headers = {**SERVER_HEADER, **self.worker_header, "x-model-version": v.version}
+        v.raw_headers = raw_headers(v.headers)
         v.domain = domain_rule(v.manifest, v.active)  # None: the bundle has no calibration
         # The explanation-quality report's per-prototype figures (None each when the bundle has no report).
         quality = v.manifest.quality
@@ -353,7 +355,7 @@ class Protoserve:
     def _answer(v: ServedVersion, body: dict, status: int = 200) -> JSONResponse:
         """An image route's answer, naming the worker that gave it (x-protoserve-worker: its pid) and the
         version that computed it (x-model-version)."""
-        return JSONResponse(body, status, v.headers)
+        return JSONAnswer(body, status, v.raw_headers)
 
     @staticmethod
     def _refuse(error: InputError, v: ServedVersion) -> dict:

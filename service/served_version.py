@@ -42,6 +42,7 @@ class ServedVersion:
     pictures: dict[int, str | None] = field(default_factory=dict)
     source_pictures: dict[int, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)  # on every answer: worker and version
+    raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # the same, encoded (service/responses.py)
     domain: object | None = None  # its out-of-domain rule (inference/domain.py), None without calibration
     prototype_quality: dict[int, dict | None] = field(default_factory=dict)  # id -> quality figures
 
