@@ -21,10 +21,9 @@ __all__ = ["similarity"]  # re-exported: the answers' similarity is protoserve.s
 
 def predictions(probabilities: np.ndarray, class_names: list[str]) -> list[dict]:
     """[N, K] probabilities -> one {"label", "class_name", "probabilities"} per image."""
-    labels = probabilities.argmax(axis=1)
-    return [{"label": int(label), "class_name": class_names[label],
-             "probabilities": [float(p) for p in row]}
-            for label, row in zip(labels, probabilities, strict=True)]
+    labels = probabilities.argmax(axis=1).tolist()
+    return [{"label": label, "class_name": class_names[label], "probabilities": row}
+            for label, row in zip(labels, probabilities.tolist(), strict=True)]
 
 
 def active_mask(manifest: Manifest) -> np.ndarray:

@@ -200,13 +200,15 @@ class Protoserve:
         a merged batch are judged and counted at once, not request by request."""
         probabilities, distances, *features = v.model.classify(images.astype(np.float32, copy=False), v.features)
         self._record_answers(v, probabilities, distances)
+        K, M = probabilities.shape[1], distances.shape[1]
+        output = np.empty((len(images), K + M + 2))  # filled column by column: fewer numpy calls than stacking
+        output[:, :K], output[:, K:K + M] = probabilities, distances
         if v.domain is None:
-            judged = np.full((len(images), 2), np.nan)
+            output[:, K + M:] = np.nan
         else:
-            in_domain, typicality = v.domain.judge(distances, probabilities.argmax(axis=1),
-                                                   features[0] if features else None)
-            judged = np.stack([in_domain, typicality], axis=1)
-        return np.concatenate([probabilities, distances, judged], axis=1)
+            output[:, K + M], output[:, K + M + 1] = v.domain.judge(distances, probabilities.argmax(axis=1),
+                                                                  features[0] if features else None)
+        return output
 
     @staticmethod
     def _outputs(v: ServedVersion, images: np.ndarray) -> np.ndarray:
