@@ -341,8 +341,8 @@ class Protoserve:
             labels = np.fromiter((a["label"] for a in answers), dtype=np.int64, count=len(answers))
             in_domain, typicality = v.domain.judge(distances, labels, features if v.features else None)
         count_out_of_domain(v.model_id, api, int(len(answers) - in_domain.sum()))
-        for i, answer in enumerate(answers):
-            judge_answer(answer, in_domain[i], typicality[i], v.domain.calibration, abstain)
+        for answer, inside, typical in zip(answers, in_domain.tolist(), typicality.tolist(), strict=True):
+            judge_answer(answer, inside, typical, v.domain.calibration, abstain)
         return answers
 
     def _domain_summary(self, v: ServedVersion) -> dict | None:
@@ -371,8 +371,7 @@ class Protoserve:
         # same index as nearest_prototypes_batch's stable order, in one pass).
         masked = np.where(v.active, distances, np.inf)
         nearest = masked.argmin(axis=1)
-        record_answers(v.model_id, v.manifest.class_names, v.prototype_ids, probabilities, nearest,
-                       masked[np.arange(len(masked)), nearest])
+        record_answers(v.model_id, v.manifest.class_names, v.prototype_ids, probabilities, nearest, masked.min(axis=1))
 
 
 def quality_summary(manifest) -> dict | None:
