@@ -33,7 +33,8 @@ def test_serve_benchmark_reports_all_systems_and_levels(tiny_checkpoint, tiny_bu
     assert all(r["server_cpu_us"] >= 0 for system in ("protoserve_predict", "floor_predict") for r in figures[system])
     memory = figures["worker_memory_mb"]
     assert len(memory["protoserve"]) == len(memory["floor"]) == 2 and min(memory["floor"]) > 10
-    assert set(figures["targets"]) == {"predict_c1_p50_minus_floor_minus_raw_ms", "predict_c64_throughput_vs_floor",
-                                       "predict_c64_throughput_vs_naive", "explain_c1_p50_minus_predict_ms",
-                                       "worker_memory_vs_floor"}
+    assert set(figures["targets"]) == {"predict_c1_p50_minus_floor_minus_raw_ms", "predict_c1_p50_vs_floor_plus_raw",
+                                       "predict_c64_throughput_vs_floor", "predict_c64_throughput_vs_naive",
+                                       "explain_c1_p50_minus_predict_ms", "worker_memory_vs_floor"}
+    assert figures["targets"]["predict_c1_p50_vs_floor_plus_raw"] > 0
     assert "targets:" in result.stdout
