@@ -246,14 +246,19 @@ def array_to_input(value: list, spec: InputSpec) -> np.ndarray:
         raise InputError("wrong_shape", f"array has shape {list(raw.shape)}; expected {want}"
                          f"[{spec.channels}][{spec.height}][{spec.width}]")
     values = raw.astype(np.float64)
+    check_values(values, spec, "array")
+    return normalize(values, spec)
+
+
+def check_values(values: np.ndarray, spec: InputSpec, what: str) -> None:
+    """Finite, and within the model's value range (to a millionth of it): else an InputError naming it."""
     if not np.isfinite(values).all():
-        raise InputError("non_finite", "array holds NaN or infinity")
+        raise InputError("non_finite", f"{what} holds NaN or infinity")
     low, high = spec.value_range
     tolerance = 1e-6 * (high - low)
     if values.min() < low - tolerance or values.max() > high + tolerance:
-        raise InputError("out_of_range", f"array values span [{values.min():g}, {values.max():g}]; "
+        raise InputError("out_of_range", f"{what} values span [{values.min():g}, {values.max():g}]; "
                          f"the model takes [{low:g}, {high:g}]")
-    return normalize(values, spec)
 
 
 def to_input(value: object, spec: InputSpec, limits: Limits = DEFAULT_LIMITS, canonical: bool = False) -> np.ndarray:
@@ -304,13 +309,7 @@ def tensor_to_batch(values: np.ndarray, spec: InputSpec, limits: Limits = DEFAUL
     if len(values) > limits.max_batch:
         raise InputError("batch_too_large", f"tensor holds {len(values)} images; at most {limits.max_batch} "
                          "per request")
-    if not np.isfinite(values).all():
-        raise InputError("non_finite", "tensor holds NaN or infinity")
-    low, high = spec.value_range
-    tolerance = 1e-6 * (high - low)
-    if values.min() < low - tolerance or values.max() > high + tolerance:
-        raise InputError("out_of_range", f"tensor values span [{values.min():g}, {values.max():g}]; "
-                         f"the model takes [{low:g}, {high:g}]")
+    check_values(values, spec, "tensor")
     mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
     return ((values.astype(np.float32) - mean) / std).astype(np.float32)
