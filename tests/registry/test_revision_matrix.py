@@ -14,8 +14,6 @@ from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
 from worker.loop import run_worker
 
-pytestmark = pytest.mark.slow
-
 REJECTED = (1, 4)
 TRAIN_SUBSET = 200  # of the tiny models' training images: a round of training takes a fraction of a second
 FAMILIES = ("prototypedl", "protopnet")
