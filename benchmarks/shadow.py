@@ -153,14 +153,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="per throughput round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from service.demo import free_port, running_service
+    from service.demo import running_service
 
     images, labels = decoy_test_images(args.images)
     with tempfile.TemporaryDirectory() as tmp:
         registry, base, revised = registry_with_both(Path(tmp) / "registry")
         env = {"PROTOSERVE_REGISTRY": str(registry.root), "PROTOSERVE_WORKERS": "2", "PROTOSERVE_ADMIN_KEY": KEY,
                "BENTOML_HOME": str(Path(tmp) / "bentoml_home")}
-        with running_service(registry.active_bundle(), free_port(), Path(tmp) / "serve.log", 180, env=env) as url:
+        with running_service(registry.active_bundle(), None, Path(tmp) / "serve.log", 180, env=env) as url:
             result = {"machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()},
                       "baseline": base, "shadow": revised,
                       "decoy_mnist": decoy_run(url, revised, images, labels),

@@ -38,39 +38,57 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_service(bundle: Path, port: int, log: Path, timeout: float = 180.0, env: dict | None = None,
+def running_service(bundle: Path, port: int | None, log: Path, timeout: float = 180.0, env: dict | None = None,
                     host: str = "127.0.0.1"):
     """`bentoml serve` on `bundle` until the block ends; yields the base URL once /readyz says 200.
 
     `env` adds to (or overrides) the environment of the server, e.g. BENTOML_HOME or PROTOSERVE_WORKERS.
+    With `port` None a free port is chosen; should another process take it between the choice and the
+    server's bind (the server binds seconds later, after its imports), the start is retried on a new one.
     """
-    import httpx
-
     env = {**os.environ, **environ(bundle=Path(bundle).resolve()), "BENTOML_DO_NOT_TRACK": "True",
            "PYTHONPATH": str(REPO), **(env or {})}
     env.pop(variable("model_tag"), None)
-    url = f"http://127.0.0.1:{port}"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service.api:Protoserve",
-                                    "--host", host, "--port", str(port)], cwd=REPO, env=env,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise DemoError(f"the service exited with code {process.returncode}; see {log}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise DemoError(f"the service was not ready after {timeout:.0f} s; see {log}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        stop(process)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        chosen = port or free_port()
+        with open(log, "wb") as out:
+            process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service.api:Protoserve",
+                                        "--host", host, "--port", str(chosen)], cwd=REPO, env=env,
+                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            url = wait_ready(process, f"http://127.0.0.1:{chosen}", log, timeout)
+        except DemoError:
+            stop(process)
+            if port is None and attempt < PORT_ATTEMPTS and "Address already in use" in log.read_text(errors="replace"):
+                continue
+            raise
+        try:
+            yield url
+        finally:
+            stop(process)
+        return
+
+
+PORT_ATTEMPTS = 3
+
+
+def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float) -> str:
+    """Poll `url`/readyz until it answers 200; DemoError if the server exits or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise DemoError(f"the service exited with code {process.returncode}; see {log}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise DemoError(f"the service was not ready after {timeout:.0f} s; see {log}")
+        time.sleep(0.5)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -106,7 +124,7 @@ def run_demo(out: Path, bundle: Path | None = None, port: int | None = None, ind
     out = Path(out)
     print(f"starting the service on {bundle} ...", flush=True)
     started = time.monotonic()
-    with running_service(bundle, port or free_port(), out.with_suffix(".serve.log")) as url:
+    with running_service(bundle, port, out.with_suffix(".serve.log")) as url:
         print(f"ready at {url} after {time.monotonic() - started:.1f} s", flush=True)
         with httpx.Client(base_url=url, timeout=60) as client:
             predicted = client.post("/predict", json={"images": encoded}).raise_for_status().json()

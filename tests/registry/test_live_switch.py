@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.demo import free_port, running_service
+from service.demo import running_service
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def registry_service(registry, log: Path, **env: str):
     """`bentoml serve` with two workers following `registry`."""
     env = {"PROTOSERVE_REGISTRY": str(registry.root), "PROTOSERVE_WORKERS": "2",
            "BENTOML_HOME": str(log.parent / "bentoml_home"), **env}
-    with running_service(registry.active_bundle(), free_port(), log, 180, env=env) as url:
+    with running_service(registry.active_bundle(), None, log, 180, env=env) as url:
         yield url
 
 

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.demo import free_port, running_service
+from service.demo import running_service
 from service.shadow import compare, top_prototype
 
 KEY = "shadow-admin-key"
@@ -37,7 +37,7 @@ def test_a_shadow_is_compared_on_live_traffic_and_never_touches_the_answers(two_
            "BENTOML_HOME": str(tmp_path / "bentoml_home")}
     with np.load(Path(registry.active_bundle()) / "probe.npz") as probe:
         images = probe["input.image"][:, 0].tolist()
-    with running_service(registry.active_bundle(), free_port(), tmp_path / "serve.log", 180, env=env) as url:
+    with running_service(registry.active_bundle(), None, tmp_path / "serve.log", 180, env=env) as url:
         before = httpx.post(f"{url}/predict", json={"images": images}).json()["predictions"]
         assert httpx.post(f"{url}/review/api/shadow", json={"version": v2, "sample": 1.0}).status_code == 401
         assert httpx.post(f"{url}/review/api/shadow", json={"version": v1}, headers=AUTH).status_code == 409

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.demo import DemoError, free_port, running_service
+from service.demo import DemoError, running_service
 
 
 def serve_env(home: Path, **extra: str) -> dict[str, str]:
@@ -18,7 +18,7 @@ def serve_env(home: Path, **extra: str) -> dict[str, str]:
 def bentoml_serve(bundle: Path, env: dict[str, str], log: Path, timeout: float = 180.0):
     """Start `bentoml serve service.api:Protoserve`, wait for /readyz, yield its URL, stop it."""
     try:
-        with running_service(bundle, free_port(), log, timeout, env=env) as url:
+        with running_service(bundle, None, log, timeout, env=env) as url:
             yield url
     except DemoError as e:
         pytest.fail(f"bentoml serve: {e}\n{log.read_text()[-3000:]}")

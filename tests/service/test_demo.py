@@ -90,3 +90,22 @@ def test_demo_serves_predicts_explains_and_writes_the_picture(tiny_bundle, tmp_p
     url = re.search(r"ready at (http://\S+)", result.stdout).group(1)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/livez", timeout=5)
+
+
+@pytest.mark.slow
+def test_a_port_taken_before_the_server_binds_it_is_retried_on_another(tiny_bundle, tmp_path, monkeypatch):
+    """CI once lost a whole stage when another process took the chosen port during the server's start."""
+    import socket
+
+    from service import demo
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports, real = iter([busy]), demo.free_port
+        monkeypatch.setattr(demo, "free_port", lambda: next(ports, None) or real())
+        with demo.running_service(tiny_bundle, None, tmp_path / "serve.log", 180) as url:
+            assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+            assert not url.endswith(f":{busy}")
+
