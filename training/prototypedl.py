@@ -99,8 +99,19 @@ class PrototypeDL(nn.Module):
             self.prototypes = nn.Parameter(torch.rand(cfg.n_prototypes, self.latent_dim))
         else:
             self.prototypes = None
-            self.fully_connected = nn.Sequential(nn.Linear(self.latent_dim, cfg.n_prototypes),
-                                                 ACTIVATIONS[cfg.hidden_activation]())
+            self.fully_connected = nn.Linear(self.latent_dim, cfg.n_prototypes)
+            # Like the distances, the layer's outputs go to W with no activation between. On a sigmoid
+            # latent it is initialised as the linear part of the prototype layer it replaces:
+            # ||z - p||^2 = -2 p.z + ||p||^2 + ||z||^2, p uniform on the unit cube like the prototypes.
+            # With PyTorch's default (+-1/sqrt(q)) the encoder's near-constant initial latent gives the
+            # classifier almost no signal, and the reconstruction term saturates the latent within ~50
+            # steps, for good (measured: cross-entropy stuck at ln 10). A ReLU latent (the plain CNN)
+            # keeps the default.
+            if cfg.latent_activation == "sigmoid":
+                p = torch.rand(cfg.n_prototypes, self.latent_dim)
+                with torch.no_grad():
+                    self.fully_connected.weight.copy_(-2 * p)
+                    self.fully_connected.bias.copy_((p ** 2).sum(dim=1))
         self.last_layer = nn.Linear(cfg.n_prototypes, cfg.n_classes, bias=False)  # W: K x m
         if cfg.fixed_identity_weights:
             self.last_layer.weight.data.copy_(-torch.eye(cfg.n_classes))

@@ -32,7 +32,7 @@ def test_the_variants_have_the_papers_parts():
     plain = PrototypeDL(_config(PLAIN_CNN).model)
     assert paper.prototypes.shape == (15, 40) and paper.decoder is not None
     assert fc.prototypes is None and fc.decoder is not None
-    assert fc.fully_connected[0].out_features == 15  # the prototype layer's width
+    assert fc.fully_connected.out_features == 15  # the prototype layer's width
     assert plain.prototypes is None and plain.decoder is None
     assert isinstance(plain.encoder.layers[-1], torch.nn.ReLU)  # ReLU throughout
     assert isinstance(paper.encoder.layers[-1], torch.nn.Sigmoid)  # the latent in the unit hypercube
@@ -101,3 +101,27 @@ def test_ablation_benchmark_runs_every_variant_and_reports(tmp_path, mnist_root)
     # a second call trains nothing: every run is finished
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "training " not in again.stdout
+
+
+def test_the_fully_connected_variant_learns_where_default_init_saturated_the_latent(mnist_root):
+    """With PyTorch's default init the reconstruction term saturated the sigmoid latent within ~50 steps
+    and the cross-entropy stayed at ln 10; the prototype-like init keeps the latent alive."""
+    from training.datasets import load_run_data
+    from training.prototypedl import prototypedl_loss
+
+    config = _config(FULLY_CONNECTED)
+    config.model.widths, config.model.latent_maps = [32, 32, 32], 10
+    train = load_run_data(config, mnist_root)["train"]
+    x, y = torch.as_tensor(train.images[:2000]).float(), torch.as_tensor(train.labels[:2000]).long()
+    torch.manual_seed(0)
+    model = PrototypeDL(config.model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(150):
+        i = torch.randint(0, len(x), (64,))
+        loss = prototypedl_loss(model(x[i]), x[i], y[i], config.loss)
+        optimizer.zero_grad()
+        loss.total.backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert model.encode(x[:256]).std(dim=0).mean() > 0.05  # the latent still varies between inputs
+        assert prototypedl_loss(model(x[:512]), x[:512], y[:512], config.loss).E < 1.8  # ln 10 = 2.30
