@@ -116,7 +116,7 @@ def test_the_fully_connected_variant_learns_where_default_init_saturated_the_lat
     torch.manual_seed(0)
     model = PrototypeDL(config.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for step in range(150):
+    for _ in range(150):
         i = torch.randint(0, len(x), (64,))
         loss = prototypedl_loss(model(x[i]), x[i], y[i], config.loss)
         optimizer.zero_grad()
