@@ -10,7 +10,9 @@ In registry mode (PROTOSERVE_REGISTRY) a background task polls the registry's ge
 every PROTOSERVE_POLL_SECONDS (protoserve/settings.py): one indexed single-row read, off the request path, so
 /predict pays nothing for it. A new generation loads the active version in a thread (checksums,
 golden probe, warm-up) while the old one keeps answering, then swaps. A version that fails to load
-is logged and skipped until the generation moves again; the old one keeps serving.
+(with s3:// versions: one whose download fails or does not match its checksums, registry/objects.py)
+is logged, counted in protoserve_version_refusals_total, shown in /metadata, and skipped until the
+generation moves again; the old one keeps serving.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bundle.manifest import BundleError
 from inference.explanation import prototype_pictures
 from inference.model import LoadedModel, bundle_location, load_model
 from protoserve.settings import settings
+from registry.objects import ChecksumError, ObjectStoreError
 from registry.store import RegistryError
 from registry.versions import Registry, registry_location
+from service.metrics import count_refusal
 
 log = logging.getLogger("protoserve.service")
 
@@ -124,14 +129,24 @@ class ActiveVersionFollower:
             self.generation = generation
             return
         try:
-            path = self.registry.bundle_path(version)
+            path = await asyncio.to_thread(self.registry.bundle_path, version)  # with s3:// versions, a download
             model = await asyncio.to_thread(load_model, path)
             served = await asyncio.to_thread(served_version, model, generation)
         except Exception as e:  # BundleError, RegistryError, ORT errors: the old version keeps serving
             self.failed[generation] = f"{version}: {e}"
+            count_refusal(version, refusal_reason(e))
             log.error("protoserve: version %s (generation %d) not loaded, still serving %s: %s", version,
                       generation, self.version, e)
             return
         self.switch(served)
         self.generation, self.version = generation, version
         log.info("protoserve: now serving %s (generation %d)", version, generation)
+
+
+def refusal_reason(error: BaseException) -> str:
+    """The `reason` label of a version not loaded: checksum (a download that does not match its manifest),
+    object_store (unreachable, missing object, no access), bundle (any other bundle check), other."""
+    for kind, reason in ((ChecksumError, "checksum"), (ObjectStoreError, "object_store"), (BundleError, "bundle")):
+        if isinstance(error, kind):
+            return reason
+    return "other"

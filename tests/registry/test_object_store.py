@@ -1,0 +1,178 @@
+"""Versions in an S3 object store (registry/objects.py) against a real S3 server (SeaweedFS): register uploads,
+a fresh cache downloads and verifies, a flipped byte or a truncated object is refused while the old version
+keeps serving, and a missing bucket or missing credentials is one readable line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+from s3_server import seaweedfs
+
+from bundle.manifest import read_bundle, sha256_file, write_manifest
+from protoserve.settings import Settings, SettingsError
+from registry.objects import ChecksumError, ObjectStore, ObjectStoreError
+from registry.store import RegistryError
+from registry.versions import Registry
+from service.served_version import ActiveVersionFollower, refusal_reason
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch) -> str:
+    """A new bucket, and this process's environment pointed at the server (the standard AWS variables)."""
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    name = f"versions-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=name)
+    return name
+
+
+def retag(bundle: Path, version: str, out: Path) -> Path:
+    target = Path(shutil.copytree(bundle, out))
+    write_manifest(target, read_bundle(target).manifest.model_copy(update={"version": version}))
+    return target
+
+
+def replica(root: Path, url: str, cache: Path) -> Registry:
+    """The registry as one host sees it: the shared database and object store, its own cache."""
+    return Registry(root, versions_url=url, objects=ObjectStore(cache_dir=cache))
+
+
+def flip_a_byte(s3, bucket: str, key: str) -> None:
+    client = s3.client()
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x01
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+
+def test_register_uploads_and_a_fresh_cache_downloads_and_verifies(bucket, s3, tiny_bundle, tiny_checkpoint, tmp_path):
+    url = f"s3://{bucket}/protoserve/versions"
+    writer = replica(tmp_path / "registry", url, tmp_path / "cache-writer")
+    row = writer.register(tiny_bundle, tiny_checkpoint)
+    manifest_sha = sha256_file(tiny_bundle / "manifest.json")
+    assert row.bundle == f"{url}/0.1.0/bundle#sha256={manifest_sha}"
+    assert row.checkpoint == f"{url}/0.1.0/checkpoint.pt#sha256={sha256_file(tiny_checkpoint)}"
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]}
+    expected = {f"protoserve/versions/0.1.0/bundle/{name}" for name in read_bundle(tiny_bundle).manifest.files}
+    assert keys == expected | {"protoserve/versions/0.1.0/bundle/manifest.json",
+                               "protoserve/versions/0.1.0/checkpoint.pt"}
+    assert not (tmp_path / "registry" / "versions").exists()  # nothing of the version on the registering disk
+
+    other = replica(tmp_path / "registry", url, tmp_path / "cache-replica")
+    path = other.bundle_path("0.1.0")
+    assert path == tmp_path / "cache-replica" / "bundles" / manifest_sha  # content-addressed
+    assert read_bundle(path).manifest.files == read_bundle(tiny_bundle).manifest.files  # every sha256 checked
+    checkpoint = other.checkpoint_path("0.1.0")
+    assert sha256_file(checkpoint) == sha256_file(tiny_checkpoint) and checkpoint.name == "checkpoint.pt"
+    assert [p.name for p in (tmp_path / "cache-replica").iterdir() if p.name.startswith(".")] == []  # no leftovers
+    other.promote("0.1.0", actor="test")  # verified (checksums, golden probe) from the cache
+    assert other.store.active().version == "0.1.0"
+
+    s3.client().delete_object(Bucket=bucket, Key="protoserve/versions/0.1.0/bundle/model.onnx")
+    assert other.bundle_path("0.1.0") == path  # immutable: a cached version is never fetched again
+    with pytest.raises(RegistryError, match="registered already"):
+        writer.register(tiny_bundle, tiny_checkpoint)
+
+
+def test_a_flipped_byte_is_refused_and_the_old_version_keeps_serving(bucket, s3, tiny_bundle, tiny_checkpoint,
+                                                                      tmp_path):
+    url = f"s3://{bucket}/v"
+    writer = replica(tmp_path / "registry", url, tmp_path / "cache-writer")
+    writer.register(tiny_bundle, tiny_checkpoint)
+    writer.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    writer.register(retag(tiny_bundle, "0.3.0", tmp_path / "v3"), tiny_checkpoint, parent="0.1.0")
+    writer.promote("0.1.0")
+    flip_a_byte(s3, bucket, "v/0.2.0/bundle/model.onnx")
+
+    serving = replica(tmp_path / "registry", url, tmp_path / "cache-replica")
+    switched = []
+    follower = ActiveVersionFollower(serving, serving.store.active().generation, "0.1.0", switched.append)
+    before = REGISTRY.get_sample_value("protoserve_version_refusals_total",
+                                       {"version": "0.2.0", "reason": "checksum"}) or 0
+    serving.store.activate("0.2.0")  # around promote's own verification, as a replica elsewhere would see it
+    asyncio.run(follower.check())
+    assert switched == [] and follower.version == "0.1.0"  # still serving the old version
+    (reason,) = follower.failed.values()
+    assert reason.startswith(f"0.2.0: s3://{bucket}/v/0.2.0/bundle/model.onnx: sha256 ") and "\n" not in reason
+    assert "damaged, truncated or edited in the object store" in reason
+    assert REGISTRY.get_sample_value("protoserve_version_refusals_total",
+                                     {"version": "0.2.0", "reason": "checksum"}) == before + 1
+    assert not (tmp_path / "cache-replica" / "bundles").exists()  # nothing unverified was cached
+    with pytest.raises(RegistryError, match="0.2.0.*fails verification.*sha256"):
+        replica(tmp_path / "registry", url, tmp_path / "cache-other").promote("0.2.0")
+
+    # A truncated object, and an edited manifest (the row pins its sha256), are refused the same way.
+    client = s3.client()
+    probe = client.get_object(Bucket=bucket, Key="v/0.3.0/bundle/probe.npz")["Body"].read()
+    client.put_object(Bucket=bucket, Key="v/0.3.0/bundle/probe.npz", Body=probe[: len(probe) // 2])
+    with pytest.raises(ChecksumError, match="probe.npz: sha256"):
+        serving.bundle_path("0.3.0")
+    flip_a_byte(s3, bucket, "v/0.3.0/bundle/manifest.json")
+    with pytest.raises(ChecksumError, match="manifest.json: sha256"):
+        serving.bundle_path("0.3.0")
+
+    serving.store.activate("0.3.0")
+    client.put_object(Bucket=bucket, Key="v/0.3.0/bundle/manifest.json",
+                      Body=(tmp_path / "v3" / "manifest.json").read_bytes())
+    client.put_object(Bucket=bucket, Key="v/0.3.0/bundle/probe.npz", Body=probe)  # repaired: the next version loads
+    asyncio.run(follower.check())
+    assert [s.version for s in switched] == ["0.3.0"]
+
+
+def test_missing_bucket_or_credentials_is_one_readable_line(bucket, s3, tiny_bundle, tmp_path, monkeypatch):
+    registry = Registry(tmp_path / "registry", versions_url="s3://no-such-bucket-here/v",
+                        objects=ObjectStore(cache_dir=tmp_path / "cache"))
+    with pytest.raises(ObjectStoreError) as missing:
+        registry.register(tiny_bundle)
+    assert str(missing.value).startswith("s3://no-such-bucket-here/v/0.1.0/bundle/")
+    assert "no bucket 'no-such-bucket-here' at http://127.0.0.1:" in str(missing.value)
+    assert registry.store.versions() == []  # no row without its objects
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    wrong = Registry(tmp_path / "registry", versions_url=f"s3://{bucket}/v", objects=ObjectStore())
+    with pytest.raises(ObjectStoreError, match="access denied .* check AWS_ACCESS_KEY_ID and AWS_SECRET_ACC") as e:
+        wrong.register(tiny_bundle)
+    assert "wrong-secret" not in str(e.value) and refusal_reason(e.value) == "object_store"
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    cli = subprocess.run([sys.executable, "-m", "cli.main", "registry", "--registry", str(tmp_path / "cli-registry"),
+                          "register", str(tiny_bundle)], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "PROTOSERVE_VERSIONS_URL": f"s3://{bucket}/v"})
+    assert cli.returncode == 2, cli.stderr
+    (line,) = cli.stderr.strip().splitlines()
+    assert line.startswith(f"protoserve registry: error: s3://{bucket}/v/0.1.0/bundle/")
+    assert line.endswith(": no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+
+
+def test_versions_url_setting_takes_a_folder_or_an_s3_url():
+    assert Settings.from_env({"PROTOSERVE_VERSIONS_URL": "s3://bucket/a/b"}).versions_url == "s3://bucket/a/b"
+    assert Settings.from_env({"PROTOSERVE_VERSIONS_URL": "/srv/versions"}).versions_url == "/srv/versions"
+    for bad, says in (("gs://bucket/v", "gs:// is not supported"), ("s3:///v", "no bucket named")):
+        with pytest.raises(SettingsError, match=f"PROTOSERVE_VERSIONS_URL: .*{says}"):
+            Settings.from_env({"PROTOSERVE_VERSIONS_URL": bad})
+
+
+def test_a_versions_folder_keeps_versions_outside_the_registry(tiny_bundle, tiny_checkpoint, tmp_path):
+    registry = Registry(tmp_path / "registry", versions_url=str(tmp_path / "elsewhere"))
+    row = registry.register(tiny_bundle, tiny_checkpoint)
+    assert row.bundle == str(tmp_path / "elsewhere" / "0.1.0" / "bundle")
+    assert registry.checkpoint_path("0.1.0") == tmp_path / "elsewhere" / "0.1.0" / "checkpoint.pt"
+    assert read_bundle(registry.bundle_path("0.1.0")).manifest.version == "0.1.0"
