@@ -70,8 +70,11 @@ def seaweedfs(folder: Path, timeout: float = 60) -> Iterator[S3Server]:
     (folder / "s3.json").write_text(json.dumps(identities))
     ports = dict(zip(PORTS, free_ports(len(PORTS)), strict=True))
     cmd = [str(weed_binary()), "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           *(f"-{name}={port}" for name, port in ports.items()), "-s3.port.iceberg=0", "-s3.port.lance=0",
-           "-webdav=false", "-admin.ui=false", "-s3.autoCreateBucket=false", "-master.telemetry=false", f"-s3.config={folder / 's3.json'}"]
+           *(f"-{name}={port}" for name, port in ports.items()), f"-s3.config={folder / 's3.json'}",
+           # only S3 (and what it stands on): no Iceberg, Lance or WebDAV ports, no admin UI, no telemetry;
+           # an upload to a missing bucket fails, as on AWS, instead of creating it
+           "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+           "-s3.autoCreateBucket=false"]
     log = folder / "weed.log"
     server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", log)
     with open(log, "wb") as out:

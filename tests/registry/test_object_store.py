@@ -9,19 +9,26 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 from s3_server import seaweedfs
 
 from bundle.manifest import read_bundle, sha256_file, write_manifest
+from protoserve.revision_settings import RevisionSettings
 from protoserve.settings import Settings, SettingsError
+from protoserve.verdicts import verdict
 from registry.objects import ChecksumError, ObjectStore, ObjectStoreError
 from registry.store import RegistryError
 from registry.versions import Registry
+from service.demo import running_service
 from service.served_version import ActiveVersionFollower, refusal_reason
+from worker.loop import run_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -176,3 +183,83 @@ def test_a_versions_folder_keeps_versions_outside_the_registry(tiny_bundle, tiny
     assert row.bundle == str(tmp_path / "elsewhere" / "0.1.0" / "bundle")
     assert registry.checkpoint_path("0.1.0") == tmp_path / "elsewhere" / "0.1.0" / "checkpoint.pt"
     assert read_bundle(registry.bundle_path("0.1.0")).manifest.version == "0.1.0"
+
+
+def test_a_worker_revises_from_the_object_store_and_uploads_its_candidate(bucket, s3, tiny_bundle, tiny_checkpoint,
+                                                                          mnist_root, tmp_path):
+    url = f"s3://{bucket}/v"
+    registry = replica(tmp_path / "registry", url, tmp_path / "cache-worker")
+    registry.register(tiny_bundle, tiny_checkpoint)
+    registry.promote("0.1.0")
+    registry.store.add_verdict("0.1.0", verdict(1, "reject", 1, "ada"))
+    job = registry.store.add_job("0.1.0", RevisionSettings(mode="mask", rounds=1))
+    assert run_worker(registry, str(mnist_root), once=True, lease=30, log=lambda s: None) == 1
+    done = registry.store.job(job["id"])
+    assert done["status"] == "done", done["error"]
+    candidate = registry.store.version(done["result"]["candidate"])
+    assert candidate.bundle.startswith(f"{url}/{candidate.version}/bundle#sha256=")
+    assert candidate.checkpoint.startswith(f"{url}/{candidate.version}/checkpoint.pt#sha256=")
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket, Prefix=f"v/{candidate.version}/")["Contents"]}
+    assert {f"v/{candidate.version}/bundle/manifest.json", f"v/{candidate.version}/checkpoint.pt"} <= keys
+    parent_checkpoint = sha256_file(tiny_checkpoint)  # the worker revised a verified download of the parent's
+    assert (tmp_path / "cache-worker" / "files" / parent_checkpoint / "checkpoint.pt").is_file()
+
+    elsewhere = replica(tmp_path / "registry", url, tmp_path / "cache-replica")
+    revised = read_bundle(elsewhere.bundle_path(candidate.version)).manifest
+    assert revised.lineage.parent.endswith(":0.1.0") and revised.lineage.masked == [1]
+    elsewhere.promote(candidate.version)
+
+
+@pytest.mark.slow
+def test_a_service_refuses_a_damaged_download_and_keeps_serving(bucket, s3, tiny_bundle, tiny_checkpoint, tmp_path):
+    """`bentoml serve` (two workers, one cache) following a registry whose versions are in the object store."""
+    url = f"s3://{bucket}/v"
+    writer = replica(tmp_path / "registry", url, tmp_path / "cache-writer")
+    writer.register(tiny_bundle, tiny_checkpoint)
+    writer.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    writer.register(retag(tiny_bundle, "0.3.0", tmp_path / "v3"), tiny_checkpoint, parent="0.1.0")
+    writer.promote("0.1.0")
+    with np.load(tiny_bundle / "probe.npz") as probe:
+        images = probe["input.image"][:2, 0].tolist()
+    env = {**s3.env(), "PROTOSERVE_REGISTRY": str(writer.root), "PROTOSERVE_VERSIONS_URL": url,
+           "PROTOSERVE_CACHE_DIR": str(tmp_path / "cache-service"), "PROTOSERVE_WORKERS": "2",
+           "PROTOSERVE_POLL_SECONDS": "0.2", "BENTOML_HOME": str(tmp_path / "bentoml_home")}
+    with running_service(tiny_bundle, None, tmp_path / "serve.log", 180, env=env) as service:
+        assert httpx.get(f"{service}/readyz").json()["model"]["version"] == "0.1.0"
+        writer.verify("0.2.0")  # the promote's check passes on the writer's download ...
+        flip_a_byte(s3, bucket, "v/0.2.0/bundle/model.onnx")  # ... then the object is damaged
+        writer.promote("0.2.0")
+        reasons = _wait_for_refusals(service, "0.2.0")
+        assert all(f"s3://{bucket}/v/0.2.0/bundle/model.onnx: sha256" in r for r in reasons), reasons
+        versions = {httpx.post(f"{service}/predict", json={"images": images}).headers["x-model-version"]
+                    for _ in range(10)}
+        assert versions == {"0.1.0"}
+        metrics = httpx.get(f"{service}/metrics").text
+        assert 'protoserve_version_refusals_total{reason="checksum",version="0.2.0"} 2.0' in metrics, \
+            [line for line in metrics.splitlines() if "refusals" in line]
+        writer.promote("0.3.0")  # an intact version: both workers download (one cache) and switch
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            answers = {httpx.post(f"{service}/predict", json={"images": images},
+                                  headers={"Connection": "close"}).headers["x-model-version"] for _ in range(10)}
+            if answers == {"0.3.0"}:
+                break
+            time.sleep(0.2)
+        assert answers == {"0.3.0"}
+    assert sorted(p.name for p in (tmp_path / "cache-service" / "bundles").iterdir()) == sorted(
+        sha256_file(b / "manifest.json") for b in (tiny_bundle, tmp_path / "v3"))
+
+
+def _wait_for_refusals(service: str, version: str, timeout: float = 20) -> list[str]:
+    """The not-loaded reasons of both workers (each /metadata answer is one worker's)."""
+    seen: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(seen) < 2:
+        held = httpx.get(f"{service}/metadata", headers={"Connection": "close"}).json()["worker"]
+        assert held["model"]["version"] == "0.1.0"
+        refused = [r for r in held.get("not_loaded", []) if r.startswith(f"{version}: ")]
+        if refused:
+            seen[held["worker"]] = refused[-1]
+        time.sleep(0.1)
+    assert len(seen) == 2, seen
+    return list(seen.values())
