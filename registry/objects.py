@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -38,6 +39,7 @@ SCHEME = "s3://"
 PIN = "#sha256="
 CHECKPOINT_FILE = "checkpoint.pt"
 CREDENTIALS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+PARALLEL = 8  # objects sent or fetched at once (boto3's connection pool holds 10)
 
 
 class ObjectStoreError(RegistryError):
@@ -107,8 +109,9 @@ class ObjectStore:
         """Upload a verified bundle (and its checkpoint) as `<versions>/<version>/`; the pinned URLs to record."""
         target = versions.child(version)
         files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
-        for name in [f for f in files if f != MANIFEST_FILE] + [MANIFEST_FILE]:  # the manifest last
-            self._put(bundle / name, target.child("bundle", name))
+        _each(lambda name: self._put(bundle / name, target.child("bundle", name)),
+              [f for f in files if f != MANIFEST_FILE])
+        self._put(bundle / MANIFEST_FILE, target.child("bundle", MANIFEST_FILE))  # last: then the bundle is whole
         checkpoint_location = None
         if checkpoint is not None:
             self._put(checkpoint, target.child(CHECKPOINT_FILE))
@@ -130,9 +133,9 @@ class ObjectStore:
             manifest_path = folder / MANIFEST_FILE
             self._get(url.child(MANIFEST_FILE), manifest_path, pin)
             manifest = read_manifest(manifest_path)
-            for name, sha256 in manifest.files.items():
+            for name in manifest.files:
                 _check_inside(name, url)
-                self._get(url.child(name), folder / name, sha256)
+            _each(lambda item: self._get(url.child(item[0]), folder / item[0], item[1]), manifest.files.items())
             return _settle(folder, self.cache / "bundles" / (pin or sha256_file(manifest_path)))
 
     def file(self, location: str) -> Path:
@@ -177,6 +180,13 @@ def _settle(folder: Path, target: Path) -> Path:
     except OSError:  # there already (a non-empty folder): the same content, by its address
         pass
     return target
+
+
+def _each(call, items) -> None:
+    """call(item) for every item, PARALLEL at a time; the first error raised is raised here."""
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        for _ in pool.map(call, items):
+            pass
 
 
 def _check_inside(name: str, url: ObjectUrl) -> None:
