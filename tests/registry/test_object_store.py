@@ -141,6 +141,30 @@ def test_a_flipped_byte_is_refused_and_the_old_version_keeps_serving(bucket, s3,
     assert [s.version for s in switched] == ["0.3.0"]
 
 
+def test_an_object_store_that_could_not_be_read_is_tried_again(bucket, s3, tiny_bundle, tiny_checkpoint, tmp_path):
+    url = f"s3://{bucket}/v"
+    writer = replica(tmp_path / "registry", url, tmp_path / "cache-writer")
+    writer.register(tiny_bundle, tiny_checkpoint)
+    writer.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    writer.promote("0.1.0")
+    writer.promote("0.2.0")  # checked on the writer; then an object goes missing (a store half restored)
+    client = s3.client()
+    client.delete_object(Bucket=bucket, Key="v/0.2.0/bundle/probe.npz")
+    serving = replica(tmp_path / "registry", url, tmp_path / "cache-replica")
+    switched = []
+    follower = ActiveVersionFollower(serving, serving.store.active().generation - 1, "0.1.0", switched.append)
+    asyncio.run(follower.check())
+    (reason,) = follower.failed.values()
+    assert reason == f"0.2.0: s3://{bucket}/v/0.2.0/bundle/probe.npz: no such object (deleted from the store, or " \
+                     "never uploaded)"
+    client.put_object(Bucket=bucket, Key="v/0.2.0/bundle/probe.npz", Body=(tiny_bundle / "probe.npz").read_bytes())
+    asyncio.run(follower.check())
+    assert switched == []  # not before the retry is due
+    follower.retry_at = dict.fromkeys(follower.retry_at, 0.0)
+    asyncio.run(follower.check())
+    assert [s.version for s in switched] == ["0.2.0"] and follower.failed == {}
+
+
 def test_missing_bucket_or_credentials_is_one_readable_line(bucket, s3, tiny_bundle, tmp_path, monkeypatch):
     registry = Registry(tmp_path / "registry", versions_url="s3://no-such-bucket-here/v",
                         objects=ObjectStore(cache_dir=tmp_path / "cache"))
