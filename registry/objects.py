@@ -21,8 +21,8 @@ and appear in no message. boto3 is imported only when an s3:// location is used 
 
 from __future__ import annotations
 
-import functools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -82,6 +82,8 @@ def pinned(url: ObjectUrl, sha256: str) -> str:
 def unpin(location: str) -> tuple[ObjectUrl, str | None]:
     """(the object URL, the sha256 it is pinned to, or None)."""
     url, _, sha256 = location.partition(PIN)
+    if sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ObjectStoreError(f"{location}: the pin is not a sha256 (64 hex digits)")
     return ObjectUrl.parse(url), sha256 or None
 
 
@@ -92,15 +94,7 @@ class ObjectStore:
         s = settings()
         self.endpoint_url = endpoint_url if endpoint_url is not None else s.s3_endpoint_url
         self.cache = Path(cache_dir if cache_dir is not None else s.cache_dir).expanduser()
-
-    @functools.cached_property
-    def client(self):
-        import boto3
-        from botocore.config import Config
-
-        config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"},
-                        s3={"addressing_style": "path"} if self.endpoint_url else None)
-        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
+        self.client = _client(self.endpoint_url)  # thread-safe: the transfers below share it
 
     # Writing a version (the registering host)
 
@@ -132,9 +126,7 @@ class ObjectStore:
         with self._download() as folder:
             manifest_path = folder / MANIFEST_FILE
             self._get(url.child(MANIFEST_FILE), manifest_path, pin)
-            manifest = read_manifest(manifest_path)
-            for name in manifest.files:
-                _check_inside(name, url)
+            manifest = read_manifest(manifest_path)  # refuses a file entry outside the bundle, among the rest
             _each(lambda item: self._get(url.child(item[0]), folder / item[0], item[1]), manifest.files.items())
             return _settle(folder, self.cache / "bundles" / (pin or sha256_file(manifest_path)))
 
@@ -172,6 +164,16 @@ class ObjectStore:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _client(endpoint_url: str | None):
+    """A boto3 S3 client; credentials are boto3's to find (the AWS variables, a profile, a role)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"},
+                    s3={"addressing_style": "path"} if endpoint_url else None)  # a custom endpoint: no bucket DNS
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
 def _settle(folder: Path, target: Path) -> Path:
     """Move a verified download to its content address (another process may have put the same there first)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -187,12 +189,6 @@ def _each(call, items) -> None:
     with ThreadPoolExecutor(PARALLEL) as pool:
         for _ in pool.map(call, items):
             pass
-
-
-def _check_inside(name: str, url: ObjectUrl) -> None:
-    p = PurePosixPath(name)
-    if not name or p.is_absolute() or ".." in p.parts:  # read_manifest refuses these too; never write outside
-        raise BundleError(f"{url}/{MANIFEST_FILE}: file entry {name!r} is not a path inside the bundle")
 
 
 @contextmanager
