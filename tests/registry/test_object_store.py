@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -235,43 +236,90 @@ def test_a_worker_revises_from_the_object_store_and_uploads_its_candidate(bucket
 
 
 @pytest.mark.slow
-def test_a_service_refuses_a_damaged_download_and_keeps_serving(bucket, s3, tiny_bundle, tiny_checkpoint, tmp_path):
-    """`bentoml serve` (two workers, one cache) following a registry whose versions are in the object store."""
+def test_two_replicas_one_refuses_a_damaged_download_and_keeps_serving(bucket, s3, tiny_bundle, tiny_checkpoint,
+                                                                       tmp_path):
+    """Two `bentoml serve` replicas, each with its own cache, on one registry and one object store, under load.
+    Replica A shares the promoting host's cache, which checked version 0.2.0 before its object was damaged;
+    replica B downloads the damaged object, refuses it and keeps serving 0.1.0."""
     url = f"s3://{bucket}/v"
-    writer = replica(tmp_path / "registry", url, tmp_path / "cache-writer")
+    writer = replica(tmp_path / "registry", url, tmp_path / "cache-a")
     writer.register(tiny_bundle, tiny_checkpoint)
     writer.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
     writer.register(retag(tiny_bundle, "0.3.0", tmp_path / "v3"), tiny_checkpoint, parent="0.1.0")
     writer.promote("0.1.0")
     with np.load(tiny_bundle / "probe.npz") as probe:
         images = probe["input.image"][:2, 0].tolist()
-    env = {**s3.env(), "PROTOSERVE_REGISTRY": str(writer.root), "PROTOSERVE_VERSIONS_URL": url,
-           "PROTOSERVE_CACHE_DIR": str(tmp_path / "cache-service"), "PROTOSERVE_WORKERS": "2",
-           "PROTOSERVE_POLL_SECONDS": "0.2", "BENTOML_HOME": str(tmp_path / "bentoml_home")}
-    with running_service(tiny_bundle, None, tmp_path / "serve.log", 180, env=env) as service:
-        assert httpx.get(f"{service}/readyz").json()["model"]["version"] == "0.1.0"
-        writer.verify("0.2.0")  # the promote's check passes on the writer's download ...
+
+    def env(cache: str, workers: int) -> dict[str, str]:
+        return {**s3.env(), "PROTOSERVE_REGISTRY": str(writer.root), "PROTOSERVE_VERSIONS_URL": url,
+                "PROTOSERVE_CACHE_DIR": str(tmp_path / cache), "PROTOSERVE_WORKERS": str(workers),
+                "PROTOSERVE_POLL_SECONDS": "0.2", "BENTOML_HOME": str(tmp_path / f"bentoml-{cache}")}
+
+    with running_service(tiny_bundle, None, tmp_path / "a.log", 180, env=env("cache-a", 1)) as a, \
+            running_service(tiny_bundle, None, tmp_path / "b.log", 180, env=env("cache-b", 2)) as b, \
+            Clients({"a": a, "b": b}, images) as load:
+        writer.verify("0.2.0")  # the promote's check passes on the promoting host's download ...
         flip_a_byte(s3, bucket, "v/0.2.0/bundle/model.onnx")  # ... then the object is damaged
         writer.promote("0.2.0")
-        reasons = _wait_for_refusals(service, "0.2.0")
+        load.wait_for({"a": "0.2.0", "b": "0.1.0"})
+        reasons = _wait_for_refusals(b, "0.2.0")
         assert all(f"s3://{bucket}/v/0.2.0/bundle/model.onnx: sha256" in r for r in reasons), reasons
-        versions = {httpx.post(f"{service}/predict", json={"images": images}).headers["x-model-version"]
-                    for _ in range(10)}
-        assert versions == {"0.1.0"}
-        metrics = httpx.get(f"{service}/metrics").text
+        metrics = httpx.get(f"{b}/metrics").text
         assert 'protoserve_version_refusals_total{reason="checksum",version="0.2.0"} 2.0' in metrics, \
             [line for line in metrics.splitlines() if "refusals" in line]
-        writer.promote("0.3.0")  # an intact version: both workers download (one cache) and switch
-        deadline = time.monotonic() + 20
+        assert "protoserve_version_refusals_total{" not in httpx.get(f"{a}/metrics").text
+        writer.promote("0.3.0")  # an intact version: every worker downloads it (or finds it cached) and switches
+        load.wait_for({"a": "0.3.0", "b": "0.3.0"})
+    assert load.errors == [], load.errors[:5]
+    assert {v for r, v in load.answers if r == "b"} == {"0.1.0", "0.3.0"}  # B never served the damaged copy
+    assert {v for r, v in load.answers if r == "a"} == {"0.1.0", "0.2.0", "0.3.0"}
+    for cache, versions in (("cache-a", (tiny_bundle, tmp_path / "v2", tmp_path / "v3")),
+                            ("cache-b", (tiny_bundle, tmp_path / "v3"))):
+        assert sorted(p.name for p in (tmp_path / cache / "bundles").iterdir()) == sorted(
+            sha256_file(v / "manifest.json") for v in versions)
+
+
+class Clients:
+    """Two clients per replica posting /predict until the block ends; answers as (replica, version)."""
+
+    def __init__(self, replicas: dict[str, str], images: list):
+        self.replicas, self.images, self.answers, self.errors = replicas, images, [], []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.client, args=(name,), daemon=True)
+                        for name in replicas for _ in range(2)]
+
+    def client(self, name: str) -> None:
+        with httpx.Client(timeout=30, headers={"Connection": "close"}) as http:
+            while not self.stop.is_set():
+                try:
+                    r = http.post(f"{self.replicas[name]}/predict", json={"images": self.images})
+                    if r.status_code != 200:
+                        self.errors.append((name, r.status_code, r.text[:200]))
+                    else:
+                        self.answers.append((name, r.headers["x-model-version"]))
+                except httpx.HTTPError as e:
+                    self.errors.append((name, repr(e)))
+
+    def wait_for(self, versions: dict[str, str], timeout: float = 30) -> None:
+        """Until the last answers of each replica are all from the version named for it."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            answers = {httpx.post(f"{service}/predict", json={"images": images},
-                                  headers={"Connection": "close"}).headers["x-model-version"] for _ in range(10)}
-            if answers == {"0.3.0"}:
-                break
-            time.sleep(0.2)
-        assert answers == {"0.3.0"}
-    assert sorted(p.name for p in (tmp_path / "cache-service" / "bundles").iterdir()) == sorted(
-        sha256_file(b / "manifest.json") for b in (tiny_bundle, tmp_path / "v3"))
+            start = len(self.answers)
+            time.sleep(0.5)
+            recent = self.answers[start:]
+            if all({v for r, v in recent if r == name} == {version} for name, version in versions.items()):
+                return
+        raise AssertionError(f"not every replica on {versions} within {timeout} s: {self.answers[-8:]}")
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
 
 
 def _wait_for_refusals(service: str, version: str, timeout: float = 20) -> list[str]:
