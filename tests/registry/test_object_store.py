@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from s3_server import seaweedfs
 
@@ -28,6 +29,7 @@ from registry.objects import ChecksumError, ObjectStore, ObjectStoreError
 from registry.store import RegistryError
 from registry.versions import Registry
 from service.demo import running_service
+from service.review import app
 from service.served_version import ActiveVersionFollower, refusal_reason
 from worker.loop import run_worker
 
@@ -164,6 +166,30 @@ def test_an_object_store_that_could_not_be_read_is_tried_again(bucket, s3, tiny_
     follower.retry_at = dict.fromkeys(follower.retry_at, 0.0)
     asyncio.run(follower.check())
     assert [s.version for s in switched] == ["0.2.0"] and follower.failed == {}
+
+
+def test_the_review_api_reads_and_promotes_versions_from_the_object_store(bucket, s3, tiny_bundle, tiny_checkpoint,
+                                                                           tmp_path, monkeypatch):
+    url = f"s3://{bucket}/v"
+    for name, value in {"PROTOSERVE_REGISTRY": str(tmp_path / "registry"), "PROTOSERVE_VERSIONS_URL": url,
+                        "PROTOSERVE_CACHE_DIR": str(tmp_path / "cache"), "PROTOSERVE_ADMIN_KEY": "key"}.items():
+        monkeypatch.setenv(name, value)
+    registry = Registry(tmp_path / "registry")  # every setting from the environment, as the service's
+    registry.register(tiny_bundle, tiny_checkpoint)
+    registry.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    registry.promote("0.1.0")
+    flip_a_byte(s3, bucket, "v/0.2.0/bundle/probe.npz")
+    http, admin = TestClient(app, root_path=""), {"Authorization": "Bearer key"}
+    prototypes = http.get("/api/versions/0.1.0/prototypes").json()["prototypes"]
+    picture = http.get(prototypes[0]["pictures"]["prototype"].removeprefix("/review"))
+    assert picture.status_code == 200 and picture.content[:4] == b"\x89PNG"
+    assert http.post("/api/verdicts", json={"prototype_id": 1, "verdict": "reject", "source": "ada"},
+                     headers=admin).status_code == 201
+    job = http.post("/api/jobs", json={"mode": "mask"}, headers=admin)  # checked against the parent's bundle
+    assert job.status_code == 201, job.text
+    refused = http.post("/api/promote", json={"version": "0.2.0"}, headers=admin)
+    assert refused.status_code == 409 and f"s3://{bucket}/v/0.2.0/bundle/probe.npz: sha256" in refused.text
+    assert registry.store.active().version == "0.1.0"
 
 
 def test_missing_bucket_or_credentials_is_one_readable_line(bucket, s3, tiny_bundle, tmp_path, monkeypatch):
