@@ -293,6 +293,9 @@ def test_two_replicas_one_refuses_a_damaged_download_and_keeps_serving(bucket, s
         metrics = httpx.get(f"{b}/metrics").text
         assert 'protoserve_version_refusals_total{reason="checksum",version="0.2.0"} 2.0' in metrics, \
             [line for line in metrics.splitlines() if "refusals" in line]
+        promtool = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True,
+                                  timeout=60)  # Debian's prometheus package (make test installs it)
+        assert promtool.returncode == 0, promtool.stdout + promtool.stderr
         assert "protoserve_version_refusals_total{" not in httpx.get(f"{a}/metrics").text
         writer.promote("0.3.0")  # an intact version: every worker downloads it (or finds it cached) and switches
         load.wait_for({"a": "0.3.0", "b": "0.3.0"})
