@@ -21,7 +21,7 @@ OPEN_INFERENCE_CLIENTS := tritonclient==2.73.0 kserve==0.21.0
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[train,dev,batch]"
+	$(PY) -m pip install -q -e ".[train,dev,batch,s3]"
 	$(PY) -m pip install -q --no-deps $(OPEN_INFERENCE_CLIENTS)
 	touch $@
 

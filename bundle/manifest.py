@@ -13,6 +13,7 @@ Public API (kept small; the service depends on it):
                                       .probe_path, .file(name), .prototype(id), .output_names
     read_bundle(path) -> Bundle       checks schema version, schema, manifest digest and the
                                       sha256 of every file; raises BundleError on the first problem
+    read_manifest(path) -> Manifest   manifest.json alone: schema, consistency, digest (not the files)
     write_manifest(dir, manifest)     fills in files + digest, writes manifest.json, re-reads it
     sha256_file(path) -> str
 
@@ -358,6 +359,13 @@ def read_bundle(path: str | Path) -> Bundle:
     manifest = _parse_manifest(raw, manifest_path)
     _check_files(path, manifest)
     return Bundle(path=path, manifest=manifest)
+
+
+def read_manifest(manifest_path: str | Path) -> Manifest:
+    """Read and check a manifest.json alone (schema, consistency, digest), before its files are there: what a
+    download needs to know which files to fetch and what each must hash to."""
+    manifest_path = Path(manifest_path)
+    return _parse_manifest(_load_json(manifest_path), manifest_path)
 
 
 def write_manifest(directory: str | Path, manifest: Manifest) -> Manifest:

@@ -58,6 +58,18 @@ def _device(value: str) -> str:
     return value
 
 
+def _versions_url(value: str) -> str:
+    """A folder, or s3://bucket[/prefix] (the bucket named: the prefix may be empty)."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value  # a folder
+    if scheme != "s3":
+        raise ValueError(f"{value!r}: say a folder or s3://bucket/prefix ({scheme}:// is not supported)")
+    if not rest.split("/", 1)[0]:
+        raise ValueError(f"{value!r}: no bucket named (s3://bucket/prefix)")
+    return value
+
+
 def _setting(default, parse: Callable[[str], object], meaning: str, **options):
     """A field read from its variable with `parse`; `meaning` documents it in one line."""
     return field(default=default, metadata={"parse": parse, "meaning": meaning}, **options)
@@ -76,6 +88,14 @@ class Settings:
                                      "mounts the review API and page at /review")
     poll_seconds: float = _setting(0.5, _number(float, 0.01), "seconds between two reads of the registry's "
                                    "generation counter (registry mode)")
+    # Where versions live (registry mode): registry/objects.py
+    versions_url: str | None = _setting(None, _versions_url, "where the registry keeps its versions' bundles and "
+                                        "checkpoints: a folder, or s3://bucket/prefix (default: versions/ in "
+                                        "the registry directory)")
+    s3_endpoint_url: str | None = _setting(None, _text, "the S3 endpoint for s3:// versions (any S3-compatible "
+                                           "store; default: boto3's, which honours AWS_ENDPOINT_URL_S3)")
+    cache_dir: Path = _setting(Path.home() / ".cache" / "protoserve" / "versions", Path, "where a replica keeps "
+                               "the versions it downloaded from s3:// (content-addressed, verified before loading)")
     # How a model runs
     device: str = _setting("auto", _device, "ONNX Runtime device: auto (CUDA when a session gets it), cuda or cpu")
     threads: int = _setting(1, _number(int, 0), "ONNX Runtime intra-op threads per session (0: its own default)")

@@ -3,8 +3,11 @@
 A registry is a directory: `registry.sqlite` (registry/store.py) and `versions/<version>/` holding
 each registered version's copy of its bundle (`bundle/`) and the checkpoint it came from
 (`checkpoint.pt`), so a version never changes under the registry and can be revised again.
-PROTOSERVE_REGISTRY names the directory. A bundle is verified (schema, sha256 of every file, golden
-probe) when it is registered and again when it is promoted or rolled back to: a version that fails
+PROTOSERVE_REGISTRY names the directory. PROTOSERVE_VERSIONS_URL may put the versions elsewhere:
+another folder, or an S3 object store (s3://bucket/prefix, registry/objects.py), where a version is
+uploaded before its row is written and every host downloads it into a verified local cache before
+reading it. A bundle is verified (schema, sha256 of every file, golden probe) when it is registered
+and again when it is promoted or rolled back to: a version that fails
 is never activated, and the active one stays.
 """
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from bundle.manifest import Bundle, BundleError
 from bundle.runtime import verify_bundle
 from protoserve.settings import settings, variable
+from registry.objects import ObjectStore, ObjectUrl, is_remote
 from registry.store import DB_FILE, Active, RegistryError, Store, VersionRow
 
 ENV = variable("registry")
@@ -37,32 +41,50 @@ def open_registry(root: str | Path | None = None) -> Registry:
 
 
 class Registry:
-    """The versions under one registry directory and its database."""
+    """The versions under one registry directory and its database (the versions themselves: `versions_url`)."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, versions_url: str | None = None, objects: ObjectStore | None = None):
         self.root = Path(root)
         self.store = Store(self.root / DB_FILE)
+        url = versions_url if versions_url is not None else settings().versions_url
+        if url and not is_remote(url):
+            url = str(Path(url).expanduser().resolve())  # the rows hold absolute paths, whatever the cwd
+        self.versions_url = url or str(self.root / "versions")
+        self._objects = objects
+
+    @property
+    def objects(self) -> ObjectStore:
+        """The object store that s3:// locations are read from and written to (built on first use)."""
+        if self._objects is None:
+            self._objects = ObjectStore()
+        return self._objects
 
     def version_dir(self, version: str) -> Path:
-        return self.root / "versions" / version
+        """The version's folder on this host: its bundle and checkpoint (folder mode), its nearest training
+        images (both modes; with s3:// versions, on the host that computed them)."""
+        if is_remote(self.versions_url):
+            return self.root / "versions" / version
+        return Path(self.versions_url) / version
 
     def register(self, bundle: str | Path, checkpoint: str | Path | None = None, parent: str | None = None,
                  status: str = "registered", lineage: dict | None = None, job_id: int | None = None) -> VersionRow:
         """Verify the bundle, copy it (and its checkpoint) into the registry, record the version."""
         checked, _ = verify_bundle(bundle)
         m = checked.manifest
-        target = self.version_dir(m.version)
-        if target.exists():
-            raise RegistryError(f"version {m.version!r} is registered already ({target}); versions are immutable")
         lineage = lineage if lineage is not None else _manifest_lineage(checked)
         if parent is None and (lineage or {}).get("parent"):
             parent = lineage["parent"].rpartition(":")[2]  # the lineage names the parent as name:version
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            raise RegistryError(f"{checkpoint}: checkpoint file not found")
+        if is_remote(self.versions_url):
+            return self._register_remote(checked, checkpoint, parent, status, lineage, job_id)
+        target = self.version_dir(m.version)
+        if target.exists():
+            raise RegistryError(f"version {m.version!r} is registered already ({target}); versions are immutable")
         staging = target.with_name(f".{m.version}.staging")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(checked.path, staging / "bundle")
         if checkpoint is not None:
-            if not Path(checkpoint).is_file():
-                raise RegistryError(f"{checkpoint}: checkpoint file not found")
             shutil.copy2(checkpoint, staging / "checkpoint.pt")
         verify_bundle(staging / "bundle")  # the copy is what will be served
         os.replace(staging, target)
@@ -75,8 +97,28 @@ class Registry:
             shutil.rmtree(target, ignore_errors=True)
             raise
 
+    def _register_remote(self, checked: Bundle, checkpoint: str | Path | None, parent: str | None, status: str,
+                         lineage: dict | None, job_id: int | None) -> VersionRow:
+        """Upload the verified bundle and checkpoint to the object store, then write the row pinning them."""
+        m = checked.manifest
+        if any(row.version == m.version for row in self.store.versions()):
+            raise RegistryError(f"version {m.version!r} is registered already; versions are immutable")
+        # Objects left by a register that died before its row are overwritten; a row's pin catches any mix-up.
+        bundle, saved = self.objects.upload_version(ObjectUrl.parse(self.versions_url), m.version, checked.path,
+                                                    Path(checkpoint) if checkpoint is not None else None)
+        return self.store.add_version(m.version, m.name, m.family, bundle, saved, parent, status, lineage,
+                                      {"test_accuracy": m.metrics.test_accuracy}, job_id)
+
     def bundle_path(self, version: str) -> Path:
-        return Path(self.store.version(version).bundle)
+        location = self.store.version(version).bundle
+        return self.objects.bundle(location) if is_remote(location) else Path(location)
+
+    def checkpoint_path(self, version: str) -> Path | None:
+        """The version's checkpoint on this host (downloaded and verified when it is in an object store), or None."""
+        location = self.store.version(version).checkpoint
+        if location is None:
+            return None
+        return self.objects.file(location) if is_remote(location) else Path(location)
 
     def verify(self, version: str) -> Bundle:
         """Verify a registered version's bundle now (RegistryError naming the problem)."""

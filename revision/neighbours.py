@@ -54,9 +54,9 @@ def write_neighbours(registry: Registry, version: str, data_root: str | None, k:
     row = registry.store.version(version)
     if row.checkpoint is None:
         raise ValueError(f"version {version} has no checkpoint to find its neighbours with")
-    rows, images = nearest_training_images(Path(row.checkpoint), data_root, k, limit)
+    rows, images = nearest_training_images(registry.checkpoint_path(version), data_root, k, limit)
     folder = registry.version_dir(version)
-    (folder / "neighbours").mkdir(exist_ok=True)
+    (folder / "neighbours").mkdir(parents=True, exist_ok=True)
     table = {}
     for j, found in enumerate(rows):
         table[str(j)] = []

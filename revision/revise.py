@@ -258,7 +258,8 @@ def revise_version(registry: Registry, job_id: int, parent_version: str, job: Qu
     run = registry.root / "jobs" / str(job_id) / "run"
     consultation = Consultation(job_verdicts(registry, job.verdict_ids), source=f"job {job_id}")
     report.stage("revising")
-    result = revise(Parent(Path(parent.checkpoint), f"{parent.name}:{parent.version}", parent.name, parent.version),
+    checkpoint = registry.checkpoint_path(parent.version)  # with s3:// versions, downloaded and verified
+    result = revise(Parent(checkpoint, f"{parent.name}:{parent.version}", parent.name, parent.version),
                     job.settings(), consultation, run, data_root=data_root, version=f"{parent.version}-r{job_id}",
                     resume=(run / STATE_FILE).exists(), progress=report.record, log=report.log)
     report.stage("registering")

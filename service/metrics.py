@@ -45,6 +45,7 @@ class Metrics:
     shadow_out_of_domain: object
     shadow_seconds: object
     shadow_failures: object
+    version_refusals: object
 
 
 @functools.cache
@@ -95,6 +96,9 @@ def metrics() -> Metrics:
                                  ["version"], buckets=SECONDS_BUCKETS),
         shadow_failures=Counter("protoserve_shadow_failures", "Sampled requests the shadow failed on, or "
                                 "skipped while it was behind (the answers never see it)", ["version"]),
+        version_refusals=Counter("protoserve_version_refusals", "Versions a worker was told to serve and did not "
+                                 "load (it kept serving the one it had), by reason: checksum, object_store, "
+                                 "bundle, other", ["version", "reason"]),
     )
 
 
@@ -160,6 +164,11 @@ def count_out_of_domain(model: tuple[str, str], api: str, count: int) -> None:
     """Add `count` out-of-domain images answered by `api` (predict, explain, score_batch)."""
     if count:
         labelled(metrics().out_of_domain, *model, api).inc(count)
+
+
+def count_refusal(version: str, reason: str) -> None:
+    """A version this worker did not load (service/served_version.py says why)."""
+    labelled(metrics().version_refusals, version, reason).inc()
 
 
 def count_rejection(reason: str) -> None:

@@ -114,7 +114,7 @@ def registry() -> Registry:
 
 
 @functools.lru_cache(maxsize=16)
-def _bundle(path: str) -> Bundle:
+def _bundle(path: Path) -> Bundle:
     return read_bundle(path)  # versions are immutable: read (and checksum) once per process
 
 
@@ -207,7 +207,7 @@ def prototypes(version: str) -> dict:
     explanation-quality figures (when the bundle has the report), its latest verdict and how many it has."""
     reg = registry()
     version = version_or_active(reg, None if version == "active" else version)
-    bundle = _bundle(reg.store.version(version).bundle)
+    bundle = _bundle(reg.bundle_path(version))
     m = bundle.manifest
     given: dict[int, list[dict]] = {}
     for v in reg.store.verdicts(version):
@@ -239,7 +239,7 @@ def prototypes(version: str) -> dict:
 @app.get("/api/versions/{version}/files/{name:path}", **READING, summary="A picture of a version's bundle (PNG)")
 def picture(version: str, name: str) -> FileResponse:
     reg = registry()
-    bundle = _bundle(reg.store.version(version).bundle)
+    bundle = _bundle(reg.bundle_path(version))
     if name not in bundle.manifest.files or not name.endswith(".png"):
         raise ReviewError(404, "not_found", f"{name}: no such picture in version {version}")
     return FileResponse(bundle.file(name), media_type="image/png",
@@ -282,7 +282,7 @@ def job(job_id: int) -> dict:
 def add_verdict(body: VerdictIn) -> dict:
     reg = registry()
     version = version_or_active(reg, body.version)
-    ids = {row.id for row in _bundle(reg.store.version(version).bundle).manifest.prototypes}
+    ids = {row.id for row in _bundle(reg.bundle_path(version)).manifest.prototypes}
     if body.prototype_id not in ids:
         raise ReviewError(400, "unknown_prototype", f"version {version} has no prototype {body.prototype_id}")
     try:
@@ -306,7 +306,7 @@ def start_job(body: JobIn) -> dict:
     if row.checkpoint is None:
         raise ReviewError(409, "no_checkpoint", f"version {parent} was registered without its checkpoint: "
                           "it cannot be revised")
-    check_options(body, _bundle(row.bundle))
+    check_options(body, _bundle(reg.bundle_path(parent)))
     return reg.store.add_job(parent, body.settings())
 
 

@@ -10,7 +10,10 @@ In registry mode (PROTOSERVE_REGISTRY) a background task polls the registry's ge
 every PROTOSERVE_POLL_SECONDS (protoserve/settings.py): one indexed single-row read, off the request path, so
 /predict pays nothing for it. A new generation loads the active version in a thread (checksums,
 golden probe, warm-up) while the old one keeps answering, then swaps. A version that fails to load
-is logged and skipped until the generation moves again; the old one keeps serving.
+(with s3:// versions: one whose download fails or does not match its checksums, registry/objects.py)
+is logged, counted in protoserve_version_refusals_total, shown in /metadata, and skipped until the
+generation moves again (an object store that could not be read: tried again every 10 s); the old
+one keeps serving.
 """
 
 from __future__ import annotations
@@ -18,19 +21,25 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from bundle.manifest import BundleError
 from inference.explanation import prototype_pictures
 from inference.model import LoadedModel, bundle_location, load_model
 from protoserve.settings import settings
+from registry.objects import ChecksumError, ObjectStoreError
 from registry.store import RegistryError
 from registry.versions import Registry, registry_location
+from service.metrics import count_refusal
 
 log = logging.getLogger("protoserve.service")
+OBJECT_STORE_RETRY_SECONDS = 10.0
 
 
 @dataclass
@@ -103,6 +112,7 @@ class ActiveVersionFollower:
         self.switch = switch
         self.poll_seconds = settings().poll_seconds if poll_seconds is None else poll_seconds
         self.failed: dict[int, str] = {}  # generation -> why its version was not loaded
+        self.retry_at: dict[int, float] = {}  # generation -> when to try again (an object store may come back)
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -118,20 +128,35 @@ class ActiveVersionFollower:
 
     async def check(self) -> None:
         generation, version = await asyncio.to_thread(self.registry.store.generation)
-        if generation == self.generation or generation in self.failed or version is None:
+        if generation == self.generation or version is None:
+            return
+        if generation in self.failed and time.monotonic() < self.retry_at.get(generation, math.inf):
             return
         if version == self.version:  # e.g. promote then rollback between two polls
             self.generation = generation
             return
         try:
-            path = self.registry.bundle_path(version)
+            path = await asyncio.to_thread(self.registry.bundle_path, version)  # with s3:// versions, a download
             model = await asyncio.to_thread(load_model, path)
             served = await asyncio.to_thread(served_version, model, generation)
         except Exception as e:  # BundleError, RegistryError, ORT errors: the old version keeps serving
-            self.failed[generation] = f"{version}: {e}"
+            self.failed[generation], reason = f"{version}: {e}", refusal_reason(e)
+            count_refusal(version, reason)
+            if reason == "object_store":  # unreachable or refused: may pass later, unlike a bad checksum
+                self.retry_at[generation] = time.monotonic() + OBJECT_STORE_RETRY_SECONDS
             log.error("protoserve: version %s (generation %d) not loaded, still serving %s: %s", version,
                       generation, self.version, e)
             return
         self.switch(served)
         self.generation, self.version = generation, version
+        self.failed.pop(generation, None)  # loaded on a retry: no longer a refusal to show
         log.info("protoserve: now serving %s (generation %d)", version, generation)
+
+
+def refusal_reason(error: BaseException) -> str:
+    """The `reason` label of a version not loaded: checksum (a download that does not match its manifest),
+    object_store (unreachable, missing object, no access), bundle (any other bundle check), other."""
+    for kind, reason in ((ChecksumError, "checksum"), (ObjectStoreError, "object_store"), (BundleError, "bundle")):
+        if isinstance(error, kind):
+            return reason
+    return "other"

@@ -126,7 +126,8 @@ class Shadow:
         if version in self.failed:
             return
         try:
-            model = await asyncio.to_thread(load_model, self.registry.bundle_path(version))
+            path = await asyncio.to_thread(self.registry.bundle_path, version)  # with s3:// versions, a download
+            model = await asyncio.to_thread(load_model, path)
         except Exception as e:  # BundleError, RegistryError, ORT errors: no shadow, the answers unchanged
             self.failed[version] = str(e)
             labelled(metrics().shadow_failures, version).inc()

@@ -13,7 +13,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 
 
 def test_the_table_lists_every_setting_and_nothing_else():
-    documented = re.findall(r"^\| `(PROTOSERVE_[A-Z_]+)` \|", DOC.read_text(), flags=re.MULTILINE)
+    documented = re.findall(r"^\| `(PROTOSERVE_[A-Z0-9_]+)` \|", DOC.read_text(), flags=re.MULTILINE)
     assert len(documented) == len(set(documented)), "a variable is listed twice"
     assert sorted(documented) == sorted(variable(f.name) for f in dataclasses.fields(Settings))
 

@@ -30,7 +30,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
 def test_promtool_checks_rules_and_config():
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
     result = promtool("check", "config", "prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -138,4 +138,5 @@ def test_every_dashboard_and_rule_query_is_valid_promql(prometheus):
     rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     assert {rule["name"] for g in rules for rule in g["rules"]} >= {"ProtoserveNearestPrototypeDistanceDrift",
                                                                      "ProtoserveHighErrorRate",
-                                                                     "ProtoserveOutOfDomainRate"}
+                                                                     "ProtoserveOutOfDomainRate",
+                                                                     "ProtoserveVersionRefused"}

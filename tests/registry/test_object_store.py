@@ -1,0 +1,366 @@
+"""Versions in an S3 object store (registry/objects.py) against a real S3 server (SeaweedFS): register uploads,
+a fresh cache downloads and verifies, a flipped byte or a truncated object is refused while the old version
+keeps serving, and a missing bucket or missing credentials is one readable line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from s3_server import seaweedfs
+
+from bundle.manifest import read_bundle, sha256_file, write_manifest
+from protoserve.revision_settings import RevisionSettings
+from protoserve.settings import Settings, SettingsError
+from protoserve.verdicts import verdict
+from registry.objects import ChecksumError, ObjectStore, ObjectStoreError
+from registry.store import RegistryError
+from registry.versions import Registry
+from service.demo import running_service
+from service.review import app
+from service.served_version import ActiveVersionFollower, refusal_reason
+from worker.loop import run_worker
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch) -> str:
+    """A new bucket, and this process's environment pointed at the server (the standard AWS variables)."""
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    name = f"versions-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=name)
+    return name
+
+
+def retag(bundle: Path, version: str, out: Path) -> Path:
+    target = Path(shutil.copytree(bundle, out))
+    write_manifest(target, read_bundle(target).manifest.model_copy(update={"version": version}))
+    return target
+
+
+def replica(root: Path, url: str, cache: Path) -> Registry:
+    """The registry as one host sees it: the shared database and object store, its own cache."""
+    return Registry(root, versions_url=url, objects=ObjectStore(cache_dir=cache))
+
+
+def flip_a_byte(s3, bucket: str, key: str) -> None:
+    client = s3.client()
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x01
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+
+def test_register_uploads_and_a_fresh_cache_downloads_and_verifies(bucket, s3, tiny_bundle, tiny_checkpoint, tmp_path):
+    url = f"s3://{bucket}/protoserve/versions"
+    writer = replica(tmp_path / "registry", url, tmp_path / "cache-writer")
+    row = writer.register(tiny_bundle, tiny_checkpoint)
+    manifest_sha = sha256_file(tiny_bundle / "manifest.json")
+    assert row.bundle == f"{url}/0.1.0/bundle#sha256={manifest_sha}"
+    assert row.checkpoint == f"{url}/0.1.0/checkpoint.pt#sha256={sha256_file(tiny_checkpoint)}"
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]}
+    expected = {f"protoserve/versions/0.1.0/bundle/{name}" for name in read_bundle(tiny_bundle).manifest.files}
+    assert keys == expected | {"protoserve/versions/0.1.0/bundle/manifest.json",
+                               "protoserve/versions/0.1.0/checkpoint.pt"}
+    assert not (tmp_path / "registry" / "versions").exists()  # nothing of the version on the registering disk
+
+    other = replica(tmp_path / "registry", url, tmp_path / "cache-replica")
+    path = other.bundle_path("0.1.0")
+    assert path == tmp_path / "cache-replica" / "bundles" / manifest_sha  # content-addressed
+    assert read_bundle(path).manifest.files == read_bundle(tiny_bundle).manifest.files  # every sha256 checked
+    checkpoint = other.checkpoint_path("0.1.0")
+    assert sha256_file(checkpoint) == sha256_file(tiny_checkpoint) and checkpoint.name == "checkpoint.pt"
+    assert [p.name for p in (tmp_path / "cache-replica").iterdir() if p.name.startswith(".")] == []  # no leftovers
+    other.promote("0.1.0", actor="test")  # verified (checksums, golden probe) from the cache
+    assert other.store.active().version == "0.1.0"
+
+    s3.client().delete_object(Bucket=bucket, Key="protoserve/versions/0.1.0/bundle/model.onnx")
+    assert other.bundle_path("0.1.0") == path  # immutable: a cached version is never fetched again
+    with pytest.raises(RegistryError, match="registered already"):
+        writer.register(tiny_bundle, tiny_checkpoint)
+
+
+def test_a_flipped_byte_is_refused_and_the_old_version_keeps_serving(bucket, s3, tiny_bundle, tiny_checkpoint,
+                                                                      tmp_path):
+    url = f"s3://{bucket}/v"
+    writer = replica(tmp_path / "registry", url, tmp_path / "cache-writer")
+    writer.register(tiny_bundle, tiny_checkpoint)
+    writer.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    writer.register(retag(tiny_bundle, "0.3.0", tmp_path / "v3"), tiny_checkpoint, parent="0.1.0")
+    writer.promote("0.1.0")
+    flip_a_byte(s3, bucket, "v/0.2.0/bundle/model.onnx")
+
+    serving = replica(tmp_path / "registry", url, tmp_path / "cache-replica")
+    switched = []
+    follower = ActiveVersionFollower(serving, serving.store.active().generation, "0.1.0", switched.append)
+    before = REGISTRY.get_sample_value("protoserve_version_refusals_total",
+                                       {"version": "0.2.0", "reason": "checksum"}) or 0
+    serving.store.activate("0.2.0")  # around promote's own verification, as a replica elsewhere would see it
+    asyncio.run(follower.check())
+    assert switched == [] and follower.version == "0.1.0"  # still serving the old version
+    (reason,) = follower.failed.values()
+    assert reason.startswith(f"0.2.0: s3://{bucket}/v/0.2.0/bundle/model.onnx: sha256 ") and "\n" not in reason
+    assert "damaged, truncated or edited in the object store" in reason
+    assert REGISTRY.get_sample_value("protoserve_version_refusals_total",
+                                     {"version": "0.2.0", "reason": "checksum"}) == before + 1
+    assert not (tmp_path / "cache-replica" / "bundles").exists()  # nothing unverified was cached
+    with pytest.raises(RegistryError, match="0.2.0.*fails verification.*sha256"):
+        replica(tmp_path / "registry", url, tmp_path / "cache-other").promote("0.2.0")
+
+    # A truncated object, and an edited manifest (the row pins its sha256), are refused the same way.
+    client = s3.client()
+    probe = client.get_object(Bucket=bucket, Key="v/0.3.0/bundle/probe.npz")["Body"].read()
+    client.put_object(Bucket=bucket, Key="v/0.3.0/bundle/probe.npz", Body=probe[: len(probe) // 2])
+    with pytest.raises(ChecksumError, match="probe.npz: sha256"):
+        serving.bundle_path("0.3.0")
+    flip_a_byte(s3, bucket, "v/0.3.0/bundle/manifest.json")
+    with pytest.raises(ChecksumError, match="manifest.json: sha256"):
+        serving.bundle_path("0.3.0")
+
+    serving.store.activate("0.3.0")
+    client.put_object(Bucket=bucket, Key="v/0.3.0/bundle/manifest.json",
+                      Body=(tmp_path / "v3" / "manifest.json").read_bytes())
+    client.put_object(Bucket=bucket, Key="v/0.3.0/bundle/probe.npz", Body=probe)  # repaired: the next version loads
+    asyncio.run(follower.check())
+    assert [s.version for s in switched] == ["0.3.0"]
+
+
+def test_an_object_store_that_could_not_be_read_is_tried_again(bucket, s3, tiny_bundle, tiny_checkpoint, tmp_path):
+    url = f"s3://{bucket}/v"
+    writer = replica(tmp_path / "registry", url, tmp_path / "cache-writer")
+    writer.register(tiny_bundle, tiny_checkpoint)
+    writer.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    writer.promote("0.1.0")
+    writer.promote("0.2.0")  # checked on the writer; then an object goes missing (a store half restored)
+    client = s3.client()
+    client.delete_object(Bucket=bucket, Key="v/0.2.0/bundle/probe.npz")
+    serving = replica(tmp_path / "registry", url, tmp_path / "cache-replica")
+    switched = []
+    follower = ActiveVersionFollower(serving, serving.store.active().generation - 1, "0.1.0", switched.append)
+    asyncio.run(follower.check())
+    (reason,) = follower.failed.values()
+    assert reason == f"0.2.0: s3://{bucket}/v/0.2.0/bundle/probe.npz: no such object (deleted from the store, or " \
+                     "never uploaded)"
+    client.put_object(Bucket=bucket, Key="v/0.2.0/bundle/probe.npz", Body=(tiny_bundle / "probe.npz").read_bytes())
+    asyncio.run(follower.check())
+    assert switched == []  # not before the retry is due
+    follower.retry_at = dict.fromkeys(follower.retry_at, 0.0)
+    asyncio.run(follower.check())
+    assert [s.version for s in switched] == ["0.2.0"] and follower.failed == {}
+
+
+def test_the_review_api_reads_and_promotes_versions_from_the_object_store(bucket, s3, tiny_bundle, tiny_checkpoint,
+                                                                           tmp_path, monkeypatch):
+    url = f"s3://{bucket}/v"
+    for name, value in {"PROTOSERVE_REGISTRY": str(tmp_path / "registry"), "PROTOSERVE_VERSIONS_URL": url,
+                        "PROTOSERVE_CACHE_DIR": str(tmp_path / "cache"), "PROTOSERVE_ADMIN_KEY": "key"}.items():
+        monkeypatch.setenv(name, value)
+    registry = Registry(tmp_path / "registry")  # every setting from the environment, as the service's
+    registry.register(tiny_bundle, tiny_checkpoint)
+    registry.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    registry.promote("0.1.0")
+    flip_a_byte(s3, bucket, "v/0.2.0/bundle/probe.npz")
+    http, admin = TestClient(app, root_path=""), {"Authorization": "Bearer key"}
+    prototypes = http.get("/api/versions/0.1.0/prototypes").json()["prototypes"]
+    picture = http.get(prototypes[0]["pictures"]["prototype"].removeprefix("/review"))
+    assert picture.status_code == 200 and picture.content[:4] == b"\x89PNG"
+    assert http.post("/api/verdicts", json={"prototype_id": 1, "verdict": "reject", "source": "ada"},
+                     headers=admin).status_code == 201
+    job = http.post("/api/jobs", json={"mode": "mask"}, headers=admin)  # checked against the parent's bundle
+    assert job.status_code == 201, job.text
+    refused = http.post("/api/promote", json={"version": "0.2.0"}, headers=admin)
+    assert refused.status_code == 409 and f"s3://{bucket}/v/0.2.0/bundle/probe.npz: sha256" in refused.text
+    assert registry.store.active().version == "0.1.0"
+
+
+def test_missing_bucket_or_credentials_is_one_readable_line(bucket, s3, tiny_bundle, tmp_path, monkeypatch):
+    registry = Registry(tmp_path / "registry", versions_url="s3://no-such-bucket-here/v",
+                        objects=ObjectStore(cache_dir=tmp_path / "cache"))
+    with pytest.raises(ObjectStoreError) as missing:
+        registry.register(tiny_bundle)
+    assert str(missing.value).startswith("s3://no-such-bucket-here/v/0.1.0/bundle/")
+    assert "no bucket 'no-such-bucket-here' at http://127.0.0.1:" in str(missing.value)
+    assert registry.store.versions() == []  # no row without its objects
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    wrong = Registry(tmp_path / "registry", versions_url=f"s3://{bucket}/v", objects=ObjectStore())
+    with pytest.raises(ObjectStoreError, match="access denied .* check AWS_ACCESS_KEY_ID and AWS_SECRET_ACC") as e:
+        wrong.register(tiny_bundle)
+    assert "wrong-secret" not in str(e.value) and refusal_reason(e.value) == "object_store"
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    cli = subprocess.run([sys.executable, "-m", "cli.main", "registry", "--registry", str(tmp_path / "cli-registry"),
+                          "register", str(tiny_bundle)], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "PROTOSERVE_VERSIONS_URL": f"s3://{bucket}/v"})
+    assert cli.returncode == 2, cli.stderr
+    (line,) = cli.stderr.strip().splitlines()
+    assert line.startswith(f"protoserve registry: error: s3://{bucket}/v/0.1.0/bundle/")
+    assert line.endswith(": no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+
+
+def test_versions_url_setting_takes_a_folder_or_an_s3_url():
+    assert Settings.from_env({"PROTOSERVE_VERSIONS_URL": "s3://bucket/a/b"}).versions_url == "s3://bucket/a/b"
+    assert Settings.from_env({"PROTOSERVE_VERSIONS_URL": "/srv/versions"}).versions_url == "/srv/versions"
+    for bad, says in (("gs://bucket/v", "gs:// is not supported"), ("s3:///v", "no bucket named")):
+        with pytest.raises(SettingsError, match=f"PROTOSERVE_VERSIONS_URL: .*{says}"):
+            Settings.from_env({"PROTOSERVE_VERSIONS_URL": bad})
+
+
+def test_a_versions_folder_keeps_versions_outside_the_registry(tiny_bundle, tiny_checkpoint, tmp_path):
+    registry = Registry(tmp_path / "registry", versions_url=str(tmp_path / "elsewhere"))
+    row = registry.register(tiny_bundle, tiny_checkpoint)
+    assert row.bundle == str(tmp_path / "elsewhere" / "0.1.0" / "bundle")
+    assert registry.checkpoint_path("0.1.0") == tmp_path / "elsewhere" / "0.1.0" / "checkpoint.pt"
+    assert read_bundle(registry.bundle_path("0.1.0")).manifest.version == "0.1.0"
+
+
+def test_a_worker_revises_from_the_object_store_and_uploads_its_candidate(bucket, s3, tiny_bundle, tiny_checkpoint,
+                                                                          mnist_root, tmp_path):
+    url = f"s3://{bucket}/v"
+    registry = replica(tmp_path / "registry", url, tmp_path / "cache-worker")
+    registry.register(tiny_bundle, tiny_checkpoint)
+    registry.promote("0.1.0")
+    registry.store.add_verdict("0.1.0", verdict(1, "reject", 1, "ada"))
+    job = registry.store.add_job("0.1.0", RevisionSettings(mode="mask", rounds=1))
+    assert run_worker(registry, str(mnist_root), once=True, lease=30, log=lambda s: None) == 1
+    done = registry.store.job(job["id"])
+    assert done["status"] == "done", done["error"]
+    candidate = registry.store.version(done["result"]["candidate"])
+    assert candidate.bundle.startswith(f"{url}/{candidate.version}/bundle#sha256=")
+    assert candidate.checkpoint.startswith(f"{url}/{candidate.version}/checkpoint.pt#sha256=")
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket, Prefix=f"v/{candidate.version}/")["Contents"]}
+    assert {f"v/{candidate.version}/bundle/manifest.json", f"v/{candidate.version}/checkpoint.pt"} <= keys
+    parent_checkpoint = sha256_file(tiny_checkpoint)  # the worker revised a verified download of the parent's
+    assert (tmp_path / "cache-worker" / "files" / parent_checkpoint / "checkpoint.pt").is_file()
+
+    elsewhere = replica(tmp_path / "registry", url, tmp_path / "cache-replica")
+    revised = read_bundle(elsewhere.bundle_path(candidate.version)).manifest
+    assert revised.lineage.parent.endswith(":0.1.0") and revised.lineage.masked == [1]
+    elsewhere.promote(candidate.version)
+
+
+@pytest.mark.slow
+def test_two_replicas_one_refuses_a_damaged_download_and_keeps_serving(bucket, s3, tiny_bundle, tiny_checkpoint,
+                                                                       tmp_path):
+    """Two `bentoml serve` replicas, each with its own cache, on one registry and one object store, under load.
+    Replica A shares the promoting host's cache, which checked version 0.2.0 before its object was damaged;
+    replica B downloads the damaged object, refuses it and keeps serving 0.1.0."""
+    url = f"s3://{bucket}/v"
+    writer = replica(tmp_path / "registry", url, tmp_path / "cache-a")
+    writer.register(tiny_bundle, tiny_checkpoint)
+    writer.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    writer.register(retag(tiny_bundle, "0.3.0", tmp_path / "v3"), tiny_checkpoint, parent="0.1.0")
+    writer.promote("0.1.0")
+    with np.load(tiny_bundle / "probe.npz") as probe:
+        images = probe["input.image"][:2, 0].tolist()
+
+    def env(cache: str, workers: int) -> dict[str, str]:
+        return {**s3.env(), "PROTOSERVE_REGISTRY": str(writer.root), "PROTOSERVE_VERSIONS_URL": url,
+                "PROTOSERVE_CACHE_DIR": str(tmp_path / cache), "PROTOSERVE_WORKERS": str(workers),
+                "PROTOSERVE_POLL_SECONDS": "0.2", "BENTOML_HOME": str(tmp_path / f"bentoml-{cache}")}
+
+    with running_service(tiny_bundle, None, tmp_path / "a.log", 180, env=env("cache-a", 1)) as a, \
+            running_service(tiny_bundle, None, tmp_path / "b.log", 180, env=env("cache-b", 2)) as b, \
+            Clients({"a": a, "b": b}, images) as load:
+        writer.verify("0.2.0")  # the promote's check passes on the promoting host's download ...
+        flip_a_byte(s3, bucket, "v/0.2.0/bundle/model.onnx")  # ... then the object is damaged
+        writer.promote("0.2.0")
+        load.wait_for({"a": "0.2.0", "b": "0.1.0"})
+        reasons = _wait_for_refusals(b, "0.2.0")
+        assert all(f"s3://{bucket}/v/0.2.0/bundle/model.onnx: sha256" in r for r in reasons), reasons
+        metrics = httpx.get(f"{b}/metrics").text
+        assert 'protoserve_version_refusals_total{reason="checksum",version="0.2.0"} 2.0' in metrics, \
+            [line for line in metrics.splitlines() if "refusals" in line]
+        promtool = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True,
+                                  timeout=60)  # Debian's prometheus package (make test installs it)
+        assert promtool.returncode == 0, promtool.stdout + promtool.stderr
+        assert "protoserve_version_refusals_total{" not in httpx.get(f"{a}/metrics").text
+        writer.promote("0.3.0")  # an intact version: every worker downloads it (or finds it cached) and switches
+        load.wait_for({"a": "0.3.0", "b": "0.3.0"})
+    assert load.errors == [], load.errors[:5]
+    assert {v for r, v in load.answers if r == "b"} == {"0.1.0", "0.3.0"}  # B never served the damaged copy
+    assert {v for r, v in load.answers if r == "a"} == {"0.1.0", "0.2.0", "0.3.0"}
+    for cache, versions in (("cache-a", (tiny_bundle, tmp_path / "v2", tmp_path / "v3")),
+                            ("cache-b", (tiny_bundle, tmp_path / "v3"))):
+        assert sorted(p.name for p in (tmp_path / cache / "bundles").iterdir()) == sorted(
+            sha256_file(v / "manifest.json") for v in versions)
+
+
+class Clients:
+    """Two clients per replica posting /predict until the block ends; answers as (replica, version)."""
+
+    def __init__(self, replicas: dict[str, str], images: list):
+        self.replicas, self.images, self.answers, self.errors = replicas, images, [], []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.client, args=(name,), daemon=True)
+                        for name in replicas for _ in range(2)]
+
+    def client(self, name: str) -> None:
+        with httpx.Client(timeout=30, headers={"Connection": "close"}) as http:
+            while not self.stop.is_set():
+                try:
+                    r = http.post(f"{self.replicas[name]}/predict", json={"images": self.images})
+                    if r.status_code != 200:
+                        self.errors.append((name, r.status_code, r.text[:200]))
+                    else:
+                        self.answers.append((name, r.headers["x-model-version"]))
+                except httpx.HTTPError as e:
+                    self.errors.append((name, repr(e)))
+
+    def wait_for(self, versions: dict[str, str], timeout: float = 30) -> None:
+        """Until the last answers of each replica are all from the version named for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            start = len(self.answers)
+            time.sleep(0.5)
+            recent = self.answers[start:]
+            if all({v for r, v in recent if r == name} == {version} for name, version in versions.items()):
+                return
+        raise AssertionError(f"not every replica on {versions} within {timeout} s: {self.answers[-8:]}")
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def _wait_for_refusals(service: str, version: str, timeout: float = 20) -> list[str]:
+    """The not-loaded reasons of both workers (each /metadata answer is one worker's)."""
+    seen: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(seen) < 2:
+        held = httpx.get(f"{service}/metadata", headers={"Connection": "close"}).json()["worker"]
+        assert held["model"]["version"] == "0.1.0"
+        refused = [r for r in held.get("not_loaded", []) if r.startswith(f"{version}: ")]
+        if refused:
+            seen[held["worker"]] = refused[-1]
+        time.sleep(0.1)
+    assert len(seen) == 2, seen
+    return list(seen.values())
