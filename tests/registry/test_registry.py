@@ -26,6 +26,7 @@ def test_register_copies_and_verifies(two_versions):
         registry.register(rows[v1].bundle)
 
 
+@pytest.mark.registry_engines("sqlite")
 def test_database_is_wal_with_busy_timeout(two_versions):
     registry, *_ = two_versions
     db = sqlite3.connect(registry.store.path)
@@ -45,7 +46,7 @@ def test_promote_and_rollback_move_active_previous_and_generation(two_versions):
         registry.promote(v1)
 
 
-def test_rollback_without_previous_is_refused(tiny_bundle, tmp_path):
+def test_rollback_without_previous_is_refused(registry_engine, tiny_bundle, tmp_path):
     registry = Registry(tmp_path / "r")
     registry.register(tiny_bundle)
     registry.promote("0.1.0")
@@ -75,7 +76,7 @@ def test_concurrent_promotes_are_serialised(two_versions):
     """Threads promoting and rolling back at once: every switch lands, the generation counts them all."""
     registry, v1, v2 = two_versions
     start = registry.store.active().generation
-    store = Store(registry.store.path)
+    store = Store(registry.store.url)
     errors = []
 
     def flip():
@@ -130,7 +131,8 @@ def test_a_database_from_before_job_reasons_gains_the_column(tmp_path):
     path = tmp_path / "registry.sqlite"
     Store(path)
     db = sqlite3.connect(path)
-    db.execute("ALTER TABLE jobs DROP COLUMN reason")  # as an older protoserve created it
+    db.execute("ALTER TABLE jobs DROP COLUMN reason")  # as an older protoserve created it,
+    db.execute("DROP TABLE schema_version")  # before the schema had versions
     db.close()
     Store(path)
     db = sqlite3.connect(path)
