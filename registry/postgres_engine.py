@@ -196,8 +196,9 @@ class PostgresEngine:
                 stop.wait(1.0)
 
     def close(self) -> None:
-        """Close this process's pool for the database (the next call opens a new one)."""
+        """Close this process's pool for the database (the next call opens a new one, the next Store migrates)."""
         with _lock:
+            _migrated.discard((os.getpid(), self.url))
             pool = _pools.pop((os.getpid(), self.url), None)
         if pool is not None:
             pool.close()

@@ -24,8 +24,8 @@ from starlette.routing import Match
 from bundle.families import family
 from bundle.manifest import Bundle, read_bundle
 from protoserve.revision_settings import RevisionSettings
-from protoserve.verdicts import VerdictError, verdict
 from protoserve.settings import settings
+from protoserve.verdicts import VerdictError, verdict
 from registry.store import RegistryError, RegistryUnavailable
 from registry.versions import ENV as REGISTRY_ENV
 from registry.versions import Registry, registry_location

@@ -8,7 +8,9 @@ has answered.
 
 In registry mode (PROTOSERVE_REGISTRY) a background task polls the registry's generation counter
 every PROTOSERVE_POLL_SECONDS (protoserve/settings.py): one indexed single-row read, off the request path, so
-/predict pays nothing for it. A new generation loads the active version in a thread (checksums,
+/predict pays nothing for it. On PostgreSQL a thread also LISTENs for the NOTIFY a promote or rollback
+sends when it commits and wakes the task at once; the poll stays, for a notification lost with its
+connection. A new generation loads the active version in a thread (checksums,
 golden probe, warm-up) while the old one keeps answering, then swaps. A version that fails to load
 is logged and skipped until the generation moves again; the old one keeps serving.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,13 +107,29 @@ class ActiveVersionFollower:
         self.poll_seconds = settings().poll_seconds if poll_seconds is None else poll_seconds
         self.failed: dict[int, str] = {}  # generation -> why its version was not loaded
         self.task: asyncio.Task | None = None
+        self.wake = asyncio.Event()  # set when the database says the active version changed
+        self.stop = threading.Event()  # ends the listening thread
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self.run(), name="protoserve-follow-registry")
+        loop = asyncio.get_running_loop()
+        self.task = loop.create_task(self.run(), name="protoserve-follow-registry")
+        if self.registry.store.pushes_switches:
+            threading.Thread(target=self.registry.store.listen_for_switches, daemon=True,
+                             args=(lambda generation: loop.call_soon_threadsafe(self.wake.set), self.stop),
+                             name="protoserve-listen-registry").start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.task is not None:
+            self.task.cancel()
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.poll_seconds)
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.poll_seconds)
+            except TimeoutError:
+                pass
+            self.wake.clear()  # a notification during the check below sets it again: one more check
             try:
                 await self.check()
             except Exception as e:  # the poller must outlive a locked or briefly missing database

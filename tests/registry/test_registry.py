@@ -163,3 +163,53 @@ def test_cli_verbs(two_versions):
         "prototype_id": 2, "verdict": "reject", "round": 1, "source": "ada", "at": None, "note": "blob"}
     bad = cli("promote", "9.9.9")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not registered" in bad.stderr
+
+
+def test_migrations_are_versioned_applied_once_and_a_newer_schema_is_refused(two_versions, capsys):
+    from cli.main import main
+
+    registry, v1, _ = two_versions
+    latest = len(registry.store.engine.migrations)
+    Store(registry.store.url)  # opened again: nothing to apply, nothing lost
+    assert registry.store.schema_version() == latest and len(registry.store.dump()["schema_version"]) == latest
+    assert registry.store.active().version == v1
+    with registry.store.engine.write() as db:  # as a newer protoserve would leave it
+        db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, 'later')", (latest + 1,))
+    registry.store.close()
+    with pytest.raises(RegistryError, match=f"schema is version {latest + 1}, newer than this protoserve's {latest}"):
+        Store(registry.store.url)
+    assert main(["registry", "--registry", str(registry.root), "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "upgrade protoserve" in err
+
+
+def test_a_shadow_is_one_row_and_promoting_it_ends_it(two_versions):
+    registry, v1, v2 = two_versions
+    store = registry.store
+    with pytest.raises(RegistryError, match="is the active one"):
+        store.start_shadow(v1, 0.5)
+    assert store.start_shadow(v2, 0.25, actor="ada")[:2] == (v2, 0.25)
+    registry.promote(v2)
+    assert store.shadow()[:2] == (None, 0)
+
+
+def test_workers_claiming_at_once_never_share_a_job(two_versions):
+    """Four claimants on their own connections: each queued job claimed exactly once (SKIP LOCKED on
+    PostgreSQL, the one write lock on SQLite)."""
+    registry, v1, _ = two_versions
+    queued = [registry.store.add_job(v1, RevisionSettings(mode="prune"))["id"] for _ in range(24)]
+    claimed: dict[str, list[int]] = {f"w{i}": [] for i in range(4)}
+
+    def claim_all(name: str) -> None:
+        store = Store(registry.store.url)
+        while (job := store.claim_job(name, lease_seconds=60)) is not None:
+            claimed[name].append(job["id"])
+
+    threads = [threading.Thread(target=claim_all, args=(name,)) for name in claimed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [i for ids in claimed.values() for i in ids]
+    assert sorted(every) == queued  # all claimed, none twice
+    assert {j["id"]: j["worker"] for j in registry.store.jobs()} == {i: w for w, ids in claimed.items() for i in ids}
