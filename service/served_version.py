@@ -111,12 +111,18 @@ class ActiveVersionFollower:
         self.stop = threading.Event()  # ends the listening thread
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.task = loop.create_task(self.run(), name="protoserve-follow-registry")
+        self.loop = asyncio.get_running_loop()
+        self.task = self.loop.create_task(self.run(), name="protoserve-follow-registry")
         if self.registry.store.pushes_switches:
-            threading.Thread(target=self.registry.store.listen_for_switches, daemon=True,
-                             args=(lambda generation: loop.call_soon_threadsafe(self.wake.set), self.stop),
-                             name="protoserve-listen-registry").start()
+            threading.Thread(target=self.registry.store.listen_for_switches, args=(self.heard, self.stop),
+                             daemon=True, name="protoserve-listen-registry").start()
+
+    def heard(self, generation: str) -> None:
+        """From the listening thread: the database says the active version changed (or it reconnected)."""
+        try:
+            self.loop.call_soon_threadsafe(self.wake.set)
+        except RuntimeError:  # the event loop is closed: the service is stopping
+            self.stop.set()
 
     def close(self) -> None:
         self.stop.set()

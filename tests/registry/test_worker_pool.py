@@ -1,13 +1,15 @@
-"""Several `protoserve worker` processes on one PostgreSQL registry: every queued job done exactly once,
+"""Four `protoserve worker` processes on one PostgreSQL registry: every queued mask job done exactly once,
 none claimed twice (claim_job's FOR UPDATE SKIP LOCKED), and the job of a worker SIGKILLed mid-job
 finished by another once its lease ran out."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,21 +20,25 @@ from protoserve.verdicts import verdict
 # test_registry.py's claimants; the processes here are the PostgreSQL deployment's shape.
 pytestmark = [pytest.mark.slow, pytest.mark.registry_engines("postgresql")]
 
-JOBS, WORKERS, LEASE = 40, 4, 3
+# Each mask job exports and checks a candidate (~3 s of CPU when the machine is idle): CI runs 12 jobs; the
+# issue's 40 with WORKER_POOL_JOBS=40 (its measured run in docs/results.md).
+JOBS, WORKERS, LEASE = int(os.environ.get("WORKER_POOL_JOBS", 12)), 4, 3
+TESTS = Path(__file__).resolve().parents[1]
 
 
-def test_four_workers_run_forty_mask_jobs_exactly_once_and_survive_a_sigkill(two_versions, mnist_root, tmp_path):
+def test_four_workers_run_every_mask_job_exactly_once_and_survive_a_sigkill(two_versions, mnist_root, tmp_path):
     registry, v1, _ = two_versions
     queued = []
     for i in range(JOBS):  # each job takes the one open verdict given just before it
         registry.store.add_verdict(v1, verdict(i % 5, "reject", 1, "ada"))
         queued.append(registry.store.add_job(v1, RevisionSettings(mode="mask", rounds=1))["id"])
-    cmd = [sys.executable, "-m", "cli.main", "worker", "--registry", str(registry.root), "--data-root",
-           str(mnist_root), "--lease", str(LEASE), "--poll", "0.2"]
+    cmd = [sys.executable, str(TESTS / "registry" / "small_worker.py"), "--registry", str(registry.root),
+           "--data-root", str(mnist_root), "--lease", str(LEASE), "--poll", "0.2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
     workers = {}
     for n in range(WORKERS):
         with open(tmp_path / f"worker{n}.log", "wb") as log:
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         workers[process.pid] = process
     started = time.monotonic()
     try:
@@ -48,7 +54,7 @@ def test_four_workers_run_forty_mask_jobs_exactly_once_and_survive_a_sigkill(two
                     break
             time.sleep(0.05)
         while any(j["status"] in ("queued", "running") for j in registry.store.jobs()):
-            assert time.monotonic() - started < 400, [(j["id"], j["status"]) for j in registry.store.jobs()]
+            assert time.monotonic() - started < 900, [(j["id"], j["status"]) for j in registry.store.jobs()]
             assert any(p.poll() is None for p in workers.values()), "every worker exited"
             time.sleep(0.5)
         elapsed = time.monotonic() - started
