@@ -10,10 +10,11 @@ fsync on, as a deployment's server) and a SQLite registry file beside it, and me
   it (claim_job + finish_job, two write transactions) until none is left; jobs per second, and a check
   that no job was claimed twice.
 - promote to follower: SWITCHES promotes alternating between two versions of the bundle, each measured
-  from the promote's commit to the moment a follower (service/served_version.py ActiveVersionFollower,
-  in this process, poll interval POLL) has loaded the new version (checksums, probe, warm-up) and
-  switched; on PostgreSQL the follower LISTENs for the promote's NOTIFY, on SQLite it polls. Also the
-  bare notification delay on PostgreSQL (commit to callback, no load).
+  from the promote call (the store's activate: its transaction, commit included) to the moment a
+  follower (service/served_version.py ActiveVersionFollower, in this process, poll interval POLL) has
+  loaded the new version (checksums, probe, warm-up) and switched; on PostgreSQL the follower LISTENs
+  for the promote's NOTIFY, on SQLite it polls. Also the bare notification delay on PostgreSQL (promote
+  call to the listener's callback, no version loaded).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def two_versions(bundle: Path, root: Path, db: str | None) -> tuple[Registry, st
 
 
 async def follow_switches(registry: Registry, a: str, b: str, switches: int, poll: float) -> list[float]:
-    """Seconds from each promote's commit to the follower's switch."""
+    """Seconds from each promote call (its transaction and commit inside) to the follower's switch."""
     switched: asyncio.Queue = asyncio.Queue()
     follower = ActiveVersionFollower(registry, registry.store.active().generation, a,
                                      lambda served: switched.put_nowait(time.monotonic()), poll_seconds=poll)
@@ -89,9 +90,9 @@ async def follow_switches(registry: Registry, a: str, b: str, switches: int, pol
     delays = []
     try:
         for i in range(switches):
+            called = time.monotonic()
             await asyncio.to_thread(registry.store.activate, b if i % 2 == 0 else a)
-            committed = time.monotonic()
-            delays.append(await asyncio.wait_for(switched.get(), 30) - committed)
+            delays.append(await asyncio.wait_for(switched.get(), 30) - called)
             await asyncio.sleep(0.3 + 0.1 * (i % 5))  # promotes at varying offsets from the poll's phase
     finally:
         follower.close()
@@ -113,10 +114,11 @@ def notification_delays(registry: Registry, a: str, b: str, switches: int) -> li
     delays = []
     for _ in range(switches):
         got.clear()
-        registry.store.activate(b if registry.store.active().version == a else a)
-        committed = time.monotonic()
+        target = b if registry.store.active().version == a else a
+        called = time.monotonic()
+        registry.store.activate(target)
         assert got.wait(10)
-        delays.append(heard[-1] - committed)
+        delays.append(heard[-1] - called)
     stop.set()
     listener.join()
     return delays
