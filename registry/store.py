@@ -1,4 +1,4 @@
-"""The registry's store: the only module that says what the registry's SQL does.
+"""The registry's database: every query the registry runs, on either engine.
 
 One database holds:
 
@@ -111,8 +111,11 @@ class Store:
             raise RegistryUnavailable(f"registry database {self.engine.where}: its schema is version {current}, newer "
                                       f"than this protoserve's {len(migrations)}; upgrade protoserve to use it")
         for number, steps in enumerate(migrations[current:], start=current + 1):
-            for step in steps:
-                step(db) if callable(step) else db.execute(step)
+            for step in steps:  # a statement, or a function of the connection (SQLite's adoption of old files)
+                if callable(step):
+                    step(db)
+                else:
+                    db.execute(step)
             db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (number, now()))
 
     def schema_version(self) -> int:
