@@ -48,10 +48,10 @@ serve: setup
 # The tests: `make test` runs all but the slow end-to-end cases (pytest's `slow` mark: whole jobs,
 # servers started per case, browser runs), `make test-slow` those; CI (.ci/run) runs both.
 .PHONY: test-slow
-test: setup lint prometheus pushgateway data review-browser
+test: setup lint prometheus pushgateway postgresql data review-browser
 	$(VENV)/bin/pytest -m "not slow"
 
-test-slow: setup prometheus pushgateway data review-browser
+test-slow: setup prometheus pushgateway postgresql data review-browser
 	$(VENV)/bin/pytest -m slow
 
 # MNIST under the data root: when any IDX file is missing, fetched once with torchvision's downloader
@@ -76,6 +76,13 @@ prometheus:
 pushgateway:
 	@command -v prometheus-pushgateway >/dev/null || \
 		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q prometheus-pushgateway; }
+
+# PostgreSQL's server binaries (Debian package) for the registry tests on PostgreSQL, which start their own
+# server (registry/local_postgres.py); Debian keeps them off the PATH, in /usr/lib/postgresql/<major>/bin.
+.PHONY: postgresql
+postgresql:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q postgresql; }
 
 # ruff, then the layering contracts of ../shared/ARCHITECTURE.md (pyproject.toml [tool.importlinter]).
 lint: setup

@@ -220,13 +220,15 @@ def _serve(args) -> None:
         env.update(environ(model_tag=args.model))
     if args.registry:
         env.update(environ(registry=Path(args.registry).resolve()))
+    if args.registry_db:
+        env.update(environ(registry_db=args.registry_db))
     env.update(environ(device=args.device, workers=args.workers))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
     served = Settings.from_env(env)  # a bad PROTOSERVE_* value: one readable line before BentoML starts
     if served.registry is not None:
         from registry.versions import Registry
 
-        read_bundle(Registry(served.registry).active_bundle())  # one readable line before BentoML
+        read_bundle(Registry(served.registry, served.registry_db).active_bundle())  # one readable line first
     elif not args.model:
         from inference.model import DEFAULT_BUNDLE
 
@@ -242,7 +244,7 @@ def _registry(args) -> None:
 
     from registry.versions import open_registry
 
-    registry = open_registry(args.registry)
+    registry = open_registry(args.registry, args.registry_db)
     if args.action == "register":
         row = registry.register(args.bundle, args.checkpoint, parent=args.parent)
         print(f"registered {row.name}:{row.version} ({row.family}) at {row.bundle}")
@@ -284,8 +286,8 @@ def _worker(args) -> None:
     from registry.versions import open_registry
     from worker.loop import run_worker
 
-    done = run_worker(open_registry(args.registry), args.data_root, once=args.once, poll_seconds=args.poll,
-                      lease=args.lease)
+    done = run_worker(open_registry(args.registry, args.registry_db), args.data_root, once=args.once,
+                      poll_seconds=args.poll, lease=args.lease)
     print(f"protoserve worker: {done} job(s) run")
 
 
@@ -458,12 +460,18 @@ def _score_verb(sub) -> None:
     p.set_defaults(func=_explain)
 
 
+REGISTRY_DB_HELP = ("the registry's database, sqlite:///PATH or postgresql://... (default: $PROTOSERVE_REGISTRY_DB, "
+                    "else registry.sqlite in the registry directory); a password is better kept in the variable "
+                    "or libpq's PGPASSWORD than on a command line")
+
+
 def _serving_verbs(sub) -> None:
     p = sub.add_parser("serve", help="serve a bundle over HTTP with BentoML (predict, explain, metadata, /metrics)")
     p.add_argument("--bundle", help="bundle folder (default: $PROTOSERVE_BUNDLE, else the shipped model)")
     p.add_argument("--model", help="name:version in the BentoML model store instead of a folder")
     p.add_argument("--registry", help="follow the active version of this registry (default: $PROTOSERVE_REGISTRY); "
                    "promote and rollback switch every worker without a restart")
+    p.add_argument("--registry-db", help=REGISTRY_DB_HELP)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -472,6 +480,7 @@ def _serving_verbs(sub) -> None:
 
     p = sub.add_parser("registry", help="model versions: register, list, promote, rollback, lineage")
     p.add_argument("--registry", help="registry directory (default: $PROTOSERVE_REGISTRY)")
+    p.add_argument("--registry-db", help=REGISTRY_DB_HELP)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = actions.add_parser("register", help="verify a bundle and add it (with its checkpoint) as a version")
     a.add_argument("bundle")
@@ -495,6 +504,7 @@ def _serving_verbs(sub) -> None:
 
     p = sub.add_parser("worker", help="run the registry's revision jobs (needs the training install)")
     p.add_argument("--registry", help="registry directory (default: $PROTOSERVE_REGISTRY)")
+    p.add_argument("--registry-db", help=REGISTRY_DB_HELP)
     p.add_argument("--data-root", help="the training data (default: $PROTOSERVE_DATA_ROOT)")
     p.add_argument("--once", action="store_true", help="run the queued jobs, then exit")
     p.add_argument("--poll", type=float, default=2.0, help="seconds between looks for a queued job")

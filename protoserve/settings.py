@@ -20,6 +20,7 @@ from protoserve.errors import ProtoserveError
 
 PREFIX = "PROTOSERVE_"
 DEVICES = ("auto", "cuda", "cpu")
+DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -67,6 +68,9 @@ def _versions_url(value: str) -> str:
         raise ValueError(f"{value!r}: say a folder or s3://bucket/prefix ({scheme}:// is not supported)")
     if not rest.split("/", 1)[0]:
         raise ValueError(f"{value!r}: no bucket named (s3://bucket/prefix)")
+def _database_url(value: str) -> str:
+    if not value.startswith(DATABASE_SCHEMES):
+        raise ValueError(f"{value.split('://')[0]!r} is not a database URL: say sqlite:///PATH or postgresql://...")
     return value
 
 
@@ -86,6 +90,9 @@ class Settings:
                                      "(`protoserve import`)")
     registry: Path | None = _setting(None, Path, "registry directory: serve its active version and follow it; "
                                      "mounts the review API and page at /review")
+    registry_db: str | None = _setting(None, _database_url, "the registry's database: sqlite:///PATH or "
+                                       "postgresql://USER:PASSWORD@HOST:PORT/DB (default: registry.sqlite in the "
+                                       "registry directory)", repr=False)
     poll_seconds: float = _setting(0.5, _number(float, 0.01), "seconds between two reads of the registry's "
                                    "generation counter (registry mode)")
     # Where versions live (registry mode): registry/objects.py

@@ -1,12 +1,11 @@
-"""The registry's database: the only module that speaks SQL.
+"""The registry's database: every query the registry runs, on either engine.
 
-One SQLite file (WAL journal, so readers never wait for a writer; a busy timeout, so writers queue
-instead of failing; every write transaction begun IMMEDIATE, so two writers never both read then
-both write) holds:
+One database holds:
 
     versions   immutable bundle versions: bundle and checkpoint paths, parent, lineage, status
     active     one row: the active version, the previous one and a generation counter that every
-               promote and rollback increments (service workers poll it to follow the active model)
+               promote and rollback increments (service workers poll it to follow the active model,
+               and on PostgreSQL also hear it: a NOTIFY on SWITCH_CHANNEL, sent in the same transaction)
     changes    every promote and rollback, in order (who, when, from, to)
     shadow     one row: the version run beside the active one on a sample of live traffic (or none), the
                share sampled; promoting that version ends it
@@ -14,110 +13,44 @@ both write) holds:
                given on; withdrawn ones keep their row with withdrawn_at set
     jobs       revision jobs: queued -> running (a worker holds a lease it renews) -> done | failed;
                a failed one keeps its technical `error` and the sentence a reviewer reads, `reason`
+    schema_version  the migrations applied (each engine's MIGRATIONS, numbered from 1)
 
-Each call opens its own connection and closes it: safe across threads and forked workers, and the
-cost (~0.1 ms) is paid only on review and job routes, never on /predict. Switching to PostgreSQL
-means this module only: the SQL is plain (no SQLite functions), IMMEDIATE becomes
-`SELECT ... FOR UPDATE` on the active row and `SKIP LOCKED` in claim_job.
+The database is named by a location: a path or `sqlite:///PATH` (registry/sqlite_engine.py, the
+embedded default, one machine) or `postgresql://...` (registry/postgres_engine.py, replicas and
+workers on several machines). The queries here are plain SQL that both engines run; an engine adds
+what only it needs: its connections, its write transaction, its row locks (`for_update`,
+`skip_locked`: empty on SQLite, where a write transaction holds the one write lock) and its
+notifications. On open, the migrations the database lacks are applied (idempotent: none when it is
+current); a database whose schema is newer than this code is refused.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from protoserve.errors import ProtoserveError
 from protoserve.job_failures import failure_reason
 from protoserve.revision_settings import QueuedRevision, RevisionSettings
 from protoserve.verdicts import Verdict
+from registry.errors import RegistryError, RegistryUnavailable
+from registry.postgres_engine import PostgresEngine
+from registry.sqlite_engine import SQLiteEngine
+
+__all__ = ["DB_FILE", "SWITCH_CHANNEL", "Active", "RegistryError", "RegistryUnavailable", "Store", "VersionRow",
+           "database_location"]
 
 DB_FILE = "registry.sqlite"
-BUSY_TIMEOUT_MS = 10_000
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS versions (
-    version     TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    family      TEXT NOT NULL,
-    bundle      TEXT NOT NULL,
-    checkpoint  TEXT,
-    parent      TEXT REFERENCES versions(version),
-    status      TEXT NOT NULL,
-    lineage     TEXT,
-    metrics     TEXT,
-    job_id      INTEGER,
-    created_at  TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS active (
-    id          INTEGER PRIMARY KEY CHECK (id = 1),
-    version     TEXT REFERENCES versions(version),
-    previous    TEXT REFERENCES versions(version),
-    generation  INTEGER NOT NULL,
-    changed_at  TEXT
-);
-INSERT OR IGNORE INTO active (id, version, previous, generation) VALUES (1, NULL, NULL, 0);
-CREATE TABLE IF NOT EXISTS shadow (
-    id          INTEGER PRIMARY KEY CHECK (id = 1),
-    version     TEXT REFERENCES versions(version),
-    sample      REAL NOT NULL,
-    started_at  TEXT,
-    actor       TEXT
-);
-INSERT OR IGNORE INTO shadow (id, version, sample) VALUES (1, NULL, 0);
-CREATE TABLE IF NOT EXISTS changes (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    action      TEXT NOT NULL,
-    version     TEXT NOT NULL,
-    replaced    TEXT,
-    generation  INTEGER NOT NULL,
-    actor       TEXT,
-    at          TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS verdicts (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    version      TEXT NOT NULL REFERENCES versions(version),
-    prototype_id INTEGER NOT NULL,
-    verdict      TEXT NOT NULL,
-    round        INTEGER NOT NULL,
-    source       TEXT NOT NULL,
-    at           TEXT NOT NULL,
-    note         TEXT,
-    withdrawn_at TEXT,
-    job_id       INTEGER
-);
-CREATE INDEX IF NOT EXISTS verdicts_by_version ON verdicts (version, prototype_id);
-CREATE TABLE IF NOT EXISTS jobs (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    parent       TEXT NOT NULL REFERENCES versions(version),
-    settings     TEXT NOT NULL,
-    status       TEXT NOT NULL,
-    created_at   TEXT NOT NULL,
-    worker       TEXT,
-    lease_until  REAL,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    progress     TEXT,
-    log          TEXT NOT NULL DEFAULT '',
-    result       TEXT,
-    error        TEXT,
-    reason       TEXT,
-    finished_at  TEXT
-);
-"""
-# Columns added since a table was first created: (table, column, type), added to an older database on open.
-ADDED_COLUMNS = (("jobs", "reason", "TEXT"),)
+SWITCH_CHANNEL = "protoserve_active"  # PostgreSQL: NOTIFY on promote and rollback, the new generation as payload
+TABLES = {"schema_version": "version", "versions": "version", "active": "id", "shadow": "id", "changes": "id",
+          "verdicts": "id", "jobs": "id"}  # each with the key it is listed by
 
 LOG_TAIL_CHARS = 8_000
 MAX_ATTEMPTS = 2  # a job whose worker died twice is failed, not retried forever
-
-
-class RegistryError(ProtoserveError):
-    """A registry operation that cannot be done (unknown version, nothing to roll back to, ...)."""
 
 
 @dataclass(frozen=True)
@@ -151,55 +84,69 @@ def now() -> str:
 
 
 class Store:
-    """The registry database at `path` (created with its schema on first use)."""
+    """The registry database at `location`: a path, `sqlite:///PATH` or `postgresql://...` (migrated on open)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, location: str | Path):
+        self.url = str(location)
+        self.engine = open_engine(location)
+        self.path: Path | None = getattr(self.engine, "path", None)  # the SQLite file (None on PostgreSQL)
+        self.engine.migrate(self._migrate)
+
+    def __repr__(self) -> str:
+        return f"Store({self.engine.where!r})"
+
+    def _connect(self):
+        return self.engine.connect()
+
+    def _write(self):
+        """One write transaction (rows read with `for_update` are locked until it ends)."""
+        return self.engine.write()
+
+    def _migrate(self, db) -> None:
+        """Apply the migrations the database lacks, each recorded in schema_version; refuse a newer schema."""
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+        current = db.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()["v"] or 0
+        migrations = self.engine.migrations
+        if current > len(migrations):
+            raise RegistryUnavailable(f"registry database {self.engine.where}: its schema is version {current}, newer "
+                                      f"than this protoserve's {len(migrations)}; upgrade protoserve to use it")
+        for number, steps in enumerate(migrations[current:], start=current + 1):
+            for step in steps:  # a statement, or a function of the connection (SQLite's adoption of old files)
+                if callable(step):
+                    step(db)
+                else:
+                    db.execute(step)
+            db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (number, now()))
+
+    def schema_version(self) -> int:
         with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
-            db.executescript(SCHEMA)
-            for table, column, kind in ADDED_COLUMNS:
-                _add_column(db, table, column, kind)
+            return db.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()["v"]
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        try:
-            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            db.execute("PRAGMA synchronous=FULL")  # a verdict acknowledged is on disk, WAL included
-            db.execute("PRAGMA foreign_keys=ON")
-            db.row_factory = sqlite3.Row
-            yield db
-        finally:
-            db.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, begun IMMEDIATE (takes the write lock before reading)."""
+    def dump(self) -> dict[str, list[dict]]:
+        """Every row of every table, in order: what the database holds, the same shape on both engines."""
         with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+            return {table: [dict(r) for r in db.execute(f"SELECT * FROM {table} ORDER BY {key}").fetchall()]
+                    for table, key in TABLES.items()}
+
+    def close(self) -> None:
+        """Release what the engine holds in this process (PostgreSQL: its connection pool)."""
+        self.engine.close()
 
     # -- versions ----------------------------------------------------------------------------
     def add_version(self, version: str, name: str, family: str, bundle: str, checkpoint: str | None,
                     parent: str | None, status: str, lineage: dict | None = None, metrics: dict | None = None,
                     job_id: int | None = None) -> VersionRow:
         with self._write() as db:
-            if db.execute("SELECT 1 FROM versions WHERE version = ?", (version,)).fetchone():
-                raise RegistryError(f"version {version!r} is registered already (versions are immutable)")
             if parent is not None and not db.execute("SELECT 1 FROM versions WHERE version = ?",
                                                      (parent,)).fetchone():
                 raise RegistryError(f"parent version {parent!r} is not registered")
-            db.execute("INSERT INTO versions (version, name, family, bundle, checkpoint, parent, status, lineage, "
-                       "metrics, job_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (version, name, family, bundle, checkpoint, parent, status, _dump(lineage), _dump(metrics),
-                        job_id, now()))
+            added = db.execute("INSERT INTO versions (version, name, family, bundle, checkpoint, parent, status, "
+                               "lineage, metrics, job_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                               "ON CONFLICT (version) DO NOTHING RETURNING version",
+                               (version, name, family, bundle, checkpoint, parent, status, _dump(lineage),
+                                _dump(metrics), job_id, now())).fetchone()
+            if added is None:
+                raise RegistryError(f"version {version!r} is registered already (versions are immutable)")
         return self.version(version)
 
     def version(self, version: str) -> VersionRow:
@@ -231,6 +178,16 @@ class Store:
             row = db.execute("SELECT version, previous, generation, changed_at FROM active WHERE id = 1").fetchone()
         return Active(row["version"], row["previous"], row["generation"], row["changed_at"])
 
+    @property
+    def pushes_switches(self) -> bool:
+        """True when the database tells listeners about a promote or rollback (PostgreSQL's NOTIFY)."""
+        return self.engine.pushes_switches
+
+    def listen_for_switches(self, on_switch: Callable[[str], None], stop: threading.Event) -> None:
+        """Block until `stop` is set, calling on_switch(new generation) after every promote and rollback, and
+        on_switch("") after each (re)connection; returns at once when the database pushes nothing (SQLite)."""
+        self.engine.listen(SWITCH_CHANNEL, on_switch, stop)
+
     def generation(self) -> tuple[int, str | None]:
         """(generation, active version): what a service worker polls."""
         with self._connect() as db:
@@ -240,7 +197,8 @@ class Store:
     def activate(self, version: str, actor: str | None = None, expect_generation: int | None = None) -> Active:
         """Promote: `version` becomes active, the active one becomes previous; one transaction."""
         with self._write() as db:
-            current = db.execute("SELECT version, generation FROM active WHERE id = 1").fetchone()
+            current = db.execute("SELECT version, generation FROM active WHERE id = 1" +
+                                 self.engine.for_update).fetchone()
             if expect_generation is not None and current["generation"] != expect_generation:
                 raise RegistryError(f"the active version changed meanwhile (generation {current['generation']}, "
                                     f"expected {expect_generation}); look again and retry")
@@ -256,7 +214,8 @@ class Store:
     def roll_back(self, actor: str | None = None, expect_previous: str | None = None) -> Active:
         """Rollback: the previous version becomes active again (and the active one its previous)."""
         with self._write() as db:
-            current = db.execute("SELECT version, previous, generation FROM active WHERE id = 1").fetchone()
+            current = db.execute("SELECT version, previous, generation FROM active WHERE id = 1" +
+                                 self.engine.for_update).fetchone()
             if current["previous"] is None:
                 raise RegistryError("nothing to roll back to: no previous version")
             if expect_previous is not None and current["previous"] != expect_previous:
@@ -274,6 +233,7 @@ class Store:
                    (version, replaced, generation, at))
         db.execute("INSERT INTO changes (action, version, replaced, generation, actor, at) VALUES (?, ?, ?, ?, ?, ?)",
                    (action, version, replaced, generation, actor, at))
+        self.engine.notify(db, SWITCH_CHANNEL, str(generation))  # delivered at commit (PostgreSQL; SQLite: none)
 
     # -- shadow ------------------------------------------------------------------------------
     def shadow(self) -> tuple[str | None, float, str | None]:
@@ -287,7 +247,8 @@ class Store:
         with self._write() as db:
             if not db.execute("SELECT 1 FROM versions WHERE version = ?", (version,)).fetchone():
                 raise RegistryError(f"version {version!r} is not registered")
-            active = db.execute("SELECT version FROM active WHERE id = 1").fetchone()["version"]
+            active = db.execute("SELECT version FROM active WHERE id = 1" +
+                                self.engine.for_update).fetchone()["version"]
             if active == version:
                 raise RegistryError(f"version {version!r} is the active one: a shadow is a version beside it")
             db.execute("UPDATE shadow SET version = ?, sample = ?, started_at = ?, actor = ? WHERE id = 1",
@@ -309,15 +270,16 @@ class Store:
         with self._write() as db:
             if not db.execute("SELECT 1 FROM versions WHERE version = ?", (version,)).fetchone():
                 raise RegistryError(f"version {version!r} is not registered")
-            cursor = db.execute("INSERT INTO verdicts (version, prototype_id, verdict, round, source, at, note) "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                (version, v.prototype_id, v.verdict, v.round, v.source, v.at, v.note))
-            verdict_id = cursor.lastrowid
+            verdict_id = db.execute("INSERT INTO verdicts (version, prototype_id, verdict, round, source, at, note) "
+                                    "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                                    (version, v.prototype_id, v.verdict, v.round, v.source, v.at,
+                                     v.note)).fetchone()["id"]
         return self.verdict(verdict_id)
 
     def withdraw_verdict(self, verdict_id: int) -> dict:
         with self._write() as db:
-            row = db.execute("SELECT withdrawn_at, job_id FROM verdicts WHERE id = ?", (verdict_id,)).fetchone()
+            row = db.execute("SELECT withdrawn_at, job_id FROM verdicts WHERE id = ?" + self.engine.for_update,
+                             (verdict_id,)).fetchone()
             if row is None:
                 raise RegistryError(f"verdict {verdict_id} does not exist")
             if row["withdrawn_at"] is not None:
@@ -359,13 +321,13 @@ class Store:
             if not db.execute("SELECT 1 FROM versions WHERE version = ?", (parent,)).fetchone():
                 raise RegistryError(f"version {parent!r} is not registered")
             open_ids = [r["id"] for r in db.execute(
-                "SELECT id FROM verdicts WHERE version = ? AND withdrawn_at IS NULL AND job_id IS NULL ORDER BY id",
-                (parent,)).fetchall()]
+                "SELECT id FROM verdicts WHERE version = ? AND withdrawn_at IS NULL AND job_id IS NULL ORDER BY id" +
+                self.engine.for_update, (parent,)).fetchall()]
             if not open_ids and settings.mode != "prune":
                 raise RegistryError(f"version {parent!r} has no open verdicts to revise with")
             stored = QueuedRevision(**settings.settings().model_dump(), verdict_ids=open_ids).model_dump_json()
-            job_id = db.execute("INSERT INTO jobs (parent, settings, status, created_at) VALUES (?, ?, 'queued', ?)",
-                                (parent, stored, now())).lastrowid
+            job_id = db.execute("INSERT INTO jobs (parent, settings, status, created_at) VALUES (?, ?, 'queued', ?) "
+                                "RETURNING id", (parent, stored, now())).fetchone()["id"]
             db.executemany("UPDATE verdicts SET job_id = ? WHERE id = ?", [(job_id, i) for i in open_ids])
         return self.job(job_id)
 
@@ -392,14 +354,14 @@ class Store:
         """Take the oldest queued job, or one whose worker's lease ran out (it died): running, leased."""
         with self._write() as db:
             t = time.time()
-            for row in db.execute("SELECT id, attempts FROM jobs WHERE status = 'running' AND lease_until < ?",
-                                  (t,)).fetchall():
+            for row in db.execute("SELECT id, attempts FROM jobs WHERE status = 'running' AND lease_until < ?" +
+                                  self.engine.skip_locked, (t,)).fetchall():
                 if row["attempts"] >= MAX_ATTEMPTS:
                     db.execute("UPDATE jobs SET status = 'failed', error = ?, reason = ?, finished_at = ? "
                                "WHERE id = ?", (f"its worker stopped renewing the lease {row['attempts']} times "
                                                 "(killed?)", failure_reason("worker_lost"), now(), row["id"]))
             row = db.execute("SELECT id FROM jobs WHERE status = 'queued' OR (status = 'running' AND lease_until < ?) "
-                             "ORDER BY id LIMIT 1", (t,)).fetchone()
+                             "ORDER BY id LIMIT 1" + self.engine.skip_locked, (t,)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET status = 'running', worker = ?, lease_until = ?, attempts = attempts + 1 "
@@ -410,7 +372,8 @@ class Store:
                   log_lines: str = "") -> bool:
         """Renew the lease (and record progress, append to the log tail); False when the job is no longer ours."""
         with self._write() as db:
-            row = db.execute("SELECT status, worker, log, progress FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT status, worker, log, progress FROM jobs WHERE id = ?" + self.engine.for_update,
+                             (job_id,)).fetchone()
             if row is None or row["status"] != "running" or row["worker"] != worker:
                 return False
             log = (row["log"] + log_lines)[-LOG_TAIL_CHARS:]
@@ -423,24 +386,14 @@ class Store:
                    reason: str | None = None) -> None:
         """Done with its result, or (given an error) failed with the error and the reviewer's `reason`."""
         with self._write() as db:
-            row = db.execute("SELECT status, worker FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT status, worker FROM jobs WHERE id = ?" + self.engine.for_update,
+                             (job_id,)).fetchone()
             if row is None or row["status"] != "running" or row["worker"] != worker:
                 raise RegistryError(f"job {job_id} is not running on {worker}")
             db.execute("UPDATE jobs SET status = ?, result = ?, error = ?, reason = ?, finished_at = ?, "
                        "lease_until = NULL WHERE id = ?",
                        ("failed" if error else "done", _dump(result), error, reason if error else None, now(),
                         job_id))
-
-
-def _add_column(db: sqlite3.Connection, table: str, column: str, kind: str) -> None:
-    """Add a column a database created by an older protoserve lacks (a no-op when it has it)."""
-    try:
-        db.execute(f"SELECT {column} FROM {table} LIMIT 0")
-    except sqlite3.OperationalError:
-        try:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-        except sqlite3.OperationalError:  # another process added it between the two statements
-            db.execute(f"SELECT {column} FROM {table} LIMIT 0")
 
 
 def _dump(value) -> str | None:
@@ -451,14 +404,31 @@ def _load(text: str | None):
     return None if text is None else json.loads(text)
 
 
-def _version_row(row: sqlite3.Row) -> VersionRow:
+def _version_row(row) -> VersionRow:
     d = dict(row)
     d["lineage"], d["metrics"] = _load(d["lineage"]), _load(d["metrics"])
     return VersionRow(**d)
 
 
-def _job_row(row: sqlite3.Row) -> dict:
+def _job_row(row) -> dict:
     d = dict(row)
     for key in ("settings", "progress", "result"):
         d[key] = _load(d[key])
     return d
+
+
+def database_location(url: str | None, root: Path) -> str | Path:
+    """The database a registry at `root` uses: `url` (a PROTOSERVE_REGISTRY_DB value), else its SQLite file."""
+    return url if url else root / DB_FILE
+
+
+def open_engine(location: str | Path) -> SQLiteEngine | PostgresEngine:
+    """The engine for a path, `sqlite:///PATH` or `postgresql://...` (RegistryError for anything else)."""
+    text = str(location)
+    if isinstance(location, Path) or "://" not in text:
+        return SQLiteEngine(Path(location))
+    if text.startswith("sqlite://"):
+        return SQLiteEngine(Path(text.removeprefix("sqlite://")))
+    if text.startswith(("postgresql://", "postgres://")):
+        return PostgresEngine(text)
+    raise RegistryError(f"registry database {text.split('://')[0]}://...: not sqlite:///PATH or postgresql://...")

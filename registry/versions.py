@@ -1,13 +1,14 @@
 """Model versions: register a bundle (with its checkpoint), promote, roll back; torch-free.
 
-A registry is a directory: `registry.sqlite` (registry/store.py) and `versions/<version>/` holding
-each registered version's copy of its bundle (`bundle/`) and the checkpoint it came from
-(`checkpoint.pt`), so a version never changes under the registry and can be revised again.
-PROTOSERVE_REGISTRY names the directory. PROTOSERVE_VERSIONS_URL may put the versions elsewhere:
-another folder, or an S3 object store (s3://bucket/prefix, registry/objects.py), where a version is
-uploaded before its row is written and every host downloads it into a verified local cache before
-reading it. A bundle is verified (schema, sha256 of every file, golden probe) when it is registered
-and again when it is promoted or rolled back to: a version that fails
+A registry is a directory and a database (registry/store.py: `registry.sqlite` in the directory, or
+the one PROTOSERVE_REGISTRY_DB names, e.g. PostgreSQL for replicas on several machines). The
+directory's `versions/<version>/` holds each registered version's copy of its bundle (`bundle/`) and
+the checkpoint it came from (`checkpoint.pt`), so a version never changes under the registry and can
+be revised again. PROTOSERVE_REGISTRY names the directory. PROTOSERVE_VERSIONS_URL may put the versions
+elsewhere: another folder, or an S3 object store (s3://bucket/prefix, registry/objects.py), where a
+version is uploaded before its row is written and every host downloads it into a verified local cache
+before reading it. A bundle is verified (schema, sha256 of every file, golden probe) when it is
+registered and again when it is promoted or rolled back to: a version that fails
 is never activated, and the active one stays.
 """
 
@@ -22,7 +23,7 @@ from bundle.manifest import Bundle, BundleError
 from bundle.runtime import verify_bundle
 from protoserve.settings import settings, variable
 from registry.objects import ObjectStore, ObjectUrl, is_remote
-from registry.store import DB_FILE, Active, RegistryError, Store, VersionRow
+from registry.store import Active, RegistryError, Store, VersionRow, database_location
 
 ENV = variable("registry")
 NEIGHBOURS_FILE = "neighbours.json"  # a version's nearest training images (revision/neighbours.py writes it)
@@ -33,19 +34,21 @@ def registry_location() -> Path | None:
     return settings().registry
 
 
-def open_registry(root: str | Path | None = None) -> Registry:
+def open_registry(root: str | Path | None = None, db: str | None = None) -> Registry:
     root = Path(root) if root else registry_location()
     if root is None:
         raise RegistryError(f"no registry: pass --registry DIR or set {ENV}")
-    return Registry(root)
+    return Registry(root, db)
 
 
 class Registry:
-    """The versions under one registry directory and its database (the versions themselves: `versions_url`)."""
+    """The versions under one registry directory and its database (`db`: a URL; default PROTOSERVE_REGISTRY_DB,
+    else the directory's registry.sqlite; the versions themselves: `versions_url`)."""
 
-    def __init__(self, root: str | Path, versions_url: str | None = None, objects: ObjectStore | None = None):
+    def __init__(self, root: str | Path, db: str | None = None, versions_url: str | None = None,
+                 objects: ObjectStore | None = None):
         self.root = Path(root)
-        self.store = Store(self.root / DB_FILE)
+        self.store = Store(database_location(db or settings().registry_db, self.root))
         url = versions_url if versions_url is not None else settings().versions_url
         if url and not is_remote(url):
             url = str(Path(url).expanduser().resolve())  # the rows hold absolute paths, whatever the cwd

@@ -24,8 +24,9 @@ from starlette.routing import Match
 from bundle.families import family
 from bundle.manifest import Bundle, read_bundle
 from protoserve.revision_settings import RevisionSettings
+from protoserve.settings import settings
 from protoserve.verdicts import VerdictError, verdict
-from registry.store import RegistryError
+from registry.store import RegistryError, RegistryUnavailable
 from registry.versions import ENV as REGISTRY_ENV
 from registry.versions import Registry, registry_location
 from service.auth import AuthError, require_admin
@@ -95,14 +96,16 @@ async def _http_refusal(request: Request, e: StarletteHTTPException) -> JSONResp
 
 @app.exception_handler(RegistryError)
 async def _registry_refusal(request: Request, e: RegistryError) -> JSONResponse:
+    if isinstance(e, RegistryUnavailable):  # the database is down or unusable: try again later, not a conflict
+        return JSONResponse({"error": str(e), "reason": "registry_unavailable"}, status_code=503)
     missing = "not registered" in str(e) or "does not exist" in str(e)
     return JSONResponse({"error": str(e), "reason": "not_found" if missing else "conflict"},
                         status_code=404 if missing else 409)
 
 
 @functools.cache
-def _registry(root: str) -> Registry:
-    return Registry(root)
+def _registry(root: str, db: str | None) -> Registry:
+    return Registry(root, db)
 
 
 def registry() -> Registry:
@@ -110,7 +113,7 @@ def registry() -> Registry:
     if root is None:
         raise ReviewError(409, "no_registry", f"the service serves a fixed bundle; set {REGISTRY_ENV} to review "
                           "and revise model versions")
-    return _registry(str(root))
+    return _registry(str(root), settings().registry_db)
 
 
 @functools.lru_cache(maxsize=16)

@@ -8,7 +8,9 @@ has answered.
 
 In registry mode (PROTOSERVE_REGISTRY) a background task polls the registry's generation counter
 every PROTOSERVE_POLL_SECONDS (protoserve/settings.py): one indexed single-row read, off the request path, so
-/predict pays nothing for it. A new generation loads the active version in a thread (checksums,
+/predict pays nothing for it. On PostgreSQL a thread also LISTENs for the NOTIFY a promote or rollback
+sends when it commits and wakes the task at once; the poll stays, for a notification lost with its
+connection. A new generation loads the active version in a thread (checksums,
 golden probe, warm-up) while the old one keeps answering, then swaps. A version that fails to load
 (with s3:// versions: one whose download fails or does not match its checksums, registry/objects.py)
 is logged, counted in protoserve_version_refusals_total, shown in /metadata, and skipped until the
@@ -22,6 +24,7 @@ import asyncio
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,13 +117,35 @@ class ActiveVersionFollower:
         self.failed: dict[int, str] = {}  # generation -> why its version was not loaded
         self.retry_at: dict[int, float] = {}  # generation -> when to try again (an object store may come back)
         self.task: asyncio.Task | None = None
+        self.wake = asyncio.Event()  # set when the database says the active version changed
+        self.stop = threading.Event()  # ends the listening thread
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self.run(), name="protoserve-follow-registry")
+        self.loop = asyncio.get_running_loop()
+        self.task = self.loop.create_task(self.run(), name="protoserve-follow-registry")
+        if self.registry.store.pushes_switches:
+            threading.Thread(target=self.registry.store.listen_for_switches, args=(self.heard, self.stop),
+                             daemon=True, name="protoserve-listen-registry").start()
+
+    def heard(self, generation: str) -> None:
+        """From the listening thread: the database says the active version changed (or it reconnected)."""
+        try:
+            self.loop.call_soon_threadsafe(self.wake.set)
+        except RuntimeError:  # the event loop is closed: the service is stopping
+            self.stop.set()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.task is not None:
+            self.task.cancel()
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.poll_seconds)
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.poll_seconds)
+            except TimeoutError:
+                pass
+            self.wake.clear()  # a notification during the check below sets it again: one more check
             try:
                 await self.check()
             except Exception as e:  # the poller must outlive a locked or briefly missing database

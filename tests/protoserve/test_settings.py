@@ -39,6 +39,7 @@ def test_values_are_parsed_to_their_types():
     ("PROTOSERVE_POLL_SECONDS", "soon", "not a number"),
     ("PROTOSERVE_ABSTAIN", "maybe", "1 or 0"),
     ("PROTOSERVE_DEVICE", "tpu", "auto, cuda, cpu"),
+    ("PROTOSERVE_REGISTRY_DB", "mysql://u:pw@h/db", "sqlite:///PATH or postgresql://"),
 ])
 def test_a_bad_value_is_refused_with_one_line_naming_the_variable(name, value, says):
     with pytest.raises(SettingsError) as refused:

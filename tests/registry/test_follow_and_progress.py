@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+
+import pytest
 
 from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
@@ -52,3 +55,26 @@ def test_progress_and_eta_from_the_revision_callback(two_versions):
     assert stored["progress"]["stage"] == "revising" and "round 1 epoch 1/2" in stored["log"]
     registry.store.claim_job("other", 60)  # nothing to take: still ours
     assert beat.lost is False
+
+
+@pytest.mark.registry_engines("postgresql")
+def test_a_listening_follower_sees_a_promote_long_before_its_poll(two_versions):
+    """On PostgreSQL the promote's NOTIFY wakes the follower: switched in well under a 30 s poll."""
+    registry, v1, v2 = two_versions
+
+    async def promote_and_wait() -> float:
+        switched = asyncio.Event()
+        follower = ActiveVersionFollower(registry, registry.store.active().generation, v1,
+                                         lambda served: switched.set(), poll_seconds=30)
+        follower.start()
+        try:
+            await asyncio.sleep(0.2)  # its first wait begun (a promote before the LISTEN is caught on connect)
+            await asyncio.to_thread(registry.store.activate, v2)
+            committed = time.monotonic()
+            await asyncio.wait_for(switched.wait(), 20)
+            return time.monotonic() - committed
+        finally:
+            follower.close()
+
+    seconds = asyncio.run(promote_and_wait())
+    assert seconds < 5, seconds  # the load of the version included; the poll would have taken 30 s

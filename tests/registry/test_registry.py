@@ -26,6 +26,7 @@ def test_register_copies_and_verifies(two_versions):
         registry.register(rows[v1].bundle)
 
 
+@pytest.mark.registry_engines("sqlite")
 def test_database_is_wal_with_busy_timeout(two_versions):
     registry, *_ = two_versions
     db = sqlite3.connect(registry.store.path)
@@ -45,7 +46,7 @@ def test_promote_and_rollback_move_active_previous_and_generation(two_versions):
         registry.promote(v1)
 
 
-def test_rollback_without_previous_is_refused(tiny_bundle, tmp_path):
+def test_rollback_without_previous_is_refused(registry_engine, tiny_bundle, tmp_path):
     registry = Registry(tmp_path / "r")
     registry.register(tiny_bundle)
     registry.promote("0.1.0")
@@ -75,7 +76,7 @@ def test_concurrent_promotes_are_serialised(two_versions):
     """Threads promoting and rolling back at once: every switch lands, the generation counts them all."""
     registry, v1, v2 = two_versions
     start = registry.store.active().generation
-    store = Store(registry.store.path)
+    store = Store(registry.store.url)
     errors = []
 
     def flip():
@@ -130,7 +131,8 @@ def test_a_database_from_before_job_reasons_gains_the_column(tmp_path):
     path = tmp_path / "registry.sqlite"
     Store(path)
     db = sqlite3.connect(path)
-    db.execute("ALTER TABLE jobs DROP COLUMN reason")  # as an older protoserve created it
+    db.execute("ALTER TABLE jobs DROP COLUMN reason")  # as an older protoserve created it,
+    db.execute("DROP TABLE schema_version")  # before the schema had versions
     db.close()
     Store(path)
     db = sqlite3.connect(path)
@@ -161,3 +163,53 @@ def test_cli_verbs(two_versions):
         "prototype_id": 2, "verdict": "reject", "round": 1, "source": "ada", "at": None, "note": "blob"}
     bad = cli("promote", "9.9.9")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not registered" in bad.stderr
+
+
+def test_migrations_are_versioned_applied_once_and_a_newer_schema_is_refused(two_versions, capsys):
+    from cli.main import main
+
+    registry, v1, _ = two_versions
+    latest = len(registry.store.engine.migrations)
+    Store(registry.store.url)  # opened again: nothing to apply, nothing lost
+    assert registry.store.schema_version() == latest and len(registry.store.dump()["schema_version"]) == latest
+    assert registry.store.active().version == v1
+    with registry.store.engine.write() as db:  # as a newer protoserve would leave it
+        db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, 'later')", (latest + 1,))
+    registry.store.close()
+    with pytest.raises(RegistryError, match=f"schema is version {latest + 1}, newer than this protoserve's {latest}"):
+        Store(registry.store.url)
+    assert main(["registry", "--registry", str(registry.root), "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "upgrade protoserve" in err
+
+
+def test_a_shadow_is_one_row_and_promoting_it_ends_it(two_versions):
+    registry, v1, v2 = two_versions
+    store = registry.store
+    with pytest.raises(RegistryError, match="is the active one"):
+        store.start_shadow(v1, 0.5)
+    assert store.start_shadow(v2, 0.25, actor="ada")[:2] == (v2, 0.25)
+    registry.promote(v2)
+    assert store.shadow()[:2] == (None, 0)
+
+
+def test_workers_claiming_at_once_never_share_a_job(two_versions):
+    """Four claimants on their own connections: each queued job claimed exactly once (SKIP LOCKED on
+    PostgreSQL, the one write lock on SQLite)."""
+    registry, v1, _ = two_versions
+    queued = [registry.store.add_job(v1, RevisionSettings(mode="prune"))["id"] for _ in range(24)]
+    claimed: dict[str, list[int]] = {f"w{i}": [] for i in range(4)}
+
+    def claim_all(name: str) -> None:
+        store = Store(registry.store.url)
+        while (job := store.claim_job(name, lease_seconds=60)) is not None:
+            claimed[name].append(job["id"])
+
+    threads = [threading.Thread(target=claim_all, args=(name,)) for name in claimed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [i for ids in claimed.values() for i in ids]
+    assert sorted(every) == queued  # all claimed, none twice
+    assert {j["id"]: j["worker"] for j in registry.store.jobs()} == {i: w for w, ids in claimed.items() for i in ids}

@@ -3,7 +3,6 @@ admin key in front of every change."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -30,13 +29,9 @@ def admin(key: str = KEY) -> dict:
     return {"Authorization": f"Bearer {key}"}
 
 
-def snapshot(registry) -> str:
-    """Everything the database holds, as SQL text."""
-    db = sqlite3.connect(registry.store.path)
-    try:
-        return "\n".join(db.iterdump())
-    finally:
-        db.close()
+def snapshot(registry) -> dict:
+    """Everything the database holds."""
+    return registry.store.dump()
 
 
 def changing_routes(registry) -> list[tuple[str, dict | None]]:

@@ -12,7 +12,8 @@ import httpx
 import pytest
 from test_live_switch import registry_service
 
-pytestmark = pytest.mark.slow
+# On SQLite only (slow; the API document: the same routes on either engine)
+pytestmark = [pytest.mark.slow, pytest.mark.registry_engines("sqlite")]
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 KEY = "document-key"
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from test_live_switch import registry_service
 
-pytestmark = pytest.mark.slow
+# On SQLite only (slow; the browser flow: the store is the one tested on both engines elsewhere)
+pytestmark = [pytest.mark.slow, pytest.mark.registry_engines("sqlite")]
 
 KEY = "page-key"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

@@ -31,6 +31,7 @@ def test_compare_counts_agreement_changes_and_out_of_domain():
 
 
 @pytest.mark.slow
+@pytest.mark.registry_engines("sqlite")  # the shadow row on both engines: test_registry.py
 def test_a_shadow_is_compared_on_live_traffic_and_never_touches_the_answers(two_versions, tmp_path):
     registry, v1, v2 = two_versions
     env = {"PROTOSERVE_REGISTRY": str(registry.root), "PROTOSERVE_WORKERS": "2", "PROTOSERVE_ADMIN_KEY": KEY,

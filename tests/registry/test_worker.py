@@ -16,7 +16,8 @@ from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
 from worker.loop import run_worker
 
-pytestmark = pytest.mark.slow
+# On SQLite only (slow; revision jobs end to end; claiming on PostgreSQL: test_worker_pool.py)
+pytestmark = [pytest.mark.slow, pytest.mark.registry_engines("sqlite")]
 
 
 def queue_revision(registry, rejected=(1, 4), **settings):
