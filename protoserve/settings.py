@@ -68,6 +68,9 @@ def _versions_url(value: str) -> str:
         raise ValueError(f"{value!r}: say a folder or s3://bucket/prefix ({scheme}:// is not supported)")
     if not rest.split("/", 1)[0]:
         raise ValueError(f"{value!r}: no bucket named (s3://bucket/prefix)")
+    return value
+
+
 def _database_url(value: str) -> str:
     if not value.startswith(DATABASE_SCHEMES):
         raise ValueError(f"{value.split('://')[0]!r} is not a database URL: say sqlite:///PATH or postgresql://...")
