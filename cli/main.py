@@ -27,6 +27,8 @@ def _train(args) -> None:
         config.train.device = args.device
     if args.init_from is not None:
         config.train.init_from = args.init_from
+    if config.train.init_from and not Path(config.train.init_from).is_file():
+        raise ProtoserveError(f"{config.train.init_from}: checkpoint not found (train.init_from / --init-from)")
     if args.outlier_exposure is not None:
         config.outlier_exposure.weight = args.outlier_exposure
         config.validate(f"{args.config} with --outlier-exposure {args.outlier_exposure}")

@@ -3,7 +3,12 @@ in both families' training steps, and lowering the outliers' typicality on a tin
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
+import yaml
 from tiny_configs import tiny_config_dict, tiny_protopnet_dict
 
 from training.config import Config
@@ -86,3 +91,24 @@ def test_protopnet_training_step_computes_the_term(tmp_path, mnist_root):
     assert 0 < metrics["val_oe_auroc"] <= 1 and "val_oe_fpr95" in metrics
     if before is not None:
         assert not torch.equal(before, trainer.model.add_on[0].weight)
+
+
+def _cli(*args, root=None):
+    env = {k: v for k, v in os.environ.items() if k != "PROTOSERVE_DATA_ROOT"}
+    if root:
+        env["PROTOSERVE_DATA_ROOT"] = str(root)
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_cli_refuses_a_negative_weight_and_a_missing_start_in_one_line(tmp_path):
+    bad = _cli("train", "--config", "configs/prototypedl_mnist_oe.yaml", "--outlier-exposure", "-1",
+               "--out", str(tmp_path / "a"))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "outlier_exposure.weight" in bad.stderr
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict()))
+    missing = _cli("train", "--config", str(config), "--init-from", str(tmp_path / "none.pt"),
+                   "--out", str(tmp_path / "b"))
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "checkpoint not found" in missing.stderr
