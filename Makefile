@@ -21,7 +21,7 @@ OPEN_INFERENCE_CLIENTS := tritonclient==2.73.0 kserve==0.21.0
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[train,dev,batch,s3]"
+	$(PY) -m pip install -q -e ".[train,dev,batch,s3,outliers]"
 	$(PY) -m pip install -q --no-deps $(OPEN_INFERENCE_CLIENTS)
 	touch $@
 
@@ -142,6 +142,25 @@ bench-ood: setup
 .PHONY: bench-ood-glyphs
 bench-ood-glyphs: setup
 	$(PY) -m benchmarks.ood_glyphs --checkpoints $(DEFAULT_MODEL)/checkpoint.pt models/protopnet_mnist/checkpoint.pt
+
+# Outlier exposure (docs/outlier_exposure.md): a short fine-tune of each shipped model with the margin
+# term on non-digit outliers (configs/*_oe.yaml), resumable (run again after an interruption); each
+# bundle is exported from the last epoch into the run, with the shipped bundle as its parent; then
+# bench-ood on the shipped and fine-tuned bundles in one run (figures in docs/results.md).
+OE_PROTOTYPEDL := runs/oe_prototypedl
+OE_PROTOPNET := runs/oe_protopnet
+.PHONY: finetune-oe bench-ood-oe
+finetune-oe: setup
+	$(PROTOSERVE) train --config configs/prototypedl_mnist_oe.yaml --out $(OE_PROTOTYPEDL) $$(test -f $(OE_PROTOTYPEDL)/last.pt && echo --resume)
+	$(PROTOSERVE) export --checkpoint $(OE_PROTOTYPEDL)/last.pt --out $(OE_PROTOTYPEDL)/bundle --name prototypedl-mnist \
+		--version 1.1.0 --parent $(DEFAULT_MODEL)/bundle $$(test -d $(OE_PROTOTYPEDL)/bundle && echo --force)
+	$(PROTOSERVE) train --config configs/protopnet_mnist_oe.yaml --out $(OE_PROTOPNET) $$(test -f $(OE_PROTOPNET)/last.pt && echo --resume)
+	$(PROTOSERVE) export --checkpoint $(OE_PROTOPNET)/last.pt --out $(OE_PROTOPNET)/bundle --name protopnet-mnist \
+		--version 1.1.0 --parent $(PROTOPNET_MODEL)/bundle $$(test -d $(OE_PROTOPNET)/bundle && echo --force)
+
+bench-ood-oe: setup
+	$(PY) -m benchmarks.ood --bundles $(DEFAULT_MODEL)/bundle $(OE_PROTOTYPEDL)/bundle models/protopnet_mnist/bundle \
+		$(OE_PROTOPNET)/bundle --out runs/ood_benchmark_oe.json
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -25,6 +25,13 @@ def _train(args) -> None:
         config.train.epochs = args.epochs
     if args.device is not None:
         config.train.device = args.device
+    if args.init_from is not None:
+        config.train.init_from = args.init_from
+    if config.train.init_from and not Path(config.train.init_from).is_file():
+        raise ProtoserveError(f"{config.train.init_from}: checkpoint not found (train.init_from / --init-from)")
+    if args.outlier_exposure is not None:
+        config.outlier_exposure.weight = args.outlier_exposure
+        config.validate(f"{args.config} with --outlier-exposure {args.outlier_exposure}")
     root = resolve_data_root(args.data_root, config.data.root)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     family = config_family(config)
@@ -321,6 +328,11 @@ def _training_verbs(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--device", help="override train.device (cpu, cuda, auto)")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (a fine-tune; sets train.init_from)")
+    p.add_argument("--outlier-exposure", type=float, metavar="WEIGHT",
+                   help="override outlier_exposure.weight: the margin term on non-digit outliers "
+                   "(docs/outlier_exposure.md; 0 turns it off)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="accuracy on each split and the family's own figures (reconstruction "

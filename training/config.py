@@ -1,4 +1,4 @@
-"""Run configuration: one YAML file, five sections, checked on load.
+"""Run configuration: one YAML file, six sections (outlier_exposure optional), checked on load.
 
 `model.family` chooses the model: "prototypedl" (PrototypeDL) or "protopnet" (ProtoPNet). Each
 family reads its own fields and ignores the other's; the `schedule` section is ProtoPNet's. The
@@ -91,6 +91,26 @@ class TrainConfig:
     eval_batch_size: int = 1000
     device: str = "cpu"
     num_threads: int | None = None
+    # A checkpoint whose weights start the run (a fine-tune, e.g. with outlier exposure); the
+    # optimizers, schedules and RNGs start afresh. --resume continues the run's own last.pt instead.
+    init_from: str | None = None
+
+
+@dataclass
+class OutlierExposureConfig:
+    """Outlier exposure (training/outlier_exposure.py, docs/outlier_exposure.md): a margin on the
+    prototype distances of non-digit images (training/outliers.py). weight 0 turns it off."""
+
+    weight: float = 0.0
+    sources: list[str] = field(default_factory=lambda: ["hershey", "animal_shapes", "fontpkg"])
+    batch_share: float = 0.25  # outlier images per step, as a share of train.batch_size
+    # the margin: this quantile of the in-domain batch's nearest-prototype distances, times margin_scale
+    margin_quantile: float = 0.99
+    margin_scale: float = 1.0
+    uniform_weight: float = 0.0  # optional: cross-entropy of the outliers' softmax to uniform (Hendrycks)
+    val_share: float = 0.25  # share of each source's fonts / classes held out for validation
+    seed: int = 0
+    per_unit: int | None = None  # at most N images per font / class (tests)
 
 
 @dataclass
@@ -117,6 +137,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    outlier_exposure: OutlierExposureConfig = field(default_factory=OutlierExposureConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,7 +145,8 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> Config:
         if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected a mapping with sections data, model, loss, train, schedule")
+            raise ConfigError(f"{source}: expected a mapping with sections data, model, loss, train, schedule, "
+                              "outlier_exposure")
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(raw) - set(sections)
         if unknown:
@@ -132,7 +154,7 @@ class Config:
         parts = {}
         for f in dataclasses.fields(cls):
             section_cls = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig,
-                           "schedule": ScheduleConfig}[f.name]
+                           "schedule": ScheduleConfig, "outlier_exposure": OutlierExposureConfig}[f.name]
             parts[f.name] = _section(section_cls, raw.get(f.name) or {}, f"{source}: {f.name}")
         config = cls(**parts)
         config.validate(source)
@@ -160,12 +182,29 @@ class Config:
             (t.epochs > 0 and t.batch_size > 0 and t.lr > 0, "train.epochs, batch_size and lr must be > 0"),
             (t.schedule in ("constant", "cosine"), "train.schedule must be 'constant' or 'cosine'"),
             (t.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
+            *self.outlier_exposure_checks(),
         ]
         if m.family in FAMILIES:
             checks += FAMILIES[m.family].config_checks(self)
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"{source}: {message}")
+
+
+    def outlier_exposure_checks(self) -> list[tuple[bool, str]]:
+        o = self.outlier_exposure
+        known = ("hershey", "animal_shapes", "fontpkg")  # training/outliers.py SOURCES
+        return [
+            (o.weight >= 0 and o.uniform_weight >= 0, "outlier_exposure.weight and uniform_weight must be >= 0"),
+            (all(s in known for s in o.sources) and len(o.sources) > 0,
+             f"outlier_exposure.sources must be a non-empty list of {', '.join(known)}"),
+            (0 < o.batch_share <= 1, "outlier_exposure.batch_share must be in (0, 1]"),
+            (0 < o.margin_quantile <= 1 and o.margin_scale > 0,
+             "outlier_exposure.margin_quantile must be in (0, 1] and margin_scale > 0"),
+            (0 < o.val_share < 1, "outlier_exposure.val_share must be in (0, 1)"),
+            (o.weight == 0 or self.model.family != "prototypedl" or self.model.classifier == "prototypes",
+             "outlier_exposure needs the prototype layer (model.classifier 'prototypes')"),
+        ]
 
 
 def _section(section_cls, raw, where: str):
@@ -189,6 +228,7 @@ def _coerce(value, annotation: str, where: str):
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "str": isinstance(value, str),
         "list[int]": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+        "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
     }[kind]
     if not ok:
         raise ConfigError(f"{where}: expected {kind}, got {value!r}")

@@ -89,6 +89,20 @@ class ResumableRun:
             path.write_text("".join(ln + "\n" for ln in kept))
 
 
+def load_initial_weights(model: torch.nn.Module, config: Config, log=print) -> None:
+    """train.init_from: start from that checkpoint's weights (same family and shapes; its own config
+    must match the run's model section), with fresh optimizers and schedules: a fine-tune."""
+    path = config.train.init_from
+    if not path:
+        return
+    source, source_config, payload = load_checkpoint(Path(path))
+    if source_config.model != config.model:
+        raise CheckpointError(f"{path}: its model config differs from the run's; a fine-tune keeps the model "
+                              "section of the checkpoint it starts from")
+    model.load_state_dict(source.state_dict())
+    log(f"started from {path} (epoch {payload['epoch']})")
+
+
 def _semantic(config: Config) -> dict:
     """The config without the settings that only say where and how fast to run."""
     d = config.to_dict()

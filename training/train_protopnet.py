@@ -33,11 +33,12 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from training.checkpoint import build_model
-from training.config import Config
+from training.config import Config, ConfigError
 from training.datasets import dataset, input_normalization, load_run_data
 from training.elastic import elastic_deform, faded_alpha
 from training.evaluate import accuracy, evaluate_protopnet
 from training.families import Family, register_family
+from training.outlier_exposure import OutlierExposure, oe_figures
 from training.protopnet import (
     ProtoPNet,
     build,
@@ -54,7 +55,7 @@ from training.push import (
     pushed_prototype_records,
     write_push_pictures,
 )
-from training.resumable import ResumableRun, duration, resolve_device
+from training.resumable import ResumableRun, duration, load_initial_weights, resolve_device
 from training.splits import Split, resolve_data_root
 
 
@@ -73,6 +74,12 @@ class ProtoPNetTrainer(ResumableRun):
         self.elastic = t.elastic and dataset(config.data.dataset).elastic
         torch.manual_seed(t.seed)
         self.model: ProtoPNet = build_model(config).to(self.device)
+        load_initial_weights(self.model, config, self.log)
+        if config.outlier_exposure.weight > 0 and self.world > 1:
+            # two forward passes per step through one DistributedDataParallel wrapper: not built or tested
+            raise ConfigError("outlier_exposure is not supported under torchrun yet; train on one process")
+        self.oe = (OutlierExposure(config, self.device, self.mean, self.std, log=self.log)
+                   if config.outlier_exposure.weight > 0 else None)
         m = self.model
         self.warm_optimizer = torch.optim.Adam([
             {"params": m.add_on.parameters(), "lr": s.lr_add_on},
@@ -133,7 +140,7 @@ class ProtoPNetTrainer(ResumableRun):
         alpha = faded_alpha(t.elastic_alpha, self.epoch, t.epochs, t.elastic_fade_epochs)
         order = torch.randperm(len(train), generator=self.shuffle_rng)
         sums, correct, seen = {}, 0, 0
-        for start in range(0, len(train), t.batch_size):
+        for step, start in enumerate(range(0, len(train), t.batch_size)):
             idx = self._local(order[start:start + t.batch_size])
             x = train.images[idx].to(self.device)
             y = train.labels[idx].to(self.device)
@@ -141,10 +148,18 @@ class ProtoPNetTrainer(ResumableRun):
                 x = elastic_deform(x, t.elastic_sigma, alpha, generator=self.augment_rng)
             out = module(x)
             terms = protopnet_loss(out, y, self.model, self.config.loss)
+            total, floats = terms.total, terms.as_floats()
+            if self.oe is not None:
+                xo = self.oe.batch(self.epoch, step, (t.elastic_sigma, alpha) if self.elastic else None,
+                                   self.augment_rng)
+                out_o = self.oe.forward(module, xo)
+                oe_loss, oe_parts = self.oe.term(out.distances, out_o.distances, out_o.logits)
+                total = total + oe_loss
+                floats.update(oe_parts)
             optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
+            total.backward()
             optimizer.step()
-            for k, v in terms.as_floats().items():
+            for k, v in floats.items():
                 sums[k] = sums.get(k, 0.0) + v * len(y)
             correct += int((out.logits.argmax(1) == y).sum())
             seen += len(y)
@@ -226,6 +241,9 @@ class ProtoPNetTrainer(ResumableRun):
                 metrics["val_accuracy_after_push"] = self.val_accuracy()
                 metrics.update(self.last_layer())
             metrics["val_accuracy"] = self.val_accuracy()
+            if self.oe is not None:
+                metrics.update({f"val_{k}": v for k, v in self.oe.validation(
+                    self.model, self.data["val"].images, t.eval_batch_size).items()})
             metrics["pushed"] = pushed
             self.epoch = epoch
             seconds = time.perf_counter() - started
@@ -248,7 +266,7 @@ class ProtoPNetTrainer(ResumableRun):
         self.log(f"epoch {self.epoch}/{self.config.train.epochs} ({m['phase']})  loss {m['train_total']:.4f} "
                  f"(CE {m['train_cross_entropy']:.4f} clst {m['train_cluster_cost']:.4f} "
                  f"sep {m['train_separation_cost']:.4f})  train acc {m['train_accuracy']:.4f}  "
-                 f"val acc {m['val_accuracy_before_push']:.4f}{push}{' *' if is_best else ''}  "
+                 f"val acc {m['val_accuracy_before_push']:.4f}{push}{oe_figures(m)}{' *' if is_best else ''}  "
                  f"{m['epoch_seconds']:.1f}s/epoch  ETA {duration(eta)}")
 
 

@@ -27,6 +27,7 @@ from training.datasets import dataset, load_run_data
 from training.elastic import elastic_deform, faded_alpha
 from training.evaluate import evaluate_prototypedl
 from training.families import Family, register_family
+from training.outlier_exposure import OutlierExposure, oe_figures
 from training.prototypedl import (
     PrototypeDL,
     PrototypeDLDecoder,
@@ -35,7 +36,7 @@ from training.prototypedl import (
     prototype_records,
     prototypedl_loss,
 )
-from training.resumable import ResumableRun, duration, resolve_device
+from training.resumable import ResumableRun, duration, load_initial_weights, resolve_device
 from training.splits import Split, resolve_data_root
 from training.visualize import prototypedl_figures
 
@@ -84,6 +85,8 @@ class PrototypeDLTrainer(ResumableRun):
         self.elastic = t.elastic and dataset(config.data.dataset).elastic
         torch.manual_seed(t.seed)
         self.model = build_model(config).to(self.device)
+        load_initial_weights(self.model, config, log)
+        self.oe = OutlierExposure(config, self.device, log=log) if config.outlier_exposure.weight > 0 else None
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=t.lr)
         self.steps_per_epoch = math.ceil(len(self.data["train"]) / t.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, self.steps_per_epoch))
@@ -126,7 +129,7 @@ class PrototypeDLTrainer(ResumableRun):
         correct = 0
         bar = tqdm(range(0, len(train), t.batch_size), desc=f"epoch {self.epoch + 1}/{t.epochs}",
                    leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
-        for start in bar:
+        for step, start in enumerate(bar):
             idx = order[start:start + t.batch_size]
             x = train.images[idx].to(self.device)
             y = train.labels[idx].to(self.device)
@@ -134,8 +137,17 @@ class PrototypeDLTrainer(ResumableRun):
                 x = elastic_deform(x, t.elastic_sigma, alpha, generator=self.augment_rng)
             out = self.model(x)
             terms = prototypedl_loss(out, x, y, loss_cfg)
+            total = terms.total
+            if self.oe is not None:
+                xo = self.oe.batch(self.epoch, step, (t.elastic_sigma, alpha) if self.elastic else None,
+                                   self.augment_rng)
+                out_o = self.oe.forward(self.model, xo)
+                oe_loss, oe_parts = self.oe.term(out.distances, out_o.distances, out_o.logits)
+                total = total + oe_loss
+                for k, v in oe_parts.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(y)
             self.optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
+            total.backward()
             self.optimizer.step()
             self.scheduler.step()
             if self.ema is not None:
@@ -160,6 +172,8 @@ class PrototypeDLTrainer(ResumableRun):
             metrics = self.train_epoch()
             val = validation_figures(self.kept_model, self.data["val"], t.eval_batch_size, self.device,
                                      self.config.loss)
+            if self.oe is not None:
+                val.update(self.oe.validation(self.kept_model, self.data["val"].images, t.eval_batch_size))
             self.epoch += 1
             seconds = time.perf_counter() - started
             self.wall_seconds += seconds
@@ -177,7 +191,7 @@ class PrototypeDLTrainer(ResumableRun):
         self.log(f"epoch {self.epoch}/{self.config.train.epochs}  loss {m['train_total']:.4f} "
                  f"(E {m['train_E']:.4f} R {m['train_R']:.2f} R1 {m['train_R1']:.4f} R2 {m['train_R2']:.4f})  "
                  f"train acc {m['train_accuracy']:.4f}  val acc {m['val_accuracy']:.4f}"
-                 f"{' *' if is_best else ''}  lr {m['lr']:.2e}  {m['epoch_seconds']:.1f}s/epoch  "
+                 f"{oe_figures(m)}{' *' if is_best else ''}  lr {m['lr']:.2e}  {m['epoch_seconds']:.1f}s/epoch  "
                  f"ETA {duration(eta)}")
 
 

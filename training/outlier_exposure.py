@@ -1,0 +1,163 @@
+"""Outlier exposure for both families (config section `outlier_exposure`, docs/outlier_exposure.md).
+
+Which term, and why. The served out-of-domain score (protoserve/domain_scores.py, inference/domain.py)
+never reads the softmax: it is Fisher's combination of the nearest prototype's distance, the Mahalanobis
+distance of the whole distance profile and that of the latent vector. Pushing the outliers' softmax
+towards uniform (Hendrycks et al. 2019) would change what the score does not look at. So the term is a
+margin on the prototype distances: each outlier's nearest-prototype distance is pushed above a margin,
+the margin_quantile of the in-domain batch's own nearest distances (detached; 0.99 is about where the
+score's nearest-distance part puts its 1% threshold), times margin_scale (scale-free: see margin_term):
+
+    L_OE = mean over outliers of relu(1 - d_min(outlier) / margin)
+
+(divided by the margin, so the weight does not depend on the scale of a family's distances). Moving an
+outlier away from every prototype moves its latent vector too, which the other two parts read. The
+softmax-to-uniform term is there as an option (uniform_weight, default 0), not the default.
+
+Outlier batches are sampled with equal weight per source (the 8,000 animal silhouettes would otherwise
+drown the stroke fonts), from a generator seeded by (seed, epoch, step): a resumed run draws the same
+ones. Batch normalisation layers run on the outliers with their running statistics and leave them alone
+(as at inference), so the outliers never shift what in-domain images are normalised by.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from training.config import Config
+from training.elastic import elastic_deform
+from training.outliers import SOURCES, OutlierSet, build_outliers
+
+
+class OutlierExposure:
+    def __init__(self, config: Config, device, mean=None, std=None, log=print):
+        o = config.outlier_exposure
+        self.cfg, self.device = o, device
+        self.mean, self.std = mean, std
+        train = build_outliers(o.sources, "train", o.val_share, o.seed, o.per_unit)
+        val = build_outliers(o.sources, "val", o.val_share, o.seed, o.per_unit)
+        self.train_units, self.val_units = sorted(set(train.units)), sorted(set(val.units))
+        self.images = self._normalised(train.images)
+        self.val_images = self._normalised(val.images)
+        self.weights = torch.from_numpy(_equal_share(train))
+        self.per_step = max(1, round(o.batch_share * config.train.batch_size))
+        log(f"outlier exposure: {len(train)} training outliers from {len(self.train_units)} fonts/classes, "
+            f"{len(val)} validation outliers from {len(self.val_units)} others; {self.per_step} per step, "
+            f"weight {o.weight}")
+
+    def _normalised(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(images)
+        if self.mean is not None:
+            x = (x - torch.tensor(self.mean).view(1, -1, 1, 1)) / torch.tensor(self.std).view(1, -1, 1, 1)
+        return x
+
+    def batch(self, epoch: int, step: int, elastic=None, generator=None) -> torch.Tensor:
+        """The outliers of one training step: per_step images, each source equally likely; elastic
+        (sigma, alpha) deforms them as the digits are."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch * 10_007 + step)
+        idx = torch.multinomial(self.weights, self.per_step, replacement=True, generator=g)
+        x = self.images[idx].to(self.device)
+        if elastic is not None:
+            x = elastic_deform(x, *elastic, generator=generator)
+        return x
+
+    def forward(self, model: nn.Module, x: torch.Tensor):
+        with running_batchnorm(model):
+            return model(x)
+
+    def term(self, in_distances: torch.Tensor, out_distances: torch.Tensor,
+             out_logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(weighted loss to add, its parts as floats)."""
+        loss, parts = margin_term(in_distances, out_distances, self.cfg.margin_quantile, self.cfg.margin_scale)
+        total = self.cfg.weight * loss
+        if self.cfg.uniform_weight > 0:
+            uniform = -F.log_softmax(out_logits, dim=1).mean()
+            total = total + self.cfg.uniform_weight * uniform
+            parts["oe_uniform"] = float(uniform.detach())
+        return total, parts
+
+    @torch.no_grad()
+    def validation(self, model: nn.Module, val_digits: torch.Tensor, batch_size: int) -> dict:
+        """On the held-out fonts/classes against the validation digits, by the nearest-prototype distance:
+        AUROC, FPR at 95% TPR, and the share of outliers beyond the digits' 99% quantile."""
+        was_training = model.training
+        model.eval()
+        digits = _nearest(model, val_digits, batch_size, self.device)
+        outliers = _nearest(model, self.val_images, batch_size, self.device)
+        model.train(was_training)
+        threshold = torch.quantile(outliers, 0.05)  # 95% of the outliers at or above it
+        return {"oe_auroc": auroc(digits, outliers), "oe_fpr95": float((digits >= threshold).float().mean()),
+                "oe_beyond_q99": float((outliers > torch.quantile(digits, 0.99)).float().mean())}
+
+
+def oe_figures(m: dict) -> str:
+    """The outlier-exposure figures of an epoch's metrics, for the log line ("" without it)."""
+    if "val_oe_auroc" not in m:
+        return ""
+    return (f"  OE {m['train_oe_margin_loss']:.4f} (inside {m['train_oe_inside_margin']:.2f}), held-out outliers "
+            f"AUROC {m['val_oe_auroc']:.4f} FPR95 {m['val_oe_fpr95']:.3f}")
+
+
+def margin_term(in_distances: torch.Tensor, out_distances: torch.Tensor, quantile: float = 0.99,
+                scale: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """mean relu(1 - d_min(outlier) / margin), margin = scale * quantile of the in-domain nearest distances.
+
+    The margin's value is that quantile, but its gradient is that of the in-domain mean (the quantile over
+    the mean, detached, times the mean): a fixed margin would be met by stretching the whole latent space
+    (every distance, the digits' too, grows), which the score does not reward; this way the ratio is what
+    counts, and the term also pulls the digits towards their prototypes."""
+    inside = in_distances.min(dim=1).values
+    ratio = torch.quantile(inside.detach(), quantile) / inside.detach().mean().clamp_min(1e-12)
+    margin = (scale * ratio * inside.mean()).clamp_min(1e-6)
+    nearest = out_distances.min(dim=1).values
+    loss = F.relu(1.0 - nearest / margin).mean()
+    return loss, {"oe_margin_loss": float(loss.detach()), "oe_margin": float(margin.detach()),
+                  "oe_inside_margin": float((nearest.detach() < margin).float().mean())}
+
+
+@contextlib.contextmanager
+def running_batchnorm(model: nn.Module):
+    """Batch-norm layers in eval mode (running statistics, not updated) for the duration."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in layers:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.train()
+
+
+def auroc(inside: torch.Tensor, outside: torch.Tensor) -> float:
+    """P(an outside score > an inside score), ties counted half (Mann-Whitney U)."""
+    scores = torch.cat([inside, outside]).double()
+    ranks = torch.empty_like(scores)
+    order = scores.argsort()
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # average ranks of ties
+    uniq, inverse = torch.unique(scores, return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
+    ranks = (sums / counts)[inverse]
+    n_in, n_out = len(inside), len(outside)
+    u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2
+    return float(u / (n_in * n_out))
+
+
+def _nearest(model: nn.Module, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    return torch.cat([model(images[i:i + batch_size].to(device)).distances.min(dim=1).values.cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def _equal_share(outliers: OutlierSet) -> np.ndarray:
+    source = np.array([u.split(":")[0] for u in outliers.units])
+    weights = np.zeros(len(outliers), np.float64)
+    present = [s for s in SOURCES if (source == s).any()]
+    for s in present:
+        weights[source == s] = 1.0 / (source == s).sum() / len(present)
+    return weights
