@@ -104,13 +104,23 @@ def _run(ray, job: Job, pending: list[int], advance, spec: dict) -> dict[str, in
         num_cpus=1, num_gpus=1 if gpus else 0,
         fn_constructor_kwargs={"bundle_path": str(job.bundle.path.resolve()), "spec": spec, "plan": job.plan,
                                "use_gpu": bool(gpus), "cwd": os.getcwd()})
+    parts: dict[int, list] = {}
+    nodes: dict[str, int] = {}
+    # Scoring starts on the first actor ready, not all of them: a cluster that lost a node (still counted
+    # in its resources for a while) runs on the nodes left; a job of a few chunks may end on one actor.
+    _commit_as_they_arrive(job, scored.iter_batches(batch_size=None, batch_format="pyarrow"), parts, nodes, advance)
+    if parts:
+        raise JobError(f"Ray returned incomplete rows for chunks {sorted(parts)}")
+    return nodes
+
+
+def _commit_as_they_arrive(job: Job, batches, parts: dict[int, list], nodes: dict[str, int], advance) -> None:
+    """Regroup the rows by chunk (Ray Data may merge or split the actors' outputs into blocks); commit a
+    chunk once all its rows are in; count the images each node scored."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    # Ray Data may merge or split the actors' outputs into blocks; rows are regrouped by chunk.
-    parts: dict[int, list] = {}
-    nodes: dict[str, int] = {}
-    for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for batch in batches:
         for k in sorted(set(batch.column("chunk").to_pylist())):
             rows = batch.filter(pc.equal(batch.column("chunk"), k))
             for node in set(rows.column("node").to_pylist()):
@@ -120,6 +130,3 @@ def _run(ray, job: Job, pending: list[int], advance, spec: dict) -> dict[str, in
             if sum(t.num_rows for t in parts[k]) == hi - lo:
                 job.commit_table(k, pa.concat_tables(parts.pop(k)))
                 advance(hi - lo)
-    if parts:
-        raise JobError(f"Ray returned incomplete rows for chunks {sorted(parts)}")
-    return nodes

@@ -39,10 +39,11 @@ def mnist_test_images(mnist_root):
 
 def test_a_job_runs_on_both_nodes(two_nodes, tiny_bundle, mnist_test_images, tmp_path, monkeypatch):
     """Each chunk's rows come back with the id of the node whose actor scored them (the actor's
-    ray.get_runtime_context().get_node_id()); both node ids of the cluster are among them."""
+    ray.get_runtime_context().get_node_id()); both node ids of the cluster are among them. Scoring starts
+    on the first actor ready: 50 chunks leave the other actor time to start and take its share."""
     for name, value in two_nodes.env.items():
         monkeypatch.setenv(name, value)
-    spec = JobSpec(str(tiny_bundle), [mnist_test_images], tmp_path / "out.parquet", chunk_size=500)
+    spec = JobSpec(str(tiny_bundle), [mnist_test_images], tmp_path / "out.parquet", chunk_size=200)
     summary = run_scoring_job(spec, engine="ray", ray_address=two_nodes.address, progress=False)
     assert summary.images == MNIST_TEST_IMAGES and summary.failed == 0
     assert set(summary.nodes) == {two_nodes.nodes["head_node"].node_id, two_nodes.nodes["worker_node"].node_id}
