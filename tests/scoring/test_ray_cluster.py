@@ -4,6 +4,7 @@ and a job whose worker node is SIGKILLed mid-job, run again, writes every input 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,18 +38,34 @@ def mnist_test_images(mnist_root):
     return str(plain if plain.exists() else plain.with_name(plain.name + ".gz"))
 
 
-def test_a_job_runs_on_both_nodes(two_nodes, tiny_bundle, mnist_test_images, tmp_path, monkeypatch):
+def test_a_job_runs_on_both_nodes(two_nodes, tiny_bundle, mnist_test_images, tmp_path):
     """Each chunk's rows come back with the id of the node whose actor scored them (the actor's
-    ray.get_runtime_context().get_node_id()); both node ids of the cluster are among them. Scoring starts
-    on the first actor ready: 50 chunks leave the other actor time to start and take its share."""
-    for name, value in two_nodes.env.items():
-        monkeypatch.setenv(name, value)
-    spec = JobSpec(str(tiny_bundle), [mnist_test_images], tmp_path / "out.parquet", chunk_size=200)
-    summary = run_scoring_job(spec, engine="ray", ray_address=two_nodes.address, progress=False)
-    assert summary.images == MNIST_TEST_IMAGES and summary.failed == 0
-    assert set(summary.nodes) == {two_nodes.nodes["head_node"].node_id, two_nodes.nodes["worker_node"].node_id}
-    assert sum(summary.nodes.values()) == MNIST_TEST_IMAGES
-    assert [r["index"] for r in read_rows(spec.output)] == list(range(MNIST_TEST_IMAGES))
+    ray.get_runtime_context().get_node_id()); the run returns the images per node id, and both node ids
+    of the cluster are among them. Scoring starts on the first actor ready: 50 chunks leave the other
+    actor time to start and take its share. The driver is a process of its own, as in a deployment (and
+    this test process may hold a local Ray's state from tests/scoring/test_ray.py)."""
+    output = tmp_path / "out.parquet"
+    driver = subprocess.run([sys.executable, "-c", _DRIVER, str(tiny_bundle), mnist_test_images, str(output),
+                             two_nodes.address], cwd=REPO, env={**os.environ, **two_nodes.env, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=300)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    images, failed, nodes = json.loads(driver.stdout.splitlines()[-1])
+    assert images == MNIST_TEST_IMAGES and failed == 0
+    assert set(nodes) == {two_nodes.nodes["head_node"].node_id, two_nodes.nodes["worker_node"].node_id}
+    assert sum(nodes.values()) == MNIST_TEST_IMAGES
+    assert [r["index"] for r in read_rows(output)] == list(range(MNIST_TEST_IMAGES))
+
+
+_DRIVER = """
+import json, sys
+from pathlib import Path
+from scoring.job import JobSpec
+from scoring.run import run_scoring_job
+bundle, images, output, address = sys.argv[1:]
+summary = run_scoring_job(JobSpec(bundle, [images], Path(output), chunk_size=200), engine="ray",
+                          ray_address=address, progress=False)
+print(json.dumps([summary.images, summary.failed, summary.nodes]))
+"""
 
 
 def test_worker_node_killed_mid_job_then_rerun_writes_every_input_once(two_nodes, tiny_bundle, mnist_test_images,
