@@ -116,12 +116,14 @@ def _run(ray, job: Job, pending: list[int], advance, spec: dict) -> dict[str, in
 
 def _commit_as_they_arrive(job: Job, batches, parts: dict[int, list], nodes: dict[str, int], advance) -> None:
     """Regroup the rows by chunk (Ray Data may merge or split the actors' outputs into blocks); commit a
-    chunk once all its rows are in; count the images each node scored."""
+    chunk once all its rows are in; count the images each node scored. A chunk that arrives again (Ray
+    re-running a task whose output it lost) is ignored once committed."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    committed: set[int] = set()
     for batch in batches:
-        for k in sorted(set(batch.column("chunk").to_pylist())):
+        for k in sorted(set(batch.column("chunk").to_pylist()) - committed):
             rows = batch.filter(pc.equal(batch.column("chunk"), k))
             for node in set(rows.column("node").to_pylist()):
                 nodes[node] = nodes.get(node, 0) + pc.sum(pc.equal(rows.column("node"), node)).as_py()
@@ -129,4 +131,5 @@ def _commit_as_they_arrive(job: Job, batches, parts: dict[int, list], nodes: dic
             lo, hi = job.chunk_range(k)
             if sum(t.num_rows for t in parts[k]) == hi - lo:
                 job.commit_table(k, pa.concat_tables(parts.pop(k)))
+                committed.add(k)
                 advance(hi - lo)
