@@ -434,7 +434,8 @@ def _score_verb(sub) -> None:
     p.add_argument("--workers", type=int, default=0, help="parallel ONNX Runtime sessions (local engine) or "
                    "Ray actors (default: one per core)")
     p.add_argument("--engine", default="local", choices=["local", "ray"])
-    p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--ray-address", help="Ray cluster to join: the head's host:port, ray://head:10001 or auto "
+                   "(default: $RAY_ADDRESS, else a local Ray started for the job)")
     p.add_argument("--top-k", type=int, default=3, help="nearest prototypes per row")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="inputs per committed chunk (default 4096: scoring/job.py CHUNK_SIZE)")

@@ -4,12 +4,18 @@ The dataset is the job's pending chunk numbers; `map_batches` sends them to an a
 actors each hold an ONNX Runtime session (one GPU per actor where the cluster has GPUs). An actor
 reads its chunk's inputs itself and scores them with the same BatchScorer as the local engine; the
 driver commits the rows it gets back through the same Job, so the chunk files, resume, refusal of
-changed inputs and the assembled output are exactly those of the local engine.
+changed inputs and the assembled output are exactly those of the local engine. Each chunk's rows come
+back with the id of the Ray node that scored them; the run returns how many images each node scored.
 
 On a cluster, every node must see the bundle and the inputs at the same paths (a shared or network
 filesystem) and have protoserve installed; the output and its chunks are written by the driver only.
 Which cluster: `--ray-address` (e.g. ray://head:10001 or auto), else $RAY_ADDRESS, else a local Ray
 started for the job. A Ray already initialised in the process (a test, a notebook) is used as it is.
+
+Exactly once on a cluster: a chunk is committed by the driver only when all its rows have arrived, to a
+file renamed into place, and the output is assembled from the chunk files in order. A node lost mid-job
+loses only the chunks in flight on it: Ray Data retries them on the actors left, or the run fails and
+the same command run again scores only the chunks without a file.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class ChunkScorer:
     def __init__(self, bundle_path: str, spec: dict, plan: dict, use_gpu: bool, cwd: str):
         if os.path.isdir(cwd):
             os.chdir(cwd)  # relative --input paths mean what they meant to the driver
+        self.node = _import_ray().get_runtime_context().get_node_id()  # the node this actor runs on
         self.job = Job(JobSpec(**spec), bundle=read_bundle(bundle_path))
         for part in ("model", "inputs"):
             if self.job.plan[part] != plan[part]:
@@ -61,12 +68,14 @@ class ChunkScorer:
             columns = self.job.scorer.score(start, ids, values, lambda x: classify(self.session, x, features))
             columns.true_label = self.job.truth(int(k))
             table = to_table(columns)
-            tables.append(table.add_column(0, "chunk", pa.array([int(k)] * table.num_rows, pa.int64())))
+            table = table.add_column(0, "chunk", pa.array([int(k)] * table.num_rows, pa.int64()))
+            tables.append(table.add_column(1, "node", pa.array([self.node] * table.num_rows, pa.string())))
         return pa.concat_tables(tables)
 
 
-def run_ray(job: Job, pending: list[int], advance, address: str | None = None) -> None:
-    """Score the pending chunks on Ray Data; the driver commits each chunk as its rows arrive."""
+def run_ray(job: Job, pending: list[int], advance, address: str | None = None) -> dict[str, int]:
+    """Score the pending chunks on Ray Data; the driver commits each chunk as its rows arrive.
+    Returns the images each Ray node scored (node id -> images)."""
     import dataclasses
 
     if job.spec.pictures is not None:
@@ -76,14 +85,13 @@ def run_ray(job: Job, pending: list[int], advance, address: str | None = None) -
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        if pending:
-            _run(ray, job, pending, advance, dataclasses.asdict(job.spec))
+        return _run(ray, job, pending, advance, dataclasses.asdict(job.spec)) if pending else {}
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _run(ray, job: Job, pending: list[int], advance, spec: dict) -> None:
+def _run(ray, job: Job, pending: list[int], advance, spec: dict) -> dict[str, int]:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the job has its own progress bar
     resources = ray.cluster_resources()
@@ -96,17 +104,32 @@ def _run(ray, job: Job, pending: list[int], advance, spec: dict) -> None:
         num_cpus=1, num_gpus=1 if gpus else 0,
         fn_constructor_kwargs={"bundle_path": str(job.bundle.path.resolve()), "spec": spec, "plan": job.plan,
                                "use_gpu": bool(gpus), "cwd": os.getcwd()})
+    parts: dict[int, list] = {}
+    nodes: dict[str, int] = {}
+    # Scoring starts on the first actor ready, not all of them: a cluster that lost a node (still counted
+    # in its resources for a while) runs on the nodes left; a job of a few chunks may end on one actor.
+    _commit_as_they_arrive(job, scored.iter_batches(batch_size=None, batch_format="pyarrow"), parts, nodes, advance)
+    if parts:
+        raise JobError(f"Ray returned incomplete rows for chunks {sorted(parts)}")
+    return nodes
+
+
+def _commit_as_they_arrive(job: Job, batches, parts: dict[int, list], nodes: dict[str, int], advance) -> None:
+    """Regroup the rows by chunk (Ray Data may merge or split the actors' outputs into blocks); commit a
+    chunk once all its rows are in; count the images each node scored. A chunk that arrives again (Ray
+    re-running a task whose output it lost) is ignored once committed."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    # Ray Data may merge or split the actors' outputs into blocks; rows are regrouped by chunk.
-    parts: dict[int, list] = {}
-    for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for k in sorted(set(batch.column("chunk").to_pylist())):
-            parts.setdefault(k, []).append(batch.filter(pc.equal(batch.column("chunk"), k)).drop_columns(["chunk"]))
+    committed: set[int] = set()
+    for batch in batches:
+        for k in sorted(set(batch.column("chunk").to_pylist()) - committed):
+            rows = batch.filter(pc.equal(batch.column("chunk"), k))
+            for node in set(rows.column("node").to_pylist()):
+                nodes[node] = nodes.get(node, 0) + pc.sum(pc.equal(rows.column("node"), node)).as_py()
+            parts.setdefault(k, []).append(rows.drop_columns(["chunk", "node"]))
             lo, hi = job.chunk_range(k)
             if sum(t.num_rows for t in parts[k]) == hi - lo:
                 job.commit_table(k, pa.concat_tables(parts.pop(k)))
+                committed.add(k)
                 advance(hi - lo)
-    if parts:
-        raise JobError(f"Ray returned incomplete rows for chunks {sorted(parts)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from scoring.job import Job, JobError, JobSpec, job_lock
@@ -23,6 +23,7 @@ class Summary:
     seconds: float  # wall time of this run
     output: Path
     already_complete: bool = False
+    nodes: dict[str, int] = field(default_factory=dict)  # --engine ray: Ray node id -> images it scored now
 
     @property
     def rate(self) -> float:
@@ -31,8 +32,9 @@ class Summary:
     def line(self) -> str:
         if self.already_complete:
             return f"{self.output}: already complete ({self.images} images, {self.failed} failed); nothing to do"
+        on = f" on {len(self.nodes)} Ray node{'s' if len(self.nodes) != 1 else ''}" if self.nodes else ""
         return (f"{self.images} images in {self.output} ({self.failed} failed); scored {self.scored_now} in "
-                f"{self.seconds:.1f} s wall time, {self.rate:.0f} images/s")
+                f"{self.seconds:.1f} s wall time, {self.rate:.0f} images/s{on}")
 
 
 def run_scoring_job(spec: JobSpec, engine: str = "local", restart: bool = False, progress: bool = True,
@@ -54,9 +56,10 @@ def _run_locked(spec: JobSpec, engine: str, restart: bool, progress: bool, ray_a
     pending = job.pending()
     done_before = job.n - sum(job.chunk_range(k)[1] - job.chunk_range(k)[0] for k in pending)
     bar = _progress_bar(job.n, done_before, progress)
+    nodes: dict[str, int] = {}
     try:
         if engine == "ray":
-            run_ray(job, pending, bar.update, address=ray_address)
+            nodes = run_ray(job, pending, bar.update, address=ray_address)
         else:
             run_local(job, pending, bar.update)
     except BaseException:
@@ -67,7 +70,7 @@ def _run_locked(spec: JobSpec, engine: str, restart: bool, progress: bool, ray_a
         bar.close()
         job.inputs.close()
     images, failed = job.finish()
-    return Summary(images, failed, job.n - done_before, time.perf_counter() - started, job.output)
+    return Summary(images, failed, job.n - done_before, time.perf_counter() - started, job.output, nodes=nodes)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -37,6 +37,8 @@ def test_ray_engine_equals_the_local_engine(local_ray, tiny_bundle, digits, tmp_
     summary = run_scoring_job(JobSpec(str(tiny_bundle), inputs, on_ray, chunk_size=64, workers=2), engine="ray",
                       progress=False)
     assert summary.images == 21 + 300 + 31 and summary.failed == 2
+    assert list(summary.nodes.values()) == [21 + 300 + 31]  # one node scored every image
+    assert summary.line().endswith("on 1 Ray node")
     expected, got = read_rows(local), read_rows(on_ray)
     assert len(got) == len(expected)
     for a, b in zip(got, expected, strict=True):
