@@ -115,7 +115,7 @@ bundle-default: setup
 
 # ONNX Runtime CPU against PyTorch eager on the shipped model (figures in docs/results.md).
 bench-inference: setup
-	$(PY) benchmarks/inference.py --checkpoint $(DEFAULT_MODEL)/checkpoint.pt --bundle $(DEFAULT_MODEL)/bundle \
+	$(PY) benchmarks/inference_speed.py --checkpoint $(DEFAULT_MODEL)/checkpoint.pt --bundle $(DEFAULT_MODEL)/bundle \
 		--out runs/inference_benchmark.json
 
 # Serving latency and throughput: protoserve against the raw ORT session and a naive FastAPI +

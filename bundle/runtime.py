@@ -7,7 +7,7 @@ Public API:
     GpuEvidence, gpu_evidence(), gpu_present()  whether this machine shows a usable NVIDIA GPU
     requested_providers(device) -> list[str]    what to ask a session for: "auto" | "cuda" | "cpu"
     active_provider(session_providers) -> str   what the session really runs on (from get_providers())
-    session_options(threads, optimization)      the SessionOptions chosen by benchmarks/inference.py
+    session_options(threads, optimization)      the SessionOptions chosen by benchmarks/inference_speed.py
     open_session(path, device, ...) -> (InferenceSession, provider)
     run_probe(bundle, device) -> ProbeResult    the golden probe through model.onnx (and decoder.onnx)
     verify_bundle(bundle, device) -> (Bundle, ProbeResult)   read_bundle + probe; BundleError on a miss
@@ -36,7 +36,7 @@ DEVICES = ("auto", "cuda", "cpu")
 
 # Full graph optimisation and one intra-op thread per session: sessions with more threads stall
 # each other when the other cores are busy, and one thread leaves cores to the other workers
-# (benchmarks/inference.py chose these; README "Results").
+# (benchmarks/inference_speed.py chose these; README "Results").
 DEFAULT_THREADS = 1
 DEFAULT_OPTIMIZATION = "all"
 

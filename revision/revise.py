@@ -1,7 +1,7 @@
 """The one way into a revision: a parent model + settings + verdicts -> a revised checkpoint -> a new bundle.
 
 `protoserve revise`, the registry's jobs (`revise_version`, below, run by the worker) and
-benchmarks/revision.py all call `revise`. The parent is a checkpoint, or a bundle (its checkpoint
+benchmarks/revision_decoy.py all call `revise`. The parent is a checkpoint, or a bundle (its checkpoint
 is the `checkpoint.pt` beside it, checked against the manifest's sha256). The consultation is the
 verdicts given (objects; a verdict file is read by the CLI), the simulated user (data with object
 masks), or a person at the terminal; revision/rounds.py runs the rounds. The revised checkpoint
@@ -161,7 +161,7 @@ def revise_model(model, config: Config, settings: RevisionSettings, data: dict[s
                  parent_masked: list[int] | None = None, resume: bool = False, progress: Progress | None = None,
                  log=print) -> RevisionRun:
     """The rounds of one revision of a loaded model on loaded data, into `out` (resumed with `resume`):
-    what `revise` runs, and benchmarks/revision.py with its own data and evaluation sets."""
+    what `revise` runs, and benchmarks/revision_decoy.py with its own data and evaluation sets."""
     run = RevisionRun(model, config, settings, data, out, consult, masks, eval_sets, parent_masked, log=log,
                       progress=progress)
     if resume:

@@ -34,3 +34,11 @@ def test_the_check_sees_a_function_level_import(tmp_path):
     module = tmp_path / "probe.py"
     module.write_text("import json\n\ndef f():\n    import yaml\n    from training.config import Config\n")
     assert function_level_project_imports(module, tmp_path) == ["probe.py:5 training.config"]
+
+
+def test_no_script_is_named_like_a_package():
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path, so a script named like a package
+    (inference.py, revision.py) shadows it for every import the script makes, however indirect."""
+    for folder in ("benchmarks", "cli", "tests"):
+        clashes = sorted(p.stem for p in (ROOT / folder).rglob("*.py") if p.stem in PACKAGES)
+        assert not clashes, f"{folder}/: {clashes} shadow the packages of the same name"

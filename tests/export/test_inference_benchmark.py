@@ -1,4 +1,4 @@
-"""benchmarks/inference.py runs end to end and reports what the README table needs (short timings)."""
+"""benchmarks/inference_speed.py runs end to end and reports what the README table needs (short timings)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_benchmark_reports_every_batch_size(tiny_checkpoint, tiny_bundle, tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inference.py"), "--checkpoint",
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inference_speed.py"), "--checkpoint",
                              str(tiny_checkpoint), "--bundle", str(tiny_bundle), "--seconds", "0.01",
                              "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -92,7 +92,7 @@ def test_config_refuses_an_unknown_decoy_position():
 
 
 def test_revision_benchmark_confounder_settings():
-    from benchmarks.revision import CONFOUNDERS, baseline_config, output_dir, picture_prefix
+    from benchmarks.revision_decoy import CONFOUNDERS, baseline_config, output_dir, picture_prefix
 
     config = baseline_config("protopnet", 0, 100, 1, CONFOUNDERS["fixed-corner"])
     assert config.data.decoy_position == "top_left" and CONFOUNDERS["fixed-corner"].size == 4
@@ -102,7 +102,7 @@ def test_revision_benchmark_confounder_settings():
 
 
 def test_revision_benchmark_controls_train_every_round_without_a_user():
-    from benchmarks.revision import DEFAULT_CONDITIONS, condition_settings
+    from benchmarks.revision_decoy import DEFAULT_CONDITIONS, condition_settings
 
     assert "continued_trained" not in DEFAULT_CONDITIONS and "revision_trained" in DEFAULT_CONDITIONS
     control, user = condition_settings("continued_trained", 5, 1, 0)

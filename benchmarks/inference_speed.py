@@ -6,7 +6,7 @@ level x intra-op threads) picks the options by measurement; then the table: imag
 (median over repeated timed runs, taken in turns so that the load of shared cores falls on every
 configuration alike) and the ratio ORT / PyTorch.
 
-    .venv/bin/python benchmarks/inference.py --checkpoint models/prototypedl_mnist/checkpoint.pt \
+    .venv/bin/python benchmarks/inference_speed.py --checkpoint models/prototypedl_mnist/checkpoint.pt \
         --bundle models/prototypedl_mnist/bundle [--out runs/inference_benchmark.json]
 """
 

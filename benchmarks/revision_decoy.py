@@ -2,10 +2,10 @@
 encoder frozen and trained (all rounds, and stopping after a round that rejects nothing), for
 ProtoPNet and PrototypeDL, over several seeds.
 
-    PYTHONPATH=. python benchmarks/revision.py [--out runs/revision_bench] [--seeds 0 1 2]
+    PYTHONPATH=. python benchmarks/revision_decoy.py [--out runs/revision_bench] [--seeds 0 1 2]
         [--families protopnet prototypedl] [--train-subset 2000] [--epochs N] [--rounds 5]
         [--confounder square | fixed-corner]
-    PYTHONPATH=. python benchmarks/revision.py --shipped models/protopnet_mnist/checkpoint.pt
+    PYTHONPATH=. python benchmarks/revision_decoy.py --shipped models/protopnet_mnist/checkpoint.pt
 
 Per family and seed: a baseline trained on Decoy-MNIST (the square's shade gives the label away;
 --confounder picks where the square goes), then each condition from that same baseline (the controls
