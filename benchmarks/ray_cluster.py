@@ -2,7 +2,7 @@
 
     python benchmarks/ray_cluster.py --rounds 3
 
-Starts a real cluster on this machine (tests/ray_cluster.py: `ray start --head` and `ray start --address`,
+Starts a real cluster on this machine (scoring/local_ray.py: `ray start --head` and `ray start --address`,
 one CPU each, so the two Ray actors have the two cores the local engine's two sessions get) and scores
 the 70,000 MNIST images (the two gzipped IDX files) with `protoserve score`'s job, alternating the local
 engine and `--engine ray --ray-address` round by round so that load from other processes falls on both.
@@ -24,12 +24,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-from ray_cluster import ray_cluster  # noqa: E402
 
 from protoserve.settings import settings  # noqa: E402
 from scoring.job import JobSpec  # noqa: E402
+from scoring.local_ray import ray_cluster  # noqa: E402
 from scoring.run import run_scoring_job  # noqa: E402
 
 
