@@ -193,6 +193,12 @@ serve-protopnet: setup
 review: setup
 	$(PROTOSERVE) review --bundle $(PROTOPNET_MODEL)/bundle --checkpoint $(PROTOPNET_MODEL)/checkpoint.pt
 
+# The deployment of docs/deployment.md on this machine: PostgreSQL, an S3 server, two service replicas, two
+# revision workers and a two-node Ray cluster; a promote followed by both replicas, a batch job on Ray; all stopped.
+.PHONY: cluster-demo
+cluster-demo: setup postgresql
+	$(PY) -m cli.cluster_demo
+
 # Headless Chromium and its driver for the review page's browser test (Debian packages), when missing.
 .PHONY: review-browser
 review-browser:
