@@ -26,18 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from bundle.manifest import read_bundle, write_manifest  # noqa: E402
+from bundle.manifest import copy_as_version, read_bundle  # noqa: E402
 from inference.model import load_model  # noqa: E402
 from registry.objects import ObjectStore  # noqa: E402
 from registry.versions import Registry  # noqa: E402
 
 MODELS = ("prototypedl_mnist", "protopnet_mnist")
-
-
-def retag(bundle: Path, version: str, out: Path) -> Path:
-    target = Path(shutil.copytree(bundle, out))
-    write_manifest(target, read_bundle(target).manifest.model_copy(update={"version": version}))
-    return target
 
 
 def timed(call, *args) -> tuple[float, object]:
@@ -55,7 +49,7 @@ def run(rounds: int, url: str, work: Path) -> dict[str, dict[str, list[float]]]:
         size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) + checkpoint.stat().st_size
         print(f"{name}: {files} files in the bundle (with manifest.json), {size / 1e6:.2f} MB with the checkpoint")
         for i in range(rounds):
-            copy = retag(bundle, f"bench-{i}", work / f"{name}-{i}")
+            copy = copy_as_version(bundle, f"bench-{i}", work / f"{name}-{i}")
             for kind, versions in (("s3", url), ("folder", str(work / f"versions-{name}"))):
                 registry = Registry(work / f"registry-{kind}-{name}", versions_url=versions,
                                     objects=ObjectStore(cache_dir=work / f"cache-{kind}-{name}-{i}"))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -381,6 +382,14 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Manifest:
     partial.write_text(json.dumps(raw, indent=2) + "\n")
     partial.replace(directory / MANIFEST_FILE)
     return read_bundle(directory).manifest
+
+
+def copy_as_version(bundle: str | Path, version: str, out: str | Path) -> Path:
+    """A copy of `bundle` at `out` whose manifest names `version` (checksums rewritten, so it verifies):
+    a second version of one model, for demos and tests of promotes."""
+    target = Path(shutil.copytree(bundle, out))
+    write_manifest(target, read_bundle(target).manifest.model_copy(update={"version": version}))
+    return target
 
 
 def _load_json(manifest_path: Path) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bundle.manifest import read_bundle, write_manifest
+from bundle.manifest import copy_as_version
 from protoserve.settings import environ, settings
 from registry.local_postgres import LocalPostgres
 from registry.local_s3 import seaweedfs
@@ -83,7 +83,7 @@ def run(work: Path, images: int) -> None:
 
         shared = {**s3.env(), **environ(registry=work / "registry", registry_db=db,
                                         versions_url=f"s3://{BUCKET}/versions", cache_dir=work / "cache-cli")}
-        second = retag(MODEL / "bundle", SECOND, work / f"bundle-{SECOND}")
+        second = copy_as_version(MODEL / "bundle", SECOND, work / f"bundle-{SECOND}")
         protoserve(shared, "registry", "register", str(MODEL / "bundle"), "--checkpoint", str(MODEL / "checkpoint.pt"))
         protoserve(shared, "registry", "register", str(second), "--checkpoint", str(MODEL / "checkpoint.pt"),
                    "--parent", FIRST)
@@ -117,13 +117,6 @@ def run(work: Path, images: int) -> None:
         # 50 chunks: the first actor ready does not finish the job before the other node's actor has started
         say(f"batch job on the Ray cluster: {out.strip().splitlines()[-1]}")
         say("stopping the workers, the replicas, Ray, S3 and PostgreSQL")
-
-
-def retag(bundle: Path, version: str, out: Path) -> Path:
-    """A copy of `bundle` whose manifest names `version` (checksums rewritten, so it verifies)."""
-    target = Path(shutil.copytree(bundle, out))
-    write_manifest(target, read_bundle(target).manifest.model_copy(update={"version": version}))
-    return target
 
 
 def protoserve(env: dict[str, str], *args: str) -> str:

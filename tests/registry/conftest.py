@@ -11,12 +11,10 @@ A test or module marked `registry_engines("sqlite")` runs on the engines it name
 from __future__ import annotations
 
 import itertools
-import shutil
-from pathlib import Path
 
 import pytest
 
-from bundle.manifest import read_bundle, write_manifest
+from bundle.manifest import copy_as_version
 from protoserve.settings import variable
 from registry.local_postgres import LocalPostgres
 from registry.postgres_engine import PostgresEngine
@@ -54,14 +52,6 @@ def registry_engine(request, monkeypatch):
     server.drop_database(name)
 
 
-def retag(bundle: Path, version: str, out: Path) -> Path:
-    """A copy of `bundle` whose manifest names `version` (checksums rewritten, so it verifies)."""
-    target = Path(shutil.copytree(bundle, out))
-    manifest = read_bundle(target).manifest
-    write_manifest(target, manifest.model_copy(update={"version": version}))
-    return target
-
-
 @pytest.fixture
 def two_versions(registry_engine, tiny_bundle, tiny_checkpoint, tmp_path):
     """(registry, "0.1.0", "0.2.0"): both registered, 0.1.0 active."""
@@ -69,7 +59,7 @@ def two_versions(registry_engine, tiny_bundle, tiny_checkpoint, tmp_path):
 
     registry = Registry(tmp_path / "registry")
     registry.register(tiny_bundle, tiny_checkpoint)
-    registry.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    registry.register(copy_as_version(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
     registry.promote("0.1.0", actor="test")
     return registry, "0.1.0", "0.2.0"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from s3_server import seaweedfs
 
-from bundle.manifest import read_bundle, sha256_file, write_manifest
+from bundle.manifest import copy_as_version, read_bundle, sha256_file
 from protoserve.revision_settings import RevisionSettings
 from protoserve.settings import Settings, SettingsError
 from protoserve.verdicts import verdict
@@ -50,12 +49,6 @@ def bucket(s3, monkeypatch) -> str:
     name = f"versions-{uuid.uuid4().hex[:12]}"
     s3.client().create_bucket(Bucket=name)
     return name
-
-
-def retag(bundle: Path, version: str, out: Path) -> Path:
-    target = Path(shutil.copytree(bundle, out))
-    write_manifest(target, read_bundle(target).manifest.model_copy(update={"version": version}))
-    return target
 
 
 def replica(root: Path, url: str, cache: Path) -> Registry:
@@ -104,8 +97,8 @@ def test_a_flipped_byte_is_refused_and_the_old_version_keeps_serving(bucket, s3,
     url = f"s3://{bucket}/v"
     writer = replica(tmp_path / "registry", url, tmp_path / "cache-writer")
     writer.register(tiny_bundle, tiny_checkpoint)
-    writer.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
-    writer.register(retag(tiny_bundle, "0.3.0", tmp_path / "v3"), tiny_checkpoint, parent="0.1.0")
+    writer.register(copy_as_version(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    writer.register(copy_as_version(tiny_bundle, "0.3.0", tmp_path / "v3"), tiny_checkpoint, parent="0.1.0")
     writer.promote("0.1.0")
     flip_a_byte(s3, bucket, "v/0.2.0/bundle/model.onnx")
 
@@ -148,7 +141,7 @@ def test_an_object_store_that_could_not_be_read_is_tried_again(bucket, s3, tiny_
     url = f"s3://{bucket}/v"
     writer = replica(tmp_path / "registry", url, tmp_path / "cache-writer")
     writer.register(tiny_bundle, tiny_checkpoint)
-    writer.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    writer.register(copy_as_version(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
     writer.promote("0.1.0")
     writer.promote("0.2.0")  # checked on the writer; then an object goes missing (a store half restored)
     client = s3.client()
@@ -176,7 +169,7 @@ def test_the_review_api_reads_and_promotes_versions_from_the_object_store(bucket
         monkeypatch.setenv(name, value)
     registry = Registry(tmp_path / "registry")  # every setting from the environment, as the service's
     registry.register(tiny_bundle, tiny_checkpoint)
-    registry.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    registry.register(copy_as_version(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
     registry.promote("0.1.0")
     flip_a_byte(s3, bucket, "v/0.2.0/bundle/probe.npz")
     http, admin = TestClient(app, root_path=""), {"Authorization": "Bearer key"}
@@ -270,8 +263,8 @@ def test_two_replicas_one_refuses_a_damaged_download_and_keeps_serving(bucket, s
     url = f"s3://{bucket}/v"
     writer = replica(tmp_path / "registry", url, tmp_path / "cache-a")
     writer.register(tiny_bundle, tiny_checkpoint)
-    writer.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
-    writer.register(retag(tiny_bundle, "0.3.0", tmp_path / "v3"), tiny_checkpoint, parent="0.1.0")
+    writer.register(copy_as_version(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    writer.register(copy_as_version(tiny_bundle, "0.3.0", tmp_path / "v3"), tiny_checkpoint, parent="0.1.0")
     writer.promote("0.1.0")
     with np.load(tiny_bundle / "probe.npz") as probe:
         images = probe["input.image"][:2, 0].tolist()
@@ -381,7 +374,7 @@ def test_two_replicas_on_postgresql_and_s3_follow_ten_switches_within_a_second(b
     url = f"s3://{bucket}/v"
     writer = replica(tmp_path / "registry", url, tmp_path / "cache-w")
     writer.register(tiny_bundle, tiny_checkpoint)
-    writer.register(retag(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
+    writer.register(copy_as_version(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
     writer.promote("0.1.0")
     with np.load(tiny_bundle / "probe.npz") as probe:
         images = probe["input.image"][:2, 0].tolist()
