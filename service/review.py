@@ -135,7 +135,9 @@ class Refusal(BaseModel):
 
 
 READ_ERRORS = {404: {"model": Refusal, "description": "no such version, verdict, job or picture"},
-               409: {"model": Refusal, "description": "no registry configured, or no active version"}}
+               409: {"model": Refusal, "description": "no registry configured, or no active version"},
+               503: {"model": Refusal, "description": "the registry's database cannot be reached (reason "
+                     "registry_unavailable): try again later"}}
 CHANGE_ERRORS = {**READ_ERRORS,
                  400: {"model": Refusal, "description": "a prototype id the version does not have, or a revision "
                        "option its family cannot take"},

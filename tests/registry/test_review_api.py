@@ -172,3 +172,12 @@ def test_a_method_a_path_does_not_take_is_405_naming_all_it_takes(client):
                                 ("PUT", "/api/versions", "GET")):
         r = http.request(method, path)
         assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers)
+
+
+def test_an_unreachable_database_is_a_503_naming_it_without_the_password(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROTOSERVE_REGISTRY", str(tmp_path / "registry"))
+    monkeypatch.setenv("PROTOSERVE_REGISTRY_DB", "postgresql://nobody:secret@127.0.0.1:1/registry")
+    answer = TestClient(app, root_path="").get("/api/versions")
+    assert answer.status_code == 503 and answer.json()["reason"] == "registry_unavailable"
+    assert "127.0.0.1:1/registry" in answer.json()["error"] and "secret" not in answer.text
+    assert "503" in app.openapi()["paths"]["/api/versions"]["get"]["responses"]  # documented, for clients
