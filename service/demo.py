@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +22,12 @@ from inference.figure import explanation_figure
 from inference.model import REPO, bundle_location
 from inference.preprocess import denormalize
 from protoserve.errors import ProtoserveError
+from protoserve.local_processes import free_port, stop_group
 from protoserve.settings import environ, variable
 
 
 class DemoError(ProtoserveError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -93,13 +86,7 @@ def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float) -
 
 def stop(process: subprocess.Popen) -> None:
     """SIGTERM the server's process group; SIGKILL it if it has not ended after 30 s."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_group(process, 30)
 
 
 def probe_labels(probe: dict, class_names: list[str]) -> list[str]:
