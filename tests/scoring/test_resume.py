@@ -99,10 +99,11 @@ def test_killed_after_some_chunks_resumes_the_rest(tiny_bundle, job_inputs, refe
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments(tiny_bundle, job_inputs, reference, tmp_path):
-    """Several trials, each killed once or twice at random times over a whole run (start-up, scoring,
-    committing a chunk, assembling the output), then run to completion. The kill times are
-    stratified: trial i is first killed in the i-th fifth of an uninterrupted run's scoring phase
-    (from about when its first chunk appears to its end), a second kill falls anywhere."""
+    """Several trials, each killed once or twice at random moments over a whole run (start-up, scoring,
+    committing a chunk, assembling the output), then run to completion. The first kill is stratified
+    by progress, not by a clock (a timed run on a busy machine says little about the next one):
+    trial i is killed once a random number of chunks in the i-th fifth of the job is committed, plus
+    a random fraction of a chunk's time; trial 0 during start-up. A second kill falls anywhere."""
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     timed = tmp_path / "timed.parquet"
@@ -113,7 +114,7 @@ def test_sigkill_at_random_moments(tiny_bundle, job_inputs, reference, tmp_path)
     process.communicate(timeout=300)
     assert process.returncode == 0
     full_run = time.monotonic() - started
-    begin, span = 0.8 * first_chunk, 1.05 * full_run - 0.8 * first_chunk
+    per_chunk = max(full_run - first_chunk, 0.0) / CHUNKS
     trials = 5
     committed_at_kill = []
     for trial in range(trials):
@@ -121,17 +122,28 @@ def test_sigkill_at_random_moments(tiny_bundle, job_inputs, reference, tmp_path)
         job_dir = tmp_path / f"trial{trial}.parquet.job"
         kills = []
         for attempt in range(rng.choice([1, 2])):
-            delay = begin + rng.uniform(trial, trial + 1) / trials * span if attempt == 0 else rng.uniform(0, full_run)
             process = start(tiny_bundle, job_inputs, out)
-            time.sleep(delay)
+            began = time.monotonic()
+            if attempt == 0 and trial == 0:
+                time.sleep(rng.uniform(0, first_chunk))
+            elif attempt == 0:
+                target = rng.randint(trial * CHUNKS // trials, (trial + 1) * CHUNKS // trials - 1)
+                wait_for(lambda d=job_dir, t=target, p=process: committed(d) >= t or p.poll() is not None, timeout=300)
+                time.sleep(rng.uniform(0, per_chunk))
+            else:
+                time.sleep(rng.uniform(0, full_run))
             kill(process)
-            kills.append(round(delay, 2))
-            committed_at_kill.append(len(list(job_dir.glob("chunk-*.arrow"))) if job_dir.exists() else 0)
+            kills.append(round(time.monotonic() - began, 2))
+            committed_at_kill.append(committed(job_dir))
             check_output_after_kill(out, reference)
         finish(tiny_bundle, job_inputs, out)
         check_exactly_once(out, reference, f"seed {seed}, trial {trial}, killed after {kills} s of {full_run:.1f} s")
     print(f"seed {seed}: chunks committed when killed: {committed_at_kill} (of {CHUNKS})")
     assert any(0 < c < CHUNKS for c in committed_at_kill), f"seed {seed}: no kill landed while scoring"
+
+
+def committed(job_dir: Path) -> int:
+    return len(list(job_dir.glob("chunk-*.arrow"))) if job_dir.exists() else 0
 
 
 @pytest.mark.slow
