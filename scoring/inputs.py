@@ -26,7 +26,7 @@ import struct
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -367,7 +367,7 @@ def _object_sources(name: str, image_column: str | None, exclude: tuple[str, ...
     listed = bucket.list(url.key)
     single = [o for o in listed if o.key == url.key and url.key]
     if single and not name.endswith("/"):
-        return [_object_file_source(bucket, url, single[0], name, image_column)]
+        return _object_file_sources(bucket, url, single[0], name, image_column)
     prefix = f"{url.key}/" if url.key else ""
     skip = [ObjectUrl.parse(e).key for e in exclude if ObjectUrl.parse(e).bucket == url.bucket]
     objects = [o for o in listed if o.key.startswith(prefix) and not _hidden(Path(o.key[len(prefix):]))
@@ -377,18 +377,31 @@ def _object_sources(name: str, image_column: str | None, exclude: tuple[str, ...
     return [ObjectFolderSource(url, name, objects, bucket)]
 
 
-def _object_file_source(bucket: Bucket, url: ObjectUrl, info: ObjectInfo, name: str, image_column: str | None):
-    """One object holding many inputs, from the local cache (downloaded when its ETag is new to it)."""
-    key = hashlib.sha256(f"{url}|{info.size}|{info.etag}".encode()).hexdigest()[:32]
-    path = settings().cache_dir / "scoring" / "inputs" / key / Path(url.key).name
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        bucket.download(url.key, path)
-    sources = _file_sources(path, name, image_column)
-    for source in sources:  # the object's identity, not the cache path (other hosts cache it elsewhere)
+def _object_file_sources(bucket: Bucket, url: ObjectUrl, info: ObjectInfo, name: str,
+                         image_column: str | None) -> list:
+    """One object holding many inputs, read from the local cache (downloaded when its ETag is new to it);
+    an IDX images object brings the IDX labels object beside it, as a file does (true_label)."""
+    objects = [info] + _idx_labels_objects(bucket, info.key)
+    fingerprint = "".join(f"s3://{url.bucket}/{o.key}|{o.size}|{o.etag}\n" for o in objects)
+    # <cache>/scoring/inputs/<sha256 of the objects' URLs, sizes and ETags>/<their names>
+    folder = settings().cache_dir / "scoring" / "inputs" / hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
+    folder.mkdir(parents=True, exist_ok=True)
+    for o in objects:
+        if not (folder / PurePosixPath(o.key).name).is_file():
+            bucket.download(o.key, folder / PurePosixPath(o.key).name)
+    sources = _file_sources(folder / PurePosixPath(info.key).name, name, image_column)
+    for source in sources:  # the objects' identity, not the cache path (other hosts cache them elsewhere)
         source.files = []
-        source.fingerprint = lambda info=info: f"{url}|{info.size}|{info.etag}\n"
+        source.fingerprint = lambda: fingerprint
     return sources
+
+
+def _idx_labels_objects(bucket: Bucket, key: str) -> list[ObjectInfo]:
+    """The IDX labels object beside an IDX images object (MNIST's names, as _idx_labels), if there is one."""
+    if "-images-idx3-" not in key:
+        return []
+    stem = key.replace("-images-idx3-", "-labels-idx1-").removesuffix(".gz")
+    return [o for o in bucket.list(stem) if o.key in (stem, stem + ".gz")][:1]
 
 
 def _suffix(path: Path) -> str:

@@ -11,7 +11,7 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-from scoring_helpers import png_bytes, read_rows, run_cli
+from scoring_helpers import png_bytes, read_rows, run_cli, write_idx
 
 from protoserve.local_processes import free_port
 from protoserve.settings import variable
@@ -84,6 +84,31 @@ def test_s3_inputs_and_output_give_the_rows_of_local_paths(tiny_bundle, pictures
 
     again = run_scoring_job(JobSpec(str(tiny_bundle), [url], output, chunk_size=CHUNK, workers=2), progress=False)
     assert again.already_complete and (again.images, again.failed) == (IMAGES + 1, 1)
+
+
+def test_an_idx_object_and_its_labels_give_the_rows_of_the_files(tiny_bundle, digits, mnist_root, bucket, s3,
+                                                                 tmp_path, monkeypatch):
+    """One object of many inputs (IDX, gzipped) is downloaded once into the cache and read like the file, the
+    IDX labels object beside it included (true_label)."""
+    import gzip
+    import struct
+
+    monkeypatch.setenv(variable("cache_dir"), str(tmp_path / "cache"))
+    images = write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", digits[:100], compress=True)
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(struct.pack(">II", 0x0801, 100) + bytes(_test_labels(mnist_root)[:100])))
+    for path in (images, labels):
+        s3.client().put_object(Bucket=bucket, Key=f"mnist/{path.name}", Body=path.read_bytes())
+    local = tmp_path / "local.parquet"
+    run_scoring_job(JobSpec(str(tiny_bundle), [str(images)], local, chunk_size=CHUNK), progress=False)
+    url = f"s3://{bucket}/mnist/{images.name}"
+    output = tmp_path / "from-s3.parquet"
+    run_scoring_job(JobSpec(str(tiny_bundle), [url], output, chunk_size=CHUNK), progress=False)
+    rows = read_rows(output)
+    assert [{**r, "input_id": r["input_id"].split("#")[1]} for r in rows] == \
+        [{**r, "input_id": r["input_id"].split("#")[1]} for r in read_rows(local)]
+    assert [r["true_label"] for r in rows] == _test_labels(mnist_root)[:100]
+    assert rows[0]["input_id"] == f"{url}#0"
 
 
 def test_a_job_killed_mid_way_resumes_from_the_bucket(tiny_bundle, pictures, bucket, s3, tmp_path):
