@@ -16,6 +16,14 @@ it are in), so a reader never sees a partial output. A run killed at any moment,
 loses at most the chunks in flight; the next run with the same arguments scores only the missing
 chunks, and every input appears exactly once in the output.
 
+An s3:// output keeps the same files in the bucket, under `<output key>.job/`, and the job works in a
+staging folder on this machine (staging(): `<cache>/scoring/jobs/<sha256 of the URL>/`): the plan is
+uploaded first, each chunk right after its local rename (committed once the object is in the bucket:
+an S3 PUT is whole or absent), the output at the end, then complete.json, then the chunks are deleted.
+start() makes the staging folder a copy of the bucket's state (committed chunks downloaded, staged ones
+the bucket lacks dropped), so a re-run on any machine resumes from the bucket. The lock is this
+machine's only.
+
 The engines (scoring/local_engine.py, scoring/ray_engine.py) read chunks and commit rows through a
 Job; scoring/run.py chooses the engine. Imports run one way: run -> engines -> job -> outputs, rows.
 """
