@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -119,8 +120,8 @@ class Job:
         self.remote = ObjectUrl.parse(self.name) if is_remote(self.name) else None
         if self.remote is not None and not self.remote.key:
             raise JobError(f"{self.name}: name the output object (s3://bucket/prefix/scores.parquet)")
+        self.format = output_format(self.name)
         self.output = staging(spec.output)  # the output file on this machine (s3://: uploaded at the end)
-        self.format = output_format(self.output)
         if spec.chunk_size < 1:
             raise JobError(f"chunk size {spec.chunk_size}: must be at least 1")
         if spec.pictures_for not in PICTURES_FOR:
@@ -311,11 +312,10 @@ class Job:
         self.output.unlink(missing_ok=True)
 
     # -- state in an object store (an s3:// output) ---------------------------------------------------
-    @property
+    @functools.cached_property
     def bucket(self) -> Bucket:
-        if not hasattr(self, "_bucket"):
-            self._bucket = Bucket(self.remote.bucket, "--output")
-        return self._bucket
+        """The output's bucket (made on first use: a Ray actor's Job never touches it)."""
+        return Bucket(self.remote.bucket, "--output")
 
     def _key(self, name: str) -> str:
         """The key of a file of the job directory: `<output key>.job/<name>`."""
@@ -331,7 +331,7 @@ class Job:
             self.bucket.delete([o.key for o in self.bucket.list(prefix)] + [self.remote.key])
         self._remove_local_leftovers()
         listed = {o.key[len(prefix):]: o for o in self.bucket.list(prefix)}
-        saved = json.loads(self.bucket.read(self._key(JOB_FILE))) if JOB_FILE in listed else None
+        saved = self._remote_json(JOB_FILE) if JOB_FILE in listed else None
         if saved is None:
             if self.bucket.exists(self.remote.key):
                 raise JobError(f"{self.name}: exists and is not the output of this job; pass --restart to "
@@ -363,6 +363,13 @@ class Job:
             if not (self.dir / name).exists():
                 self.bucket.download(o.key, self.dir / name)
         return False
+
+    def _remote_json(self, name: str) -> dict:
+        try:
+            return json.loads(self.bucket.read(self._key(name)))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise JobError(f"s3://{self.remote.bucket}/{self._key(name)}: unreadable job file ({e}); pass "
+                           "--restart to start over") from None
 
     def _remove_local_leftovers(self) -> None:
         for leftover in self.dir.glob("*.tmp*"):

@@ -77,11 +77,11 @@ def test_s3_inputs_and_output_on_the_cluster(two_nodes, tiny_bundle, digits, buc
     """The actors read the image objects themselves (the nodes' own S3 settings); the driver keeps the job's
     state in the bucket and uploads the output: the rows are the local engine's on the same files on disk."""
     monkeypatch.setenv(variable("cache_dir"), str(tmp_path / "cache"))
-    folder = tmp_path / "uploads"
+    folder, client = tmp_path / "uploads", s3.client()
     folder.mkdir()
     for i in range(200):
         (folder / f"{i:03d}.png").write_bytes(png_bytes(digits[i]))
-        s3.client().put_object(Bucket=bucket, Key=f"uploads/{i:03d}.png", Body=(folder / f"{i:03d}.png").read_bytes())
+        client.put_object(Bucket=bucket, Key=f"uploads/{i:03d}.png", Body=(folder / f"{i:03d}.png").read_bytes())
     output = f"s3://{bucket}/scores/ray.parquet"
     done = subprocess.run([sys.executable, "-m", "cli.main", "score", "--model", str(tiny_bundle), "--input",
                            f"s3://{bucket}/uploads", "--output", output, "--engine", "ray", "--ray-address",
@@ -90,7 +90,7 @@ def test_s3_inputs_and_output_on_the_cluster(two_nodes, tiny_bundle, digits, buc
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith(f"200 images in {output} (0 failed)")
-    body = s3.client().get_object(Bucket=bucket, Key="scores/ray.parquet")["Body"].read()
+    body = client.get_object(Bucket=bucket, Key="scores/ray.parquet")["Body"].read()
     rows = pq.read_table(io.BytesIO(body)).to_pylist()
     reference = tmp_path / "local.parquet"
     run_scoring_job(JobSpec(str(tiny_bundle), [str(folder)], reference), progress=False)

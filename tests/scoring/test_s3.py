@@ -154,6 +154,8 @@ def test_a_wrong_bucket_or_endpoint_is_one_line(tiny_bundle, pictures, bucket, t
                         progress=False)
     with pytest.raises(ObjectStoreError, match="no bucket 'no-such-bucket' .*--output"):
         run_scoring_job(JobSpec(str(tiny_bundle), [folder], "s3://no-such-bucket/a.parquet"), progress=False)
+    with pytest.raises(Exception, match=f"^s3://{bucket}/scores/: output must end in .parquet or .jsonl"):
+        run_scoring_job(JobSpec(str(tiny_bundle), [folder], f"s3://{bucket}/scores/"), progress=False)
     with pytest.raises(Exception, match="no objects under this prefix"):
         run_scoring_job(JobSpec(str(tiny_bundle), [url + "-not-there"], tmp_path / "b.parquet"), progress=False)
 
