@@ -95,7 +95,7 @@ def resolve_bundle(model: str) -> Bundle:
 
 def staging(output: Path | str) -> Path:
     """Where a job keeps its state on this machine: beside a local output, the output itself; for an s3://
-    output, a folder of the cache named by the URL (`<cache>/scoring/<sha256 of the URL>/<name>`)."""
+    output, a folder of the cache named by the URL (`<cache>/scoring/jobs/<sha256 of the URL>/<name>`)."""
     if not is_remote(str(output)):
         return Path(output)
     url = ObjectUrl.parse(str(output))
