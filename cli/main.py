@@ -186,7 +186,7 @@ def _score(args) -> None:
 
     if args.pictures_for and not args.pictures:
         raise ProtoserveError("--pictures-for needs --pictures DIR (the folder for the pictures)")
-    spec = JobSpec(model=args.model, inputs=args.input, output=Path(args.output), top_k=args.top_k,
+    spec = JobSpec(model=args.model, inputs=args.input, output=args.output, top_k=args.top_k,
                    chunk_size=CHUNK_SIZE if args.chunk_size is None else args.chunk_size, workers=args.workers,
                    device=args.device, image_column=args.image_column, canonicalize=args.canonicalize,
                    abstain=args.abstain, pictures=Path(args.pictures) if args.pictures else None,
@@ -429,8 +429,13 @@ def _score_verb(sub) -> None:
                        "resumable")
     p.add_argument("--model", required=True, help="a bundle directory or a BentoML store tag (name:version)")
     p.add_argument("--input", required=True, nargs="+", help="folders of image files (recursive), IDX files, "
-                   ".npy/.npz arrays, Parquet files with an image-bytes column")
-    p.add_argument("--output", required=True, help="out.parquet or out.jsonl (chunks kept in <output>.job/)")
+                   ".npy/.npz arrays, Parquet files with an image-bytes column; or s3://bucket/prefix (the image "
+                   "objects under it, in key order) or s3://bucket/key of one such file")
+    p.add_argument("--output", required=True, help="out.parquet or out.jsonl (chunks kept in <output>.job/), or "
+                   "s3://bucket/prefix/out.parquet: the job's plan and committed chunks are kept in the bucket "
+                   "under <output>.job/ (a re-run resumes from them), staged on this machine under "
+                   "$PROTOSERVE_CACHE_DIR/scoring/; endpoint $PROTOSERVE_S3_ENDPOINT_URL, credentials the AWS "
+                   "variables")
     p.add_argument("--workers", type=int, default=0, help="parallel ONNX Runtime sessions (local engine) or "
                    "Ray actors (default: one per core)")
     p.add_argument("--engine", default="local", choices=["local", "ray"])

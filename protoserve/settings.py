@@ -102,10 +102,12 @@ class Settings:
     versions_url: str | None = _setting(None, _versions_url, "where the registry keeps its versions' bundles and "
                                         "checkpoints: a folder, or s3://bucket/prefix (default: versions/ in "
                                         "the registry directory)")
-    s3_endpoint_url: str | None = _setting(None, _text, "the S3 endpoint for s3:// versions (any S3-compatible "
+    s3_endpoint_url: str | None = _setting(None, _text, "the S3 endpoint for s3:// versions and score's s3:// "
+                                           "inputs and outputs (any S3-compatible "
                                            "store; default: boto3's, which honours AWS_ENDPOINT_URL_S3)")
     cache_dir: Path = _setting(Path.home() / ".cache" / "protoserve" / "versions", Path, "where a replica keeps "
-                               "the versions it downloaded from s3:// (content-addressed, verified before loading)")
+                               "the versions it downloaded from s3:// (content-addressed, verified before loading), "
+                               "and protoserve score the staging of its s3:// jobs and inputs")
     # How a model runs
     device: str = _setting("auto", _device, "ONNX Runtime device: auto (CUDA when a session gets it), cuda or cpu")
     threads: int = _setting(1, _number(int, 0), "ONNX Runtime intra-op threads per session (0: its own default)")

@@ -94,7 +94,7 @@ class ObjectStore:
         s = settings()
         self.endpoint_url = endpoint_url if endpoint_url is not None else s.s3_endpoint_url
         self.cache = Path(cache_dir if cache_dir is not None else s.cache_dir).expanduser()
-        self.client = _client(self.endpoint_url)  # thread-safe: the transfers below share it
+        self.client = s3_client(self.endpoint_url)  # thread-safe: the transfers below share it
 
     # Writing a version (the registering host)
 
@@ -113,7 +113,7 @@ class ObjectStore:
         return pinned(target.child("bundle"), sha256_file(bundle / MANIFEST_FILE)), checkpoint_location
 
     def _put(self, path: Path, url: ObjectUrl) -> None:
-        with _readable(url, self.endpoint_url), open(path, "rb") as body:
+        with readable(url, self.endpoint_url), open(path, "rb") as body:
             self.client.put_object(Bucket=url.bucket, Key=url.key, Body=body)
 
     # Reading a version (every replica)
@@ -144,7 +144,7 @@ class ObjectStore:
 
     def _get(self, url: ObjectUrl, path: Path, sha256: str | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _readable(url, self.endpoint_url), open(path, "wb") as out:
+        with readable(url, self.endpoint_url), open(path, "wb") as out:
             body = self.client.get_object(Bucket=url.bucket, Key=url.key)["Body"]
             for block in body.iter_chunks(1 << 20):
                 out.write(block)
@@ -164,8 +164,10 @@ class ObjectStore:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _client(endpoint_url: str | None):
-    """A boto3 S3 client; credentials are boto3's to find (the AWS variables, a profile, a role)."""
+def s3_client(endpoint_url: str | None):
+    """A boto3 S3 client; credentials are boto3's to find (the AWS variables, a profile, a role). The one
+    client construction of protoserve: the registry's versions and `protoserve score`'s s3:// inputs and
+    outputs (scoring/bucket.py) both use it."""
     import boto3
     from botocore.config import Config
 
@@ -192,18 +194,19 @@ def _each(call, items) -> None:
 
 
 @contextmanager
-def _readable(url: ObjectUrl, endpoint_url: str | None) -> Iterator[None]:
-    """Turn boto3's errors on one object into one ObjectStoreError line an operator can act on."""
+def readable(url: ObjectUrl, endpoint_url: str | None, fix: str | None = None) -> Iterator[None]:
+    """Turn boto3's errors on one object into one ObjectStoreError line an operator can act on; `fix`: what
+    names the bucket (default: PROTOSERVE_VERSIONS_URL)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         yield
     except (BotoCoreError, ClientError, OSError) as e:
-        raise ObjectStoreError(f"{url}: {explain(e, url.bucket, endpoint_url or 'the default AWS endpoint')}") \
-            from None
+        endpoint = endpoint_url or "the default AWS endpoint"
+        raise ObjectStoreError(f"{url}: {explain(e, url.bucket, endpoint, fix)}") from None
 
 
-def explain(error: BaseException, bucket: str, endpoint: str) -> str:
+def explain(error: BaseException, bucket: str, endpoint: str, fix: str | None = None) -> str:
     """What went wrong with an S3 call, in words (no credential, no traceback)."""
     from botocore.exceptions import (
         ClientError,
@@ -219,7 +222,7 @@ def explain(error: BaseException, bucket: str, endpoint: str) -> str:
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", ""))
         if code == "NoSuchBucket":
-            return f"no bucket {bucket!r} at {endpoint} (create it, or fix {variable('versions_url')})"
+            return f"no bucket {bucket!r} at {endpoint} (create it, or fix {fix or variable('versions_url')})"
         if code in ("NoSuchKey", "404", "NotFound"):
             return "no such object (deleted from the store, or never uploaded)"
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"):

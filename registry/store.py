@@ -150,11 +150,16 @@ class Store:
         return self.version(version)
 
     def version(self, version: str) -> VersionRow:
-        with self._connect() as db:
-            row = db.execute("SELECT * FROM versions WHERE version = ?", (version,)).fetchone()
+        row = self.find_version(version)
         if row is None:
             raise RegistryError(f"version {version!r} is not registered")
-        return _version_row(row)
+        return row
+
+    def find_version(self, version: str) -> VersionRow | None:
+        """The version's row, or None when it is not registered."""
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM versions WHERE version = ?", (version,)).fetchone()
+        return None if row is None else _version_row(row)
 
     def versions(self) -> list[VersionRow]:
         with self._connect() as db:

@@ -83,7 +83,9 @@ class Registry:
             return self._register_remote(checked, checkpoint, parent, status, lineage, job_id)
         target = self.version_dir(m.version)
         if target.exists():
-            raise RegistryError(f"version {m.version!r} is registered already ({target}); versions are immutable")
+            if self.store.find_version(m.version) is not None:
+                raise RegistryError(f"version {m.version!r} is registered already ({target}); versions are immutable")
+            shutil.rmtree(target)  # the files of a register killed before it wrote the row: never a version
         staging = target.with_name(f".{m.version}.staging")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(checked.path, staging / "bundle")

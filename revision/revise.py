@@ -257,14 +257,20 @@ def revise_version(registry: Registry, job_id: int, parent_version: str, job: Qu
     parent = parent_row(registry, parent_version)
     run = registry.root / "jobs" / str(job_id) / "run"
     consultation = Consultation(job_verdicts(registry, job.verdict_ids), source=f"job {job_id}")
-    report.stage("revising")
-    checkpoint = registry.checkpoint_path(parent.version)  # with s3:// versions, downloaded and verified
-    result = revise(Parent(checkpoint, f"{parent.name}:{parent.version}", parent.name, parent.version),
-                    job.settings(), consultation, run, data_root=data_root, version=f"{parent.version}-r{job_id}",
-                    resume=(run / STATE_FILE).exists(), progress=report.record, log=report.log)
-    report.stage("registering")
-    row = registry.register(result.bundle.path, run / "checkpoint.pt", parent=parent.version, status="candidate",
-                            job_id=job_id)
+    row = own_candidate(registry, f"{parent.version}-r{job_id}", job_id)
+    if row is None:
+        report.stage("revising")
+        checkpoint = registry.checkpoint_path(parent.version)  # with s3:// versions, downloaded and verified
+        result = revise(Parent(checkpoint, f"{parent.name}:{parent.version}", parent.name, parent.version),
+                        job.settings(), consultation, run, data_root=data_root, version=f"{parent.version}-r{job_id}",
+                        resume=(run / STATE_FILE).exists(), progress=report.record, log=report.log)
+        report.stage("registering")
+        row = registry.register(result.bundle.path, run / "checkpoint.pt", parent=parent.version,
+                                status="candidate", job_id=job_id)
+        parity = result.parity
+    else:  # an earlier attempt registered it, then its worker stopped: what is left is the rest of the job
+        report.log(f"candidate {row.version} was registered by an earlier attempt of this job; finishing the job")
+        parity = registry.verify(row.version).manifest.metrics.parity
     report.stage("neighbours")
     try:  # what the page shows beside each prototype; the candidate stands without it
         write_neighbours(registry, row.version, data_root)
@@ -273,12 +279,26 @@ def revise_version(registry: Registry, job_id: int, parent_version: str, job: Qu
     comparison = (row.lineage or {}).get("comparison", {})
     outcome = {"candidate": row.version, "comparison": comparison, "test_accuracy": {
         "parent": (parent.metrics or {}).get("test_accuracy"), "candidate": (row.metrics or {}).get("test_accuracy")},
-        "parity": result.parity.model_dump(mode="json")}
+        "parity": None if parity is None else parity.model_dump(mode="json")}
     if job.auto_promote:
         outcome |= promote_if_gates_pass(registry, row.version, outcome["test_accuracy"], job.max_accuracy_drop,
                                          job_id)
     report.stage("done")
     return outcome
+
+
+def own_candidate(registry: Registry, version: str, job_id: int):
+    """The candidate's row when an earlier attempt of this job registered it (its worker was stopped after
+    registering, before the job was marked done), else None; RegistryError when the version is registered
+    by anything else (another job, or by hand): versions are immutable, and that one is not this job's."""
+    row = registry.store.find_version(version)
+    if row is None:
+        return None
+    if row.job_id != job_id:
+        by = f"job {row.job_id}" if row.job_id is not None else "hand (no job)"
+        raise RegistryError(f"version {version!r} is registered already, by {by}, not by job {job_id}; versions "
+                            "are immutable")
+    return row
 
 
 def promote_if_gates_pass(registry: Registry, candidate: str, accuracy: dict, max_drop: float, job_id: int) -> dict:
@@ -289,5 +309,8 @@ def promote_if_gates_pass(registry: Registry, candidate: str, accuracy: dict, ma
     if new < parent - max_drop:
         return {"promoted": False, "gate": f"test accuracy {new:.4f} is more than {max_drop:.4f} below the "
                 f"parent's {parent:.4f}"}
-    registry.promote(candidate, actor=f"worker: job {job_id} (automatic)")
+    actor = f"worker: job {job_id} (automatic)"
+    if not any(c["action"] == "promote" and c["version"] == candidate and c["actor"] == actor
+               for c in registry.store.changes()):  # not promoted by an earlier attempt of this job already
+        registry.promote(candidate, actor=actor)
     return {"promoted": True, "gate": f"test accuracy {new:.4f} vs parent {parent:.4f} (max drop {max_drop:.4f})"}

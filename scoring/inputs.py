@@ -26,11 +26,13 @@ import struct
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from protoserve.errors import InputError, ProtoserveError
+from protoserve.settings import settings
+from scoring.bucket import Bucket, ObjectInfo, ObjectStoreError, ObjectUrl, is_remote
 
 try:  # ISA-L's gzip: the same format, faster to decompress (gzipped IDX inputs); optional
     from isal import igzip as _gzip
@@ -158,6 +160,45 @@ class FolderSource:
         pass
 
 
+class ObjectFolderSource:
+    """Every object under an s3://bucket/prefix (hidden names left out), in key order: a folder in a bucket.
+    Each chunk's objects are read PARALLEL at a time (one GET each)."""
+
+    def __init__(self, url: ObjectUrl, name: str, objects: list[ObjectInfo], bucket: Bucket):
+        self.url, self.name, self.bucket = url, name, bucket
+        self.objects, self.n, self.files = objects, len(objects), []
+        self.relative = [o.key[len(url.key):].lstrip("/") if url.key else o.key for o in objects]
+
+    def fingerprint(self) -> str:
+        """Keys, sizes and ETags: a replaced object has another ETag."""
+        return "".join(f"s3://{self.url.bucket}/{o.key}|{o.size}|{o.etag}\n" for o in self.objects)
+
+    def truth(self, lo: int, hi: int, class_names: list[str]) -> np.ndarray:
+        """Classes of objects lo..hi-1 from their first-level "sub-folder" under the prefix; -1 elsewhere."""
+        index = {name: i for i, name in enumerate(class_names)}
+        return np.array([index.get(r.split("/")[0], -1) if "/" in r else -1 for r in self.relative[lo:hi]],
+                        np.int64)
+
+    def read(self, lo: int, hi: int) -> list[tuple[str, object]]:
+        items: list[tuple[str, object]] = []
+        objects, ids = self.objects[lo:hi], [f"{self.name.rstrip('/')}/{r}" for r in self.relative[lo:hi]]
+        small = [o.key for o in objects if o.size <= MAX_FILE_BYTES]
+        values = dict(zip(small, self.bucket.read_many(small), strict=True))
+        for input_id, o in zip(ids, objects, strict=True):
+            value = values.get(o.key)
+            if value is None:
+                items.append((input_id, InputError("image_too_large", f"object of {o.size} bytes is over the "
+                                                   f"{MAX_FILE_BYTES} byte limit")))
+            elif isinstance(value, ObjectStoreError):
+                items.append((input_id, InputError("not_an_image", f"cannot read the object ({value})")))
+            else:
+                items.append((input_id, value))
+        return items
+
+    def close(self) -> None:
+        pass
+
+
 class ParquetSource:
     """One column of picture bytes in a Parquet file (binary, or a struct with a "bytes" field)."""
 
@@ -276,6 +317,8 @@ class Inputs:
             digest.update(f"{type(source).__name__}:{source.name}:{source.n}\n".encode())
             # Folders: names, sizes and times (reading every picture twice would cost a second pass).
             sample = not isinstance(source, FolderSource)
+            if hasattr(source, "fingerprint"):  # inputs in an object store
+                digest.update(source.fingerprint().encode())
             for path in source.files:
                 digest.update(_file_fingerprint(path, sample).encode())
         return digest.hexdigest()
@@ -285,26 +328,80 @@ class Inputs:
             source.close()
 
 
-def open_inputs(paths: list[str], image_column: str | None = None, exclude: tuple[Path, ...] = ()) -> Inputs:
-    """--input values -> Inputs; InputsError names an input that cannot be read at all."""
+def open_inputs(paths: list[str], image_column: str | None = None, exclude: tuple[Path | str, ...] = ()) -> Inputs:
+    """--input values -> Inputs; InputsError names an input that cannot be read at all. `exclude`: folders,
+    files and s3:// URLs (with every key under them) that are never inputs (the job's own output)."""
     sources = []
     for name in paths:
+        if is_remote(name):
+            sources += _object_sources(name, image_column, tuple(str(e) for e in exclude if is_remote(str(e))))
+            continue
         path = Path(name)
+        exclude_paths = tuple(e for e in exclude if isinstance(e, Path))
         if path.is_dir():
-            sources.append(FolderSource(path, name, exclude))
+            sources.append(FolderSource(path, name, exclude_paths))
         elif not path.is_file():
             raise InputsError(f"{name}: no such file or folder")
-        elif _suffix(path) == ".npy":
-            sources.append(_npy_source(path, name))
-        elif _suffix(path) == ".npz":
-            sources += _npz_sources(path, name)
-        elif _suffix(path) in (".parquet", ".pq"):
-            sources.append(ParquetSource(path, name, image_column))
-        elif _is_idx(path):
-            sources.append(_idx_source(path, name))
         else:
-            raise InputsError(f"{name}: not a folder, IDX file, .npy/.npz array or Parquet file")
+            sources += _file_sources(path, name, image_column)
     return Inputs(sources)
+
+
+def _file_sources(path: Path, name: str, image_column: str | None) -> list:
+    if _suffix(path) == ".npy":
+        return [_npy_source(path, name)]
+    if _suffix(path) == ".npz":
+        return _npz_sources(path, name)
+    if _suffix(path) in (".parquet", ".pq"):
+        return [ParquetSource(path, name, image_column)]
+    if _is_idx(path):
+        return [_idx_source(path, name)]
+    raise InputsError(f"{name}: not a folder, IDX file, .npy/.npz array or Parquet file")
+
+
+def _object_sources(name: str, image_column: str | None, exclude: tuple[str, ...]) -> list:
+    """An s3:// --input: the URL of one object (an IDX, .npy/.npz or Parquet file: downloaded once into the
+    cache, by its ETag, and read like a file) or a prefix (a folder of image objects, read object by object)."""
+    url = ObjectUrl.parse(name)
+    bucket = Bucket(url.bucket, "--input")
+    listed = bucket.list(url.key)
+    single = [o for o in listed if o.key == url.key and url.key]
+    if single and not name.endswith("/"):
+        return _object_file_sources(bucket, url, single[0], name, image_column)
+    prefix = f"{url.key}/" if url.key else ""
+    skip = [ObjectUrl.parse(e).key for e in exclude if ObjectUrl.parse(e).bucket == url.bucket]
+    objects = [o for o in listed if o.key.startswith(prefix) and not _hidden(Path(o.key[len(prefix):]))
+               and not any(o.key == s or o.key.startswith(s + ".") for s in skip)]  # the output, <output>.job/
+    if not objects:
+        raise InputsError(f"{name}: no objects under this prefix in bucket {url.bucket!r}")
+    return [ObjectFolderSource(url, name, objects, bucket)]
+
+
+def _object_file_sources(bucket: Bucket, url: ObjectUrl, info: ObjectInfo, name: str,
+                         image_column: str | None) -> list:
+    """One object holding many inputs, read from the local cache (downloaded when its ETag is new to it);
+    an IDX images object brings the IDX labels object beside it, as a file does (true_label)."""
+    objects = [info] + _idx_labels_objects(bucket, info.key)
+    fingerprint = "".join(f"s3://{url.bucket}/{o.key}|{o.size}|{o.etag}\n" for o in objects)
+    # <cache>/scoring/inputs/<sha256 of the objects' URLs, sizes and ETags>/<their names>
+    folder = settings().cache_dir / "scoring" / "inputs" / hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
+    folder.mkdir(parents=True, exist_ok=True)
+    for o in objects:
+        if not (folder / PurePosixPath(o.key).name).is_file():
+            bucket.download(o.key, folder / PurePosixPath(o.key).name)
+    sources = _file_sources(folder / PurePosixPath(info.key).name, name, image_column)
+    for source in sources:  # the objects' identity, not the cache path (other hosts cache them elsewhere)
+        source.files = []
+        source.fingerprint = lambda: fingerprint
+    return sources
+
+
+def _idx_labels_objects(bucket: Bucket, key: str) -> list[ObjectInfo]:
+    """The IDX labels object beside an IDX images object (MNIST's names, as _idx_labels), if there is one."""
+    if "-images-idx3-" not in key:
+        return []
+    stem = key.replace("-images-idx3-", "-labels-idx1-").removesuffix(".gz")
+    return [o for o in bucket.list(stem) if o.key in (stem, stem + ".gz")][:1]
 
 
 def _suffix(path: Path) -> str:

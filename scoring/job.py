@@ -16,6 +16,14 @@ it are in), so a reader never sees a partial output. A run killed at any moment,
 loses at most the chunks in flight; the next run with the same arguments scores only the missing
 chunks, and every input appears exactly once in the output.
 
+An s3:// output keeps the same files in the bucket, under `<output key>.job/`, and the job works in a
+staging folder on this machine (staging(): `<cache>/scoring/jobs/<sha256 of the URL>/`): the plan is
+uploaded first, each chunk right after its local rename (committed once the object is in the bucket:
+an S3 PUT is whole or absent), the output at the end, then complete.json, then the chunks are deleted.
+start() makes the staging folder a copy of the bucket's state (committed chunks downloaded, staged ones
+the bucket lacks dropped), so a re-run on any machine resumes from the bucket. The lock is this
+machine's only.
+
 The engines (scoring/local_engine.py, scoring/ray_engine.py) read chunks and commit rows through a
 Job; scoring/run.py chooses the engine. Imports run one way: run -> engines -> job -> outputs, rows.
 """
@@ -24,19 +32,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import hashlib
 import json
 import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from bundle.manifest import Bundle, BundleError, read_bundle
 from bundle.store import load_stored_bundle
 from protoserve.errors import ProtoserveError
+from protoserve.settings import settings
 from scoring import outputs
+from scoring.bucket import Bucket, ObjectUrl, is_remote
 from scoring.inputs import Inputs, open_inputs
 from scoring.outputs import ParquetAssembly, to_table, write_jsonl
 from scoring.pictures import PICTURES_FOR
@@ -59,8 +71,8 @@ class JobError(ProtoserveError):
 class JobSpec:
     """What `protoserve score` was asked: the model, the inputs, the output and how to run."""
     model: str  # a bundle directory or a BentoML store tag
-    inputs: list[str]
-    output: Path
+    inputs: list[str]  # paths or s3:// URLs
+    output: Path | str  # a path, or an s3://bucket/key URL (a str: a Path would fold its "//")
     top_k: int = 3
     chunk_size: int = CHUNK_SIZE
     workers: int = 0  # 0: one ONNX Runtime session per core
@@ -81,7 +93,17 @@ def resolve_bundle(model: str) -> Bundle:
     return load_stored_bundle(model)
 
 
-def output_format(output: Path) -> str:
+def staging(output: Path | str) -> Path:
+    """Where a job keeps its state on this machine: beside a local output, the output itself; for an s3://
+    output, a folder of the cache named by the URL (`<cache>/scoring/jobs/<sha256 of the URL>/<name>`)."""
+    if not is_remote(str(output)):
+        return Path(output)
+    url = ObjectUrl.parse(str(output))
+    digest = hashlib.sha256(str(url).encode()).hexdigest()[:32]
+    return settings().cache_dir / "scoring" / "jobs" / digest / PurePosixPath(url.key).name
+
+
+def output_format(output: Path | str) -> str:
     """"parquet" or "jsonl"; JobError for any other suffix."""
     fmt = outputs.output_format(output)
     if fmt is None:
@@ -94,8 +116,12 @@ class Job:
 
     def __init__(self, spec: JobSpec, bundle: Bundle | None = None):
         self.spec = spec
-        self.output = Path(spec.output)
-        self.format = output_format(self.output)
+        self.name = str(spec.output)  # what messages call the output
+        self.remote = ObjectUrl.parse(self.name) if is_remote(self.name) else None
+        if self.remote is not None and not self.remote.key:
+            raise JobError(f"{self.name}: name the output object (s3://bucket/prefix/scores.parquet)")
+        self.format = output_format(self.name)
+        self.output = staging(spec.output)  # the output file on this machine (s3://: uploaded at the end)
         if spec.chunk_size < 1:
             raise JobError(f"chunk size {spec.chunk_size}: must be at least 1")
         if spec.pictures_for not in PICTURES_FOR:
@@ -104,7 +130,7 @@ class Job:
         self.scorer = BatchScorer(self.bundle.manifest, spec.top_k, canonical=spec.canonicalize, abstain=spec.abstain)
         self.dir = self.output.with_name(self.output.name + ".job")
         self.inputs: Inputs = open_inputs(spec.inputs, spec.image_column,
-                                          exclude=(self.dir, self.output, lock_path(self.output)))
+                                          exclude=(self.dir, self.output, lock_path(self.output), self.name))
         self.n = self.inputs.n
         self.chunks = -(-self.n // spec.chunk_size)
         m = self.bundle.manifest
@@ -121,6 +147,8 @@ class Job:
     # -- state on disk --------------------------------------------------------------------------
     def start(self, restart: bool = False) -> bool:
         """Check or write the plan; True if the job is already complete (output in place)."""
+        if self.remote is not None:
+            return self._start_remote(restart)
         if restart:
             self._remove_all()
         saved = _read_json(self.dir / JOB_FILE)
@@ -223,6 +251,8 @@ class Job:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.chunk_path(k))
+        if self.remote is not None:
+            self.bucket.upload(self.chunk_path(k), self._key(self.chunk_path(k).name))  # now it is committed
 
     def failed_in_chunks(self) -> int:
         """Rows with an error over every committed chunk (counts stored in each chunk's metadata)."""
@@ -253,8 +283,14 @@ class Job:
             write_jsonl(tmp, self.chunks, self.read_rows)
         os.replace(tmp, self.output)
         _fsync_dir(self.output.parent)
+        if self.remote is not None:
+            self.bucket.upload(self.output, self.remote.key)
         atomic_write_text(self.dir / DONE_FILE, json.dumps({"images": self.n, "failed": failed,
                                                            "finished_at": time.time()}) + "\n")
+        if self.remote is not None:
+            self.bucket.upload(self.dir / DONE_FILE, self._key(DONE_FILE))
+            self.bucket.delete([self._key(self.chunk_path(k).name) for k in range(self.chunks)])
+            self.output.unlink()  # the bucket holds it; this machine kept a copy only to send it
         for k in range(self.chunks):
             self.chunk_path(k).unlink(missing_ok=True)
         return self.n, failed
@@ -273,6 +309,71 @@ class Job:
 
         if self.dir.exists():
             shutil.rmtree(self.dir)
+        self.output.unlink(missing_ok=True)
+
+    # -- state in an object store (an s3:// output) ---------------------------------------------------
+    @functools.cached_property
+    def bucket(self) -> Bucket:
+        """The output's bucket (made on first use: a Ray actor's Job never touches it)."""
+        return Bucket(self.remote.bucket, "--output")
+
+    def _key(self, name: str) -> str:
+        """The key of a file of the job directory: `<output key>.job/<name>`."""
+        return f"{self.remote.key}.job/{name}"
+
+    def _start_remote(self, restart: bool) -> bool:
+        """start() for an s3:// output. The bucket holds the job's state, as a local job directory would
+        (`<output>.job/job.json`, the committed chunks, `complete.json`); this machine's staging folder is
+        made its copy: chunks the bucket lacks are dropped (killed before their upload: not committed),
+        chunks it has are downloaded, so the local logic (pending, assembly) reads the bucket's truth."""
+        prefix = self._key("")
+        if restart:
+            self.bucket.delete([o.key for o in self.bucket.list(prefix)] + [self.remote.key])
+        self._remove_local_leftovers()
+        listed = {o.key[len(prefix):]: o for o in self.bucket.list(prefix)}
+        saved = self._remote_json(JOB_FILE) if JOB_FILE in listed else None
+        if saved is None:
+            if self.bucket.exists(self.remote.key):
+                raise JobError(f"{self.name}: exists and is not the output of this job; pass --restart to "
+                               "replace it, or choose another --output")
+            if listed:  # killed between its first objects and its plan: nothing committed
+                self.bucket.delete([o.key for o in listed.values()])
+            self._remove_all()
+            self.dir.mkdir(parents=True)
+            atomic_write_text(self.dir / JOB_FILE, json.dumps(self.plan, indent=2) + "\n")
+            self.bucket.upload(self.dir / JOB_FILE, self._key(JOB_FILE))
+            return False
+        changed = _what_changed(saved, self.plan)
+        if changed:
+            raise JobError(f"{self.name}: {changed} since this job started ({self._key(JOB_FILE)} in bucket "
+                           f"{self.remote.bucket!r}); pass --restart to score from scratch")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / JOB_FILE, json.dumps(saved, indent=2) + "\n")
+        chunks = {name: o for name, o in listed.items() if name.startswith("chunk-")}
+        if DONE_FILE in listed and self.bucket.exists(self.remote.key):
+            self.bucket.download(self._key(DONE_FILE), self.dir / DONE_FILE)
+            if chunks:
+                self.bucket.delete([o.key for o in chunks.values()])  # killed while dropping them
+            return True
+        (self.dir / DONE_FILE).unlink(missing_ok=True)
+        for path in self.dir.glob("chunk-*.arrow"):
+            if path.name not in chunks or path.stat().st_size != chunks[path.name].size:
+                path.unlink()
+        for name, o in chunks.items():
+            if not (self.dir / name).exists():
+                self.bucket.download(o.key, self.dir / name)
+        return False
+
+    def _remote_json(self, name: str) -> dict:
+        try:
+            return json.loads(self.bucket.read(self._key(name)))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise JobError(f"s3://{self.remote.bucket}/{self._key(name)}: unreadable job file ({e}); pass "
+                           "--restart to start over") from None
+
+    def _remove_local_leftovers(self) -> None:
+        for leftover in self.dir.glob("*.tmp*"):
+            leftover.unlink()
         self.output.unlink(missing_ok=True)
 
 

@@ -8,7 +8,8 @@ changed inputs and the assembled output are exactly those of the local engine. E
 back with the id of the Ray node that scored them; the run returns how many images each node scored.
 
 On a cluster, every node must see the bundle and the inputs at the same paths (a shared or network
-filesystem) and have protoserve installed; the output and its chunks are written by the driver only.
+filesystem; s3:// inputs instead: every node reads them with its own S3 settings) and have protoserve
+installed; the output and its chunks are written by the driver only (an s3:// output: uploaded by it).
 Which cluster: `--ray-address` (e.g. ray://head:10001 or auto), else $RAY_ADDRESS, else a local Ray
 started for the job. A Ray already initialised in the process (a test, a notebook) is used as it is.
 

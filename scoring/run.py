@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scoring.job import Job, JobError, JobSpec, job_lock
+from scoring.job import Job, JobError, JobSpec, job_lock, staging
 from scoring.local_engine import run_local
 from scoring.ray_engine import run_ray
 
@@ -21,7 +21,7 @@ class Summary:
     failed: int  # rows with an error
     scored_now: int  # rows scored by this run (the rest came from an earlier, interrupted run)
     seconds: float  # wall time of this run
-    output: Path
+    output: Path | str  # the --output: a path or an s3:// URL
     already_complete: bool = False
     nodes: dict[str, int] = field(default_factory=dict)  # --engine ray: Ray node id -> images it scored now
 
@@ -43,7 +43,7 @@ def run_scoring_job(spec: JobSpec, engine: str = "local", restart: bool = False,
     started = time.perf_counter()
     if engine not in ENGINES:
         raise JobError(f"engine {engine!r}: expected {' or '.join(ENGINES)}")
-    with job_lock(Path(spec.output)):
+    with job_lock(staging(spec.output)):
         return _run_locked(spec, engine, restart, progress, ray_address, started)
 
 
@@ -52,7 +52,7 @@ def _run_locked(spec: JobSpec, engine: str, restart: bool, progress: bool, ray_a
     job = Job(spec)
     if job.start(restart):
         images, failed = job.totals()
-        return Summary(images, failed, 0, time.perf_counter() - started, job.output, already_complete=True)
+        return Summary(images, failed, 0, time.perf_counter() - started, job.name, already_complete=True)
     pending = job.pending()
     done_before = job.n - sum(job.chunk_range(k)[1] - job.chunk_range(k)[0] for k in pending)
     bar = _progress_bar(job.n, done_before, progress)
@@ -70,7 +70,7 @@ def _run_locked(spec: JobSpec, engine: str, restart: bool, progress: bool, ray_a
         bar.close()
         job.inputs.close()
     images, failed = job.finish()
-    return Summary(images, failed, job.n - done_before, time.perf_counter() - started, job.output, nodes=nodes)
+    return Summary(images, failed, job.n - done_before, time.perf_counter() - started, job.name, nodes=nodes)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
+from s3_server import seaweedfs
 from tiny_configs import TINY_QUALITY_OPTIONS, tiny_config_dict, tiny_protopnet_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,3 +93,20 @@ def _export_tiny(tmp_path_factory, checkpoint: Path, name: str, mnist_root: Path
     export_bundle(checkpoint, out, name, "0.1.0", data_root=str(mnist_root), test_images=1000, log=lambda s: None,
                   quality=QualityOptions(**TINY_QUALITY_OPTIONS))
     return out
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS's `weed mini`, registry/local_s3.py) for the session."""
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch) -> str:
+    """A new bucket, and this process's environment pointed at the server (the standard AWS variables)."""
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    name = f"versions-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=name)
+    return name

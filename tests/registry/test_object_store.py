@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
-from s3_server import seaweedfs
 
 from bundle.manifest import copy_as_version, read_bundle, sha256_file
 from protoserve.revision_settings import RevisionSettings
@@ -33,22 +32,6 @@ from service.served_version import ActiveVersionFollower, refusal_reason
 from worker.loop import run_worker
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory):
-    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
-        yield server
-
-
-@pytest.fixture
-def bucket(s3, monkeypatch) -> str:
-    """A new bucket, and this process's environment pointed at the server (the standard AWS variables)."""
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)
-    name = f"versions-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=name)
-    return name
 
 
 def replica(root: Path, url: str, cache: Path) -> Registry:

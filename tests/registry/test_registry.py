@@ -26,6 +26,19 @@ def test_register_copies_and_verifies(two_versions):
         registry.register(rows[v1].bundle)
 
 
+def test_the_files_of_a_register_killed_before_its_row_do_not_block_the_next(registry_engine, tiny_bundle, tmp_path):
+    """A register copies the version into place, then writes its row: killed in between, the folder is there
+    without a row. That is no version: the next register of it replaces the folder."""
+    registry = Registry(tmp_path / "registry")
+    leftover = registry.version_dir("0.1.0") / "bundle"
+    leftover.mkdir(parents=True)
+    (leftover / "manifest.json").write_text("{half written")
+    row = registry.register(tiny_bundle)
+    assert row.version == "0.1.0" and registry.verify("0.1.0").manifest.version == "0.1.0"
+    with pytest.raises(RegistryError, match="registered already"):  # with its row, it is one: immutable
+        registry.register(tiny_bundle)
+
+
 @pytest.mark.registry_engines("sqlite")
 def test_database_is_wal_with_busy_timeout(two_versions):
     registry, *_ = two_versions

@@ -11,9 +11,11 @@ import time
 
 import pytest
 
+from bundle.manifest import copy_as_version
 from protoserve.job_failures import FAILURES
 from protoserve.revision_settings import RevisionSettings
 from protoserve.verdicts import verdict
+from revision.revise import revise_version
 from worker.loop import run_worker
 
 # On SQLite only (slow; revision jobs end to end; claiming on PostgreSQL: test_worker_pool.py)
@@ -67,6 +69,55 @@ def test_automatic_promotion_only_through_the_gates(protopnet_registry, mnist_ro
     run_worker(registry, str(mnist_root), once=True, lease=30, log=lambda s: None)
     result = registry.store.job(job["id"])["result"]
     assert result["promoted"] and registry.store.active().version == result["candidate"]
+
+
+class Quiet:
+    """A job report that keeps nothing (revise_version called as a worker would, without one)."""
+
+    def log(self, line):
+        pass
+
+    def stage(self, name):
+        pass
+
+    def record(self, event):
+        pass
+
+
+def test_a_retry_after_the_candidate_was_registered_finishes_the_job(protopnet_registry, mnist_root):
+    """A worker stopped after registering (and promoting) its candidate, before it marked the job done: the
+    next attempt recognises its own candidate (the version this job registered) and finishes the job: no
+    second revision, no "registered already", no second promote."""
+    registry = protopnet_registry
+    job = queue_revision(registry, mode="mask", auto_promote=True, max_accuracy_drop=1.0)
+    assert registry.store.claim_job("stopped-worker", 0.5)["id"] == job["id"]
+    revise_version(registry, job["id"], "0.1.0", registry.store.job_settings(job["id"]), str(mnist_root), Quiet())
+    candidate = f"0.1.0-r{job['id']}"
+    assert registry.store.version(candidate).job_id == job["id"]
+    assert registry.store.active().version == candidate
+    time.sleep(0.6)  # then the worker is gone: its lease runs out
+
+    assert run_worker(registry, str(mnist_root), once=True, lease=30, log=lambda s: None) == 1
+    done = registry.store.job(job["id"])
+    assert done["status"] == "done", done["error"]
+    assert done["attempts"] == 2
+    assert done["result"]["candidate"] == candidate and done["result"]["promoted"]
+    assert done["result"]["parity"]["images"] > 0  # from the registered bundle's manifest
+    assert "registered by an earlier attempt of this job" in done["log"]
+    assert [v.version for v in registry.store.versions()] == ["0.1.0", candidate]
+    assert [c["version"] for c in registry.store.changes() if c["action"] == "promote"] == ["0.1.0", candidate]
+
+
+def test_the_candidate_s_version_registered_by_someone_else_fails_the_job(protopnet_registry, mnist_root, tmp_path):
+    registry = protopnet_registry
+    job = queue_revision(registry, mode="mask")
+    taken = f"0.1.0-r{job['id']}"
+    registry.register(copy_as_version(registry.bundle_path("0.1.0"), taken, tmp_path / "taken"), parent="0.1.0")
+    run_worker(registry, str(mnist_root), once=True, lease=30, log=lambda s: None)
+    failed = registry.store.job(job["id"])
+    assert failed["status"] == "failed"
+    assert f"version '{taken}' is registered already, by hand (no job), not by job {job['id']}" in failed["error"]
+    assert registry.store.version(taken).job_id is None  # the other version stays as it was
 
 
 @pytest.mark.parametrize("damage", ["deleted", "corrupted"])

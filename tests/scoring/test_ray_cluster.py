@@ -4,16 +4,19 @@ and a job whose worker node is SIGKILLed mid-job, run again, writes every input 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import time
 
+import pyarrow.parquet as pq
 import pytest
 from ray_cluster import ray_cluster
-from scoring_helpers import REPO, read_rows
+from scoring_helpers import REPO, png_bytes, read_rows
 
+from protoserve.settings import variable
 from scoring.job import JobSpec
 from scoring.run import run_scoring_job
 
@@ -25,10 +28,12 @@ MNIST_TEST_IMAGES = 10_000
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
-    """The cluster, with the checkout on its workers' path (as a deployment installs protoserve on every node)."""
+def two_nodes(s3, tmp_path_factory):
+    """The cluster, with the checkout on its workers' path (as a deployment installs protoserve on every node),
+    and the S3 server's endpoint and key in its nodes' environment (as a deployment gives every node its own)."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    with ray_cluster(node_env={"PYTHONPATH": path}) as cluster:
+    cache = str(tmp_path_factory.mktemp("ray_nodes_cache"))
+    with ray_cluster(node_env={"PYTHONPATH": path, **s3.env(), variable("cache_dir"): cache}) as cluster:
         yield cluster
 
 
@@ -66,6 +71,32 @@ summary = run_scoring_job(JobSpec(bundle, [images], Path(output), chunk_size=200
                           ray_address=address, progress=False)
 print(json.dumps([summary.images, summary.failed, summary.nodes]))
 """
+
+
+def test_s3_inputs_and_output_on_the_cluster(two_nodes, tiny_bundle, digits, bucket, s3, tmp_path, monkeypatch):
+    """The actors read the image objects themselves (the nodes' own S3 settings); the driver keeps the job's
+    state in the bucket and uploads the output: the rows are the local engine's on the same files on disk."""
+    monkeypatch.setenv(variable("cache_dir"), str(tmp_path / "cache"))
+    folder, client = tmp_path / "uploads", s3.client()
+    folder.mkdir()
+    for i in range(200):
+        (folder / f"{i:03d}.png").write_bytes(png_bytes(digits[i]))
+        client.put_object(Bucket=bucket, Key=f"uploads/{i:03d}.png", Body=(folder / f"{i:03d}.png").read_bytes())
+    output = f"s3://{bucket}/scores/ray.parquet"
+    done = subprocess.run([sys.executable, "-m", "cli.main", "score", "--model", str(tiny_bundle), "--input",
+                           f"s3://{bucket}/uploads", "--output", output, "--engine", "ray", "--ray-address",
+                           two_nodes.address, "--chunk-size", "20", "--quiet"], cwd=REPO,
+                          env={**os.environ, **two_nodes.env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith(f"200 images in {output} (0 failed)")
+    body = client.get_object(Bucket=bucket, Key="scores/ray.parquet")["Body"].read()
+    rows = pq.read_table(io.BytesIO(body)).to_pylist()
+    reference = tmp_path / "local.parquet"
+    run_scoring_job(JobSpec(str(tiny_bundle), [str(folder)], reference), progress=False)
+    want = read_rows(reference)
+    assert [(r["input_id"].rpartition("/")[2], r["label"], r["prototype_ids"]) for r in rows] == \
+        [(r["input_id"].rpartition("/")[2], r["label"], r["prototype_ids"]) for r in want]
 
 
 def test_worker_node_killed_mid_job_then_rerun_writes_every_input_once(two_nodes, tiny_bundle, mnist_test_images,
