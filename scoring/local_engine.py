@@ -14,15 +14,23 @@ from inference.model import classifier_graph
 from protoserve.blas import one_blas_thread
 from scoring.job import Job
 from scoring.pictures import PictureWriter
-from scoring.rows import Columns
 
-# Scored chunks that may wait for the committer (their rows: about 0.5 MB each at the default chunk size).
+# Scored chunks that may wait for the committer (their model outputs: about 0.5 MB each at the default
+# chunk size; with --pictures, their model input too).
 COMMIT_QUEUE = 16
 
 
 def default_workers() -> int:
     """The cores this process may run on."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def session_threads(workers: int, cores: int | None = None) -> int:
+    """Intra-op threads of each of `workers` sessions: the cores shared out, less the one the rest of
+    the job (reading, conversion, rows, commits) keeps busy once the sessions leave it free; at least 1.
+    A single session on 2 cores thus has one core to itself, the pipeline the other."""
+    cores = cores or default_workers()
+    return max(1, (cores - 1) // workers)
 
 
 def open_sessions(job: Job) -> tuple[list, object]:
@@ -32,7 +40,7 @@ def open_sessions(job: Job) -> tuple[list, object]:
     every output). They are opened here, not inside the threads: opening one sets
     ONNX Runtime's process-wide log level for a moment (export/runtime.open_session)."""
     workers = job.spec.workers or default_workers()
-    threads = max(1, default_workers() // workers)  # intra-op threads per session: the cores, shared out
+    threads = session_threads(workers)
     verify_bundle(job.bundle, job.spec.device)
     first, provider = open_session(job.bundle.model_path, job.spec.device, threads=threads)
     if provider == CUDA and not job.spec.workers:
@@ -48,9 +56,9 @@ def run_local(job: Job, pending: list[int], advance) -> None:
 
     The main thread reads inputs (files are read in order, so gzip and npz members stream) and converts
     them to the model's input (pictures decoded, levels scaled); the worker threads only run their
-    session and shape the rows, column by column; one thread writes the committed chunks, so the
-    sessions never wait on the disk; at most 2 x workers + 1 chunks of inputs (and COMMIT_QUEUE of rows)
-    are in memory at once, whatever the input size.
+    session; one committer thread shapes the rows, column by column, and writes the committed chunks,
+    so the sessions never wait on the rows or the disk; at most 2 x workers + 1 chunks of inputs (and
+    COMMIT_QUEUE of model outputs) are in memory at once, whatever the input size.
     """
     one_blas_thread()  # the rows' numpy products would otherwise spin threads beside the sessions
     sessions, whole = open_sessions(job)
@@ -66,14 +74,16 @@ def run_local(job: Job, pending: list[int], advance) -> None:
         return classify(local.session, x, job.scorer.features)
 
     def score(k: int, start: int, ids, truth: np.ndarray, buffer: np.ndarray, x: np.ndarray, errors) -> Future:
+        """Chunk k through a session, and nothing else: its rows, pictures and commit go to the committer."""
         try:
-            columns = job.scorer.score_prepared(start, ids, x, errors, infer)
-            columns.true_label = truth
-            if pictures is not None:
-                pictures.write(columns, x)  # before the commit: a committed row's picture exists
-        finally:
+            outputs = job.scorer.run(x, errors, infer)
+        except BaseException:
             buffers.put(buffer)
-        return committer.submit(commit, k, columns)
+            raise
+        if pictures is None:  # the model input is needed no more
+            buffers.put(buffer)
+            buffer = x = None
+        return committer.submit(commit, k, start, ids, truth, buffer, x, outputs)
 
     def read(k: int) -> tuple:
         """Chunk k read and converted to model input, here in the reading thread while the sessions run,
@@ -82,7 +92,18 @@ def run_local(job: Job, pending: list[int], advance) -> None:
         buffer = buffers.get()
         return (k, start, ids, job.truth(k), buffer, *job.scorer.prepare(values, buffer))
 
-    def commit(k: int, columns: Columns) -> int:
+    def commit(k: int, start: int, ids, truth: np.ndarray, buffer: np.ndarray | None, x: np.ndarray | None,
+               outputs: tuple) -> int:
+        """Chunk k's rows, column by column, its pictures (before the commit: a committed row's picture
+        exists), then the commit."""
+        try:
+            columns = job.scorer.rows(start, ids, *outputs)
+            columns.true_label = truth
+            if pictures is not None:
+                pictures.write(columns, x)
+        finally:
+            if buffer is not None:
+                buffers.put(buffer)
         job.commit(k, columns)
         return len(columns)
 

@@ -10,6 +10,7 @@ from bundle.manifest import InputSpec, read_bundle
 from bundle.runtime import classify, open_session
 from inference.explain import nearest_prototypes, nearest_prototypes_batch, prototype_rows
 from inference.preprocess import to_input
+from scoring.inputs import RecordIds
 from scoring.rows import BatchScorer, records_to_input
 
 MNIST = InputSpec(channels=1, height=28, width=28, mean=[0.0], std=[1.0])
@@ -23,6 +24,15 @@ def test_nearest_prototypes_batch_is_the_service_top_k_row_by_row():
     for row, ids in zip(distances, got, strict=True):
         np.testing.assert_array_equal(ids, nearest_prototypes(row, 4, active))
     assert not np.isin(got, np.flatnonzero(~active)).any()
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 0), (0, 1), (5, 12), (9, 11), (95, 1003), (99_990, 100_010), (57_344, 60_000)])
+def test_record_ids_as_arrow_are_the_ids_one_by_one(lo, hi):
+    ids = RecordIds("data/é-images-idx3-ubyte.gz", lo, hi)  # a name with a multi-byte character
+    column = ids.arrow()
+    column.validate(full=True)
+    assert column.to_pylist() == [ids[i] for i in range(len(ids))] == [f"data/é-images-idx3-ubyte.gz#{i}"
+                                                                       for i in range(lo, hi)]
 
 
 def test_uint8_records_convert_like_a_decoded_png(digits):
