@@ -14,6 +14,7 @@ from inference.model import classifier_graph
 from protoserve.blas import one_blas_thread
 from scoring.job import Job
 from scoring.pictures import PictureWriter
+from scoring.rows import Columns
 
 # Scored chunks that may wait for the committer (their model outputs: about 0.5 MB each at the default
 # chunk size; with --pictures, their model input too).
@@ -56,9 +57,10 @@ def run_local(job: Job, pending: list[int], advance) -> None:
 
     The main thread reads inputs (files are read in order, so gzip and npz members stream) and converts
     them to the model's input (pictures decoded, levels scaled); the worker threads only run their
-    session; one committer thread shapes the rows, column by column, and writes the committed chunks,
-    so the sessions never wait on the rows or the disk; at most 2 x workers + 1 chunks of inputs (and
-    COMMIT_QUEUE of model outputs) are in memory at once, whatever the input size.
+    session; one thread shapes the rows, column by column, and one writes the committed chunks, so the
+    sessions never wait on the rows or the disk, nor the rows on the disk; at most 2 x workers + 1
+    chunks of inputs (and COMMIT_QUEUE of model outputs or rows) are in memory at once, whatever the
+    input size.
     """
     one_blas_thread()  # the rows' numpy products would otherwise spin threads beside the sessions
     sessions, whole = open_sessions(job)
@@ -74,7 +76,7 @@ def run_local(job: Job, pending: list[int], advance) -> None:
         return classify(local.session, x, job.scorer.features)
 
     def score(k: int, start: int, ids, truth: np.ndarray, buffer: np.ndarray, x: np.ndarray, errors) -> Future:
-        """Chunk k through a session, and nothing else: its rows, pictures and commit go to the committer."""
+        """Chunk k through a session, and nothing else: its rows and pictures go to the shaper thread."""
         try:
             outputs = job.scorer.run(x, errors, infer)
         except BaseException:
@@ -83,7 +85,7 @@ def run_local(job: Job, pending: list[int], advance) -> None:
         if pictures is None:  # the model input is needed no more
             buffers.put(buffer)
             buffer = x = None
-        return committer.submit(commit, k, start, ids, truth, buffer, x, outputs)
+        return shaper.submit(shape_rows, k, start, ids, truth, buffer, x, outputs)
 
     def read(k: int) -> tuple:
         """Chunk k read and converted to model input, here in the reading thread while the sessions run,
@@ -92,10 +94,10 @@ def run_local(job: Job, pending: list[int], advance) -> None:
         buffer = buffers.get()
         return (k, start, ids, job.truth(k), buffer, *job.scorer.prepare(values, buffer))
 
-    def commit(k: int, start: int, ids, truth: np.ndarray, buffer: np.ndarray | None, x: np.ndarray | None,
-               outputs: tuple) -> int:
-        """Chunk k's rows, column by column, its pictures (before the commit: a committed row's picture
-        exists), then the commit."""
+    def shape_rows(k: int, start: int, ids, truth: np.ndarray, buffer: np.ndarray | None, x: np.ndarray | None,
+                   outputs: tuple) -> Future:
+        """Chunk k's rows, column by column, and its pictures (before the commit: a committed row's
+        picture exists); then on to the committer."""
         try:
             columns = job.scorer.rows(start, ids, *outputs)
             columns.true_label = truth
@@ -104,6 +106,9 @@ def run_local(job: Job, pending: list[int], advance) -> None:
         finally:
             if buffer is not None:
                 buffers.put(buffer)
+        return committer.submit(commit, k, columns)
+
+    def commit(k: int, columns: Columns) -> int:
         job.commit(k, columns)
         return len(columns)
 
@@ -116,10 +121,14 @@ def run_local(job: Job, pending: list[int], advance) -> None:
             for future in done:
                 if future in scoring:
                     scoring.discard(future)
-                    committing.add(future.result())  # scored; now being committed
+                    committing.add(future.result())  # scored; now being shaped, then committed
+                    continue
+                committing.discard(future)
+                result = future.result()
+                if isinstance(result, Future):  # shaped; now being committed
+                    committing.add(result)
                 else:
-                    committing.discard(future)
-                    advance(future.result())
+                    advance(result)
 
     job.assemble_while_scoring(pending)  # commits come from the one committer thread below
     scoring: set[Future] = set()
@@ -130,6 +139,7 @@ def run_local(job: Job, pending: list[int], advance) -> None:
     for _ in range(2 * workers + 1):  # one per chunk being scored (collect's scoring limit)
         buffers.put(np.empty(shape, np.float32))
     with ThreadPoolExecutor(workers, thread_name_prefix="protoserve-score") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="protoserve-rows") as shaper, \
             ThreadPoolExecutor(1, thread_name_prefix="protoserve-commit") as committer:
         for k in pending:
             scoring.add(pool.submit(score, *read(k)))
