@@ -2,7 +2,8 @@
 
 1. Throughput: `protoserve score`'s job (local engine) on the 70,000 MNIST images read from the IDX
    files, against the raw ONNX Runtime session in the same run, with the same cores: the raw rate is
-   the best of one session with every core and one single-thread session per core, on images already
+   the best of one session with every core, one single-thread session per core and one session as a
+   --workers 1 job opens it (cores - 1 threads; one on 2 cores), on images already
    in memory, fetching only the outputs the job's rows read. Rounds alternate job and raw so that load
    from other processes falls on both; each round's ratio (job / raw, the two measured back to back)
    and their median are reported, with CPU seconds per 1,000 images of each (the steadier figure on
@@ -124,11 +125,12 @@ def throughput(bundle: Path, data_root: Path, rounds: int, workers: int) -> dict
             one.append(rate1)
             one_cpu.append(cpu1)
             cut_rates = raw_rate(graphs["cut"], images, cores, outputs)
-            bare1 = cut_rates.pop("one_session_as_the_job_opens_it")
+            bare1 = cut_rates["one_session_as_the_job_opens_it"]
             single.append(bare1[0])
             single_cpu.append(bare1[1])
             whole_rates = raw_rate(graphs["whole"], images, cores, outputs)
-            whole_rates.pop("one_session_as_the_job_opens_it")
+            # every way of using the cores counts: with other work on the machine, one single-thread
+            # session can beat one per core
             best = {"cut": max(cut_rates.values()), "whole": max(whole_rates.values())}
             raw.append(best["cut"][0])  # the faster way of using the cores, by wall rate
             raw_cpu.append(best["cut"][1])
