@@ -126,3 +126,10 @@ def test_local_sessions_run_the_graph_cut_to_what_rows_read(tiny_bundle, tmp_pat
         assert [o.name for o in session.get_outputs()] == classifier_outputs(job.bundle)
         for cut, reference in zip(classify(session, images), classify(whole, images), strict=True):
             np.testing.assert_array_equal(cut, reference)
+
+
+@pytest.mark.parametrize("workers, cores, threads", [(1, 2, 1), (2, 2, 1), (1, 1, 1), (1, 8, 7), (2, 8, 3), (8, 8, 1)])
+def test_sessions_leave_a_core_to_the_rest_of_the_job(workers, cores, threads):
+    from scoring.local_engine import session_threads
+
+    assert session_threads(workers, cores) == threads
