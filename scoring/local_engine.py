@@ -16,13 +16,22 @@ from scoring.job import Job
 from scoring.pictures import PictureWriter
 from scoring.rows import Columns
 
-# Scored chunks that may wait for the committer (their rows: about 0.5 MB each at the default chunk size).
+# Scored chunks that may wait for the committer (their model outputs: about 0.5 MB each at the default
+# chunk size; with --pictures, their model input too).
 COMMIT_QUEUE = 16
 
 
 def default_workers() -> int:
     """The cores this process may run on."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def session_threads(workers: int, cores: int | None = None) -> int:
+    """Intra-op threads of each of `workers` sessions: the cores shared out, less the one the rest of
+    the job (reading, conversion, rows, commits) keeps busy once the sessions leave it free; at least 1.
+    A single session on 2 cores thus has one core to itself, the pipeline the other."""
+    cores = cores or default_workers()
+    return max(1, (cores - 1) // workers)
 
 
 def open_sessions(job: Job) -> tuple[list, object]:
@@ -32,7 +41,7 @@ def open_sessions(job: Job) -> tuple[list, object]:
     every output). They are opened here, not inside the threads: opening one sets
     ONNX Runtime's process-wide log level for a moment (export/runtime.open_session)."""
     workers = job.spec.workers or default_workers()
-    threads = max(1, default_workers() // workers)  # intra-op threads per session: the cores, shared out
+    threads = session_threads(workers)
     verify_bundle(job.bundle, job.spec.device)
     first, provider = open_session(job.bundle.model_path, job.spec.device, threads=threads)
     if provider == CUDA and not job.spec.workers:
@@ -48,9 +57,10 @@ def run_local(job: Job, pending: list[int], advance) -> None:
 
     The main thread reads inputs (files are read in order, so gzip and npz members stream) and converts
     them to the model's input (pictures decoded, levels scaled); the worker threads only run their
-    session and shape the rows, column by column; one thread writes the committed chunks, so the
-    sessions never wait on the disk; at most 2 x workers + 1 chunks of inputs (and COMMIT_QUEUE of rows)
-    are in memory at once, whatever the input size.
+    session; one thread shapes the rows, column by column, and one writes the committed chunks, so the
+    sessions never wait on the rows or the disk, nor the rows on the disk; at most 2 x workers + 1
+    chunks of inputs (and COMMIT_QUEUE of model outputs or rows) are in memory at once, whatever the
+    input size.
     """
     one_blas_thread()  # the rows' numpy products would otherwise spin threads beside the sessions
     sessions, whole = open_sessions(job)
@@ -66,14 +76,16 @@ def run_local(job: Job, pending: list[int], advance) -> None:
         return classify(local.session, x, job.scorer.features)
 
     def score(k: int, start: int, ids, truth: np.ndarray, buffer: np.ndarray, x: np.ndarray, errors) -> Future:
+        """Chunk k through a session, and nothing else: its rows and pictures go to the shaper thread."""
         try:
-            columns = job.scorer.score_prepared(start, ids, x, errors, infer)
-            columns.true_label = truth
-            if pictures is not None:
-                pictures.write(columns, x)  # before the commit: a committed row's picture exists
-        finally:
+            outputs = job.scorer.run(x, errors, infer)
+        except BaseException:
             buffers.put(buffer)
-        return committer.submit(commit, k, columns)
+            raise
+        if pictures is None:  # the model input is needed no more
+            buffers.put(buffer)
+            buffer = x = None
+        return shaper.submit(shape_rows, k, start, ids, truth, buffer, x, outputs)
 
     def read(k: int) -> tuple:
         """Chunk k read and converted to model input, here in the reading thread while the sessions run,
@@ -81,6 +93,20 @@ def run_local(job: Job, pending: list[int], advance) -> None:
         start, ids, values = job.read_inputs(k)
         buffer = buffers.get()
         return (k, start, ids, job.truth(k), buffer, *job.scorer.prepare(values, buffer))
+
+    def shape_rows(k: int, start: int, ids, truth: np.ndarray, buffer: np.ndarray | None, x: np.ndarray | None,
+                   outputs: tuple) -> Future:
+        """Chunk k's rows, column by column, and its pictures (before the commit: a committed row's
+        picture exists); then on to the committer."""
+        try:
+            columns = job.scorer.rows(start, ids, *outputs)
+            columns.true_label = truth
+            if pictures is not None:
+                pictures.write(columns, x)
+        finally:
+            if buffer is not None:
+                buffers.put(buffer)
+        return committer.submit(commit, k, columns)
 
     def commit(k: int, columns: Columns) -> int:
         job.commit(k, columns)
@@ -95,10 +121,14 @@ def run_local(job: Job, pending: list[int], advance) -> None:
             for future in done:
                 if future in scoring:
                     scoring.discard(future)
-                    committing.add(future.result())  # scored; now being committed
+                    committing.add(future.result())  # scored; now being shaped, then committed
+                    continue
+                committing.discard(future)
+                result = future.result()
+                if isinstance(result, Future):  # shaped; now being committed
+                    committing.add(result)
                 else:
-                    committing.discard(future)
-                    advance(future.result())
+                    advance(result)
 
     job.assemble_while_scoring(pending)  # commits come from the one committer thread below
     scoring: set[Future] = set()
@@ -109,6 +139,7 @@ def run_local(job: Job, pending: list[int], advance) -> None:
     for _ in range(2 * workers + 1):  # one per chunk being scored (collect's scoring limit)
         buffers.put(np.empty(shape, np.float32))
     with ThreadPoolExecutor(workers, thread_name_prefix="protoserve-score") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="protoserve-rows") as shaper, \
             ThreadPoolExecutor(1, thread_name_prefix="protoserve-commit") as committer:
         for k in pending:
             scoring.add(pool.submit(score, *read(k)))

@@ -283,8 +283,14 @@ class BatchScorer:
 
     def score_prepared(self, start: int, input_ids: Sequence[str], x: np.ndarray,
                        errors: Sequence[InputError | None], infer: Infer) -> Columns:
-        """score() for inputs prepare() has converted already (the local engine converts in its reading
-        thread while the sessions run)."""
+        """score() for inputs prepare() has converted already."""
+        return self.rows(start, input_ids, *self.run(x, errors, infer))
+
+    def run(self, x: np.ndarray, errors: Sequence[InputError | None],
+            infer: Infer) -> tuple[np.ndarray, Sequence[InputError | None], np.ndarray, np.ndarray, np.ndarray]:
+        """The model on the good inputs of prepared input x, in RUN_BATCH slices -> (ok, errors,
+        probabilities, distances, features): rows()'s arguments after the ids. The local engine runs
+        this alone in its session threads and shapes the rows elsewhere, so a session never waits on them."""
         ok = np.array([e is None for e in errors], dtype=bool)
         good = x if ok.all() else x[ok]  # no copy of a chunk that is all good
         K, M = len(self.manifest.class_names), len(self.manifest.prototypes)
@@ -298,7 +304,7 @@ class BatchScorer:
                 if not f:
                     raise ValueError(f"infer must return the {self.features!r} output the out-of-domain rule reads")
                 features[lo:lo + RUN_BATCH] = f[0]
-        return self.rows(start, input_ids, ok, errors, probabilities, distances, features)
+        return ok, errors, probabilities, distances, features
 
     def rows(self, start: int, input_ids: Sequence[str], ok: np.ndarray, errors: Sequence[InputError | None],
              probabilities: np.ndarray, distances: np.ndarray, features: np.ndarray | None = None) -> Columns:

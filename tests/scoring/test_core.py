@@ -10,6 +10,7 @@ from bundle.manifest import InputSpec, read_bundle
 from bundle.runtime import classify, open_session
 from inference.explain import nearest_prototypes, nearest_prototypes_batch, prototype_rows
 from inference.preprocess import to_input
+from scoring.inputs import RecordIds
 from scoring.rows import BatchScorer, records_to_input
 
 MNIST = InputSpec(channels=1, height=28, width=28, mean=[0.0], std=[1.0])
@@ -23,6 +24,15 @@ def test_nearest_prototypes_batch_is_the_service_top_k_row_by_row():
     for row, ids in zip(distances, got, strict=True):
         np.testing.assert_array_equal(ids, nearest_prototypes(row, 4, active))
     assert not np.isin(got, np.flatnonzero(~active)).any()
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 0), (0, 1), (5, 12), (9, 11), (95, 1003), (99_990, 100_010), (57_344, 60_000)])
+def test_record_ids_as_arrow_are_the_ids_one_by_one(lo, hi):
+    ids = RecordIds("data/é-images-idx3-ubyte.gz", lo, hi)  # a name with a multi-byte character
+    column = ids.arrow()
+    column.validate(full=True)
+    assert column.to_pylist() == [ids[i] for i in range(len(ids))] == [f"data/é-images-idx3-ubyte.gz#{i}"
+                                                                       for i in range(lo, hi)]
 
 
 def test_uint8_records_convert_like_a_decoded_png(digits):
@@ -116,3 +126,10 @@ def test_local_sessions_run_the_graph_cut_to_what_rows_read(tiny_bundle, tmp_pat
         assert [o.name for o in session.get_outputs()] == classifier_outputs(job.bundle)
         for cut, reference in zip(classify(session, images), classify(whole, images), strict=True):
             np.testing.assert_array_equal(cut, reference)
+
+
+@pytest.mark.parametrize("workers, cores, threads", [(1, 2, 1), (2, 2, 1), (1, 1, 1), (1, 8, 7), (2, 8, 3), (8, 8, 1)])
+def test_sessions_leave_a_core_to_the_rest_of_the_job(workers, cores, threads):
+    from scoring.local_engine import session_threads
+
+    assert session_threads(workers, cores) == threads
