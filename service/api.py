@@ -199,15 +199,15 @@ class Protoserve:
         calibration), the answers counted in the metrics. Both are per image and vectorised, so the images of
         a merged batch are judged and counted at once, not request by request."""
         probabilities, distances, *features = v.model.classify(images.astype(np.float32, copy=False), v.features)
-        self._record_answers(v, probabilities, distances)
+        labels, _, nearest = self._record_answers(v, probabilities, distances)
         K, M = probabilities.shape[1], distances.shape[1]
         output = np.empty((len(images), K + M + 2))  # filled column by column: fewer numpy calls than stacking
         output[:, :K], output[:, K:K + M] = probabilities, distances
         if v.domain is None:
             output[:, K + M:] = np.nan
         else:
-            output[:, K + M], output[:, K + M + 1] = v.domain.judge(distances, probabilities.argmax(axis=1),
-                                                                  features[0] if features else None)
+            output[:, K + M], output[:, K + M + 1] = v.domain.judge(distances, labels,
+                                                                  features[0] if features else None, nearest)
         return output
 
     @staticmethod
@@ -366,12 +366,18 @@ class Protoserve:
         return {**error.body(), "model": v.ref()}
 
     @staticmethod
-    def _record_answers(v: ServedVersion, probabilities: np.ndarray, distances: np.ndarray) -> None:
+    def _record_answers(v: ServedVersion, probabilities: np.ndarray,
+                        distances: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Count the answers in the metrics; return what the out-of-domain judgement reads again: the predicted
+        labels, the nearest active prototypes and their distances (nearest_distance's)."""
         # The nearest active prototype: the first smallest distance with masked ones out of reach (the
         # same index as nearest_prototypes_batch's stable order, in one pass).
         masked = np.where(v.active, distances, np.inf)
-        nearest = masked.argmin(axis=1)
-        record_answers(v.model_id, v.manifest.class_names, v.prototype_ids, probabilities, nearest, masked.min(axis=1))
+        nearest_index, nearest = masked.argmin(axis=1), masked.min(axis=1)
+        labels = probabilities.argmax(axis=1)
+        record_answers(v.model_id, v.manifest.class_names, v.prototype_ids, probabilities, nearest_index, nearest,
+                       labels)
+        return labels, nearest_index, nearest
 
 
 def quality_summary(manifest) -> dict | None:

@@ -114,12 +114,13 @@ def _children(metric, labels: tuple[str, ...]):
 
 
 def record_answers(model: tuple[str, str], class_names: list[str], prototype_ids: list[int],
-                   probabilities, nearest_index, nearest_distance) -> None:
+                   probabilities, nearest_index, nearest_distance, labels=None) -> None:
     """Count one batch of answers: predicted class, confidence, nearest prototype and its distance. A
     batch of several images is counted at once: one update per class, prototype and histogram bucket it
-    holds, not one per image (in multiprocess mode every update writes to the worker's file)."""
+    holds, not one per image (in multiprocess mode every update writes to the worker's file). `labels`:
+    probabilities.argmax(axis=1), when the caller has it."""
     m = metrics()
-    labels = probabilities.argmax(axis=1)
+    labels = probabilities.argmax(axis=1) if labels is None else labels
     confidence, distance = labelled(m.confidence, *model), labelled(m.nearest_distance, *model)
     if len(labels) == 1:  # one image: the plain updates cost less than the counting below
         label, j = int(labels[0]), int(nearest_index[0])
