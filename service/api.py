@@ -39,7 +39,7 @@ from protoserve.errors import InputError
 from protoserve.settings import settings
 from registry.versions import registry_location
 from service.batching import AdaptiveBatcher, Overloaded
-from service.metrics import count_out_of_domain, count_rejection, labelled, metrics, record_answers
+from service.metrics import count_out_of_domain, count_rejection, metrics, observer, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate, ServiceHandle
 from service.open_inference import API as INFER_API
 from service.open_inference import PREFIX as OPEN_INFERENCE_PREFIX
@@ -122,9 +122,7 @@ class Protoserve:
         # Adaptive batching (service/batching.py): concurrent requests share one session run. /predict's
         # batcher counts the answers of each run at once (service/metrics.py); score_batch has its own, which
         # counts scored images instead (service/score_task.py).
-        def observe_batch(size: int) -> None:
-            labelled(metrics().batch_size, *v.model_id).observe(size)
-
+        observe_batch = observer(metrics().batch_size, *v.model_id)
         latency = SETTINGS.max_latency_ms
         v.classify = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, latency,
                                      observe_batch, coalesce_max_size=SETTINGS.inline_max_size)
@@ -242,7 +240,7 @@ class Protoserve:
         except Overloaded as e:
             return self._answer(v, {"error": str(e), "reason": OVERLOADED, "model": v.ref()}, 503)
         probabilities, distances, judged = output[:, :K], output[:, K:-2], output[:, -2:]
-        labelled(metrics().inference_seconds, *v.model_id, "predict").observe(time.perf_counter() - started)
+        observer(metrics().inference_seconds, *v.model_id, "predict")(time.perf_counter() - started)
         answers = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "predict", abstain,
                               judged=judged)
         answer = self._answer(v, {"model": v.ref(), "predictions": answers})
@@ -273,7 +271,7 @@ class Protoserve:
         outputs = {name: value[0] for name, value in v.model.outputs(x[None]).items()}  # one image: no batching
         probabilities, distances = outputs["probabilities"][None], outputs["distances"][None]
         self._record_answers(v, probabilities, distances)
-        labelled(metrics().inference_seconds, *v.model_id, "explain").observe(time.perf_counter() - started)
+        observer(metrics().inference_seconds, *v.model_id, "explain")(time.perf_counter() - started)
         prediction = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "explain", abstain,
                                  outputs[v.features][None] if v.features else None)[0]
         answer = explanation(v.manifest, v.active, outputs, x, k, prediction,
