@@ -354,13 +354,23 @@ def to_batch(images: object, spec: InputSpec, limits: Limits = DEFAULT_LIMITS, c
         raise InputError("batch_too_large", f'"images" holds {len(images)} images; at most {limits.max_batch} '
                          "per request")
     check_canonical(canonical, spec)
-    batch = np.empty((len(images), spec.channels, spec.height, spec.width), dtype=np.float32)
+    shape = (spec.channels, spec.height, spec.width)
+    if len(images) == 1:
+        x = _numbered(0, images[0], spec, limits, canonical)
+        if x.dtype == np.float32 and x.shape == shape:  # one image (most calls): its own array, not a copy
+            return x[None]
+    batch = np.empty((len(images), *shape), dtype=np.float32)
     for i, image in enumerate(images):
-        try:
-            batch[i] = to_input(image, spec, limits, canonical)
-        except InputError as e:
-            raise InputError(e.reason, f"images[{i}]: {e}", e.status) from None
+        batch[i] = x if len(images) == 1 else _numbered(i, image, spec, limits, canonical)
     return batch
+
+
+def _numbered(i: int, image: object, spec: InputSpec, limits: Limits, canonical: bool) -> np.ndarray:
+    """to_input, its refusal naming the image's index."""
+    try:
+        return to_input(image, spec, limits, canonical)
+    except InputError as e:
+        raise InputError(e.reason, f"images[{i}]: {e}", e.status) from None
 
 
 def tensor_to_batch(values: np.ndarray, spec: InputSpec, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:

@@ -293,6 +293,12 @@ def test_batches():
     refused("batch_too_large", to_batch, [good] * 3, MNIST, Limits(max_batch=2))
     message = refused("wrong_shape", to_batch, [good, [[0.0]]], MNIST)
     assert message.startswith("images[1]:")
+    assert refused("wrong_shape", to_batch, [[[0.0]]], MNIST).startswith("images[0]:")
+    png, other = encode(digit(255)), encode(digit(90))
+    for images in ([png], [good], [png, other], [other, good, png]):  # one image is its own array: the same numbers
+        batch = to_batch(images, NORMALISED)
+        assert batch.dtype == np.float32 and batch.shape == (len(images), 1, 28, 28) and batch.flags.writeable
+        np.testing.assert_array_equal(batch, np.stack([to_input(image, NORMALISED) for image in images]))
 
 
 def test_top_k():
