@@ -169,17 +169,17 @@ def zip_decode(mode: str, size: tuple[int, int], idat: bytes) -> bytes | None:
     if consumed >= 0 or error != 0:  # Image.frombytes: "not enough image data" / "cannot decode image data"
         return None
     encoder = Image.core.raw_encoder(mode, mode)
-    encoder.setimage(im, (0, 0, *size))
-    chunks = []
-    while True:
-        _, done, chunk = encoder.encode(max(65536, size[0] * 4))  # tobytes' buffer size
-        chunks.append(chunk)
-        if done:
-            break
-    encoder.cleanup()
-    if done < 0:
-        return None
-    return b"".join(chunks)
+    try:
+        encoder.setimage(im, (0, 0, *size))
+        chunks = []
+        while True:
+            _, done, chunk = encoder.encode(max(65536, size[0] * 4))  # tobytes' buffer size
+            chunks.append(chunk)
+            if done:
+                break
+    finally:
+        encoder.cleanup()
+    return b"".join(chunks) if done > 0 else None
 
 
 def picture_to_pixels(img: Image.Image, spec: InputSpec, canonical: bool = False) -> np.ndarray:
