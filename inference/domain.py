@@ -85,11 +85,17 @@ class DomainRule:
             return nearest_distance(distances, self.active)
         return distance_scores(distances, labels, self.active, self.class_of)[name]
 
-    def score(self, distances: np.ndarray, labels: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        """[N] scores of [N, M] distances (and [N, D] features, for the latent scores) of inputs predicted as labels."""
+    def score(self, distances: np.ndarray, labels: np.ndarray, features: np.ndarray | None = None,
+              nearest: np.ndarray | None = None) -> np.ndarray:
+        """[N] scores of [N, M] distances (and [N, D] features, for the latent scores) of inputs predicted as labels;
+        `nearest`: their nearest_distance, when the caller has it already."""
         if self.components is None:
+            if nearest is not None and self.calibration.score == "nearest_distance":
+                return nearest
             return self.part(self.calibration.score, distances, labels, features)
         known = self.mahalanobis_parts(distances, labels, features) if self.joint_means is not None else {}
+        if nearest is not None:
+            known["nearest_distance"] = nearest
         return fisher([tail_at(known[name] if name in known else self.part(name, distances, labels, features),
                                quantiles, self.tails) for name, quantiles in self.components.items()])
 
@@ -105,11 +111,11 @@ class DomainRule:
         if features is None:
             raise ValueError(f"the out-of-domain score needs model.onnx's {self.calibration.features!r} output")
 
-    def judge(self, distances: np.ndarray, labels: np.ndarray,
-              features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """[N, M] distances, [N] predicted labels (and [N, D] features when `outputs` names them) ->
-        (in_domain [N] bool, typicality [N] float)."""
-        scores = self.score(distances, labels, features)
+    def judge(self, distances: np.ndarray, labels: np.ndarray, features: np.ndarray | None = None,
+              nearest: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """[N, M] distances, [N] predicted labels (and [N, D] features when `outputs` names them; `nearest`, their
+        nearest_distance when the caller has it) -> (in_domain [N] bool, typicality [N] float)."""
+        scores = self.score(distances, labels, features, nearest)
         return scores <= self.calibration.threshold, tail_at(scores, self.quantiles, self.tails)
 
 

@@ -100,6 +100,34 @@ def plain_png(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image | Non
     checksum right, no chunk but IHDR, IDAT and IEND), decoded by PIL's own PNG decoder without PIL's
     chunk-by-chunk reader; None for anything else, which open_image gives to PIL's reader (and its
     refusals). The same pixels as PIL's reader, at a fraction of the Python work for a small picture."""
+    found = plain_png_data(data, limits)
+    if found is None:
+        return None
+    mode, size, idat = found
+    try:
+        return Image.frombytes(mode, size, idat, "zip", mode)
+    except (ValueError, OSError):  # short or damaged image data: PIL's reader says what is wrong
+        return None
+
+
+def plain_png_levels(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray | None:
+    """A plain PNG without alpha (plain_png's, grey or RGB) as its 8-bit levels, uint8 [H, W] or [H, W, 3]: the
+    bytes of plain_png(data).tobytes() by the same decoder, without building a PIL image; None for any other
+    file or data the decoder refuses."""
+    found = plain_png_data(data, limits)
+    if found is None or found[0] not in ("L", "RGB"):
+        return None
+    mode, (width, height), idat = found
+    levels = zip_decode(mode, (width, height), idat)
+    if levels is None:
+        return None
+    levels = np.frombuffer(levels, dtype=np.uint8)
+    return levels.reshape(height, width) if mode == "L" else levels.reshape(height, width, 3)
+
+
+def plain_png_data(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, tuple[int, int], bytes] | None:
+    """A plain PNG's (see plain_png) PIL mode, size and compressed image data (its IDAT chunks joined); None
+    for any other file."""
     pos, end, header, idat = 8, len(data), None, []
     if not data.startswith(READERS[0][0]):
         return None
@@ -126,11 +154,32 @@ def plain_png(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image | Non
             or not 0 < width <= limits.max_side or not 0 < height <= limits.max_side
             or width * height > pixel_limit(limits)):
         return None
-    mode = PLAIN_PNG_MODES[colour]
-    try:
-        return Image.frombytes(mode, (width, height), b"".join(idat), "zip", mode)
-    except (ValueError, OSError):  # short or damaged image data: PIL's reader says what is wrong
+    return PLAIN_PNG_MODES[colour], (width, height), b"".join(idat)
+
+
+def zip_decode(mode: str, size: tuple[int, int], idat: bytes) -> bytes | None:
+    """PNG image data (zlib, filtered rows) -> the pixels' raw bytes in `mode`, or None when they are short or
+    damaged. The C calls of Image.frombytes(mode, size, idat, "zip", mode).tobytes() (PIL's core: its zip
+    decoder into a blank image, its raw encoder out of it) without the Python of building an Image, which
+    for a small picture costs more than the decoding; tests/inference/test_preprocess.py holds it to that."""
+    im = Image.core.fill(mode, size, 0)
+    decoder = Image.core.zip_decoder(mode, mode)
+    decoder.setimage(im, (0, 0, *size))
+    consumed, error = decoder.decode(idat)
+    if consumed >= 0 or error != 0:  # Image.frombytes: "not enough image data" / "cannot decode image data"
         return None
+    encoder = Image.core.raw_encoder(mode, mode)
+    try:
+        encoder.setimage(im, (0, 0, *size))
+        chunks = []
+        while True:
+            _, done, chunk = encoder.encode(max(65536, size[0] * 4))  # tobytes' buffer size
+            chunks.append(chunk)
+            if done:
+                break
+    finally:
+        encoder.cleanup()
+    return b"".join(chunks) if done > 0 else None
 
 
 def picture_to_pixels(img: Image.Image, spec: InputSpec, canonical: bool = False) -> np.ndarray:
@@ -188,7 +237,12 @@ def picture_to_input(img: Image.Image, spec: InputSpec, canonical: bool = False)
     if canonical:
         low, high = spec.value_range
         return normalize(picture_to_pixels(img, spec, canonical) * (high - low) + low, spec)
-    levels = picture_levels(fit_size(picture_in_mode(img, spec), spec))
+    return levels_to_input(picture_levels(fit_size(picture_in_mode(img, spec), spec)), spec)
+
+
+def levels_to_input(levels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A picture's 8-bit levels in the spec's mode and size, uint8 [H, W] (L) or [H, W, 3] (RGB) -> the model's
+    input [C, H, W], each level looked up in `level_table`."""
     table = level_table(spec.channels, tuple(spec.value_range), tuple(spec.mean), tuple(spec.std))
     if levels.ndim == 2:
         return table[0][levels][None]
@@ -261,14 +315,26 @@ def check_values(values: np.ndarray, spec: InputSpec, what: str) -> None:
                          f"the model takes [{low:g}, {high:g}]")
 
 
+def image_to_input(data: bytes, spec: InputSpec, limits: Limits = DEFAULT_LIMITS,
+                   canonical: bool = False) -> np.ndarray:
+    """PNG/JPEG bytes -> the model's input [C, H, W]: picture_to_input(open_image(data)), with a plain PNG already
+    in the spec's mode (grey for one channel, else RGB) and size read straight to its levels (the same numbers)."""
+    if not canonical and len(data) <= limits.max_image_bytes:
+        levels = plain_png_levels(data, limits)
+        if (levels is not None and levels.shape[:2] == (spec.height, spec.width)
+                and (levels.ndim == 2) == (spec.channels == 1)):
+            return levels_to_input(levels, spec)
+    return picture_to_input(open_image(data, limits), spec, canonical)
+
+
 def to_input(value: object, spec: InputSpec, limits: Limits = DEFAULT_LIMITS, canonical: bool = False) -> np.ndarray:
     """One IMAGE as the API takes it (base64 string, raw bytes or nested list) -> float32 [C, H, W];
     `canonical` (the request option "canonicalize") makes it the way the training images were made."""
     check_canonical(canonical, spec)
     if isinstance(value, (bytes, bytearray)):
-        return picture_to_input(open_image(bytes(value), limits), spec, canonical)
+        return image_to_input(bytes(value), spec, limits, canonical)
     if isinstance(value, str):
-        return picture_to_input(open_image(decode_base64(value, limits), limits), spec, canonical)
+        return image_to_input(decode_base64(value, limits), spec, limits, canonical)
     if isinstance(value, list):
         x = array_to_input(value, spec)
         return canonical_input(x, spec) if canonical else x
@@ -288,13 +354,23 @@ def to_batch(images: object, spec: InputSpec, limits: Limits = DEFAULT_LIMITS, c
         raise InputError("batch_too_large", f'"images" holds {len(images)} images; at most {limits.max_batch} '
                          "per request")
     check_canonical(canonical, spec)
-    batch = np.empty((len(images), spec.channels, spec.height, spec.width), dtype=np.float32)
+    shape = (spec.channels, spec.height, spec.width)
+    if len(images) == 1:
+        x = _numbered(0, images[0], spec, limits, canonical)
+        if x.dtype == np.float32 and x.shape == shape:  # one image (most calls): its own array, not a copy
+            return x[None]
+    batch = np.empty((len(images), *shape), dtype=np.float32)
     for i, image in enumerate(images):
-        try:
-            batch[i] = to_input(image, spec, limits, canonical)
-        except InputError as e:
-            raise InputError(e.reason, f"images[{i}]: {e}", e.status) from None
+        batch[i] = x if len(images) == 1 else _numbered(i, image, spec, limits, canonical)
     return batch
+
+
+def _numbered(i: int, image: object, spec: InputSpec, limits: Limits, canonical: bool) -> np.ndarray:
+    """to_input, its refusal naming the image's index."""
+    try:
+        return to_input(image, spec, limits, canonical)
+    except InputError as e:
+        raise InputError(e.reason, f"images[{i}]: {e}", e.status) from None
 
 
 def tensor_to_batch(values: np.ndarray, spec: InputSpec, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:

@@ -39,7 +39,7 @@ from protoserve.errors import InputError
 from protoserve.settings import settings
 from registry.versions import registry_location
 from service.batching import AdaptiveBatcher, Overloaded
-from service.metrics import count_out_of_domain, count_rejection, labelled, metrics, record_answers
+from service.metrics import count_out_of_domain, count_rejection, metrics, observer, record_answers
 from service.middleware import DEFAULT_MAX_BODY_BYTES, RequestGate, ServiceHandle
 from service.open_inference import API as INFER_API
 from service.open_inference import PREFIX as OPEN_INFERENCE_PREFIX
@@ -122,9 +122,7 @@ class Protoserve:
         # Adaptive batching (service/batching.py): concurrent requests share one session run. /predict's
         # batcher counts the answers of each run at once (service/metrics.py); score_batch has its own, which
         # counts scored images instead (service/score_task.py).
-        def observe_batch(size: int) -> None:
-            labelled(metrics().batch_size, *v.model_id).observe(size)
-
+        observe_batch = observer(metrics().batch_size, *v.model_id)
         latency = SETTINGS.max_latency_ms
         v.classify = AdaptiveBatcher(lambda images: self._classify(v, images), MAX_BATCH_SIZE, latency,
                                      observe_batch, coalesce_max_size=SETTINGS.inline_max_size)
@@ -199,15 +197,15 @@ class Protoserve:
         calibration), the answers counted in the metrics. Both are per image and vectorised, so the images of
         a merged batch are judged and counted at once, not request by request."""
         probabilities, distances, *features = v.model.classify(images.astype(np.float32, copy=False), v.features)
-        self._record_answers(v, probabilities, distances)
+        labels, _, nearest = self._record_answers(v, probabilities, distances)
         K, M = probabilities.shape[1], distances.shape[1]
         output = np.empty((len(images), K + M + 2))  # filled column by column: fewer numpy calls than stacking
         output[:, :K], output[:, K:K + M] = probabilities, distances
         if v.domain is None:
             output[:, K + M:] = np.nan
         else:
-            output[:, K + M], output[:, K + M + 1] = v.domain.judge(distances, probabilities.argmax(axis=1),
-                                                                  features[0] if features else None)
+            output[:, K + M], output[:, K + M + 1] = v.domain.judge(distances, labels,
+                                                                  features[0] if features else None, nearest)
         return output
 
     @staticmethod
@@ -242,7 +240,7 @@ class Protoserve:
         except Overloaded as e:
             return self._answer(v, {"error": str(e), "reason": OVERLOADED, "model": v.ref()}, 503)
         probabilities, distances, judged = output[:, :K], output[:, K:-2], output[:, -2:]
-        labelled(metrics().inference_seconds, *v.model_id, "predict").observe(time.perf_counter() - started)
+        observer(metrics().inference_seconds, *v.model_id, "predict")(time.perf_counter() - started)
         answers = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "predict", abstain,
                               judged=judged)
         answer = self._answer(v, {"model": v.ref(), "predictions": answers})
@@ -273,7 +271,7 @@ class Protoserve:
         outputs = {name: value[0] for name, value in v.model.outputs(x[None]).items()}  # one image: no batching
         probabilities, distances = outputs["probabilities"][None], outputs["distances"][None]
         self._record_answers(v, probabilities, distances)
-        labelled(metrics().inference_seconds, *v.model_id, "explain").observe(time.perf_counter() - started)
+        observer(metrics().inference_seconds, *v.model_id, "explain")(time.perf_counter() - started)
         prediction = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "explain", abstain,
                                  outputs[v.features][None] if v.features else None)[0]
         answer = explanation(v.manifest, v.active, outputs, x, k, prediction,
@@ -340,8 +338,9 @@ class Protoserve:
         else:
             labels = np.fromiter((a["label"] for a in answers), dtype=np.int64, count=len(answers))
             in_domain, typicality = v.domain.judge(distances, labels, features if v.features else None)
-        count_out_of_domain(v.model_id, api, int(len(answers) - in_domain.sum()))
-        for answer, inside, typical in zip(answers, in_domain.tolist(), typicality.tolist(), strict=True):
+        in_domain = in_domain.tolist()  # Python's bools: a few images are counted faster than by numpy
+        count_out_of_domain(v.model_id, api, in_domain.count(False))
+        for answer, inside, typical in zip(answers, in_domain, typicality.tolist(), strict=True):
             judge_answer(answer, inside, typical, v.domain.calibration, abstain)
         return answers
 
@@ -366,12 +365,18 @@ class Protoserve:
         return {**error.body(), "model": v.ref()}
 
     @staticmethod
-    def _record_answers(v: ServedVersion, probabilities: np.ndarray, distances: np.ndarray) -> None:
+    def _record_answers(v: ServedVersion, probabilities: np.ndarray,
+                        distances: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Count the answers in the metrics; return what the out-of-domain judgement reads again: the predicted
+        labels, the nearest active prototypes and their distances (nearest_distance's)."""
         # The nearest active prototype: the first smallest distance with masked ones out of reach (the
         # same index as nearest_prototypes_batch's stable order, in one pass).
         masked = np.where(v.active, distances, np.inf)
-        nearest = masked.argmin(axis=1)
-        record_answers(v.model_id, v.manifest.class_names, v.prototype_ids, probabilities, nearest, masked.min(axis=1))
+        nearest_index, nearest = masked.argmin(axis=1), masked.min(axis=1)
+        labels = probabilities.argmax(axis=1)
+        record_answers(v.model_id, v.manifest.class_names, v.prototype_ids, probabilities, nearest_index, nearest,
+                       labels)
+        return labels, nearest_index, nearest
 
 
 def quality_summary(manifest) -> dict | None:

@@ -8,8 +8,10 @@ first use inside the worker (never at import time, which may run before the vari
 
 from __future__ import annotations
 
+import bisect
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,21 +115,47 @@ def _children(metric, labels: tuple[str, ...]):
     return metric.labels(*labels)
 
 
+def observer(histogram, *labels: str) -> Callable[[float], None]:
+    """labelled(histogram, *labels).observe, looked up once per label set: for the histograms every answer
+    updates, `observe_one` on the child."""
+    return _observers(histogram, labels)
+
+
+@functools.cache
+def _observers(histogram, labels: tuple[str, ...]) -> Callable[[float], None]:
+    child = labelled(histogram, *labels)
+    bounds, buckets, total = (getattr(child, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        return child.observe
+    bounds = list(bounds)
+
+    def observe_one(value: float) -> None:
+        """child.observe(value), written as observe writes it (the sum, then the bucket of the first bound >= value)
+        with the bucket found by bisection instead of a loop over the bounds, and the label check done once."""
+        if value != value:  # NaN: in no bucket
+            return child.observe(value)
+        total.inc(value)
+        buckets[bisect.bisect_left(bounds, value)].inc(1)
+
+    return observe_one
+
+
 def record_answers(model: tuple[str, str], class_names: list[str], prototype_ids: list[int],
-                   probabilities, nearest_index, nearest_distance) -> None:
+                   probabilities, nearest_index, nearest_distance, labels=None) -> None:
     """Count one batch of answers: predicted class, confidence, nearest prototype and its distance. A
     batch of several images is counted at once: one update per class, prototype and histogram bucket it
-    holds, not one per image (in multiprocess mode every update writes to the worker's file)."""
+    holds, not one per image (in multiprocess mode every update writes to the worker's file). `labels`:
+    probabilities.argmax(axis=1), when the caller has it."""
     m = metrics()
-    labels = probabilities.argmax(axis=1)
-    confidence, distance = labelled(m.confidence, *model), labelled(m.nearest_distance, *model)
+    labels = probabilities.argmax(axis=1) if labels is None else labels
     if len(labels) == 1:  # one image: the plain updates cost less than the counting below
         label, j = int(labels[0]), int(nearest_index[0])
         labelled(m.predictions, *model, class_names[label]).inc()
         labelled(m.nearest_prototype, *model, str(prototype_ids[j])).inc()
-        confidence.observe(float(probabilities[0, label]))
-        distance.observe(float(nearest_distance[0]))
+        observer(m.confidence, *model)(float(probabilities[0, label]))
+        observer(m.nearest_distance, *model)(float(nearest_distance[0]))
         return
+    confidence, distance = labelled(m.confidence, *model), labelled(m.nearest_distance, *model)
     for label, n in nonzero_counts(labels, len(class_names)):
         labelled(m.predictions, *model, class_names[label]).inc(n)
     for j, n in nonzero_counts(nearest_index, len(prototype_ids)):

@@ -38,7 +38,7 @@ from inference.explain import nearest_prototypes_batch
 from inference.preprocess import parse_top_k, tensor_to_batch, to_batch
 from protoserve.errors import InputError
 from service.batching import Overloaded
-from service.metrics import count_out_of_domain, count_rejection, labelled, metrics
+from service.metrics import count_out_of_domain, count_rejection, metrics, observer
 from service.middleware import DEFAULT_MAX_BODY_BYTES, ServiceHandle, read_body
 from service.openapi import OVERLOADED
 from service.tensors import HEADER_LENGTH, InferRequest, Tensor, encode_response, parse_request
@@ -197,7 +197,7 @@ class OpenInference:
         if request.id is not None:
             header["id"] = request.id
         content, json_length = encode_response(header, [(name, *tensors[name], binary) for name, binary in wanted])
-        labelled(metrics().inference_seconds, *v.model_id, API).observe(time.perf_counter() - started)
+        observer(metrics().inference_seconds, *v.model_id, API)(time.perf_counter() - started)
         headers = dict(v.headers)
         if json_length is None:
             return Response(content, 200, headers, media_type="application/json")

@@ -13,8 +13,9 @@ from bundle.manifest import read_bundle, write_manifest
 from bundle.runtime import classify, open_session, verify_bundle
 from export.calibration import calibrate
 from inference.domain import domain_rule
-from inference.explain import active_mask
+from inference.explain import active_mask, nearest_distance
 from inference.model import load_model
+from protoserve.domain_scores import tail_at
 from scoring.rows import BatchScorer
 from training.mnist import load_split
 
@@ -93,3 +94,32 @@ def test_the_joint_product_scores_as_the_parts_do(tiny_bundle, test_images):
     y = p.argmax(axis=1)
     np.testing.assert_allclose(rule.score(d, y, f), separate.score(d, y, f), rtol=1e-12)
     np.testing.assert_array_equal(rule.judge(d, y, f)[0], separate.judge(d, y, f)[0])
+
+
+def test_a_judgement_given_the_nearest_distances_is_the_same(tiny_bundle, test_images):
+    """The service hands the judgement the nearest distances it has counted already: the same answers bit for
+    bit as the rule finding them itself, in a batch and one image at a time."""
+    manifest = read_bundle(tiny_bundle).manifest
+    active = active_mask(manifest)
+    active[1] = False  # a masked prototype is out of reach in both
+    rule = domain_rule(manifest, active)
+    session, _ = open_session(read_bundle(tiny_bundle).model_path, "cpu")
+    x = np.concatenate([test_images[:100], np.ones((3, 1, 28, 28), np.float32), 1.0 - test_images[:20]])
+    p, d, f = classify(session, x, "latent")
+    y = p.argmax(axis=1)
+    nearest = nearest_distance(d, active)
+    for rows in (slice(None), slice(0, 1), slice(101, 102)):
+        own, given = rule.judge(d[rows], y[rows], f[rows]), rule.judge(d[rows], y[rows], f[rows], nearest[rows])
+        np.testing.assert_array_equal(own[0], given[0])
+        np.testing.assert_array_equal(own[1], given[1])
+
+
+def test_tail_at_is_numpys_interpolation():
+    """tail_at calls np.interp's compiled core directly: the same numbers, edges, ties and NaN included."""
+    quantiles = np.array([0.1, 0.2, 0.2, 0.5, 1.0, 3.0])
+    tails = 1.0 - np.array([0.0, 0.1, 0.3, 0.5, 0.9, 1.0])
+    scores = np.array([-1.0, 0.0, 0.1, 0.15, 0.2, 0.2000001, 0.5, 0.7, 1.0, 2.9, 3.0, 3.5, np.inf, np.nan])
+    np.testing.assert_array_equal(tail_at(scores, quantiles, tails),
+                                  np.interp(scores, quantiles, tails, left=1.0, right=0.0))
+    np.testing.assert_array_equal(tail_at(scores[:1], list(quantiles), tails),
+                                  np.interp(scores[:1], list(quantiles), tails, left=1.0, right=0.0))

@@ -16,12 +16,14 @@ from inference.preprocess import (
     Limits,
     decode_base64,
     denormalize,
+    image_to_input,
     normalize,
     open_image,
     parse_top_k,
     picture_to_input,
     picture_to_pixels,
     plain_png,
+    plain_png_levels,
     tensor_to_batch,
     to_batch,
     to_input,
@@ -216,6 +218,11 @@ def test_plain_pngs_decode_to_the_pixels_of_pils_reader(mode):
                 assert (fast.mode, fast.size) == (reference.mode, reference.size)
                 assert fast.tobytes() == reference.tobytes()
                 assert open_image(data).tobytes() == reference.tobytes()
+                levels = plain_png_levels(data)  # without alpha: read straight to levels, the same bytes
+                if mode in ("L", "RGB"):
+                    assert levels.shape == np.asarray(reference).shape and levels.tobytes() == reference.tobytes()
+                else:
+                    assert levels is None
 
 
 def test_plain_pngs_with_every_row_filter():
@@ -228,6 +235,28 @@ def test_plain_pngs_with_every_row_filter():
         data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"".join(rows))) + \
             png_chunk(b"IEND", b"")
         assert plain_png(data).tobytes() == pil_read(data).tobytes()
+        if colour != 6:
+            assert plain_png_levels(data).tobytes() == pil_read(data).tobytes()
+
+
+def test_pictures_become_the_same_input_with_or_without_an_image_object():
+    """image_to_input reads a plain PNG in the spec's mode and size straight to its levels; every other picture
+    (another mode, size, alpha, JPEG) goes through PIL's image: the same numbers either way."""
+    rng = np.random.default_rng(7)
+    grey = Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L")
+    colour = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), "RGB")
+    for spec, img, fmt in ((MNIST, grey, "PNG"), (NORMALISED, grey, "PNG"), (RGB, colour, "PNG"),
+                           (MNIST, colour.resize((28, 28)), "PNG"), (RGB, grey.resize((4, 4)), "PNG"),
+                           (NORMALISED, grey.resize((30, 30)), "PNG"), (RGB, colour.convert("RGBA"), "PNG"),
+                           (NORMALISED, grey, "JPEG")):
+        data = encode(img, fmt)
+        expected = picture_to_input(open_image(data), spec)
+        x = image_to_input(data, spec)
+        assert x.dtype == expected.dtype and x.shape == expected.shape and np.array_equal(x, expected), (spec, img.mode)
+        assert np.array_equal(to_input(base64.b64encode(data).decode(), spec), expected)
+    data = encode(grey)
+    refused("corrupt_image", image_to_input, data[: len(data) // 2], MNIST)  # truncated: PIL's reader says so
+    refused("image_too_large", image_to_input, data, MNIST, Limits(max_image_bytes=len(data) - 1))
 
 
 def test_other_pngs_are_left_to_pils_reader():
@@ -264,6 +293,12 @@ def test_batches():
     refused("batch_too_large", to_batch, [good] * 3, MNIST, Limits(max_batch=2))
     message = refused("wrong_shape", to_batch, [good, [[0.0]]], MNIST)
     assert message.startswith("images[1]:")
+    assert refused("wrong_shape", to_batch, [[[0.0]]], MNIST).startswith("images[0]:")
+    png, other = encode(digit(255)), encode(digit(90))
+    for images in ([png], [good], [png, other], [other, good, png]):  # one image is its own array: the same numbers
+        batch = to_batch(images, NORMALISED)
+        assert batch.dtype == np.float32 and batch.shape == (len(images), 1, 28, 28) and batch.flags.writeable
+        np.testing.assert_array_equal(batch, np.stack([to_input(image, NORMALISED) for image in images]))
 
 
 def test_top_k():

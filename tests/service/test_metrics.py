@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from service.metrics import DISTANCE_BUCKETS, metrics, observe_many, record_answers
+from service.metrics import CONFIDENCE_BUCKETS, DISTANCE_BUCKETS, metrics, observe_many, observer, record_answers
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple, float]:
@@ -33,6 +33,23 @@ def test_observe_many_is_observe_for_each_value():
     h1.observe(math.nan)  # no bucket, a NaN sum: the same either way
     observe_many(h2, np.array([math.nan]))
     assert samples(one) == pytest.approx(samples(many), nan_ok=True)
+
+
+def test_an_observer_is_observe():
+    """observer(histogram, *labels) writes what the child's observe writes: bounds, between and past them, inf, NaN."""
+    values = [0.0, 0.0005, 0.0007, 1.0, 1.0000001, -3.0, 99.0, 1e9, 7.5, 0.3, 0.3, 20.0, math.inf]
+    values += np.array(values, dtype=np.float32).tolist()
+    for buckets in (DISTANCE_BUCKETS, CONFIDENCE_BUCKETS):
+        one, fast = CollectorRegistry(), CollectorRegistry()
+        h1 = Histogram("d", "distance", ["model"], buckets=buckets, registry=one).labels("m")
+        observe = observer(Histogram("d", "distance", ["model"], buckets=buckets, registry=fast), "m")
+        for value in values:
+            h1.observe(value)
+            observe(value)
+        assert samples(one) == samples(fast)
+        h1.observe(math.nan)
+        observe(math.nan)
+        assert samples(one) == pytest.approx(samples(fast), nan_ok=True)
 
 
 def test_a_batch_is_counted_as_its_images_one_by_one():
