@@ -118,7 +118,10 @@ def plain_png_levels(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray
     if found is None or found[0] not in ("L", "RGB"):
         return None
     mode, (width, height), idat = found
-    levels = zip_decode(mode, (width, height), idat)
+    try:
+        levels = zip_decode(mode, (width, height), idat)
+    except (AttributeError, TypeError):  # a Pillow whose core calls differ: PIL's reader takes the picture
+        return None
     if levels is None:
         return None
     levels = np.frombuffer(levels, dtype=np.uint8)
