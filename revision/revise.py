@@ -28,7 +28,7 @@ from export.build import ExportResult, ParityError, export_bundle
 from protoserve.errors import ProtoserveError
 from protoserve.revision_settings import QueuedRevision, RevisionSettings
 from protoserve.verdicts import FIELDS, Verdict, VerdictError, append_verdicts, check_ids, parse_verdict, read_verdicts
-from registry.store import RegistryError
+from registry.store import RegistryError, VersionRow
 from registry.versions import Registry
 from revision.families import ObjectMasks, revision_family
 from revision.neighbours import write_neighbours
@@ -257,12 +257,13 @@ def revise_version(registry: Registry, job_id: int, parent_version: str, job: Qu
     parent = parent_row(registry, parent_version)
     run = registry.root / "jobs" / str(job_id) / "run"
     consultation = Consultation(job_verdicts(registry, job.verdict_ids), source=f"job {job_id}")
-    row = own_candidate(registry, f"{parent.version}-r{job_id}", job_id)
+    version = f"{parent.version}-r{job_id}"
+    row = own_candidate(registry, version, job_id)
     if row is None:
         report.stage("revising")
         checkpoint = registry.checkpoint_path(parent.version)  # with s3:// versions, downloaded and verified
         result = revise(Parent(checkpoint, f"{parent.name}:{parent.version}", parent.name, parent.version),
-                        job.settings(), consultation, run, data_root=data_root, version=f"{parent.version}-r{job_id}",
+                        job.settings(), consultation, run, data_root=data_root, version=version,
                         resume=(run / STATE_FILE).exists(), progress=report.record, log=report.log)
         report.stage("registering")
         row = registry.register(result.bundle.path, run / "checkpoint.pt", parent=parent.version,
@@ -287,7 +288,7 @@ def revise_version(registry: Registry, job_id: int, parent_version: str, job: Qu
     return outcome
 
 
-def own_candidate(registry: Registry, version: str, job_id: int):
+def own_candidate(registry: Registry, version: str, job_id: int) -> VersionRow | None:
     """The candidate's row when an earlier attempt of this job registered it (its worker was stopped after
     registering, before the job was marked done), else None; RegistryError when the version is registered
     by anything else (another job, or by hand): versions are immutable, and that one is not this job's."""
