@@ -86,6 +86,10 @@ class TrainConfig:
     elastic_sigma: float = 4.0
     elastic_alpha: float = 20.0
     elastic_fade_epochs: int = 0  # > 0: alpha falls linearly to 0 over the last N epochs
+    # with elastic: a random rotation (+- degrees), scaling (1 +- scale) and shift (+- pixels) too
+    affine_degrees: float = 0.0
+    affine_scale: float = 0.0
+    affine_shift: float = 0.0
     seed: int = 0
     checkpoint_every: int = 10
     eval_batch_size: int = 1000
@@ -175,6 +179,8 @@ class Config:
             (m.classifier == "prototypes" or not m.fixed_identity_weights,
              "model.fixed_identity_weights needs classifier 'prototypes'"),
             (0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
+            (0 <= t.affine_degrees <= 180 and 0 <= t.affine_scale < 1 and t.affine_shift >= 0,
+             "train.affine_degrees must be in [0, 180], affine_scale in [0, 1), affine_shift >= 0"),
             (m.n_prototypes > 0 and m.n_classes > 1, "model.n_prototypes must be > 0 and n_classes > 1"),
             (not m.fixed_identity_weights or m.n_prototypes == m.n_classes,
              "model.fixed_identity_weights needs n_prototypes == n_classes"),

@@ -46,12 +46,39 @@ def warp(images: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
     return out * inside.unsqueeze(1).to(out.dtype)
 
 
+def affine_field(angles: torch.Tensor, scales: torch.Tensor, shifts: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The field [B, 2, H, W] of (dy, dx) that reads every output pixel p at c + s R(angle) (p - c)
+    + shift, c the image centre: a rotation (radians) and scaling about the centre, then a shift
+    (pixels, [B, 2] as (dy, dx))."""
+    ys = torch.arange(h, dtype=angles.dtype, device=angles.device).view(1, h, 1) - (h - 1) / 2
+    xs = torch.arange(w, dtype=angles.dtype, device=angles.device).view(1, 1, w) - (w - 1) / 2
+    cos, sin = (scales * torch.cos(angles)).view(-1, 1, 1), (scales * torch.sin(angles)).view(-1, 1, 1)
+    dy = sin * xs + cos * ys - ys + shifts[:, 0].view(-1, 1, 1)
+    dx = cos * xs - sin * ys - xs + shifts[:, 1].view(-1, 1, 1)
+    return torch.stack((dy, dx), dim=1)
+
+
+def random_affine_field(b: int, h: int, w: int, affine: tuple[float, float, float],
+                        generator: torch.Generator | None, device=None) -> torch.Tensor:
+    """A random affine field per image: angle uniform in +-degrees, scale in 1 +- scale, shift in
+    +-shift pixels per axis (affine = (degrees, scale, shift))."""
+    degrees, scale, shift = affine
+    u = torch.rand((b, 4), generator=generator, device=device) * 2 - 1
+    return affine_field(u[:, 0] * degrees * torch.pi / 180, 1 + u[:, 1] * scale, u[:, 2:] * shift, h, w)
+
+
 def elastic_deform(images: torch.Tensor, sigma: float = 4.0, alpha: float = 20.0,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """A fresh random elastic deformation of every image of the batch."""
+                   generator: torch.Generator | None = None,
+                   affine: tuple[float, float, float] | None = None) -> torch.Tensor:
+    """A fresh random elastic deformation of every image of the batch; with `affine` (degrees,
+    scale, shift) a random rotation, scaling and shift too, in the same resampling. Without it the
+    generator draws exactly what it always drew, so earlier runs stay reproducible."""
     b, _, h, w = images.shape
     noise = torch.rand((b, 2, h, w), generator=generator, device=images.device) * 2 - 1
-    return warp(images, displacement_field(noise, sigma, alpha))
+    field = displacement_field(noise, sigma, alpha)
+    if affine is not None and any(affine):
+        field = field + random_affine_field(b, h, w, affine, generator, images.device).to(field.dtype)
+    return warp(images, field)
 
 
 def faded_alpha(alpha: float, epoch: int, epochs: int, fade_epochs: int) -> float:

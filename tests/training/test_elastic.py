@@ -57,3 +57,28 @@ def test_faded_alpha_is_full_until_the_fade_then_falls_towards_zero():
     assert alphas[6:] == sorted(alphas[6:], reverse=True) and alphas[-1] == 20.0 / 5
     assert all(a > 0 for a in alphas)
     assert faded_alpha(20.0, 9, epochs, 0) == 20.0
+
+
+def test_affine_field_shifts_and_rotates_like_the_exact_operations():
+    from training.elastic import affine_field
+
+    images = torch.rand(2, 1, 9, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    one = torch.ones(2, dtype=torch.float64)
+    shift = affine_field(0 * one, one, torch.tensor([[0.0, 1.0], [2.0, 0.0]], dtype=torch.float64), 9, 9)
+    out = warp(images, shift)
+    assert torch.allclose(out[0, 0, :, :-1], images[0, 0, :, 1:]) and torch.all(out[0, 0, :, -1] == 0)
+    assert torch.allclose(out[1, 0, :-2], images[1, 0, 2:]) and torch.all(out[1, 0, -2:] == 0)
+    quarter = affine_field(one * torch.pi / 2, one, torch.zeros(2, 2, dtype=torch.float64), 9, 9)
+    turned = warp(images, quarter)
+    assert any(torch.allclose(turned, torch.rot90(images, k, dims=(2, 3)), atol=1e-9) for k in (1, 3))
+    assert torch.allclose(warp(images, affine_field(0 * one, one, torch.zeros(2, 2, dtype=torch.float64), 9, 9)),
+                          images)
+
+
+def test_affine_is_off_by_default_and_changes_nothing_drawn_before_it():
+    images = torch.rand(3, 1, 28, 28)
+    plain = elastic_deform(images, generator=torch.Generator().manual_seed(5))
+    off = elastic_deform(images, generator=torch.Generator().manual_seed(5), affine=(0.0, 0.0, 0.0))
+    on = elastic_deform(images, generator=torch.Generator().manual_seed(5), affine=(10.0, 0.1, 2.0))
+    assert torch.equal(plain, off)
+    assert not torch.allclose(plain, on)
