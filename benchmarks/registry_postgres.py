@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bundle.manifest import read_bundle, write_manifest  # noqa: E402
-from protoserve.revision_settings import RevisionSettings  # noqa: E402
 from registry.local_postgres import LocalPostgres  # noqa: E402
+from registry.revision_settings import RevisionSettings  # noqa: E402
 from registry.store import Store  # noqa: E402
 from registry.versions import Registry  # noqa: E402
 from service.served_version import ActiveVersionFollower  # noqa: E402

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from protoserve.revision_settings import RevisionSettings
+from registry.revision_settings import RevisionSettings
 from revision.families import ObjectMasks, revision_family_named
 from revision.revise import revise_model
 from revision.rounds import STATE_FILE, RevisionRun, file_consult, simulated_consult

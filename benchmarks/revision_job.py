@@ -30,9 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from protoserve.revision_settings import RevisionSettings  # noqa: E402
 from protoserve.settings import settings  # noqa: E402
-from protoserve.verdicts import verdict  # noqa: E402
+from registry.revision_settings import RevisionSettings  # noqa: E402
+from registry.verdicts import verdict  # noqa: E402
 from registry.versions import Registry  # noqa: E402
 
 SHIPPED = REPO / "models" / "protopnet_mnist"

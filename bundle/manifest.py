@@ -267,10 +267,10 @@ class Lineage(_Strict):
     parent_checkpoint_sha256: str | None = None
     mode: Literal["mask", "prune", "revise", "retrain"]
     rounds: int = Field(ge=0)
-    verdicts: list[dict] = []  # protoserve/verdicts.py objects, in the order they were given
+    verdicts: list[dict] = []  # registry/verdicts.py objects, in the order they were given
     antitypes: list[dict] = []  # {"prototype_id", "round", "vector"[, "source": ProtoPNet (push index, row, col)]}
     masked: list[int] = []
-    config: dict = {}  # the revision settings (protoserve/revision_settings.py RevisionSettings)
+    config: dict = {}  # the revision settings (registry/revision_settings.py RevisionSettings)
     comparison: dict = {}  # accuracies, prototypes moved / masked / changed class, non-object counts
     history: list[dict] = []  # per round: non-object count, verdicts given, accuracies, seconds
 

@@ -107,14 +107,14 @@ def _report(args) -> None:
     print(f"quality written into {Path(args.bundle) / 'manifest.json'}, {report.picture} and {report.page}")
 
 
-# `protoserve revise` flags that set a RevisionSettings field (protoserve/revision_settings.py holds the
+# `protoserve revise` flags that set a RevisionSettings field (registry/revision_settings.py holds the
 # defaults and help); a flag left out takes the field's default.
 SETTINGS_FLAGS = ("mode", "rounds", "all_rounds", "epochs_per_round", "lambda_refine", "lambda_con", "lr_prototypes",
                   "seed", "train_subset")
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
-    from protoserve.revision_settings import RevisionSettings
+    from registry.revision_settings import RevisionSettings
 
     fields = RevisionSettings.model_fields
     for name in SETTINGS_FLAGS:
@@ -133,7 +133,7 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _revise(args) -> None:
-    from protoserve.revision_settings import RevisionSettings
+    from registry.revision_settings import RevisionSettings
     from revision.revise import Consultation, resolve_parent, revise
 
     given = {name: getattr(args, name) for name in (*SETTINGS_FLAGS, "freeze_encoder")}
@@ -277,7 +277,7 @@ def _registry(args) -> None:
         version = args.version or registry.store.active().version
         print(f"written {write_neighbours(registry, version, args.data_root, limit=args.images)}")
     elif args.action == "verdicts":
-        from protoserve.verdicts import FIELDS, parse_verdict
+        from registry.verdicts import FIELDS, parse_verdict
 
         version = args.version or registry.store.active().version
         for row in registry.store.verdicts(version):  # the JSON-lines format `protoserve revise --verdicts` reads

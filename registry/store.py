@@ -9,7 +9,7 @@ One database holds:
     changes    every promote and rollback, in order (who, when, from, to)
     shadow     one row: the version run beside the active one on a sample of live traffic (or none), the
                share sampled; promoting that version ends it
-    verdicts   verdicts on prototypes (protoserve/verdicts.py's format) with the version they were
+    verdicts   verdicts on prototypes (registry/verdicts.py's format) with the version they were
                given on; withdrawn ones keep their row with withdrawn_at set
     jobs       revision jobs: queued -> running (a worker holds a lease it renews) -> done | failed;
                a failed one keeps its technical `error` and the sentence a reviewer reads, `reason`
@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from protoserve.job_failures import failure_reason
-from protoserve.revision_settings import QueuedRevision, RevisionSettings
-from protoserve.verdicts import Verdict
 from registry.errors import RegistryError, RegistryUnavailable
+from registry.job_failures import failure_reason
 from registry.postgres_engine import PostgresEngine
+from registry.revision_settings import QueuedRevision, RevisionSettings
 from registry.sqlite_engine import SQLiteEngine
+from registry.verdicts import Verdict
 
 __all__ = ["DB_FILE", "SWITCH_CHANNEL", "Active", "RegistryError", "RegistryUnavailable", "Store", "VersionRow",
            "database_location"]
@@ -321,7 +321,7 @@ class Store:
     # -- revision jobs -----------------------------------------------------------------------
     def add_job(self, parent: str, settings: RevisionSettings) -> dict:
         """Queue a revision of `parent` using its open verdicts (they are tied to the job, and their ids
-        stored with its settings: protoserve/revision_settings.py QueuedRevision)."""
+        stored with its settings: registry/revision_settings.py QueuedRevision)."""
         with self._write() as db:
             if not db.execute("SELECT 1 FROM versions WHERE version = ?", (parent,)).fetchone():
                 raise RegistryError(f"version {parent!r} is not registered")

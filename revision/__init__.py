@@ -2,4 +2,4 @@
 rounds with masking and pruning (rounds), each concept's file (masking, prune, refine,
 simulated_user, terminal_review), the per-family hooks (families), and the registry job that
 turns a version plus its verdicts into a candidate (job, with its nearest training images:
-neighbours). Its settings are protoserve/revision_settings.py RevisionSettings."""
+neighbours). Its settings are registry/revision_settings.py RevisionSettings."""

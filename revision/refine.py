@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from protoserve.revision_settings import REFINE_EPSILON
+from registry.revision_settings import REFINE_EPSILON
 
 
 def refine_cost(prototypes: torch.Tensor, antitypes: torch.Tensor, eps: float = REFINE_EPSILON) -> torch.Tensor:

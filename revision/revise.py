@@ -26,9 +26,9 @@ import torch
 from bundle.manifest import BundleError, read_bundle, sha256_file
 from export.build import ExportResult, ParityError, export_bundle
 from protoserve.errors import ProtoserveError
-from protoserve.revision_settings import QueuedRevision, RevisionSettings
-from protoserve.verdicts import FIELDS, Verdict, VerdictError, append_verdicts, check_ids, parse_verdict, read_verdicts
+from registry.revision_settings import QueuedRevision, RevisionSettings
 from registry.store import RegistryError, VersionRow
+from registry.verdicts import FIELDS, Verdict, VerdictError, append_verdicts, check_ids, parse_verdict, read_verdicts
 from registry.versions import Registry
 from revision.families import ObjectMasks, revision_family
 from revision.neighbours import write_neighbours
@@ -206,7 +206,7 @@ class ParentError(RegistryError):
     """The job's parent version cannot be revised: no longer registered, or registered without its checkpoint."""
 
 
-# A failure's kind (protoserve/job_failures.py's sentences), first match wins: ParityError before any
+# A failure's kind (registry/job_failures.py's sentences), first match wins: ParityError before any
 # other export error, ParentError before any other registry error.
 FAILURE_KINDS = ((ParityError, "parity"), (BundleError, "verification"), (CheckpointError, "checkpoint"),
                  (ParentError, "parent"), (VerdictError, "verdicts"), (TrainSubsetError, "train_subset"),
@@ -231,7 +231,7 @@ def job_verdicts(registry: Registry, ids: list[int]) -> list[Verdict]:
 
 
 def failure_kind(error: BaseException) -> str:
-    """What kind of failure a job's exception is (a key of protoserve/job_failures.py FAILURES)."""
+    """What kind of failure a job's exception is (a key of registry/job_failures.py FAILURES)."""
     return next((kind for types, kind in FAILURE_KINDS if isinstance(error, types)), "other")
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from protoserve.revision_settings import RevisionSettings, one_line
-from protoserve.verdicts import Verdict, rejected_ids
+from registry.revision_settings import RevisionSettings, one_line
+from registry.verdicts import Verdict, rejected_ids
 from revision.families import ObjectMasks, revision_family
 from revision.masking import fit_last_layer, mask_columns
 from revision.prune import nearest_labels, prune_candidates

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protoserve.verdicts import Verdict, verdict
+from registry.verdicts import Verdict, verdict
 from training.decoy_mnist import corner_slices
 from training.push import object_overlap
 

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from protoserve.verdicts import Verdict, append_verdicts, verdict
+from registry.verdicts import Verdict, append_verdicts, verdict
 from revision.families import revision_family
 
 ANSWERS = {"a": "accept", "r": "reject", "u": "unsure", "s": None, "q": "quit"}

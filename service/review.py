@@ -23,10 +23,10 @@ from starlette.routing import Match
 
 from bundle.families import family
 from bundle.manifest import Bundle, read_bundle
-from protoserve.revision_settings import RevisionSettings
 from protoserve.settings import settings
-from protoserve.verdicts import VerdictError, verdict
+from registry.revision_settings import RevisionSettings
 from registry.store import RegistryError, RegistryUnavailable
+from registry.verdicts import VerdictError, verdict
 from registry.versions import ENV as REGISTRY_ENV
 from registry.versions import Registry, registry_location
 from service.auth import AuthError, require_admin
@@ -150,7 +150,7 @@ CHANGING = {"responses": CHANGE_ERRORS, "dependencies": [Depends(require_admin)]
 
 # -- request bodies ----------------------------------------------------------------------------
 class VerdictIn(BaseModel):
-    """One verdict on one prototype of a version (the format of protoserve/verdicts.py)."""
+    """One verdict on one prototype of a version (the format of registry/verdicts.py)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)  # no false for 0, no "1" for 1
     version: str | None = Field(None, description="the version judged (default: the active one)")
@@ -163,7 +163,7 @@ class VerdictIn(BaseModel):
 
 class JobIn(RevisionSettings):
     """A revision of a version from its checkpoint, using its open verdicts: the revision's settings
-    (protoserve/revision_settings.py) and the version to revise."""
+    (registry/revision_settings.py) and the version to revise."""
 
     parent: str | None = Field(None, description="the version to revise (default: the active one)")
 

@@ -9,7 +9,7 @@ register the candidate, promote if asked and the gates pass) is revision/revise.
 A worker that dies stops renewing its lease: the next claim after the lease ran out resumes the job
 from the revision's last finished round (`revision_last.pt` in the job's folder); a job that has
 outlived MAX_ATTEMPTS workers is marked failed with the reason. A job whose code raises is marked
-failed with the error, and with the one sentence a reviewer reads (protoserve/job_failures.py).
+failed with the error, and with the one sentence a reviewer reads (registry/job_failures.py).
 Nothing is ever left "running" without a live lease.
 """
 
@@ -23,9 +23,9 @@ import traceback
 from dataclasses import asdict
 
 from protoserve.errors import ProtoserveError
-from protoserve.job_failures import failure_reason
-from protoserve.revision_settings import QueuedRevision
 from protoserve.settings import settings as protoserve_settings
+from registry.job_failures import failure_reason
+from registry.revision_settings import QueuedRevision
 from registry.versions import Registry
 from revision.revise import failure_details, failure_kind, revise_version
 from revision.rounds import ProgressEvent

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from protoserve.revision_settings import RevisionSettings
-from protoserve.verdicts import verdict
+from registry.revision_settings import RevisionSettings
+from registry.verdicts import verdict
 from revision.rounds import ProgressEvent, eta_seconds
 from service.served_version import ActiveVersionFollower
 from worker.loop import Heartbeat

@@ -20,11 +20,11 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from bundle.manifest import copy_as_version, read_bundle, sha256_file
-from protoserve.revision_settings import RevisionSettings
 from protoserve.settings import Settings, SettingsError
-from protoserve.verdicts import verdict
 from registry.objects import ChecksumError, ObjectStore, ObjectStoreError
+from registry.revision_settings import RevisionSettings
 from registry.store import RegistryError
+from registry.verdicts import verdict
 from registry.versions import Registry
 from service.demo import running_service
 from service.review import app

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from protoserve.job_failures import FAILURES
-from protoserve.revision_settings import RevisionSettings
-from protoserve.verdicts import verdict
+from registry.job_failures import FAILURES
+from registry.revision_settings import RevisionSettings
 from registry.store import RegistryError, Store
+from registry.verdicts import verdict
 from registry.versions import Registry
 
 

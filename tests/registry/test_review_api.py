@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bundle.manifest import read_bundle
-from protoserve.job_failures import FAILURES
-from protoserve.revision_settings import RevisionSettings
-from protoserve.verdicts import verdict
+from registry.job_failures import FAILURES
+from registry.revision_settings import RevisionSettings
+from registry.verdicts import verdict
 from service.review import app
 
 KEY = "s3cret-admin-key"
@@ -111,7 +111,7 @@ def test_bad_requests_name_the_problem(client):
 
 
 def test_a_job_body_is_the_revision_settings(client):
-    """POST /api/jobs takes protoserve/revision_settings.py RevisionSettings: its refusals name the field."""
+    """POST /api/jobs takes registry/revision_settings.py RevisionSettings: its refusals name the field."""
     http, _ = client
     cases = [({"rounds": 0}, "greater than or equal to 1"), ({"train_subset": 0}, "train subset 0"),
              ({"mode": "erase"}, "'mask', 'prune' or 'revise'"), ({"rounds": "2"}, "valid integer"),

@@ -10,8 +10,8 @@ import pytest
 from tiny_configs import TINY_QUALITY_OPTIONS
 
 from bundle.runtime import verify_bundle
-from protoserve.revision_settings import RevisionSettings
-from protoserve.verdicts import verdict
+from registry.revision_settings import RevisionSettings
+from registry.verdicts import verdict
 from worker.loop import run_worker
 
 REJECTED = (1, 4)

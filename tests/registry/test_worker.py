@@ -12,9 +12,9 @@ import time
 import pytest
 
 from bundle.manifest import copy_as_version
-from protoserve.job_failures import FAILURES
-from protoserve.revision_settings import RevisionSettings
-from protoserve.verdicts import verdict
+from registry.job_failures import FAILURES
+from registry.revision_settings import RevisionSettings
+from registry.verdicts import verdict
 from revision.revise import revise_version
 from worker.loop import run_worker
 

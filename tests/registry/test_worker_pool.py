@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from protoserve.revision_settings import RevisionSettings
-from protoserve.verdicts import verdict
+from registry.revision_settings import RevisionSettings
+from registry.verdicts import verdict
 
 # The claim path under real concurrency is the same on SQLite (one write lock) and tested there through
 # test_registry.py's claimants; the processes here are the PostgreSQL deployment's shape.

@@ -7,9 +7,9 @@ import torch
 
 from bundle.manifest import BundleError
 from export.build import ExportError, ParityError
-from protoserve.job_failures import FAILURES, failure_reason
-from protoserve.verdicts import VerdictError
+from registry.job_failures import FAILURES, failure_reason
 from registry.store import RegistryError
+from registry.verdicts import VerdictError
 from revision.revise import ParentError, TrainSubsetError, failure_details, failure_kind
 from training.checkpoint import CheckpointError
 from training.datasets import DatasetError

@@ -7,7 +7,7 @@ import pytest
 
 from bundle.manifest import read_bundle
 from cli.main import main
-from protoserve.verdicts import read_verdicts, verdict
+from registry.verdicts import read_verdicts, verdict
 from revision.terminal_review import terminal_consult
 from training.checkpoint import load_checkpoint
 from training.train_protopnet import load_run_data

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_configs import tiny_protopnet_dict
 
-from protoserve.revision_settings import RevisionSettings
+from registry.revision_settings import RevisionSettings
 from revision.families import ObjectMasks
 from revision.rounds import RevisionRun, simulated_consult
 from training.checkpoint import load_checkpoint
@@ -57,7 +57,7 @@ def test_rounds_reduce_the_non_object_count_and_grow_the_antitypes(tmp_path, dec
 @pytest.mark.slow
 @pytest.mark.parametrize("freeze_encoder", [True, False])
 def test_resume_between_rounds_is_exact(tmp_path, decoy_protopnet, freeze_encoder):
-    from protoserve.verdicts import verdict
+    from registry.verdicts import verdict
     from revision.rounds import file_consult
 
     def consult():  # a rejection in each round, so both rounds train
@@ -87,7 +87,7 @@ def test_resume_between_rounds_is_exact(tmp_path, decoy_protopnet, freeze_encode
 
 @pytest.mark.slow
 def test_all_rounds_trains_on_after_a_round_that_rejects_nothing(tmp_path, decoy_protopnet):
-    from protoserve.verdicts import verdict
+    from registry.verdicts import verdict
     from revision.rounds import file_consult
 
     def consult():  # round 1 rejects prototype 0, round 2 rejects nothing
@@ -123,7 +123,7 @@ def test_a_state_written_before_a_setting_existed_resumes_with_its_default(tmp_p
 
 
 def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path, tiny_checkpoint, mnist_root):
-    from protoserve.verdicts import verdict
+    from registry.verdicts import verdict
     from revision.refine import refine_cost
     from revision.rounds import file_consult
     from training.mnist import load_mnist
@@ -153,7 +153,7 @@ def test_prototypedl_rejected_prototypes_move_away_from_their_antitypes(tmp_path
 
 def test_prototypedl_with_the_encoder_trained_keeps_its_decoder(tmp_path, tiny_checkpoint, mnist_root):
     """The decoder draws what the person judged: it stays as it was while the encoder trains."""
-    from protoserve.verdicts import verdict
+    from registry.verdicts import verdict
     from revision.rounds import file_consult
     from training.mnist import load_mnist
 

@@ -8,8 +8,8 @@ import torch
 from bundle.runtime import open_session
 from export.build import export_bundle
 from export.onnx_export import PROTOTYPE_INITIALIZER, prototype_vectors, replace_initializer
-from protoserve.revision_settings import RevisionSettings
-from protoserve.verdicts import verdict
+from registry.revision_settings import RevisionSettings
+from registry.verdicts import verdict
 from revision.rounds import RevisionRun, file_consult
 from training.checkpoint import load_checkpoint
 from training.splits import Split

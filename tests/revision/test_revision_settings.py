@@ -3,7 +3,7 @@ registry's stored job parsed back into the object it was stored from."""
 
 import pytest
 
-from protoserve.revision_settings import QueuedRevision, RevisionSettings, RevisionSettingsError
+from registry.revision_settings import QueuedRevision, RevisionSettings, RevisionSettingsError
 
 
 def test_bad_settings_are_one_readable_line():

@@ -4,7 +4,7 @@ lineage names its parent, keeps every prototype id and records the verdicts that
 from pathlib import Path
 
 from bundle.runtime import verify_bundle
-from protoserve.verdicts import read_verdicts, rejected_ids
+from registry.verdicts import read_verdicts, rejected_ids
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "protopnet_decoy_mnist"
 
@@ -27,6 +27,6 @@ def test_revised_bundle_traces_back_to_its_parent_and_verdicts():
 
 
 def read_verdicts_line(raw: dict) -> str:
-    from protoserve.verdicts import parse_verdict
+    from registry.verdicts import parse_verdict
 
     return parse_verdict(raw, "lineage").to_json()

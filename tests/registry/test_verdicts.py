@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from protoserve.verdicts import (
+from registry.verdicts import (
     VerdictError,
     append_verdicts,
     check_ids,
