@@ -14,9 +14,12 @@ is never activated, and the active one stays.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 from bundle.manifest import Bundle, BundleError
@@ -73,7 +76,6 @@ class Registry:
                  status: str = "registered", lineage: dict | None = None, job_id: int | None = None) -> VersionRow:
         """Verify the bundle, copy it (and its checkpoint) into the registry, record the version."""
         checked, _ = verify_bundle(bundle)
-        m = checked.manifest
         lineage = lineage if lineage is not None else _manifest_lineage(checked)
         if parent is None and (lineage or {}).get("parent"):
             parent = lineage["parent"].rpartition(":")[2]  # the lineage names the parent as name:version
@@ -81,18 +83,40 @@ class Registry:
             raise RegistryError(f"{checkpoint}: checkpoint file not found")
         if is_remote(self.versions_url):
             return self._register_remote(checked, checkpoint, parent, status, lineage, job_id)
+        with self._folder_lock():
+            return self._register_folder(checked, checkpoint, parent, status, lineage, job_id)
+
+    @contextlib.contextmanager
+    def _folder_lock(self):
+        """One register at a time into this versions folder (every process on this host, and on others where
+        a shared file system honours flock): two registers of one version would remove each other's files."""
+        folder = Path(self.versions_url)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".register.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _register_folder(self, checked: Bundle, checkpoint: str | Path | None, parent: str | None, status: str,
+                         lineage: dict | None, job_id: int | None) -> VersionRow:
+        """Copy the verified bundle (and checkpoint) into versions/<version>/, then write the row."""
+        m = checked.manifest
         target = self.version_dir(m.version)
+        if self.store.find_version(m.version) is not None:
+            raise RegistryError(f"version {m.version!r} is registered already ({target}); versions are immutable")
         if target.exists():
-            if self.store.find_version(m.version) is not None:
-                raise RegistryError(f"version {m.version!r} is registered already ({target}); versions are immutable")
             shutil.rmtree(target)  # the files of a register killed before it wrote the row: never a version
-        staging = target.with_name(f".{m.version}.staging")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(checked.path, staging / "bundle")
-        if checkpoint is not None:
-            shutil.copy2(checkpoint, staging / "checkpoint.pt")
-        verify_bundle(staging / "bundle")  # the copy is what will be served
-        os.replace(staging, target)
+        staging = target.with_name(f".{m.version}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            shutil.copytree(checked.path, staging / "bundle")
+            if checkpoint is not None:
+                shutil.copy2(checkpoint, staging / "checkpoint.pt")
+            verify_bundle(staging / "bundle")  # the copy is what will be served
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         try:
             return self.store.add_version(m.version, m.name, m.family, str(target / "bundle"),
                                           str(target / "checkpoint.pt") if checkpoint is not None else None,

@@ -226,3 +226,36 @@ def test_workers_claiming_at_once_never_share_a_job(two_versions):
     every = [i for ids in claimed.values() for i in ids]
     assert sorted(every) == queued  # all claimed, none twice
     assert {j["id"]: j["worker"] for j in registry.store.jobs()} == {i: w for w, ids in claimed.items() for i in ids}
+
+
+def _register_after(barrier, root: str, bundle: str, results) -> None:
+    registry = Registry(root)
+    barrier.wait()
+    try:
+        results.put(("ok", registry.register(bundle).version))
+    except RegistryError as e:
+        results.put(("refused", str(e)))
+
+
+@pytest.mark.registry_engines("sqlite")
+def test_registers_of_one_version_at_once_leave_one_whole_version(registry_engine, tiny_bundle, tmp_path):
+    """Four processes register the same version at the same moment: one wins, the others are told it is
+    registered already, and the winner's files are whole (no register removed another's folder)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    for attempt in range(3):
+        root = tmp_path / f"registry{attempt}"
+        Registry(root)  # the database exists before the racers open it
+        barrier, results = context.Barrier(4), context.Queue()
+        racers = [context.Process(target=_register_after, args=(barrier, str(root), str(tiny_bundle), results))
+                  for _ in range(4)]
+        for p in racers:
+            p.start()
+        outcomes = [results.get(timeout=120) for _ in racers]
+        for p in racers:
+            p.join(timeout=60)
+        assert sorted(kind for kind, _ in outcomes) == ["ok", "refused", "refused", "refused"], outcomes
+        assert all("registered already" in text for kind, text in outcomes if kind == "refused"), outcomes
+        assert Registry(root).verify("0.1.0").manifest.version == "0.1.0"
+        assert not list((root / "versions").glob(".*staging*"))
