@@ -1,9 +1,9 @@
 """The PrototypeDL paper's ablation (Li et al. 2018, "Case study 1"), on one schedule and budget.
 
-    python benchmarks/ablation.py [--seeds 0 1] [--jobs 2] [--epochs N] [--out runs/ablation]
+    python benchmarks/ablation.py [--base CONFIG] [--seeds 0 1] [--jobs 2] [--epochs N] [--out runs/ablation]
 
 Three variants of the same model, trained by the same trainer (`protoserve train`) on the same
-schedule (configs/prototypedl_mnist_headline.yaml), each under every seed:
+schedule (--base, default configs/prototypedl_mnist_headline.yaml), each under every seed:
     prototypedl               the paper's network (autoencoder + prototype layer, four-term loss)
     fc_instead_of_prototypes  the prototype layer replaced by a fully connected layer of the same
                               width (15); decoder and its loss term R kept (R1, R2 need prototypes)
@@ -38,9 +38,9 @@ VARIANTS = {
 PAPER = {"prototypedl": 0.9922, "fc_instead_of_prototypes": 0.9924, "plain_cnn": 0.9923}  # test accuracy
 
 
-def run_config(variant: str, seed: int, epochs: int | None, train_subset: int | None) -> dict:
+def run_config(base: Path, variant: str, seed: int, epochs: int | None, train_subset: int | None) -> dict:
     """The base schedule with the variant's model and the seed (epochs and subset: a quick look only)."""
-    config = yaml.safe_load(BASE.read_text())
+    config = yaml.safe_load(base.read_text())
     config["model"].update(VARIANTS[variant])
     config["train"]["seed"] = seed
     if epochs is not None:
@@ -143,6 +143,7 @@ def plot(runs: dict[str, list[Path]], png: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=Path, default=BASE, help="the schedule every variant is trained on")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each)")
@@ -155,7 +156,7 @@ def main() -> None:
 
     started = time.perf_counter()
     out = Path(args.out)
-    runs = {out / f"{v}_seed{s}": (v, run_config(v, s, args.epochs, args.train_subset))
+    runs = {out / f"{v}_seed{s}": (v, run_config(args.base, v, s, args.epochs, args.train_subset))
             for v in args.variants for s in args.seeds}
     train_all({run: config for run, (_, config) in runs.items()}, args.jobs, args.data_root)
 
