@@ -99,6 +99,11 @@ class TrainConfig:
     # optimizers, schedules and RNGs start afresh. --resume continues the run's own last.pt instead.
     init_from: str | None = None
 
+    @property
+    def affine(self) -> tuple[float, float, float]:
+        """(degrees, scale, shift): what training/elastic.py elastic_deform takes."""
+        return self.affine_degrees, self.affine_scale, self.affine_shift
+
 
 @dataclass
 class OutlierExposureConfig:

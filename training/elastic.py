@@ -77,7 +77,7 @@ def elastic_deform(images: torch.Tensor, sigma: float = 4.0, alpha: float = 20.0
     noise = torch.rand((b, 2, h, w), generator=generator, device=images.device) * 2 - 1
     field = displacement_field(noise, sigma, alpha)
     if affine is not None and any(affine):
-        field = field + random_affine_field(b, h, w, affine, generator, images.device).to(field.dtype)
+        field = field + random_affine_field(b, h, w, affine, generator, images.device)
     return warp(images, field)
 
 

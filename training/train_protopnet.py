@@ -145,8 +145,7 @@ class ProtoPNetTrainer(ResumableRun):
             x = train.images[idx].to(self.device)
             y = train.labels[idx].to(self.device)
             if self.elastic:
-                x = elastic_deform(x, t.elastic_sigma, alpha, generator=self.augment_rng,
-                                   affine=(t.affine_degrees, t.affine_scale, t.affine_shift))
+                x = elastic_deform(x, t.elastic_sigma, alpha, generator=self.augment_rng, affine=t.affine)
             out = module(x)
             terms = protopnet_loss(out, y, self.model, self.config.loss)
             total, floats = terms.total, terms.as_floats()

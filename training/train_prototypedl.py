@@ -134,8 +134,7 @@ class PrototypeDLTrainer(ResumableRun):
             x = train.images[idx].to(self.device)
             y = train.labels[idx].to(self.device)
             if self.elastic:
-                x = elastic_deform(x, t.elastic_sigma, alpha, generator=self.augment_rng,
-                                   affine=(t.affine_degrees, t.affine_scale, t.affine_shift))
+                x = elastic_deform(x, t.elastic_sigma, alpha, generator=self.augment_rng, affine=t.affine)
             out = self.model(x)
             terms = prototypedl_loss(out, x, y, loss_cfg)
             total = terms.total
