@@ -98,6 +98,9 @@ class Settings:
                                        "registry directory)", repr=False)
     poll_seconds: float = _setting(0.5, _number(float, 0.01), "seconds between two reads of the registry's "
                                    "generation counter (registry mode)")
+    prefetch_versions: int = _setting(3, _number(int, 0), "s3:// versions: how many of the newest never-active "
+                                      "versions a replica downloads before they are promoted (besides the "
+                                      "rollback target; 0: only the rollback target)")
     # Where versions live (registry mode): registry/objects.py
     versions_url: str | None = _setting(None, _versions_url, "where the registry keeps its versions' bundles and "
                                         "checkpoints: a folder, or s3://bucket/prefix (default: versions/ in "

@@ -12,7 +12,9 @@ against the pin and reads it (bundle/manifest.py read_manifest), downloads the f
 private folder, checks each one's sha256, and only then moves the folder into place. A tampered or
 truncated object is refused with a ChecksumError naming it; nothing half-downloaded is ever in the
 cache. A version is immutable, so a cached copy is never fetched again (loading it reads and checks
-it once more: bundle/manifest.py read_bundle).
+it once more: bundle/manifest.py read_bundle). Service replicas fetch the versions likely to be
+activated next before anyone promotes them (service/served_version.py); a promote that arrives while
+that download is under way waits for it instead of starting another.
 
 The endpoint is PROTOSERVE_S3_ENDPOINT_URL (else boto3's own: AWS_ENDPOINT_URL_S3, or AWS); the
 credentials are boto3's (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, an instance role)
@@ -25,6 +27,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -95,6 +98,8 @@ class ObjectStore:
         self.endpoint_url = endpoint_url if endpoint_url is not None else s.s3_endpoint_url
         self.cache = Path(cache_dir if cache_dir is not None else s.cache_dir).expanduser()
         self.client = s3_client(self.endpoint_url)  # thread-safe: the transfers below share it
+        self._fetching: dict[str, threading.Lock] = {}  # pin -> held while this process downloads it
+        self._guard = threading.Lock()
 
     # Writing a version (the registering host)
 
@@ -121,8 +126,12 @@ class ObjectStore:
     def bundle(self, location: str) -> Path:
         """The local, verified copy of the bundle at a pinned URL: from the cache, else downloaded."""
         url, pin = unpin(location)
-        if pin is not None and (self.cache / "bundles" / pin).is_dir():
-            return self.cache / "bundles" / pin
+        with self._one_download(pin):  # a prefetch under way: wait for it rather than fetch twice
+            if pin is not None and (self.cache / "bundles" / pin).is_dir():
+                return self.cache / "bundles" / pin
+            return self._download_bundle(url, pin)
+
+    def _download_bundle(self, url: ObjectUrl, pin: str | None) -> Path:
         with self._download() as folder:
             manifest_path = folder / MANIFEST_FILE
             self._get(url.child(MANIFEST_FILE), manifest_path, pin)
@@ -152,6 +161,17 @@ class ObjectStore:
         if sha256 is not None and found != sha256:
             raise ChecksumError(f"{url}: sha256 {found[:12]}... is not the {sha256[:12]}... its manifest (or "
                                 "registry row) names: damaged, truncated or edited in the object store")
+
+    @contextmanager
+    def _one_download(self, pin: str | None) -> Iterator[None]:
+        """Held while this process downloads the object pinned to `pin` (None: nothing to share)."""
+        if pin is None:
+            yield
+            return
+        with self._guard:
+            lock = self._fetching.setdefault(pin, threading.Lock())
+        with lock:
+            yield
 
     @contextmanager
     def _download(self) -> Iterator[Path]:

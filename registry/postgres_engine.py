@@ -6,8 +6,8 @@ error). Reads run in autocommit; a write is one transaction that locks the rows 
 changing them (`for_update`: the single `active` row on promote and rollback, a job on heartbeat),
 and `claim_job` takes the oldest free job with `FOR UPDATE SKIP LOCKED`, so two workers never claim
 the same one and never wait on each other. Migrations run once per process under an advisory lock,
-so replicas starting together apply each one once. A promote or rollback sends NOTIFY in its own
-transaction (delivered at commit); followers LISTEN on a connection of their own.
+so replicas starting together apply each one once. A register, promote or rollback sends NOTIFY in its
+own transaction (delivered at commit); followers LISTEN on a connection of their own.
 
 Queries are written once, in registry/store.py, with `?` placeholders; `_Connection` turns them
 into psycopg's `%s`.
@@ -128,7 +128,7 @@ class PostgresEngine:
     for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
     migrations = MIGRATIONS
-    pushes_switches = True  # NOTIFY on promote and rollback; followers LISTEN
+    pushes_switches = True  # NOTIFY on register, promote and rollback; followers LISTEN
 
     def __init__(self, url: str):
         self.url = url
@@ -178,18 +178,20 @@ class PostgresEngine:
         """Tell every listener, when this transaction commits (and only if it does)."""
         db.execute("SELECT pg_notify(?, ?)", (channel, payload))
 
-    def listen(self, channel: str, on_notify: Callable[[str], None], stop: threading.Event) -> None:
-        """Call `on_notify(payload)` for every notification on `channel` until `stop` is set (blocks; run it
-        in a thread). After a lost connection it reconnects, and calls on_notify("") once connected again
-        so that a caller checks what it missed meanwhile."""
+    def listen(self, channels: dict[str, Callable[[str], None]], stop: threading.Event) -> None:
+        """Call `channels[channel](payload)` for every notification on one of the channels until `stop` is set
+        (blocks; run it in a thread). After a lost connection it reconnects, and calls each one with "" once
+        connected again so that a caller checks what it missed meanwhile."""
         while not stop.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-                    conn.execute(f"LISTEN {channel}")
-                    on_notify("")
+                    for channel in channels:
+                        conn.execute(f"LISTEN {channel}")
+                    for on_notify in channels.values():
+                        on_notify("")
                     while not stop.is_set():
                         for notification in conn.notifies(timeout=0.5):
-                            on_notify(notification.payload)
+                            channels[notification.channel](notification.payload)
             except psycopg.Error as e:
                 log.warning("protoserve: listening on %s failed (%s); the poll goes on, retrying in 1 s", self.where,
                             one_line(e))

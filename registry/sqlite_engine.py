@@ -134,7 +134,7 @@ class SQLiteEngine:
     def notify(self, db: sqlite3.Connection, channel: str, payload: str) -> None:
         """No push on SQLite: followers poll the generation counter."""
 
-    def listen(self, channel: str, on_notify: Callable[[str], None], stop) -> None:
+    def listen(self, channels: dict[str, Callable[[str], None]], stop) -> None:
         """Returns at once: nothing is pushed (pushes_switches is False)."""
 
     def close(self) -> None:

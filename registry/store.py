@@ -5,7 +5,8 @@ One database holds:
     versions   immutable bundle versions: bundle and checkpoint paths, parent, lineage, status
     active     one row: the active version, the previous one and a generation counter that every
                promote and rollback increments (service workers poll it to follow the active model,
-               and on PostgreSQL also hear it: a NOTIFY on SWITCH_CHANNEL, sent in the same transaction)
+               and on PostgreSQL also hear it: a NOTIFY on SWITCH_CHANNEL, sent in the same transaction;
+               a register sends one on REGISTER_CHANNEL, so that replicas can fetch the version early)
     changes    every promote and rollback, in order (who, when, from, to)
     shadow     one row: the version run beside the active one on a sample of live traffic (or none), the
                share sampled; promoting that version ends it
@@ -41,11 +42,12 @@ from registry.revision_settings import QueuedRevision, RevisionSettings
 from registry.sqlite_engine import SQLiteEngine
 from registry.verdicts import Verdict
 
-__all__ = ["DB_FILE", "SWITCH_CHANNEL", "Active", "RegistryError", "RegistryUnavailable", "Store", "VersionRow",
-           "database_location"]
+__all__ = ["DB_FILE", "REGISTER_CHANNEL", "SWITCH_CHANNEL", "Active", "RegistryError", "RegistryUnavailable", "Store",
+           "VersionRow", "database_location"]
 
 DB_FILE = "registry.sqlite"
 SWITCH_CHANNEL = "protoserve_active"  # PostgreSQL: NOTIFY on promote and rollback, the new generation as payload
+REGISTER_CHANNEL = "protoserve_registered"  # and on register, the new version as payload
 TABLES = {"schema_version": "version", "versions": "version", "active": "id", "shadow": "id", "changes": "id",
           "verdicts": "id", "jobs": "id"}  # each with the key it is listed by
 
@@ -147,6 +149,7 @@ class Store:
                                 _dump(metrics), job_id, now())).fetchone()
             if added is None:
                 raise RegistryError(f"version {version!r} is registered already (versions are immutable)")
+            self.engine.notify(db, REGISTER_CHANNEL, version)  # replicas may fetch it before it is promoted
         return self.version(version)
 
     def version(self, version: str) -> VersionRow:
@@ -165,6 +168,13 @@ class Store:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM versions ORDER BY created_at, version").fetchall()
         return [_version_row(r) for r in rows]
+
+    def never_active(self, newest: int) -> list[str]:
+        """The `newest` most recently registered versions that no promote or rollback ever made active."""
+        with self._connect() as db:
+            rows = db.execute("SELECT version FROM versions WHERE version NOT IN (SELECT version FROM changes) "
+                              "ORDER BY created_at DESC, version DESC LIMIT ?", (newest,)).fetchall()
+        return [row["version"] for row in rows]
 
     def lineage(self, version: str) -> list[VersionRow]:
         """The version, its parent, its parent's parent, ... up to a version with no parent."""
@@ -188,10 +198,15 @@ class Store:
         """True when the database tells listeners about a promote or rollback (PostgreSQL's NOTIFY)."""
         return self.engine.pushes_switches
 
-    def listen_for_switches(self, on_switch: Callable[[str], None], stop: threading.Event) -> None:
-        """Block until `stop` is set, calling on_switch(new generation) after every promote and rollback, and
-        on_switch("") after each (re)connection; returns at once when the database pushes nothing (SQLite)."""
-        self.engine.listen(SWITCH_CHANNEL, on_switch, stop)
+    def listen_for_switches(self, on_switch: Callable[[str], None], stop: threading.Event,
+                            on_register: Callable[[str], None] | None = None) -> None:
+        """Block until `stop` is set, calling on_switch(new generation) after every promote and rollback,
+        on_register(version) after every register, and each with "" after every (re)connection; returns at
+        once when the database pushes nothing (SQLite)."""
+        channels = {SWITCH_CHANNEL: on_switch}
+        if on_register is not None:
+            channels[REGISTER_CHANNEL] = on_register
+        self.engine.listen(channels, stop)
 
     def generation(self) -> tuple[int, str | None]:
         """(generation, active version): what a service worker polls."""

@@ -149,6 +149,26 @@ class Registry:
             return None
         return self.objects.file(location) if is_remote(location) else Path(location)
 
+    def likely_next(self, newest: int) -> list[str]:
+        """The versions a promote or rollback may make active next: the previous one, then the `newest` most
+        recently registered that no promote or rollback ever made active."""
+        previous = self.store.active().previous
+        return ([previous] if previous else []) + self.store.never_active(newest)
+
+    def prefetch(self, versions: list[str]) -> dict[str, str]:
+        """Bring these versions' s3:// bundles into this host's verified cache now, so that activating one
+        later waits on no download (folder versions are local already). Returns {version: why not} for
+        the ones that could not be fetched (a damaged object: its promote is refused the same way)."""
+        failed = {}
+        for version in versions:
+            try:
+                location = self.store.version(version).bundle
+                if is_remote(location):
+                    self.objects.bundle(location)
+            except (RegistryError, BundleError) as e:
+                failed[version] = str(e)
+        return failed
+
     def verify(self, version: str) -> Bundle:
         """Verify a registered version's bundle now (RegistryError naming the problem)."""
         try:

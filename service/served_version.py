@@ -10,7 +10,10 @@ In registry mode (PROTOSERVE_REGISTRY) a background task polls the registry's ge
 every PROTOSERVE_POLL_SECONDS (protoserve/settings.py): one indexed single-row read, off the request path, so
 /predict pays nothing for it. On PostgreSQL a thread also LISTENs for the NOTIFY a promote or rollback
 sends when it commits and wakes the task at once; the poll stays, for a notification lost with its
-connection. A new generation loads the active version in a thread (checksums,
+connection. With s3:// versions the follower also downloads, in the background, the versions a promote
+may pick next (the rollback target and the newest never-active ones, PROTOSERVE_PREFETCH_VERSIONS):
+once at start and, on PostgreSQL, whenever a version is registered; so a switch waits on no download.
+A new generation loads the active version in a thread (checksums,
 golden probe, warm-up) while the old one keeps answering, then swaps. A version that fails to load
 (with s3:// versions: one whose download fails or does not match its checksums, registry/objects.py)
 is logged, counted in protoserve_version_refusals_total, shown in /metadata, and skipped until the
@@ -124,8 +127,25 @@ class ActiveVersionFollower:
         self.loop = asyncio.get_running_loop()
         self.task = self.loop.create_task(self.run(), name="protoserve-follow-registry")
         if self.registry.store.pushes_switches:
-            threading.Thread(target=self.registry.store.listen_for_switches, args=(self.heard, self.stop),
+            threading.Thread(target=self.registry.store.listen_for_switches,
+                             args=(self.heard, self.stop, self.registered),
                              daemon=True, name="protoserve-listen-registry").start()
+        else:
+            self.registered("")
+
+    def registered(self, version: str) -> None:
+        """From the listening thread (and once at start): a version was registered ("": maybe some were).
+        Downloads the versions likely to be activated next, in a thread of its own, so a promote finds
+        them in the cache (s3:// versions; folder versions are local already)."""
+        threading.Thread(target=self.prefetch, daemon=True, name="protoserve-prefetch").start()
+
+    def prefetch(self) -> None:
+        try:
+            versions = self.registry.likely_next(settings().prefetch_versions)
+            for version, why in self.registry.prefetch(versions).items():
+                log.warning("protoserve: version %s not fetched ahead of a promote: %s", version, why)
+        except Exception as e:  # a registry that cannot be read now: the promote downloads what it needs
+            log.warning("protoserve: fetching versions ahead of a promote failed: %s", e)
 
     def heard(self, generation: str) -> None:
         """From the listening thread: the database says the active version changed (or it reconnected)."""

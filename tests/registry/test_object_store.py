@@ -75,6 +75,32 @@ def test_register_uploads_and_a_fresh_cache_downloads_and_verifies(bucket, s3, t
         writer.register(tiny_bundle, tiny_checkpoint)
 
 
+def test_a_replica_fetches_the_versions_a_promote_may_pick_before_anyone_promotes(bucket, s3, tiny_bundle,
+                                                                                   tiny_checkpoint, tmp_path):
+    """The rollback target and the newest never-active versions are fetched into the cache ahead of a promote
+    (the active one and old released ones are not); a damaged one is named, not cached, and the rest still
+    arrive."""
+    url = f"s3://{bucket}/v"
+    writer = replica(tmp_path / "registry", url, tmp_path / "cache-writer")
+    writer.register(tiny_bundle, tiny_checkpoint)
+    for version in ("0.2.0", "0.3.0", "0.4.0", "0.5.0"):
+        writer.register(copy_as_version(tiny_bundle, version, tmp_path / version), tiny_checkpoint, parent="0.1.0")
+    writer.store.activate("0.1.0")
+    writer.store.activate("0.2.0")  # released, and the rollback target once 0.3.0 is active
+    writer.store.activate("0.3.0")
+    serving = replica(tmp_path / "registry", url, tmp_path / "cache-replica")
+    assert serving.likely_next(2) == ["0.2.0", "0.5.0", "0.4.0"]
+    assert serving.likely_next(0) == ["0.2.0"]
+    assert serving.likely_next(9) == ["0.2.0", "0.5.0", "0.4.0"]  # 0.1.0 and 0.3.0 were active once
+
+    flip_a_byte(s3, bucket, "v/0.4.0/bundle/model.onnx")
+    failed = serving.prefetch(serving.likely_next(2))
+    assert list(failed) == ["0.4.0"] and "sha256" in failed["0.4.0"], failed
+    cached = {p.name for p in (tmp_path / "cache-replica" / "bundles").iterdir()}
+    assert cached == {sha256_file(tmp_path / v / "manifest.json") for v in ("0.2.0", "0.5.0")}
+    assert [p.name for p in (tmp_path / "cache-replica").iterdir() if p.name.startswith(".")] == []  # no leftovers
+
+
 def test_a_flipped_byte_is_refused_and_the_old_version_keeps_serving(bucket, s3, tiny_bundle, tiny_checkpoint,
                                                                       tmp_path):
     url = f"s3://{bucket}/v"
@@ -242,7 +268,7 @@ def test_two_replicas_one_refuses_a_damaged_download_and_keeps_serving(bucket, s
                                                                        tmp_path):
     """Two `bentoml serve` replicas, each with its own cache, on one registry and one object store, under load.
     Replica A shares the promoting host's cache, which checked version 0.2.0 before its object was damaged;
-    replica B downloads the damaged object, refuses it and keeps serving 0.1.0."""
+    replica B (started after the damage) downloads the damaged object, refuses it and keeps serving 0.1.0."""
     url = f"s3://{bucket}/v"
     writer = replica(tmp_path / "registry", url, tmp_path / "cache-a")
     writer.register(tiny_bundle, tiny_checkpoint)
@@ -257,11 +283,12 @@ def test_two_replicas_one_refuses_a_damaged_download_and_keeps_serving(bucket, s
                 "PROTOSERVE_CACHE_DIR": str(tmp_path / cache), "PROTOSERVE_WORKERS": str(workers),
                 "PROTOSERVE_POLL_SECONDS": "0.2", "BENTOML_HOME": str(tmp_path / f"bentoml-{cache}")}
 
+    writer.verify("0.2.0")  # the promote's check passes on the promoting host's download ...
+    flip_a_byte(s3, bucket, "v/0.2.0/bundle/model.onnx")  # ... then the object is damaged (before replica B
+    # starts: a replica fetches the versions a promote may pick next as soon as it runs)
     with running_service(tiny_bundle, None, tmp_path / "a.log", 180, env=env("cache-a", 1)) as a, \
             running_service(tiny_bundle, None, tmp_path / "b.log", 180, env=env("cache-b", 2)) as b, \
             Clients({"a": a, "b": b}, images) as load:
-        writer.verify("0.2.0")  # the promote's check passes on the promoting host's download ...
-        flip_a_byte(s3, bucket, "v/0.2.0/bundle/model.onnx")  # ... then the object is damaged
         writer.promote("0.2.0")
         load.wait_for({"a": "0.2.0", "b": "0.1.0"})
         reasons = _wait_for_refusals(b, "0.2.0")
@@ -349,7 +376,8 @@ def test_two_replicas_on_postgresql_and_s3_follow_ten_switches_within_a_second(b
     """Issue 22's must-show: two `bentoml serve` replicas (two workers each) on one PostgreSQL registry and one
     object store, 8 clients posting /predict; 10 promotes and rollbacks, no error, every answer from one of the
     two versions, and every worker of both replicas on the new version within 1 s (p99, from the commit). The
-    poll is set to 5 s, so only the LISTEN/NOTIFY push can meet the second."""
+    poll is set to 5 s, so only the LISTEN/NOTIFY push can meet the second. Each replica has fetched 0.2.0 before
+    the first promote (at start), and a version registered while they run (0.3.0) too (on its NOTIFY)."""
     from test_live_switch import Load, wait_all_workers_on
 
     db = postgres_server.create_database(f"replicas_{uuid.uuid4().hex[:8]}")
@@ -372,6 +400,14 @@ def test_two_replicas_on_postgresql_and_s3_follow_ten_switches_within_a_second(b
     with running_service(tiny_bundle, None, tmp_path / "a.log", 180, env=env("a")) as a, \
             running_service(tiny_bundle, None, tmp_path / "b.log", 180, env=env("b")) as b, \
             Load(a, images, clients=4) as load_a, Load(b, images, clients=4) as load_b:
+        writer.register(copy_as_version(tiny_bundle, "0.3.0", tmp_path / "v3"), tiny_checkpoint, parent="0.1.0")
+        fetched = [tmp_path / f"cache-{name}" / "bundles" / sha256_file(tmp_path / version / "manifest.json")
+                   for name in "ab" for version in ("v2", "v3")]
+        deadline = time.monotonic() + 30
+        while not all(path.is_dir() for path in fetched) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(path.is_dir() for path in fetched), [p for p in fetched if not p.is_dir()]
+        writer.verify("0.2.0")  # the promoting host's own download and check, before the clock starts at the commit
         time.sleep(1.0)
         for i in range(10):
             committed = time.monotonic()
