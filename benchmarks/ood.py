@@ -60,7 +60,7 @@ class Scorer:
         logits, labels = out["logits"].astype(np.float64), out["probabilities"].argmax(axis=1)
         top = logits.max(axis=1)
         features = out[self.rule.features] if self.rule.features else None
-        in_domain, _ = self.rule.judge(out["distances"], labels, features)
+        in_domain, _ = self.rule.judge(out["distances"], labels, features, flat=self.rule.flat(x))
         return {"prototype": self.rule.score(out["distances"], labels, features),
                 "max_softmax": -out["probabilities"].max(axis=1),
                 "energy": -(top + np.log(np.exp(logits - top[:, None]).sum(axis=1))),

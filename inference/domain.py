@@ -20,6 +20,12 @@ An input is in domain when its score is at most the calibrated threshold (chosen
 false-alarm rate on the validation split); its typicality is the share of validation images that
 scored higher (1: as typical as they come, 0: beyond every validation image).
 
+A flat picture (every pixel of each channel within FLAT_LEVELS grey levels of one value: a blank
+canvas, a uniform grey) has nothing drawn on it, so it is out of domain with typicality 0 whatever its
+score: where the encoder puts such an input is an accident of the training run (issue 24's second seed
+answered half the blank images), and no validation image is flat. Callers pass `flat`
+(DomainRule.flat of the model input) when they have the images.
+
 Abstention (the request option "abstain", or PROTOSERVE_ABSTAIN=1 for every request): an
 out-of-domain answer withholds its label and says why; the nearest prototypes are still shown.
 A bundle without calibration answers in_domain and typicality null
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bundle.manifest import DomainCalibration, Manifest
+from bundle.manifest import DomainCalibration, InputSpec, Manifest
 from inference.explain import nearest_distance
 from protoserve.domain_scores import (
     distance_profile,
@@ -46,6 +52,7 @@ from protoserve.domain_scores import (
 from protoserve.errors import InputError
 
 ABSTAIN_REASON = "out_of_domain"
+FLAT_LEVELS = 2  # of 255: a picture whose pixels all lie this close to one value shows nothing (JPEG noise allowed)
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,8 @@ class DomainRule:
     # both Mahalanobis parts in one product: [K, M + D] means and the block-diagonal precision
     joint_means: np.ndarray | None = None
     joint_precision: np.ndarray | None = None
+    # [C] the largest spread, per channel in the model's input space, of a flat picture (None: not checked)
+    flat_spread: np.ndarray | None = None
 
 
     @property
@@ -111,23 +120,43 @@ class DomainRule:
         if features is None:
             raise ValueError(f"the out-of-domain score needs model.onnx's {self.calibration.features!r} output")
 
+    def flat(self, images: np.ndarray) -> np.ndarray | None:
+        """[N] True for each flat picture of the model input [N, C, H, W] (None: this rule checks none)."""
+        if self.flat_spread is None:
+            return None
+        x = images.reshape(*images.shape[:2], int(np.prod(images.shape[2:])))
+        return ((x.max(axis=2) - x.min(axis=2)) <= self.flat_spread).all(axis=1)
+
     def judge(self, distances: np.ndarray, labels: np.ndarray, features: np.ndarray | None = None,
-              nearest: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              nearest: np.ndarray | None = None, flat: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """[N, M] distances, [N] predicted labels (and [N, D] features when `outputs` names them; `nearest`, their
-        nearest_distance when the caller has it) -> (in_domain [N] bool, typicality [N] float)."""
+        nearest_distance when the caller has it; `flat`, self.flat of their pictures) -> (in_domain [N] bool,
+        typicality [N] float)."""
         scores = self.score(distances, labels, features, nearest)
-        return scores <= self.calibration.threshold, tail_at(scores, self.quantiles, self.tails)
+        in_domain, typicality = scores <= self.calibration.threshold, tail_at(scores, self.quantiles, self.tails)
+        if flat is not None and flat.any():
+            in_domain, typicality = in_domain & ~flat, np.where(flat, 0.0, typicality)
+        return in_domain, typicality
 
 
 def domain_rule(manifest: Manifest, active: np.ndarray) -> DomainRule | None:
     """The bundle's rule, or None when its manifest has no calibration."""
     if manifest.domain is None:
         return None
-    return rule_of(manifest.domain, active, np.array([row.class_identity for row in manifest.prototypes], np.int64))
+    return rule_of(manifest.domain, active, np.array([row.class_identity for row in manifest.prototypes], np.int64),
+                   manifest.input)
 
 
-def rule_of(c: DomainCalibration, active: np.ndarray, class_of: np.ndarray) -> DomainRule:
-    """The rule of one calibration, for prototypes with these active flags and classes."""
+def flat_spread(spec: InputSpec) -> np.ndarray:
+    """[C] FLAT_LEVELS grey levels in the model's input space (pixels scaled to value_range, then / std)."""
+    low, high = spec.value_range
+    return FLAT_LEVELS / 255.0 * (high - low) / np.asarray(spec.std, np.float64)
+
+
+def rule_of(c: DomainCalibration, active: np.ndarray, class_of: np.ndarray,
+            spec: InputSpec | None = None) -> DomainRule:
+    """The rule of one calibration, for prototypes with these active flags and classes (and, given the input
+    spec, flat pictures out of domain)."""
     def array(value) -> np.ndarray | None:
         return None if value is None else np.asarray(value, np.float64)
 
@@ -142,7 +171,8 @@ def rule_of(c: DomainCalibration, active: np.ndarray, class_of: np.ndarray) -> D
     levels = array(c.levels)
     return DomainRule(c, active, class_of, array(c.quantiles), levels, 1.0 - levels, class_means=array(c.class_means),
                       precision=array(c.precision), components=components, feature_means=array(c.feature_means),
-                      feature_precision=array(c.feature_precision), **joint)
+                      feature_precision=array(c.feature_precision),
+                      flat_spread=None if spec is None else flat_spread(spec), **joint)
 
 
 def parse_flag(value: object, name: str, default: bool) -> bool:

@@ -111,7 +111,8 @@ class Explainer:
         in_domain = typicality = None
         if self.domain is not None:
             features = outputs[self.domain.features][None] if self.domain.features else None
-            judged = self.domain.judge(distances, probabilities.argmax(axis=1), features)
+            judged = self.domain.judge(distances, probabilities.argmax(axis=1), features,
+                                       flat=self.domain.flat(x[None]))
             in_domain, typicality = bool(judged[0][0]), float(judged[1][0])
         judge_answer(prediction, in_domain, typicality, self.manifest.domain, abstain)
         return explanation(self.manifest, self.model.active, outputs, x, top_k, prediction, self.pictures, self.ref)

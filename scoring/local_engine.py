@@ -75,7 +75,8 @@ def run_local(job: Job, pending: list[int], advance) -> None:
             local.session = sessions.pop()  # list.pop is atomic: each thread takes its own
         return classify(local.session, x, job.scorer.features)
 
-    def score(k: int, start: int, ids, truth: np.ndarray, buffer: np.ndarray, x: np.ndarray, errors) -> Future:
+    def score(k: int, start: int, ids, truth: np.ndarray, buffer: np.ndarray, x: np.ndarray, errors,
+              flat: np.ndarray | None) -> Future:
         """Chunk k through a session, and nothing else: its rows and pictures go to the shaper thread."""
         try:
             outputs = job.scorer.run(x, errors, infer)
@@ -85,21 +86,22 @@ def run_local(job: Job, pending: list[int], advance) -> None:
         if pictures is None:  # the model input is needed no more
             buffers.put(buffer)
             buffer = x = None
-        return shaper.submit(shape_rows, k, start, ids, truth, buffer, x, outputs)
+        return shaper.submit(shape_rows, k, start, ids, truth, buffer, x, outputs, flat)
 
     def read(k: int) -> tuple:
         """Chunk k read and converted to model input, here in the reading thread while the sessions run,
         into a buffer of the pool: chunks in flight never allocate (and fault in) memory anew."""
         start, ids, values = job.read_inputs(k)
         buffer = buffers.get()
-        return (k, start, ids, job.truth(k), buffer, *job.scorer.prepare(values, buffer))
+        x, errors = job.scorer.prepare(values, buffer)
+        return k, start, ids, job.truth(k), buffer, x, errors, job.scorer.flat(x, errors)
 
     def shape_rows(k: int, start: int, ids, truth: np.ndarray, buffer: np.ndarray | None, x: np.ndarray | None,
-                   outputs: tuple) -> Future:
+                   outputs: tuple, flat: np.ndarray | None) -> Future:
         """Chunk k's rows, column by column, and its pictures (before the commit: a committed row's
         picture exists); then on to the committer."""
         try:
-            columns = job.scorer.rows(start, ids, *outputs)
+            columns = job.scorer.rows(start, ids, *outputs, flat=flat)
             columns.true_label = truth
             if pictures is not None:
                 pictures.write(columns, x)

@@ -204,8 +204,8 @@ class Protoserve:
         if v.domain is None:
             output[:, K + M:] = np.nan
         else:
-            output[:, K + M], output[:, K + M + 1] = v.domain.judge(distances, labels,
-                                                                  features[0] if features else None, nearest)
+            output[:, K + M], output[:, K + M + 1] = v.domain.judge(
+                distances, labels, features[0] if features else None, nearest, v.domain.flat(images))
         return output
 
     @staticmethod
@@ -273,7 +273,7 @@ class Protoserve:
         self._record_answers(v, probabilities, distances)
         observer(metrics().inference_seconds, *v.model_id, "explain")(time.perf_counter() - started)
         prediction = self._judge(v, predictions(probabilities, v.manifest.class_names), distances, "explain", abstain,
-                                 outputs[v.features][None] if v.features else None)[0]
+                                 outputs[v.features][None] if v.features else None, image=x[None])[0]
         answer = explanation(v.manifest, v.active, outputs, x, k, prediction,
                              PrototypePictures(v.pictures, v.source_pictures), v.ref())
         return self._answer(v, answer)
@@ -324,11 +324,12 @@ class Protoserve:
             return self._refuse(e, v)
 
     def _judge(self, v: ServedVersion, answers: list[dict], distances: np.ndarray, api: str,
-               abstain: bool, features: np.ndarray | None = None, judged: np.ndarray | None = None) -> list[dict]:
+               abstain: bool, features: np.ndarray | None = None, judged: np.ndarray | None = None,
+               image: np.ndarray | None = None) -> list[dict]:
         """Add in_domain and typicality to each prediction (null without calibration), count the
         out-of-domain ones, and turn them into abstentions when asked; `judged` is _classify's judgement
         of these images, else they are judged here (`features`: the output the rule reads besides the
-        distances, v.features)."""
+        distances, v.features; `image`: their model input, for the flat-picture check)."""
         if v.domain is None:
             for answer in answers:
                 answer.update(in_domain=None, typicality=None, abstained=False)
@@ -337,7 +338,8 @@ class Protoserve:
             in_domain, typicality = judged[:, 0] == 1.0, judged[:, 1]
         else:
             labels = np.fromiter((a["label"] for a in answers), dtype=np.int64, count=len(answers))
-            in_domain, typicality = v.domain.judge(distances, labels, features if v.features else None)
+            in_domain, typicality = v.domain.judge(distances, labels, features if v.features else None,
+                                                   flat=None if image is None else v.domain.flat(image))
         in_domain = in_domain.tolist()  # Python's bools: a few images are counted faster than by numpy
         count_out_of_domain(v.model_id, api, in_domain.count(False))
         for answer, inside, typical in zip(answers, in_domain, typicality.tolist(), strict=True):

@@ -183,7 +183,8 @@ class Shadow:
             labels = probabilities.argmax(axis=1)
             in_domain = None
             if shadow.domain is not None:
-                in_domain = shadow.domain.judge(distances, labels, features[0] if features else None)[0]
+                in_domain = shadow.domain.judge(distances, labels, features[0] if features else None,
+                                                flat=shadow.domain.flat(batch))[0]
             shadow_side = side(probabilities, distances, shadow.model.active,
                                [row.id for row in shadow.model.bundle.manifest.prototypes], in_domain)
             record(shadow.version, compare(served_side, shadow_side), seconds)

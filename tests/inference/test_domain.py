@@ -3,17 +3,19 @@ bundle exported before ProtoPNet's graph had `pooled_latent` still loads and is 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
 import onnx
 import pytest
 
-from bundle.manifest import read_bundle, write_manifest
+from bundle.manifest import InputSpec, read_bundle, write_manifest
 from bundle.runtime import classify, open_session, verify_bundle
 from export.calibration import calibrate
-from inference.domain import domain_rule
+from inference.domain import domain_rule, flat_spread
 from inference.explain import active_mask, nearest_distance
+from inference.explanation import Explainer
 from inference.model import load_model
 from protoserve.domain_scores import tail_at
 from scoring.rows import BatchScorer
@@ -70,7 +72,7 @@ def test_an_older_bundle_without_the_features_still_loads_and_is_judged(tiny_pro
     assert rule.features is None and bundle.manifest.domain.score == "nearest_and_mahalanobis"
     x = np.concatenate([test_images[:20], np.ones((2, 1, 28, 28), np.float32)])
     p, d = model.classify(x)
-    in_domain, typicality = rule.judge(d, p.argmax(axis=1))
+    in_domain, typicality = rule.judge(d, p.argmax(axis=1), flat=rule.flat(x))
     assert not in_domain[-2:].any() and in_domain[:20].mean() > 0.8
     scorer = BatchScorer(bundle.manifest)
     assert scorer.features is None and scorer.feature_width == 0
@@ -123,3 +125,44 @@ def test_tail_at_is_numpys_interpolation():
                                   np.interp(scores, quantiles, tails, left=1.0, right=0.0))
     np.testing.assert_array_equal(tail_at(scores[:1], list(quantiles), tails),
                                   np.interp(scores[:1], list(quantiles), tails, left=1.0, right=0.0))
+
+
+def test_a_flat_picture_is_out_of_domain_whatever_its_score(tiny_bundle, test_images):
+    """A blank canvas, a uniform grey, or one with a grey level of JPEG noise: nothing drawn, so out of domain with
+    typicality 0, even under a threshold every score passes; a digit is judged by its score as before, also in
+    the batch rows and in `protoserve explain`'s code."""
+    model = load_model(tiny_bundle)
+    manifest = model.bundle.manifest
+    rule = domain_rule(manifest, model.active)
+    lenient = dataclasses.replace(rule, calibration=manifest.domain.model_copy(update={"threshold": 1e30}))
+    rng = np.random.default_rng(0)
+    flat = np.stack([np.zeros((1, 28, 28)), np.ones((1, 28, 28)), np.full((1, 28, 28), 0.5),
+                     0.5 + rng.integers(-1, 2, (1, 28, 28)) / 255.0]).astype(np.float32)
+    faint = (0.5 + rng.integers(-3, 4, (2, 1, 28, 28)) / 255.0).astype(np.float32)  # 6 levels apart: not flat
+    x = np.concatenate([test_images[:20], flat, faint])
+    p, d, f = model.classify(x, rule.features)
+    np.testing.assert_array_equal(rule.flat(x), [False] * 20 + [True] * 4 + [False] * 2)
+    in_domain, typicality = lenient.judge(d, p.argmax(axis=1), f, flat=rule.flat(x))
+    assert in_domain[:20].all() and in_domain[-2:].all() and not in_domain[20:24].any()
+    assert (typicality[20:24] == 0).all()
+    scored, _ = lenient.judge(d, p.argmax(axis=1), f)  # without the check the lenient score lets them all in
+    assert scored.all()
+    want_in, want_typical = rule.judge(d, p.argmax(axis=1), f, flat=rule.flat(x))
+    assert not want_in[20:24].any()
+    rows = BatchScorer(manifest).score(0, [str(i) for i in range(len(x))], list(x[:, 0].tolist()),
+                                       lambda batch: model.classify(batch, rule.features))
+    np.testing.assert_array_equal(rows.in_domain, want_in)
+    np.testing.assert_allclose(rows.typicality, want_typical, atol=1e-6)
+    explained = Explainer(model).explain(flat[0], top_k=1, abstain=True)
+    assert explained["prediction"]["in_domain"] is False and explained["prediction"]["abstained"] is True
+
+
+def test_the_flat_spread_is_two_grey_levels_in_the_models_input_space(tiny_bundle):
+    spec = InputSpec(channels=3, height=4, width=4, mean=[0.5, 0.4, 0.3], std=[0.25, 0.5, 0.2])
+    np.testing.assert_allclose(flat_spread(spec), np.array([2, 2, 2]) / 255.0 / np.array([0.25, 0.5, 0.2]))
+    manifest = read_bundle(tiny_bundle).manifest
+    rule = dataclasses.replace(domain_rule(manifest, active_mask(manifest)), flat_spread=flat_spread(spec))
+    grey = np.full((2, 3, 4, 4), 0.1, np.float32)
+    grey[1, 2, 0, 0] += 3 / 255.0 / 0.2  # three levels on the third channel only: something is there
+    np.testing.assert_array_equal(rule.flat(grey), [True, False])
+    assert rule.flat(grey[:0]).shape == (0,)  # a chunk with no good input

@@ -165,3 +165,24 @@ def test_the_service_setting_abstains_by_default(start_service, tiny_bundle, far
         assert withheld["abstained"] is True and withheld["label"] is None
         assert asked["predictions"][0]["abstained"] is False and isinstance(asked["predictions"][0]["label"], int)
         assert httpx.get(f"{url}/metadata", timeout=10).json()["domain"]["abstain_by_default"] is True
+
+
+def test_flat_pictures_are_out_of_domain_on_every_route(server):
+    """A black canvas, a white one and a uniform grey sent as a JPEG (its noise within two grey levels): out of
+    domain with typicality 0 on /predict, /explain and /score_batch, whatever the model's score says."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((300, 300), 128, np.uint8)).save(buffer, format="JPEG", quality=80)
+    grey = buffer.getvalue()
+    files = [("images", ("grey.jpg", grey, "image/jpeg"))]
+    arrays = [np.zeros((28, 28)).tolist(), np.ones((28, 28)).tolist()]
+    predicted = httpx.post(f"{server}/predict", json={"images": arrays}, timeout=30).json()["predictions"]
+    predicted += httpx.post(f"{server}/predict", files=files, timeout=30).json()["predictions"]
+    explained = [httpx.post(f"{server}/explain", json={"image": a, "top_k": 1}, timeout=30).json()["prediction"]
+                 for a in arrays]
+    rows = run_task(server, {"images": arrays})["rows"]
+    for answer in predicted + explained + rows:
+        assert (answer["in_domain"], answer["typicality"]) == (False, 0.0), answer
