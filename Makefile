@@ -101,10 +101,10 @@ train-headline: setup
 	$(PROTOSERVE) evaluate --checkpoint $(HEADLINE_RUN)/best.pt --out $(HEADLINE_RUN)/evaluation.json
 
 # The paper's ablation on the paper's number of steps (configs/prototypedl_mnist_headline_steps.yaml):
-# 3 variants x 2 seeds, two runs at a time, resumable; the table and docs/ablation_accuracy_vs_time.png.
+# 3 variants x 2 seeds, two runs at a time, resumable; the table and docs/ablation_steps_accuracy_vs_time.png.
 bench-ablation: setup
 	$(PY) benchmarks/ablation.py --base configs/prototypedl_mnist_headline_steps.yaml --seeds 0 1 --jobs 2 \
-		--out runs/ablation_steps
+		--out runs/ablation_steps --png docs/ablation_steps_accuracy_vs_time.png
 
 # The shipped bundle (served without training): ONNX graphs, manifest, prototype pictures, from
 # the shipped checkpoint; export checks parity on the whole test set and refuses on a miss.
