@@ -94,7 +94,7 @@ def run_local(job: Job, pending: list[int], advance) -> None:
         start, ids, values = job.read_inputs(k)
         buffer = buffers.get()
         x, errors = job.scorer.prepare(values, buffer)
-        return k, start, ids, job.truth(k), buffer, x, errors, job.scorer.flat(x, errors)
+        return k, start, ids, job.truth(k), buffer, x, errors, job.scorer.flat(x)
 
     def shape_rows(k: int, start: int, ids, truth: np.ndarray, buffer: np.ndarray | None, x: np.ndarray | None,
                    outputs: tuple, flat: np.ndarray | None) -> Future:

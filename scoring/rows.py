@@ -284,15 +284,12 @@ class BatchScorer:
     def score_prepared(self, start: int, input_ids: Sequence[str], x: np.ndarray,
                        errors: Sequence[InputError | None], infer: Infer) -> Columns:
         """score() for inputs prepare() has converted already."""
-        return self.rows(start, input_ids, *self.run(x, errors, infer), flat=self.flat(x, errors))
+        return self.rows(start, input_ids, *self.run(x, errors, infer), flat=self.flat(x))
 
-    def flat(self, x: np.ndarray, errors: Sequence[InputError | None]) -> np.ndarray | None:
-        """[n good] True for each flat picture among the good inputs of prepared input x (inference/domain.py;
-        None without calibration): rows() takes it as `flat`."""
-        if self.domain is None:
-            return None
-        ok = np.fromiter((e is None for e in errors), dtype=bool, count=len(errors))
-        return self.domain.flat(x[:len(errors)] if ok.all() else x[:len(errors)][ok])
+    def flat(self, x: np.ndarray) -> np.ndarray | None:
+        """[n] True for each flat picture of prepared input x (inference/domain.py; None without calibration):
+        rows() takes it as `flat`."""
+        return None if self.domain is None else self.domain.flat(x)
 
     def run(self, x: np.ndarray, errors: Sequence[InputError | None],
             infer: Infer) -> tuple[np.ndarray, Sequence[InputError | None], np.ndarray, np.ndarray, np.ndarray]:
@@ -319,14 +316,15 @@ class BatchScorer:
              flat: np.ndarray | None = None) -> Columns:
         """Outputs of the good inputs (in order) + the errors of the others -> one row per input;
         `features` [n, D]: the output named by self.features, which the out-of-domain rule needs; `flat`:
-        self.flat of the inputs (a flat picture is out of domain)."""
+        self.flat of all the inputs, good or not (a flat picture is out of domain)."""
         nearest = nearest_prototypes_batch(distances, self.top_k, self.active)
         labels = probabilities.argmax(axis=1).astype(np.int64)
         near = np.take_along_axis(distances, nearest, axis=1).astype(np.float64)
         sims = similarity(near)
         # The same numbers as inference.explain.prototype_rows, with the weights for the predicted class.
         contributions = family(self.manifest.family).contribution(self.weights[nearest, labels[:, None]], near, sims)
-        in_domain, typicality = (self.domain.judge(distances, labels, features, flat=flat) if self.domain
+        in_domain, typicality = (self.domain.judge(distances, labels, features,
+                                                   flat=None if flat is None else flat[ok]) if self.domain
                                  else (None, None))
         abstained = ~in_domain if self.abstain and in_domain is not None else None
         return Columns(index=np.arange(start, start + len(input_ids), dtype=np.int64), input_id=input_ids,

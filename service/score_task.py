@@ -72,7 +72,7 @@ async def score_images(manifest: Manifest, images: object, top_k: object, classi
     KM = K + len(manifest.prototypes)
     both = np.concatenate(outputs) if outputs else np.zeros((0, KM + scorer.feature_width), np.float32)
     ids = [f"images[{i}]" for i in range(len(images))]
-    columns = scorer.rows(0, ids, ok, errors, both[:, :K], both[:, K:KM], both[:, KM:], flat=scorer.flat(x, errors))
+    columns = scorer.rows(0, ids, ok, errors, both[:, :K], both[:, K:KM], both[:, KM:], flat=scorer.flat(x))
     counter = metrics().batch_images
     counter.labels("scored").inc(int(ok.sum()))
     counter.labels("failed").inc(columns.failed)
