@@ -25,6 +25,8 @@ def _train(args) -> None:
         config.train.epochs = args.epochs
     if args.device is not None:
         config.train.device = args.device
+    if args.seed is not None:
+        config.train.seed = args.seed
     if args.init_from is not None:
         config.train.init_from = args.init_from
     if config.train.init_from and not Path(config.train.init_from).is_file():
@@ -328,6 +330,7 @@ def _training_verbs(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--device", help="override train.device (cpu, cuda, auto)")
+    p.add_argument("--seed", type=int, help="override train.seed (another run of the same schedule)")
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start from this checkpoint's weights (a fine-tune; sets train.init_from)")
     p.add_argument("--outlier-exposure", type=float, metavar="WEIGHT",

@@ -78,6 +78,25 @@ def test_train_refuses_to_overwrite_a_run(tmp_path, tiny_checkpoint, mnist_root)
     assert_one_line_error(result, "pass --resume")
 
 
+def test_seed_flag_sets_the_runs_seed_and_the_run_records_it(tmp_path, tiny_checkpoint, mnist_root):
+    import yaml
+
+    from training.checkpoint import read_checkpoint
+
+    config = yaml.safe_load((tiny_checkpoint.parent / "config.yaml").read_text())
+    config["train"]["epochs"] = 1
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    outs = {}
+    for seed in (config["train"]["seed"], 7):
+        outs[seed] = tmp_path / f"seed{seed}"
+        result = run("train", "--config", str(tmp_path / "tiny.yaml"), "--seed", str(seed), "--out", str(outs[seed]),
+                     env_root=mnist_root)
+        assert result.returncode == 0, result.stderr
+        assert yaml.safe_load((outs[seed] / "config.yaml").read_text())["train"]["seed"] == seed
+    weights = [read_checkpoint(out / "last.pt")["model"] for out in outs.values()]
+    assert any(not (a == b).all() for a, b in zip(weights[0].values(), weights[1].values(), strict=True))
+
+
 def test_ship_copies_a_finished_run_into_a_model_folder(tiny_protopnet_checkpoint, tmp_path):
     from training.checkpoint import read_checkpoint
 
