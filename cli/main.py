@@ -27,6 +27,10 @@ def _train(args) -> None:
         config.train.device = args.device
     if args.seed is not None:
         config.train.seed = args.seed
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ProtoserveError(f"--threads {args.threads}: give 1 or more CPU threads")
+        config.train.num_threads = args.threads
     if args.init_from is not None:
         config.train.init_from = args.init_from
     if config.train.init_from and not Path(config.train.init_from).is_file():
@@ -72,7 +76,7 @@ def _visualize(args) -> None:
 def _ship(args) -> None:
     from training.resumable import ship_run
 
-    print(f"shipped {ship_run(Path(args.run), Path(args.out), args.checkpoint)}")
+    print(f"shipped {ship_run(Path(args.run), Path(args.out), args.checkpoint, args.average_from)}")
 
 
 def _download(args) -> None:
@@ -331,6 +335,8 @@ def _training_verbs(sub) -> None:
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--device", help="override train.device (cpu, cuda, auto)")
     p.add_argument("--seed", type=int, help="override train.seed (another run of the same schedule)")
+    p.add_argument("--threads", type=int, help="override train.num_threads (CPU threads; the results do not "
+                   "depend on it beyond float rounding, and --resume may change it)")
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start from this checkpoint's weights (a fine-tune; sets train.init_from)")
     p.add_argument("--outlier-exposure", type=float, metavar="WEIGHT",
@@ -359,6 +365,9 @@ def _training_verbs(sub) -> None:
     p.add_argument("--run", required=True, help="the run folder (protoserve train --out)")
     p.add_argument("--out", required=True, help="the model folder to write, e.g. models/protopnet_mnist")
     p.add_argument("--checkpoint", default="best.pt", help="which checkpoint of the run (default best.pt)")
+    p.add_argument("--average-from", type=int, metavar="EPOCH",
+                   help="instead, the mean of the run's epoch checkpoints from EPOCH to the last (a weight "
+                   "average over the schedule's tail; PrototypeDL only)")
     p.set_defaults(func=_ship)
 
     p = sub.add_parser("download", help="fetch MNIST or Fashion-MNIST with torchvision's downloader")

@@ -117,17 +117,22 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
 
 
-def ship_run(run: Path, out: Path, checkpoint: str = "best.pt") -> Path:
+def ship_run(run: Path, out: Path, checkpoint: str = "best.pt", average_from: int | None = None) -> Path:
     """Copy a finished run into a model folder (`protoserve ship`):
 
         <out>/checkpoint.pt    the run's `checkpoint` (best.pt: the best validation accuracy) without
-                               optimizer state: the weights, config, epoch and metrics
+                               optimizer state: the weights, config, epoch and metrics; with
+                               `average_from`, the mean of the run's epoch checkpoints from that
+                               epoch to the last (a weight average over the schedule's tail)
         <out>/config.yaml      the run's config
         <out>/metrics.jsonl    one line per epoch
         <out>/push/            ProtoPNet: the pictures of the push that produced checkpoint.pt
     """
     run, out = Path(run), Path(out)
-    model, config, payload = load_checkpoint(run / checkpoint)
+    if average_from is None:
+        model, config, payload = load_checkpoint(run / checkpoint)
+    else:
+        model, config, payload = average_run(run, average_from)
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / "checkpoint.pt", model, config, payload["epoch"], payload["metrics"], None)
     for name in ("config.yaml", "metrics.jsonl"):
@@ -136,3 +141,34 @@ def ship_run(run: Path, out: Path, checkpoint: str = "best.pt") -> Path:
         shutil.rmtree(out / "push", ignore_errors=True)
         shutil.copytree(run / "push" / f"epoch_{payload['epoch']:04d}", out / "push")
     return out / "checkpoint.pt"
+
+
+def average_run(run: Path, first_epoch: int) -> tuple:
+    """The uniform mean of a finished run's epoch checkpoints (checkpoints/epoch_NNNN.pt: the kept
+    weights, the moving average when the run keeps one) from `first_epoch` to the run's last epoch:
+    stochastic weight averaging over the tail of the schedule. Returns (model, config, payload) like
+    load_checkpoint; the payload's metrics name the epochs averaged. Refuses an unfinished run, a gap
+    in the checkpoints, and a family whose prototypes are pushed onto training patches (their mean is
+    no patch)."""
+    run = Path(run)
+    config = load_checkpoint(run / "last.pt")[1]
+    last = config.train.epochs
+    epochs = [e for e in range(1, last + 1) if e >= first_epoch and
+              (e % config.train.checkpoint_every == 0 or e == last)]
+    if not epochs:
+        raise CheckpointError(f"{run}: no epoch checkpoint from epoch {first_epoch} to the last ({last})")
+    if config.model.family != "prototypedl":
+        raise CheckpointError(f"{run}: a {config.model.family} run's prototypes are pushed onto training "
+                              "patches; a mean of them is no patch, so only prototypedl runs are averaged")
+    total, payload = None, None
+    for epoch in epochs:
+        path = run / "checkpoints" / f"epoch_{epoch:04d}.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; averaging needs every epoch checkpoint from "
+                                  f"{epochs[0]} to {last} (has the run finished?)")
+        model, _, payload = load_checkpoint(path, expect_config=config)
+        state = {k: v.double() for k, v in model.state_dict().items()}
+        total = state if total is None else {k: total[k] + v for k, v in state.items()}
+    model.load_state_dict({k: (v / len(epochs)).to(model.state_dict()[k].dtype) for k, v in total.items()})
+    payload = {**payload, "metrics": {"weight_average_of_epochs": epochs}}
+    return model, config, payload

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -97,6 +98,22 @@ def test_seed_flag_sets_the_runs_seed_and_the_run_records_it(tmp_path, tiny_chec
     assert any(not (a == b).all() for a, b in zip(weights[0].values(), weights[1].values(), strict=True))
 
 
+def test_threads_flag_sets_the_runs_threads_and_refuses_zero(tmp_path, tiny_checkpoint, mnist_root):
+    import yaml
+
+    config = yaml.safe_load((tiny_checkpoint.parent / "config.yaml").read_text())
+    config["train"]["epochs"] = 1
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    result = run("train", "--config", str(tmp_path / "tiny.yaml"), "--threads", "2", "--out", str(tmp_path / "two"),
+                 env_root=mnist_root)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["train"]["num_threads"] == 2
+    refused = run("train", "--config", str(tmp_path / "tiny.yaml"), "--threads", "0", "--out", str(tmp_path / "zero"),
+                  env_root=mnist_root)
+    assert_one_line_error(refused, "--threads 0")
+    assert not (tmp_path / "zero").exists()
+
+
 def test_ship_copies_a_finished_run_into_a_model_folder(tiny_protopnet_checkpoint, tmp_path):
     from training.checkpoint import read_checkpoint
 
@@ -109,3 +126,31 @@ def test_ship_copies_a_finished_run_into_a_model_folder(tiny_protopnet_checkpoin
     assert any((out / "push").glob("*.png"))
     missing = run("ship", "--run", str(tmp_path / "nowhere"), "--out", str(out))
     assert_one_line_error(missing, "checkpoint not found")
+
+
+def test_ship_average_from_writes_the_mean_of_the_tail_checkpoints(tiny_checkpoint, tiny_protopnet_checkpoint,
+                                                                   tmp_path):
+    from training.checkpoint import read_checkpoint
+
+    run_dir, out = tiny_checkpoint.parent, tmp_path / "averaged"
+    result = run("ship", "--run", str(run_dir), "--out", str(out), "--average-from", "1")
+    assert result.returncode == 0, result.stderr
+    shipped = read_checkpoint(out / "checkpoint.pt")
+    assert shipped["metrics"] == {"weight_average_of_epochs": [1, 2]} and shipped["epoch"] == 2
+    epochs = [read_checkpoint(run_dir / "checkpoints" / f"epoch_{e:04d}.pt")["model"] for e in (1, 2)]
+    moved = False
+    for key, value in shipped["model"].items():
+        if value.is_floating_point():
+            assert (value - (epochs[0][key] + epochs[1][key]) / 2).abs().max() < 1e-6, key
+            moved = moved or not (epochs[0][key] == epochs[1][key]).all()
+    assert moved  # the two epochs differ, so the mean is neither of them
+
+    too_late = run("ship", "--run", str(run_dir), "--out", str(tmp_path / "late"), "--average-from", "3")
+    assert_one_line_error(too_late, "no epoch checkpoint from epoch 3")
+    shutil.copytree(run_dir, tmp_path / "gap")
+    (tmp_path / "gap" / "checkpoints" / "epoch_0001.pt").unlink()
+    gap = run("ship", "--run", str(tmp_path / "gap"), "--out", str(tmp_path / "gap_out"), "--average-from", "1")
+    assert_one_line_error(gap, "epoch_0001.pt: missing")
+    pushed = run("ship", "--run", str(tiny_protopnet_checkpoint.parent), "--out", str(tmp_path / "p"),
+                 "--average-from", "1")
+    assert_one_line_error(pushed, "pushed onto training patches")
