@@ -54,9 +54,9 @@ class ResumableRun:
         save_checkpoint(self.out_dir / "last.pt", self.model, self.config, self.epoch, metrics, state)
         if is_best:
             save_checkpoint(self.out_dir / "best.pt", self.kept_model, self.config, self.epoch, metrics, state)
-        if self.epoch % self.config.train.checkpoint_every == 0 or self.epoch == self.config.train.epochs:
-            save_checkpoint(self.out_dir / "checkpoints" / f"epoch_{self.epoch:04d}.pt", self.kept_model,
-                            self.config, self.epoch, metrics, state)
+        if keeps_epoch_checkpoint(self.config, self.epoch):
+            save_checkpoint(epoch_checkpoint(self.out_dir, self.epoch), self.kept_model, self.config, self.epoch,
+                            metrics, state)
 
     def resume(self) -> None:
         path = self.out_dir / "last.pt"
@@ -111,6 +111,17 @@ def _semantic(config: Config) -> dict:
     return d
 
 
+def keeps_epoch_checkpoint(config: Config, epoch: int) -> bool:
+    """Whether a run of `config` writes checkpoints/epoch_NNNN.pt after `epoch`: every
+    train.checkpoint_every epochs, and the last."""
+    return epoch % config.train.checkpoint_every == 0 or epoch == config.train.epochs
+
+
+def epoch_checkpoint(run: Path, epoch: int) -> Path:
+    """Where a run keeps its checkpoint of `epoch`."""
+    return Path(run) / "checkpoints" / f"epoch_{epoch:04d}.pt"
+
+
 def duration(seconds: float) -> str:
     """Seconds as 0h00m00s."""
     seconds = int(seconds)
@@ -153,8 +164,7 @@ def average_run(run: Path, first_epoch: int) -> tuple:
     run = Path(run)
     config = load_checkpoint(run / "last.pt")[1]
     last = config.train.epochs
-    epochs = [e for e in range(1, last + 1) if e >= first_epoch and
-              (e % config.train.checkpoint_every == 0 or e == last)]
+    epochs = [e for e in range(max(first_epoch, 1), last + 1) if keeps_epoch_checkpoint(config, e)]
     if not epochs:
         raise CheckpointError(f"{run}: no epoch checkpoint from epoch {first_epoch} to the last ({last})")
     if config.model.family != "prototypedl":
@@ -162,13 +172,14 @@ def average_run(run: Path, first_epoch: int) -> tuple:
                               "patches; a mean of them is no patch, so only prototypedl runs are averaged")
     total, payload = None, None
     for epoch in epochs:
-        path = run / "checkpoints" / f"epoch_{epoch:04d}.pt"
+        path = epoch_checkpoint(run, epoch)
         if not path.is_file():
             raise CheckpointError(f"{path}: missing; averaging needs every epoch checkpoint from "
                                   f"{epochs[0]} to {last} (has the run finished?)")
         model, _, payload = load_checkpoint(path, expect_config=config)
-        state = {k: v.double() for k, v in model.state_dict().items()}
-        total = state if total is None else {k: total[k] + v for k, v in state.items()}
-    model.load_state_dict({k: (v / len(epochs)).to(model.state_dict()[k].dtype) for k, v in total.items()})
+        state = model.state_dict()
+        total = ({k: v.double() for k, v in state.items()} if total is None
+                 else {k: total[k] + v.double() for k, v in state.items()})
+    model.load_state_dict({k: (v / len(epochs)).to(state[k].dtype) for k, v in total.items()})
     payload = {**payload, "metrics": {"weight_average_of_epochs": epochs}}
     return model, config, payload
