@@ -3,7 +3,7 @@
 Where the bundle comes from (first that is set, protoserve/settings.py):
     PROTOSERVE_BUNDLE      a bundle directory
     PROTOSERVE_MODEL_TAG   a tag (name:version) in the BentoML model store (`protoserve import`)
-    the shipped default    models/prototypedl_mnist/bundle
+    the shipped default    models/prototypedl_mnist_headline/bundle
 PROTOSERVE_DEVICE and PROTOSERVE_THREADS (ONNX Runtime intra-op threads per session) tune the
 sessions. Threads default to 1: the service runs one worker per core, and a multi-thread pool in
 each worker's sessions would spin on cores that the other worker and the HTTP stack need.
@@ -27,7 +27,7 @@ from protoserve.settings import settings
 log = logging.getLogger("protoserve.service")
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_BUNDLE = REPO / "models" / "prototypedl_mnist" / "bundle"
+DEFAULT_BUNDLE = REPO / "models" / "prototypedl_mnist_headline" / "bundle"
 
 
 def bundle_location() -> Path:

@@ -79,7 +79,7 @@ def test_bundle_location_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("PROTOSERVE_BUNDLE", str(tmp_path))
     assert bundle_location() == tmp_path
     monkeypatch.delenv("PROTOSERVE_BUNDLE")
-    assert bundle_location().parts[-3:] == ("models", "prototypedl_mnist", "bundle")
+    assert bundle_location().parts[-3:] == ("models", "prototypedl_mnist_headline", "bundle")
 
 
 def test_bundle_from_the_bentoml_model_store(monkeypatch, tmp_path, tiny_bundle):
