@@ -116,6 +116,14 @@ class OutlierExposureConfig:
     # the margin: this quantile of the in-domain batch's nearest-prototype distances, times margin_scale
     margin_quantile: float = 0.99
     margin_scale: float = 1.0
+    # True: the margin's gradient pulls the digits towards their prototypes (see margin_term); False: the
+    # margin is a constant of each step and only the outliers are pushed
+    pull_digits: bool = True
+    # how the outliers meet batch normalisation (ProtoPNet's backbone; PrototypeDL has none): "running",
+    # a forward pass of their own with the running statistics, left alone; "batch", one forward pass with
+    # the digits, normalised by the statistics of both (as Hendrycks et al.'s code), so that training and
+    # inference normalise alike
+    batchnorm: str = "running"
     uniform_weight: float = 0.0  # optional: cross-entropy of the outliers' softmax to uniform (Hendrycks)
     val_share: float = 0.25  # share of each source's fonts / classes held out for validation
     seed: int = 0
@@ -213,6 +221,7 @@ class Config:
             (0 < o.margin_quantile <= 1 and o.margin_scale > 0,
              "outlier_exposure.margin_quantile must be in (0, 1] and margin_scale > 0"),
             (0 < o.val_share < 1, "outlier_exposure.val_share must be in (0, 1)"),
+            (o.batchnorm in ("running", "batch"), "outlier_exposure.batchnorm must be 'running' or 'batch'"),
             (o.weight == 0 or self.model.family != "prototypedl" or self.model.classifier == "prototypes",
              "outlier_exposure needs the prototype layer (model.classifier 'prototypes')"),
         ]

@@ -16,13 +16,18 @@ softmax-to-uniform term is there as an option (uniform_weight, default 0), not t
 
 Outlier batches are sampled with equal weight per source (the 8,000 animal silhouettes would otherwise
 drown the stroke fonts), from a generator seeded by (seed, epoch, step): a resumed run draws the same
-ones. Batch normalisation layers run on the outliers with their running statistics and leave them alone
-(as at inference), so the outliers never shift what in-domain images are normalised by.
+ones. By default batch normalisation layers run on the outliers with their running statistics and leave
+them alone (as at inference), so the outliers never shift what in-domain images are normalised by. But the
+term then acts on the network as inference runs it while the digits train it as training runs it, and
+ProtoPNet trained from scratch this way met the term through that gap: its training outliers left the
+margin while its validation accuracy fell to 50% and the held-out outliers came no further
+(docs/results.md). batchnorm "batch" passes the outliers with the digits in one batch instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import torch
@@ -70,10 +75,18 @@ class OutlierExposure:
         with running_batchnorm(model):
             return model(x)
 
+    def forward_both(self, model: nn.Module, x: torch.Tensor, xo: torch.Tensor):
+        """(the digits' output, the outliers'): two passes (batchnorm "running") or one (batchnorm "batch")."""
+        if self.cfg.batchnorm == "running":
+            return model(x), self.forward(model, xo)
+        both = model(torch.cat([x, xo]))
+        return _rows(both, slice(0, len(x))), _rows(both, slice(len(x), None))
+
     def term(self, in_distances: torch.Tensor, out_distances: torch.Tensor,
              out_logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(weighted loss to add, its parts as floats)."""
-        loss, parts = margin_term(in_distances, out_distances, self.cfg.margin_quantile, self.cfg.margin_scale)
+        loss, parts = margin_term(in_distances, out_distances, self.cfg.margin_quantile, self.cfg.margin_scale,
+                                  self.cfg.pull_digits)
         total = self.cfg.weight * loss
         if self.cfg.uniform_weight > 0:
             uniform = -F.log_softmax(out_logits, dim=1).mean()
@@ -104,20 +117,31 @@ def oe_figures(m: dict) -> str:
 
 
 def margin_term(in_distances: torch.Tensor, out_distances: torch.Tensor, quantile: float = 0.99,
-                scale: float = 1.0) -> tuple[torch.Tensor, dict]:
+                scale: float = 1.0, pull_digits: bool = True) -> tuple[torch.Tensor, dict]:
     """mean relu(1 - d_min(outlier) / margin), margin = scale * quantile of the in-domain nearest distances.
 
-    The margin's value is that quantile, but its gradient is that of the in-domain mean (the quantile over
-    the mean, detached, times the mean): a fixed margin would be met by stretching the whole latent space
-    (every distance, the digits' too, grows), which the score does not reward; this way the ratio is what
-    counts, and the term also pulls the digits towards their prototypes."""
+    The margin's value is that quantile. With pull_digits its gradient is that of the in-domain mean (the
+    quantile over the mean, detached, times the mean): a fixed margin would be met by stretching the whole
+    latent space (every distance, the digits' too, grows), which the score does not reward; this way the
+    ratio is what counts, and the term also pulls the digits towards their prototypes. Without it the
+    margin is a constant of the step: only the outliers move, and the next step's margin follows any
+    stretching, since it is measured on the digits again."""
     inside = in_distances.min(dim=1).values
-    ratio = torch.quantile(inside.detach(), quantile) / inside.detach().mean().clamp_min(1e-12)
-    margin = (scale * ratio * inside.mean()).clamp_min(1e-6)
+    if pull_digits:
+        ratio = torch.quantile(inside.detach(), quantile) / inside.detach().mean().clamp_min(1e-12)
+        margin = (scale * ratio * inside.mean()).clamp_min(1e-6)
+    else:
+        margin = (scale * torch.quantile(inside.detach(), quantile)).clamp_min(1e-6)
     nearest = out_distances.min(dim=1).values
     loss = F.relu(1.0 - nearest / margin).mean()
     return loss, {"oe_margin_loss": float(loss.detach()), "oe_margin": float(margin.detach()),
                   "oe_inside_margin": float((nearest.detach() < margin).float().mean())}
+
+
+def _rows(output, rows: slice):
+    """The rows of a model output (a dataclass of per-image tensors)."""
+    return dataclasses.replace(output, **{f.name: getattr(output, f.name)[rows] for f in dataclasses.fields(output)
+                                          if isinstance(getattr(output, f.name), torch.Tensor)})
 
 
 @contextlib.contextmanager

@@ -146,13 +146,15 @@ class ProtoPNetTrainer(ResumableRun):
             y = train.labels[idx].to(self.device)
             if self.elastic:
                 x = elastic_deform(x, t.elastic_sigma, alpha, generator=self.augment_rng, affine=t.affine)
-            out = module(x)
-            terms = protopnet_loss(out, y, self.model, self.config.loss)
-            total, floats = terms.total, terms.as_floats()
             if self.oe is not None:
                 xo = self.oe.batch(self.epoch, step, (t.elastic_sigma, alpha) if self.elastic else None,
                                    self.augment_rng)
-                out_o = self.oe.forward(module, xo)
+                out, out_o = self.oe.forward_both(module, x, xo)
+            else:
+                out = module(x)
+            terms = protopnet_loss(out, y, self.model, self.config.loss)
+            total, floats = terms.total, terms.as_floats()
+            if self.oe is not None:
                 oe_loss, oe_parts = self.oe.term(out.distances, out_o.distances, out_o.logits)
                 total = total + oe_loss
                 floats.update(oe_parts)

@@ -33,6 +33,20 @@ def test_margin_term_is_zero_beyond_the_margin_and_pushes_near_outliers_away():
     assert near.grad[0, 0] < 0 and near.grad[0, 1] == 0  # descending raises the nearest distance only
 
 
+def test_fixed_margin_pushes_outliers_and_leaves_the_digits_alone():
+    for pull in (True, False):
+        inside = torch.tensor([[1.0, 5.0], [2.0, 6.0], [3.0, 4.0]], requires_grad=True)
+        near = torch.tensor([[1.5, 9.0]], requires_grad=True)
+        loss, parts = margin_term(inside, near, quantile=1.0, pull_digits=pull)
+        assert abs(float(loss.detach()) - 0.5) < 1e-6 and parts["oe_margin"] == 3.0  # the same value both ways
+        loss.backward()
+        assert near.grad[0, 0] < 0
+        if pull:  # descending shrinks the digits' nearest distances
+            assert bool((inside.grad[:, 0] > 0).all()) and bool((inside.grad[:, 1] == 0).all())
+        else:
+            assert inside.grad is None
+
+
 def test_auroc_agrees_with_counting_pairs():
     a, b = torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0.3, 0.9, 0.4])
     pairs = sum(float(y > x) + 0.5 * float(y == x) for x in a for y in b) / (len(a) * len(b))
@@ -92,6 +106,38 @@ def test_protopnet_training_step_computes_the_term(tmp_path, mnist_root):
     assert 0 < metrics["val_oe_auroc"] <= 1 and "val_oe_fpr95" in metrics
     if before is not None:
         assert not torch.equal(before, trainer.model.add_on[0].weight)
+
+
+def test_outliers_in_the_digits_batch_are_normalised_with_them(tmp_path, mnist_root):
+    """batchnorm "batch": one pass over digits and outliers, split back into rows; the batch-norm running
+    statistics see both. "running": the outliers' own pass leaves the statistics as the digits set them."""
+    config = tiny_protopnet_dict()
+    config["outlier_exposure"] = {**OE, "batchnorm": "batch"}
+    trainer = ProtoPNetTrainer(Config.from_dict(config), tmp_path / "run", data_root=mnist_root, log=lambda s: None)
+    model, oe = trainer.model.train(), trainer.oe
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    x, xo = trainer.data["train"].images[:8], oe.batch(0, 0)
+    after = {}
+    for mode in ("batch", "running"):
+        oe.cfg.batchnorm = mode
+        bn.reset_running_stats()
+        out, out_o = oe.forward_both(model, x, xo)
+        assert out.logits.shape[0] == len(x) and out_o.distance_maps.shape[0] == len(xo)
+        after[mode] = bn.running_mean.clone()
+        if mode == "batch":
+            bn.reset_running_stats()
+            both = model(torch.cat([x, xo]))
+            assert torch.allclose(out_o.distances, both.distances[len(x):])
+            assert torch.allclose(out.similarities, both.similarities[:len(x)])
+    bn.reset_running_stats()
+    model(x)
+    assert torch.allclose(after["running"], bn.running_mean)  # the digits' statistics alone
+    assert not torch.allclose(after["batch"], bn.running_mean)
+
+
+def test_config_refuses_an_unknown_batchnorm_mode():
+    with pytest.raises(ConfigError, match="outlier_exposure.batchnorm"):
+        Config.from_dict({"outlier_exposure": {"weight": 1.0, "batchnorm": "frozen"}})
 
 
 def _cli(*args, root=None):
