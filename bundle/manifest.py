@@ -163,6 +163,25 @@ class Metrics(_Strict):
     nearest_distance_quantiles: dict[str, float] | None = None
 
 
+class OutlierFigures(_Strict):
+    """The calibrated rule on non-digit drawings from fonts and animal classes that no training run draws
+    from (training/outliers.py, the held-out part), against the test split: how many it flags at the
+    bundle's threshold, and how well its score ranks them (AUROC, and the share of test images flagged by
+    the threshold that catches 95% of them, FPR95)."""
+
+    set: str
+    images: int = Field(gt=0)
+    units: list[str]  # the fonts and classes the images come from
+    licences: dict[str, str]  # distribution -> licence, from the installed wheels' metadata
+    test_images: int = Field(gt=0)
+    flagged: float  # share of the outlier images out of domain at the bundle's threshold
+    test_flagged: float  # share of the test images out of domain (calibrated: false_alarm_rate)
+    auroc: float
+    fpr95: float
+    # the checkpoint's outlier_exposure section when it was trained with the term, else None
+    trained_with: dict | None = None
+
+
 DomainScore = Literal["nearest_distance", "class_nearest_distance", "mean3_distance", "prototype_mahalanobis",
                       "nearest_and_mahalanobis", "latent_mahalanobis", "latent_and_prototypes"]
 
@@ -201,6 +220,9 @@ class DomainCalibration(_Strict):
     features: str | None = None
     feature_means: list[list[float]] | None = None
     feature_precision: list[list[float]] | None = None
+    # The rule measured at export on drawings that are not digits (export/outlier_figures.py); None in
+    # bundles exported before it, or when the outlier data is not installed or the input is not 28x28 grey.
+    outliers: OutlierFigures | None = None
 
 
 class ProbeSpec(_Strict):

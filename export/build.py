@@ -50,6 +50,7 @@ from export.onnx_export import (
     decoder_spec,
     export_graph,
 )
+from export.outlier_figures import outlier_figures
 from export.parity import describe, parity_failures, parity_figures
 from export.quality.report import QualityOptions, write_quality_report
 from protoserve.errors import ProtoserveError
@@ -106,6 +107,9 @@ def export_bundle(checkpoint: Path, out: Path, name: str, version: str, data_roo
                                   push_set=data["train"], root=root)
         domain = calibrate_domain(staging / manifest.model.file, data["val"], manifest, false_alarm_rate, log)
         manifest = manifest.model_copy(update={"domain": domain})
+        outliers = outlier_figures(staging / manifest.model.file, manifest, test.images.numpy(), config, run_onnx, log)
+        if outliers is not None:
+            manifest = manifest.model_copy(update={"domain": domain.model_copy(update={"outliers": outliers})})
         if parent_manifest is not None:
             manifest = manifest.model_copy(update={"lineage": retrain_lineage(parent_manifest, manifest)})
         write_manifest(staging, manifest)

@@ -22,7 +22,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from bundle.manifest import Bundle, BundleError
+from bundle.manifest import Bundle, BundleError, Manifest
 from bundle.runtime import verify_bundle
 from protoserve.settings import settings, variable
 from registry.objects import ObjectStore, ObjectUrl, is_remote
@@ -120,8 +120,7 @@ class Registry:
         try:
             return self.store.add_version(m.version, m.name, m.family, str(target / "bundle"),
                                           str(target / "checkpoint.pt") if checkpoint is not None else None,
-                                          parent, status, lineage, {"test_accuracy": m.metrics.test_accuracy},
-                                          job_id)
+                                          parent, status, lineage, version_metrics(m), job_id)
         except RegistryError:
             shutil.rmtree(target, ignore_errors=True)
             raise
@@ -136,7 +135,7 @@ class Registry:
         bundle, saved = self.objects.upload_version(ObjectUrl.parse(self.versions_url), m.version, checked.path,
                                                     Path(checkpoint) if checkpoint is not None else None)
         return self.store.add_version(m.version, m.name, m.family, bundle, saved, parent, status, lineage,
-                                      {"test_accuracy": m.metrics.test_accuracy}, job_id)
+                                      version_metrics(m), job_id)
 
     def bundle_path(self, version: str) -> Path:
         location = self.store.version(version).bundle
@@ -214,3 +213,12 @@ def _manifest_lineage(bundle: Bundle) -> dict | None:
     if lineage is None:
         return None
     return lineage if isinstance(lineage, dict) else lineage.model_dump(mode="json")
+
+
+def version_metrics(m: Manifest) -> dict:
+    """The figures a version's row keeps from its manifest: test accuracy, and the held-out outliers'
+    when the bundle has them (export/outlier_figures.py)."""
+    o = m.domain.outliers if m.domain is not None else None
+    return {"test_accuracy": m.metrics.test_accuracy,
+            **({} if o is None else {"outliers_flagged": o.flagged, "outliers_fpr95": o.fpr95,
+                                     "outlier_exposure": o.trained_with is not None})}

@@ -350,9 +350,12 @@ class Protoserve:
         """The out-of-domain rule as /metadata shows it (null: the bundle has no calibration)."""
         if v.domain is None:
             return None
-        c = v.domain.calibration
+        c, o = v.domain.calibration, v.domain.calibration.outliers
+        outliers = None if o is None else {
+            "set": o.set, "images": o.images, "flagged": o.flagged, "auroc": o.auroc, "fpr95": o.fpr95,
+            "test_flagged": o.test_flagged, "trained_with_outlier_exposure": o.trained_with is not None}
         return {"score": c.score, "threshold": c.threshold, "false_alarm_rate": c.false_alarm_rate,
-                "split": c.split, "images": c.images, "abstain_by_default": self.abstain}
+                "split": c.split, "images": c.images, "abstain_by_default": self.abstain, "outliers": outliers}
 
     @staticmethod
     def _answer(v: ServedVersion, body: dict, status: int = 200) -> JSONResponse:

@@ -107,6 +107,9 @@ def test_metadata_shows_the_rule(server):
     domain = httpx.get(f"{server}/metadata", timeout=10).json()["domain"]
     assert domain["false_alarm_rate"] == 0.01 and domain["split"] == "validation"
     assert domain["abstain_by_default"] is False and domain["images"] == 250
+    outliers = domain["outliers"]  # the rule on held-out non-digit drawings, measured at export
+    assert outliers["images"] > 1000 and 0 <= outliers["flagged"] <= 1 and 0.5 <= outliers["auroc"] <= 1
+    assert outliers["trained_with_outlier_exposure"] is False
 
 
 def test_bad_options_are_refused(server, digits):
