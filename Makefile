@@ -182,6 +182,27 @@ bench-ood-oe: setup
 	$(PY) -m benchmarks.ood --bundles $(PROTOTYPEDL_1)/bundle $(OE_PROTOTYPEDL)/bundle models/protopnet_mnist/bundle \
 		$(OE_PROTOPNET)/bundle --out runs/ood_benchmark_oe.json
 
+# Outlier exposure from the start of training (docs/results.md#outlier-exposure-from-the-start): each family
+# trained with the term in every step, a fixed margin (pull_digits false) and, for ProtoPNet, the outliers
+# in the digits' batch; resumable; exported from the best validation epoch with the shipped bundle as its
+# parent; then bench-ood on the four bundles in one run.
+OE_START_PROTOTYPEDL := runs/headline_oefixed_seed8
+OE_START_PROTOPNET := runs/protopnet_oe_start
+.PHONY: train-oe-start bench-ood-oe-start
+train-oe-start: setup
+	$(PROTOSERVE) train --config configs/prototypedl_mnist_headline_oe_fixed_margin.yaml --seed 8 --epochs 150 \
+		--out $(OE_START_PROTOTYPEDL) $$(test -f $(OE_START_PROTOTYPEDL)/last.pt && echo --resume)
+	$(PROTOSERVE) export --checkpoint $(OE_START_PROTOTYPEDL)/best.pt --out $(OE_START_PROTOTYPEDL)/bundle \
+		--name prototypedl-mnist --version 2.1.0 --parent $(DEFAULT_MODEL)/bundle $$(test -d $(OE_START_PROTOTYPEDL)/bundle && echo --force)
+	$(PROTOSERVE) train --config configs/protopnet_mnist_oe_start.yaml --threads 1 \
+		--out $(OE_START_PROTOPNET) $$(test -f $(OE_START_PROTOPNET)/last.pt && echo --resume)
+	$(PROTOSERVE) export --checkpoint $(OE_START_PROTOPNET)/best.pt --out $(OE_START_PROTOPNET)/bundle \
+		--name protopnet-mnist --version 1.1.0 --parent $(PROTOPNET_MODEL)/bundle $$(test -d $(OE_START_PROTOPNET)/bundle && echo --force)
+
+bench-ood-oe-start: setup
+	$(PY) -m benchmarks.ood --bundles $(DEFAULT_MODEL)/bundle $(OE_START_PROTOTYPEDL)/bundle models/protopnet_mnist/bundle \
+		$(OE_START_PROTOPNET)/bundle --out runs/ood_benchmark_oe_start.json
+
 clean:
 	rm -rf runs/demo .pytest_cache
 

@@ -3,6 +3,7 @@ reject two prototypes, start a revision of a tiny ProtoPNet, promote the candida
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,9 @@ def test_reject_revise_promote_in_the_browser(protopnet_registry, mnist_root, tm
                 wait_for(lambda pid=pid: browser.find_element(By.CSS_SELECTOR, f'.card[data-id="{pid}"]')
                          .get_attribute("data-verdict-state") == "reject", 10, f"prototype {pid} rejected")
             assert browser.find_element(By.ID, "open-count").text == "2"
+            # the version's held-out non-digit drawings flagged (manifest domain.outliers), under its accuracy
+            accuracy = browser.find_elements(By.CSS_SELECTOR, "#versions tr td")[2].text
+            assert re.search(r"non-digits flagged \d+\.\d\d% \(FPR95 \d\.\d{3}\)", accuracy), accuracy
             choose_mode(browser, "mask")  # one round without training: the training options are off
             assert not browser.find_element(By.ID, "rounds").is_enabled()
             assert not browser.find_element(By.ID, "train-encoder").is_enabled()
