@@ -124,9 +124,6 @@ class OutlierExposureConfig:
     # the digits, normalised by the statistics of both (as Hendrycks et al.'s code), so that training and
     # inference normalise alike
     batchnorm: str = "running"
-    # which distance of each image the margin is on: "nearest" (the nearest prototype's, what the score's
-    # nearest-distance part reads) or "mean" (the mean over the prototypes: every distance pushed out)
-    distance: str = "nearest"
     uniform_weight: float = 0.0  # optional: cross-entropy of the outliers' softmax to uniform (Hendrycks)
     val_share: float = 0.25  # share of each source's fonts / classes held out for validation
     seed: int = 0
@@ -225,7 +222,6 @@ class Config:
              "outlier_exposure.margin_quantile must be in (0, 1] and margin_scale > 0"),
             (0 < o.val_share < 1, "outlier_exposure.val_share must be in (0, 1)"),
             (o.batchnorm in ("running", "batch"), "outlier_exposure.batchnorm must be 'running' or 'batch'"),
-            (o.distance in ("nearest", "mean"), "outlier_exposure.distance must be 'nearest' or 'mean'"),
             (o.weight == 0 or self.model.family != "prototypedl" or self.model.classifier == "prototypes",
              "outlier_exposure needs the prototype layer (model.classifier 'prototypes')"),
         ]

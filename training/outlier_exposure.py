@@ -86,7 +86,7 @@ class OutlierExposure:
              out_logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(weighted loss to add, its parts as floats)."""
         loss, parts = margin_term(in_distances, out_distances, self.cfg.margin_quantile, self.cfg.margin_scale,
-                                  self.cfg.pull_digits, self.cfg.distance)
+                                  self.cfg.pull_digits)
         total = self.cfg.weight * loss
         if self.cfg.uniform_weight > 0:
             uniform = -F.log_softmax(out_logits, dim=1).mean()
@@ -117,7 +117,7 @@ def oe_figures(m: dict) -> str:
 
 
 def margin_term(in_distances: torch.Tensor, out_distances: torch.Tensor, quantile: float = 0.99,
-                scale: float = 1.0, pull_digits: bool = True, distance: str = "nearest") -> tuple[torch.Tensor, dict]:
+                scale: float = 1.0, pull_digits: bool = True) -> tuple[torch.Tensor, dict]:
     """mean relu(1 - d_min(outlier) / margin), margin = scale * quantile of the in-domain nearest distances.
 
     The margin's value is that quantile. With pull_digits its gradient is that of the in-domain mean (the
@@ -125,19 +125,17 @@ def margin_term(in_distances: torch.Tensor, out_distances: torch.Tensor, quantil
     latent space (every distance, the digits' too, grows), which the score does not reward; this way the
     ratio is what counts, and the term also pulls the digits towards their prototypes. Without it the
     margin is a constant of the step: only the outliers move, and the next step's margin follows any
-    stretching, since it is measured on the digits again. distance "mean": the same on each image's mean
-    distance over the prototypes instead of its nearest."""
-    reduce = (lambda d: d.min(dim=1).values) if distance == "nearest" else (lambda d: d.mean(dim=1))
-    inside = reduce(in_distances)
+    stretching, since it is measured on the digits again."""
+    inside = in_distances.min(dim=1).values
     if pull_digits:
         ratio = torch.quantile(inside.detach(), quantile) / inside.detach().mean().clamp_min(1e-12)
         margin = (scale * ratio * inside.mean()).clamp_min(1e-6)
     else:
         margin = (scale * torch.quantile(inside.detach(), quantile)).clamp_min(1e-6)
-    outside = reduce(out_distances)
-    loss = F.relu(1.0 - outside / margin).mean()
+    nearest = out_distances.min(dim=1).values
+    loss = F.relu(1.0 - nearest / margin).mean()
     return loss, {"oe_margin_loss": float(loss.detach()), "oe_margin": float(margin.detach()),
-                  "oe_inside_margin": float((outside.detach() < margin).float().mean())}
+                  "oe_inside_margin": float((nearest.detach() < margin).float().mean())}
 
 
 def _rows(output, rows: slice):
