@@ -191,6 +191,21 @@ def test_fpr_with_the_rest_of_the_set_caught_is_the_floor_a_part_sets():
     assert fpr_rest_caught(clean, ood, part) == 0.46
 
 
+def test_the_benchmark_holds_the_prototype_score_to_both_baselines_on_every_set():
+    from benchmarks.ood import targets
+
+    def row(prototype, softmax, energy):
+        return {"flagged": 1.0, **{s: {"auroc": a, "fpr95": 0.0} for s, a in
+                                   (("prototype", prototype), ("max_softmax", softmax), ("energy", energy))}}
+
+    result = {"sets": {"digit_pairs": row(0.9966, 0.9900, 0.9981), "blank": row(1.0, 0.99, 1.0),
+                       "rotated_digits": row(0.98, 0.98, 0.97)},
+              "parts": {}, "test_flagged": 0.009, "false_alarm_rate": 0.01, "photos": {"canonical": {"accuracy": 0.99}}}
+    missed = targets("m:1", result)  # blank: a tie at a perfect 1.0 is not a miss
+    assert missed == ["m:1 digit_pairs: prototype AUROC 0.9966 does not beat energy 0.9981",
+                      "m:1 rotated_digits: prototype AUROC 0.9800 does not beat max-softmax 0.9800"]
+
+
 def test_glyph_characters_name_their_images():
     from benchmarks.ood_sets import STROKES, glyphs, glyphs_with_characters
 
