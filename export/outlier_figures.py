@@ -22,6 +22,7 @@ from bundle.runtime import open_session
 from export.calibration import auroc, fpr_at_tpr
 from inference.domain import domain_rule
 from inference.explain import active_mask
+from inference.preprocess import normalize
 from training.config import Config
 from training.outliers import OutlierDataError, build_outliers, licences
 
@@ -49,7 +50,7 @@ def outlier_figures(model_file: Path, manifest: Manifest, test_images: np.ndarra
         log(f"no out-of-domain figures on held-out outliers: {e}")
         return None
     low, high = spec.value_range
-    x = ((outliers.images * (high - low) + low - np.float32(spec.mean[0])) / np.float32(spec.std[0]))
+    x = normalize(outliers.images * (high - low) + low, spec)
     session, _ = open_session(model_file, device="cpu")
 
     def judged(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
