@@ -259,6 +259,9 @@ def _registry(args) -> None:
 
     registry = open_registry(args.registry, args.registry_db)
     if args.action == "register":
+        if args.if_missing and (same := _registered_already(registry, args.bundle)) is not None:
+            print(f"{same}: registered already, the same bundle; nothing done")
+            return
         row = registry.register(args.bundle, args.checkpoint, parent=args.parent)
         print(f"registered {row.name}:{row.version} ({row.family}) at {row.bundle}")
         if args.promote:
@@ -293,6 +296,20 @@ def _registry(args) -> None:
         for r in registry.store.lineage(version):
             print(json.dumps({"version": r.version, "parent": r.parent, "status": r.status,
                               "lineage": r.lineage}))
+
+
+def _registered_already(registry, bundle: str) -> str | None:
+    """name:version when the bundle's version is in the registry with the same manifest; None when it is
+    not registered; a RegistryError when that version holds another bundle (versions are immutable)."""
+    from bundle.manifest import read_bundle
+    from registry.errors import RegistryError
+
+    manifest = read_bundle(bundle).manifest
+    if registry.store.find_version(manifest.version) is None:
+        return None
+    if read_bundle(registry.bundle_path(manifest.version)).manifest.manifest_sha256 != manifest.manifest_sha256:
+        raise RegistryError(f"version {manifest.version!r} is registered already with another bundle than {bundle}")
+    return manifest.tag
 
 
 def _worker(args) -> None:
@@ -517,6 +534,9 @@ def _serving_verbs(sub) -> None:
     a.add_argument("--checkpoint", help="the checkpoint it was exported from (needed to revise it later)")
     a.add_argument("--parent", help="the version it was revised from")
     a.add_argument("--promote", action="store_true", help="make it active at once")
+    a.add_argument("--if-missing", action="store_true",
+                   help="do nothing when this version is registered already with the same bundle (a set-up step "
+                        "run again); another bundle under that version is still refused")
     actions.add_parser("list", help="the versions; * active, - previous")
     a = actions.add_parser("promote", help="verify a version and make it active")
     a.add_argument("version")

@@ -206,6 +206,43 @@ def test_the_benchmark_holds_the_prototype_score_to_both_baselines_on_every_set(
                       "m:1 rotated_digits: prototype AUROC 0.9800 does not beat max-softmax 0.9800"]
 
 
+def test_the_benchmark_reads_the_glyphs_without_strokes_and_the_stated_false_alarm_band():
+    from benchmarks.ood import targets
+
+    def row(prototype, energy, fpr95=0.0):
+        return {"flagged": 1.0, "prototype": {"auroc": prototype, "fpr95": fpr95},
+                "max_softmax": {"auroc": 0.5, "fpr95": 1.0}, "energy": {"auroc": energy, "fpr95": 0.0}}
+
+    # all glyphs: energy ahead (the strokes), the prototype score ahead on the rest, whose FPR95 is 0.06
+    result = {"sets": {"glyphs": row(0.94, 0.97, 0.40)}, "parts": {"glyphs: others": row(0.99, 0.98, 0.06)},
+              "test_flagged": 0.0063, "false_alarm_rate": 0.01, "photos": {"canonical": {"accuracy": 0.99}}}
+    assert targets("m:1", result) == [
+        "m:1 glyphs without single strokes: FPR@95 0.060 is not at most 0.05",
+        "m:1: 0.63% of the clean test set flagged, not within 0.3% of the calibrated 1%"]
+    result["parts"]["glyphs: others"] = row(0.97, 0.98, 0.05)
+    result["test_flagged"] = 0.0130
+    assert targets("m:1", result) == [
+        "m:1 glyphs without single strokes: prototype AUROC 0.9700 does not beat energy 0.9800"]
+
+
+def test_a_bundle_is_held_to_its_parent_in_the_same_run():
+    from benchmarks.ood import against_parent
+
+    def run(noise, accuracy, class_auroc, glyphs_others=0.99):
+        row = lambda a: {"prototype": {"auroc": a, "fpr95": 0.0}}  # noqa: E731
+        return {"sets": {"uniform_noise": row(noise), "glyphs": row(0.90)},
+                "parts": {"glyphs: others": row(glyphs_others)}, "test_accuracy": accuracy,
+                "quality": {"class_discrimination_auroc": class_auroc}}
+
+    parent = run(0.99994, 0.9924, 0.9989, glyphs_others=0.96)
+    # equal at four decimals; 0.09 point of accuracy less
+    assert against_parent("m:2", run(0.99991, 0.9915, 0.9989), "m:1", parent) == []
+    assert against_parent("m:2", run(0.9993, 0.9913, 0.9963), "m:1", parent) == [
+        "m:2 uniform_noise: prototype AUROC 0.9993 is worse than m:1's 0.9999",
+        "m:2: test accuracy 99.13% is more than 0.1% below m:1's 99.24%",
+        "m:2: quality class_discrimination_auroc 0.9963 is lower than m:1's 0.9989"]
+
+
 def test_glyph_characters_name_their_images():
     from benchmarks.ood_sets import STROKES, glyphs, glyphs_with_characters
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import sqlite3
 import threading
@@ -176,6 +177,31 @@ def test_cli_verbs(two_versions):
         "prototype_id": 2, "verdict": "reject", "round": 1, "source": "ada", "at": None, "note": "blob"}
     bad = cli("promote", "9.9.9")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not registered" in bad.stderr
+
+
+def test_register_if_missing_is_a_set_up_step_that_can_run_again(tiny_bundle, tiny_checkpoint, tmp_path, capsys):
+    """`make register-oe` registers the shipped parent (promoted) and a candidate; run again, it changes nothing,
+    and another bundle under a registered version is still refused."""
+    from bundle.manifest import copy_as_version, read_bundle, write_manifest
+    from cli.main import main
+
+    root = str(tmp_path / "registry")
+    candidate = copy_as_version(tiny_bundle, "0.2.0", tmp_path / "v2")
+    for _ in range(2):
+        assert main(["registry", "--registry", root, "register", str(tiny_bundle), "--checkpoint",
+                     str(tiny_checkpoint), "--promote", "--if-missing"]) in (0, None)
+        assert main(["registry", "--registry", root, "register", str(candidate), "--if-missing"]) in (0, None)
+    registry = Registry(root)
+    assert [(r.version, r.status) for r in registry.store.versions()] == [("0.1.0", "registered"),
+                                                                         ("0.2.0", "registered")]
+    assert registry.store.active().version == "0.1.0"
+    assert capsys.readouterr().out.count("registered already, the same bundle") == 2
+    other = copy_as_version(tiny_bundle, "0.2.0", tmp_path / "other")
+    later = read_bundle(other).manifest.created_at + datetime.timedelta(seconds=1)
+    write_manifest(other, read_bundle(other).manifest.model_copy(update={"created_at": later}))
+    assert main(["registry", "--registry", root, "register", str(other), "--if-missing"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'0.2.0' is registered already with another bundle" in err
 
 
 def test_migrations_are_versioned_applied_once_and_a_newer_schema_is_refused(two_versions, capsys):
