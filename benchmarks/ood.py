@@ -133,6 +133,10 @@ def print_table(name: str, r: dict) -> None:
     for part_name, row in r["parts"].items():
         print(f"{part_name}: with every other image of its set caught, the prototype score's FPR95 on the "
               f"set would be {row['prototype_fpr95_rest_caught']:.3f}")
+    if r.get("test_accuracy") is not None:
+        quality = ", ".join(f"{k} {v:.4f}" for k, v in r["quality"].items())
+        print(f"manifest: test accuracy {r['test_accuracy']:.2%}" + (f"; quality {quality}" if quality else "")
+              + (f"; parent {r['parent']}" if r["parent"] else ""))
     p = r["photos"]
     print(f"photo-like test digits ({p['images']}): accuracy {p['plain']['accuracy']:.2%} as uploaded, "
           f"{p['canonical']['accuracy']:.2%} canonicalised (flagged {p['plain']['flagged']:.1%} / "
@@ -224,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         scorer = Scorer(path)
         name = scorer.manifest.tag
         results[name] = compare(scorer, test, sets, parts)
-        results[name]["photos"] = photo_accuracy(scorer, test[:args.photos], labels[:args.photos].astype(np.int64))
         results[name] |= manifest_figures(scorer)
+        results[name]["photos"] = photo_accuracy(scorer, test[:args.photos], labels[:args.photos].astype(np.int64))
         print_table(name, results[name])
         missed += targets(name, results[name])
     for name, r in results.items():
