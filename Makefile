@@ -203,6 +203,61 @@ bench-ood-oe-start: setup
 	$(PY) -m benchmarks.ood --bundles $(DEFAULT_MODEL)/bundle $(OE_START_PROTOTYPEDL)/bundle models/protopnet_mnist/bundle \
 		$(OE_START_PROTOPNET)/bundle --out runs/ood_benchmark_oe_start.json
 
+# The outlier-exposure candidates (issue 23, docs/outlier_exposure.md): each family trained with the term from
+# the start (weight 0.3, fixed margin), the run picked among seeds on validation by a rule set before it was
+# known (docs/runs/outlier_exposure_candidates_rule_2026-12-05.md); resumable; shipped into models/*_oe, exported
+# with the shipped bundle as its parent, calibrated as every bundle. They are candidates, not the default:
+# `make register-oe` registers each beside its parent (the parent active), ready to promote.
+OE_MODEL_PROTOTYPEDL := models/prototypedl_mnist_oe
+OE_MODEL_PROTOPNET := models/protopnet_mnist_oe
+OE_RUN_PROTOTYPEDL := runs/headline_oefixed03_seed9
+OE_RUN_PROTOPNET := runs/protopnet_oe_start_seed2
+.PHONY: ship-oe register-oe
+ship-oe: setup
+	$(PROTOSERVE) train --config configs/prototypedl_mnist_headline_oe_fixed_margin.yaml --seed 9 --outlier-exposure 0.3 \
+		--epochs 120 --threads 1 --out $(OE_RUN_PROTOTYPEDL) $$(test -f $(OE_RUN_PROTOTYPEDL)/last.pt && echo --resume)
+	$(PROTOSERVE) ship --run $(OE_RUN_PROTOTYPEDL) --out $(OE_MODEL_PROTOTYPEDL)
+	$(PROTOSERVE) evaluate --checkpoint $(OE_MODEL_PROTOTYPEDL)/checkpoint.pt --out $(OE_MODEL_PROTOTYPEDL)/evaluation.json
+	$(PROTOSERVE) export --checkpoint $(OE_MODEL_PROTOTYPEDL)/checkpoint.pt --out $(OE_MODEL_PROTOTYPEDL)/bundle \
+		--name prototypedl-mnist --version 2.1.2 --parent $(DEFAULT_MODEL)/bundle $$(test -d $(OE_MODEL_PROTOTYPEDL)/bundle && echo --force)
+	$(PROTOSERVE) verify $(OE_MODEL_PROTOTYPEDL)/bundle
+	$(PROTOSERVE) visualize --checkpoint $(OE_MODEL_PROTOTYPEDL)/checkpoint.pt --out $(OE_MODEL_PROTOTYPEDL)/pictures
+	$(PROTOSERVE) train --config configs/protopnet_mnist_oe_start.yaml --seed 2 --threads 1 \
+		--out $(OE_RUN_PROTOPNET) $$(test -f $(OE_RUN_PROTOPNET)/last.pt && echo --resume)
+	$(PROTOSERVE) ship --run $(OE_RUN_PROTOPNET) --out $(OE_MODEL_PROTOPNET)
+	$(PROTOSERVE) evaluate --checkpoint $(OE_MODEL_PROTOPNET)/checkpoint.pt --out $(OE_MODEL_PROTOPNET)/evaluation.json
+	$(PROTOSERVE) export --checkpoint $(OE_MODEL_PROTOPNET)/checkpoint.pt --out $(OE_MODEL_PROTOPNET)/bundle \
+		--name protopnet-mnist --version 1.1.2 --parent $(PROTOPNET_MODEL)/bundle $$(test -d $(OE_MODEL_PROTOPNET)/bundle && echo --force)
+	$(PROTOSERVE) verify $(OE_MODEL_PROTOPNET)/bundle
+
+# Each candidate registered beside its parent (and 2.0.0's parent 1.0.0): PrototypeDL in $(OE_REGISTRY_PROTOTYPEDL) (serve it with
+# `protoserve serve --registry ...`), ProtoPNet in the review loop's registry (`make review` shows it on the page,
+# with its outlier figures and a promote button), each version with its prototypes' nearest training images for
+# the review page (about 15 s a version). Run again, it registers nothing twice.
+OE_REGISTRY_PROTOTYPEDL := runs/registry_prototypedl
+REVIEW_REGISTRY := runs/review/registry
+register-oe: setup
+	$(PROTOSERVE) registry --registry $(OE_REGISTRY_PROTOTYPEDL) register $(PROTOTYPEDL_1)/bundle \
+		--checkpoint $(PROTOTYPEDL_1)/checkpoint.pt --if-missing
+	$(PROTOSERVE) registry --registry $(OE_REGISTRY_PROTOTYPEDL) register $(DEFAULT_MODEL)/bundle \
+		--checkpoint $(DEFAULT_MODEL)/checkpoint.pt --promote --if-missing
+	$(PROTOSERVE) registry --registry $(OE_REGISTRY_PROTOTYPEDL) register $(OE_MODEL_PROTOTYPEDL)/bundle \
+		--checkpoint $(OE_MODEL_PROTOTYPEDL)/checkpoint.pt --if-missing
+	$(PROTOSERVE) registry --registry $(REVIEW_REGISTRY) register $(PROTOPNET_MODEL)/bundle \
+		--checkpoint $(PROTOPNET_MODEL)/checkpoint.pt --promote --if-missing
+	$(PROTOSERVE) registry --registry $(REVIEW_REGISTRY) register $(OE_MODEL_PROTOPNET)/bundle \
+		--checkpoint $(OE_MODEL_PROTOPNET)/checkpoint.pt --if-missing
+	for v in 2.0.0 2.1.2; do $(PROTOSERVE) registry --registry $(OE_REGISTRY_PROTOTYPEDL) neighbours $$v || exit 1; done
+	for v in 1.0.0 1.1.2; do $(PROTOSERVE) registry --registry $(REVIEW_REGISTRY) neighbours $$v || exit 1; done
+	$(PROTOSERVE) registry --registry $(OE_REGISTRY_PROTOTYPEDL) list
+	$(PROTOSERVE) registry --registry $(REVIEW_REGISTRY) list
+
+# bench-ood on the shipped bundles and the candidates in one run: each candidate also held to its parent.
+.PHONY: bench-ood-candidates
+bench-ood-candidates: setup
+	$(PY) -m benchmarks.ood --bundles $(DEFAULT_MODEL)/bundle $(OE_MODEL_PROTOTYPEDL)/bundle $(PROTOPNET_MODEL)/bundle \
+		$(OE_MODEL_PROTOPNET)/bundle --out runs/ood_benchmark_candidates.json
+
 clean:
 	rm -rf runs/demo .pytest_cache
 
