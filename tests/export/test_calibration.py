@@ -218,7 +218,7 @@ def test_the_benchmark_reads_the_glyphs_without_strokes_and_the_stated_false_ala
               "test_flagged": 0.0063, "false_alarm_rate": 0.01, "photos": {"canonical": {"accuracy": 0.99}}}
     assert targets("m:1", result) == [
         "m:1 glyphs without single strokes: FPR@95 0.060 is not at most 0.05",
-        "m:1: 0.63% of the clean test set flagged, not within 0.3% of the calibrated 1%"]
+        "m:1: 0.63% of the clean test set flagged, not within 0.3 points of the calibrated 1%"]
     result["parts"]["glyphs: others"] = row(0.97, 0.98, 0.05)
     result["test_flagged"] = 0.0130
     assert targets("m:1", result) == [
@@ -239,7 +239,7 @@ def test_a_bundle_is_held_to_its_parent_in_the_same_run():
     assert against_parent("m:2", run(0.99991, 0.9915, 0.9989), "m:1", parent) == []
     assert against_parent("m:2", run(0.9993, 0.9913, 0.9963), "m:1", parent) == [
         "m:2 uniform_noise: prototype AUROC 0.9993 is worse than m:1's 0.9999",
-        "m:2: test accuracy 99.13% is more than 0.1% below m:1's 99.24%",
+        "m:2: test accuracy 99.13% is more than 0.1 point below m:1's 99.24%",
         "m:2: quality class_discrimination_auroc 0.9963 is lower than m:1's 0.9989"]
 
 
