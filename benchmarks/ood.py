@@ -187,8 +187,8 @@ def against_parent(name: str, r: dict, parent_name: str, parent: dict) -> list[s
                           f"{parent_name}'s {before:.4f}")
     if r["test_accuracy"] is not None and parent["test_accuracy"] is not None \
             and r["test_accuracy"] < parent["test_accuracy"] - ACCURACY_BAND - 1e-12:
-        missed.append(f"{name}: test accuracy {r['test_accuracy']:.2%} is more than {ACCURACY_BAND * 100:.1f} point below "
-                      f"{parent_name}'s {parent['test_accuracy']:.2%}")
+        missed.append(f"{name}: test accuracy {r['test_accuracy']:.2%} is more than {ACCURACY_BAND * 100:.1f} "
+                      f"point below {parent_name}'s {parent['test_accuracy']:.2%}")
     for figure in QUALITY_TARGETS:
         ours, before = r["quality"].get(figure), parent["quality"].get(figure)
         if ours is not None and before is not None and round(ours, 4) < round(before, 4):
