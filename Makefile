@@ -233,7 +233,7 @@ ship-oe: setup
 # Each candidate registered beside its parent (and 2.0.0's parent 1.0.0): PrototypeDL in $(OE_REGISTRY_PROTOTYPEDL) (serve it with
 # `protoserve serve --registry ...`), ProtoPNet in the review loop's registry (`make review` shows it on the page,
 # with its outlier figures and a promote button), each version with its prototypes' nearest training images for
-# the review page (about 15 s a version). Run again, it registers nothing twice.
+# the review page (about 15 s a version, once). Run again, it registers and computes nothing twice.
 OE_REGISTRY_PROTOTYPEDL := runs/registry_prototypedl
 REVIEW_REGISTRY := runs/review/registry
 register-oe: setup
@@ -247,8 +247,10 @@ register-oe: setup
 		--checkpoint $(PROTOPNET_MODEL)/checkpoint.pt --promote --if-missing
 	$(PROTOSERVE) registry --registry $(REVIEW_REGISTRY) register $(OE_MODEL_PROTOPNET)/bundle \
 		--checkpoint $(OE_MODEL_PROTOPNET)/checkpoint.pt --if-missing
-	for v in 2.0.0 2.1.2; do $(PROTOSERVE) registry --registry $(OE_REGISTRY_PROTOTYPEDL) neighbours $$v || exit 1; done
-	for v in 1.0.0 1.1.2; do $(PROTOSERVE) registry --registry $(REVIEW_REGISTRY) neighbours $$v || exit 1; done
+	for v in 2.0.0 2.1.2; do test -f $(OE_REGISTRY_PROTOTYPEDL)/versions/$$v/neighbours.json || \
+		$(PROTOSERVE) registry --registry $(OE_REGISTRY_PROTOTYPEDL) neighbours $$v || exit 1; done
+	for v in 1.0.0 1.1.2; do test -f $(REVIEW_REGISTRY)/versions/$$v/neighbours.json || \
+		$(PROTOSERVE) registry --registry $(REVIEW_REGISTRY) neighbours $$v || exit 1; done
 	$(PROTOSERVE) registry --registry $(OE_REGISTRY_PROTOTYPEDL) list
 	$(PROTOSERVE) registry --registry $(REVIEW_REGISTRY) list
 
