@@ -213,6 +213,7 @@ bench-ood-oe-start: setup
 OE_MODEL_PROTOTYPEDL := models/prototypedl_mnist_oe
 OE_MODEL_PROTOPNET := models/protopnet_mnist_oe
 OE_RUN_PROTOTYPEDL := runs/headline_oefixed03_seed9
+OE_VERSION_PROTOTYPEDL := 2.1.2
 OE_RUN_PROTOPNET := runs/protopnet_oe_start_seed2
 .PHONY: ship-oe register-oe
 ship-oe: setup
@@ -221,7 +222,7 @@ ship-oe: setup
 	$(PROTOSERVE) ship --run $(OE_RUN_PROTOTYPEDL) --out $(OE_MODEL_PROTOTYPEDL)
 	$(PROTOSERVE) evaluate --checkpoint $(OE_MODEL_PROTOTYPEDL)/checkpoint.pt --out $(OE_MODEL_PROTOTYPEDL)/evaluation.json
 	$(PROTOSERVE) export --checkpoint $(OE_MODEL_PROTOTYPEDL)/checkpoint.pt --out $(OE_MODEL_PROTOTYPEDL)/bundle \
-		--name prototypedl-mnist --version 2.1.2 --parent $(DEFAULT_MODEL)/bundle $$(test -d $(OE_MODEL_PROTOTYPEDL)/bundle && echo --force)
+		--name prototypedl-mnist --version $(OE_VERSION_PROTOTYPEDL) --parent $(DEFAULT_MODEL)/bundle $$(test -d $(OE_MODEL_PROTOTYPEDL)/bundle && echo --force)
 	$(PROTOSERVE) verify $(OE_MODEL_PROTOTYPEDL)/bundle
 	$(PROTOSERVE) visualize --checkpoint $(OE_MODEL_PROTOTYPEDL)/checkpoint.pt --out $(OE_MODEL_PROTOTYPEDL)/pictures
 	$(PROTOSERVE) train --config configs/protopnet_mnist_oe_start.yaml --seed 2 --threads 1 \
@@ -249,7 +250,7 @@ register-oe: setup
 		--checkpoint $(PROTOPNET_MODEL)/checkpoint.pt --promote --if-missing
 	$(PROTOSERVE) registry --registry $(REVIEW_REGISTRY) register $(OE_MODEL_PROTOPNET)/bundle \
 		--checkpoint $(OE_MODEL_PROTOPNET)/checkpoint.pt --if-missing
-	for v in 2.0.0 2.1.2; do test -f $(OE_REGISTRY_PROTOTYPEDL)/versions/$$v/neighbours.json || \
+	for v in 2.0.0 $(OE_VERSION_PROTOTYPEDL); do test -f $(OE_REGISTRY_PROTOTYPEDL)/versions/$$v/neighbours.json || \
 		$(PROTOSERVE) registry --registry $(OE_REGISTRY_PROTOTYPEDL) neighbours $$v || exit 1; done
 	for v in 1.0.0 1.1.2; do test -f $(REVIEW_REGISTRY)/versions/$$v/neighbours.json || \
 		$(PROTOSERVE) registry --registry $(REVIEW_REGISTRY) neighbours $$v || exit 1; done
