@@ -292,7 +292,9 @@ class Lineage(_Strict):
     verdicts: list[dict] = []  # registry/verdicts.py objects, in the order they were given
     antitypes: list[dict] = []  # {"prototype_id", "round", "vector"[, "source": ProtoPNet (push index, row, col)]}
     masked: list[int] = []
-    config: dict = {}  # the revision settings (registry/revision_settings.py RevisionSettings)
+    # revised: the revision settings (registry/revision_settings.py RevisionSettings); retrained: the settings
+    # of the training config that differ from the parent's, {"section.key": {"parent": ..., "retrained": ...}}
+    config: dict = {}
     comparison: dict = {}  # accuracies, prototypes moved / masked / changed class, non-object counts
     history: list[dict] = []  # per round: non-object count, verdicts given, accuracies, seconds
 

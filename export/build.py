@@ -199,9 +199,23 @@ def retrain_lineage(parent: Manifest, manifest: Manifest) -> Lineage:
     if parent.family != manifest.family:
         raise ExportError(f"--parent {parent.tag} is a {parent.family} model, the checkpoint a {manifest.family} model")
     return Lineage(parent=parent.tag, parent_checkpoint_sha256=parent.training.checkpoint_sha256, mode="retrain",
-                   rounds=0, config=manifest.training.config.get("train", {}),
+                   rounds=0, config=config_changes(parent.training.config, manifest.training.config),
                    comparison={"test_accuracy": {"parent": parent.metrics.test_accuracy,
                                                  "retrained": manifest.metrics.test_accuracy}})
+
+
+def config_changes(parent: dict, retrained: dict, prefix: str = "") -> dict:
+    """What a retraining changed in the training config: {"section.key": {"parent": ..., "retrained": ...}}
+    for every setting that differs (a section only one of them has appears whole, the other side null).
+    The whole config is in each manifest's training.config; this is the part that tells them apart."""
+    changes = {}
+    for key in [*parent, *(k for k in retrained if k not in parent)]:
+        a, b = parent.get(key), retrained.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes |= config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes[f"{prefix}{key}"] = {"parent": a, "retrained": b}
+    return changes
 
 
 def _lineage(revision: dict) -> Lineage | None:

@@ -3,7 +3,7 @@
 import pytest
 
 from bundle.runtime import verify_bundle
-from export.build import ExportError, export_bundle
+from export.build import ExportError, config_changes, export_bundle
 
 
 def test_a_retrained_bundle_names_its_parent(tmp_path, tiny_checkpoint, tiny_bundle, mnist_root):
@@ -15,7 +15,18 @@ def test_a_retrained_bundle_names_its_parent(tmp_path, tiny_checkpoint, tiny_bun
     assert lineage.mode == "retrain" and lineage.parent == "tiny-prototypedl:0.1.0"
     assert lineage.verdicts == [] and lineage.rounds == 0
     assert lineage.comparison["test_accuracy"]["retrained"] == bundle.manifest.metrics.test_accuracy
-    assert lineage.config["epochs"] == 2  # the retrained checkpoint's schedule
+    # the config says what the retraining changed (here nothing: the same checkpoint), not settings it never read
+    assert lineage.config == {}
+
+
+def test_the_lineage_config_names_each_changed_setting():
+    parent = {"train": {"seed": 0, "lr": 1e-4, "epochs": 25}, "schedule": {"push_start": 15}}
+    retrained = {"train": {"seed": 2, "lr": 1e-4, "epochs": 25}, "schedule": {"push_start": 15},
+                 "outlier_exposure": {"weight": 0.3}}
+    assert config_changes(parent, retrained) == {
+        "train.seed": {"parent": 0, "retrained": 2},
+        "outlier_exposure": {"parent": None, "retrained": {"weight": 0.3}}}
+    assert config_changes(retrained, parent)["outlier_exposure"] == {"parent": {"weight": 0.3}, "retrained": None}
 
 
 def test_a_parent_of_another_family_is_refused(tmp_path, tiny_checkpoint, tiny_protopnet_bundle, mnist_root):
