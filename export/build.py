@@ -55,6 +55,7 @@ from export.parity import describe, parity_failures, parity_figures
 from export.quality.report import QualityOptions, write_quality_report
 from protoserve.errors import ProtoserveError
 from training.checkpoint import load_checkpoint
+from training.config import Config, ConfigError
 from training.datasets import class_names, dataset, input_normalization, load_run_data
 from training.families import PrototypeRecord, family_of
 from training.splits import Split, resolve_data_root
@@ -199,9 +200,19 @@ def retrain_lineage(parent: Manifest, manifest: Manifest) -> Lineage:
     if parent.family != manifest.family:
         raise ExportError(f"--parent {parent.tag} is a {parent.family} model, the checkpoint a {manifest.family} model")
     return Lineage(parent=parent.tag, parent_checkpoint_sha256=parent.training.checkpoint_sha256, mode="retrain",
-                   rounds=0, config=config_changes(parent.training.config, manifest.training.config),
+                   rounds=0, config=config_changes(_with_defaults(parent.training.config),
+                                                     _with_defaults(manifest.training.config)),
                    comparison={"test_accuracy": {"parent": parent.metrics.test_accuracy,
                                                  "retrained": manifest.metrics.test_accuracy}})
+
+
+def _with_defaults(config: dict) -> dict:
+    """A training config as the current code reads it: settings added since it was written take their
+    defaults, so that a setting missing from an older config is not reported as a change."""
+    try:
+        return Config.from_dict(config).to_dict()
+    except ConfigError:  # written by a newer version of the code: compared as it is
+        return config
 
 
 def config_changes(parent: dict, retrained: dict, prefix: str = "") -> dict:

@@ -1,6 +1,7 @@
 """A retrained version names the version it replaces: lineage mode "retrain" with both test accuracies."""
 
 import pytest
+import torch
 
 from bundle.runtime import verify_bundle
 from export.build import ExportError, config_changes, export_bundle
@@ -17,6 +18,21 @@ def test_a_retrained_bundle_names_its_parent(tmp_path, tiny_checkpoint, tiny_bun
     assert lineage.comparison["test_accuracy"]["retrained"] == bundle.manifest.metrics.test_accuracy
     # the config says what the retraining changed (here nothing: the same checkpoint), not settings it never read
     assert lineage.config == {}
+
+
+def test_a_retrained_bundle_lists_what_its_training_changed(tmp_path, tiny_checkpoint, tiny_bundle, mnist_root):
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    seed = payload["config"]["train"]["seed"]
+    payload["config"]["train"]["seed"] = seed + 1
+    payload["config"]["outlier_exposure"] = {"weight": 0.3}
+    torch.save(payload, tmp_path / "retrained.pt")
+    out = tmp_path / "bundle"
+    export_bundle(tmp_path / "retrained.pt", out, "tiny-prototypedl", "0.2.0", data_root=str(mnist_root),
+                  test_images=300, log=lambda s: None, quality=None, parent=tiny_bundle)
+    config = verify_bundle(out)[0].manifest.lineage.config
+    assert config["train.seed"] == {"parent": seed, "retrained": seed + 1}
+    assert config["outlier_exposure.weight"] == {"parent": 0.0, "retrained": 0.3}  # the parent's default, filled in
+    assert set(config) == {"train.seed", "outlier_exposure.weight"}
 
 
 def test_the_lineage_config_names_each_changed_setting():
