@@ -1,10 +1,12 @@
 """Versions in an S3 object store: uploaded when registered, downloaded into a verified local cache.
 
 With PROTOSERVE_VERSIONS_URL=s3://bucket/prefix a registered version is the objects
-`prefix/<version>/bundle/<file>` (every file of the bundle, manifest.json written last) and
-`prefix/<version>/checkpoint.pt`; the registry row holds their URLs pinned to a sha256, as pip pins a
-download: `s3://bucket/prefix/<version>/bundle#sha256=<sha256 of manifest.json>`. The manifest lists
-the sha256 of every other file, so the pin covers the whole bundle.
+`prefix/<version>/<content>/bundle/<file>` (every file of the bundle, manifest.json written last) and
+`prefix/<version>/<content>/checkpoint.pt`, <content> the first 16 hex digits of the manifest's sha256;
+the registry row holds their URLs pinned to a sha256, as pip pins a download:
+`s3://bucket/prefix/<version>/<content>/bundle#sha256=<sha256 of manifest.json>`. The manifest lists
+the sha256 of every other file, so the pin covers the whole bundle. Two registers of one version at once
+upload side by side, and the row written points at its own objects (the other's stay, unreferenced).
 
 A replica resolves a pinned URL to a local folder under PROTOSERVE_CACHE_DIR, addressed by that
 sha256 (`bundles/<sha256>/`, `files/<sha256>/checkpoint.pt`): it downloads manifest.json, checks it
@@ -41,6 +43,7 @@ from registry.store import RegistryError
 SCHEME = "s3://"
 PIN = "#sha256="
 CHECKPOINT_FILE = "checkpoint.pt"
+CONTENT_DIGITS = 16  # of the manifest sha256 in a version's object prefix: registers of one version never collide
 CREDENTIALS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
 PARALLEL = 8  # objects sent or fetched at once (boto3's connection pool holds 10)
 
@@ -105,8 +108,12 @@ class ObjectStore:
 
     def upload_version(self, versions: ObjectUrl, version: str, bundle: Path,
                        checkpoint: Path | None) -> tuple[str, str | None]:
-        """Upload a verified bundle (and its checkpoint) as `<versions>/<version>/`; the pinned URLs to record."""
-        target = versions.child(version)
+        """Upload a verified bundle (and its checkpoint) as `<versions>/<version>/<content>/`; the pinned URLs to
+        record. <content> is the first 16 hex digits of the manifest's sha256: two registers of one version at
+        once (a job attempt whose lease ran out and the attempt that took over) never write over each other's
+        objects, so the row that is written points at objects that match its pin."""
+        manifest_sha = sha256_file(bundle / MANIFEST_FILE)
+        target = versions.child(version, manifest_sha[:CONTENT_DIGITS])
         files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
         _each(lambda name: self._put(bundle / name, target.child("bundle", name)),
               [f for f in files if f != MANIFEST_FILE])
@@ -115,7 +122,7 @@ class ObjectStore:
         if checkpoint is not None:
             self._put(checkpoint, target.child(CHECKPOINT_FILE))
             checkpoint_location = pinned(target.child(CHECKPOINT_FILE), sha256_file(checkpoint))
-        return pinned(target.child("bundle"), sha256_file(bundle / MANIFEST_FILE)), checkpoint_location
+        return pinned(target.child("bundle"), manifest_sha), checkpoint_location
 
     def _put(self, path: Path, url: ObjectUrl) -> None:
         with readable(url, self.endpoint_url), open(path, "rb") as body:

@@ -131,7 +131,8 @@ class Registry:
         m = checked.manifest
         if any(row.version == m.version for row in self.store.versions()):
             raise RegistryError(f"version {m.version!r} is registered already; versions are immutable")
-        # Objects left by a register that died before its row are overwritten; a row's pin catches any mix-up.
+        # Uploaded under a prefix of the manifest's sha256: a register racing this one for the same version
+        # (or one that died before its row) never overwrites these objects; only one row is written.
         bundle, saved = self.objects.upload_version(ObjectUrl.parse(self.versions_url), m.version, checked.path,
                                                     Path(checkpoint) if checkpoint is not None else None)
         return self.store.add_version(m.version, m.name, m.family, bundle, saved, parent, status, lineage,

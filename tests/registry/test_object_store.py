@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY
 
 from bundle.manifest import copy_as_version, read_bundle, sha256_file
 from protoserve.settings import Settings, SettingsError
-from registry.objects import ChecksumError, ObjectStore, ObjectStoreError
+from registry.objects import ChecksumError, ObjectStore, ObjectStoreError, ObjectUrl
 from registry.revision_settings import RevisionSettings
 from registry.store import RegistryError
 from registry.verdicts import verdict
@@ -39,6 +39,17 @@ def replica(root: Path, url: str, cache: Path) -> Registry:
     return Registry(root, versions_url=url, objects=ObjectStore(cache_dir=cache))
 
 
+def stored(registry: Registry, version: str, name: str) -> str:
+    """The object key of a registered version's file ("bundle/<file>" or "checkpoint.pt"), from its row:
+    `<prefix>/<version>/<16 hex digits of the manifest's sha256>/...`."""
+    bundle_key = registry.store.version(version).bundle.partition("#")[0].removeprefix("s3://").partition("/")[2]
+    return f"{bundle_key.removesuffix('/bundle')}/{name}"
+
+
+def content(bundle: Path) -> str:
+    return sha256_file(bundle / "manifest.json")[:16]
+
+
 def flip_a_byte(s3, bucket: str, key: str) -> None:
     client = s3.client()
     data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
@@ -51,12 +62,12 @@ def test_register_uploads_and_a_fresh_cache_downloads_and_verifies(bucket, s3, t
     writer = replica(tmp_path / "registry", url, tmp_path / "cache-writer")
     row = writer.register(tiny_bundle, tiny_checkpoint)
     manifest_sha = sha256_file(tiny_bundle / "manifest.json")
-    assert row.bundle == f"{url}/0.1.0/bundle#sha256={manifest_sha}"
-    assert row.checkpoint == f"{url}/0.1.0/checkpoint.pt#sha256={sha256_file(tiny_checkpoint)}"
+    prefix = f"protoserve/versions/0.1.0/{manifest_sha[:16]}"  # the version, then its content
+    assert row.bundle == f"s3://{bucket}/{prefix}/bundle#sha256={manifest_sha}"
+    assert row.checkpoint == f"s3://{bucket}/{prefix}/checkpoint.pt#sha256={sha256_file(tiny_checkpoint)}"
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]}
-    expected = {f"protoserve/versions/0.1.0/bundle/{name}" for name in read_bundle(tiny_bundle).manifest.files}
-    assert keys == expected | {"protoserve/versions/0.1.0/bundle/manifest.json",
-                               "protoserve/versions/0.1.0/checkpoint.pt"}
+    expected = {f"{prefix}/bundle/{name}" for name in read_bundle(tiny_bundle).manifest.files}
+    assert keys == expected | {f"{prefix}/bundle/manifest.json", f"{prefix}/checkpoint.pt"}
     assert not (tmp_path / "registry" / "versions").exists()  # nothing of the version on the registering disk
 
     other = replica(tmp_path / "registry", url, tmp_path / "cache-replica")
@@ -69,10 +80,26 @@ def test_register_uploads_and_a_fresh_cache_downloads_and_verifies(bucket, s3, t
     other.promote("0.1.0", actor="test")  # verified (checksums, golden probe) from the cache
     assert other.store.active().version == "0.1.0"
 
-    s3.client().delete_object(Bucket=bucket, Key="protoserve/versions/0.1.0/bundle/model.onnx")
+    s3.client().delete_object(Bucket=bucket, Key=f"{prefix}/bundle/model.onnx")
     assert other.bundle_path("0.1.0") == path  # immutable: a cached version is never fetched again
     with pytest.raises(RegistryError, match="registered already"):
         writer.register(tiny_bundle, tiny_checkpoint)
+
+
+def test_two_uploads_of_one_version_never_overwrite_each_other(bucket, s3, tiny_bundle, tiny_protopnet_bundle,
+                                                               tmp_path):
+    """Two registers of version 0.2.0 at once (a job attempt whose lease ran out and the attempt that took over):
+    the first uploads, the second uploads other files, then the first writes its row. The row's objects are
+    still the first's, so the version verifies."""
+    versions = ObjectUrl.parse(f"s3://{bucket}/v")
+    first, second = (copy_as_version(b, "0.2.0", tmp_path / n) for b, n in ((tiny_bundle, "a"),
+                                                                           (tiny_protopnet_bundle, "b")))
+    store = ObjectStore(cache_dir=tmp_path / "cache-writer")
+    first_location, _ = store.upload_version(versions, "0.2.0", first, None)
+    second_location, _ = store.upload_version(versions, "0.2.0", second, None)
+    assert first_location != second_location
+    fetched = ObjectStore(cache_dir=tmp_path / "cache-replica").bundle(first_location)  # checked against the pin
+    assert read_bundle(fetched).manifest.family == "prototypedl"
 
 
 def test_a_replica_fetches_the_versions_a_promote_may_pick_before_anyone_promotes(bucket, s3, tiny_bundle,
@@ -93,7 +120,7 @@ def test_a_replica_fetches_the_versions_a_promote_may_pick_before_anyone_promote
     assert serving.likely_next(0) == ["0.2.0"]
     assert serving.likely_next(9) == ["0.2.0", "0.5.0", "0.4.0"]  # 0.1.0 and 0.3.0 were active once
 
-    flip_a_byte(s3, bucket, "v/0.4.0/bundle/model.onnx")
+    flip_a_byte(s3, bucket, stored(writer, "0.4.0", "bundle/model.onnx"))
     failed = serving.prefetch(serving.likely_next(2))
     assert list(failed) == ["0.4.0"] and "sha256" in failed["0.4.0"], failed
     cached = {p.name for p in (tmp_path / "cache-replica" / "bundles").iterdir()}
@@ -109,7 +136,7 @@ def test_a_flipped_byte_is_refused_and_the_old_version_keeps_serving(bucket, s3,
     writer.register(copy_as_version(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
     writer.register(copy_as_version(tiny_bundle, "0.3.0", tmp_path / "v3"), tiny_checkpoint, parent="0.1.0")
     writer.promote("0.1.0")
-    flip_a_byte(s3, bucket, "v/0.2.0/bundle/model.onnx")
+    flip_a_byte(s3, bucket, stored(writer, "0.2.0", "bundle/model.onnx"))
 
     serving = replica(tmp_path / "registry", url, tmp_path / "cache-replica")
     switched = []
@@ -120,7 +147,8 @@ def test_a_flipped_byte_is_refused_and_the_old_version_keeps_serving(bucket, s3,
     asyncio.run(follower.check())
     assert switched == [] and follower.version == "0.1.0"  # still serving the old version
     (reason,) = follower.failed.values()
-    assert reason.startswith(f"0.2.0: s3://{bucket}/v/0.2.0/bundle/model.onnx: sha256 ") and "\n" not in reason
+    damaged = f"s3://{bucket}/{stored(writer, '0.2.0', 'bundle/model.onnx')}"
+    assert reason.startswith(f"0.2.0: {damaged}: sha256 ") and "\n" not in reason
     assert "damaged, truncated or edited in the object store" in reason
     assert REGISTRY.get_sample_value("protoserve_version_refusals_total",
                                      {"version": "0.2.0", "reason": "checksum"}) == before + 1
@@ -130,18 +158,18 @@ def test_a_flipped_byte_is_refused_and_the_old_version_keeps_serving(bucket, s3,
 
     # A truncated object, and an edited manifest (the row pins its sha256), are refused the same way.
     client = s3.client()
-    probe = client.get_object(Bucket=bucket, Key="v/0.3.0/bundle/probe.npz")["Body"].read()
-    client.put_object(Bucket=bucket, Key="v/0.3.0/bundle/probe.npz", Body=probe[: len(probe) // 2])
+    probe = client.get_object(Bucket=bucket, Key=stored(writer, "0.3.0", "bundle/probe.npz"))["Body"].read()
+    client.put_object(Bucket=bucket, Key=stored(writer, "0.3.0", "bundle/probe.npz"), Body=probe[: len(probe) // 2])
     with pytest.raises(ChecksumError, match="probe.npz: sha256"):
         serving.bundle_path("0.3.0")
-    flip_a_byte(s3, bucket, "v/0.3.0/bundle/manifest.json")
+    flip_a_byte(s3, bucket, stored(writer, "0.3.0", "bundle/manifest.json"))
     with pytest.raises(ChecksumError, match="manifest.json: sha256"):
         serving.bundle_path("0.3.0")
 
     serving.store.activate("0.3.0")
-    client.put_object(Bucket=bucket, Key="v/0.3.0/bundle/manifest.json",
+    client.put_object(Bucket=bucket, Key=stored(writer, "0.3.0", "bundle/manifest.json"),
                       Body=(tmp_path / "v3" / "manifest.json").read_bytes())
-    client.put_object(Bucket=bucket, Key="v/0.3.0/bundle/probe.npz", Body=probe)  # repaired: the next version loads
+    client.put_object(Bucket=bucket, Key=stored(writer, "0.3.0", "bundle/probe.npz"), Body=probe)  # repaired
     asyncio.run(follower.check())
     assert [s.version for s in switched] == ["0.3.0"]
 
@@ -154,15 +182,16 @@ def test_an_object_store_that_could_not_be_read_is_tried_again(bucket, s3, tiny_
     writer.promote("0.1.0")
     writer.promote("0.2.0")  # checked on the writer; then an object goes missing (a store half restored)
     client = s3.client()
-    client.delete_object(Bucket=bucket, Key="v/0.2.0/bundle/probe.npz")
+    missing = stored(writer, "0.2.0", "bundle/probe.npz")
+    client.delete_object(Bucket=bucket, Key=missing)
     serving = replica(tmp_path / "registry", url, tmp_path / "cache-replica")
     switched = []
     follower = ActiveVersionFollower(serving, serving.store.active().generation - 1, "0.1.0", switched.append)
     asyncio.run(follower.check())
     (reason,) = follower.failed.values()
-    assert reason == f"0.2.0: s3://{bucket}/v/0.2.0/bundle/probe.npz: no such object (deleted from the store, or " \
+    assert reason == f"0.2.0: s3://{bucket}/{missing}: no such object (deleted from the store, or " \
                      "never uploaded)"
-    client.put_object(Bucket=bucket, Key="v/0.2.0/bundle/probe.npz", Body=(tiny_bundle / "probe.npz").read_bytes())
+    client.put_object(Bucket=bucket, Key=missing, Body=(tiny_bundle / "probe.npz").read_bytes())
     asyncio.run(follower.check())
     assert switched == []  # not before the retry is due
     follower.retry_at = dict.fromkeys(follower.retry_at, 0.0)
@@ -180,7 +209,7 @@ def test_the_review_api_reads_and_promotes_versions_from_the_object_store(bucket
     registry.register(tiny_bundle, tiny_checkpoint)
     registry.register(copy_as_version(tiny_bundle, "0.2.0", tmp_path / "v2"), tiny_checkpoint, parent="0.1.0")
     registry.promote("0.1.0")
-    flip_a_byte(s3, bucket, "v/0.2.0/bundle/probe.npz")
+    flip_a_byte(s3, bucket, stored(registry, "0.2.0", "bundle/probe.npz"))
     http, admin = TestClient(app, root_path=""), {"Authorization": "Bearer key"}
     prototypes = http.get("/api/versions/0.1.0/prototypes").json()["prototypes"]
     picture = http.get(prototypes[0]["pictures"]["prototype"].removeprefix("/review"))
@@ -190,7 +219,8 @@ def test_the_review_api_reads_and_promotes_versions_from_the_object_store(bucket
     job = http.post("/api/jobs", json={"mode": "mask"}, headers=admin)  # checked against the parent's bundle
     assert job.status_code == 201, job.text
     refused = http.post("/api/promote", json={"version": "0.2.0"}, headers=admin)
-    assert refused.status_code == 409 and f"s3://{bucket}/v/0.2.0/bundle/probe.npz: sha256" in refused.text
+    damaged = f"s3://{bucket}/{stored(registry, '0.2.0', 'bundle/probe.npz')}"
+    assert refused.status_code == 409 and f"{damaged}: sha256" in refused.text
     assert registry.store.active().version == "0.1.0"
 
 
@@ -199,7 +229,7 @@ def test_missing_bucket_or_credentials_is_one_readable_line(bucket, s3, tiny_bun
                         objects=ObjectStore(cache_dir=tmp_path / "cache"))
     with pytest.raises(ObjectStoreError) as missing:
         registry.register(tiny_bundle)
-    assert str(missing.value).startswith("s3://no-such-bucket-here/v/0.1.0/bundle/")
+    assert str(missing.value).startswith(f"s3://no-such-bucket-here/v/0.1.0/{content(tiny_bundle)}/bundle/")
     assert "no bucket 'no-such-bucket-here' at http://127.0.0.1:" in str(missing.value)
     assert registry.store.versions() == []  # no row without its objects
 
@@ -218,7 +248,7 @@ def test_missing_bucket_or_credentials_is_one_readable_line(bucket, s3, tiny_bun
                          env={**os.environ, "PROTOSERVE_VERSIONS_URL": f"s3://{bucket}/v"})
     assert cli.returncode == 2, cli.stderr
     (line,) = cli.stderr.strip().splitlines()
-    assert line.startswith(f"protoserve registry: error: s3://{bucket}/v/0.1.0/bundle/")
+    assert line.startswith(f"protoserve registry: error: s3://{bucket}/v/0.1.0/{content(tiny_bundle)}/bundle/")
     assert line.endswith(": no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
 
 
@@ -250,10 +280,11 @@ def test_a_worker_revises_from_the_object_store_and_uploads_its_candidate(bucket
     done = registry.store.job(job["id"])
     assert done["status"] == "done", done["error"]
     candidate = registry.store.version(done["result"]["candidate"])
-    assert candidate.bundle.startswith(f"{url}/{candidate.version}/bundle#sha256=")
-    assert candidate.checkpoint.startswith(f"{url}/{candidate.version}/checkpoint.pt#sha256=")
+    prefix = f"v/{candidate.version}/{candidate.bundle.rpartition('#sha256=')[2][:16]}"
+    assert candidate.bundle.startswith(f"s3://{bucket}/{prefix}/bundle#sha256=")
+    assert candidate.checkpoint.startswith(f"s3://{bucket}/{prefix}/checkpoint.pt#sha256=")
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket, Prefix=f"v/{candidate.version}/")["Contents"]}
-    assert {f"v/{candidate.version}/bundle/manifest.json", f"v/{candidate.version}/checkpoint.pt"} <= keys
+    assert {f"{prefix}/bundle/manifest.json", f"{prefix}/checkpoint.pt"} <= keys
     parent_checkpoint = sha256_file(tiny_checkpoint)  # the worker revised a verified download of the parent's
     assert (tmp_path / "cache-worker" / "files" / parent_checkpoint / "checkpoint.pt").is_file()
 
@@ -284,7 +315,8 @@ def test_two_replicas_one_refuses_a_damaged_download_and_keeps_serving(bucket, s
                 "PROTOSERVE_POLL_SECONDS": "0.2", "BENTOML_HOME": str(tmp_path / f"bentoml-{cache}")}
 
     writer.verify("0.2.0")  # the promote's check passes on the promoting host's download ...
-    flip_a_byte(s3, bucket, "v/0.2.0/bundle/model.onnx")  # ... then the object is damaged (before replica B
+    damaged = stored(writer, "0.2.0", "bundle/model.onnx")
+    flip_a_byte(s3, bucket, damaged)  # ... then the object is damaged (before replica B
     # starts: a replica fetches the versions a promote may pick next as soon as it runs)
     with running_service(tiny_bundle, None, tmp_path / "a.log", 180, env=env("cache-a", 1)) as a, \
             running_service(tiny_bundle, None, tmp_path / "b.log", 180, env=env("cache-b", 2)) as b, \
@@ -292,7 +324,7 @@ def test_two_replicas_one_refuses_a_damaged_download_and_keeps_serving(bucket, s
         writer.promote("0.2.0")
         load.wait_for({"a": "0.2.0", "b": "0.1.0"})
         reasons = _wait_for_refusals(b, "0.2.0")
-        assert all(f"s3://{bucket}/v/0.2.0/bundle/model.onnx: sha256" in r for r in reasons), reasons
+        assert all(f"s3://{bucket}/{damaged}: sha256" in r for r in reasons), reasons
         metrics = httpx.get(f"{b}/metrics").text
         assert 'protoserve_version_refusals_total{reason="checksum",version="0.2.0"} 2.0' in metrics, \
             [line for line in metrics.splitlines() if "refusals" in line]
