@@ -13,8 +13,10 @@ sha256 (`bundles/<sha256>/`, `files/<sha256>/checkpoint.pt`): it downloads manif
 against the pin and reads it (bundle/manifest.py read_manifest), downloads the files it lists into a
 private folder, checks each one's sha256, and only then moves the folder into place. A tampered or
 truncated object is refused with a ChecksumError naming it; nothing half-downloaded is ever in the
-cache. A version is immutable, so a cached copy is never fetched again (loading it reads and checks
-it once more: bundle/manifest.py read_bundle). Service replicas fetch the versions likely to be
+cache. One process at a time downloads a given pin into a cache (a lock file under `locks/`): the
+workers of one replica share its cache, and the others wait and then read the copy. A version is
+immutable, so a cached copy is never fetched again (loading it reads and checks it once more:
+bundle/manifest.py read_bundle). Service replicas fetch the versions likely to be
 activated next before anyone promotes them (service/served_version.py); a promote that arrives while
 that download is under way waits for it instead of starting another.
 
@@ -25,6 +27,7 @@ and appear in no message. boto3 is imported only when an s3:// location is used 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -152,11 +155,12 @@ class ObjectStore:
         if pin is None:
             raise ObjectStoreError(f"{location}: no sha256 pin ({PIN}...): cannot be verified")
         name = PurePosixPath(url.key).name
-        if (self.cache / "files" / pin / name).is_file():
-            return self.cache / "files" / pin / name
-        with self._download() as folder:
-            self._get(url, folder / name, pin)
-            return _settle(folder, self.cache / "files" / pin) / name
+        with self._one_download(pin):
+            if (self.cache / "files" / pin / name).is_file():
+                return self.cache / "files" / pin / name
+            with self._download() as folder:
+                self._get(url, folder / name, pin)
+                return _settle(folder, self.cache / "files" / pin) / name
 
     def _get(self, url: ObjectUrl, path: Path, sha256: str | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,14 +175,19 @@ class ObjectStore:
 
     @contextmanager
     def _one_download(self, pin: str | None) -> Iterator[None]:
-        """Held while this process downloads the object pinned to `pin` (None: nothing to share)."""
+        """Held while this process, or another sharing the cache (a replica's workers), downloads the object
+        pinned to `pin` (None: nothing to share): the others wait, then find it in the cache."""
         if pin is None:
             yield
             return
         with self._guard:
             lock = self._fetching.setdefault(pin, threading.Lock())
         with lock:
-            yield
+            locks = self.cache / "locks"  # one empty file per version fetched
+            locks.mkdir(parents=True, exist_ok=True)
+            with open(locks / pin, "a") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)  # released when the file closes
+                yield
 
     @contextmanager
     def _download(self) -> Iterator[Path]:

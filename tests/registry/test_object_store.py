@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -100,6 +101,37 @@ def test_two_uploads_of_one_version_never_overwrite_each_other(bucket, s3, tiny_
     assert first_location != second_location
     fetched = ObjectStore(cache_dir=tmp_path / "cache-replica").bundle(first_location)  # checked against the pin
     assert read_bundle(fetched).manifest.family == "prototypedl"
+
+
+def test_workers_sharing_a_cache_download_a_version_once(bucket, s3, tiny_bundle, tiny_checkpoint, tmp_path):
+    """Another process (a replica's other worker) holds the version's download lock: this one waits, then reads
+    the copy that process settled, without fetching (the objects are gone by then: a fetch would fail)."""
+    writer = replica(tmp_path / "registry", f"s3://{bucket}/v", tmp_path / "cache-writer")
+    location = writer.register(tiny_bundle, tiny_checkpoint).bundle
+    pin = location.rpartition("#sha256=")[2]
+    shared = tmp_path / "cache-shared"
+    (shared / "locks").mkdir(parents=True)
+    other_worker = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); sys.stdin.read()", str(shared / "locks" / pin)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other_worker.stdout.readline().strip() == "held"
+        found = []
+        waiting = threading.Thread(target=lambda: found.append(ObjectStore(cache_dir=shared).bundle(location)))
+        waiting.start()
+        waiting.join(1.0)
+        assert waiting.is_alive()  # waits on the other worker's download
+        copy = ObjectStore(cache_dir=tmp_path / "cache-other").bundle(location)
+        shutil.copytree(copy, shared / "bundles" / pin)  # what the other worker's download settles
+        client = s3.client()
+        for key in [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="v/")["Contents"]]:
+            client.delete_object(Bucket=bucket, Key=key)
+    finally:
+        other_worker.communicate("", timeout=30)  # releases the lock
+    waiting.join(30)
+    assert found == [shared / "bundles" / pin]
+    assert read_bundle(found[0]).manifest.version == "0.1.0"
 
 
 def test_a_replica_fetches_the_versions_a_promote_may_pick_before_anyone_promotes(bucket, s3, tiny_bundle,
