@@ -212,13 +212,13 @@ bench-ood-oe-start: setup
 # `make register-oe` registers each beside its parent (the parent active), ready to promote.
 OE_MODEL_PROTOTYPEDL := models/prototypedl_mnist_oe
 OE_MODEL_PROTOPNET := models/protopnet_mnist_oe
-OE_RUN_PROTOTYPEDL := runs/headline_oefixed03_seed9
-OE_VERSION_PROTOTYPEDL := 2.1.2
+OE_RUN_PROTOTYPEDL := runs/headline_oefixed03_200ep_seed9
+OE_VERSION_PROTOTYPEDL := 2.1.5
 OE_RUN_PROTOPNET := runs/protopnet_oe_start_seed2
 .PHONY: ship-oe register-oe
 ship-oe: setup
 	$(PROTOSERVE) train --config configs/prototypedl_mnist_headline_oe_fixed_margin.yaml --seed 9 --outlier-exposure 0.3 \
-		--epochs 120 --threads 1 --out $(OE_RUN_PROTOTYPEDL) $$(test -f $(OE_RUN_PROTOTYPEDL)/last.pt && echo --resume)
+		--threads 1 --out $(OE_RUN_PROTOTYPEDL) $$(test -f $(OE_RUN_PROTOTYPEDL)/last.pt && echo --resume)
 	$(PROTOSERVE) ship --run $(OE_RUN_PROTOTYPEDL) --out $(OE_MODEL_PROTOTYPEDL)
 	$(PROTOSERVE) evaluate --checkpoint $(OE_MODEL_PROTOTYPEDL)/checkpoint.pt --out $(OE_MODEL_PROTOTYPEDL)/evaluation.json
 	$(PROTOSERVE) export --checkpoint $(OE_MODEL_PROTOTYPEDL)/checkpoint.pt --out $(OE_MODEL_PROTOTYPEDL)/bundle \
