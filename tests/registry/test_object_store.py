@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 
 from bundle.manifest import copy_as_version, read_bundle, sha256_file
 from protoserve.settings import Settings, SettingsError
-from registry.objects import ChecksumError, ObjectStore, ObjectStoreError, ObjectUrl
+from registry.objects import CONTENT_DIGITS, ChecksumError, ObjectStore, ObjectStoreError, ObjectUrl, unpin
 from registry.revision_settings import RevisionSettings
 from registry.store import RegistryError
 from registry.verdicts import verdict
@@ -43,12 +43,12 @@ def replica(root: Path, url: str, cache: Path) -> Registry:
 def stored(registry: Registry, version: str, name: str) -> str:
     """The object key of a registered version's file ("bundle/<file>" or "checkpoint.pt"), from its row:
     `<prefix>/<version>/<16 hex digits of the manifest's sha256>/...`."""
-    bundle_key = registry.store.version(version).bundle.partition("#")[0].removeprefix("s3://").partition("/")[2]
-    return f"{bundle_key.removesuffix('/bundle')}/{name}"
+    url, _ = unpin(registry.store.version(version).bundle)
+    return f"{url.key.removesuffix('/bundle')}/{name}"
 
 
 def content(bundle: Path) -> str:
-    return sha256_file(bundle / "manifest.json")[:16]
+    return sha256_file(bundle / "manifest.json")[:CONTENT_DIGITS]
 
 
 def flip_a_byte(s3, bucket: str, key: str) -> None:
@@ -63,7 +63,7 @@ def test_register_uploads_and_a_fresh_cache_downloads_and_verifies(bucket, s3, t
     writer = replica(tmp_path / "registry", url, tmp_path / "cache-writer")
     row = writer.register(tiny_bundle, tiny_checkpoint)
     manifest_sha = sha256_file(tiny_bundle / "manifest.json")
-    prefix = f"protoserve/versions/0.1.0/{manifest_sha[:16]}"  # the version, then its content
+    prefix = f"protoserve/versions/0.1.0/{content(tiny_bundle)}"  # the version, then its content
     assert row.bundle == f"s3://{bucket}/{prefix}/bundle#sha256={manifest_sha}"
     assert row.checkpoint == f"s3://{bucket}/{prefix}/checkpoint.pt#sha256={sha256_file(tiny_checkpoint)}"
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]}
@@ -108,7 +108,7 @@ def test_workers_sharing_a_cache_download_a_version_once(bucket, s3, tiny_bundle
     the copy that process settled, without fetching (the objects are gone by then: a fetch would fail)."""
     writer = replica(tmp_path / "registry", f"s3://{bucket}/v", tmp_path / "cache-writer")
     location = writer.register(tiny_bundle, tiny_checkpoint).bundle
-    pin = location.rpartition("#sha256=")[2]
+    _, pin = unpin(location)
     shared = tmp_path / "cache-shared"
     (shared / "locks").mkdir(parents=True)
     other_worker = subprocess.Popen(
@@ -312,7 +312,7 @@ def test_a_worker_revises_from_the_object_store_and_uploads_its_candidate(bucket
     done = registry.store.job(job["id"])
     assert done["status"] == "done", done["error"]
     candidate = registry.store.version(done["result"]["candidate"])
-    prefix = f"v/{candidate.version}/{candidate.bundle.rpartition('#sha256=')[2][:16]}"
+    prefix = f"v/{candidate.version}/{unpin(candidate.bundle)[1][:CONTENT_DIGITS]}"
     assert candidate.bundle.startswith(f"s3://{bucket}/{prefix}/bundle#sha256=")
     assert candidate.checkpoint.startswith(f"s3://{bucket}/{prefix}/checkpoint.pt#sha256=")
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket, Prefix=f"v/{candidate.version}/")["Contents"]}
