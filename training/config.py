@@ -125,6 +125,9 @@ class OutlierExposureConfig:
     # inference normalise alike
     batchnorm: str = "running"
     uniform_weight: float = 0.0  # optional: cross-entropy of the outliers' softmax to uniform (Hendrycks)
+    # optional: a second margin, on the Mahalanobis distance of the outliers' distance profiles (what the
+    # served score's prototype_mahalanobis part reads; training/outlier_exposure.py ProfileMargin)
+    profile_weight: float = 0.0
     val_share: float = 0.25  # share of each source's fonts / classes held out for validation
     seed: int = 0
     per_unit: int | None = None  # at most N images per font / class (tests)
@@ -214,7 +217,8 @@ class Config:
         o = self.outlier_exposure
         known = ("hershey", "animal_shapes", "fontpkg")  # training/outliers.py SOURCES
         return [
-            (o.weight >= 0 and o.uniform_weight >= 0, "outlier_exposure.weight and uniform_weight must be >= 0"),
+            (o.weight >= 0 and o.uniform_weight >= 0 and o.profile_weight >= 0,
+             "outlier_exposure.weight, uniform_weight and profile_weight must be >= 0"),
             (all(s in known for s in o.sources) and len(o.sources) > 0,
              f"outlier_exposure.sources must be a non-empty list of {', '.join(known)}"),
             (0 < o.batch_share <= 1, "outlier_exposure.batch_share must be in (0, 1]"),

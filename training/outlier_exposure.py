@@ -51,6 +51,7 @@ class OutlierExposure:
         self.val_images = self._normalised(val.images)
         self.weights = torch.from_numpy(_equal_share(train))
         self.per_step = max(1, round(o.batch_share * config.train.batch_size))
+        self.profile = ProfileMargin(config.model.n_classes) if o.profile_weight > 0 else None
         log(f"outlier exposure: {len(train)} training outliers from {len(self.train_units)} fonts/classes, "
             f"{len(val)} validation outliers from {len(self.val_units)} others; {self.per_step} per step, "
             f"weight {o.weight}")
@@ -82,12 +83,19 @@ class OutlierExposure:
         both = model(torch.cat([x, xo]))
         return _rows(both, slice(0, len(x))), _rows(both, slice(len(x), None))
 
-    def term(self, in_distances: torch.Tensor, out_distances: torch.Tensor,
-             out_logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """(weighted loss to add, its parts as floats)."""
+    def term(self, in_distances: torch.Tensor, out_distances: torch.Tensor, out_logits: torch.Tensor,
+             in_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """(weighted loss to add, its parts as floats); in_logits: the digits' logits (profile_weight)."""
         loss, parts = margin_term(in_distances, out_distances, self.cfg.margin_quantile, self.cfg.margin_scale,
                                   self.cfg.pull_digits)
         total = self.cfg.weight * loss
+        if self.profile is not None:
+            if in_logits is None:
+                raise ValueError("the profile margin needs the digits' logits")
+            profile, profile_parts = self.profile.term(in_distances, in_logits, out_distances, out_logits,
+                                                       self.cfg.margin_quantile)
+            total = total + self.cfg.profile_weight * profile
+            parts |= profile_parts
         if self.cfg.uniform_weight > 0:
             uniform = -F.log_softmax(out_logits, dim=1).mean()
             total = total + self.cfg.uniform_weight * uniform
@@ -136,6 +144,55 @@ def margin_term(in_distances: torch.Tensor, out_distances: torch.Tensor, quantil
     loss = F.relu(1.0 - nearest / margin).mean()
     return loss, {"oe_margin_loss": float(loss.detach()), "oe_margin": float(margin.detach()),
                   "oe_inside_margin": float((nearest.detach() < margin).float().mean())}
+
+
+class ProfileMargin:
+    """A margin on what the served score's prototype_mahalanobis part reads (profile_weight): each
+    outlier's squared Mahalanobis distance of its L2 distance profile, from its predicted class's mean,
+    pushed above the margin_quantile of the digits' own, as export/calibration.py fits it (class means by
+    predicted label, one shared covariance). The means and covariance are running averages of the
+    digits' profiles (momentum), detached: only the outliers are pushed. A resumed run estimates them
+    again from its first steps."""
+
+    def __init__(self, n_classes: int, momentum: float = 0.05, shrinkage: float = 1e-3):
+        self.n_classes, self.momentum, self.shrinkage = n_classes, momentum, shrinkage
+        self.means: torch.Tensor | None = None
+        self.covariance: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor, labels: torch.Tensor) -> None:
+        counts = torch.bincount(labels, minlength=self.n_classes).to(z.dtype)
+        sums = torch.zeros(self.n_classes, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, labels, z)
+        present = counts > 0
+        batch_means = sums[present] / counts[present, None]
+        if self.means is None:
+            self.means = z.mean(dim=0).repeat(self.n_classes, 1)
+        m = 1.0 if self.covariance is None else self.momentum
+        self.means[present] = (1 - m) * self.means[present] + m * batch_means
+        r = z - self.means[labels]
+        batch_cov = r.T @ r / len(z)
+        self.covariance = batch_cov if self.covariance is None else (
+            (1 - self.momentum) * self.covariance + self.momentum * batch_cov)
+
+    def squared(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cov = self.covariance
+        ridge = self.shrinkage * cov.diagonal().mean().clamp_min(1e-12)
+        precision = torch.linalg.inv(cov + ridge * torch.eye(len(cov), dtype=cov.dtype, device=cov.device))
+        r = z - self.means[labels]
+        return (r @ precision * r).sum(dim=1)
+
+    def term(self, in_distances: torch.Tensor, in_logits: torch.Tensor, out_distances: torch.Tensor,
+             out_logits: torch.Tensor, quantile: float) -> tuple[torch.Tensor, dict]:
+        z_in = in_distances.detach().clamp_min(0).sqrt().double()
+        labels_in = in_logits.detach().argmax(dim=1)
+        self.update(z_in, labels_in)
+        with torch.no_grad():
+            margin = torch.quantile(self.squared(z_in, labels_in), quantile).clamp_min(1e-6)
+        z_out = out_distances.clamp_min(1e-12).sqrt().double()
+        m_out = self.squared(z_out, out_logits.detach().argmax(dim=1))
+        loss = F.relu(1.0 - m_out / margin).mean().float()
+        return loss, {"oe_profile_loss": float(loss.detach()), "oe_profile_margin": float(margin),
+                      "oe_profile_inside": float((m_out.detach() < margin).float().mean())}
 
 
 def _rows(output, rows: slice):

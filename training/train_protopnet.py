@@ -155,7 +155,7 @@ class ProtoPNetTrainer(ResumableRun):
             terms = protopnet_loss(out, y, self.model, self.config.loss)
             total, floats = terms.total, terms.as_floats()
             if self.oe is not None:
-                oe_loss, oe_parts = self.oe.term(out.distances, out_o.distances, out_o.logits)
+                oe_loss, oe_parts = self.oe.term(out.distances, out_o.distances, out_o.logits, out.logits)
                 total = total + oe_loss
                 floats.update(oe_parts)
             optimizer.zero_grad(set_to_none=True)

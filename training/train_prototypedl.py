@@ -142,7 +142,7 @@ class PrototypeDLTrainer(ResumableRun):
                 xo = self.oe.batch(self.epoch, step, (t.elastic_sigma, alpha) if self.elastic else None,
                                    self.augment_rng)
                 out_o = self.oe.forward(self.model, xo)
-                oe_loss, oe_parts = self.oe.term(out.distances, out_o.distances, out_o.logits)
+                oe_loss, oe_parts = self.oe.term(out.distances, out_o.distances, out_o.logits, out.logits)
                 total = total + oe_loss
                 for k, v in oe_parts.items():
                     sums[k] = sums.get(k, 0.0) + v * len(y)

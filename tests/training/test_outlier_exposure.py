@@ -7,13 +7,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from tiny_configs import tiny_config_dict, tiny_protopnet_dict
 
+from export.calibration import fit_gaussian
+from protoserve.domain_scores import mahalanobis
 from training.config import Config, ConfigError
-from training.outlier_exposure import auroc, margin_term, running_batchnorm
+from training.outlier_exposure import ProfileMargin, auroc, margin_term, running_batchnorm
 from training.outliers import build_outliers
 from training.train_protopnet import ProtoPNetTrainer
 from training.train_prototypedl import PrototypeDLTrainer
@@ -45,6 +48,51 @@ def test_fixed_margin_pushes_outliers_and_leaves_the_digits_alone():
             assert bool((inside.grad[:, 0] > 0).all()) and bool((inside.grad[:, 1] == 0).all())
         else:
             assert inside.grad is None
+
+
+def _profiles(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n squared-distance profiles over 4 prototypes, two classes: class c near prototypes 2c and 2c + 1."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    z = 1.0 + 0.1 * torch.randn(n, 4, generator=g)
+    z[torch.arange(n), 2 * labels] -= 0.8
+    z[torch.arange(n), 2 * labels + 1] -= 0.8
+    return z.square(), torch.nn.functional.one_hot(labels, 2).float() * 5.0
+
+
+def test_profile_margin_pushes_an_unusual_profile_only_and_matches_the_served_score():
+    digits, logits = _profiles(400)
+    profile = ProfileMargin(n_classes=2, momentum=1.0, shrinkage=0.0)  # momentum 1: this batch's estimate
+    typical = digits[:1].clone().requires_grad_(True)
+    loss, parts = profile.term(digits, logits, typical, logits[:1], quantile=0.99)
+    assert float(loss.detach()) > 0.5 and parts["oe_profile_inside"] == 1.0  # a digit's profile sits inside
+    loss.backward()
+    assert typical.grad.abs().sum() > 0
+    unusual = torch.full((1, 4), 0.04)  # near every prototype at once: no class's pattern
+    loss, parts = profile.term(digits, logits, unusual, logits[:1], quantile=0.99)
+    assert float(loss) == 0.0 and parts["oe_profile_inside"] == 0.0
+    # the squared distance of the served rule's prototype_mahalanobis part, fitted on the same digits
+    labels = logits.argmax(1).numpy()
+    means, precision = fit_gaussian(np.sqrt(digits.numpy().astype(np.float64)), labels, 2)
+    served = mahalanobis(digits.numpy(), labels, means, precision)
+    ours = profile.squared(digits.sqrt().double(), logits.argmax(1)).numpy()
+    assert np.allclose(ours, served, rtol=1e-4)
+
+
+def test_profile_margin_leaves_the_digits_alone(tmp_path, mnist_root):
+    digits, logits = _profiles(200)
+    digits.requires_grad_(True)
+    outliers = _profiles(8, seed=1)[0].requires_grad_(True)
+    loss, _ = ProfileMargin(n_classes=2).term(digits, logits, outliers, logits[:8], quantile=0.99)
+    loss.backward()
+    assert digits.grad is None and outliers.grad is not None
+    config = tiny_protopnet_dict()
+    config["train"]["epochs"] = 1
+    config["schedule"].update(warm_epochs=0, push_start=1, last_layer_epochs=1)
+    config["outlier_exposure"] = {**OE, "profile_weight": 1.0, "batchnorm": "batch"}
+    metrics = ProtoPNetTrainer(Config.from_dict(config), tmp_path / "run", data_root=mnist_root,
+                               log=lambda s: None).fit()
+    assert metrics["train_oe_profile_margin"] > 0 and 0 <= metrics["train_oe_profile_inside"] <= 1
 
 
 def test_auroc_agrees_with_counting_pairs():
@@ -151,6 +199,8 @@ def _cli(*args, root=None):
 def test_config_refuses_a_negative_weight():
     with pytest.raises(ConfigError, match="outlier_exposure.weight"):
         Config.from_dict({"outlier_exposure": {"weight": -1.0}})
+    with pytest.raises(ConfigError, match="profile_weight"):
+        Config.from_dict({"outlier_exposure": {"weight": 1.0, "profile_weight": -0.5}})
 
 
 def test_cli_refuses_a_missing_start_checkpoint_in_one_line(tmp_path):
