@@ -151,13 +151,19 @@ class ProfileMargin:
     outlier's squared Mahalanobis distance of its L2 distance profile, from its predicted class's mean,
     pushed above the margin_quantile of the digits' own, as export/calibration.py fits it (class means by
     predicted label, one shared covariance). The means and covariance are running averages of the
-    digits' profiles (momentum), detached: only the outliers are pushed. A resumed run estimates them
-    again from its first steps."""
+    digits' profiles (momentum), detached: only the outliers are pushed. They are part of a run's
+    training state (state_dict), so a resumed run goes on with them."""
 
     def __init__(self, n_classes: int, momentum: float = 0.05, shrinkage: float = 1e-3):
         self.n_classes, self.momentum, self.shrinkage = n_classes, momentum, shrinkage
         self.means: torch.Tensor | None = None
         self.covariance: torch.Tensor | None = None
+
+    def state_dict(self) -> dict:
+        return {"means": self.means, "covariance": self.covariance}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.means, self.covariance = state["means"], state["covariance"]
 
     @torch.no_grad()
     def update(self, z: torch.Tensor, labels: torch.Tensor) -> None:

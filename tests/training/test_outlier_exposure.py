@@ -210,3 +210,22 @@ def test_cli_refuses_a_missing_start_checkpoint_in_one_line(tmp_path):
                    "--outlier-exposure", "0.5", "--out", str(tmp_path / "b"))
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "checkpoint not found" in missing.stderr
+
+
+def test_resume_with_the_profile_margin_gives_the_same_weights_as_a_straight_run(tmp_path, mnist_root):
+    """The profile margin's running means and covariance are training state: a resumed run goes on with them."""
+    config = tiny_protopnet_dict(push_start=1, push_every=2)
+    config["outlier_exposure"] = {**OE, "profile_weight": 1.0, "batchnorm": "batch"}
+
+    def trainer(out):
+        return ProtoPNetTrainer(Config.from_dict(config), tmp_path / out, data_root=mnist_root, log=lambda s: None)
+
+    straight = trainer("straight")
+    straight.fit()
+    trainer("split").fit(stop_after=2)
+    resumed = trainer("split")
+    resumed.resume()
+    assert resumed.oe.profile.covariance is not None
+    resumed.fit()
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
