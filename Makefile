@@ -233,7 +233,7 @@ ship-oe: setup
 		--name protopnet-mnist --version 1.1.2 --parent $(PROTOPNET_MODEL)/bundle $$(test -d $(OE_MODEL_PROTOPNET)/bundle && echo --force)
 	$(PROTOSERVE) verify $(OE_MODEL_PROTOPNET)/bundle
 
-# Each candidate registered beside its parent (and 2.0.0's parent 1.0.0): PrototypeDL in $(OE_REGISTRY_PROTOTYPEDL) (serve it with
+# Each candidate registered beside its parent (status "candidate"; "released" once promoted; and 2.0.0's parent 1.0.0): PrototypeDL in $(OE_REGISTRY_PROTOTYPEDL) (serve it with
 # `protoserve serve --registry ...`), ProtoPNet in the review loop's registry (`make review` shows it on the page,
 # with its outlier figures and a promote button), each version with its prototypes' nearest training images for
 # the review page (about 15 s a version, once). Run again, it registers and computes nothing twice.
@@ -245,11 +245,11 @@ register-oe: setup
 	$(PROTOSERVE) registry --registry $(OE_REGISTRY_PROTOTYPEDL) register $(DEFAULT_MODEL)/bundle \
 		--checkpoint $(DEFAULT_MODEL)/checkpoint.pt --promote --if-missing
 	$(PROTOSERVE) registry --registry $(OE_REGISTRY_PROTOTYPEDL) register $(OE_MODEL_PROTOTYPEDL)/bundle \
-		--checkpoint $(OE_MODEL_PROTOTYPEDL)/checkpoint.pt --if-missing
+		--checkpoint $(OE_MODEL_PROTOTYPEDL)/checkpoint.pt --candidate --if-missing
 	$(PROTOSERVE) registry --registry $(REVIEW_REGISTRY) register $(PROTOPNET_MODEL)/bundle \
 		--checkpoint $(PROTOPNET_MODEL)/checkpoint.pt --promote --if-missing
 	$(PROTOSERVE) registry --registry $(REVIEW_REGISTRY) register $(OE_MODEL_PROTOPNET)/bundle \
-		--checkpoint $(OE_MODEL_PROTOPNET)/checkpoint.pt --if-missing
+		--checkpoint $(OE_MODEL_PROTOPNET)/checkpoint.pt --candidate --if-missing
 	for v in 2.0.0 $(OE_VERSION_PROTOTYPEDL); do test -f $(OE_REGISTRY_PROTOTYPEDL)/versions/$$v/neighbours.json || \
 		$(PROTOSERVE) registry --registry $(OE_REGISTRY_PROTOTYPEDL) neighbours $$v || exit 1; done
 	for v in 1.0.0 1.1.2; do test -f $(REVIEW_REGISTRY)/versions/$$v/neighbours.json || \

@@ -262,7 +262,8 @@ def _registry(args) -> None:
         if args.if_missing and (same := _registered_already(registry, args.bundle)) is not None:
             print(f"{same}: registered already, the same bundle; nothing done")
             return
-        row = registry.register(args.bundle, args.checkpoint, parent=args.parent)
+        row = registry.register(args.bundle, args.checkpoint, parent=args.parent,
+                                status="candidate" if args.candidate else "registered")
         print(f"registered {row.name}:{row.version} ({row.family}) at {row.bundle}")
         if args.promote:
             print(f"active: {registry.promote(row.version, actor='cli').version}")
@@ -534,6 +535,9 @@ def _serving_verbs(sub) -> None:
     a.add_argument("--checkpoint", help="the checkpoint it was exported from (needed to revise it later)")
     a.add_argument("--parent", help="the version it was revised from")
     a.add_argument("--promote", action="store_true", help="make it active at once")
+    a.add_argument("--candidate", action="store_true",
+                   help='register it as a candidate (status "candidate", as a revision job\'s result): a version '
+                        'waiting for a person to promote it, "released" once promoted')
     a.add_argument("--if-missing", action="store_true",
                    help="do nothing when this version is registered already with the same bundle (a set-up step "
                         "run again); another bundle under that version is still refused")

@@ -57,23 +57,25 @@ def test_outlier_exposure_candidates_descend_from_the_shipped_bundles_and_say_ho
 
 @pytest.mark.parametrize("name", sorted(OE_CANDIDATES))
 def test_an_outlier_exposure_candidate_registers_beside_its_parent_and_can_be_promoted(name, tmp_path):
-    """`make register-oe`: the parent active, the candidate registered with it as parent, then promoted."""
+    """`make register-oe`: the parent active, the candidate registered with it as parent (status "candidate"),
+    then promoted ("released")."""
     from cli.main import main
     from registry.versions import Registry
 
     root = str(tmp_path / "registry")
     parent, candidate = MODELS / OE_CANDIDATES[name], MODELS / name
     grandparent = [(MODELS / "prototypedl_mnist", [])] if name == "prototypedl_mnist_oe" else []  # 2.0.0's parent
-    for model, extra in (*grandparent, (parent, ["--promote"]), (candidate, [])):
+    for model, extra in (*grandparent, (parent, ["--promote"]), (candidate, ["--candidate"])):
         assert main(["registry", "--registry", root, "register", str(model / "bundle"), "--checkpoint",
                      str(model / "checkpoint.pt"), "--if-missing", *extra]) in (0, None)
     registry = Registry(root)
     p, c = (verify_bundle(model / "bundle")[0].manifest for model in (parent, candidate))
     row = registry.store.version(c.version)
-    assert registry.store.active().version == p.version and row.parent == p.version and row.status == "registered"
+    assert registry.store.active().version == p.version and row.parent == p.version and row.status == "candidate"
+    assert registry.store.version(p.version).status == "registered"
     assert row.metrics["outliers_fpr95"] == pytest.approx(c.domain.outliers.fpr95)
     assert registry.promote(c.version, actor="test").version == c.version
-    assert registry.store.active().previous == p.version
+    assert registry.store.active().previous == p.version and registry.store.version(c.version).status == "released"
 
 
 def histogram_quantile(q: float, values: np.ndarray, buckets: tuple[float, ...]) -> float:
