@@ -83,15 +83,17 @@ class OutlierExposure:
         both = model(torch.cat([x, xo]))
         return _rows(both, slice(0, len(x))), _rows(both, slice(len(x), None))
 
+    def states(self) -> dict:
+        """What of the term is training state, for a trainer's optimizer_states (exact resume)."""
+        return {} if self.profile is None else {"oe_profile": self.profile}
+
     def term(self, in_distances: torch.Tensor, out_distances: torch.Tensor, out_logits: torch.Tensor,
-             in_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """(weighted loss to add, its parts as floats); in_logits: the digits' logits (profile_weight)."""
+             in_logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(weighted loss to add, its parts as floats); in_logits, the digits', label them (profile_weight)."""
         loss, parts = margin_term(in_distances, out_distances, self.cfg.margin_quantile, self.cfg.margin_scale,
                                   self.cfg.pull_digits)
         total = self.cfg.weight * loss
         if self.profile is not None:
-            if in_logits is None:
-                raise ValueError("the profile margin needs the digits' logits")
             profile, profile_parts = self.profile.term(in_distances, in_logits, out_distances, out_logits,
                                                        self.cfg.margin_quantile)
             total = total + self.cfg.profile_weight * profile
@@ -180,22 +182,26 @@ class ProfileMargin:
         self.covariance = batch_cov if self.covariance is None else (
             (1 - self.momentum) * self.covariance + self.momentum * batch_cov)
 
-    def squared(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def precision(self) -> torch.Tensor:
         cov = self.covariance
         ridge = self.shrinkage * cov.diagonal().mean().clamp_min(1e-12)
-        precision = torch.linalg.inv(cov + ridge * torch.eye(len(cov), dtype=cov.dtype, device=cov.device))
+        return torch.linalg.inv(cov + ridge * torch.eye(len(cov), dtype=cov.dtype, device=cov.device))
+
+    def squared(self, z: torch.Tensor, labels: torch.Tensor, precision: torch.Tensor | None = None) -> torch.Tensor:
+        """[N] (z - mean_label)' P (z - mean_label); P: self.precision() unless given."""
         r = z - self.means[labels]
-        return (r @ precision * r).sum(dim=1)
+        return (r @ (self.precision() if precision is None else precision) * r).sum(dim=1)
 
     def term(self, in_distances: torch.Tensor, in_logits: torch.Tensor, out_distances: torch.Tensor,
              out_logits: torch.Tensor, quantile: float) -> tuple[torch.Tensor, dict]:
         z_in = in_distances.detach().clamp_min(0).sqrt().double()
         labels_in = in_logits.detach().argmax(dim=1)
         self.update(z_in, labels_in)
+        precision = self.precision()  # of the detached running covariance: one inverse per step
         with torch.no_grad():
-            margin = torch.quantile(self.squared(z_in, labels_in), quantile).clamp_min(1e-6)
+            margin = torch.quantile(self.squared(z_in, labels_in, precision), quantile).clamp_min(1e-6)
         z_out = out_distances.clamp_min(1e-12).sqrt().double()
-        m_out = self.squared(z_out, out_logits.detach().argmax(dim=1))
+        m_out = self.squared(z_out, out_logits.detach().argmax(dim=1), precision)
         loss = F.relu(1.0 - m_out / margin).mean().float()
         return loss, {"oe_profile_loss": float(loss.detach()), "oe_profile_margin": float(margin),
                       "oe_profile_inside": float((m_out.detach() < margin).float().mean())}

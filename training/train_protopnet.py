@@ -98,11 +98,9 @@ class ProtoPNetTrainer(ResumableRun):
         self._ddp: DistributedDataParallel | None = None
 
     def optimizer_states(self) -> dict:
-        states = {"warm_optimizer": self.warm_optimizer, "joint_optimizer": self.joint_optimizer,
-                  "joint_scheduler": self.joint_scheduler, "last_layer_optimizer": self.last_layer_optimizer}
-        if self.oe is not None and self.oe.profile is not None:
-            states["oe_profile"] = self.oe.profile
-        return states
+        return {"warm_optimizer": self.warm_optimizer, "joint_optimizer": self.joint_optimizer,
+                "joint_scheduler": self.joint_scheduler, "last_layer_optimizer": self.last_layer_optimizer,
+                **(self.oe.states() if self.oe is not None else {})}
 
     # -- stages ----------------------------------------------------------------------------
     def is_push_epoch(self, epoch: int) -> bool:

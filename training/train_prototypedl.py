@@ -102,8 +102,8 @@ class PrototypeDLTrainer(ResumableRun):
         states = {"optimizer": self.optimizer, "scheduler": self.scheduler}
         if self.ema is not None:
             states["ema"] = self.ema
-        if self.oe is not None and self.oe.profile is not None:
-            states["oe_profile"] = self.oe.profile
+        if self.oe is not None:
+            states |= self.oe.states()
         return states
 
     @property
